@@ -1,0 +1,1 @@
+"""Benchmarks: peak training memory, step time against FLOP floors, accuracy comparisons, reports."""

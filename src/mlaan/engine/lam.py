@@ -1,0 +1,97 @@
+"""LAM, Leap Augmented Modules: aux nets built from copies of later backbone blocks, whose first copied
+block is augmented by an EMA twin of the real block, so early modules learn against what later ones compute.
+
+Also home of the block sampler shared with AugLocal: pick ``depth`` later blocks uniformly, always starting
+with the block right after the module and always including every block that changes shape, so that the
+chain of picked blocks fits together.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from .split import BlockProfile
+
+EMA_UPDATE_MODES = ("all", "last")
+
+
+def sample_later_blocks(last_unit: int, depth: int, num_units: int, profile: BlockProfile) -> list[int]:
+    """Indices of ``depth`` blocks after ``last_unit`` (units are ``blocks[:num_units]``, the head excluded).
+
+    AugLocal's uniform sampling, index round(l + (n − l − 1)/d · i) for i = 1..d, plus two rules that make the
+    chain shape-consistent: the first pick is ``last_unit + 1`` (its input is the module's output), and every
+    shape-changing block up to the last pick is included; if those alone exceed ``depth`` the chain is cut short.
+    """
+    later = list(range(last_unit + 1, num_units))
+    if not later or depth < 1:
+        return []
+    depth = min(depth, len(later))
+    step = (num_units - last_unit - 1) / depth
+    targets = sorted({int(last_unit + step * i + 0.5) for i in range(1, depth + 1)} & set(later))
+    end = max(targets)
+    mandatory = [last_unit + 1] + [t for t in range(last_unit + 2, end + 1) if profile.changes_shape(t)]
+    if len(mandatory) >= depth:
+        return mandatory[:depth]
+    preferred = [t for t in reversed(targets) if t not in mandatory]
+    fillers = [t for t in range(end, last_unit + 1, -1) if t not in mandatory and t not in preferred]
+    chosen = (preferred + fillers)[: depth - len(mandatory)]
+    return sorted(mandatory + chosen)
+
+
+def reinitialised_copy(block: nn.Module) -> nn.Module:
+    """A block of the same shape with fresh parameters (AugLocal's "new blocks")."""
+    fresh = copy.deepcopy(block)
+    for module in fresh.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+        if hasattr(module, "reset_running_stats"):
+            module.reset_running_stats()
+    return fresh
+
+
+class EMATwin(AveragedModel):
+    """An exponential moving average of a real backbone block, parameters and BatchNorm buffers alike.
+
+    It never gets a gradient nor an optimizer update; :meth:`follow` applies θ ← m·θ + (1−m)·θ(real).
+    In training its BatchNorms normalise with batch statistics (as the real block does) without touching
+    their running buffers, which only the EMA moves.
+    """
+
+    def __init__(self, source: nn.Module, momentum: float) -> None:
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {momentum}")
+        super().__init__(source, multi_avg_fn=get_ema_multi_avg_fn(momentum), use_buffers=True)
+        self.momentum = momentum
+        # The twin starts as an exact copy, which counts as the first average: the very first update is
+        # already m·old + (1−m)·new rather than AveragedModel's initial copy.
+        self.n_averaged.fill_(1)
+        self.requires_grad_(False)
+        for module in self.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.track_running_stats = False
+
+    @torch.no_grad()
+    def follow(self, source: nn.Module) -> None:
+        self.update_parameters(source)
+
+
+class LeapTrunk(nn.Module):
+    """Copies A₁…A_d of later blocks; a₁ = A₁(z) + E₁(z) with E₁ the EMA twin of the real block A₁ copies."""
+
+    def __init__(self, blocks: list[nn.Module], source_index: int, momentum: float) -> None:
+        super().__init__()
+        if not blocks:
+            raise ValueError("a LAM trunk needs at least one block")
+        self.copies = nn.ModuleList(copy.deepcopy(b) for b in blocks)
+        self.twin = EMATwin(blocks[0], momentum)
+        self.source_index = source_index  # index of the twin's real block in ``backbone.blocks``
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        a = self.copies[0](z) + self.twin(z)
+        for block in self.copies[1:]:
+            a = block(a)
+        return a

@@ -1,0 +1,313 @@
+"""The local-learning engine: a backbone cut into K gradient-isolated local modules, each trained by its own
+auxiliary loss, with MLAAN's cascades (MLM) and leap-augmented aux nets (LAM) on top of any base method.
+
+The step schedule (``train_step``) runs every backbone module forward exactly once. A cascaded loss reaches
+back through the retained graphs of its window instead of recomputing them; each module's graph is kept only
+until the last cascade that crosses it is done, so at most ``window`` module graphs are alive at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+from .heads import AUX_HEAD_SHAPES, StackedLoss
+from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
+from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
+from .split import BlockProfile, compute_split, profile_blocks
+
+GradsReadyHook = Callable[[list[nn.Parameter]], None]
+
+
+@dataclass
+class _Pending:
+    """A module whose graph is still alive: its input leaf, output and the output gradient gathered so far."""
+
+    index: int
+    inputs: torch.Tensor
+    output: torch.Tensor
+    grad: torch.Tensor
+
+
+class LocalModel(nn.Module):
+    """K local modules over a :class:`~mlaan.models.Backbone`, trained by ``train_step``.
+
+    Attributes a user relies on: ``backbone`` (plain model, used for inference), ``local_modules`` (views of the
+    backbone's blocks, input to output), ``independent_heads`` and ``cascade_heads`` (aux nets, training only).
+    """
+
+    def __init__(
+        self,
+        backbone: models.Backbone,
+        method: str | MethodSpec = "dgl+mlaan",
+        num_local_modules: int = 16,
+        num_classes: int | None = None,
+        options: LocalOptions | None = None,
+    ) -> None:
+        super().__init__()
+        spec = parse_method(method) if isinstance(method, str) else method
+        opts = options or LocalOptions()
+        _check_options(spec, opts, backbone, num_local_modules)
+        self.spec, self.options, self.backbone = spec, opts, backbone
+        self.num_classes = num_classes if num_classes is not None else _infer_classes(backbone)
+        self.autocast_dtype: torch.dtype | None = None
+        self._grads_ready_hooks: list[GradsReadyHook] = []
+
+        in_channels = _infer_in_channels(backbone)
+        self.image_shape = (in_channels, backbone.image_size, backbone.image_size)
+        num_units = len(backbone.blocks) - 1
+        self.profile = profile_blocks(backbone.blocks[:-1], self.image_shape)
+        self.split = compute_split(num_units, num_local_modules, opts.balance, self.profile)
+        views = [nn.Sequential(*(backbone.blocks[i] for i in r)) for r in self.split]
+        views[-1].append(backbone.blocks[-1])
+        self.local_modules = nn.ModuleList(views)
+
+        self.independent_heads = nn.ModuleList()
+        self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
+        for j in range(num_local_modules - 1):
+            self.independent_heads.append(self._build_head(j, leap=spec.leap and not spec.cascade))
+            if spec.cascade and j >= 1 and opts.window >= 2:
+                self.cascade_heads[str(j)] = self._build_head(j, leap=spec.leap)
+
+    # ----------------------------------------------------------------------------------------- building
+    def _build_head(self, j: int, leap: bool) -> nn.Module:
+        """The aux net of module j: the method's head, behind a LAM trunk when ``leap``."""
+        last_unit = self.split[j][-1]
+        num_units = len(self.backbone.blocks) - 1
+        feature_shape = self.profile.out_shapes[last_unit]
+        if not leap:
+            return self.spec.base.make_head(self._context(j, feature_shape, last_unit))
+        depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth)
+        picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
+        trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum)
+        trunk_shape = self.profile.out_shapes[picks[-1]]
+        head = self.spec.base.make_head(self._context(j, trunk_shape, picks[-1]))
+        return StackedLoss(trunk, head)
+
+    def _context(self, j: int, feature_shape: tuple[int, ...], last_unit: int) -> AuxContext:
+        num_units = len(self.backbone.blocks) - 1
+
+        def later_blocks(depth: int) -> tuple[list[nn.Module], tuple[int, ...]]:
+            picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
+            blocks = [reinitialised_copy(self.backbone.blocks[i]) for i in picks]
+            return blocks, (self.profile.out_shapes[picks[-1]] if picks else feature_shape)
+
+        return AuxContext(
+            module_index=j,
+            num_modules=len(self.split),
+            feature_shape=feature_shape,
+            num_classes=self.num_classes,
+            image_shape=self.image_shape,
+            options=self.options,
+            later_blocks=later_blocks,
+        )
+
+    # ---------------------------------------------------------------------------------------- inference
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Inference: the plain backbone; auxiliary nets are not used."""
+        return self.backbone(images)
+
+    @property
+    def leap_trunks(self) -> list[LeapTrunk]:
+        return [m for m in self.modules() if isinstance(m, LeapTrunk)]
+
+    def register_grads_ready_hook(self, hook: GradsReadyHook) -> None:
+        """``hook(params)`` is called during ``train_step`` as soon as those parameters' gradients are final
+        for the step (a module after its last backward, an aux net after its loss) — the place to start an
+        asynchronous all-reduce that overlaps the next module's compute."""
+        self._grads_ready_hooks.append(hook)
+
+    # ----------------------------------------------------------------------------------------- training
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
+        """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
+
+        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...]}``.
+        """
+        num_modules = len(self.local_modules)
+        window = self.options.window if self.spec.cascade else 1
+        pending: list[_Pending] = []
+        module_losses: list[float] = []
+        x = images
+        for j, module in enumerate(self.local_modules):
+            inputs = x.detach()
+            if window >= 2 and j >= 1:
+                inputs.requires_grad_()
+            with self._autocast():
+                output = module(inputs)
+            grad_total, grad_cascade, loss_value = self._local_gradients(j, output, images, targets)
+            module_losses.append(loss_value)
+            pending.append(_Pending(j, inputs, output, grad_total))
+            self._propagate_cascade(pending, j, window, grad_cascade)
+            last_step = j == num_modules - 1
+            while pending and (last_step or pending[0].index <= j - window + 1):
+                self._finish_module(pending.pop(0))
+            x = output
+        logits = x.detach()
+        accuracy = (logits.argmax(1) == targets).float().mean().item()
+        return {"loss": module_losses[-1], "accuracy": accuracy, "module_losses": module_losses}
+
+    def _local_gradients(
+        self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+        """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
+        the cascaded part of it that continues into earlier modules, the module's loss value)."""
+        is_last = j == len(self.local_modules) - 1
+        cascade = self.spec.cascade and self.options.window >= 2
+        if is_last:
+            leaf = output.detach().requires_grad_()
+            loss = F.cross_entropy(leaf.float(), targets)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss ({loss.item()}) at local module {j} (the head's)")
+            loss.backward()
+            g = leaf.grad
+            if not cascade or j == 0:
+                scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
+                return g * scale, None, loss.item()
+            return g * (self.options.w_ind + self.options.w_casc), g * self.options.w_casc, loss.item()
+
+        w_ind = self.options.w_ind if cascade else 1.0
+        head = self.independent_heads[j]
+        g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+        if str(j) not in self.cascade_heads:
+            return g_ind, None, value
+        casc_head = self.cascade_heads[str(j)]
+        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
+        return g_ind + g_casc, g_casc, w_ind * value + self.options.w_casc * casc_value
+
+    def _head_gradient(
+        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float
+    ) -> tuple[torch.Tensor, float]:
+        leaf = output.detach().requires_grad_()
+        with self._autocast():
+            loss = head(leaf, images, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite local loss ({loss.item()}) at local module {self._index_of(head)}")
+        (loss * weight).backward()
+        self._notify([p for p in head.parameters() if p.requires_grad])
+        return leaf.grad, loss.item()
+
+    def _propagate_cascade(
+        self, pending: list[_Pending], j: int, window: int, grad: torch.Tensor | None
+    ) -> None:
+        """Carry module j's cascaded gradient back through modules j, j−1, …, j−window+2 into the outputs of the
+        modules before them, using their retained graphs (input-gradient only: no weight gradients computed)."""
+        by_index = {p.index: p for p in pending}
+        for i in range(j, j - window + 1, -1):
+            if grad is None or i < 1:
+                return
+            entry = by_index[i]
+            (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+            by_index[i - 1].grad = by_index[i - 1].grad + grad
+
+    def _finish_module(self, entry: _Pending) -> None:
+        """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
+        params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
+        if params:
+            torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
+        self._notify(params)
+
+    def _notify(self, params: list[nn.Parameter]) -> None:
+        for hook in self._grads_ready_hooks:
+            hook(params)
+
+    def _index_of(self, head: nn.Module) -> int:
+        for j, h in enumerate(self.independent_heads):
+            if h is head:
+                return j
+        return next(int(k) for k, h in self.cascade_heads.items() if h is head)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        device_type = next(self.backbone.parameters()).device.type
+        return torch.autocast(device_type, dtype=self.autocast_dtype)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Move every EMA twin toward its real block (only the last one with ``ema_update="last"``)."""
+        trunks = self.leap_trunks
+        if self.options.ema_update == "last":
+            trunks = trunks[-1:]
+        for trunk in trunks:
+            trunk.twin.follow(self.backbone.blocks[trunk.source_index])
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _check_options(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
+    num_units = len(backbone.blocks) - 1
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_units:
+        raise ValueError(
+            f"num_local_modules={k!r} is out of range for {backbone.name}: allowed 1 to {num_units} "
+            f"({num_units - 1} residual blocks + the stem's module)"
+        )
+    if spec.base.end_to_end and k != 1:
+        raise ValueError(f"method {spec.name!r} trains end to end: num_local_modules must be 1, got {k}")
+    if spec.cascade and not 2 <= opts.window <= max(k, 2):
+        raise ValueError(f"cascade window={opts.window} is not allowed with K={k}: allowed 2 to {max(k, 2)}")
+    if not 0.0 <= opts.ema_momentum < 1.0:
+        raise ValueError(f"ema_momentum must be in [0, 1), got {opts.ema_momentum}")
+    if opts.ema_update not in EMA_UPDATE_MODES:
+        raise ValueError(f"unknown ema_update {opts.ema_update!r}; allowed: {', '.join(EMA_UPDATE_MODES)}")
+    if opts.aux_head not in AUX_HEAD_SHAPES:
+        raise ValueError(f"unknown aux_head {opts.aux_head!r}; allowed: {', '.join(AUX_HEAD_SHAPES)}")
+    if opts.lam_depth < 1 or opts.auglocal_depth < 1:
+        raise ValueError(f"lam_depth and auglocal_depth must be at least 1, got {opts.lam_depth}, {opts.auglocal_depth}")
+    if opts.w_ind < 0 or opts.w_casc < 0:
+        raise ValueError(f"w_ind and w_casc must be non-negative, got {opts.w_ind}, {opts.w_casc}")
+
+
+def _infer_classes(backbone: models.Backbone) -> int:
+    linears = [m for m in backbone.blocks[-1].modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("cannot infer num_classes from the backbone's head; pass num_classes")
+    return linears[-1].out_features
+
+
+def _infer_in_channels(backbone: models.Backbone) -> int:
+    first = next(m for m in backbone.blocks[0].modules() if isinstance(m, nn.Conv2d))
+    return first.in_channels
+
+
+def make_options(**options: object) -> LocalOptions:
+    """LocalOptions from keyword options; unknown keys raise a ValueError listing the known ones."""
+    known = {f.name for f in fields(LocalOptions)} - {"extra"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
+    return LocalOptions(**values)
+
+
+def create_local_model(
+    arch: str | models.Backbone | Sequence[nn.Module],
+    method: str = "dgl+mlaan",
+    num_local_modules: int = 16,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    **options: object,
+) -> LocalModel:
+    """Build a local-learning model.
+
+    ``arch`` is a registered name (``mlaan.models.available()``), a :class:`~mlaan.models.Backbone`, or your own
+    list of blocks ``[stem, block, …, head]``. ``options`` are :class:`LocalOptions` fields (window, w_ind,
+    w_casc, ema_momentum, aux_head, lam_depth, infopro_lambda_recon, …).
+    """
+    if isinstance(arch, str):
+        backbone = models.create(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    elif isinstance(arch, models.Backbone):
+        backbone = arch
+    elif isinstance(arch, Sequence) and all(isinstance(b, nn.Module) for b in arch):
+        backbone = models.Backbone(list(arch), image_size=image_size or 32)
+    else:
+        raise ValueError(
+            f"arch must be one of {', '.join(models.available())}, a Backbone or a list of nn.Module blocks; "
+            f"got {type(arch).__name__}"
+        )
+    return LocalModel(backbone, method, num_local_modules, num_classes, make_options(**options))

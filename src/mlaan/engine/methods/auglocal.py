@@ -1,0 +1,21 @@
+"""AugLocal (Ma et al., ICLR 2024): the aux net is d new blocks shaped like uniformly sampled later blocks,
+then GAP + linear; d shrinks toward the output (d_i = max(1, round(d·(1 − i·c/(K−2)) + i·c/(K−2))))."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..heads import ClassifierLoss, StackedLoss, make_classifier
+from .base import AuxContext, LocalMethod
+from .registry import register
+
+
+@register
+class AugLocal(LocalMethod):
+    name = "auglocal"
+    description = "augmented local learning: fresh copies of sampled later blocks + linear probe"
+
+    def make_head(self, ctx: AuxContext) -> nn.Module:
+        blocks, out_shape = ctx.later_blocks(ctx.depth(ctx.options.auglocal_depth))
+        probe = ClassifierLoss(make_classifier(out_shape[0], ctx.num_classes, "linear"))
+        return StackedLoss(nn.Sequential(*blocks), probe)

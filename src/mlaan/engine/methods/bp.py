@@ -1,0 +1,18 @@
+"""BP: plain end-to-end backpropagation, K = 1 — the baseline every table compares against."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import AuxContext, LocalMethod
+from .registry import register
+
+
+@register
+class BP(LocalMethod):
+    name = "bp"
+    description = "end-to-end backpropagation (K=1)"
+    end_to_end = True
+
+    def make_head(self, ctx: AuxContext) -> nn.Module:
+        raise RuntimeError("bp trains one module end to end and has no auxiliary heads")

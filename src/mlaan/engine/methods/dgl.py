@@ -1,0 +1,20 @@
+"""DGL (Belilovsky et al., ICML 2020): each module trained by a small auxiliary classifier's cross-entropy."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..heads import ClassifierLoss, make_classifier
+from .base import AuxContext, LocalMethod
+from .registry import register
+
+
+@register
+class DGL(LocalMethod):
+    name = "dgl"
+    description = "decoupled greedy learning: auxiliary classifier + cross-entropy"
+
+    def make_head(self, ctx: AuxContext) -> nn.Module:
+        opts = ctx.options
+        channels = ctx.feature_shape[0]
+        return ClassifierLoss(make_classifier(channels, ctx.num_classes, opts.aux_head, opts.aux_width))

@@ -1,0 +1,51 @@
+"""Backbone registry, timm style: ``create(name, **kw)`` and ``available()``.
+
+Every model is a :class:`Backbone` (stem, residual blocks, head) so that the engine can split it anywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import partial
+
+from .backbone import Backbone, ClassifierHead
+from .cifar_resnet import BasicBlock, cifar_resnet
+from .imagenet_resnet import imagenet_resnet
+
+__all__ = ["Backbone", "BasicBlock", "ClassifierHead", "available", "create", "register"]
+
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+
+
+def register(name: str, factory: Callable[..., Backbone]) -> None:
+    """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone."""
+    _REGISTRY[name] = factory
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register(f"resnet{_depth}", partial(cifar_resnet, _depth))
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    register(_name, partial(imagenet_resnet, _name))
+
+
+def available() -> list[str]:
+    """Names accepted by :func:`create`."""
+    return list(_REGISTRY)
+
+
+def is_imagenet_arch(name: str) -> bool:
+    """True for torchvision's ImageNet ResNets (224-pixel inputs, max-pool stem)."""
+    return name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+
+def create(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int | None = None) -> Backbone:
+    """Build architecture ``name``; ``image_size`` defaults to 224 for ImageNet nets, 32 otherwise."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}")
+    if in_channels not in (1, 3):
+        raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if image_size is None:
+        image_size = 224 if is_imagenet_arch(name) else 32
+    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
