@@ -20,7 +20,7 @@ from .. import models
 from .heads import AUX_HEAD_SHAPES, StackedLoss
 from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
-from .split import BlockProfile, compute_split, profile_blocks
+from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 
@@ -257,7 +257,9 @@ def _check_options(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbo
     if opts.aux_head not in AUX_HEAD_SHAPES:
         raise ValueError(f"unknown aux_head {opts.aux_head!r}; allowed: {', '.join(AUX_HEAD_SHAPES)}")
     if opts.lam_depth < 1 or opts.auglocal_depth < 1:
-        raise ValueError(f"lam_depth and auglocal_depth must be at least 1, got {opts.lam_depth}, {opts.auglocal_depth}")
+        raise ValueError(
+            f"lam_depth and auglocal_depth must be at least 1, got {opts.lam_depth}, {opts.auglocal_depth}"
+        )
     if opts.w_ind < 0 or opts.w_casc < 0:
         raise ValueError(f"w_ind and w_casc must be non-negative, got {opts.w_ind}, {opts.w_casc}")
 

@@ -13,6 +13,7 @@ from .registry import register
 @register
 class AugLocal(LocalMethod):
     name = "auglocal"
+    listing_order = 30
     description = "augmented local learning: fresh copies of sampled later blocks + linear probe"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:

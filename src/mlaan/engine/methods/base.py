@@ -73,6 +73,7 @@ class LocalMethod:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     end_to_end: ClassVar[bool] = False  # True for BP: a single module, no auxiliary heads
+    listing_order: ClassVar[int] = 100  # position in help texts and error messages (baselines first)
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         """Return a module called as ``head(features, images, targets) -> scalar loss``."""

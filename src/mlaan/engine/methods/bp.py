@@ -11,6 +11,7 @@ from .registry import register
 @register
 class BP(LocalMethod):
     name = "bp"
+    listing_order = 0
     description = "end-to-end backpropagation (K=1)"
     end_to_end = True
 

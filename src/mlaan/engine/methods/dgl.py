@@ -12,6 +12,7 @@ from .registry import register
 @register
 class DGL(LocalMethod):
     name = "dgl"
+    listing_order = 10
     description = "decoupled greedy learning: auxiliary classifier + cross-entropy"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:

@@ -12,6 +12,7 @@ from .registry import register
 @register
 class InfoPro(LocalMethod):
     name = "infopro"
+    listing_order = 20
     description = "information propagation: image reconstruction + cross-entropy or supervised contrastive"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:

@@ -32,7 +32,7 @@ class MethodSpec:
 def available_methods() -> list[str]:
     """Every accepted method name: each base, and each local base with each suffix."""
     names = []
-    for name, cls in _METHODS.items():
+    for name, cls in sorted(_METHODS.items(), key=lambda item: item[1].listing_order):
         names.append(name)
         if not cls.end_to_end:
             names.extend(f"{name}+{suffix}" for suffix in SUFFIXES)

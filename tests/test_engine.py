@@ -1,0 +1,349 @@
+"""Behaviour of the local-learning engine: gradients, isolation, EMA, counts, export, every K."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlaan
+from mlaan.engine.lam import LeapTrunk
+
+BATCH = 6
+
+
+def batch(in_channels: int = 3, size: int = 32, classes: int = 10, n: int = BATCH):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, in_channels, size, size, generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+def grads_of(module: nn.Module) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in module.parameters() if p.requires_grad]
+
+
+def step(model: mlaan.LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict:
+    model.zero_grad(set_to_none=True)
+    return model.train_step(x, y)
+
+
+# ------------------------------------------------------------------------------------------------- 1. BP
+def test_bp_matches_plain_backbone_cross_entropy():
+    model = mlaan.create_local_model("resnet20", method="bp", num_local_modules=1)
+    plain = mlaan.models.create("resnet20")
+    plain.load_state_dict(model.backbone.state_dict())
+    x, y = batch()
+    step(model, x, y)
+    F.cross_entropy(plain(x), y).backward()
+    for (name, p), q in zip(model.backbone.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# --------------------------------------------------------------------------- reference: naive recomputation
+def reference_gradients(model: mlaan.LocalModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+    """The MLAAN objective built the way the research code does it: every window recomputed from a detached
+    input, one scalar, one backward. The engine's retained-graph schedule must give the same gradients."""
+    mods, opts = model.local_modules, model.options
+    cascade = model.spec.cascade
+    w = opts.window if cascade else 1
+    outs, h = [], x
+    with torch.no_grad():
+        for m in mods:
+            h = m(h)
+            outs.append(h)
+    inputs = [x] + outs[:-1]
+    total = 0.0
+    k = len(mods)
+
+    def run(first: int, last: int) -> torch.Tensor:
+        z = inputs[first].detach()
+        for i in range(first, last + 1):
+            z = mods[i](z)
+        return z
+
+    for j in range(k):
+        w_ind = opts.w_ind if cascade else 1.0
+        if j == k - 1:
+            total = total + w_ind * F.cross_entropy(run(j, j), y)
+            if cascade and j >= 1:
+                total = total + opts.w_casc * F.cross_entropy(run(max(0, j - w + 1), j), y)
+            elif cascade:
+                total = total + opts.w_casc * F.cross_entropy(run(j, j), y)
+            continue
+        total = total + w_ind * model.independent_heads[j](run(j, j), x, y)
+        if str(j) in model.cascade_heads:
+            total = total + opts.w_casc * model.cascade_heads[str(j)](run(max(0, j - w + 1), j), x, y)
+    model.zero_grad(set_to_none=True)
+    total.backward()
+    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "method,k,window",
+    [("dgl", 4, 2), ("dgl+mlaan", 5, 2), ("dgl+mlm", 5, 3), ("infopro+mlaan", 4, 2), ("auglocal+mlaan", 4, 3),
+     ("dgl+lam", 4, 2), ("dgl+mlaan", 2, 2)],
+)
+def test_retained_graph_schedule_equals_naive_recomputation(method, k, window):
+    model = mlaan.create_local_model("resnet20", method=method, num_local_modules=k, window=window)
+    x, y = batch()
+    reference_model = copy.deepcopy(model)
+    expected = reference_gradients(reference_model, x, y)
+    step(model, x, y)
+    for (name, p), e in zip(model.named_parameters(), expected):
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, e, rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------- 2. isolation
+def perturb(module: nn.Module) -> None:
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+
+
+def module_j_grads_after(model, j, perturb_modules, perturb_heads, x, y):
+    m = copy.deepcopy(model)
+    for i in perturb_modules:
+        perturb(m.local_modules[i])
+    for i in perturb_heads:
+        if i < len(m.independent_heads):
+            perturb(m.independent_heads[i])
+        if str(i) in m.cascade_heads:
+            perturb(m.cascade_heads[str(i)])
+    step(m, x, y)
+    return grads_of(m.local_modules[j])
+
+
+def same(a, b):
+    return all(torch.allclose(u, v, rtol=1e-5, atol=1e-7) for u, v in zip(a, b))
+
+
+@pytest.mark.parametrize("method", ["dgl", "infopro", "auglocal", "dgl+lam"])
+def test_base_methods_isolate_each_module(method):
+    k, j = 5, 1
+    model = mlaan.create_local_model("resnet20", method=method, num_local_modules=k)
+    x, y = batch()
+    base = module_j_grads_after(model, j, [], [], x, y)
+    later = range(j + 1, k)
+    assert same(base, module_j_grads_after(model, j, later, later, x, y))
+
+
+@pytest.mark.parametrize("method,window", [("dgl+mlaan", 2), ("dgl+mlm", 2), ("dgl+mlaan", 3), ("infopro+mlaan", 2)])
+def test_cascade_reaches_exactly_its_window(method, window):
+    k, j = 6, 1
+    model = mlaan.create_local_model("resnet20", method=method, num_local_modules=k, window=window)
+    x, y = batch()
+    base = module_j_grads_after(model, j, [], [], x, y)
+    beyond = range(j + window, k)
+    assert same(base, module_j_grads_after(model, j, beyond, beyond, x, y))
+    assert not same(base, module_j_grads_after(model, j, [j + 1], [], x, y))
+    if window >= 3:
+        assert not same(base, module_j_grads_after(model, j, [j + window - 1], [], x, y))
+
+
+# ------------------------------------------------------------------------------------------------- 3. EMA
+def test_every_ema_twin_follows_its_block_buffers_included():
+    m = 0.9
+    model = mlaan.create_local_model("resnet20", method="dgl+mlaan", num_local_modules=6, ema_momentum=m)
+    trunks = model.leap_trunks
+    assert len(trunks) == 4  # modules 1..4 have cascades
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    x, y = batch()
+    for _ in range(2):
+        before = [copy.deepcopy(t.twin.module.state_dict()) for t in trunks]
+        step(model, x, y)
+        for t in trunks:
+            assert all(p.grad is None and not p.requires_grad for p in t.twin.parameters())
+        opt.step()
+        for t, old in zip(trunks, before):  # the optimizer did not move the twins
+            for key, value in t.twin.module.state_dict().items():
+                torch.testing.assert_close(value, old[key], rtol=0, atol=0)
+        model.after_optimizer_step()
+        for t, old in zip(trunks, before):
+            real = model.backbone.blocks[t.source_index].state_dict()
+            for key, value in t.twin.module.state_dict().items():
+                if value.is_floating_point():
+                    expected = m * old[key] + (1 - m) * real[key]
+                    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=key)
+                else:
+                    assert value == (old[key] * m + real[key] * (1 - m)).to(value.dtype), key
+            assert any(not torch.equal(v, old[k_]) for k_, v in t.twin.module.state_dict().items())
+
+
+def test_ema_update_last_moves_only_the_last_twin():
+    model = mlaan.create_local_model("resnet20", method="dgl+mlaan", num_local_modules=5, ema_update="last")
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    before = [copy.deepcopy(t.twin.module.state_dict()) for t in model.leap_trunks]
+    step(model, *batch())
+    opt.step()
+    model.after_optimizer_step()
+    moved = [any(not torch.equal(v, old[k]) for k, v in t.twin.module.state_dict().items())
+             for t, old in zip(model.leap_trunks, before)]
+    assert moved == [False] * (len(moved) - 1) + [True]
+
+
+# -------------------------------------------------------------------------------------- 4. LAM construction
+def test_lam_copies_and_twins_start_equal_to_their_blocks():
+    model = mlaan.create_local_model("resnet32", method="dgl+mlaan", num_local_modules=16)
+    for trunk in model.leap_trunks:
+        real = model.backbone.blocks[trunk.source_index].state_dict()
+        for key, value in trunk.twin.module.state_dict().items():
+            assert torch.equal(value, real[key])
+        assert trunk.copies[0] is not model.backbone.blocks[trunk.source_index]
+        for key, value in trunk.copies[0].state_dict().items():
+            assert torch.equal(value, real[key])
+
+
+def test_lam_depth_shrinks_toward_the_output():
+    model = mlaan.create_local_model("resnet32", method="dgl+mlaan", num_local_modules=16, lam_depth=4)
+    depths = [len(model.cascade_heads[str(j)].trunk.copies) for j in range(1, 15)]
+    assert depths[0] == 4 and depths[-1] == 1
+    assert all(a >= b for a, b in zip(depths, depths[1:]))
+
+
+@pytest.mark.parametrize("arch,k", [("resnet32", k) for k in range(1, 17)])
+def test_every_k_builds_trains_and_leaves_no_dead_parameter(arch, k):
+    methods = ("dgl+mlaan", "infopro+mlaan", "auglocal+mlaan", "dgl+lam")
+    for method in (methods[k % len(methods)],) if k > 1 else ("bp", "dgl+mlaan"):
+        model = mlaan.create_local_model(arch, method=method, num_local_modules=k, aux_head="linear")
+        assert len(model.local_modules) == k
+        stats = step(model, *batch(n=4))
+        assert torch.isfinite(torch.tensor(stats["loss"]))
+        dead = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not dead, (method, k, dead[:5])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k", [1, 2, 4, 8, 16, 32, 54, 55])
+def test_resnet110_every_k(k):
+    method = "bp" if k == 1 else "dgl+mlaan"
+    model = mlaan.create_local_model("resnet110", method=method, num_local_modules=k, aux_head="linear")
+    step(model, *batch(n=2))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+# ----------------------------------------------------------------------------------- 5. forward / BN counts
+@pytest.mark.parametrize("method,window", [("dgl+mlaan", 2), ("dgl+mlaan", 3), ("infopro+mlm", 2), ("dgl", 2)])
+def test_each_module_runs_forward_once_and_updates_batchnorm_once(method, window):
+    model = mlaan.create_local_model("resnet20", method=method, num_local_modules=6, window=window)
+    calls = [0] * len(model.backbone.blocks)
+    for i, block in enumerate(model.backbone.blocks):
+        block.register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+    norms = [m for m in model.backbone.modules() if isinstance(m, nn.BatchNorm2d)]
+    tracked = [int(m.num_batches_tracked) for m in norms]
+    step(model, *batch())
+    assert calls == [1] * len(calls)
+    assert [int(m.num_batches_tracked) - t for m, t in zip(norms, tracked)] == [1] * len(norms)
+
+
+# ------------------------------------------------------------------------------------- 6. inference/export
+def test_inference_uses_only_the_backbone_and_exports_to_a_plain_model():
+    model = mlaan.create_local_model("resnet20", method="infopro+mlaan", num_local_modules=4)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x, y = batch()
+    step(model, x, y)
+    opt.step()
+    model.after_optimizer_step()
+    model.eval()
+    for head in list(model.independent_heads) + list(model.cascade_heads.values()):
+        head.register_forward_hook(lambda *_: pytest.fail("aux net used at inference"))
+    plain = mlaan.models.create("resnet20")
+    plain.load_state_dict(model.backbone.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+def test_split_balances_block_counts_and_puts_stem_and_head_at_the_ends():
+    model = mlaan.create_local_model("resnet32", method="dgl", num_local_modules=4)
+    sizes = [len(r) for r in model.split]
+    assert sizes == [4, 4, 4, 4] and model.split[0][0] == 0
+    assert model.local_modules[-1][-1] is model.backbone.blocks[-1]
+    model16 = mlaan.create_local_model("resnet32", method="dgl", num_local_modules=16)
+    assert [len(r) for r in model16.split] == [1] * 16
+
+
+def test_memory_balance_gives_early_high_resolution_modules_fewer_blocks():
+    model = mlaan.create_local_model("resnet32", method="dgl", num_local_modules=4, balance="memory")
+    sizes = [len(r) for r in model.split]
+    assert sum(sizes) == 16 and sizes[0] < sizes[-1]
+    costs = model.profile.saved_bytes
+    loads = [sum(costs[i] for i in r) for r in model.split]
+    even = [sum(costs[i] for i in r) for r in mlaan.create_local_model(
+        "resnet32", method="dgl", num_local_modules=4).split]
+    assert max(loads) <= max(even)
+
+
+# ------------------------------------------------------------------------------------------ user backbone
+def test_wrapping_ones_own_backbone_as_a_list_of_blocks():
+    blocks = [
+        nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)),
+    ]
+    model = mlaan.create_local_model(blocks, method="dgl+mlaan", num_local_modules=4, num_classes=5, image_size=16)
+    x, y = batch(in_channels=1, size=16, classes=5)
+    step(model, x, y)
+    assert model(x).shape == (BATCH, 5)
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+# -------------------------------------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        (dict(arch="resnet33"), "unknown architecture 'resnet33'; available: resnet20"),
+        (dict(method="dgl+magic"), "unknown method 'dgl+magic'; available: bp, dgl, dgl+mlaan"),
+        (dict(num_local_modules=17), "num_local_modules=17 is out of range for resnet32: allowed 1 to 16"),
+        (dict(num_local_modules=0), "allowed 1 to 16"),
+        (dict(method="bp", num_local_modules=4), "must be 1, got 4"),
+        (dict(window=5, num_local_modules=4), "window=5 is not allowed with K=4: allowed 2 to 4"),
+        (dict(ema_momentum=1.0), "ema_momentum must be in [0, 1), got 1.0"),
+        (dict(aux_head="big"), "unknown aux_head 'big'; allowed: mlp, linear"),
+        (dict(balance="flops"), "unknown balance 'flops'; allowed: blocks, memory"),
+        (dict(windw=2), "unknown option(s) windw; known:"),
+    ],
+)
+def test_bad_input_raises_value_error_naming_value_and_allowed(kwargs, needle):
+    args = dict(arch="resnet32", method="dgl+mlaan", num_local_modules=16) | kwargs
+    with pytest.raises(ValueError) as info:
+        mlaan.create_local_model(args.pop("arch"), **args)
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_names_for_help_texts():
+    assert {"bp", "dgl", "infopro", "auglocal", "dgl+mlaan", "infopro+mlm", "auglocal+lam"} <= set(
+        mlaan.available_methods())
+    assert "bp+mlaan" not in mlaan.available_methods()
+    assert {"resnet20", "resnet32", "resnet110", "resnet34", "resnet101"} <= set(mlaan.models.available())
+
+
+def test_imagenet_backbone_any_k_and_grayscale():
+    model = mlaan.create_local_model("resnet18", method="dgl+mlaan", num_local_modules=5, num_classes=7,
+                                     in_channels=1, image_size=64)
+    assert [len(r) for r in model.split] == [2, 2, 2, 2, 1]  # stem + 8 BasicBlocks
+    step(model, *batch(in_channels=1, size=64, classes=7, n=4))
+    assert not [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+
+
+def test_infopro_lambdas_interpolate_with_module_index():
+    model = mlaan.create_local_model("resnet20", method="infopro", num_local_modules=5,
+                                     infopro_lambda_recon=(4.0, 0.0), infopro_lambda_task=(1.0, 3.0))
+    recon = [h.lambda_recon for h in model.independent_heads]
+    task = [h.lambda_task for h in model.independent_heads]
+    assert recon == pytest.approx([4.0, 3.0, 2.0, 1.0])
+    assert task == pytest.approx([1.0, 1.5, 2.0, 2.5])
+
+
+def test_supervised_contrastive_variant_trains():
+    model = mlaan.create_local_model("resnet20", method="infopro+mlaan", num_local_modules=3,
+                                     infopro_task="contrastive")
+    stats = step(model, *batch())
+    assert all(torch.isfinite(torch.tensor(v)) for v in stats["module_losses"])
+    assert isinstance(model.cascade_heads["1"].trunk, LeapTrunk)
