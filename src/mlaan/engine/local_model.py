@@ -83,7 +83,7 @@ class LocalModel(nn.Module):
         feature_shape = self.profile.out_shapes[last_unit]
         if not leap:
             return self.spec.base.make_head(self._context(j, feature_shape, last_unit))
-        depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth)
+        depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth, self.options.lam_shrink)
         picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
         trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum)
         trunk_shape = self.profile.out_shapes[picks[-1]]
@@ -260,6 +260,8 @@ def _check_options(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbo
         raise ValueError(
             f"lam_depth and auglocal_depth must be at least 1, got {opts.lam_depth}, {opts.auglocal_depth}"
         )
+    if not (0.0 <= opts.lam_shrink <= 1.0 and 0.0 <= opts.depth_shrink <= 1.0):
+        raise ValueError(f"lam_shrink and depth_shrink must be in [0, 1], got {opts.lam_shrink}, {opts.depth_shrink}")
     if opts.w_ind < 0 or opts.w_casc < 0:
         raise ValueError(f"w_ind and w_casc must be non-negative, got {opts.w_ind}, {opts.w_casc}")
 

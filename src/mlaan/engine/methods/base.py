@@ -24,8 +24,11 @@ class LocalOptions:
     ema_momentum: float = 0.995  # m in θ(E) ← m·θ(E) + (1−m)·θ(real block)
     ema_update: str = "all"  # "all" twins every step, or "last" (the official CIFAR code's behaviour)
     lam_depth: int = 4  # copied later blocks in the earliest LAM aux nets (shrinks toward the output)
-    depth_shrink: float = 0.5  # c in AugLocal's depth schedule, used by LAM and AugLocal
-    aux_head: str = "mlp"  # classifier shape: "mlp" (DGL) or "linear" (GAP + linear probe)
+    lam_shrink: float = 1.0  # c of the LAM depth schedule: 1.0 ends at one block (one EMA layer of one)
+    depth_shrink: float = 0.5  # c in AugLocal's depth schedule (its published value)
+    # Classifier shape of every aux head: "linear" (GAP + linear probe, what the official MLAAN code uses, so
+    # step times compare with it) or "mlp" (DGL paper's 1×1-conv + MLP classifier, ~0.5× a BP step more at K=16).
+    aux_head: str = "linear"
     aux_width: int = 128
     infopro_task: str = "ce"  # "ce" or "contrastive"
     infopro_lambda_recon: tuple[float, float] = (5.0, 0.0)  # λ1 at the first module → at the last
@@ -59,11 +62,12 @@ class AuxContext:
         t = self.module_index / (self.num_modules - 1)
         return pair[0] + (pair[1] - pair[0]) * t
 
-    def depth(self, depth: int) -> int:
-        """AugLocal's schedule: d_i = max(1, round(d·(1 − i·c/(K−2)) + i·c/(K−2)))."""
+    def depth(self, depth: int, shrink: float | None = None) -> int:
+        """AugLocal's schedule: d_i = max(1, round(d·(1 − i·c/(K−2)) + i·c/(K−2))), c = ``shrink``."""
+        c = self.options.depth_shrink if shrink is None else shrink
         if self.num_modules <= 2:
             return depth
-        r = self.module_index * self.options.depth_shrink / (self.num_modules - 2)
+        r = self.module_index * c / (self.num_modules - 2)
         return max(1, int(depth * (1 - r) + r + 0.5))
 
 
