@@ -347,3 +347,11 @@ def test_supervised_contrastive_variant_trains():
     stats = step(model, *batch())
     assert all(torch.isfinite(torch.tensor(v)) for v in stats["module_losses"])
     assert isinstance(model.cascade_heads["1"].trunk, LeapTrunk)
+
+
+def test_non_finite_local_loss_names_the_module():
+    model = mlaan.create_local_model("resnet20", method="dgl+mlaan", num_local_modules=4)
+    with torch.no_grad():
+        model.cascade_heads["2"].head.classifier[-1].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at local module 2"):
+        step(model, *batch())

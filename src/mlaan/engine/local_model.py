@@ -9,6 +9,7 @@ until the last cascade that crosses it is done, so at most ``window`` module gra
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
@@ -132,7 +133,7 @@ class LocalModel(nn.Module):
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
         pending: list[_Pending] = []
-        module_losses: list[float] = []
+        module_losses: list[torch.Tensor] = []
         x = images
         for j, module in enumerate(self.local_modules):
             inputs = x.detach()
@@ -148,13 +149,18 @@ class LocalModel(nn.Module):
             while pending and (last_step or pending[0].index <= j - window + 1):
                 self._finish_module(pending.pop(0))
             x = output
-        logits = x.detach()
-        accuracy = (logits.argmax(1) == targets).float().mean().item()
-        return {"loss": module_losses[-1], "accuracy": accuracy, "module_losses": module_losses}
+        # One host sync per step (not one per head): losses and accuracy come back together.
+        accuracy = (x.detach().argmax(1) == targets).float().mean()
+        values = torch.stack([*module_losses, accuracy]).tolist()
+        losses = values[:-1]
+        bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"non-finite local loss ({losses[bad[0]]}) at local module {bad[0]}")
+        return {"loss": losses[-1], "accuracy": values[-1], "module_losses": losses}
 
     def _local_gradients(
         self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
         the cascaded part of it that continues into earlier modules, the module's loss value)."""
         is_last = j == len(self.local_modules) - 1
@@ -162,14 +168,12 @@ class LocalModel(nn.Module):
         if is_last:
             leaf = output.detach().requires_grad_()
             loss = F.cross_entropy(leaf.float(), targets)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss ({loss.item()}) at local module {j} (the head's)")
             loss.backward()
             g = leaf.grad
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
-                return g * scale, None, loss.item()
-            return g * (self.options.w_ind + self.options.w_casc), g * self.options.w_casc, loss.item()
+                return g * scale, None, loss.detach()
+            return g * (self.options.w_ind + self.options.w_casc), g * self.options.w_casc, loss.detach()
 
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
@@ -182,15 +186,13 @@ class LocalModel(nn.Module):
 
     def _head_gradient(
         self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float
-    ) -> tuple[torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         leaf = output.detach().requires_grad_()
         with self._autocast():
             loss = head(leaf, images, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"non-finite local loss ({loss.item()}) at local module {self._index_of(head)}")
         (loss * weight).backward()
         self._notify([p for p in head.parameters() if p.requires_grad])
-        return leaf.grad, loss.item()
+        return leaf.grad, loss.detach().float()
 
     def _propagate_cascade(
         self, pending: list[_Pending], j: int, window: int, grad: torch.Tensor | None
@@ -215,12 +217,6 @@ class LocalModel(nn.Module):
     def _notify(self, params: list[nn.Parameter]) -> None:
         for hook in self._grads_ready_hooks:
             hook(params)
-
-    def _index_of(self, head: nn.Module) -> int:
-        for j, h in enumerate(self.independent_heads):
-            if h is head:
-                return j
-        return next(int(k) for k, h in self.cascade_heads.items() if h is head)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
