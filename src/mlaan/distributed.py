@@ -391,6 +391,7 @@ class GradientAverager:
         self._reduced: set[int] = set()
         self._accumulating = False
         self.stragglers = 0  # parameters reduced in wait() because no hook reported them (diagnostics)
+        self.overlapped_buckets = 0  # buckets of the last step launched from a hook, i.e. during train_step
         if self.enabled:
             if not hasattr(model, "register_grads_ready_hook"):
                 raise TypeError("GradientAverager needs a model with register_grads_ready_hook (a LocalModel)")
@@ -434,6 +435,7 @@ class GradientAverager:
             if p.requires_grad and p.grad is not None and id(p) not in self._reduced
         ]
         self.stragglers = len(left)
+        self.overlapped_buckets = len(self._flights)
         self._launch(left)
         world = float(self.ctx.world_size)
         for flight in self._flights:
