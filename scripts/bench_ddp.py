@@ -4,14 +4,16 @@
     torchrun --standalone --nproc-per-node 2 scripts/bench_ddp.py --global-batch 64 # 2 processes, 32 each
 
 Synthetic data, SGD steps exactly as the trainer does them (train_step, GradientAverager.wait, optimizer step,
-EMA update). Rank 0 prints one JSON line: images/s over the timed steps, step time, the share of the step spent
-blocked in ``wait()`` (communication not hidden behind compute) and peak memory on CUDA.
+EMA update). Rank 0 prints one JSON line: images/s over the timed steps, mean and median step time (the median
+resists the odd step stalled by another tenant of a shared machine), the share of the time spent blocked in
+``wait()`` (communication not hidden behind compute) and peak memory on CUDA.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -61,8 +63,9 @@ def main() -> None:
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
 
-    blocked = 0.0
+    blocked, step_times = 0.0, []
     for step in range(args.warmup + args.steps):
+        t_step = time.perf_counter()
         if step == args.warmup:
             sync()
             ctx.barrier()
@@ -77,6 +80,9 @@ def main() -> None:
         blocked += time.perf_counter() - t0
         opt.step()
         model.after_optimizer_step()
+        if step >= args.warmup:
+            sync()
+            step_times.append(time.perf_counter() - t_step)
     sync()
     ctx.barrier()
     elapsed = time.perf_counter() - start
@@ -91,6 +97,8 @@ def main() -> None:
         "sync_bn": args.sync_bn,
         "images_per_s": round(args.global_batch * args.steps / elapsed, 2),
         "step_s": round(elapsed / args.steps, 4),
+        "median_step_s": round(statistics.median(step_times), 4),
+        "images_per_s_at_median_step": round(args.global_batch / statistics.median(step_times), 2),
         "blocked_in_wait_share": round(blocked / elapsed, 4),
         "overlapped_buckets": averager.overlapped_buckets,
     }
