@@ -1,0 +1,201 @@
+"""Helpers shared by the benchmarks: method lists, model/batch construction, tables, JSON, plot styling."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+import mlaan
+
+# The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
+DEFAULT_METHODS = (
+    "bp",
+    "dgl",
+    "dgl+mlm",
+    "dgl+lam",
+    "dgl+mlaan",
+    "infopro",
+    "infopro+mlm",
+    "infopro+lam",
+    "infopro+mlaan",
+)
+
+# One colour per method, the same in every plot.
+METHOD_COLORS = {
+    "bp": "#000000",
+    "dgl": "#1f77b4",
+    "dgl+mlm": "#9ecae1",
+    "dgl+lam": "#6baed6",
+    "dgl+mlaan": "#08306b",
+    "infopro": "#d62728",
+    "infopro+mlm": "#fcbba1",
+    "infopro+lam": "#fb6a4a",
+    "infopro+mlaan": "#67000d",
+    "auglocal": "#2ca02c",
+    "auglocal+mlm": "#a1d99b",
+    "auglocal+lam": "#74c476",
+    "auglocal+mlaan": "#00441b",
+}
+_FALLBACK_COLORS = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def method_color(method: str, index: int = 0) -> str:
+    return METHOD_COLORS.get(method, _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)])
+
+
+def parse_methods(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated (or listed) method names, validated against the engine's registry."""
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    if not names:
+        raise ValueError("no method given; available: " + ", ".join(mlaan.available_methods()))
+    known = mlaan.available_methods()
+    unknown = [m for m in names if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    return list(dict.fromkeys(names))
+
+
+def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
+    """``"1,2,4"`` → [1, 2, 4]; every value a positive integer."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    values = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            value = int(item)
+        except ValueError:
+            raise ValueError(f"{what}: {item!r} is not an integer") from None
+        if value < 1:
+            raise ValueError(f"{what}: values must be positive, got {value}")
+        values.append(value)
+    if not values:
+        raise ValueError(f"{what}: no value given")
+    return list(dict.fromkeys(values))
+
+
+def check_arch(arch: str) -> str:
+    if arch not in mlaan.models.available():
+        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(mlaan.models.available())}")
+    return arch
+
+
+def max_modules(arch: str, in_channels: int = 3, image_size: int | None = None) -> int:
+    """Largest K for ``arch``: its residual blocks + the stem's module."""
+    backbone = mlaan.models.create(arch, num_classes=10, in_channels=in_channels, image_size=image_size)
+    return backbone.num_residual_blocks + 1
+
+
+def build(
+    arch: str,
+    method: str,
+    k: int,
+    num_classes: int = 10,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    **options: object,
+) -> tuple[mlaan.LocalModel, torch.optim.Optimizer]:
+    """A local model (K forced to 1 for ``bp``) and the paper's optimizer (SGD, Nesterov, momentum 0.9, wd 1e-4)."""
+    torch.manual_seed(seed)
+    k = 1 if method == "bp" else k
+    model = mlaan.create_local_model(
+        arch, method=method, num_local_modules=k, num_classes=num_classes, in_channels=in_channels,
+        image_size=image_size, **options,
+    ).to(device)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    return model, optimizer
+
+
+def synthetic_batch(
+    model: mlaan.LocalModel, batch: int, num_classes: int = 10, device: str | torch.device = "cpu", seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A CIFAR-shaped (or the model's image shape) random batch; benchmarks of cost need no real data."""
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, *model.image_shape, generator=g)
+    targets = torch.randint(0, num_classes, (batch,), generator=g)
+    return images.to(device), targets.to(device)
+
+
+def training_step(
+    model: mlaan.LocalModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
+) -> dict:
+    """One full step as the trainer runs it: clear grads, forward + local backwards, optimizer, EMA twins."""
+    optimizer.zero_grad(set_to_none=True)
+    stats = model.train_step(images, targets)
+    optimizer.step()
+    model.after_optimizer_step()
+    return stats
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub-flavoured markdown table (also readable in a terminal)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |"
+
+    out = [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out.extend(line(r) for r in cells[1:])
+    return "\n".join(out)
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def machine_description() -> str:
+    """What the figures were measured on, e.g. "2-core CPU container, no GPU" or the CUDA card's name."""
+    cores = os.cpu_count() or 0
+    cpu = f"{cores}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name(0)}; host {cpu}"
+    return f"{cpu}, no GPU"
+
+
+def output_dir(path: str | None, name: str) -> Path:
+    out = Path(path) if path else Path("runs") / f"bench-{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def write_json(path: Path, data: object) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def pyplot():
+    """matplotlib's pyplot on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"invalid device {device!r}: {err}") from None
