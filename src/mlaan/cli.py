@@ -1,0 +1,405 @@
+"""The ``mlaan`` command (also ``python -m mlaan``): train, eval, export, download, and any subcommands that
+``mlaan.bench.cli.register(subparsers)`` contributes.
+
+Bad input — an unknown data set, architecture or method, K out of range, a missing data root or checkpoint —
+is reported as one line, ``mlaan: error: …``, on stderr with exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import yaml
+
+EXIT_USAGE = 2
+# Errors that mean "the input is wrong": reported in one line, exit 2.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError)
+
+
+class CLIError(Exception):
+    """A message for the user and the exit code to leave with."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit 2), like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+def _one_line(message: object) -> str:
+    return " ".join(str(message).split())
+
+
+# --------------------------------------------------------------------------------------------- help texts
+def _catalogue() -> str:
+    from . import models
+    from .data import describe_datasets
+    from .engine import available_methods
+
+    width = max(len(n) for n in describe_datasets())
+    lines = ["data sets:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in describe_datasets().items()]
+    lines.append("architectures:")
+    lines += textwrap.wrap(", ".join(models.available()), 100, initial_indent="  ", subsequent_indent="  ")
+    lines.append("methods (BASE, or BASE+mlaan / +mlm / +lam; bp trains end to end with K=1):")
+    lines += textwrap.wrap(", ".join(available_methods()), 100, initial_indent="  ", subsequent_indent="  ")
+    return "\n".join(lines)
+
+
+def _add_parser(subparsers, name: str, help_text: str, description: str) -> Parser:
+    return subparsers.add_parser(
+        name,
+        help=help_text,
+        description=description,
+        epilog=_catalogue(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- train
+def _add_train(subparsers) -> None:
+    from .training.config import TrainConfig
+
+    d = TrainConfig()
+    p = _add_parser(
+        subparsers,
+        "train",
+        "train a network with a local-learning method",
+        "Train with a local-learning method and write metrics.jsonl, metrics.json, last.pt and best.pt to the "
+        "output folder.\nOptions come from the defaults, then --config FILE.yaml (any option below, with "
+        "underscores: batch_size: 1024), then the flags given here.",
+    )
+    S = argparse.SUPPRESS  # only flags given explicitly reach the config, so they override the file
+    p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of options (flags override it)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=S, help=f"data set name (default: {d.dataset}; list below)")
+    g.add_argument("--data-root", dest="data_root", default=S, metavar="DIR",
+                   help=f"data folder (default: {d.data_root}; fashion-mnist also looks in "
+                        "/usr/share/datasets/fashion-mnist)")
+    g.add_argument("--download", action=argparse.BooleanOptionalAction, default=S,
+                   help="download a torchvision data set into --data-root if missing")
+    g.add_argument("--train-samples", dest="train_samples", type=int, default=S, metavar="N",
+                   help="use only the first N training samples")
+    g.add_argument("--test-samples", dest="test_samples", type=int, default=S, metavar="N",
+                   help="evaluate on the first N test samples only")
+    g.add_argument("--synthetic-train-size", dest="synthetic_train_size", type=int, default=S, metavar="N",
+                   help=f"synthetic: training images (default: {d.synthetic_train_size})")
+    g.add_argument("--synthetic-test-size", dest="synthetic_test_size", type=int, default=S, metavar="N",
+                   help=f"synthetic: test images (default: {d.synthetic_test_size})")
+    g.add_argument("--synthetic-image-size", dest="synthetic_image_size", type=int, default=S, metavar="S",
+                   help=f"synthetic: image side in pixels (default: {d.synthetic_image_size})")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
+    g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
+    g.add_argument("--local-modules", "-K", dest="local_modules", type=int, default=S, metavar="K",
+                   help="number of local modules, the stem's included (default: 16; 1 for bp)")
+    g.add_argument("--window", type=int, default=S, help=f"MLM cascade window (default: {d.window})")
+    g.add_argument("--w-ind", dest="w_ind", type=float, default=S,
+                   help=f"weight of the independent loss under MLM (default: {d.w_ind})")
+    g.add_argument("--w-casc", dest="w_casc", type=float, default=S,
+                   help=f"weight of the cascaded loss under MLM (default: {d.w_casc})")
+    g.add_argument("--ema-momentum", dest="ema_momentum", type=float, default=S,
+                   help=f"LAM EMA momentum m (default: {d.ema_momentum})")
+    g.add_argument("--ema-update", dest="ema_update", default=S,
+                   help=f"'all' EMA twins each step or only the 'last' (default: {d.ema_update})")
+    g.add_argument("--lam-depth", dest="lam_depth", type=int, default=S,
+                   help=f"copied blocks in the earliest LAM aux nets (default: {d.lam_depth})")
+    g.add_argument("--depth-shrink", dest="depth_shrink", type=float, default=S,
+                   help=f"c in the aux-depth schedule (default: {d.depth_shrink})")
+    g.add_argument("--aux-head", dest="aux_head", default=S,
+                   help=f"aux classifier: mlp or linear (default: {d.aux_head})")
+    g.add_argument("--aux-width", dest="aux_width", type=int, default=S,
+                   help=f"aux classifier width (default: {d.aux_width})")
+    g.add_argument("--infopro-task", dest="infopro_task", default=S,
+                   help=f"InfoPro task loss: ce or contrastive (default: {d.infopro_task})")
+    g.add_argument("--infopro-lambda-recon", dest="infopro_lambda_recon", type=float, nargs=2, default=S,
+                   metavar=("FIRST", "LAST"), help=f"InfoPro λ1 first→last module (default: {d.infopro_lambda_recon})")
+    g.add_argument("--infopro-lambda-task", dest="infopro_lambda_task", type=float, nargs=2, default=S,
+                   metavar=("FIRST", "LAST"), help=f"InfoPro λ2 first→last module (default: {d.infopro_lambda_task})")
+    g.add_argument("--temperature", type=float, default=S, help=f"contrastive temperature (default: {d.temperature})")
+    g.add_argument("--auglocal-depth", dest="auglocal_depth", type=int, default=S,
+                   help=f"AugLocal aux depth d (default: {d.auglocal_depth})")
+    g.add_argument("--balance", default=S, help=f"split by 'blocks' or 'memory' (default: {d.balance})")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=S, help=f"(default: {d.epochs})")
+    g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help=f"(default: {d.batch_size})")
+    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=S,
+                   help="(default: 2 x batch size)")
+    g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {d.lr})")
+    g.add_argument("--momentum", type=float, default=S, help=f"(default: {d.momentum})")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S, help="(default: on)")
+    g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help=f"(default: {d.weight_decay})")
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
+                   help=f"linear warm-up, then cosine decay per step (default: {d.warmup_epochs})")
+    g.add_argument("--max-steps", dest="max_steps", type=int, default=S, metavar="N",
+                   help="stop after N optimizer steps in all (the schedule still spans --epochs)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=S, help=f"(default: {d.seed})")
+    g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S, help="bf16 autocast on CUDA")
+    g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction, default=S,
+                   help="SyncBatchNorm in distributed runs (torchrun)")
+    g.add_argument("--workers", type=int, default=S, help="data-loader workers (default: 0 on CPU, up to 8 on CUDA)")
+    g.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
+                   help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
+                   help="also write TensorBoard logs to <output-dir>/tensorboard")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
+                   help="replace a finished or stopped run in the output folder")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from PATH, or from <output-dir>/last.pt when no PATH is given")
+    p.set_defaults(func=cmd_train)
+
+
+_NOT_CONFIG = ("config", "resume", "func", "command")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training import make_trainer
+
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    try:
+        trainer = make_trainer(args.config, overrides, args.resume, log=lambda m: print(m, flush=True))
+    except INPUT_ERRORS as err:
+        raise CLIError(str(err)) from err
+    try:
+        trainer.fit()
+    except FloatingPointError as err:
+        raise CLIError(f"{err}; training stopped (try a lower --lr)", code=1) from err
+    finally:
+        if trainer.dist is not None:
+            trainer.dist.cleanup(trainer.ctx)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- eval
+def _add_eval(subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "eval",
+        "test accuracy of a checkpoint",
+        "Evaluate the plain backbone of a training checkpoint (last.pt / best.pt) or of an export "
+        "(with its .json beside it) on a data set's test split.",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--dataset", default=None, help="data set (default: the one it was trained on)")
+    p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
+                   help="data folder (default: the training run's)")
+    p.add_argument("--download", action="store_true", help="download the data set if missing")
+    p.add_argument("--test-samples", dest="test_samples", type=int, default=None, metavar="N",
+                   help="evaluate on the first N test samples only")
+    p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.set_defaults(func=cmd_eval)
+
+
+def _load_for_eval(path: str) -> tuple[dict, dict]:
+    """(backbone state_dict, description) from a training checkpoint or an export + its .json."""
+    from .training import checkpoint as ckpt_io
+
+    obj = ckpt_io.load(path)
+    if ckpt_io.is_training_checkpoint(obj):
+        state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
+        meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
+        meta["data_root"] = obj.get("config", {}).get("data_root")
+        meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
+        return state, meta
+    meta_path = Path(path).with_suffix(".json")
+    if not isinstance(obj, dict) or not meta_path.is_file():
+        raise ValueError(f"{path} is neither a training checkpoint nor an export with {meta_path} beside it")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != "mlaan-backbone":
+        raise ValueError(f"{meta_path} is not an mlaan export description")
+    return obj, meta
+
+
+def _device(name: str):
+    import torch
+
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for but CUDA is not available here; allowed: auto, cpu")
+    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from torch.utils.data import DataLoader
+
+    from . import models
+    from .data import build_datasets
+    from .training import evaluate_backbone
+
+    try:
+        device = _device(args.device)
+        state, meta = _load_for_eval(args.checkpoint)
+        dataset = args.dataset or meta["dataset"]
+        root = args.data_root or meta.get("data_root") or "data"
+        _, test_set, info = build_datasets(dataset, root, download=args.download, test_samples=args.test_samples)
+        if (info.num_classes, info.in_channels) != (meta["num_classes"], meta["in_channels"]):
+            raise ValueError(
+                f"checkpoint {args.checkpoint} was trained for {meta['num_classes']} classes of "
+                f"{meta['in_channels']}-channel images, but {dataset} has {info.num_classes} classes of "
+                f"{info.in_channels}-channel images"
+            )
+        backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+        try:
+            backbone.load_state_dict(state)
+        except RuntimeError as err:
+            raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+    except INPUT_ERRORS as err:
+        raise CLIError(str(err)) from err
+    loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.workers)
+    result = evaluate_backbone(backbone.to(device), loader, device)
+    report = {
+        "checkpoint": str(args.checkpoint),
+        "arch": meta["arch"],
+        "dataset": info.name,
+        "test_images": result["count"],
+        "test_accuracy": result["accuracy"],
+        "test_error": 1.0 - result["accuracy"],
+        "test_loss": result["loss"],
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(
+            f"{args.checkpoint}: {meta['arch']} on {info.name} test ({result['count']} images): "
+            f"accuracy {100 * report['test_accuracy']:.2f}%, error {100 * report['test_error']:.2f}%, "
+            f"loss {report['test_loss']:.4f}"
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- export
+def _add_export(subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "export",
+        "write the plain backbone's state_dict",
+        "Write the trained backbone's state_dict alone (no aux nets, no EMA twins) to --out, and FILE.json "
+        "beside it with the architecture and normalisation. Load it with\n"
+        "  net = mlaan.models.create(arch, num_classes=..., in_channels=..., image_size=...)\n"
+        "  net.load_state_dict(torch.load(FILE, weights_only=True))",
+    )
+    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a training checkpoint (last.pt / best.pt)")
+    p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict (e.g. model.pt)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .training import checkpoint as ckpt_io
+
+    try:
+        ckpt = ckpt_io.load_training_checkpoint(args.checkpoint)
+        out, meta = ckpt_io.export_backbone(ckpt, args.out)
+    except INPUT_ERRORS as err:
+        raise CLIError(str(err)) from err
+    print(f"wrote {out} ({ckpt['arch']} backbone state_dict) and {meta}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------- download
+def _add_download(subparsers) -> None:
+    p = _add_parser(
+        subparsers,
+        "download",
+        "fetch a torchvision data set into a data root",
+        "Download a data set with torchvision into --data-root (what `make data` does for Fashion-MNIST "
+        "when Debian's dataset-fashion-mnist cannot be installed).",
+    )
+    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--data-root", dest="data_root", default="data", metavar="DIR")
+    p.set_defaults(func=cmd_download)
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from .data import download_dataset, fashion_mnist_folder
+
+    try:
+        root = download_dataset(args.dataset, args.data_root)
+    except (*INPUT_ERRORS, OSError) as err:
+        raise CLIError(str(err)) from err
+    where = fashion_mnist_folder(root) if args.dataset == "fashion-mnist" else root
+    print(f"{args.dataset}: ready in {where}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------- main
+def build_parser() -> Parser:
+    parser = Parser(
+        prog="mlaan",
+        description="Supervised local learning (DGL, InfoPro, AugLocal, BP) with MLAAN on top: "
+        "train, evaluate and export.",
+        epilog=_catalogue() + "\n\nStart with: mlaan train --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"mlaan {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    _add_train(subparsers)
+    _add_eval(subparsers)
+    _add_export(subparsers)
+    _add_download(subparsers)
+    bench = _bench_cli()
+    if bench is not None:
+        bench.register(subparsers)
+    return parser
+
+
+def _bench_cli():
+    """``mlaan.bench.cli`` when that module exists (its subcommands join this command)."""
+    try:
+        from .bench import cli as bench_cli
+    except ModuleNotFoundError as err:
+        if err.name in ("mlaan.bench.cli", "mlaan.bench"):
+            return None
+        raise
+    return bench_cli if hasattr(bench_cli, "register") else None
+
+
+_OWN_COMMANDS = (cmd_train, cmd_eval, cmd_export, cmd_download)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except CLIError as err:
+        if os.environ.get("MLAAN_DEBUG"):
+            raise
+        print(f"mlaan: error: {_one_line(err)}", file=sys.stderr)
+        return err.code
+    except INPUT_ERRORS as err:  # from contributed subcommands (ours raise CLIError)
+        if os.environ.get("MLAAN_DEBUG") or args.func in _OWN_COMMANDS:
+            raise
+        print(f"mlaan: error: {_one_line(err)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("mlaan: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

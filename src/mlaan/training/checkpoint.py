@@ -1,0 +1,187 @@
+"""Checkpoints: only tensors and plain data, written atomically, read with ``weights_only=True``.
+
+A training checkpoint (``last.pt``/``best.pt``) is a dict::
+
+    {"format": "mlaan-checkpoint", "version": 1,
+     "arch", "method", "local_modules", "dataset", "num_classes", "in_channels", "image_size", "mean", "std",
+     "model": LocalModel.state_dict() (backbone, aux nets, EMA twins), "optimizer", "scheduler",
+     "epoch": completed epochs, "epoch_step": steps done in the epoch after those, "step": optimizer steps,
+     "best_accuracy", "best_epoch", "config": TrainConfig.to_dict(), "rng": {...tensors...}}
+
+An export (``mlaan export``) is the plain backbone's ``state_dict`` alone (keys ``blocks.<i>.…``), with a
+``.json`` file beside it saying how to build the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "mlaan-checkpoint"
+VERSION = 1
+IDENTITY_KEYS = ("arch", "method", "local_modules")
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to a temporary file in the same folder, flush + fsync, then ``os.replace``: a reader
+    sees the old file or the new one, never half of one."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Same guarantee for a text file (metrics.json, export metadata)."""
+    path = Path(path)
+    fd, tmp = _temp_beside(path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _temp_beside(path: Path) -> tuple[int, str]:
+    """A temporary file in ``path``'s folder (so ``os.replace`` is atomic), with the permissions a plain
+    ``open`` would give (mkstemp makes it private)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)``; FileNotFoundError / ValueError with the path on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # pickle / zip errors differ between versions: report them all the same way
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+
+
+def is_training_checkpoint(obj: Any) -> bool:
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    obj = load(path, map_location)
+    if not is_training_checkpoint(obj):
+        raise ValueError(f"{path} is not an mlaan training checkpoint (last.pt / best.pt written by mlaan train)")
+    if obj.get("version", 0) > VERSION:
+        raise ValueError(f"{path} was written by a newer mlaan (checkpoint version {obj['version']} > {VERSION})")
+    return obj
+
+
+def check_compatible(ckpt: dict, arch: str, method: str, local_modules: int, path: str | os.PathLike) -> None:
+    """Refuse a checkpoint of another architecture, method or K, naming both values."""
+    wanted = {"arch": arch, "method": method, "local_modules": local_modules}
+    for key in IDENTITY_KEYS:
+        if ckpt.get(key) != wanted[key]:
+            flag = {"arch": "--arch", "method": "--method", "local_modules": "--local-modules"}[key]
+            raise ValueError(
+                f"checkpoint {path} is for {key}={ckpt.get(key)!r} but this run has {flag} {wanted[key]!r}; "
+                "use a matching run or another --output-dir"
+            )
+
+
+# ----------------------------------------------------------------------------------------------- RNG states
+def rng_state() -> dict[str, Any]:
+    """Every RNG the loop draws from, as tensors (python's and numpy's states converted)."""
+    version, py_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": torch.tensor(list(py_state), dtype=torch.int64),
+        "python_gauss": torch.tensor([float("nan") if gauss is None else gauss], dtype=torch.float64),
+        "numpy_keys": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": torch.tensor([np_pos, np_has_gauss], dtype=torch.int64),
+        "numpy_gauss": torch.tensor([np_gauss], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    gauss = float(state["python_gauss"][0])
+    random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss))
+    pos, has_gauss = (int(v) for v in state["numpy_pos"].tolist())
+    np.random.set_state(
+        ("MT19937", state["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, float(state["numpy_gauss"][0]))
+    )
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = [s.cpu() for s in state["cuda"]]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ---------------------------------------------------------------------------------------------------- export
+def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``."""
+    prefix = "backbone."
+    state = {k[len(prefix):]: v.detach().clone() for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError("checkpoint holds no backbone weights (no 'backbone.' keys in its model state)")
+    out = Path(out)
+    if out.parent and not out.parent.exists():
+        raise FileNotFoundError(f"folder {out.parent} for --out does not exist")
+    meta_path = out.with_suffix(".json")
+    meta = {
+        "format": "mlaan-backbone",
+        "arch": ckpt["arch"],
+        "num_classes": ckpt["num_classes"],
+        "in_channels": ckpt["in_channels"],
+        "image_size": ckpt["image_size"],
+        "mean": list(ckpt["mean"]),
+        "std": list(ckpt["std"]),
+        "dataset": ckpt["dataset"],
+        "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
+        "best_accuracy": ckpt.get("best_accuracy"),
+        "epoch": ckpt.get("epoch"),
+        "load_with": (
+            f"mlaan.models.create({ckpt['arch']!r}, num_classes={ckpt['num_classes']}, "
+            f"in_channels={ckpt['in_channels']}, image_size={ckpt['image_size']})"
+            f".load_state_dict(torch.load({out.name!r}, weights_only=True))"
+        ),
+    }
+    atomic_save(state, out)
+    atomic_write_text(json.dumps(meta, indent=2) + "\n", meta_path)
+    return out, meta_path

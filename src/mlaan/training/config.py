@@ -1,0 +1,257 @@
+"""``TrainConfig``: every option of ``mlaan train`` in one flat dataclass (nanoGPT style).
+
+Resolution order, later wins: the dataclass defaults < a resumed checkpoint's config < the ``--config`` YAML
+file < flags given explicitly on the command line. ``resolve()`` fills the values that depend on others
+(K for BP, the output folder, the device, the loader workers) and checks names, so that a bad value is
+reported before anything is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..engine import LocalOptions, available_methods, parse_method
+
+# Method options handed to the engine (fields of LocalOptions), with the engine's defaults.
+_ENGINE_DEFAULTS = LocalOptions()
+METHOD_OPTION_NAMES = (
+    "window",
+    "w_ind",
+    "w_casc",
+    "ema_momentum",
+    "ema_update",
+    "lam_depth",
+    "depth_shrink",
+    "aux_head",
+    "aux_width",
+    "infopro_task",
+    "infopro_lambda_recon",
+    "infopro_lambda_task",
+    "temperature",
+    "auglocal_depth",
+    "balance",
+)
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass
+class TrainConfig:
+    # data
+    dataset: str = "fashion-mnist"
+    data_root: str | None = "data"  # fashion-mnist also looks in /usr/share/datasets/fashion-mnist
+    download: bool = False
+    train_samples: int | None = None  # keep the first N training samples
+    test_samples: int | None = None  # keep the first N test samples
+    synthetic_train_size: int = 2048
+    synthetic_test_size: int = 512
+    synthetic_image_size: int = 32
+    # model and method
+    arch: str = "resnet32"
+    method: str = "dgl+mlaan"
+    local_modules: int | None = None  # K; None: 16, or 1 for bp
+    window: int = _ENGINE_DEFAULTS.window
+    w_ind: float = _ENGINE_DEFAULTS.w_ind
+    w_casc: float = _ENGINE_DEFAULTS.w_casc
+    ema_momentum: float = _ENGINE_DEFAULTS.ema_momentum
+    ema_update: str = _ENGINE_DEFAULTS.ema_update
+    lam_depth: int = _ENGINE_DEFAULTS.lam_depth
+    depth_shrink: float = _ENGINE_DEFAULTS.depth_shrink
+    aux_head: str = _ENGINE_DEFAULTS.aux_head
+    aux_width: int = _ENGINE_DEFAULTS.aux_width
+    infopro_task: str = _ENGINE_DEFAULTS.infopro_task
+    infopro_lambda_recon: tuple[float, float] = _ENGINE_DEFAULTS.infopro_lambda_recon
+    infopro_lambda_task: tuple[float, float] = _ENGINE_DEFAULTS.infopro_lambda_task
+    temperature: float = _ENGINE_DEFAULTS.temperature
+    auglocal_depth: int = _ENGINE_DEFAULTS.auglocal_depth
+    balance: str = _ENGINE_DEFAULTS.balance
+    # optimisation (METHOD.md §4: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
+    epochs: int = 10
+    batch_size: int = 128
+    eval_batch_size: int | None = None  # None: 2 × batch_size
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0
+    max_steps: int | None = None  # stop after this many optimizer steps (counted over the whole run)
+    # run
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False  # bf16 autocast on CUDA
+    sync_bn: bool = False  # SyncBatchNorm when distributed
+    workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
+    output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
+    tensorboard: bool = False
+    overwrite: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+
+    # ------------------------------------------------------------------------------------------------
+    def engine_options(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
+        """Keyword options for ``mlaan.create_local_model``."""
+        options = {name: getattr(self, name) for name in METHOD_OPTION_NAMES}
+        options.update(image_mean=tuple(mean), image_std=tuple(std))
+        return options
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (tuples as lists), safe for JSON, YAML and ``torch.load(weights_only=True)``."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def resolve(self, cuda_available: bool | None = None) -> TrainConfig:
+        """A copy with derived values filled in and every name and range checked (ValueError)."""
+        from .. import models
+        from ..data import check_dataset_name
+
+        check_dataset_name(self.dataset)
+        if self.arch not in models.available():
+            raise ValueError(f"unknown architecture {self.arch!r}; available: {', '.join(models.available())}")
+        spec = parse_method(self.method)  # ValueError naming the allowed methods
+        cfg = dataclasses.replace(self, method=spec.name)
+        if cfg.local_modules is None:
+            cfg.local_modules = 1 if spec.base.end_to_end else 16
+        if cfg.device not in DEVICES:
+            raise ValueError(f"unknown device {cfg.device!r}; allowed: {', '.join(DEVICES)}")
+        if cuda_available is None:
+            import torch
+
+            cuda_available = torch.cuda.is_available()
+        if cfg.device == "cuda" and not cuda_available:
+            raise ValueError("--device cuda was asked for but CUDA is not available here; allowed: auto, cpu")
+        for name in ("epochs", "batch_size", "local_modules"):
+            if getattr(cfg, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        for name in ("max_steps", "eval_batch_size"):
+            value = getattr(cfg, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        if cfg.lr <= 0 or cfg.weight_decay < 0 or cfg.warmup_epochs < 0 or not 0 <= cfg.momentum < 1:
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0, 0 <= momentum < 1; got lr={cfg.lr}, "
+                f"weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}, momentum={cfg.momentum}"
+            )
+        if cfg.workers is not None and cfg.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+        if cfg.output_dir is None:
+            cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
+        return cfg
+
+    def resolved_device(self) -> str:
+        import torch
+
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    def resolved_workers(self, device_type: str) -> int:
+        if self.workers is not None:
+            return self.workers
+        return 0 if device_type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+_TYPES = typing.get_type_hints(TrainConfig)
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a value from YAML or a checkpoint to the type of field ``name`` (ValueError if impossible)."""
+    if name not in _TYPES:
+        raise ValueError(f"unknown config key {name!r}; known keys: {', '.join(FIELD_NAMES)}")
+    hint = _TYPES[name]
+    args = typing.get_args(hint)
+    optional = type(None) in args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"config key {name!r} cannot be null")
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+                return value.lower() in ("true", "yes", "on", "1")
+            raise TypeError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+        if origin is tuple:
+            if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+                raise TypeError
+            return tuple(float(v) for v in value)
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    raise ValueError(f"config key {name!r}: {value!r} is not a valid {_type_name(_TYPES[name])}")
+
+
+def _type_name(hint: Any) -> str:
+    return str(hint).replace("typing.", "")
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A config file's keys, checked and converted (dashes in keys are accepted for underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        problem = str(err).replace("\n", " ")
+        raise ValueError(f"config file {path} is not valid YAML: {problem}") from err
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(raw).__name__}")
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        try:
+            values[name] = coerce(name, value)
+        except ValueError as err:
+            raise ValueError(f"config file {path}: {err}") from err
+    return values
+
+
+def merge(*layers: dict[str, Any]) -> TrainConfig:
+    """``TrainConfig`` from the defaults updated by each layer in turn (later layers win)."""
+    values: dict[str, Any] = {}
+    for layer in layers:
+        for name, value in layer.items():
+            values[name] = coerce(name, value)
+    return TrainConfig(**values)
+
+
+def config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A ``TrainConfig`` from a saved dict (checkpoint, metrics.json); unknown keys are ignored."""
+    return merge({k: v for k, v in values.items() if k in FIELD_NAMES})
+
+
+def available_summary() -> dict[str, list[str]]:
+    """The names a user can choose from, for help texts."""
+    from .. import models
+    from ..data import available_datasets
+
+    return {"datasets": available_datasets(), "architectures": models.available(), "methods": available_methods()}

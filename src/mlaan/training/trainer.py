@@ -1,0 +1,607 @@
+"""The training loop of ``mlaan train``.
+
+``Trainer(config, checkpoint)`` does everything that can fail on bad input — names, data, model, K, the
+checkpoint to resume, the output folder — without writing anything; ``fit()`` then trains and writes
+``metrics.jsonl`` (a line per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
+
+Optimisation follows METHOD.md §4: SGD with Nesterov momentum 0.9, a linear warm-up then a cosine decay,
+both per optimizer step. Each step: ``zero_grad`` → ``LocalModel.train_step`` (all local backwards) →
+wait for the gradient all-reduce (distributed runs) → ``optimizer.step`` → ``after_optimizer_step`` (EMA
+twins) → scheduler step.
+
+Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepare_model``,
+``GradientAverager``, ``reduce_metrics``, ``make_train_sampler``); only rank 0 logs and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from tqdm import tqdm
+
+from .. import create_local_model
+from ..data import build_datasets
+from . import checkpoint as ckpt_io
+from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
+
+RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
+
+
+# ------------------------------------------------------------------------------------ distributed plumbing
+class _SingleProcess:
+    """What :func:`mlaan.distributed.init_from_env` returns, for a plain one-process run."""
+
+    rank, world_size, is_main, enabled = 0, 1, True, False
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def barrier(self) -> None:
+        pass
+
+
+class _NoAveraging:
+    def wait(self) -> None:
+        pass
+
+
+def _distributed():
+    """The :mod:`mlaan.distributed` module, or None while it is not part of the package."""
+    try:
+        from .. import distributed
+    except ImportError:
+        return None
+    return distributed
+
+
+class EpochSampler(Sampler[int]):
+    """A permutation of ``range(n)`` fixed by ``(seed, epoch)``, so a resumed run sees the same order; with
+    ``skip`` the first indices are left out (resuming in the middle of an epoch)."""
+
+    def __init__(self, n: int, seed: int) -> None:
+        self.n, self.seed, self.epoch = n, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        yield from torch.randperm(self.n, generator=g).tolist()
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _Skip(Sampler[int]):
+    """Any sampler without its first ``skip`` indices."""
+
+    def __init__(self, base: Sampler, skip: int) -> None:
+        self.base, self.skip = base, skip
+
+    def __iter__(self) -> Iterator[int]:
+        for i, index in enumerate(self.base):
+            if i >= self.skip:
+                yield index
+
+    def __len__(self) -> int:
+        return max(0, len(self.base) - self.skip)
+
+
+def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
+    """LR factor for optimizer step ``s``: linear warm-up over ``warmup_steps``, then cosine to 0."""
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        span = max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup_steps) / span)))
+
+    return factor
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA caching allocator's peak on CUDA, the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class Trainer:
+    """One training run. Build (validates, writes nothing), then :meth:`fit`."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        resume_checkpoint: dict | None = None,
+        resume_path: str | os.PathLike | None = None,
+        log: Callable[[str], None] | None = None,
+    ) -> None:
+        cfg = config.resolve()
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        dist = _distributed()
+        self.dist = dist
+        if dist is not None:
+            self.ctx = dist.init_from_env(cfg.device)
+        else:
+            self.ctx = _SingleProcess(torch.device(cfg.resolved_device()))
+        self.device = torch.device(self.ctx.device)
+        self._log = log or print
+        self.resume_path = resume_path
+
+        # nothing in the output folder is touched unless resuming or told to overwrite
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output dir {self.out} exists and is not a folder")
+        if existing and resume_checkpoint is None and not cfg.overwrite:
+            raise ValueError(
+                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+            )
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+            except ImportError as err:
+                raise ValueError(
+                    f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard"
+                ) from err
+
+        # data
+        self.train_set, self.test_set, self.info = build_datasets(
+            cfg.dataset,
+            cfg.data_root,
+            download=cfg.download,
+            train_samples=cfg.train_samples,
+            test_samples=cfg.test_samples,
+            synthetic_train_size=cfg.synthetic_train_size,
+            synthetic_test_size=cfg.synthetic_test_size,
+            synthetic_image_size=cfg.synthetic_image_size,
+        )
+
+        # model (engine ValueErrors: K out of range, bad options)
+        _seed_everything(cfg.seed)
+        self.model = create_local_model(
+            cfg.arch,
+            method=cfg.method,
+            num_local_modules=cfg.local_modules,
+            num_classes=self.info.num_classes,
+            in_channels=self.info.in_channels,
+            image_size=self.info.image_size,
+            **cfg.engine_options(self.info.mean, self.info.std),
+        )
+        self.epoch, self.epoch_step, self.step = 0, 0, 0
+        self.best_accuracy, self.best_epoch, self.wall_time_before = -1.0, 0, 0.0
+        self._rng_to_restore = None
+        if resume_checkpoint is not None:
+            ckpt_io.check_compatible(resume_checkpoint, cfg.arch, cfg.method, cfg.local_modules, resume_path)
+            try:
+                self.model.load_state_dict(resume_checkpoint["model"])
+            except RuntimeError as err:
+                first = str(err).strip().splitlines()[0]
+                raise ValueError(f"checkpoint {resume_path} does not fit this model: {first}") from err
+        self.model.to(self.device)
+        if cfg.amp:
+            if self.device.type == "cuda":
+                self.model.autocast_dtype = torch.bfloat16
+            elif self.ctx.is_main:
+                print("mlaan: warning: --amp has no effect on CPU (bf16 autocast on CUDA only)", file=sys.stderr)
+        if dist is not None:
+            self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
+            self.averager = dist.GradientAverager(self.model, self.ctx)
+        else:
+            self.averager = _NoAveraging()
+
+        # loaders, optimizer, schedule
+        self.workers = cfg.resolved_workers(self.device.type)
+        self.sampler = self._train_sampler()
+        self.steps_per_epoch = len(self._train_loader(0))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
+            weight_decay=cfg.weight_decay,
+        )
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(warmup_steps, self.total_steps)
+        )
+        if resume_checkpoint is not None:
+            self._restore(resume_checkpoint)
+
+    # -------------------------------------------------------------------------------------- building
+    def _train_sampler(self) -> Sampler:
+        if self.dist is not None and self.ctx.enabled:
+            return self.dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)
+        return EpochSampler(len(self.train_set), self.cfg.seed)
+
+    def _train_loader(self, skip_samples: int) -> DataLoader:
+        sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
+        return DataLoader(
+            self.train_set,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            drop_last=len(sampler) >= self.cfg.batch_size,  # no batch of one (BatchNorm) unless all is tiny
+            persistent_workers=False,
+        )
+
+    def _test_loader(self) -> DataLoader:
+        test: Dataset = self.test_set
+        if self.ctx.world_size > 1:  # each rank evaluates its own share, counts are summed
+            test = Subset(test, range(self.ctx.rank, len(test), self.ctx.world_size))
+        return DataLoader(
+            test,
+            batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
+            shuffle=False,
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def _restore(self, ckpt: dict) -> None:
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.scheduler.load_state_dict(ckpt["scheduler"])
+        self.epoch, self.epoch_step, self.step = int(ckpt["epoch"]), int(ckpt["epoch_step"]), int(ckpt["step"])
+        self.best_accuracy, self.best_epoch = float(ckpt["best_accuracy"]), int(ckpt["best_epoch"])
+        self.wall_time_before = float(ckpt.get("wall_time", 0.0))
+        self._rng_to_restore = ckpt.get("rng")
+
+    @property
+    def local_model(self):
+        """The LocalModel (``prepare_model`` may return it wrapped)."""
+        return getattr(self.model, "module", self.model)
+
+    # ---------------------------------------------------------------------------------------- logging
+    def log(self, message: str) -> None:
+        if self.ctx.is_main:
+            self._log(message)
+
+    def _reduce(self, values: dict[str, float]) -> dict[str, float]:
+        """Across ranks. Only ratios of reduced values are used, so a mean and a sum give the same result."""
+        if self.dist is not None and self.ctx.enabled:
+            return self.dist.reduce_metrics(values, self.ctx)
+        return values
+
+    # ------------------------------------------------------------------------------------------ train
+    def fit(self) -> dict[str, Any]:
+        """Train to ``epochs`` (or ``max_steps``); returns what is written to ``metrics.json``."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        writer = None
+        if self.ctx.is_main:
+            self._prepare_output_dir()
+            if cfg.tensorboard:
+                from torch.utils.tensorboard import SummaryWriter
+
+                writer = SummaryWriter(str(self.out / "tensorboard"))
+        self.ctx.barrier()
+        if self._rng_to_restore is not None:
+            ckpt_io.set_rng_state(self._rng_to_restore)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.log(self._banner())
+
+        last_eval: dict[str, float] | None = None
+        try:
+            while self.epoch < cfg.epochs and not self._max_steps_reached():
+                epoch = self.epoch
+                train = self._train_epoch(epoch, writer)
+                last_eval = self.evaluate()
+                complete = train["batches_done"] >= self.steps_per_epoch
+                record = self._record(epoch, train, last_eval, complete)
+                if last_eval["accuracy"] > self.best_accuracy:
+                    self.best_accuracy, self.best_epoch = last_eval["accuracy"], epoch + 1
+                    record["best"] = True
+                if complete:
+                    self.epoch, self.epoch_step = epoch + 1, 0
+                else:
+                    self.epoch_step = train["batches_done"]
+                self._end_of_epoch(record, writer, start)
+            if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
+                last_eval = self.evaluate()
+                if self.best_accuracy < 0:
+                    self.best_accuracy, self.best_epoch = last_eval["accuracy"], self.epoch
+            summary = self._summary(last_eval, start)
+            if self.ctx.is_main:
+                ckpt_io.atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out / "metrics.json")
+                self._print_summary(summary)
+        finally:
+            if writer is not None:
+                writer.close()
+        self.ctx.barrier()
+        return summary
+
+    def _max_steps_reached(self) -> bool:
+        return self.cfg.max_steps is not None and self.step >= self.cfg.max_steps
+
+    def _train_epoch(self, epoch: int, writer) -> dict[str, float]:
+        cfg, model = self.cfg, self.local_model
+        model.train()
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        skip = self.epoch_step  # > 0 only when resuming in the middle of this epoch
+        loader = self._train_loader(skip * cfg.batch_size)
+        loss_sum = correct = count = 0.0
+        batches_done = skip
+        t0 = time.perf_counter()
+        bar = tqdm(
+            loader,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            total=len(loader),
+            disable=not self.ctx.is_main,
+            leave=False,
+            dynamic_ncols=True,
+            mininterval=1.0,
+            file=sys.stderr,
+        )
+        for images, targets in bar:
+            images = images.to(self.device, non_blocking=True)
+            targets = targets.to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            stats = model.train_step(images, targets)
+            self.averager.wait()
+            self.optimizer.step()
+            model.after_optimizer_step()
+            lr = self.optimizer.param_groups[0]["lr"]
+            self.scheduler.step()
+            self.step += 1
+            batches_done += 1
+            n = len(targets)
+            loss_sum += stats["loss"] * n
+            correct += stats["accuracy"] * n
+            count += n
+            rate = count * self.ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+            bar.set_postfix(
+                loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.1f}%", img_s=f"{rate:.0f}",
+                lr=f"{lr:.4g}", refresh=False,
+            )
+            if writer is not None:
+                writer.add_scalar("train/step_loss", stats["loss"], self.step)
+                writer.add_scalar("train/lr", lr, self.step)
+            if self._max_steps_reached():
+                break
+        bar.close()
+        elapsed = time.perf_counter() - t0
+        totals = self._reduce({"loss_sum": loss_sum, "correct": correct, "count": count})
+        return {
+            "loss": totals["loss_sum"] / max(totals["count"], 1),
+            "accuracy": totals["correct"] / max(totals["count"], 1),
+            "images": count * self.ctx.world_size,
+            "seconds": elapsed,
+            "images_per_second": count * self.ctx.world_size / max(elapsed, 1e-9),
+            "batches_done": batches_done,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Test loss and top-1 accuracy of the plain backbone."""
+        return evaluate_backbone(
+            self.local_model.backbone, self._test_loader(), self.device, self.local_model.autocast_dtype,
+            reduce=self._reduce,
+        )
+
+    # ------------------------------------------------------------------------------------ bookkeeping
+    def _record(self, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
+        mem, kind = peak_memory(self.device)
+        return {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "complete": complete,
+            "train_loss": train["loss"],
+            "train_accuracy": train["accuracy"],
+            "test_loss": test["loss"],
+            "test_accuracy": test["accuracy"],
+            "test_error": 1.0 - test["accuracy"],
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_second": train["images_per_second"],
+            "epoch_seconds": train["seconds"],
+            "peak_memory_bytes": mem,
+            "peak_memory_kind": kind,
+        }
+
+    def _end_of_epoch(self, record: dict, writer, start: float) -> None:
+        if self.ctx.is_main:
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            state = self.checkpoint_state(time.perf_counter() - start)
+            ckpt_io.atomic_save(state, self.out / "last.pt")
+            if record.get("best"):
+                ckpt_io.atomic_save(state, self.out / "best.pt")
+            if writer is not None:
+                for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second"):
+                    group, _, name = key.partition("_")
+                    writer.add_scalar(f"{group}/{name}", record[key], record["step"])
+                writer.flush()
+            partial = "" if record["complete"] else f" (stopped at step {record['step']}, --max-steps)"
+            self.log(
+                f"epoch {record['epoch']}/{self.cfg.epochs}{partial}: "
+                f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.2f}% | "
+                f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}% | "
+                f"best {100 * self.best_accuracy:.2f}% | lr {record['lr']:.4g} | "
+                f"{record['images_per_second']:.0f} img/s | {record['epoch_seconds']:.1f}s"
+            )
+        self.ctx.barrier()
+
+    def checkpoint_state(self, wall_time: float) -> dict[str, Any]:
+        info = self.info
+        return {
+            "format": ckpt_io.FORMAT,
+            "version": ckpt_io.VERSION,
+            "arch": self.cfg.arch,
+            "method": self.cfg.method,
+            "local_modules": self.cfg.local_modules,
+            "dataset": info.name,
+            "num_classes": info.num_classes,
+            "in_channels": info.in_channels,
+            "image_size": info.image_size,
+            "mean": list(info.mean),
+            "std": list(info.std),
+            "model": self.local_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            "step": self.step,
+            "best_accuracy": self.best_accuracy,
+            "best_epoch": self.best_epoch,
+            "wall_time": self.wall_time_before + wall_time,
+            "config": self.cfg.to_dict(),
+            "rng": ckpt_io.rng_state(),
+        }
+
+    def _prepare_output_dir(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        jsonl = self.out / "metrics.jsonl"
+        if self.resume_path is None:  # a fresh run (validated: empty folder or --overwrite)
+            for name in RUN_FILES:
+                (self.out / name).unlink(missing_ok=True)
+            return
+        # resuming: keep the log lines up to the checkpoint, drop any written after it
+        if jsonl.exists():
+            kept = [
+                line for line in jsonl.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step
+            ]
+            ckpt_io.atomic_write_text("".join(line + "\n" for line in kept), jsonl)
+        (self.out / "metrics.json").unlink(missing_ok=True)
+
+    def _summary(self, test: dict[str, float], start: float) -> dict[str, Any]:
+        mem, kind = peak_memory(self.device)
+        backbone_params = sum(p.numel() for p in self.local_model.backbone.parameters())
+        all_params = sum(p.numel() for p in self.local_model.parameters())
+        wall = time.perf_counter() - start
+        return {
+            "test_accuracy": test["accuracy"],
+            "test_error": 1.0 - test["accuracy"],
+            "test_loss": test["loss"],
+            "best_accuracy": self.best_accuracy,
+            "best_epoch": self.best_epoch,
+            "peak_memory_bytes": mem,
+            "peak_memory_kind": kind,
+            "wall_time_seconds": wall,
+            "total_wall_time_seconds": self.wall_time_before + wall,
+            "steps": self.step,
+            "epochs_completed": self.epoch,
+            "steps_per_epoch": self.steps_per_epoch,
+            "world_size": self.ctx.world_size,
+            "device": str(self.device),
+            "parameters": {"backbone": backbone_params, "training_total": all_params},
+            "split": [list(r) for r in self.local_model.split],
+            "dataset": self.info.to_dict(),
+            "resumed_from": str(self.resume_path) if self.resume_path is not None else None,
+            "torch_version": torch.__version__,
+            "config": self.cfg.to_dict() | {"workers": self.workers},
+            "outputs": {name: str(self.out / name) for name in RUN_FILES},
+        }
+
+    def _banner(self) -> str:
+        cfg, info = self.cfg, self.info
+        return (
+            f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
+            f"({info.train_size} train / {info.test_size} test images, from {info.source}) | "
+            f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr} | "
+            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''} | "
+            f"output {self.out}"
+        )
+
+    def _print_summary(self, s: dict[str, Any]) -> None:
+        cuda = s["peak_memory_kind"] == "cuda_max_memory_allocated"
+        what = "CUDA peak allocated" if cuda else "peak RSS of the process"
+        self.log(
+            f"done: test accuracy {100 * s['test_accuracy']:.2f}% (error {100 * s['test_error']:.2f}%), "
+            f"best {100 * s['best_accuracy']:.2f}% at epoch {s['best_epoch']}, {s['steps']} steps, "
+            f"{s['wall_time_seconds']:.0f}s"
+        )
+        self.log(f"peak memory: {format_bytes(s['peak_memory_bytes'])} ({what})")
+        present = [n for n in RUN_FILES if (self.out / n).exists()]
+        self.log(f"outputs: {self.out}/ ({', '.join(present)})")
+
+
+def evaluate_backbone(
+    backbone: torch.nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad)."""
+    was_training = backbone.training
+    backbone.eval()
+    loss_sum = correct = count = 0.0
+    with torch.no_grad():
+        for images, targets in loader:
+            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if autocast_dtype is not None:
+                with torch.autocast(device.type, dtype=autocast_dtype):
+                    logits = backbone(images)
+            else:
+                logits = backbone(images)
+            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
+            correct += (logits.argmax(1) == targets).sum().item()
+            count += len(targets)
+    backbone.train(was_training)
+    totals = {"loss_sum": loss_sum, "correct": correct, "count": count}
+    if reduce is not None:
+        totals = reduce(totals)
+    n = max(totals["count"], 1)
+    return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+AUTO_RESUME = "auto"
+
+
+def make_trainer(
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | os.PathLike | None = None,
+    log: Callable[[str], None] | None = None,
+) -> Trainer:
+    """A validated :class:`Trainer` from the command line's pieces.
+
+    Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` < ``overrides`` (the flags
+    given explicitly). ``resume``: a checkpoint path, or ``"auto"`` for ``<output_dir>/last.pt``.
+    """
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    overrides = dict(overrides or {})
+    ckpt_layer: dict[str, Any] = {}
+    ckpt, path = None, None
+    if resume is not None:
+        if str(resume) == AUTO_RESUME:
+            path = Path(merge(file_values, overrides).resolve().output_dir) / "last.pt"
+            if not path.is_file():
+                raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist")
+        else:
+            path = Path(resume)
+        ckpt = ckpt_io.load_training_checkpoint(path)
+        ckpt_layer = {k: v for k, v in ckpt.get("config", {}).items() if k in FIELD_NAMES}
+        ckpt_layer.pop("overwrite", None)
+        ckpt_layer["output_dir"] = str(path.parent)  # keep writing beside the checkpoint
+    config = merge(ckpt_layer, file_values, overrides)
+    return Trainer(config, ckpt, path, log)
