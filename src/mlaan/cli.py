@@ -147,7 +147,7 @@ def _add_train(subparsers) -> None:
                    help="stop after N optimizer steps in all (the schedule still spans --epochs)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S, help=f"(default: {d.seed})")
-    g.add_argument("--device", default=S, help="auto, cpu or cuda (default: auto)")
+    g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=S, help="bf16 autocast on CUDA")
     g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction, default=S,
                    help="SyncBatchNorm in distributed runs (torchrun)")
@@ -179,8 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except FloatingPointError as err:
         raise CLIError(f"{err}; training stopped (try a lower --lr)", code=1) from err
     finally:
-        if trainer.dist is not None:
-            trainer.dist.cleanup(trainer.ctx)
+        trainer.close()
     return 0
 
 
@@ -201,7 +200,7 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--test-samples", dest="test_samples", type=int, default=None, metavar="N",
                    help="evaluate on the first N test samples only")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda (default: auto)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     p.set_defaults(func=cmd_eval)
@@ -227,25 +226,17 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
     return obj, meta
 
 
-def _device(name: str):
-    import torch
-
-    if name not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {name!r}; allowed: auto, cpu, cuda")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here; allowed: auto, cpu")
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from . import models
+    from . import distributed, models
     from .data import build_datasets
     from .training import evaluate_backbone
 
     try:
-        device = _device(args.device)
+        ctx = distributed.init_from_env(args.device)
+        distributed.cleanup(ctx)  # only the device is wanted: evaluation runs in one process
+        device = ctx.device
         state, meta = _load_for_eval(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"

@@ -39,7 +39,6 @@ METHOD_OPTION_NAMES = (
     "auglocal_depth",
     "balance",
 )
-DEVICES = ("auto", "cpu", "cuda")
 
 
 @dataclass
@@ -84,7 +83,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (counted over the whole run)
     # run
     seed: int = 0
-    device: str = "auto"
+    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
     amp: bool = False  # bf16 autocast on CUDA
     sync_bn: bool = False  # SyncBatchNorm when distributed
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
@@ -104,8 +103,9 @@ class TrainConfig:
         """Plain data (tuples as lists), safe for JSON, YAML and ``torch.load(weights_only=True)``."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
-    def resolve(self, cuda_available: bool | None = None) -> TrainConfig:
-        """A copy with derived values filled in and every name and range checked (ValueError)."""
+    def resolve(self) -> TrainConfig:
+        """A copy with derived values filled in and every name and range checked (ValueError). The device
+        is checked where it is opened (``mlaan.distributed.init_from_env``)."""
         from .. import models
         from ..data import check_dataset_name
 
@@ -116,14 +116,6 @@ class TrainConfig:
         cfg = dataclasses.replace(self, method=spec.name)
         if cfg.local_modules is None:
             cfg.local_modules = 1 if spec.base.end_to_end else 16
-        if cfg.device not in DEVICES:
-            raise ValueError(f"unknown device {cfg.device!r}; allowed: {', '.join(DEVICES)}")
-        if cuda_available is None:
-            import torch
-
-            cuda_available = torch.cuda.is_available()
-        if cfg.device == "cuda" and not cuda_available:
-            raise ValueError("--device cuda was asked for but CUDA is not available here; allowed: auto, cpu")
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
@@ -141,13 +133,6 @@ class TrainConfig:
         if cfg.output_dir is None:
             cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
         return cfg
-
-    def resolved_device(self) -> str:
-        import torch
-
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
 
     def resolved_workers(self, device_type: str) -> int:
         if self.workers is not None:

@@ -29,42 +29,16 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .. import create_local_model
+from .. import distributed as dist
 from ..data import build_datasets
 from . import checkpoint as ckpt_io
 from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
-
-
-# ------------------------------------------------------------------------------------ distributed plumbing
-class _SingleProcess:
-    """What :func:`mlaan.distributed.init_from_env` returns, for a plain one-process run."""
-
-    rank, world_size, is_main, enabled = 0, 1, True, False
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def barrier(self) -> None:
-        pass
-
-
-class _NoAveraging:
-    def wait(self) -> None:
-        pass
-
-
-def _distributed():
-    """The :mod:`mlaan.distributed` module, or None while it is not part of the package."""
-    try:
-        from .. import distributed
-    except ImportError:
-        return None
-    return distributed
 
 
 class EpochSampler(Sampler[int]):
@@ -140,15 +114,22 @@ class Trainer:
         cfg = config.resolve()
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
-        dist = _distributed()
-        self.dist = dist
-        if dist is not None:
-            self.ctx = dist.init_from_env(cfg.device)
-        else:
-            self.ctx = _SingleProcess(torch.device(cfg.resolved_device()))
-        self.device = torch.device(self.ctx.device)
         self._log = log or print
         self.resume_path = resume_path
+        self.ctx = dist.init_from_env(cfg.device)  # torchrun's environment, or a single process
+        self.device = self.ctx.device
+        try:
+            self._build(resume_checkpoint)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Leave the process group (torchrun); nothing to do in a single process."""
+        dist.cleanup(self.ctx)
+
+    def _build(self, resume_checkpoint: dict | None) -> None:
+        cfg = self.cfg
 
         # nothing in the output folder is touched unless resuming or told to overwrite
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
@@ -194,23 +175,19 @@ class Trainer:
         self.best_accuracy, self.best_epoch, self.wall_time_before = -1.0, 0, 0.0
         self._rng_to_restore = None
         if resume_checkpoint is not None:
-            ckpt_io.check_compatible(resume_checkpoint, cfg.arch, cfg.method, cfg.local_modules, resume_path)
+            ckpt_io.check_compatible(resume_checkpoint, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             try:
                 self.model.load_state_dict(resume_checkpoint["model"])
             except RuntimeError as err:
                 first = str(err).strip().splitlines()[0]
-                raise ValueError(f"checkpoint {resume_path} does not fit this model: {first}") from err
-        self.model.to(self.device)
+                raise ValueError(f"checkpoint {self.resume_path} does not fit this model: {first}") from err
         if cfg.amp:
             if self.device.type == "cuda":
                 self.model.autocast_dtype = torch.bfloat16
             elif self.ctx.is_main:
                 print("mlaan: warning: --amp has no effect on CPU (bf16 autocast on CUDA only)", file=sys.stderr)
-        if dist is not None:
-            self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
-            self.averager = dist.GradientAverager(self.model, self.ctx)
-        else:
-            self.averager = _NoAveraging()
+        self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
+        self.averager = dist.GradientAverager(self.model, self.ctx)
 
         # loaders, optimizer, schedule
         self.workers = cfg.resolved_workers(self.device.type)
@@ -223,17 +200,15 @@ class Trainer:
             weight_decay=cfg.weight_decay,
         )
         warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, warmup_cosine(warmup_steps, self.total_steps)
-        )
+        schedule = warmup_cosine(warmup_steps, self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         if resume_checkpoint is not None:
             self._restore(resume_checkpoint)
 
     # -------------------------------------------------------------------------------------- building
     def _train_sampler(self) -> Sampler:
-        if self.dist is not None and self.ctx.enabled:
-            return self.dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)
-        return EpochSampler(len(self.train_set), self.cfg.seed)
+        sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
+        return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
 
     def _train_loader(self, skip_samples: int) -> DataLoader:
         sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
@@ -248,11 +223,9 @@ class Trainer:
         )
 
     def _test_loader(self) -> DataLoader:
-        test: Dataset = self.test_set
-        if self.ctx.world_size > 1:  # each rank evaluates its own share, counts are summed
-            test = Subset(test, range(self.ctx.rank, len(test), self.ctx.world_size))
         return DataLoader(
-            test,
+            self.test_set,
+            sampler=dist.make_eval_sampler(self.test_set, self.ctx),  # a disjoint shard per rank, or None
             batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
             shuffle=False,
             num_workers=self.workers,
@@ -278,10 +251,8 @@ class Trainer:
             self._log(message)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        """Across ranks. Only ratios of reduced values are used, so a mean and a sum give the same result."""
-        if self.dist is not None and self.ctx.enabled:
-            return self.dist.reduce_metrics(values, self.ctx)
-        return values
+        """Sums across ranks (the keys are counts and sums, which ``reduce_metrics`` adds up)."""
+        return dist.reduce_metrics(values, self.ctx)
 
     # ------------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, Any]:
