@@ -19,6 +19,7 @@ up to 1e-3 apart after 3 steps at lr 0.1), whereas in float64 both sides agree t
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -301,6 +302,25 @@ def test_sync_bn_conversion_keeps_views_shared_and_twins_untracked():
 def test_count_keys_are_summed():
     assert D.is_count_key("correct") and D.is_count_key("num_samples") and D.is_count_key("val_total")
     assert not D.is_count_key("loss") and not D.is_count_key("accuracy")
+
+
+@pytest.mark.slow
+def test_two_nodes_rendezvous_with_the_cli(tmp_path):
+    """README's several-machines command, two "nodes" of one process each on this machine (c10d rendezvous)."""
+    pytest.importorskip("mlaan.cli")
+    port, out = _free_port(), tmp_path / "run"
+    train = ["-m", "mlaan", "train", "--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "64"]
+    train += ["--synthetic-test-size", "16", "--arch", "resnet20", "-K", "4", "--epochs", "1", "--batch-size", "8"]
+    train += ["--output-dir", str(out)]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
+    launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(launch + train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)]
+    nodes.append(subprocess.Popen(launch + train, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+    logs = [n.communicate(timeout=300)[0] for n in nodes]
+    assert all(n.returncode == 0 for n in nodes), "\n".join(log[-3000:] for log in logs)
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary.get("world_size", 2) == 2 and summary.get("steps", 4) == 4  # 64 images / (8 per rank x 2)
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
