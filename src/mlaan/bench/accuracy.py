@@ -27,16 +27,25 @@ def train_command(args: argparse.Namespace, method: str, run_dir: Path) -> list[
         sys.executable, "-m", "mlaan", "train",
         "--method", method,
         "--arch", args.arch,
-        "--num-local-modules", str(1 if method == "bp" else args.k),
+        "--local-modules", str(1 if method == "bp" else args.k),
         "--dataset", args.dataset,
         "--epochs", str(args.epochs),
         "--batch-size", str(args.batch_size),
         "--lr", str(args.lr),
+        "--warmup-epochs", str(args.warmup_epochs),
         "--seed", str(args.seed),
         "--output-dir", str(run_dir),
     ]
-    if args.train_subset:
-        cmd += ["--train-subset", str(args.train_subset)]
+    if args.train_samples and args.train_samples > 0:
+        cmd += ["--train-samples", str(args.train_samples)]
+    if args.test_samples:
+        cmd += ["--test-samples", str(args.test_samples)]
+    if args.data_root:
+        cmd += ["--data-root", args.data_root]
+    if args.device:
+        cmd += ["--device", args.device]
+    if args.force:
+        cmd += ["--overwrite"]
     for extra in args.train_arg or []:
         cmd += extra.split()
     return cmd
@@ -49,9 +58,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--epochs", type=int, default=2, help="epoch budget of every method")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
+    p.add_argument("--warmup-epochs", type=float, default=0.2, help="linear warm-up before the cosine decay")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=None, help="train on the first N training images")
+    p.add_argument("--train-samples", type=int, default=10000,
+                   help="train on the first N training images (0: all 60000); the default budget, 2 epochs of "
+                        "10000 images for 7 methods, takes about an hour on 2 CPU cores")
+    p.add_argument("--test-samples", type=int, default=None, help="test on the first N test images")
+    p.add_argument("--data-root", default=None, help="data folder passed to `mlaan train`")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda, passed to `mlaan train`")
     p.add_argument("--train-arg", action="append", metavar="'--flag value'",
                    help="extra argument(s) passed to every `mlaan train` (repeatable)")
     p.add_argument("--force", action="store_true", help="retrain methods whose run already finished")

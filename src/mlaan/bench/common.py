@@ -29,19 +29,19 @@ DEFAULT_METHODS = (
 METHOD_COLORS = {
     "bp": "#000000",
     "dgl": "#1f77b4",
-    "dgl+mlm": "#9ecae1",
-    "dgl+lam": "#6baed6",
-    "dgl+mlaan": "#08306b",
+    "dgl+mlm": "#17becf",
+    "dgl+lam": "#9467bd",
+    "dgl+mlaan": "#2ca02c",
     "infopro": "#d62728",
-    "infopro+mlm": "#fcbba1",
-    "infopro+lam": "#fb6a4a",
-    "infopro+mlaan": "#67000d",
-    "auglocal": "#2ca02c",
-    "auglocal+mlm": "#a1d99b",
-    "auglocal+lam": "#74c476",
-    "auglocal+mlaan": "#00441b",
+    "infopro+mlm": "#e377c2",
+    "infopro+lam": "#8c564b",
+    "infopro+mlaan": "#ff7f0e",
+    "auglocal": "#bcbd22",
+    "auglocal+mlm": "#7f7f7f",
+    "auglocal+lam": "#c7c7c7",
+    "auglocal+mlaan": "#dbdb8d",
 }
-_FALLBACK_COLORS = ("#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+_FALLBACK_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94", "#f7b6d2")
 
 
 def method_color(method: str, index: int = 0) -> str:

@@ -23,13 +23,15 @@ next to activations at these sizes, and ``torch.cuda.max_memory_allocated`` does
 Each configuration runs in its own subprocess (fresh allocator, clean ``ru_maxrss``); the process's peak RSS is
 reported beside the accounting as a cross-check (it also holds the Python/torch runtime and CPU kernel buffers).
 
-One warm-up step runs before the measured steps so that the optimizer's momentum buffers exist, as they do
-from the second step of any training run.
+The optimizer's momentum buffers exist from the second step of any training run, so they are there when the
+measurement starts: on CUDA one warm-up step runs first; the accounting (whose figure is the same at every step)
+creates them as zeros instead, which is exactly what SGD's first step does to them (buf = 0.9·0 + grad = grad).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
@@ -235,7 +237,7 @@ def measure_case(
     device: str = "cpu",
     mode: str = "account",
     steps: int = 1,
-    warmup: int = 1,
+    warmup: int = 0,
     seed: int = 0,
     in_channels: int = 3,
     image_size: int | None = None,
@@ -247,6 +249,10 @@ def measure_case(
     dev = common.resolve_device(device)
     if mode == "cuda" and dev.type != "cuda":
         raise ValueError("mode 'cuda' needs a CUDA device")
+    if dev.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        allocated_before = torch.cuda.memory_allocated(dev)
     rss_before = _rss_bytes()
     model, optimizer = common.build(arch, method, k, in_channels=in_channels, image_size=image_size,
                                     device=dev, seed=seed)
@@ -256,6 +262,8 @@ def measure_case(
     t0 = time.perf_counter()
     for _ in range(warmup):
         common.training_step(model, optimizer, images, targets)
+    if warmup == 0:
+        _create_momentum_buffers(optimizer)
     result = {
         "arch": arch,
         "method": method,
@@ -274,7 +282,9 @@ def measure_case(
         for _ in range(steps):
             common.training_step(model, optimizer, images, targets)
         torch.cuda.synchronize(dev)
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(dev)
+        # what an earlier case in this process left allocated (normally 0) is not this case's
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - allocated_before
+        result["allocated_before_bytes"] = allocated_before
         result["peak_reserved_bytes"] = torch.cuda.max_memory_reserved(dev)
         result["device_name"] = torch.cuda.get_device_name(dev)
     else:
@@ -286,11 +296,38 @@ def measure_case(
         result["peak_bytes"] = acc.peak
         result["breakdown"] = acc.peak_breakdown
         result["peak_op"] = acc.peak_op
-        result["peak_owners"] = acc.peak_owners
+        result["peak_components"] = components(acc.peak_owners)
     result["seconds"] = time.perf_counter() - t0
     result["rss_before_bytes"] = rss_before
     result["peak_rss_bytes"] = _peak_rss_bytes()
     return result
+
+
+def components(owners: dict[str, int]) -> dict[str, int]:
+    """Live bytes at the peak (static tensors excluded) by the model part that made them: a backbone block
+    (``backbone.blocks.3``), an aux net's LAM/AugLocal trunk, its EMA twin or its head, or no module at all
+    (tensors made by backward, the loss or the optimizer)."""
+    out: dict[str, int] = {}
+    for name, nbytes in owners.items():
+        parts = name.split(".")
+        if parts[0] == "backbone":
+            key = ".".join(parts[:3])
+        elif parts[0] in ("independent_heads", "cascade_heads") and len(parts) > 2:
+            key = ".".join(parts[:4] if len(parts) > 3 and parts[3] == "twin" else parts[:3])
+        else:
+            key = ".".join(parts[:2])
+        out[key] = out.get(key, 0) + nbytes
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+@torch.no_grad()
+def _create_momentum_buffers(optimizer: torch.optim.Optimizer) -> None:
+    """SGD's momentum buffers as zeros: SGD's first step then gives them the same values as when it creates them."""
+    for group in optimizer.param_groups:
+        if not group.get("momentum"):
+            continue
+        for p in group["params"]:
+            optimizer.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
 
 
 def _rss_bytes() -> int:
@@ -483,7 +520,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cuda: torch.cuda.max_memory_allocated; account: exact accounting (CPU or CUDA); "
                         "auto: cuda on a CUDA device, else account")
     p.add_argument("--steps", type=int, default=None, help="measured steps (default: 3 on CUDA, 1 accounted)")
-    p.add_argument("--warmup", type=int, default=1, help="steps before measuring (optimizer state exists)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="steps before measuring (default: 1 on CUDA; 0 accounted, momentum buffers made as zeros)")
     p.add_argument("--scale-from", default=None, metavar="B1,B2",
                    help="measure at batches B1 < B2 and extrapolate linearly to --batch (say so when you do)")
     p.add_argument("--no-isolate", action="store_true", help="run every case in this process (no peak RSS)")
@@ -518,8 +556,9 @@ def run(args: argparse.Namespace) -> int:
     if mode == "cuda" and device.type != "cuda":
         raise ValueError("--mode cuda needs a CUDA device (this machine has none); use --mode account")
     steps = args.steps if args.steps is not None else (3 if mode == "cuda" else 1)
-    if steps < 1 or args.warmup < 0:
-        raise ValueError(f"--steps must be ≥ 1 and --warmup ≥ 0, got {steps} and {args.warmup}")
+    warmup = args.warmup if args.warmup is not None else (1 if mode == "cuda" else 0)
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps must be ≥ 1 and --warmup ≥ 0, got {steps} and {warmup}")
     scale = None
     if args.scale_from:
         scale = common.parse_ints(args.scale_from, "--scale-from")
@@ -536,7 +575,7 @@ def run(args: argparse.Namespace) -> int:
         add_percentages(done)
         common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": done})
 
-    results = sweep(archs, methods, args.batch, str(device), mode, steps, args.warmup, scale,
+    results = sweep(archs, methods, args.batch, str(device), mode, steps, warmup, scale,
                     isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True))
     add_percentages(results)
     table = render(results)

@@ -63,7 +63,7 @@ def load_run(path: str | Path) -> dict:
         error = 1.0 - accuracy
     accs = [e["test_accuracy"] for e in epochs if e.get("test_accuracy") is not None]
     method = _find(config, "method") or run.name
-    k = _find(config, "num_local_modules", "k", "K")
+    k = _find(config, "local_modules", "num_local_modules", "k", "K")
     return {
         "path": str(run),
         "name": run.name,
@@ -77,7 +77,8 @@ def load_run(path: str | Path) -> dict:
         "test_error": error,
         "best_accuracy": final.get("best_accuracy", max(accs) if accs else None),
         "peak_memory_bytes": final.get("peak_memory_bytes"),
-        "wall_time": final.get("wall_time"),
+        "peak_memory_kind": final.get("peak_memory_kind"),
+        "wall_time": final.get("wall_time_seconds", final.get("wall_time")),
         "steps": final.get("steps"),
         "config": config,
     }
@@ -154,6 +155,10 @@ def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
         if losses:
             ax_loss.plot([x for x, _ in losses], [y for _, y in losses], style, color=color, label=label,
                          marker="o", markersize=3)
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in (ax_acc, ax_loss):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("test accuracy per epoch")
@@ -188,9 +193,13 @@ def plot_memory(runs: list[dict], path: Path, title: str = "") -> bool:
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_xticks(range(len(rs)))
-    ax.set_xticklabels([r["method"] if r["name"] == r["method"] else f"{r['method']}\n{r['name']}" for r, _ in rs],
-                       rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("peak training memory (MiB)")
+    unique = len({r["method"] for r, _ in rs}) == len(rs)
+    ax.set_xticklabels([r["method"] if unique else f"{r['method']}\n{r['name']}" for r, _ in rs],
+                       rotation=30, ha="right", fontsize=9)
+    kinds = {r.get("peak_memory_kind") for r, _ in rs}
+    what = "CUDA max allocated" if kinds == {"cuda_max_memory_allocated"} else (
+        "peak RSS of the process" if kinds == {"cpu_peak_rss"} else "as recorded by mlaan train")
+    ax.set_ylabel(f"peak training memory (MiB, {what})")
     ax.set_title(title or "peak training memory per run")
     ax.set_ylim(0, max(values) * 1.25)
     ax.grid(axis="y", alpha=0.3)
