@@ -323,5 +323,39 @@ def test_two_nodes_rendezvous_with_the_cli(tmp_path):
     assert summary.get("world_size", 2) == 2 and summary.get("steps", 4) == 4  # 64 images / (8 per rank x 2)
 
 
+def big_worker(out_dir: str) -> None:
+    """ResNet-101 cut into K=34 modules (every block its own, the stem's included), one step on 2 ranks."""
+    torch.set_num_threads(1)
+    ctx = D.init_from_env("cpu")
+    torch.manual_seed(ctx.rank)
+    model = mlaan.create_local_model(
+        "resnet101", method="dgl+mlaan", num_local_modules=34, num_classes=5, image_size=32, lam_depth=1
+    )
+    D.prepare_model(model, ctx, sync_bn=True)
+    averager = D.GradientAverager(model, ctx)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    g = torch.Generator().manual_seed(ctx.rank)
+    model.train_step(torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 5, (2,), generator=g))
+    averager.wait()
+    opt.step()
+    model.after_optimizer_step()
+    sums = torch.stack([t.double().sum() for t in model.state_dict().values()])
+    torch.save({"sums": sums, "overlapped": averager.overlapped_buckets}, Path(out_dir) / f"big{ctx.rank}.pt")
+    D.cleanup(ctx)
+
+
+@pytest.mark.slow
+def test_resnet101_with_34_modules_on_two_ranks(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2"]
+    cmd += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}", __file__, "big", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    r0, r1 = _load(tmp_path, "big0.pt"), _load(tmp_path, "big1.pt")
+    assert torch.equal(r0["sums"], r1["sums"])
+    assert r0["overlapped"] >= 2 * 34 - 2
+
+
 if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(sys.argv[2])
+elif __name__ == "__main__" and sys.argv[1:2] == ["big"]:
+    big_worker(sys.argv[2])
