@@ -144,7 +144,8 @@ def _add_train(subparsers) -> None:
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
                    help=f"linear warm-up, then cosine decay per step (default: {d.warmup_epochs})")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=S, metavar="N",
-                   help="stop after N optimizer steps in all (the schedule still spans --epochs)")
+                   help="stop after N optimizer steps in all (the schedule still spans --epochs; "
+                        "not carried over by --resume)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S, help=f"(default: {d.seed})")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -214,7 +215,9 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
     if ckpt_io.is_training_checkpoint(obj):
         state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
-        meta["data_root"] = obj.get("config", {}).get("data_root")
+        config = obj.get("config", {})
+        meta["data_root"] = config.get("data_root")
+        meta["data_options"] = {k: v for k, v in config.items() if k.startswith("synthetic_")}
         meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
         return state, meta
     meta_path = Path(path).with_suffix(".json")
@@ -240,7 +243,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         state, meta = _load_for_eval(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"
-        _, test_set, info = build_datasets(dataset, root, download=args.download, test_samples=args.test_samples)
+        options = meta.get("data_options", {}) if dataset == meta["dataset"] else {}
+        _, test_set, info = build_datasets(
+            dataset, root, download=args.download, test_samples=args.test_samples, **options
+        )
         if (info.num_classes, info.in_channels) != (meta["num_classes"], meta["in_channels"]):
             raise ValueError(
                 f"checkpoint {args.checkpoint} was trained for {meta['num_classes']} classes of "

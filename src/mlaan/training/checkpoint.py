@@ -173,6 +173,8 @@ def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
         "mean": list(ckpt["mean"]),
         "std": list(ckpt["std"]),
         "dataset": ckpt["dataset"],
+        "data_root": ckpt.get("config", {}).get("data_root"),
+        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k.startswith("synthetic_")},
         "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
         "best_accuracy": ckpt.get("best_accuracy"),
         "epoch": ckpt.get("epoch"),

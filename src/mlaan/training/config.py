@@ -193,7 +193,7 @@ def coerce(name: str, value: Any) -> Any:
 
 
 def _type_name(hint: Any) -> str:
-    return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", None) if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:

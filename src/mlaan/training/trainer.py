@@ -131,15 +131,6 @@ class Trainer:
     def _build(self, resume_checkpoint: dict | None) -> None:
         cfg = self.cfg
 
-        # nothing in the output folder is touched unless resuming or told to overwrite
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"output dir {self.out} exists and is not a folder")
-        if existing and resume_checkpoint is None and not cfg.overwrite:
-            raise ValueError(
-                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
-                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-            )
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter  # noqa: F401
@@ -181,6 +172,16 @@ class Trainer:
             except RuntimeError as err:
                 first = str(err).strip().splitlines()[0]
                 raise ValueError(f"checkpoint {self.resume_path} does not fit this model: {first}") from err
+        # checked last, so that a bad name, K or data root is reported as such even in a used folder;
+        # nothing in the output folder is touched unless resuming or told to overwrite
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"output dir {self.out} exists and is not a folder")
+        if existing and resume_checkpoint is None and not cfg.overwrite:
+            raise ValueError(
+                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+            )
         if cfg.amp:
             if self.device.type == "cuda":
                 self.model.autocast_dtype = torch.bfloat16
@@ -210,12 +211,18 @@ class Trainer:
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
         return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
 
-    def _train_loader(self, skip_samples: int) -> DataLoader:
+    def _loader_generator(self, epoch: int) -> torch.Generator:
+        """The DataLoader's own generator (worker seeds), fixed by (seed, epoch, rank): building a loader
+        draws nothing from the global RNG, which the augmentations use and a checkpoint restores."""
+        return torch.Generator().manual_seed((self.cfg.seed * 1000003 + epoch) * 1009 + self.ctx.rank)
+
+    def _train_loader(self, skip_samples: int, epoch: int = 0) -> DataLoader:
         sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
+            generator=self._loader_generator(epoch),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
             drop_last=len(sampler) >= self.cfg.batch_size,  # no batch of one (BatchNorm) unless all is tiny
@@ -226,6 +233,7 @@ class Trainer:
         return DataLoader(
             self.test_set,
             sampler=dist.make_eval_sampler(self.test_set, self.ctx),  # a disjoint shard per rank, or None
+            generator=self._loader_generator(-1),
             batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
             shuffle=False,
             num_workers=self.workers,
@@ -312,7 +320,7 @@ class Trainer:
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         skip = self.epoch_step  # > 0 only when resuming in the middle of this epoch
-        loader = self._train_loader(skip * cfg.batch_size)
+        loader = self._train_loader(skip * cfg.batch_size, epoch)
         loss_sum = correct = count = 0.0
         batches_done = skip
         t0 = time.perf_counter()
@@ -572,7 +580,8 @@ def make_trainer(
             path = Path(resume)
         ckpt = ckpt_io.load_training_checkpoint(path)
         ckpt_layer = {k: v for k, v in ckpt.get("config", {}).items() if k in FIELD_NAMES}
-        ckpt_layer.pop("overwrite", None)
+        for per_invocation in ("overwrite", "max_steps"):  # a resumed run goes on to --epochs unless told
+            ckpt_layer.pop(per_invocation, None)
         ckpt_layer["output_dir"] = str(path.parent)  # keep writing beside the checkpoint
     config = merge(ckpt_layer, file_values, overrides)
     return Trainer(config, ckpt, path, log)

@@ -1,0 +1,202 @@
+"""The ``mlaan`` command end to end: train on synthetic and Fashion-MNIST subsets, config precedence,
+eval/export round trip, help texts, and one-line errors (exit 2) that leave the output folder alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlaan
+from mlaan import data
+from mlaan.cli import main
+
+SMALL = ["--train-samples", "256", "--batch-size", "64", "--max-steps", "3", "--arch", "resnet20", "-K", "4"]
+SYNTH = ["--dataset", "synthetic", "--synthetic-test-size", "128", *SMALL]
+
+
+def mlaan_cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One tiny synthetic run shared by the eval/export tests."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    assert main(["train", *SYNTH, "--output-dir", str(out)]) == 0
+    return out
+
+
+@pytest.fixture
+def fashion_root(tmp_path):
+    """Debian's Fashion-MNIST when installed (the default lookup), else small IDX files in its format."""
+    if data.SYSTEM_FASHION_MNIST.is_dir():
+        return str(data.SYSTEM_FASHION_MNIST)
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for split, n in (("train", 300), ("t10k", 100)):
+        data.write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    return str(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------- train
+def test_train_synthetic_end_to_end(trained):
+    summary = json.loads((trained / "metrics.json").read_text())
+    assert summary["steps"] == 3 and summary["dataset"]["name"] == "synthetic"
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["peak_memory_bytes"] > 0
+    assert summary["wall_time_seconds"] > 0 and summary["config"]["arch"] == "resnet20"
+    assert len((trained / "metrics.jsonl").read_text().splitlines()) == 1
+    assert (trained / "last.pt").is_file() and (trained / "best.pt").is_file()
+
+
+def test_train_fashion_mnist_subset(tmp_path, capsys, fashion_root):
+    out = tmp_path / "fm"
+    code, stdout, _ = mlaan_cli(
+        capsys, "train", "--data-root", fashion_root, *SMALL, "--test-samples", "100", "--output-dir", out
+    )
+    assert code == 0
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["dataset"]["in_channels"] == 1 and summary["dataset"]["train_size"] == 256
+    assert summary["config"]["method"] == "dgl+mlaan" and summary["config"]["dataset"] == "fashion-mnist"
+    assert "test accuracy" in stdout and "peak memory" in stdout and str(out) in stdout
+
+
+def test_config_file_and_flag_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("dataset: synthetic\narch: resnet20\nlocal_modules: 2\nmethod: dgl\nbatch_size: 16\n"
+                   "lr: 0.01\nepochs: 3\ntrain_samples: 64\nsynthetic_test_size: 32\nmax_steps: 2\n")
+    out = tmp_path / "run"
+    code, _, _ = mlaan_cli(capsys, "train", "--config", cfg, "--batch-size", "32", "--output-dir", out)
+    assert code == 0
+    resolved = json.loads((out / "metrics.json").read_text())["config"]
+    assert resolved["batch_size"] == 32  # the flag beats the file
+    assert (resolved["lr"], resolved["epochs"], resolved["local_modules"], resolved["method"]) == (0.01, 3, 2, "dgl")
+    assert resolved["window"] == mlaan.LocalOptions().window  # untouched: the default
+
+
+def test_resume_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *SYNTH, "--method", "dgl", "--epochs", "2", "--output-dir", out]
+    assert mlaan_cli(capsys, *args)[0] == 0
+    code, stdout, _ = mlaan_cli(capsys, "train", "--output-dir", out, "--resume", "--max-steps", "5")
+    assert code == 0, stdout
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps"] == 5 and summary["config"]["method"] == "dgl"  # config came from the checkpoint
+
+
+# ------------------------------------------------------------------------------------------ eval / export
+def test_eval_and_export_round_trip(trained, tmp_path, capsys):
+    code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    summary = json.loads((trained / "metrics.json").read_text())
+    assert report["test_accuracy"] == pytest.approx(summary["test_accuracy"])
+    assert report["test_error"] == pytest.approx(1 - report["test_accuracy"]) and report["test_images"] == 128
+
+    out = tmp_path / "model.pt"
+    code, stdout, _ = mlaan_cli(capsys, "export", "--checkpoint", trained / "last.pt", "--out", out)
+    assert code == 0 and "model.pt" in stdout
+    meta = json.loads(out.with_suffix(".json").read_text())
+    state = torch.load(out, weights_only=True)
+    assert all(k.startswith("blocks.") for k in state)  # the plain backbone: no aux nets, no EMA twins
+    net = mlaan.models.create(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
+                              image_size=meta["image_size"])
+    net.load_state_dict(state)
+    ckpt = torch.load(trained / "last.pt", weights_only=True)
+    local = mlaan.create_local_model("resnet20", method="dgl+mlaan", num_local_modules=4, num_classes=10)
+    local.load_state_dict(ckpt["model"])
+    x = torch.randn(4, 3, 32, 32)
+    net.eval(), local.eval()
+    torch.testing.assert_close(net(x), local(x))
+
+    code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", out, "--json")
+    assert code == 0 and json.loads(stdout)["test_accuracy"] == pytest.approx(report["test_accuracy"])
+    code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", out)
+    assert code == 0 and "accuracy" in stdout and "error" in stdout
+
+
+# ---------------------------------------------------------------------------------------------------- help
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["export"]])
+def test_help_lists_datasets_archs_methods(capsys, command):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in [*data.available_datasets(), *mlaan.models.available(), *mlaan.available_methods()]:
+        assert name in text, name
+
+
+def test_python_dash_m_and_console_script():
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    module = subprocess.run([sys.executable, "-m", "mlaan", "--help"], capture_output=True, text=True, env=env)
+    assert module.returncode == 0 and "fashion-mnist" in module.stdout and "dgl+mlaan" in module.stdout
+    script = Path(sys.executable).parent / "mlaan"
+    if script.exists():
+        console = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env)
+        assert console.returncode == 0 and console.stdout == module.stdout
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+BAD = [
+    (["--dataset", "mnist-x"], ["'mnist-x'", "fashion-mnist", "cifar10", "synthetic"]),
+    (["--arch", "resnet33"], ["'resnet33'", "resnet32", "resnet110"]),
+    (["--method", "dgl+foo"], ["'dgl+foo'", "dgl+mlaan", "infopro"]),
+    (["-K", "99"], ["99", "allowed 1 to 10"]),
+    (["-K", "0"], ["local_modules", "at least 1"]),
+    (["--method", "bp", "-K", "4"], ["bp", "must be 1"]),
+    (["--dataset", "cifar10", "--data-root", "/nonexistent/cifar"], ["cifar10", "/nonexistent/cifar", "--download"]),
+    (["--config", "/nonexistent/c.yaml"], ["/nonexistent/c.yaml", "does not exist"]),
+    (["--epochs", "many"], ["--epochs", "'many'"]),
+    (["--no-such-flag"], ["--no-such-flag"]),
+]
+
+
+@pytest.mark.parametrize(("flags", "words"), BAD, ids=[" ".join(f) for f, _ in BAD])
+def test_bad_input_is_one_line_exit_2_and_touches_nothing(trained, capsys, flags, words):
+    before = {p.name: p.read_bytes() for p in trained.iterdir()}
+    try:
+        code = main(["train", *SYNTH, "--output-dir", str(trained), *flags])
+    except SystemExit as exit_info:  # argparse's own errors
+        code = exit_info.code
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mlaan"), err
+    assert "error:" in lines[0] and "Traceback" not in err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+def test_used_output_dir_and_bad_checkpoints(trained, tmp_path, capsys):
+    code, _, err = mlaan_cli(capsys, "train", *SYNTH, "--output-dir", trained)
+    assert code == 2 and "already holds a run" in err and "--resume" in err and "--overwrite" in err
+    code, _, err = mlaan_cli(capsys, "train", "--output-dir", trained, "--resume", "-K", "2")
+    assert code == 2 and "local_modules=4" in err and "--local-modules 2" in err
+    code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", tmp_path / "none.pt")
+    assert code == 2 and err.count("\n") == 1 and "none.pt does not exist" in err
+    code, _, err = mlaan_cli(capsys, "export", "--checkpoint", trained / "metrics.json", "--out", tmp_path / "m.pt")
+    assert code == 2 and "not a readable checkpoint" in err
+    code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--dataset", "cifar100",
+                             "--data-root", tmp_path)
+    assert code == 2 and "cifar100" in err
+
+
+def test_bad_input_in_a_real_process(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlaan", "train", "--arch", "nope", "--output-dir", str(tmp_path / "o")],
+        capture_output=True, text=True,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "'nope'" in proc.stderr
+    assert not (tmp_path / "o").exists()

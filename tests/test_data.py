@@ -1,0 +1,156 @@
+"""Data sets of ``mlaan train``: IDX reading and its errors, Fashion-MNIST lookup, transforms, synthetic, ImageFolder."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+
+from mlaan import data
+
+
+def fake_fashion(folder, n_train=40, n_test=20, gz=True):
+    """Four small IDX files in Fashion-MNIST's names; returns the arrays written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_labels": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "test_images": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_labels": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    suffix = ".gz" if gz else ""
+    for key, stem in data.FASHION_MNIST_FILES.items():
+        data.write_idx(folder / f"{stem}{suffix}", arrays[key])
+    return arrays
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_round_trip(tmp_path, gz):
+    array = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = data.write_idx(tmp_path / ("a.idx.gz" if gz else "a.idx"), array)
+    np.testing.assert_array_equal(data.read_idx(path), array)
+
+
+def test_truncated_gzip_is_a_clear_error(tmp_path):
+    good = data.write_idx(tmp_path / "x-idx3-ubyte.gz", np.zeros((10, 28, 28), np.uint8))
+    bad = tmp_path / "bad-idx3-ubyte.gz"
+    bad.write_bytes(good.read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"bad-idx3-ubyte\.gz.*(corrupt|truncated)"):
+        data.read_idx(bad)
+
+
+def test_truncated_payload_is_a_clear_error(tmp_path):
+    raw = tmp_path / "short-idx3-ubyte"
+    data.write_idx(raw, np.zeros((10, 28, 28), np.uint8))
+    raw.write_bytes(raw.read_bytes()[:-5])
+    with pytest.raises(ValueError, match=r"short-idx3-ubyte.*truncated or corrupt"):
+        data.read_idx(raw)
+    gz = tmp_path / "short2-idx3-ubyte.gz"
+    gz.write_bytes(gzip.compress(raw.read_bytes()))  # a valid gzip of a truncated IDX
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        data.read_idx(gz)
+
+
+def test_not_an_idx_file(tmp_path):
+    path = tmp_path / "junk"
+    path.write_bytes(b"hello world, not idx")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(path)
+
+
+def test_fashion_mnist_from_a_data_root(tmp_path):
+    arrays = fake_fashion(tmp_path / "fashion-mnist", gz=False)
+    train, test, info = data.build_datasets("fashion-mnist", tmp_path)
+    assert info.source == str(tmp_path / "fashion-mnist")
+    assert (info.num_classes, info.in_channels, info.image_size) == (10, 1, 32)
+    assert (len(train), len(test)) == (40, 20)
+    image, label = test[3]
+    assert image.shape == (1, 32, 32) and image.dtype == torch.float32
+    assert label == int(arrays["test_labels"][3])
+    # the test image is the original, zero-padded by 2 and normalised
+    expected = (torch.from_numpy(arrays["test_images"][3]).float() / 255 - 0.2860) / 0.3530
+    torch.testing.assert_close(image[0, 2:30, 2:30], expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(image[0, 0, 0], torch.tensor(-0.2860 / 0.3530), atol=1e-5, rtol=0)
+    # training samples are augmented (random crop of the padded image, flip): same shape, random
+    torch.manual_seed(0)
+    views = torch.stack([train[0][0] for _ in range(8)])
+    assert views.shape == (8, 1, 32, 32)
+    assert any(not torch.equal(views[0], v) for v in views[1:])
+
+
+def test_torchvision_layout_and_subsets(tmp_path):
+    fake_fashion(tmp_path / "FashionMNIST" / "raw", n_train=30, n_test=12)
+    train, test, info = data.build_datasets("fashion-mnist", tmp_path, train_samples=10, test_samples=5)
+    assert (len(train), len(test)) == (10, 5) and (info.train_size, info.test_size) == (10, 5)
+
+
+def test_mismatched_label_count_is_an_error(tmp_path):
+    fake_fashion(tmp_path)
+    data.write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(7, np.uint8))
+    with pytest.raises(ValueError, match="t10k-labels.*do not match 20 images"):
+        data.build_datasets("fashion-mnist", tmp_path)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist.*--download"):
+        data.build_datasets("fashion-mnist", tmp_path / "empty")
+
+
+@pytest.mark.skipif(not data.SYSTEM_FASHION_MNIST.is_dir(), reason="Debian's dataset-fashion-mnist not installed")
+def test_system_fashion_mnist():
+    train, test, info = data.build_datasets("fashion-mnist", None, test_samples=100)
+    assert len(train) == 60000 and len(test) == 100
+    labels = torch.tensor([test[i][1] for i in range(100)])
+    assert labels.min() >= 0 and labels.max() <= 9
+
+
+def test_unknown_dataset_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"unknown dataset 'mnist-x'; available: fashion-mnist, cifar10"):
+        data.build_datasets("mnist-x")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn", "stl10"])
+def test_missing_torchvision_data_set(tmp_path, name):
+    with pytest.raises(FileNotFoundError, match=f"{name} not found.*--download"):
+        data.build_datasets(name, tmp_path / "none")
+
+
+def test_bad_sample_counts():
+    with pytest.raises(ValueError, match="train_samples must be a positive integer"):
+        data.build_datasets("synthetic", train_samples=0)
+    with pytest.raises(ValueError, match="synthetic_image_size"):
+        data.build_datasets("synthetic", synthetic_image_size=2)
+
+
+def test_synthetic_is_deterministic_and_learnable():
+    train, test, info = data.build_datasets("synthetic", synthetic_train_size=200, synthetic_test_size=50)
+    assert (info.num_classes, info.in_channels, info.image_size) == (10, 3, 32)
+    assert (len(train), len(test)) == (200, 50)
+    again = data.build_datasets("synthetic", synthetic_train_size=200, synthetic_test_size=50)[1]
+    torch.testing.assert_close(test[7][0], again[7][0])
+    # a nearest-class-mean classifier on raw pixels separates the classes: labels carry signal
+    x, y = data.make_synthetic(500, seed=1)
+    xt, yt = data.make_synthetic(200, seed=2)
+    means = torch.stack([x[y == c].float().mean(0) for c in range(10)])
+    pred = torch.cdist(xt.float().flatten(1), means.flatten(1)).argmin(1)
+    assert (pred == yt).float().mean() > 0.9
+
+
+def test_imagenet_folder(tmp_path):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            folder = tmp_path / split / cls
+            folder.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(np.full((40, 50, 3), 60 * i, np.uint8)).save(folder / f"{i}.png")
+    train, test, info = data.build_datasets("imagenet", tmp_path)
+    assert (info.num_classes, info.image_size, len(train), len(test)) == (2, 224, 4, 4)
+    assert train[0][0].shape == (3, 224, 224) and test[3][1] == 1
+    with pytest.raises(FileNotFoundError, match="no train/ or val/"):
+        data.build_datasets("imagenet", tmp_path / "train")
