@@ -1,4 +1,4 @@
-"""Data sets of ``mlaan train``: IDX reading and its errors, Fashion-MNIST lookup, transforms, synthetic, ImageFolder."""
+"""Data sets of ``mlaan train``: IDX errors, Fashion-MNIST lookup, transforms, synthetic, ImageFolder."""
 
 from __future__ import annotations
 
