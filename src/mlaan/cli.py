@@ -146,6 +146,9 @@ def _add_train(subparsers) -> None:
     g.add_argument("--max-steps", dest="max_steps", type=int, default=S, metavar="N",
                    help="stop after N optimizer steps in all (the schedule still spans --epochs; "
                         "not carried over by --resume)")
+    g.add_argument("--save-every", dest="save_every", type=int, default=S, metavar="N",
+                   help="also save last.pt every N optimizer steps, not only at the end of each epoch "
+                        "(a killed run then loses at most N steps; resuming gives the same result)")
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=S, help=f"(default: {d.seed})")
     g.add_argument("--device", default=S, help="auto, cpu, cuda, cuda:N or mps (default: auto)")
@@ -169,6 +172,7 @@ _NOT_CONFIG = ("config", "resume", "func", "command")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
+    from .training.safety import OutputWriteError, RunStopped
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     try:
@@ -179,6 +183,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.fit()
     except FloatingPointError as err:
         raise CLIError(f"{err}; training stopped (try a lower --lr)", code=1) from err
+    except RunStopped as err:  # SIGINT/SIGTERM: saved at a step boundary
+        print(f"mlaan: {err}", file=sys.stderr)
+        return err.code
+    except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
+        raise CLIError(str(err)) from err
     finally:
         trainer.close()
     return 0

@@ -81,6 +81,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     max_steps: int | None = None  # stop after this many optimizer steps (counted over the whole run)
+    save_every: int | None = None  # also write last.pt every N optimizer steps (besides each epoch's end)
     # run
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
@@ -119,7 +120,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-        for name in ("max_steps", "eval_batch_size"):
+        for name in ("max_steps", "eval_batch_size", "save_every"):
             value = getattr(cfg, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

@@ -36,6 +36,7 @@ from .. import create_local_model
 from .. import distributed as dist
 from ..data import build_datasets
 from . import checkpoint as ckpt_io
+from . import safety
 from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
@@ -165,6 +166,10 @@ class Trainer:
         self.epoch, self.epoch_step, self.step = 0, 0, 0
         self.best_accuracy, self.best_epoch, self.wall_time_before = -1.0, 0, 0.0
         self._rng_to_restore = None
+        self._partial = _no_partial()  # the epoch in progress, not yet logged (restored from mid-epoch saves)
+        self._saved_step: int | None = None  # step of the last checkpoint written or resumed from
+        self._stop = safety.StopSignals()  # entered by fit(): SIGINT/SIGTERM stop at a step boundary
+        self._fit_start = time.perf_counter()
         if resume_checkpoint is not None:
             ckpt_io.check_compatible(resume_checkpoint, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             try:
@@ -182,6 +187,7 @@ class Trainer:
                 f"output dir {self.out} already holds a run ({', '.join(existing)}); "
                 "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
             )
+        safety.check_output_dir(self.out)
         if cfg.amp:
             if self.device.type == "cuda":
                 self.model.autocast_dtype = torch.bfloat16
@@ -227,6 +233,7 @@ class Trainer:
             pin_memory=self.device.type == "cuda",
             drop_last=len(sampler) >= self.cfg.batch_size,  # no batch of one (BatchNorm) unless all is tiny
             persistent_workers=False,
+            worker_init_fn=safety.ignore_stop_signals if self.workers > 0 else None,
         )
 
     def _test_loader(self) -> DataLoader:
@@ -247,6 +254,10 @@ class Trainer:
         self.best_accuracy, self.best_epoch = float(ckpt["best_accuracy"]), int(ckpt["best_epoch"])
         self.wall_time_before = float(ckpt.get("wall_time", 0.0))
         self._rng_to_restore = ckpt.get("rng")
+        partial = ckpt.get("epoch_partial")
+        if isinstance(partial, dict):
+            self._partial = {k: float(partial.get(k, 0.0)) for k in _no_partial()}
+        self._saved_step = self.step
 
     @property
     def local_model(self):
@@ -266,10 +277,10 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``epochs`` (or ``max_steps``); returns what is written to ``metrics.json``."""
         cfg = self.cfg
-        start = time.perf_counter()
+        start = self._fit_start = time.perf_counter()
         writer = None
         if self.ctx.is_main:
-            self._prepare_output_dir()
+            self._guarded_write(self._prepare_output_dir, self.out)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -282,9 +293,12 @@ class Trainer:
         self.log(self._banner())
 
         last_eval: dict[str, float] | None = None
+        self._stop.__enter__()
         try:
             while self.epoch < cfg.epochs and not self._max_steps_reached():
                 epoch = self.epoch
+                if self._stop_requested():  # a signal during the last evaluation or save
+                    self._stop_now()
                 train = self._train_epoch(epoch, writer)
                 last_eval = self.evaluate()
                 complete = train["batches_done"] >= self.steps_per_epoch
@@ -296,6 +310,7 @@ class Trainer:
                     self.epoch, self.epoch_step = epoch + 1, 0
                 else:
                     self.epoch_step = train["batches_done"]
+                self._partial = _no_partial()  # logged now
                 self._end_of_epoch(record, writer, start)
             if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
                 last_eval = self.evaluate()
@@ -303,9 +318,12 @@ class Trainer:
                     self.best_accuracy, self.best_epoch = last_eval["accuracy"], self.epoch
             summary = self._summary(last_eval, start)
             if self.ctx.is_main:
-                ckpt_io.atomic_write_text(json.dumps(summary, indent=2) + "\n", self.out / "metrics.json")
+                text = json.dumps(summary, indent=2) + "\n"
+                self._guarded_write(lambda: ckpt_io.atomic_write_text(text, self.out / "metrics.json"),
+                                    self.out / "metrics.json")
                 self._print_summary(summary)
         finally:
+            self._stop.__exit__()
             if writer is not None:
                 writer.close()
         self.ctx.barrier()
@@ -321,7 +339,8 @@ class Trainer:
             self.sampler.set_epoch(epoch)
         skip = self.epoch_step  # > 0 only when resuming in the middle of this epoch
         loader = self._train_loader(skip * cfg.batch_size, epoch)
-        loss_sum = correct = count = 0.0
+        p = self._partial  # sums of this epoch's steps before a mid-epoch checkpoint (zeros otherwise)
+        loss_sum, correct, count, seconds_before = p["loss_sum"], p["correct"], p["count"], p["seconds"]
         batches_done = skip
         t0 = time.perf_counter()
         bar = tqdm(
@@ -338,7 +357,11 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            stats = model.train_step(images, targets)
+            try:
+                stats = model.train_step(images, targets)
+            except FloatingPointError as err:  # raised before any optimizer step: nothing is changed or saved
+                raise FloatingPointError(f"{err} at step {self.step + 1} (epoch {epoch + 1}); "
+                                         f"{self._kept_checkpoint()}") from err
             self.averager.wait()
             self.optimizer.step()
             model.after_optimizer_step()
@@ -350,7 +373,9 @@ class Trainer:
             loss_sum += stats["loss"] * n
             correct += stats["accuracy"] * n
             count += n
-            rate = count * self.ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+            seconds = seconds_before + time.perf_counter() - t0
+            rate = count * self.ctx.world_size / max(seconds, 1e-9)
+            self._partial = {"loss_sum": loss_sum, "correct": correct, "count": count, "seconds": seconds}
             bar.set_postfix(
                 loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.1f}%", img_s=f"{rate:.0f}",
                 lr=f"{lr:.4g}", refresh=False,
@@ -358,10 +383,11 @@ class Trainer:
             if writer is not None:
                 writer.add_scalar("train/step_loss", stats["loss"], self.step)
                 writer.add_scalar("train/lr", lr, self.step)
+            self._between_steps(batches_done)
             if self._max_steps_reached():
                 break
         bar.close()
-        elapsed = time.perf_counter() - t0
+        elapsed = seconds_before + time.perf_counter() - t0
         totals = self._reduce({"loss_sum": loss_sum, "correct": correct, "count": count})
         return {
             "loss": totals["loss_sum"] / max(totals["count"], 1),
@@ -401,12 +427,13 @@ class Trainer:
 
     def _end_of_epoch(self, record: dict, writer, start: float) -> None:
         if self.ctx.is_main:
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            self._guarded_write(lambda: _append_line(self.out / "metrics.jsonl", json.dumps(record)),
+                                self.out / "metrics.jsonl")
             state = self.checkpoint_state(time.perf_counter() - start)
-            ckpt_io.atomic_save(state, self.out / "last.pt")
+            self._guarded_write(lambda: ckpt_io.atomic_save(state, self.out / "last.pt"), self.out / "last.pt")
+            self._saved_step = self.step
             if record.get("best"):
-                ckpt_io.atomic_save(state, self.out / "best.pt")
+                self._guarded_write(lambda: ckpt_io.atomic_save(state, self.out / "best.pt"), self.out / "best.pt")
             if writer is not None:
                 for key in ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "images_per_second"):
                     group, _, name = key.partition("_")
@@ -447,10 +474,70 @@ class Trainer:
             "wall_time": self.wall_time_before + wall_time,
             "config": self.cfg.to_dict(),
             "rng": ckpt_io.rng_state(),
+            "epoch_partial": dict(self._partial),
         }
+
+    # ------------------------------------------------------------------------ saves, signals, failures
+    def _between_steps(self, batches_done: int) -> None:
+        """At a step boundary: the periodic checkpoint (``save_every``) and the stop signal."""
+        self.epoch_step = batches_done
+        stop = self._stop_requested()
+        every = self.cfg.save_every
+        # the end of an epoch and a --max-steps stop save anyway, after the evaluation
+        mid_epoch = batches_done < self.steps_per_epoch and not self._max_steps_reached()
+        if stop:
+            self._stop_now()
+        if every and self.step % every == 0 and mid_epoch:
+            self._save_last()
+
+    def _stop_requested(self) -> bool:
+        received = self._stop.received is not None
+        if self.ctx.synchronising:  # every rank stops at the same step
+            received = self._reduce({"stop_count": float(received)})["stop_count"] > 0
+        return received
+
+    def _stop_now(self) -> None:
+        """Save at this step boundary and raise RunStopped, saying how to resume."""
+        self._save_last()
+        name = safety.StopSignals.name(self._stop.received or 15)
+        raise safety.RunStopped(
+            f"stopped by {name} at step {self.step} (epoch {self.epoch + 1}, {self.epoch_step}/"
+            f"{self.steps_per_epoch} steps); saved {self.out / 'last.pt'}; resume with: "
+            f"mlaan train --output-dir {self.out} --resume",
+            self._stop.received or 15,
+        )
+
+    def _save_last(self) -> None:
+        if self.ctx.is_main:
+            state = self.checkpoint_state(time.perf_counter() - self._fit_start)
+            self._guarded_write(lambda: ckpt_io.atomic_save(state, self.out / "last.pt"), self.out / "last.pt")
+        self._saved_step = self.step
+
+    def _kept_checkpoint(self) -> str:
+        last = self.out / "last.pt"
+        if self._saved_step is None or not last.is_file():
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint, {last} (step {self._saved_step}), is kept"
+
+    def _guarded_write(self, write: Callable[[], Any], path: Path) -> None:
+        """Run ``write``; an OSError (disk full, read-only folder) becomes an OutputWriteError that says
+        what was not written and which checkpoint is intact."""
+        try:
+            write()
+        except OSError as err:
+            if isinstance(err, safety.OutputWriteError):
+                raise
+            kept = self._kept_checkpoint()
+            hint = f"; fix that, then resume with: mlaan train --output-dir {self.out} --resume" if (
+                self._saved_step is not None) else ""
+            raise safety.OutputWriteError(
+                f"could not write {path}: {err.strerror or err}; {kept}{hint}"
+            ) from err
 
     def _prepare_output_dir(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
+        for stale in safety.stale_temp_files(self.out, RUN_FILES):  # left by a run killed while saving
+            stale.unlink(missing_ok=True)
         jsonl = self.out / "metrics.jsonl"
         if self.resume_path is None:  # a fresh run (validated: empty folder or --overwrite)
             for name in RUN_FILES:
@@ -458,10 +545,7 @@ class Trainer:
             return
         # resuming: keep the log lines up to the checkpoint, drop any written after it
         if jsonl.exists():
-            kept = [
-                line for line in jsonl.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step
-            ]
+            kept = safety.read_metrics_lines(jsonl, self.step)  # drops a line cut short by a crash
             ckpt_io.atomic_write_text("".join(line + "\n" for line in kept), jsonl)
         (self.out / "metrics.json").unlink(missing_ok=True)
 
@@ -547,6 +631,17 @@ def evaluate_backbone(
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
 
 
+def _no_partial() -> dict[str, float]:
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -584,4 +679,13 @@ def make_trainer(
             ckpt_layer.pop(per_invocation, None)
         ckpt_layer["output_dir"] = str(path.parent)  # keep writing beside the checkpoint
     config = merge(ckpt_layer, file_values, overrides)
+    explicit = merge(file_values, overrides)  # the values given for this invocation, converted
+    given = {k: getattr(explicit, k) for k in {*file_values, *overrides}}
+    if ckpt is not None and Path(config.output_dir).resolve() == path.parent.resolve():
+        # continuing a run in its own folder: only where and how it runs may change (a fork into another
+        # --output-dir may change anything but arch/method/K)
+        safety.check_resume_config(ckpt.get("config", {}), given, path)
+    if "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
+        resolved = config.resolve()
+        safety.check_data_root(resolved.dataset, resolved.data_root, resolved.download)
     return Trainer(config, ckpt, path, log)

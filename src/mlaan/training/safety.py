@@ -1,0 +1,205 @@
+"""Keeping runs safe: stop signals, output-folder and data-root checks, resume-config checks, write failures.
+
+What ``mlaan train`` promises (issue 5):
+
+* **Signals.** The first SIGINT or SIGTERM only sets a flag (:class:`StopSignals`); the loop finishes the step in
+  progress, saves ``last.pt`` and raises :class:`RunStopped`, whose message says how to resume; the command
+  exits with ``128 + signal number``. A second signal acts at once (the previous handler is back), which is
+  safe because every checkpoint is written atomically. DataLoader workers ignore both signals
+  (:func:`ignore_stop_signals`), so that a Ctrl-C in a terminal does not kill them under the main process.
+* **Write failures** (a full disk, a folder made read-only, a quota) while saving become
+  :class:`OutputWriteError`, naming the file and the checkpoint that is still intact.
+* **Bad input** found before anything is written: an output folder that cannot be written
+  (:func:`check_output_dir`), a data root given explicitly that does not exist (:func:`check_data_root`),
+  ``--resume`` with options that differ from the run's (:func:`check_resume_config`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import tempfile
+import threading
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+# Options that may change between a run and its resumption: where and how it runs, not what it computes.
+# (arch, method and local_modules are checked against the checkpoint itself, with their own message.)
+RESUME_FREE = frozenset(
+    {
+        "max_steps",
+        "overwrite",
+        "device",
+        "workers",
+        "tensorboard",
+        "download",
+        "data_root",
+        "output_dir",
+        "eval_batch_size",
+        "save_every",
+        "extra",
+    }
+)
+IDENTITY_KEYS = ("arch", "method", "local_modules")
+
+
+class RunStopped(Exception):
+    """Training stopped on a signal after saving; ``code`` is the exit status (128 + the signal number)."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+        self.code = 128 + int(signum)
+
+
+class OutputWriteError(OSError):
+    """A run's output could not be written (disk full, read-only folder, …); the message says what is kept."""
+
+    def __str__(self) -> str:  # OSError's str would prefix "[Errno n]" to a message that already says it
+        return str(self.args[0]) if self.args else ""
+
+
+# ------------------------------------------------------------------------------------------------ signals
+class StopSignals:
+    """``with StopSignals() as stop: … if stop.received: …``: SIGINT/SIGTERM set ``received`` to the signal
+    number instead of killing the process; a second signal gets the handler that was there before.
+
+    Outside the main thread (where Python cannot install handlers) it does nothing and ``received`` stays None.
+    """
+
+    def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
+        self.signals = tuple(signals)
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        self.received = None
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+        previous = self._previous.get(signum)
+        if previous is not None:  # the next one of this signal acts at once
+            signal.signal(signum, previous)
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    @staticmethod
+    def name(signum: int) -> str:
+        try:
+            return signal.Signals(signum).name
+        except ValueError:
+            return f"signal {signum}"
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """``worker_init_fn`` for DataLoader workers: leave SIGINT/SIGTERM to the main process, which stops at a
+    step boundary and shuts the workers down itself."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+# ---------------------------------------------------------------------------------------- input checks
+def check_output_dir(path: str | os.PathLike) -> None:
+    """ValueError unless ``path`` is a writable folder or can be created as one. Leaves nothing behind: the
+    probe is a temporary file in the nearest folder that exists, removed at once."""
+    path = Path(path)
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "exists and is not a folder" if probe == path else f"cannot be created: {probe} is not a folder"
+        raise ValueError(f"output dir {path} {where}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".mlaan-write-test.", dir=probe)
+    except OSError as err:
+        what = f"{path}" if probe == path else f"{path} (its existing parent {probe})"
+        raise ValueError(f"output dir {what} is not writable: {err.strerror or err}") from err
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def check_data_root(dataset: str, data_root: str | None, download: bool) -> None:
+    """A data root given explicitly must exist (unless ``--download`` is to create it): no silent fallback to
+    another copy of the data."""
+    if dataset == "synthetic" or data_root is None or download:
+        return
+    root = Path(data_root)
+    if not root.exists():
+        raise FileNotFoundError(f"data root {data_root} does not exist (--data-root; add --download to fetch "
+                                f"{dataset} there)")
+    if not root.is_dir():
+        raise NotADirectoryError(f"data root {data_root} is not a folder (--data-root)")
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse to resume with options (from flags or ``--config``) that change what the run computes.
+
+    ``saved``: the checkpoint's config; ``given``: the values set explicitly for this invocation (already
+    converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked elsewhere.
+    """
+    from .config import coerce
+
+    conflicts = []
+    for name, value in given.items():
+        if name in RESUME_FREE or name in IDENTITY_KEYS or name not in saved:
+            continue
+        try:
+            before = coerce(name, saved[name])
+        except ValueError:
+            continue
+        if not _same(before, value):
+            conflicts.append(f"{name}: {_show(before)} in the run, {_show(value)} given")
+    if conflicts:
+        raise ValueError(
+            f"--resume: the options differ from those of the run in {Path(path).parent} "
+            f"({'; '.join(conflicts)}); resume with the run's options, or start a new run in another --output-dir"
+        )
+
+
+def _show(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+
+
+# ------------------------------------------------------------------------------------------ output files
+def stale_temp_files(folder: str | os.PathLike, names: Iterable[str]) -> list[Path]:
+    """Temporary files that an atomic write of one of ``names`` left behind when the process was killed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = []
+    for name in names:
+        found += sorted(folder.glob(f".{name}.*.tmp"))
+    return found
+
+
+def read_metrics_lines(path: str | os.PathLike, up_to_step: int) -> list[str]:
+    """The lines of ``metrics.jsonl`` logged at or before ``up_to_step``; a line cut short by a crash or a
+    full disk (not valid JSON) is dropped."""
+    kept = []
+    for line in Path(path).read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
+            kept.append(line)
+    return kept
