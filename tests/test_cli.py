@@ -126,7 +126,23 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------- help
-@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["export"]])
+def _all_commands() -> list[list[str]]:
+    """Every subcommand path of the parser (contributed ones and nested ones included)."""
+    import argparse
+
+    from mlaan.cli import build_parser
+
+    def walk(parser, prefix):
+        yield prefix
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, [*prefix, name])
+
+    return list(walk(build_parser(), []))
+
+
+@pytest.mark.parametrize("command", _all_commands(), ids=lambda c: " ".join(c) or "mlaan")
 def test_help_lists_datasets_archs_methods(capsys, command):
     with pytest.raises(SystemExit) as exit_info:
         main([*command, "--help"])

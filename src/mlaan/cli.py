@@ -367,7 +367,29 @@ def build_parser() -> Parser:
     bench = _bench_cli()
     if bench is not None:
         bench.register(subparsers)
+        _add_catalogue(subparsers)  # contributed subcommands list the choices too
     return parser
+
+
+class _RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+_FORMATTER_UPGRADES = {
+    argparse.HelpFormatter: argparse.RawDescriptionHelpFormatter,
+    argparse.ArgumentDefaultsHelpFormatter: _RawDefaultsFormatter,
+}
+
+
+def _add_catalogue(subparsers: argparse._SubParsersAction) -> None:
+    """Give every subcommand parser without an epilog the list of data sets, architectures and methods."""
+    for sub in subparsers.choices.values():
+        if sub.epilog is None:
+            sub.epilog = _catalogue()
+            sub.formatter_class = _FORMATTER_UPGRADES.get(sub.formatter_class, sub.formatter_class)
+        for action in sub._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                _add_catalogue(action)
 
 
 def _bench_cli():
