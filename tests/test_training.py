@@ -197,3 +197,14 @@ def test_bp_and_non_finite_loss(tmp_path):
     assert summary["config"]["local_modules"] == 1 and summary["split"] == [list(range(10))]
     with pytest.raises(FloatingPointError, match="non-finite"):
         run(tmp_path, "nan", method="dgl", lr=1e30, warmup_epochs=0, max_steps=4)
+
+
+def test_tensorboard_logs_or_a_clear_error(tmp_path):
+    try:
+        import tensorboard  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="--tensorboard needs the tensorboard package"):
+            make_trainer(None, {**TINY, "output_dir": str(tmp_path / "tb"), "tensorboard": True})
+        return
+    run(tmp_path, "tb", method="bp", local_modules=1, max_steps=1, tensorboard=True)
+    assert any(p.name.startswith("events.") for p in (tmp_path / "tb" / "tensorboard").iterdir())
