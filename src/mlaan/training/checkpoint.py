@@ -36,7 +36,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     fd, tmp = _temp_beside(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            recorder = _WriteRecorder(f)
+            try:
+                torch.save(obj, recorder)
+            except RuntimeError:
+                # torch's zip writer turns a failed write (disk full, file too large) into an obscure
+                # RuntimeError: report the OSError underneath instead
+                if recorder.error is not None:
+                    raise recorder.error from None
+                raise
+            if recorder.error is not None:  # a failed write that torch did not report: never rename it
+                raise recorder.error
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -44,6 +54,23 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+class _WriteRecorder:
+    """A file's ``write`` for ``torch.save`` that remembers the first OSError it raised."""
+
+    def __init__(self, f) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = self.error or err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
