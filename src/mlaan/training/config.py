@@ -9,6 +9,7 @@ reported before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -117,6 +118,12 @@ class TrainConfig:
         cfg = dataclasses.replace(self, method=spec.name)
         if cfg.local_modules is None:
             cfg.local_modules = 1 if spec.base.end_to_end else 16
+        for name, value in dataclasses.asdict(cfg).items():  # nan/inf would slip through the range checks
+            numbers = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        if not 0 <= cfg.seed < 2**32:
+            raise ValueError(f"seed must be in 0 to {2**32 - 1}, got {cfg.seed}")
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
