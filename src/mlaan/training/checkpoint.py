@@ -17,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +119,31 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path)
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # pickle / zip errors differ between versions: report them all the same way
+        code = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if code is not None:  # a pickled callable or class: refused, never called
+            raise ValueError(
+                f"{path} is refused: it holds {code.group(1)}, not only tensors and plain data "
+                "(checkpoints are read with torch.load(weights_only=True), which never runs code from a file)"
+            ) from err
         raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+
+
+def _check_archive(path: Path) -> None:
+    """torch.load does not check the CRC-32s of its zip archive, so a damaged copy could load with wrong
+    weights: check them first (about a second per GB)."""
+    if not zipfile.is_zipfile(path):
+        return  # truncated or not a zip at all: torch.load says so
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as err:
+        raise ValueError(f"{path} is not a readable checkpoint (damaged zip archive: {err})") from err
+    if bad is not None:
+        raise ValueError(f"{path} is corrupt: the checksum of {bad} inside it does not match (a damaged copy?)")
 
 
 def is_training_checkpoint(obj: Any) -> bool:
