@@ -214,6 +214,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     except yaml.YAMLError as err:
         problem = str(err).replace("\n", " ")
         raise ValueError(f"config file {path} is not valid YAML: {problem}") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
     if raw is None:
         return {}
     if not isinstance(raw, dict):
