@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.lr <= 0:
         raise ValueError(f"--lr must be positive, got {args.lr}")
     out = common.output_dir(args.output_dir, "accuracy")
-    machine = common.machine_description()
+    machine = common.machine_description() + f"; code {common.code_version()}"
     print(f"mlaan bench accuracy on {machine}: {', '.join(methods)}; {args.arch} K={args.k}, {args.dataset}, "
           f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, seed {args.seed}", flush=True)
     run_dirs, failures = [], []

@@ -168,6 +168,23 @@ def machine_description() -> str:
     return f"{cpu}, no GPU"
 
 
+def code_version() -> str:
+    """The repository commit the benchmark ran on (``+dirty`` when engine/model files differ from it)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src/mlaan/engine", "src/mlaan/models"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"mlaan {mlaan.__version__}"
+    if not head:
+        return f"mlaan {mlaan.__version__}"
+    return f"{head}{'+dirty' if dirty else ''}"
+
+
 def output_dir(path: str | None, name: str) -> Path:
     out = Path(path) if path else Path("runs") / f"bench-{name}"
     out.mkdir(parents=True, exist_ok=True)

@@ -241,8 +241,9 @@ def measure_case(
     seed: int = 0,
     in_channels: int = 3,
     image_size: int | None = None,
+    options: dict | None = None,
 ) -> dict:
-    """Peak training memory of one configuration (in this process).
+    """Peak training memory of one configuration (in this process); ``options`` go to the engine.
 
     ``mode``: ``account`` (the exact accounting, any device) or ``cuda`` (``torch.cuda.max_memory_allocated``).
     """
@@ -255,7 +256,7 @@ def measure_case(
         allocated_before = torch.cuda.memory_allocated(dev)
     rss_before = _rss_bytes()
     model, optimizer = common.build(arch, method, k, in_channels=in_channels, image_size=image_size,
-                                    device=dev, seed=seed)
+                                    device=dev, seed=seed, **(options or {}))
     images, targets = common.synthetic_batch(model, batch, device=dev, seed=seed)
     num_params = sum(p.numel() for p in model.backbone.parameters())
     aux_params = sum(p.numel() for p in model.parameters()) - num_params
@@ -273,6 +274,7 @@ def measure_case(
         "mode": mode,
         "steps": steps,
         "warmup": warmup,
+        "options": options or {},
         "backbone_params": num_params,
         "aux_params": aux_params,
     }
@@ -384,6 +386,7 @@ def sweep(
     isolate: bool = True,
     on_result: Callable[[dict], None] | None = None,
     log: Callable[[str], None] = print,
+    options: dict | None = None,
 ) -> list[dict]:
     """Measure every case; with ``scale_from=[b1, b2]`` measure at those batches and extrapolate to ``batch``
     linearly (peak = a + b·batch, from the two points), recording both points."""
@@ -393,7 +396,7 @@ def sweep(
         points = []
         for b in batches:
             case = {"arch": arch, "method": method, "k": k, "batch": b, "device": device, "mode": mode,
-                    "steps": steps, "warmup": warmup}
+                    "steps": steps, "warmup": warmup, "options": options or {}}
             r = measure_in_subprocess(case) if isolate else measure_case(**case)
             points.append(r)
             if "error" in r:
@@ -525,7 +528,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale-from", default=None, metavar="B1,B2",
                    help="measure at batches B1 < B2 and extrapolate linearly to --batch (say so when you do)")
     p.add_argument("--no-isolate", action="store_true", help="run every case in this process (no peak RSS)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option for every local method, e.g. lam_depth=2 (repeatable)")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-memory)")
+
+
+def parse_options(items: list[str]) -> dict:
+    """``["lam_depth=2", "aux_head=linear"]`` → {"lam_depth": 2, "aux_head": "linear"} (checked by the engine)."""
+    import yaml
+
+    from ..engine.local_model import make_options
+
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--option {item!r} must be KEY=VALUE, e.g. lam_depth=2")
+        options[key.strip()] = yaml.safe_load(value)
+    make_options(**options)  # ValueError naming the known options
+    return options
 
 
 def _arch_ks(args: argparse.Namespace) -> dict[str, list[int]]:
@@ -564,8 +585,9 @@ def run(args: argparse.Namespace) -> int:
         scale = common.parse_ints(args.scale_from, "--scale-from")
         if len(scale) != 2 or not scale[0] < scale[1]:
             raise ValueError(f"--scale-from takes two increasing batch sizes B1,B2, got {args.scale_from!r}")
+    options = parse_options(args.option)
     out = common.output_dir(args.output_dir, "memory")
-    machine = common.machine_description()
+    machine = common.machine_description() + f"; code {common.code_version()}"
     print(f"mlaan bench memory ({mode}) on {machine}: batch {args.batch}"
           + (f", extrapolated from batches {scale[0]} and {scale[1]}" if scale else ""), flush=True)
     done: list[dict] = []
@@ -576,7 +598,7 @@ def run(args: argparse.Namespace) -> int:
         common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": done})
 
     results = sweep(archs, methods, args.batch, str(device), mode, steps, warmup, scale,
-                    isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True))
+                    isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options)
     add_percentages(results)
     table = render(results)
     print("\n" + table, flush=True)

@@ -386,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--threads must be at least 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     out = common.output_dir(args.output_dir, "speed")
-    machine = common.machine_description()
+    machine = common.machine_description() + f"; code {common.code_version()}"
     print(f"mlaan bench speed on {machine} (load average {os.getloadavg()[0]:.1f})", flush=True)
     results = []
     for arch, k in cases:
