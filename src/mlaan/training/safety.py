@@ -159,7 +159,7 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
     from .config import coerce
 
     conflicts = []
-    for name, value in given.items():
+    for name, value in sorted(given.items()):
         if name in RESUME_FREE or name in IDENTITY_KEYS or name not in saved:
             continue
         try:
@@ -203,3 +203,71 @@ def read_metrics_lines(path: str | os.PathLike, up_to_step: int) -> list[str]:
         if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
             kept.append(line)
     return kept
+
+
+# ------------------------------------------------------------------------------------- checkpoint schema
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _tensor_dict(v: Any) -> bool:
+    import torch
+
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _rng_states(v: Any) -> bool:
+    import torch
+
+    def ok(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) or (isinstance(x, (list, tuple)) and all(ok(y) for y in x))
+
+    return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
+
+_CHECKPOINT_FIELDS: dict[str, tuple[str, Any]] = {
+    "arch": ("a name", lambda v: isinstance(v, str)),
+    "method": ("a name", lambda v: isinstance(v, str)),
+    "dataset": ("a name", lambda v: isinstance(v, str)),
+    "local_modules": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "num_classes": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "in_channels": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "image_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "mean": ("a list of numbers", lambda v: isinstance(v, (list, tuple)) and v and all(map(_is_number, v))),
+    "std": ("a list of numbers", lambda v: isinstance(v, (list, tuple)) and v and all(map(_is_number, v))),
+    "model": ("a state_dict of tensors", _tensor_dict),
+    "optimizer": ("an optimizer state_dict",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"])),
+    "scheduler": ("a scheduler state_dict", lambda v: isinstance(v, dict)),
+    "epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "epoch_step": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "step": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "best_accuracy": ("a number", _is_number),
+    "best_epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "config": ("a mapping of options", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {
+    "rng": ("a mapping of RNG states", _rng_states),
+    "epoch_partial": ("a mapping of numbers",
+                      lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+    "wall_time": ("a number", _is_number),
+}
+
+
+def check_checkpoint_fields(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """ValueError naming the first field of a training checkpoint that is missing or of the wrong kind
+    (a file that loads safely but was not written by ``mlaan train``, or was edited)."""
+    for fields, required in ((_CHECKPOINT_FIELDS, True), (_OPTIONAL_FIELDS, False)):
+        for key, (kind, ok) in fields.items():
+            if key not in ckpt:
+                if required:
+                    raise ValueError(f"checkpoint {path} has no {key!r} field: not a complete mlaan checkpoint")
+                continue
+            if not ok(ckpt[key]):
+                shown = type(ckpt[key]).__name__
+                raise ValueError(f"checkpoint {path}: field {key!r} should be {kind}, got a {shown}")
