@@ -67,6 +67,7 @@ class _Entry:
 
 
 _REGISTRY: dict[str, _Entry] = {}
+_DOWNLOADABLE = ("fashion-mnist", "cifar10", "cifar100", "svhn", "stl10")
 
 
 def _register(name: str, description: str):
@@ -136,9 +137,6 @@ def download_dataset(name: str, root: str | os.PathLike) -> Path:
         raise ValueError(f"dataset {name!r} cannot be downloaded; downloadable: {', '.join(_DOWNLOADABLE)}")
     build_datasets(name, root, download=True)
     return Path(root)
-
-
-_DOWNLOADABLE = ("fashion-mnist", "cifar10", "cifar100", "svhn", "stl10")
 
 
 def _first(dataset: Dataset, n: int | None) -> Dataset:

@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from ..engine import LocalOptions, available_methods, parse_method
+from ..engine import LocalOptions, parse_method
 
 # Method options handed to the engine (fields of LocalOptions), with the engine's defaults.
 _ENGINE_DEFAULTS = LocalOptions()
@@ -237,16 +237,3 @@ def merge(*layers: dict[str, Any]) -> TrainConfig:
         for name, value in layer.items():
             values[name] = coerce(name, value)
     return TrainConfig(**values)
-
-
-def config_from_dict(values: dict[str, Any]) -> TrainConfig:
-    """A ``TrainConfig`` from a saved dict (checkpoint, metrics.json); unknown keys are ignored."""
-    return merge({k: v for k, v in values.items() if k in FIELD_NAMES})
-
-
-def available_summary() -> dict[str, list[str]]:
-    """The names a user can choose from, for help texts."""
-    from .. import models
-    from ..data import available_datasets
-
-    return {"datasets": available_datasets(), "architectures": models.available(), "methods": available_methods()}
