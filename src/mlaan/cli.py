@@ -222,6 +222,7 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
 
     obj = ckpt_io.load(path)
     if ckpt_io.is_training_checkpoint(obj):
+        ckpt_io.check_training_checkpoint(obj, path)  # every field there and of the right kind
         state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
         config = obj.get("config", {})

@@ -154,9 +154,17 @@ def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.
     obj = load(path, map_location)
     if not is_training_checkpoint(obj):
         raise ValueError(f"{path} is not an mlaan training checkpoint (last.pt / best.pt written by mlaan train)")
+    check_training_checkpoint(obj, path)
+    return obj
+
+
+def check_training_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+    """ValueError if a training checkpoint has a missing or malformed field, or is from a newer mlaan."""
+    from .safety import check_checkpoint_fields
+
+    check_checkpoint_fields(obj, path)
     if obj.get("version", 0) > VERSION:
         raise ValueError(f"{path} was written by a newer mlaan (checkpoint version {obj['version']} > {VERSION})")
-    return obj
 
 
 def check_compatible(ckpt: dict, arch: str, method: str, local_modules: int, path: str | os.PathLike) -> None:

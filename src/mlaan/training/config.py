@@ -9,6 +9,7 @@ reported before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -192,6 +193,10 @@ def coerce(name: str, value: Any) -> Any:
         if origin is dict:
             if not isinstance(value, dict):
                 raise TypeError
+            try:
+                json.dumps(value, allow_nan=False)  # plain data, no cycles (YAML aliases), storable in a checkpoint
+            except RecursionError as err:
+                raise ValueError from err
             return dict(value)
     except (TypeError, ValueError):
         pass
@@ -216,6 +221,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"config file {path} is not valid YAML: {problem}") from err
     except UnicodeDecodeError as err:
         raise ValueError(f"config file {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except RecursionError as err:
+        raise ValueError(f"config file {path} is nested too deeply") from err
     if raw is None:
         return {}
     if not isinstance(raw, dict):

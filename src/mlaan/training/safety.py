@@ -256,6 +256,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {
     "epoch_partial": ("a mapping of numbers",
                       lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
     "wall_time": ("a number", _is_number),
+    "version": ("an integer", _is_int),
 }
 
 
