@@ -272,3 +272,63 @@ def check_checkpoint_fields(ckpt: Mapping[str, Any], path: str | os.PathLike) ->
             if not ok(ckpt[key]):
                 shown = type(ckpt[key]).__name__
                 raise ValueError(f"checkpoint {path}: field {key!r} should be {kind}, got a {shown}")
+
+
+# ------------------------------------------------------------------------------------ restoring a checkpoint
+_LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def load_optimizer_and_scheduler(optimizer: Any, scheduler: Any, ckpt: Mapping[str, Any],
+                                 path: str | os.PathLike | None) -> None:
+    """``load_state_dict`` both, then check what they hold, so that a checkpoint whose states do not fit this
+    run is refused here (ValueError) rather than failing with a traceback in the middle of training."""
+    import torch
+
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its optimizer state does not fit this run ({_short(err)})") from err
+    for i, group in enumerate(optimizer.param_groups):
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            if key in group and not _is_number(group[key]):
+                raise ValueError(f"checkpoint {path}: optimizer group {i} has {key}={group[key]!r}, not a number")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+                raise ValueError(f"checkpoint {path}: a momentum buffer of the optimizer does not fit its parameter "
+                                 f"({tuple(getattr(buf, 'shape', ()))} vs {tuple(p.shape)})")
+    try:
+        scheduler.load_state_dict(dict(ckpt["scheduler"]))  # a copy: LambdaLR pops from it
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its scheduler state does not fit this run ({_short(err)})") from err
+    if not (_is_int(scheduler.last_epoch) and scheduler.last_epoch >= 0
+            and all(_is_number(x) for x in (*scheduler.base_lrs, *scheduler.get_last_lr()))
+            and len(scheduler.base_lrs) == len(optimizer.param_groups)):
+        raise ValueError(f"checkpoint {path}: its scheduler state is malformed")
+
+
+def check_rng_state(state: Any, path: str | os.PathLike | None) -> None:
+    """Try the checkpoint's RNG states (then put the current ones back): ValueError if they cannot be set."""
+    from . import checkpoint as ckpt_io
+
+    current = ckpt_io.rng_state()
+    try:
+        ckpt_io.set_rng_state(state)
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its RNG states are damaged ({_short(err)})") from err
+    finally:
+        ckpt_io.set_rng_state(current)
+
+
+def check_position(ckpt: Mapping[str, Any], steps_per_epoch: int, path: str | os.PathLike | None) -> None:
+    """The saved place in the epoch must exist in this run's epochs."""
+    if ckpt["epoch_step"] > steps_per_epoch:
+        raise ValueError(
+            f"checkpoint {path} stopped after step {ckpt['epoch_step']} of an epoch, but an epoch of this run has "
+            f"{steps_per_epoch} steps: the data or the batch size differ from the run's"
+        )

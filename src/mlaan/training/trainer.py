@@ -248,8 +248,11 @@ class Trainer:
         )
 
     def _restore(self, ckpt: dict) -> None:
-        self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.scheduler.load_state_dict(ckpt["scheduler"])
+        # checked here, so that a checkpoint that does not fit is an error before anything is written
+        safety.load_optimizer_and_scheduler(self.optimizer, self.scheduler, ckpt, self.resume_path)
+        if ckpt.get("rng") is not None:
+            safety.check_rng_state(ckpt["rng"], self.resume_path)
+        safety.check_position(ckpt, self.steps_per_epoch, self.resume_path)
         self.epoch, self.epoch_step, self.step = int(ckpt["epoch"]), int(ckpt["epoch_step"]), int(ckpt["step"])
         self.best_accuracy, self.best_epoch = float(ckpt["best_accuracy"]), int(ckpt["best_epoch"])
         self.wall_time_before = float(ckpt.get("wall_time", 0.0))
