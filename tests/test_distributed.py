@@ -143,6 +143,16 @@ def _assert_states_close(a: dict, b: dict, what: str) -> None:
 
 
 # ----------------------------------------------------------------------------------- single-process references
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny convolutions gain nothing from more threads, and on a busy machine an OpenMP team waiting for a
+    descheduled thread makes them crawl (measured: 2 s → 37 s for the same reference)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def float64():
     previous = torch.get_default_dtype()

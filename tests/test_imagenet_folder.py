@@ -23,6 +23,15 @@ data = pytest.importorskip("mlaan.data")
 CLASSES = ("ant", "bee", "cat")
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread: on a busy machine an OpenMP team waiting for a descheduled thread crawls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory) -> Path:
     from PIL import Image
