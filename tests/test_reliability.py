@@ -297,6 +297,24 @@ def bad_files(tmp_path_factory, run_dir) -> dict[str, Path]:
     for key, value in (("arch", "resnet32"), ("method", "dgl"), ("local_modules", 4)):
         torch.save({**ckpt, key: value}, root / f"other-{key}.pt")
         files[f"other-{key}.pt"] = root / f"other-{key}.pt"
+    # loadable (tensors and plain data, valid checksums) but edited: found by tests/test_fuzz.py
+    no_optimizer = {k: v for k, v in ckpt.items() if k != "optimizer"}
+    scheduler = {k: v for k, v in ckpt["scheduler"].items() if k != "lr_lambdas"}
+    param0 = next(iter(ckpt["optimizer"]["state"]))
+    edited = {
+        "no-optimizer.pt": no_optimizer,
+        "model-int.pt": {**ckpt, "model": 5},
+        "scheduler.pt": {**ckpt, "scheduler": scheduler},
+        "lr-text.pt": {**ckpt, "optimizer": {**ckpt["optimizer"], "param_groups": [
+            {**ckpt["optimizer"]["param_groups"][0], "lr": "abc"}]}},
+        "momentum.pt": {**ckpt, "optimizer": {**ckpt["optimizer"], "state": {
+            **ckpt["optimizer"]["state"], param0: {"momentum_buffer": torch.zeros(2)}}}},
+        "rng.pt": {**ckpt, "rng": {**ckpt["rng"], "python": torch.zeros(3, dtype=torch.int64)}},
+        "position.pt": {**ckpt, "epoch_step": 7},
+    }
+    for name, state in edited.items():
+        torch.save(state, root / name)
+        files[name] = root / name
     configs = {
         "python-tag.yaml": "lr: !!python/object/apply:os.system ['touch PWNED']\n",
         "list.yaml": "- lr\n- 0.1\n",
@@ -359,6 +377,13 @@ BAD_INPUTS = [
     ("checkpoint of another arch", ["--resume", "{other-arch.pt}"], ["arch='resnet32'", "--arch 'resnet20'"]),
     ("checkpoint of another method", ["--resume", "{other-method.pt}"], ["method='dgl'", "'dgl+mlaan'"]),
     ("checkpoint of another K", ["--resume", "{other-local_modules.pt}"], ["local_modules=4", "--local-modules 3"]),
+    ("checkpoint without optimizer", ["--resume", "{no-optimizer.pt}"], ["no 'optimizer' field"]),
+    ("checkpoint model not a dict", ["--resume", "{model-int.pt}"], ["field 'model' should be a state_dict"]),
+    ("checkpoint scheduler damaged", ["--resume", "{scheduler.pt}"], ["scheduler state does not fit", "lr_lambdas"]),
+    ("checkpoint lr not a number", ["--resume", "{lr-text.pt}"], ["lr='abc', not a number"]),
+    ("checkpoint momentum shape", ["--resume", "{momentum.pt}"], ["momentum buffer", "(2,)"]),
+    ("checkpoint rng damaged", ["--resume", "{rng.pt}"], ["RNG states are damaged"]),
+    ("checkpoint past epoch end", ["--resume", "{position.pt}"], ["step 7 of an epoch", "has 2 steps"]),
     ("resume with another K", ["--resume", "-K", "2"], ["local_modules=3", "--local-modules 2"]),
     ("resume with another lr", ["--resume", "--lr", "0.5"], ["--resume", "lr: 0.1 in the run, 0.5 given"]),
     ("resume with other epochs", ["--resume", "--epochs", "3", "--batch-size", "16"],

@@ -289,11 +289,15 @@ def load_optimizer_and_scheduler(optimizer: Any, scheduler: Any, ckpt: Mapping[s
     run is refused here (ValueError) rather than failing with a traceback in the middle of training."""
     import torch
 
+    expected = [set(group) for group in optimizer.param_groups]  # the options each group must have
     try:
         optimizer.load_state_dict(ckpt["optimizer"])
     except _LOAD_ERRORS as err:
         raise ValueError(f"checkpoint {path}: its optimizer state does not fit this run ({_short(err)})") from err
     for i, group in enumerate(optimizer.param_groups):
+        missing = sorted(expected[i] - set(group)) if i < len(expected) else []
+        if missing:
+            raise ValueError(f"checkpoint {path}: optimizer group {i} has no {', '.join(missing)}")
         for key in ("lr", "momentum", "dampening", "weight_decay"):
             if key in group and not _is_number(group[key]):
                 raise ValueError(f"checkpoint {path}: optimizer group {i} has {key}={group[key]!r}, not a number")
