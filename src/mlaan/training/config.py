@@ -139,6 +139,8 @@ class TrainConfig:
             )
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+        if cfg.temperature <= 0 or cfg.aux_width < 1:  # a zero temperature divides by zero in the first step
+            raise ValueError(f"need temperature > 0 and aux_width >= 1, got {cfg.temperature}, {cfg.aux_width}")
         if cfg.output_dir is None:
             cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
         return cfg
