@@ -42,6 +42,9 @@ SAFE_CHARS = st.characters(codec="utf-8", exclude_characters="/\\.\x00", exclude
 SAFE_NAME = st.text(SAFE_CHARS, min_size=1, max_size=12)
 
 
+MESSAGES: set[str] = set()  # error lines of the plausible-options test, for the report
+
+
 def _count(name: str, code: object) -> None:
     per_code = COUNTS.setdefault(name, {})
     per_code[f"exit {code}"] = per_code.get(f"exit {code}", 0) + 1
@@ -54,6 +57,7 @@ def _report_counts():
     if path:
         with open(path, "a") as f:
             f.write(json.dumps(COUNTS) + "\n")
+            f.write(json.dumps(sorted(MESSAGES)) + "\n")
 
 
 @pytest.fixture(autouse=True)
@@ -152,6 +156,51 @@ def test_fuzz_train_command_line(tmp_path_factory, capsys, data):
     check_answer(code, err)
     _count(label, code)
     assert not (out / "run").exists() and not [p for p in out.rglob("*") if p.is_file()]  # nothing written
+
+
+@st.composite
+def plausible_argv(draw, out: Path) -> list[str]:
+    """Mostly valid options in every combination (method x K x window x heads x ...), so that the accepting
+    path (building data, model, optimizer) is exercised too; one value now and then is out of range."""
+    def num(lo, hi, kind=int):
+        value = draw(st.integers(lo, hi) if kind is int else st.floats(lo, hi, allow_nan=False))
+        return str(value)
+
+    argv = ["train", *BASE, "--output-dir", str(out / "run"), "--arch", draw(st.sampled_from(["resnet20", "resnet32"])),
+            "--method", draw(st.sampled_from(available_methods()))]
+    optional = {
+        "-K": lambda: num(0, 17), "--window": lambda: num(1, 5), "--w-ind": lambda: num(0, 1, float),
+        "--w-casc": lambda: num(0, 1, float), "--ema-momentum": lambda: num(0, 1, float),
+        "--ema-update": lambda: draw(st.sampled_from(["all", "last"])), "--lam-depth": lambda: num(0, 6),
+        "--depth-shrink": lambda: num(-0.5, 1.5, float), "--aux-head": lambda: draw(st.sampled_from(["mlp", "linear"])),
+        "--aux-width": lambda: num(1, 64), "--infopro-task": lambda: draw(st.sampled_from(["ce", "contrastive"])),
+        "--temperature": lambda: num(0, 2, float), "--auglocal-depth": lambda: num(0, 4),
+        "--balance": lambda: draw(st.sampled_from(["blocks", "memory"])), "--epochs": lambda: num(0, 400),
+        "--batch-size": lambda: num(0, 64), "--lr": lambda: num(0, 2, float), "--momentum": lambda: num(0, 1, float),
+        "--weight-decay": lambda: num(0, 0.1, float), "--warmup-epochs": lambda: num(0, 20, float),
+        "--seed": lambda: num(0, 2**33), "--save-every": lambda: num(0, 10), "--max-steps": lambda: num(0, 10),
+        "--synthetic-image-size": lambda: num(6, 40), "--train-samples": lambda: num(0, 40),
+    }
+    for flag in draw(st.lists(st.sampled_from(sorted(optional)), max_size=8, unique=True)):
+        argv += [flag, optional[flag]()]
+    argv += draw(st.lists(st.sampled_from(["--infopro-lambda-recon 5 0", "--infopro-lambda-task 0.5 0", "--amp",
+                                           "--no-nesterov", "--sync-bn", "--overwrite"]), max_size=2, unique=True)
+                 .map(lambda xs: [t for x in xs for t in x.split()]))
+    return argv
+
+
+@settings(FUZZ, max_examples=max(1, FUZZ.max_examples // 2))  # each accepted one builds a model
+@given(data=st.data())
+def test_fuzz_plausible_train_options(tmp_path_factory, capsys, data):
+    out = tmp_path_factory.mktemp("plausible")
+    argv = data.draw(plausible_argv(out), label="argv")
+    code, _, err = run_cli(capsys, argv)
+    label = "plausible train options"
+    check_answer(code, err)
+    _count(label, code)
+    if code == 2 and os.environ.get("MLAAN_FUZZ_LOG"):
+        MESSAGES.add(err.strip().splitlines()[-1][:160])
+    assert not (out / "run").exists()
 
 
 @FUZZ

@@ -235,6 +235,27 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path):
     _log({"test": "save-every-2", "kills": events})
 
 
+def test_ctrl_c_to_the_process_group_with_loader_workers(tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they ignore it, the main process finishes the
+    step, saves and says how to resume."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([PY, "-c", TRACED, "train", *TINY[:-2], "--synthetic-train-size", "256",
+                             "--workers", "2", "--output-dir", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV, start_new_session=True)
+    steps = 0
+    for line in proc.stdout:
+        steps += line.strip() == b"STEP"
+        if steps == 2:
+            os.killpg(proc.pid, signal.SIGINT)
+            break
+    rest, err = proc.communicate(timeout=600)
+    steps += rest.count(b"STEP")
+    last = err.decode().replace("\r", "\n").strip().splitlines()[-1]
+    assert proc.returncode == 130 and b"Traceback" not in err, err.decode()
+    assert last.startswith("mlaan: stopped by SIGINT") and f"--output-dir {out} --resume" in last
+    assert saved_step(out) == steps
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "save_every", "seed"), [("infopro+mlaan", None, 11), ("dgl+mlaan", 1, 12)])
 def test_more_kill_points(tmp_path, method, save_every, seed):
@@ -355,6 +376,8 @@ BAD_INPUTS = [
     ("momentum negative", ["--momentum", "-0.5"], ["0 <= momentum < 1", "momentum=-0.5"]),
     ("momentum above one", ["--momentum", "1.5"], ["0 <= momentum < 1", "momentum=1.5"]),
     ("ema momentum one", ["--ema-momentum", "1.0"], ["ema_momentum", "[0, 1)", "1.0"]),
+    ("temperature zero", ["--temperature", "0"], ["temperature > 0", "got 0.0"]),
+    ("aux width zero", ["--aux-width", "0"], ["aux_width >= 1", ", 0"]),
     ("seed overflow", ["--seed", str(2**70)], ["seed", str(2**70)]),
     ("bad int", ["--epochs", "many"], ["--epochs", "'many'"]),
     ("unknown flag", ["--no-such-flag"], ["--no-such-flag"]),
@@ -414,6 +437,7 @@ def test_bad_input_one_line_exit_2_nothing_touched(run_dir, bad_files, capsys, f
     before, before_bad = snapshot(run_dir), snapshot(folder)
     code, out, err = cli(capsys, "train", *TINY, "--output-dir", run_dir, *flags)
     assert_one_line_error(code, err, words)
+    _log({"bad_input": flags, "message": err.strip()})
     assert snapshot(run_dir) == before and snapshot(folder) == before_bad  # nothing written, moved or removed
     assert not Path("PWNED").exists()
 
