@@ -22,6 +22,14 @@ def test_bp_accounted_peak_exceeds_dgl_k4():
         assert r["peak_bytes"] == sum(r["breakdown"].values())
 
 
+def test_grad_checkpointing_lowers_the_accounted_peak_of_mlaan():
+    plain = memory.measure_case("resnet20", "dgl+mlaan", 10, batch=8)
+    recomputed = memory.measure_case("resnet20", "dgl+mlaan", 10, batch=8, options={"grad_checkpointing": True})
+    saved = "autograd-saved activations"
+    assert recomputed["breakdown"][saved] < 0.8 * plain["breakdown"][saved]
+    assert recomputed["peak_bytes"] < plain["peak_bytes"]
+
+
 def test_accounting_counts_each_storage_once():
     acc = memory.MemoryAccountant()
     with acc:

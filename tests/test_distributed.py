@@ -369,3 +369,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["worker"]:
     worker(sys.argv[2])
 elif __name__ == "__main__" and sys.argv[1:2] == ["big"]:
     big_worker(sys.argv[2])
+
+
+def test_each_rank_and_step_gets_its_own_seed():
+    from mlaan.training.trainer import rank_seed
+
+    seeds = {rank_seed(seed, rank, step) for seed in (0, 1) for rank in range(8) for step in (0, 1, 500)}
+    assert len(seeds) == 2 * 8 * 3
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert rank_seed(0, 0, 0) == 0  # rank 0 of a fresh run keeps the run's own seed

@@ -196,6 +196,32 @@ def test_lam_copies_and_twins_start_equal_to_their_blocks():
             assert torch.equal(value, real[key])
 
 
+@pytest.mark.parametrize("method", ["dgl+mlaan", "infopro+mlaan", "dgl+lam", "auglocal"])
+def test_grad_checkpointing_changes_nothing_but_memory(method):
+    """Recomputed aux blocks give bit-identical losses and gradients, and leave BatchNorm running statistics
+    as an ordinary step does (the recompute must not count a batch twice)."""
+    torch.manual_seed(0)
+    plain = mlaan.create_local_model("resnet20", method, 4)
+    recomputing = copy.deepcopy(plain)
+    recomputing.set_grad_checkpointing(True)
+    assert recomputing.options.grad_checkpointing and not plain.options.grad_checkpointing
+    x, y = batch()
+    assert step(plain, x, y)["module_losses"] == step(recomputing, x, y)["module_losses"]
+    for p, q in zip(plain.parameters(), recomputing.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            assert torch.equal(p.grad, q.grad)
+    plain_state, recomputed_state = plain.state_dict(), recomputing.state_dict()
+    assert all(torch.equal(plain_state[k], recomputed_state[k]) for k in plain_state)
+
+
+def test_grad_checkpointing_option_reaches_every_aux_trunk():
+    model = mlaan.create_local_model("resnet20", "dgl+mlaan", 4, grad_checkpointing=True)
+    assert model.leap_trunks and all(t.grad_checkpointing for t in model.leap_trunks)
+    model.set_grad_checkpointing(False)
+    assert not any(t.grad_checkpointing for t in model.leap_trunks)
+
+
 def test_lam_depth_shrinks_toward_the_output():
     model = mlaan.create_local_model("resnet32", method="dgl+mlaan", num_local_modules=16, lam_depth=4)
     depths = [len(model.cascade_heads[str(j)].trunk.copies) for j in range(1, 15)]

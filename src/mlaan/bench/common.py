@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 import mlaan
+from mlaan.engine import parse_method
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
 DEFAULT_METHODS = (
@@ -90,6 +91,30 @@ def max_modules(arch: str, in_channels: int = 3, image_size: int | None = None) 
     """Largest K for ``arch``: its residual blocks + the stem's module."""
     backbone = mlaan.models.create(arch, num_classes=10, in_channels=in_channels, image_size=image_size)
     return backbone.num_residual_blocks + 1
+
+
+RECOMPUTE_CHOICES = ("off", "on", "both")
+
+
+def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: str) -> list[tuple[str, str, int, dict]]:
+    """Each case with its engine options; methods with block-built aux nets (LAM, AugLocal) run without
+    ``grad_checkpointing`` ("off"), with it ("on"), or both ways, one after the other ("both")."""
+    if recompute not in RECOMPUTE_CHOICES:
+        raise ValueError(f"unknown --grad-checkpointing {recompute!r}; allowed: {', '.join(RECOMPUTE_CHOICES)}")
+    flags = {"off": [False], "on": [True], "both": [False, True]}[recompute]
+    planned = []
+    for arch, method, k in cases:
+        if method == "bp" or not parse_method(method).has_aux_blocks:
+            planned.append((arch, method, k, dict(options)))
+            continue
+        planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in flags)
+    return planned
+
+
+def label(result: dict) -> str:
+    """The method's name, marked when its aux blocks were recomputed (``grad_checkpointing``)."""
+    recomputed = (result.get("options") or {}).get("grad_checkpointing")
+    return result["method"] + (" +ckpt" if recomputed else "")
 
 
 def build(

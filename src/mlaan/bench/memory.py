@@ -47,6 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from . import common
+from .common import RECOMPUTE_CHOICES, label, plan_variants
 
 DEFAULT_CASES = {"resnet32": (1, 2, 4, 8, 16), "resnet110": (1, 4, 8, 16, 32, 55)}
 STATIC_CATEGORIES = ("parameters+buffers", "gradients", "optimizer state", "inputs")
@@ -387,33 +388,35 @@ def sweep(
     on_result: Callable[[dict], None] | None = None,
     log: Callable[[str], None] = print,
     options: dict | None = None,
+    recompute: str = "off",
 ) -> list[dict]:
-    """Measure every case; with ``scale_from=[b1, b2]`` measure at those batches and extrapolate to ``batch``
+    """Measure every case (``recompute``: see :func:`~mlaan.bench.common.plan_variants`); with
+    ``scale_from=[b1, b2]`` measure at those batches and extrapolate to ``batch``
     linearly (peak = a + b·batch, from the two points), recording both points."""
     results = []
-    for arch, method, k in plan_cases(archs, methods):
+    for arch, method, k, case_options in plan_variants(plan_cases(archs, methods), options or {}, recompute):
         batches = scale_from or [batch]
         points = []
         for b in batches:
             case = {"arch": arch, "method": method, "k": k, "batch": b, "device": device, "mode": mode,
-                    "steps": steps, "warmup": warmup, "options": options or {}}
+                    "steps": steps, "warmup": warmup, "options": case_options}
             r = measure_in_subprocess(case) if isolate else measure_case(**case)
             points.append(r)
             if "error" in r:
                 break
         if "error" in points[-1]:
             result = points[-1]
-            log(f"  {arch} {method} K={k}: FAILED {result['error']}")
+            log(f"  {arch} {label(result)} K={k}: FAILED {result['error']}")
         elif scale_from:
             (p1, p2) = points
             slope = (p2["peak_bytes"] - p1["peak_bytes"]) / (p2["batch"] - p1["batch"])
             result = {**p2, "batch": batch, "peak_bytes": int(p2["peak_bytes"] + slope * (batch - p2["batch"])),
                       "extrapolated_from": [{"batch": p["batch"], "peak_bytes": p["peak_bytes"]} for p in points],
                       "peak_rss_bytes": None, "breakdown": _scale_breakdown(p1, p2, batch)}
-            log(f"  {arch} {method} K={k}: {common.human_bytes(result['peak_bytes'])} (extrapolated)")
+            log(f"  {arch} {label(result)} K={k}: {common.human_bytes(result['peak_bytes'])} (extrapolated)")
         else:
             result = points[0]
-            log(f"  {arch} {method} K={k}: {common.human_bytes(result['peak_bytes'])} "
+            log(f"  {arch} {label(result)} K={k}: {common.human_bytes(result['peak_bytes'])} "
                 f"(peak RSS {common.human_bytes(result['peak_rss_bytes'])}, {result['seconds']:.0f}s)")
         results.append(result)
         if on_result is not None:
@@ -442,14 +445,14 @@ def render(results: list[dict]) -> str:
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["arch"], r["method"], r["k"], r["batch"], "error", "—", "—", "—", r["error"][:60]])
+            rows.append([r["arch"], label(r), r["k"], r["batch"], "error", "—", "—", "—", r["error"][:60]])
             continue
         bd = r.get("breakdown") or {}
         static = sum(bd.get(c, 0) for c in STATIC_CATEGORIES)
         rows.append(
             [
                 r["arch"],
-                r["method"],
+                label(r),
                 r["k"],
                 r["batch"],
                 f"{r['peak_bytes']:,}",
@@ -479,17 +482,19 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, arch in zip(axes[:, 0], archs):
         rs = [r for r in results if r["arch"] == arch and "error" not in r]
         bp = next((r for r in rs if r["method"] == "bp"), None)
-        methods = list(dict.fromkeys(r["method"] for r in rs if r["method"] != "bp"))
+        methods = list(dict.fromkeys(label(r) for r in rs if r["method"] != "bp"))
         ks = sorted({r["k"] for r in rs if r["method"] != "bp"})
         width = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
             xs, ys = [], []
             for xi, k in enumerate(ks):
-                r = next((r for r in rs if r["method"] == m and r["k"] == k), None)
+                r = next((r for r in rs if label(r) == m and r["k"] == k), None)
                 if r is not None:
                     xs.append(xi - 0.4 + width * (i + 0.5))
                     ys.append(r["peak_bytes"] / 2**30)
-            ax.bar(xs, ys, width=width, color=common.method_color(m, i), label=m)
+            recomputed = m.endswith(" +ckpt")
+            ax.bar(xs, ys, width=width, color=common.method_color(m.removesuffix(" +ckpt"), i), label=m,
+                   hatch="//" if recomputed else None, edgecolor="white" if recomputed else None)
         if bp is not None:
             gib = bp["peak_bytes"] / 2**30
             ax.axhline(gib, color=common.method_color("bp"), linestyle="--", linewidth=1.2,
@@ -530,6 +535,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-isolate", action="store_true", help="run every case in this process (no peak RSS)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option for every local method, e.g. lam_depth=2 (repeatable)")
+    p.add_argument("--grad-checkpointing", default="both", choices=RECOMPUTE_CHOICES,
+                   help="methods whose aux nets are made of blocks (LAM, AugLocal): measure them without "
+                        "recomputing those blocks in backward, with it (+ckpt rows), or both")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-memory)")
 
 
@@ -598,7 +606,8 @@ def run(args: argparse.Namespace) -> int:
         common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": done})
 
     results = sweep(archs, methods, args.batch, str(device), mode, steps, warmup, scale,
-                    isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options)
+                    isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options,
+                    recompute=args.grad_checkpointing)
     add_percentages(results)
     table = render(results)
     print("\n" + table, flush=True)

@@ -28,6 +28,7 @@ from torch import nn
 import mlaan
 
 from . import common
+from .common import RECOMPUTE_CHOICES, label, plan_variants
 from .flops import step_flops
 
 DEFAULT_CASES = "resnet32:16,resnet110:55"
@@ -83,17 +84,25 @@ def bench_case(
     repeats: int = 7,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    recompute: str = "off",
 ) -> dict:
-    """Interleaved step times and FLOPs of ``methods`` on ``arch`` with K local modules (BP: K=1)."""
+    """Interleaved step times and FLOPs of ``methods`` on ``arch`` with K local modules (BP: K=1).
+
+    ``recompute`` ("off", "on", "both") times methods with block-built aux nets without and/or with
+    ``grad_checkpointing``; those rows are named ``METHOD +ckpt``."""
     if "bp" not in methods:
         methods = ["bp", *methods]
     models = {}
-    for m in methods:
-        model, optimizer = common.build(arch, m, k, seed=seed)
+    names = {}
+    for _, m, _, options in plan_variants([(arch, m, k) for m in methods], {}, recompute):
+        name = label({"method": m, "options": options})
+        model, optimizer = common.build(arch, m, k, seed=seed, **options)
         images, targets = common.synthetic_batch(model, batch, seed=seed)
         flops = step_flops(model, images, targets)
-        models[m] = (model, optimizer, images, targets, flops)
-        log(f"  built {arch} {m} (K={1 if m == 'bp' else k}): {flops['measured'] / 1e9:.1f} GFLOP/step measured")
+        models[name] = (model, optimizer, images, targets, flops)
+        names[name] = m
+        log(f"  built {arch} {name} (K={1 if m == 'bp' else k}): {flops['measured'] / 1e9:.1f} GFLOP/step measured")
+    methods = list(models)
     for m in methods:
         for _ in range(warmup):
             _timed_step(*models[m][:4])
@@ -121,6 +130,7 @@ def bench_case(
         rows.append(
             {
                 "method": m,
+                "grad_checkpointing": m != names[m],
                 "k": 1 if m == "bp" else k,
                 "median_step_s": med,
                 "median_train_step_s": statistics.median(step_only[m]),
@@ -353,7 +363,7 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, case in zip(axes[0], results):
         rows = case["methods"]
         xs = range(len(rows))
-        colors = [common.method_color(r["method"], i) for i, r in enumerate(rows)]
+        colors = [common.method_color(r["method"].removesuffix(" +ckpt"), i) for i, r in enumerate(rows)]
         ax.bar(xs, [r["time_ratio"] for r in rows], color=colors, label="measured step time")
         ax.scatter(xs, [r["exact_floor_ratio"] for r in rows], marker="_", s=600, color="#ff7f0e", zorder=3,
                    linewidths=3, label="exact FLOP floor")
@@ -381,6 +391,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
     p.add_argument("--breakdown", default="dgl+mlaan", metavar="METHOD",
                    help="also time where this method's step goes, on the first case ('none' to skip)")
+    p.add_argument("--grad-checkpointing", default="off", choices=RECOMPUTE_CHOICES,
+                   help="methods whose aux nets are made of blocks (LAM, AugLocal): time them as configured by "
+                        "default (off), recomputing those blocks in backward (on, rows named +ckpt), or both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-speed)")
 
@@ -405,7 +418,7 @@ def run(args: argparse.Namespace) -> int:
     for arch, k in cases:
         print(f"{arch} K={k}:", flush=True)
         results.append(bench_case(arch, k, methods, args.batch, args.warmup, args.repeats, args.seed,
-                                  log=lambda s: print(s, flush=True)))
+                                  log=lambda s: print(s, flush=True), recompute=args.grad_checkpointing))
         common.write_json(out / "speed.json", {"machine": machine, "cases": results})
     table = render(results)
     print("\n" + table, flush=True)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .recompute import run_blocks
+
 AUX_HEAD_SHAPES = ("mlp", "linear")
 
 
@@ -153,6 +155,16 @@ class StackedLoss(nn.Module):
     def __init__(self, trunk: nn.Module, head: nn.Module) -> None:
         super().__init__()
         self.trunk, self.head = trunk, head
+        self.grad_checkpointing = False  # recompute each trunk block in backward (``mlaan.engine.recompute``)
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        self.grad_checkpointing = enable
+        if hasattr(self.trunk, "grad_checkpointing"):  # a LAM trunk checkpoints its own blocks and twin
+            self.trunk.grad_checkpointing = enable
 
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(features), images, targets)
+        if self.grad_checkpointing and isinstance(self.trunk, nn.Sequential):
+            features = run_blocks(self.trunk, features, grad_checkpointing=True)
+        else:
+            features = self.trunk(features)
+        return self.head(features, images, targets)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .recompute import checkpointed, run_blocks
 from .split import BlockProfile
 
 EMA_UPDATE_MODES = ("all", "last")
@@ -89,9 +90,11 @@ class LeapTrunk(nn.Module):
         self.copies = nn.ModuleList(copy.deepcopy(b) for b in blocks)
         self.twin = EMATwin(blocks[0], momentum)
         self.source_index = source_index  # index of the twin's real block in ``backbone.blocks``
+        self.grad_checkpointing = False  # recompute each block in backward (see ``mlaan.engine.recompute``)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        a = self.copies[0](z) + self.twin(z)
-        for block in self.copies[1:]:
-            a = block(a)
-        return a
+        if self.grad_checkpointing:
+            a = checkpointed(self.copies[0], z) + checkpointed(self.twin, z)
+        else:
+            a = self.copies[0](z) + self.twin(z)
+        return run_blocks(self.copies[1:], a, self.grad_checkpointing)

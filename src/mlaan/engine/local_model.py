@@ -75,6 +75,7 @@ class LocalModel(nn.Module):
             self.independent_heads.append(self._build_head(j, leap=spec.leap and not spec.cascade))
             if spec.cascade and j >= 1 and opts.window >= 2:
                 self.cascade_heads[str(j)] = self._build_head(j, leap=spec.leap)
+        self.set_grad_checkpointing(opts.grad_checkpointing)
 
     # ----------------------------------------------------------------------------------------- building
     def _build_head(self, j: int, leap: bool) -> nn.Module:
@@ -117,6 +118,16 @@ class LocalModel(nn.Module):
     @property
     def leap_trunks(self) -> list[LeapTrunk]:
         return [m for m in self.modules() if isinstance(m, LeapTrunk)]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the aux nets' blocks in backward instead of keeping their activations (timm's name).
+
+        Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one
+        more forward of every LAM trunk / AugLocal aux block per step."""
+        self.options.grad_checkpointing = bool(enable)
+        for module in self.modules():
+            if isinstance(module, StackedLoss):
+                module.set_grad_checkpointing(bool(enable))
 
     def register_grads_ready_hook(self, hook: GradsReadyHook) -> None:
         """``hook(params)`` is called during ``train_step`` as soon as those parameters' gradients are final

@@ -40,6 +40,7 @@ METHOD_OPTION_NAMES = (
     "temperature",
     "auglocal_depth",
     "balance",
+    "grad_checkpointing",
 )
 
 
@@ -73,6 +74,7 @@ class TrainConfig:
     temperature: float = _ENGINE_DEFAULTS.temperature
     auglocal_depth: int = _ENGINE_DEFAULTS.auglocal_depth
     balance: str = _ENGINE_DEFAULTS.balance
+    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing  # recompute aux blocks: less memory, same result
     # optimisation (METHOD.md §4: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
     epochs: int = 10
     batch_size: int = 128

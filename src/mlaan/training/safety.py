@@ -42,6 +42,7 @@ RESUME_FREE = frozenset(
         "output_dir",
         "eval_batch_size",
         "save_every",
+        "grad_checkpointing",
         "extra",
     }
 )

@@ -163,6 +163,10 @@ class Trainer:
             image_size=self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
+        if self.ctx.world_size > 1:
+            # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
+            # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
+            _seed_everything(rank_seed(cfg.seed, self.ctx.rank, step=0))
         self.epoch, self.epoch_step, self.step = 0, 0, 0
         self.best_accuracy, self.best_epoch, self.wall_time_before = -1.0, 0, 0.0
         self._rng_to_restore = None
@@ -291,6 +295,8 @@ class Trainer:
         self.ctx.barrier()
         if self._rng_to_restore is not None:
             ckpt_io.set_rng_state(self._rng_to_restore)
+            if self.ctx.world_size > 1:  # the checkpoint holds rank 0's streams: give each rank its own again
+                _seed_everything(rank_seed(cfg.seed, self.ctx.rank, self.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(self._banner())
@@ -643,6 +649,11 @@ def _append_line(path: Path, line: str) -> None:
         f.write(line + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed of its own for each (run seed, rank, step): distinct ranks never share a random stream."""
+    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**63
 
 
 def _seed_everything(seed: int) -> None:

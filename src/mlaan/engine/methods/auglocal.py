@@ -14,6 +14,7 @@ from .registry import register
 class AugLocal(LocalMethod):
     name = "auglocal"
     listing_order = 30
+    aux_blocks = True
     description = "augmented local learning: fresh copies of sampled later blocks + linear probe"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:

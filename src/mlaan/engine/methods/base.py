@@ -36,6 +36,9 @@ class LocalOptions:
     temperature: float = 0.07
     auglocal_depth: int = 4
     balance: str = "blocks"  # split by block count, or "memory" (InfoPro*)
+    # Recompute the aux nets' blocks (LAM trunks and twins, AugLocal blocks) in backward instead of keeping
+    # their activations: less peak memory for one more forward of those blocks; results are unchanged.
+    grad_checkpointing: bool = False
     image_mean: tuple[float, ...] = (0.0,)
     image_std: tuple[float, ...] = (1.0,)
     extra: dict = field(default_factory=dict)
@@ -78,6 +81,7 @@ class LocalMethod:
     description: ClassVar[str] = ""
     end_to_end: ClassVar[bool] = False  # True for BP: a single module, no auxiliary heads
     listing_order: ClassVar[int] = 100  # position in help texts and error messages (baselines first)
+    aux_blocks: ClassVar[bool] = False  # True when the aux net stacks backbone-like blocks (AugLocal)
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         """Return a module called as ``head(features, images, targets) -> scalar loss``."""

@@ -28,6 +28,11 @@ class MethodSpec:
     cascade: bool  # MLM
     leap: bool  # LAM
 
+    @property
+    def has_aux_blocks(self) -> bool:
+        """Whether some aux net is made of backbone-like blocks (what ``grad_checkpointing`` recomputes)."""
+        return self.leap or self.base.aux_blocks
+
 
 def available_methods() -> list[str]:
     """Every accepted method name: each base, and each local base with each suffix."""
