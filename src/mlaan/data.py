@@ -345,24 +345,23 @@ def _cifar(cls, name, classes, mean, std, root, download, augment):
 def _svhn(root, download: bool, augment: bool):
     from torchvision.datasets import SVHN
 
-    mean, std = SVHN_MEAN, SVHN_STD
-    test_tf = _test_transform(mean, std)
-    train_tf = _train_transform(32, 2, False, mean, std) if augment else test_tf
-    train = _torchvision(lambda r, d: SVHN(r, split="train", download=d, transform=train_tf), "svhn", root, download)
-    test = _torchvision(lambda r, d: SVHN(r, split="test", download=d, transform=test_tf), "svhn", root, download)
-    return train, test, DatasetInfo("svhn", 10, 3, 32, mean, std, len(train), len(test), str(root))
+    return _split_style(SVHN, "svhn", 32, 2, False, SVHN_MEAN, SVHN_STD, root, download, augment)
 
 
 @_register("stl10", "STL-10, 10 classes, 3×96×96, crop pad 4 + flip (torchvision; --data-root, --download)")
 def _stl10(root, download: bool, augment: bool):
     from torchvision.datasets import STL10
 
-    mean, std = STL10_MEAN, STL10_STD
+    return _split_style(STL10, "stl10", 96, 4, True, STL10_MEAN, STL10_STD, root, download, augment)
+
+
+def _split_style(cls, name, size, pad, flip, mean, std, root, download, augment):
+    """A torchvision data set chosen with ``split="train"|"test"`` (SVHN, STL-10), 10 classes, 3 channels."""
     test_tf = _test_transform(mean, std)
-    train_tf = _train_transform(96, 4, True, mean, std) if augment else test_tf
-    train = _torchvision(lambda r, d: STL10(r, split="train", download=d, transform=train_tf), "stl10", root, download)
-    test = _torchvision(lambda r, d: STL10(r, split="test", download=d, transform=test_tf), "stl10", root, download)
-    return train, test, DatasetInfo("stl10", 10, 3, 96, mean, std, len(train), len(test), str(root))
+    train_tf = _train_transform(size, pad, flip, mean, std) if augment else test_tf
+    train = _torchvision(lambda r, d: cls(r, split="train", download=d, transform=train_tf), name, root, download)
+    test = _torchvision(lambda r, d: cls(r, split="test", download=d, transform=test_tf), name, root, download)
+    return train, test, DatasetInfo(name, 10, 3, size, mean, std, len(train), len(test), str(root))
 
 
 @_register("imagenet", "ImageNet as an ImageFolder with train/ and val/ (--data-root), 224×224")

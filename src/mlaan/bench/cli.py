@@ -34,20 +34,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy}")
     bench_sub.required = True
 
-    p = bench_sub.add_parser("memory", formatter_class=fmt, help="peak training memory per method × K",
-                             description=memory.__doc__.splitlines()[0])
-    memory.add_arguments(p)
-    p.set_defaults(func=_lazy("memory"))
-
-    p = bench_sub.add_parser("speed", formatter_class=fmt, help="step time vs BP beside FLOP floors",
-                             description=speed.__doc__.splitlines()[0])
-    speed.add_arguments(p)
-    p.set_defaults(func=_lazy("speed"))
-
-    p = bench_sub.add_parser("accuracy", formatter_class=fmt, help="train every method, compare test error",
-                             description=accuracy.__doc__.splitlines()[0])
-    accuracy.add_arguments(p)
-    p.set_defaults(func=_lazy("accuracy"))
+    commands = (
+        (memory, "memory", "peak training memory per method × K"),
+        (speed, "speed", "step time vs BP beside FLOP floors"),
+        (accuracy, "accuracy", "train every method, compare test error"),
+    )
+    for module, name, summary in commands:
+        p = bench_sub.add_parser(name, formatter_class=fmt, help=summary, description=module.__doc__.splitlines()[0])
+        module.add_arguments(p)
+        p.set_defaults(func=_lazy(name))
 
     p = subparsers.add_parser("report", formatter_class=fmt, help="markdown table + plots from mlaan train runs",
                               description=report.__doc__.splitlines()[0])

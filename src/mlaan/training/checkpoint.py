@@ -34,21 +34,31 @@ IDENTITY_KEYS = ("arch", "method", "local_modules")
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` to a temporary file in the same folder, flush + fsync, then ``os.replace``: a reader
     sees the old file or the new one, never half of one."""
+
+    def write(f) -> None:
+        recorder = _WriteRecorder(f)
+        try:
+            torch.save(obj, recorder)
+        except RuntimeError:
+            # torch's zip writer turns a failed write (disk full, file too large) into an obscure
+            # RuntimeError: report the OSError underneath instead
+            if recorder.error is not None:
+                raise recorder.error from None
+            raise
+        if recorder.error is not None:  # a failed write that torch did not report: never rename it
+            raise recorder.error
+
+    _atomic_write(path, "wb", write)
+
+
+def _atomic_write(path: str | os.PathLike, mode: str, write) -> None:
+    """``write(file)`` into a temporary file beside ``path``, flush, fsync, rename over ``path``, fsync the
+    folder; the temporary file is removed if anything fails, so ``path`` stays the previous good file."""
     path = Path(path)
     fd, tmp = _temp_beside(path)
     try:
-        with os.fdopen(fd, "wb") as f:
-            recorder = _WriteRecorder(f)
-            try:
-                torch.save(obj, recorder)
-            except RuntimeError:
-                # torch's zip writer turns a failed write (disk full, file too large) into an obscure
-                # RuntimeError: report the OSError underneath instead
-                if recorder.error is not None:
-                    raise recorder.error from None
-                raise
-            if recorder.error is not None:  # a failed write that torch did not report: never rename it
-                raise recorder.error
+        with os.fdopen(fd, mode) as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -77,18 +87,7 @@ class _WriteRecorder:
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Same guarantee for a text file (metrics.json, export metadata)."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    _atomic_write(path, "w", lambda f: f.write(text))
 
 
 def _temp_beside(path: Path) -> tuple[int, str]:

@@ -26,6 +26,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import IDENTITY_KEYS
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 # Options that may change between a run and its resumption: where and how it runs, not what it computes.
@@ -46,7 +48,6 @@ RESUME_FREE = frozenset(
         "extra",
     }
 )
-IDENTITY_KEYS = ("arch", "method", "local_modules")
 
 
 class RunStopped(Exception):
