@@ -154,3 +154,13 @@ def test_imagenet_folder(tmp_path):
     assert train[0][0].shape == (3, 224, 224) and test[3][1] == 1
     with pytest.raises(FileNotFoundError, match="no train/ or val/"):
         data.build_datasets("imagenet", tmp_path / "train")
+
+
+
+@pytest.mark.parametrize("name", ["fashion-mnist", "synthetic"])
+def test_evaluation_can_skip_the_training_split(name):
+    if name == "fashion-mnist" and not data.SYSTEM_FASHION_MNIST.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist not installed")
+    train, test, info = data.build_datasets(name, None, with_train=False, test_samples=16)
+    assert train is None and info.train_size == 0
+    assert len(test) == info.test_size == 16

@@ -49,6 +49,17 @@ def image_folder(tmp_path_factory) -> Path:
     return root
 
 
+def test_evaluation_reads_only_val_but_checks_the_class_lists(image_folder, tmp_path):
+    train, test, info = data.build_datasets("imagenet", image_folder, with_train=False)
+    assert train is None and len(test) == 2 * len(CLASSES) and info.num_classes == len(CLASSES)
+    (image_folder / "train" / "dog").mkdir()
+    try:
+        with pytest.raises(ValueError, match="train/ has 4 classes but val/ has 3"):
+            data.build_datasets("imagenet", image_folder, with_train=False)
+    finally:
+        (image_folder / "train" / "dog").rmdir()
+
+
 def test_imagefolder_trains_resnet18_local_modules(image_folder):
     train_set, test_set, info = data.build_datasets("imagenet", str(image_folder))
     assert (info.num_classes, info.in_channels, info.image_size) == (3, 3, 224)

@@ -258,7 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         root = args.data_root or meta.get("data_root") or "data"
         options = meta.get("data_options", {}) if dataset == meta["dataset"] else {}
         _, test_set, info = build_datasets(
-            dataset, root, download=args.download, test_samples=args.test_samples, **options
+            dataset, root, download=args.download, test_samples=args.test_samples, with_train=False, **options
         )
         if (info.num_classes, info.in_channels) != (meta["num_classes"], meta["in_channels"]):
             raise ValueError(

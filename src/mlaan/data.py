@@ -103,8 +103,12 @@ def build_datasets(
     synthetic_train_size: int = 2048,
     synthetic_test_size: int = 512,
     synthetic_image_size: int = 32,
-) -> tuple[Dataset, Dataset, DatasetInfo]:
+    with_train: bool = True,
+) -> tuple[Dataset | None, Dataset, DatasetInfo]:
     """``(train_set, test_set, info)`` for data set ``name``.
+
+    ``with_train=False`` skips the training split (``train_set`` is None, ``info.train_size`` 0): evaluation
+    does not pay for scanning ImageNet's 1.28 M training files.
 
     ``root`` is the data root (``None``: the builder's default lookup); ``train_samples``/``test_samples`` keep
     the first N samples of each split. ``augment=False`` gives the training split the test transform.
@@ -115,18 +119,20 @@ def build_datasets(
     for flag, value in (("train_samples", train_samples), ("test_samples", test_samples)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{flag} must be a positive integer, got {value!r}")
-    kwargs: dict = {"root": root, "download": download, "augment": augment}
+    kwargs: dict = {"root": root, "download": download, "augment": augment, "with_train": with_train}
     if name == "synthetic":
         kwargs = {
             "augment": augment,
+            "with_train": with_train,
             "train_size": synthetic_train_size,
             "test_size": synthetic_test_size,
             "image_size": synthetic_image_size,
         }
     train_set, test_set, info = _REGISTRY[name].builder(**kwargs)
-    train_set = _first(train_set, train_samples)
+    train_set = _first(train_set, train_samples) if train_set is not None else None
     test_set = _first(test_set, test_samples)
-    info = DatasetInfo(**{**info.to_dict(), "train_size": len(train_set), "test_size": len(test_set)})
+    train_size = len(train_set) if train_set is not None else 0
+    info = DatasetInfo(**{**info.to_dict(), "train_size": train_size, "test_size": len(test_set)})
     return train_set, test_set, info
 
 
@@ -137,6 +143,10 @@ def download_dataset(name: str, root: str | os.PathLike) -> Path:
         raise ValueError(f"dataset {name!r} cannot be downloaded; downloadable: {', '.join(_DOWNLOADABLE)}")
     build_datasets(name, root, download=True)
     return Path(root)
+
+
+def _size(dataset: Dataset | None) -> int:
+    return 0 if dataset is None else len(dataset)
 
 
 def _first(dataset: Dataset, n: int | None) -> Dataset:
@@ -278,7 +288,7 @@ def load_fashion_mnist(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 @_register("fashion-mnist", "Fashion-MNIST, 10 classes, 1×28×28 zero-padded to 32×32 (default; Debian or --download)")
-def _fashion_mnist(root, download: bool, augment: bool):
+def _fashion_mnist(root, download: bool, augment: bool, with_train: bool = True):
     folder = fashion_mnist_folder(root)
     if folder is None and download:
         if root is None:
@@ -301,9 +311,10 @@ def _fashion_mnist(root, download: bool, augment: bool):
     pad_to_32 = v2.Pad(2)
     train_tf = v2.Compose([pad_to_32, _train_transform(32, 4, True, mean, std, padding_mode="constant")])
     test_tf = v2.Compose([pad_to_32, _test_transform(mean, std)])
-    train = TensorImageDataset(arrays["train_images"], arrays["train_labels"], train_tf if augment else test_tf)
+    train = (TensorImageDataset(arrays["train_images"], arrays["train_labels"], train_tf if augment else test_tf)
+             if with_train else None)
     test = TensorImageDataset(arrays["test_images"], arrays["test_labels"], test_tf)
-    info = DatasetInfo("fashion-mnist", 10, 1, 32, mean, std, len(train), len(test), str(folder))
+    info = DatasetInfo("fashion-mnist", 10, 1, 32, mean, std, _size(train), len(test), str(folder))
     return train, test, info
 
 
@@ -320,52 +331,54 @@ def _torchvision(make: Callable, name: str, root, download: bool):
 
 
 @_register("cifar10", "CIFAR-10, 10 classes, 3×32×32 (torchvision; --data-root, --download)")
-def _cifar10(root, download: bool, augment: bool):
+def _cifar10(root, download: bool, augment: bool, with_train: bool = True):
     from torchvision.datasets import CIFAR10
 
-    return _cifar(CIFAR10, "cifar10", 10, CIFAR10_MEAN, CIFAR10_STD, root, download, augment)
+    return _cifar(CIFAR10, "cifar10", 10, CIFAR10_MEAN, CIFAR10_STD, root, download, augment, with_train)
 
 
 @_register("cifar100", "CIFAR-100, 100 classes, 3×32×32 (torchvision; --data-root, --download)")
-def _cifar100(root, download: bool, augment: bool):
+def _cifar100(root, download: bool, augment: bool, with_train: bool = True):
     from torchvision.datasets import CIFAR100
 
-    return _cifar(CIFAR100, "cifar100", 100, CIFAR100_MEAN, CIFAR100_STD, root, download, augment)
+    return _cifar(CIFAR100, "cifar100", 100, CIFAR100_MEAN, CIFAR100_STD, root, download, augment, with_train)
 
 
-def _cifar(cls, name, classes, mean, std, root, download, augment):
+def _cifar(cls, name, classes, mean, std, root, download, augment, with_train):
     test_tf = _test_transform(mean, std)
     train_tf = _train_transform(32, 4, True, mean, std) if augment else test_tf
-    train = _torchvision(lambda r, d: cls(r, train=True, download=d, transform=train_tf), name, root, download)
+    train = (_torchvision(lambda r, d: cls(r, train=True, download=d, transform=train_tf), name, root, download)
+             if with_train else None)
     test = _torchvision(lambda r, d: cls(r, train=False, download=d, transform=test_tf), name, root, download)
-    return train, test, DatasetInfo(name, classes, 3, 32, mean, std, len(train), len(test), str(root))
+    return train, test, DatasetInfo(name, classes, 3, 32, mean, std, _size(train), len(test), str(root))
 
 
 @_register("svhn", "SVHN, 10 classes, 3×32×32, crop pad 2, no flip (torchvision; --data-root, --download)")
-def _svhn(root, download: bool, augment: bool):
+def _svhn(root, download: bool, augment: bool, with_train: bool = True):
     from torchvision.datasets import SVHN
 
-    return _split_style(SVHN, "svhn", 32, 2, False, SVHN_MEAN, SVHN_STD, root, download, augment)
+    return _split_style(SVHN, "svhn", 32, 2, False, SVHN_MEAN, SVHN_STD, root, download, augment, with_train)
 
 
 @_register("stl10", "STL-10, 10 classes, 3×96×96, crop pad 4 + flip (torchvision; --data-root, --download)")
-def _stl10(root, download: bool, augment: bool):
+def _stl10(root, download: bool, augment: bool, with_train: bool = True):
     from torchvision.datasets import STL10
 
-    return _split_style(STL10, "stl10", 96, 4, True, STL10_MEAN, STL10_STD, root, download, augment)
+    return _split_style(STL10, "stl10", 96, 4, True, STL10_MEAN, STL10_STD, root, download, augment, with_train)
 
 
-def _split_style(cls, name, size, pad, flip, mean, std, root, download, augment):
+def _split_style(cls, name, size, pad, flip, mean, std, root, download, augment, with_train):
     """A torchvision data set chosen with ``split="train"|"test"`` (SVHN, STL-10), 10 classes, 3 channels."""
     test_tf = _test_transform(mean, std)
     train_tf = _train_transform(size, pad, flip, mean, std) if augment else test_tf
-    train = _torchvision(lambda r, d: cls(r, split="train", download=d, transform=train_tf), name, root, download)
+    train = (_torchvision(lambda r, d: cls(r, split="train", download=d, transform=train_tf), name, root, download)
+             if with_train else None)
     test = _torchvision(lambda r, d: cls(r, split="test", download=d, transform=test_tf), name, root, download)
-    return train, test, DatasetInfo(name, 10, 3, size, mean, std, len(train), len(test), str(root))
+    return train, test, DatasetInfo(name, 10, 3, size, mean, std, _size(train), len(test), str(root))
 
 
 @_register("imagenet", "ImageNet as an ImageFolder with train/ and val/ (--data-root), 224×224")
-def _imagenet(root, download: bool, augment: bool):
+def _imagenet(root, download: bool, augment: bool, with_train: bool = True):
     from torchvision.datasets import ImageFolder
     from torchvision.transforms import v2
 
@@ -387,11 +400,13 @@ def _imagenet(root, download: bool, augment: bool):
             v2.Normalize(mean, std),
         ]
     )
-    train = ImageFolder(str(Path(root) / "train"), transform=train_tf if augment else test_tf)
     test = ImageFolder(str(Path(root) / "val"), transform=test_tf)
-    if train.classes != test.classes:
-        raise ValueError(f"imagenet: train/ has {len(train.classes)} classes but val/ has {len(test.classes)}")
-    info = DatasetInfo("imagenet", len(train.classes), 3, 224, mean, std, len(train), len(test), str(root))
+    # the class list is the train/ folder's subfolders: comparing names needs no scan of the images
+    train_classes = sorted(e.name for e in os.scandir(Path(root) / "train") if e.is_dir())
+    if train_classes != test.classes:
+        raise ValueError(f"imagenet: train/ has {len(train_classes)} classes but val/ has {len(test.classes)}")
+    train = ImageFolder(str(Path(root) / "train"), transform=train_tf if augment else test_tf) if with_train else None
+    info = DatasetInfo("imagenet", len(test.classes), 3, 224, mean, std, _size(train), len(test), str(root))
     return train, test, info
 
 
@@ -412,7 +427,7 @@ def make_synthetic(
 
 
 @_register("synthetic", "random 3×32×32 images, 10 classes, for smoke and memory runs (--synthetic-* sizes)")
-def _synthetic(augment: bool, train_size: int, test_size: int, image_size: int):
+def _synthetic(augment: bool, train_size: int, test_size: int, image_size: int, with_train: bool = True):
     for flag, value, low in (
         ("synthetic_train_size", train_size, 1),
         ("synthetic_test_size", test_size, 1),
@@ -423,7 +438,9 @@ def _synthetic(augment: bool, train_size: int, test_size: int, image_size: int):
     mean, std = SYNTHETIC_MEAN, SYNTHETIC_STD
     test_tf = _test_transform(mean, std)
     train_tf = _train_transform(image_size, 4, True, mean, std) if augment else test_tf
-    train = TensorImageDataset(*make_synthetic(train_size, image_size, seed=1), transform=train_tf)
+    train = None
+    if with_train:
+        train = TensorImageDataset(*make_synthetic(train_size, image_size, seed=1), transform=train_tf)
     test = TensorImageDataset(*make_synthetic(test_size, image_size, seed=2), transform=test_tf)
-    info = DatasetInfo("synthetic", 10, 3, image_size, mean, std, len(train), len(test), "generated")
+    info = DatasetInfo("synthetic", 10, 3, image_size, mean, std, _size(train), len(test), "generated")
     return train, test, info
