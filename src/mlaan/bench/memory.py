@@ -508,10 +508,10 @@ def plot(results: list[dict], path: Path) -> None:
         batch = rs[0]["batch"] if rs else "?"
         how = "torch.cuda.max_memory_allocated" if rs and rs[0]["mode"] == "cuda" else "exact accounting"
         ax.set_title(f"{arch}, batch {batch} ({how})")
-        ax.legend(fontsize=8, ncol=2, loc="upper right")
+        ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: bars stay clear
         ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
