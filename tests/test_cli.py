@@ -94,6 +94,19 @@ def test_resume_from_the_command_line(tmp_path, capsys):
     assert summary["steps"] == 5 and summary["config"]["method"] == "dgl"  # config came from the checkpoint
 
 
+def test_grad_checkpointing_flag_and_changing_it_on_resume(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", *SYNTH, "--method", "dgl+mlaan", "--epochs", "2", "--grad-checkpointing", "--output-dir", out]
+    assert mlaan_cli(capsys, *args)[0] == 0
+    assert json.loads((out / "metrics.json").read_text())["config"]["grad_checkpointing"] is True
+    # recomputing or not does not change what a run computes, so a resume may switch it
+    code, stdout, err = mlaan_cli(capsys, "train", "--output-dir", out, "--resume", "--no-grad-checkpointing",
+                                  "--max-steps", "4")
+    assert code == 0, err
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["steps"] == 4 and summary["config"]["grad_checkpointing"] is False
+
+
 # ------------------------------------------------------------------------------------------ eval / export
 def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--json")
