@@ -56,14 +56,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--k", type=int, default=16, help="local modules K (BP always 1)")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--epochs", type=int, default=2, help="epoch budget of every method")
+    p.add_argument("--epochs", type=int, default=3, help="epoch budget of every method")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
     p.add_argument("--warmup-epochs", type=float, default=0.2, help="linear warm-up before the cosine decay")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-samples", type=int, default=10000,
-                   help="train on the first N training images (0: all 60000); the default budget, 2 epochs of "
-                        "10000 images for 7 methods, takes about an hour on 2 CPU cores")
+    p.add_argument("--train-samples", type=int, default=15000,
+                   help="train on the first N training images (0: all 60000); the default budget, 3 epochs of "
+                        "15000 images for 7 methods, took 50 minutes on 2 CPU cores (BENCHMARKS.md)")
     p.add_argument("--test-samples", type=int, default=None, help="test on the first N test images")
     p.add_argument("--data-root", default=None, help="data folder passed to `mlaan train`")
     p.add_argument("--device", default=None, help="auto, cpu or cuda, passed to `mlaan train`")
