@@ -196,10 +196,11 @@ def test_lam_copies_and_twins_start_equal_to_their_blocks():
             assert torch.equal(value, real[key])
 
 
-@pytest.mark.parametrize("method", ["dgl+mlaan", "infopro+mlaan", "dgl+lam", "auglocal"])
+@pytest.mark.parametrize("method", ["dgl+mlaan", "infopro+mlaan", "dgl+lam", "dgl+mlm", "auglocal"])
 def test_grad_checkpointing_changes_nothing_but_memory(method):
-    """Recomputed aux blocks give bit-identical losses and gradients, and leave BatchNorm running statistics
-    as an ordinary step does (the recompute must not count a batch twice)."""
+    """Recomputed aux blocks and window modules give bit-identical losses and gradients, and leave BatchNorm
+    running statistics as an ordinary step does (a recompute must not count a batch twice; a window module is
+    recomputed twice)."""
     torch.manual_seed(0)
     plain = mlaan.create_local_model("resnet20", method, 4)
     recomputing = copy.deepcopy(plain)

@@ -133,8 +133,8 @@ def _add_train(subparsers) -> None:
                    help=f"AugLocal aux depth d (default: {d.auglocal_depth})")
     g.add_argument("--balance", default=S, help=f"split by 'blocks' or 'memory' (default: {d.balance})")
     g.add_argument("--grad-checkpointing", dest="grad_checkpointing", action=argparse.BooleanOptionalAction,
-                   default=S, help="recompute the aux nets' blocks (LAM trunks, EMA twins) in backward: less peak "
-                   "memory for about one more trunk forward per step, identical results (default: off)")
+                   default=S, help="recompute aux blocks (LAM trunks, EMA twins) and the cascade window's module "
+                   "graphs in backward: less peak memory for more forward compute, identical results (default: off)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"(default: {d.epochs})")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help=f"(default: {d.batch_size})")

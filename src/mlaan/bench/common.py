@@ -97,14 +97,14 @@ RECOMPUTE_CHOICES = ("off", "on", "both")
 
 
 def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: str) -> list[tuple[str, str, int, dict]]:
-    """Each case with its engine options; methods with block-built aux nets (LAM, AugLocal) run without
+    """Each case with its engine options; methods with something to recompute (LAM, MLM, AugLocal) run without
     ``grad_checkpointing`` ("off"), with it ("on"), or both ways, one after the other ("both")."""
     if recompute not in RECOMPUTE_CHOICES:
         raise ValueError(f"unknown --grad-checkpointing {recompute!r}; allowed: {', '.join(RECOMPUTE_CHOICES)}")
     flags = {"off": [False], "on": [True], "both": [False, True]}[recompute]
     planned = []
     for arch, method, k in cases:
-        if method == "bp" or not parse_method(method).has_aux_blocks:
+        if method == "bp" or not parse_method(method).can_recompute:
             planned.append((arch, method, k, dict(options)))
             continue
         planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in flags)
@@ -112,7 +112,7 @@ def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: s
 
 
 def label(result: dict) -> str:
-    """The method's name, marked when its aux blocks were recomputed (``grad_checkpointing``)."""
+    """The method's name, marked when it ran with ``grad_checkpointing``."""
     recomputed = (result.get("options") or {}).get("grad_checkpointing")
     return result["method"] + (" +ckpt" if recomputed else "")
 

@@ -21,6 +21,7 @@ from .. import models
 from .heads import AUX_HEAD_SHAPES, StackedLoss
 from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
+from .recompute import checkpointed
 from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
@@ -120,10 +121,11 @@ class LocalModel(nn.Module):
         return [m for m in self.modules() if isinstance(m, LeapTrunk)]
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute the aux nets' blocks in backward instead of keeping their activations (timm's name).
+        """Recompute in backward instead of keeping activations (timm's name): every LAM trunk / AugLocal aux
+        block, and each backbone module whose graph the cascade window keeps alive (MLM).
 
-        Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one
-        more forward of every LAM trunk / AugLocal aux block per step."""
+        Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one more
+        forward of every aux block and up to two of each module per step (its input gradient, then its weights)."""
         self.options.grad_checkpointing = bool(enable)
         for module in self.modules():
             if isinstance(module, StackedLoss):
@@ -143,6 +145,8 @@ class LocalModel(nn.Module):
         """
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
+        # a module graph kept for the cascade window saves only its input when recomputed in backward
+        recompute_modules = self.options.grad_checkpointing and window >= 2
         pending: list[_Pending] = []
         module_losses: list[torch.Tensor] = []
         x = images
@@ -151,7 +155,7 @@ class LocalModel(nn.Module):
             if window >= 2 and j >= 1:
                 inputs.requires_grad_()
             with self._autocast():
-                output = module(inputs)
+                output = checkpointed(module, inputs) if recompute_modules else module(inputs)
             grad_total, grad_cascade, loss_value = self._local_gradients(j, output, images, targets)
             module_losses.append(loss_value)
             pending.append(_Pending(j, inputs, output, grad_total))
@@ -188,12 +192,15 @@ class LocalModel(nn.Module):
 
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
-        g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
         if str(j) not in self.cascade_heads:
+            g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
             return g_ind, None, value
+        # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
+        # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
         g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
-        return g_ind + g_casc, g_casc, w_ind * value + self.options.w_casc * casc_value
+        g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+        return g_ind.add_(g_casc), g_casc, w_ind * value + self.options.w_casc * casc_value
 
     def _head_gradient(
         self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float

@@ -1,9 +1,10 @@
-"""Activation checkpointing for the blocks inside auxiliary nets: keep each block's input, recompute the rest.
+"""Activation checkpointing: keep each block's input, recompute the rest in backward.
 
 Why: under LAM the cascaded aux nets of the early modules are copies of later blocks (plus an EMA twin) that run
 at the early modules' full resolution, and the activations they save for backward are the largest share of
-MLAAN's peak memory. Recomputing them during the backward costs one more forward of those blocks and frees
-all but one block's activations at a time (``LocalOptions.grad_checkpointing``, ``--grad-checkpointing``).
+MLAAN's peak memory; next come the graphs of the backbone modules a cascade window (MLM) keeps alive.
+Recomputing them during the backward costs more forward compute and frees all but one block's activations at
+a time (``LocalOptions.grad_checkpointing``, ``--grad-checkpointing``).
 
 The recompute runs a BatchNorm in training mode a second time, which would move its running statistics twice;
 they are put back afterwards, so a checkpointed step leaves exactly the state of an ordinary one.
@@ -12,30 +13,40 @@ they are put back afterwards, so a checkpointed step leaves exactly the state of
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
-@contextlib.contextmanager
-def _running_stats_kept(module: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm running statistic of ``module`` on exit (the recompute must not count twice)."""
-    norms = [
-        m for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-    ]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-             for m in norms]
-    try:
-        yield
-    finally:
+class _RunningStatsKept:
+    """Restores every BatchNorm running statistic of ``module`` on exit (a recompute must not count twice).
+
+    A class, not a generator: checkpoint enters the same recompute context once per backward that reaches the
+    block, and a module graph kept for the cascade window is backwarded twice (its input gradient, then its
+    weight gradients)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.norms = [
+            m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+        ]
+        self.saved: list[list[torch.Tensor]] = []
+
+    @staticmethod
+    def _buffers(norm: nn.modules.batchnorm._BatchNorm) -> list[torch.Tensor]:
+        return [b for b in (norm.running_mean, norm.running_var, norm.num_batches_tracked) if b is not None]
+
+    def __enter__(self) -> None:
+        self.saved = [[b.clone() for b in self._buffers(m)] for m in self.norms]
+
+    def __exit__(self, *exc: object) -> None:
         with torch.no_grad():
-            for m, buffers in zip(norms, saved):
-                live = [b for b in (m.running_mean, m.running_var, m.num_batches_tracked) if b is not None]
-                for target, value in zip(live, buffers):
+            for m, values in zip(self.norms, self.saved):
+                for target, value in zip(self._buffers(m), values):
                     target.copy_(value)
+        self.saved = []
 
 
 def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -46,7 +57,7 @@ def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return block(x)
     return checkpoint(
         block, x, use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _running_stats_kept(block)),
+        context_fn=lambda: (contextlib.nullcontext(), _RunningStatsKept(block)),
     )
 
 

@@ -36,8 +36,9 @@ class LocalOptions:
     temperature: float = 0.07
     auglocal_depth: int = 4
     balance: str = "blocks"  # split by block count, or "memory" (InfoPro*)
-    # Recompute the aux nets' blocks (LAM trunks and twins, AugLocal blocks) in backward instead of keeping
-    # their activations: less peak memory for one more forward of those blocks; results are unchanged.
+    # Recompute in backward instead of keeping activations: the aux nets' blocks (LAM trunks and twins, AugLocal
+    # blocks) and the backbone modules whose graphs a cascade window keeps alive. Less peak memory for about one
+    # more forward of those blocks (two for the window's modules); results are unchanged.
     grad_checkpointing: bool = False
     image_mean: tuple[float, ...] = (0.0,)
     image_std: tuple[float, ...] = (1.0,)

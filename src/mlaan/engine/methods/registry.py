@@ -29,9 +29,10 @@ class MethodSpec:
     leap: bool  # LAM
 
     @property
-    def has_aux_blocks(self) -> bool:
-        """Whether some aux net is made of backbone-like blocks (what ``grad_checkpointing`` recomputes)."""
-        return self.leap or self.base.aux_blocks
+    def can_recompute(self) -> bool:
+        """Whether ``grad_checkpointing`` has anything to recompute: aux nets made of backbone-like blocks (LAM,
+        AugLocal) or module graphs kept alive for a cascade window (MLM)."""
+        return self.leap or self.cascade or self.base.aux_blocks
 
 
 def available_methods() -> list[str]:
