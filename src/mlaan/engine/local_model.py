@@ -4,6 +4,7 @@ auxiliary loss, with MLAAN's cascades (MLM) and leap-augmented aux nets (LAM) on
 The step schedule (``train_step``) runs every backbone module forward exactly once. A cascaded loss reaches
 back through the retained graphs of its window instead of recomputing them; each module's graph is kept only
 until the last cascade that crosses it is done, so at most ``window`` module graphs are alive at a time.
+With ``grad_checkpointing`` those graphs hold only their blocks' inputs and are recomputed in backward.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .. import models
 from .heads import AUX_HEAD_SHAPES, StackedLoss
 from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
-from .recompute import checkpointed
+from .recompute import run_blocks
 from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
@@ -145,7 +146,7 @@ class LocalModel(nn.Module):
         """
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
-        # a module graph kept for the cascade window saves only its input when recomputed in backward
+        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward
         recompute_modules = self.options.grad_checkpointing and window >= 2
         pending: list[_Pending] = []
         module_losses: list[torch.Tensor] = []
@@ -155,7 +156,7 @@ class LocalModel(nn.Module):
             if window >= 2 and j >= 1:
                 inputs.requires_grad_()
             with self._autocast():
-                output = checkpointed(module, inputs) if recompute_modules else module(inputs)
+                output = run_blocks(module, inputs, True) if recompute_modules else module(inputs)
             grad_total, grad_cascade, loss_value = self._local_gradients(j, output, images, targets)
             module_losses.append(loss_value)
             pending.append(_Pending(j, inputs, output, grad_total))
