@@ -536,8 +536,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option for every local method, e.g. lam_depth=2 (repeatable)")
     p.add_argument("--grad-checkpointing", default="both", choices=RECOMPUTE_CHOICES,
-                   help="methods whose aux nets are made of blocks (LAM, AugLocal): measure them without "
-                        "recomputing those blocks in backward, with it (+ckpt rows), or both")
+                   help="methods with something to recompute (LAM, MLM, AugLocal): measure them without "
+                        "grad_checkpointing, with it (+ckpt rows), or both")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-memory)")
 
 

@@ -88,7 +88,7 @@ def bench_case(
 ) -> dict:
     """Interleaved step times and FLOPs of ``methods`` on ``arch`` with K local modules (BP: K=1).
 
-    ``recompute`` ("off", "on", "both") times methods with block-built aux nets without and/or with
+    ``recompute`` ("off", "on", "both") times methods with something to recompute without and/or with
     ``grad_checkpointing``; those rows are named ``METHOD +ckpt``."""
     if "bp" not in methods:
         methods = ["bp", *methods]
@@ -392,8 +392,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--breakdown", default="dgl+mlaan", metavar="METHOD",
                    help="also time where this method's step goes, on the first case ('none' to skip)")
     p.add_argument("--grad-checkpointing", default="off", choices=RECOMPUTE_CHOICES,
-                   help="methods whose aux nets are made of blocks (LAM, AugLocal): time them as configured by "
-                        "default (off), recomputing those blocks in backward (on, rows named +ckpt), or both")
+                   help="methods with something to recompute (LAM, MLM, AugLocal): time them as configured by "
+                        "default (off), with grad_checkpointing (on, rows named +ckpt), or both")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-speed)")
 
