@@ -1,10 +1,13 @@
-"""`mlaan bench accuracy`: train every method on Fashion-MNIST with the same seed, recipe and epoch budget.
+"""`mlaan bench accuracy`: train every method with every seed on one recipe, report mean ± std and paired gaps.
 
-Each method is one `mlaan train` subprocess (``python -m mlaan train --method M ... --output-dir RUN/M``),
-run one after the other; the results table (test error, Δ vs BP, Δ vs the base method) and the learning
-curves come from the runs' ``metrics.jsonl``/``metrics.json`` through :mod:`mlaan.bench.report`. A method whose
-run already finished in the output folder is not trained again (``--force`` retrains), so an interrupted
-benchmark resumes.
+Each (method, seed) is one `mlaan train` subprocess writing to ``OUT/<method>/seed<N>/`` (``+`` spelled ``_``),
+its log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe.json``: arch, K, data, epochs,
+optimiser, extra train flags); a later invocation with another recipe is refused, one with other methods or seeds
+adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt`` without ``metrics.json``) are
+continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
+again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``). The report (``accuracy.md``,
+``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test error per method,
+each seed, and Δ vs BP and vs the base method as paired per-seed differences (:mod:`mlaan.bench.seeds`).
 """
 
 from __future__ import annotations
@@ -16,25 +19,29 @@ import sys
 import time
 from pathlib import Path
 
-from . import common, report
+from .. import runtime
+from . import common, report, seeds
 
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
+# The settings that make runs comparable; runs in one folder must share them.
+RECIPE_KEYS = ("arch", "k", "dataset", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
+               "train_samples", "test_samples", "train_arg")
 
 
-def train_command(args: argparse.Namespace, method: str, run_dir: Path) -> list[str]:
-    """The `mlaan train` command line of one method (every method gets the same recipe)."""
+def run_dir(out: Path, method: str, seed: int) -> Path:
+    """Where one (method, seed) run lives."""
+    return out / method.replace("+", "_") / f"seed{seed}"
+
+
+def train_command(args: argparse.Namespace, method: str, seed: int, folder: Path, threads: int | None) -> list[str]:
+    """The `mlaan train` command line of one run (every run gets the same recipe)."""
+    k = 1 if mlaan_end_to_end(method) else args.k
     cmd = [
         sys.executable, "-m", "mlaan", "train",
-        "--method", method,
-        "--arch", args.arch,
-        "--local-modules", str(1 if method == "bp" else args.k),
-        "--dataset", args.dataset,
-        "--epochs", str(args.epochs),
-        "--batch-size", str(args.batch_size),
-        "--lr", str(args.lr),
-        "--warmup-epochs", str(args.warmup_epochs),
-        "--seed", str(args.seed),
-        "--output-dir", str(run_dir),
+        "--method", method, "--arch", args.arch, "--local-modules", str(k), "--dataset", args.dataset,
+        "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr),
+        "--weight-decay", str(args.weight_decay), "--warmup-epochs", str(args.warmup_epochs),
+        "--seed", str(seed), "--output-dir", str(folder),
     ]
     if args.train_samples and args.train_samples > 0:
         cmd += ["--train-samples", str(args.train_samples)]
@@ -44,80 +51,224 @@ def train_command(args: argparse.Namespace, method: str, run_dir: Path) -> list[
         cmd += ["--data-root", args.data_root]
     if args.device:
         cmd += ["--device", args.device]
-    if args.force:
-        cmd += ["--overwrite"]
+    if threads is not None:
+        cmd += ["--threads", str(threads)]
+    if args.save_every:
+        cmd += ["--save-every", str(args.save_every)]
     for extra in args.train_arg or []:
         cmd += extra.split()
     return cmd
 
 
+def mlaan_end_to_end(method: str) -> bool:
+    """Whether the method trains end to end (K is then 1): asked of the method, not matched by name."""
+    from ..engine import parse_method
+
+    return parse_method(method).base.end_to_end
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(ACCURACY_METHODS), help="comma-separated methods")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds; every method is trained with each")
+    p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
     p.add_argument("--arch", default="resnet32")
-    p.add_argument("--k", type=int, default=16, help="local modules K (BP always 1)")
+    p.add_argument("--k", type=int, default=16, help="local modules K (end-to-end methods: 1)")
     p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--epochs", type=int, default=3, help="epoch budget of every method")
+    p.add_argument("--epochs", type=int, default=3, help="epoch budget of every run")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
     p.add_argument("--warmup-epochs", type=float, default=0.2, help="linear warm-up before the cosine decay")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-samples", type=int, default=15000,
-                   help="train on the first N training images (0: all 60000); the default budget, 3 epochs of "
-                        "15000 images for 7 methods, took 50 minutes on 2 CPU cores (BENCHMARKS.md)")
+                   help="train on the first N training images (0: all); the default budget, 3 epochs of 15000 "
+                        "images for 7 methods, took 50 minutes on 2 CPU cores (BENCHMARKS.md)")
     p.add_argument("--test-samples", type=int, default=None, help="test on the first N test images")
     p.add_argument("--data-root", default=None, help="data folder passed to `mlaan train`")
     p.add_argument("--device", default=None, help="auto, cpu or cuda, passed to `mlaan train`")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at the same time")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads per run (default: 1 per run with --jobs > 1, else the idle cores)")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="each run saves last.pt every N steps, so an interrupted run loses at most N steps")
     p.add_argument("--train-arg", action="append", metavar="'--flag value'",
-                   help="extra argument(s) passed to every `mlaan train` (repeatable)")
-    p.add_argument("--force", action="store_true", help="retrain methods whose run already finished")
+                   help="extra argument(s) passed to every `mlaan train` (repeatable; part of the recipe)")
+    p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
 
-def run(args: argparse.Namespace) -> int:
+def _recipe(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in RECIPE_KEYS}
+
+
+def check_recipe(out: Path, recipe: dict) -> None:
+    """Record the folder's recipe, or refuse (ValueError) one that differs from the recorded one."""
+    path = out / "recipe.json"
+    if not path.exists():
+        common.write_json(path, recipe)
+        return
+    recorded = json.loads(path.read_text())
+    differ = [f"{k}: {recorded.get(k)!r} there, {recipe[k]!r} now" for k in RECIPE_KEYS if recorded.get(k) != recipe[k]]
+    if differ:
+        raise ValueError(f"{out} holds runs of another recipe ({'; '.join(differ)}): use the same settings to add "
+                         "to it, or another --output-dir")
+
+
+def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
     methods = common.parse_methods(args.methods)
+    seed_list = [args.seed] if args.seed is not None else _parse_seeds(args.seeds)
     common.check_arch(args.arch)
-    for name, value in (("--k", args.k), ("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+    for name, value in (("--k", args.k), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
+                        ("--jobs", args.jobs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
-    if args.lr <= 0:
-        raise ValueError(f"--lr must be positive, got {args.lr}")
-    out = common.output_dir(args.output_dir, "accuracy")
-    machine = common.machine_description() + f"; code {common.code_version()}"
-    print(f"mlaan bench accuracy on {machine}: {', '.join(methods)}; {args.arch} K={args.k}, {args.dataset}, "
-          f"{args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, seed {args.seed}", flush=True)
-    run_dirs, failures = [], []
-    for method in methods:
-        run_dir = out / method.replace("+", "_")
-        if (run_dir / "metrics.json").exists() and not args.force:
-            print(f"  {method}: finished earlier in {run_dir}, kept", flush=True)
-            run_dirs.append(run_dir)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.lr <= 0 or args.weight_decay < 0:
+        raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
+    return methods, seed_list
+
+
+def _parse_seeds(text: str) -> list[int]:
+    values = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
             continue
-        cmd = train_command(args, method, run_dir)
-        print(f"  {method}: {' '.join(cmd[1:])}", flush=True)
-        t0 = time.perf_counter()
-        log_path = out / f"{method.replace('+', '_')}.log"
-        with open(log_path, "w") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        if proc.returncode != 0 or not (run_dir / "metrics.json").exists():
-            tail = log_path.read_text().strip().splitlines()[-3:]
-            failures.append(method)
-            print(f"  {method}: FAILED (exit {proc.returncode}): {' | '.join(tail)}", flush=True)
-            continue
-        final = json.loads((run_dir / "metrics.json").read_text())
-        print(f"  {method}: test accuracy {100 * final['test_accuracy']:.2f}% in {time.perf_counter() - t0:.0f}s",
-              flush=True)
-        run_dirs.append(run_dir)
-    if not run_dirs:
-        raise RuntimeError("every training run failed; see the logs in " + str(out))
-    result = report.write_report(run_dirs, out, title=f"{args.dataset}, {args.arch} K={args.k}, "
-                                                       f"{args.epochs} epochs, seed {args.seed}")
-    summary = {
+        if not item.isdigit():
+            raise ValueError(f"--seeds: {item!r} is not a non-negative integer (e.g. --seeds 0,1,2)")
+        values.append(int(item))
+    if not values:
+        raise ValueError("--seeds: no seed given (e.g. --seeds 0,1,2)")
+    return list(dict.fromkeys(values))
+
+
+def _state(folder: Path) -> str:
+    if (folder / "metrics.json").exists():
+        return "finished"
+    return "unfinished" if (folder / "last.pt").exists() else "new"
+
+
+class _Job:
+    """One `mlaan train` subprocess and where its log goes."""
+
+    def __init__(self, method: str, seed: int, cmd: list[str], log_path: Path) -> None:
+        self.method, self.seed, self.cmd, self.log_path = method, seed, cmd, log_path
+        self.log = open(log_path, "a")
+        self.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd[1:])}\n")
+        self.log.flush()
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def close(self) -> None:
+        self.log.close()
+
+
+def train_all(args: argparse.Namespace, plan: list[tuple[str, int]], out: Path) -> list[str]:
+    """Train (or continue) every planned run, ``args.jobs`` at a time; returns the failed runs' names."""
+    threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    queue, running, failures = list(plan), [], []
+    try:
+        while queue or running:
+            while queue and len(running) < args.jobs:
+                method, seed = queue.pop(0)
+                folder = run_dir(out, method, seed)
+                cmd = train_command(args, method, seed, folder, threads)
+                state = _state(folder)
+                cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
+                name = f"{method} seed {seed}"
+                print(f"  {name}: {'continuing' if state == 'unfinished' else 'starting'}: {' '.join(cmd[3:])}",
+                      flush=True)
+                running.append(_Job(method, seed, cmd, logs / f"{method.replace('+', '_')}-seed{seed}.log"))
+            time.sleep(1.0)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
+                job.close()
+                failures += _finished(job, out)
+    except KeyboardInterrupt:
+        for job in running:  # they save at a step boundary and exit; the next invocation continues them
+            job.proc.wait()
+            job.close()
+        raise
+    return failures
+
+
+def _finished(job: _Job, out: Path) -> list[str]:
+    name = f"{job.method} seed {job.seed}"
+    final = run_dir(out, job.method, job.seed) / "metrics.json"
+    if job.proc.returncode != 0 or not final.exists():
+        tail = job.log_path.read_text().strip().splitlines()[-3:]
+        print(f"  {name}: FAILED (exit {job.proc.returncode}): {' | '.join(tail)}", flush=True)
+        return [name]
+    accuracy = json.loads(final.read_text())["test_accuracy"]
+    print(f"  {name}: test accuracy {100 * accuracy:.2f}% ({time.perf_counter() - job.started:.0f}s)", flush=True)
+    return []
+
+
+def collect_runs(out: Path) -> list[dict]:
+    """Every run folder under ``out`` (``<method>/seed<N>``), loaded, with its seed."""
+    runs = []
+    for folder in sorted(out.glob("*/seed*")):
+        if folder.is_dir() and ((folder / "metrics.jsonl").exists() or (folder / "metrics.json").exists()):
+            run = report.load_run(folder)
+            run["seed"] = int(folder.name[len("seed"):])
+            runs.append(run)
+    order = {m: i for i, m in enumerate(ACCURACY_METHODS)}
+    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["seed"]))
+
+
+def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
+    """accuracy.md, accuracy.json and curves.png over every run in ``out``."""
+    runs = collect_runs(out)
+    finished = [r for r in runs if r["finished"]]
+    summary = seeds.summarise(finished)
+    md = seeds.table(summary)
+    unfinished = [f"{r['method']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
+                  for r in runs if not r["finished"]]
+    seeds.plot(finished or runs, out / "curves.png", title)
+    lines = [f"# {title}", "", f"Machine: {machine}.", "", md, "",
+             "Test error at the end of training, in %; Δ in percentage points, negative is better, the mean ± "
+             "sample std of per-seed differences over the seeds both methods finished (n).", ""]
+    if unfinished:
+        lines += ["Not finished yet (run the same command again to continue): " + ", ".join(unfinished) + ".", ""]
+    lines += ["![test error per epoch and per-module aux loss](curves.png)"]
+    (out / "accuracy.md").write_text("\n".join(lines) + "\n")
+    data = {
         "machine": machine,
-        "settings": {k: v for k, v in vars(args).items() if k != "func"},
-        "failed": failures,
-        "runs": [{k: v for k, v in r.items() if k != "epochs"} | {"epochs": r["epochs"]} for r in result["runs"]],
+        "recipe": recipe,
+        "summary": summary,
+        "unfinished": unfinished,
+        "runs": [{k: r[k] for k in ("method", "seed", "path", "finished", "test_error", "test_accuracy",
+                                    "best_accuracy", "wall_time", "steps", "epochs")} for r in runs],
     }
-    common.write_json(out / "accuracy.json", summary)
+    common.write_json(out / "accuracy.json", data)
+    return {"table": md, "files": [str(out / n) for n in ("accuracy.md", "accuracy.json", "curves.png")]}
+
+
+def run(args: argparse.Namespace) -> int:
+    methods, seed_list = _check(args)
+    out = common.output_dir(args.output_dir, "accuracy")
+    recipe = _recipe(args)
+    check_recipe(out, recipe)
+    machine = common.machine_description() + f"; code {common.code_version()}"
+    if args.device in (None, "auto", "cpu"):
+        machine += f"; {runtime.cpu_bf16() or 'no bf16'} CPU"
+    print(f"mlaan bench accuracy on {machine}: {', '.join(methods)} x seeds {', '.join(map(str, seed_list))}; "
+          f"{args.arch} K={args.k}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
+          f"{args.jobs} at a time -> {out}", flush=True)
+    plan = []
+    for seed in seed_list:  # seed-major: every method's first seed is done before any second seed
+        for method in methods:
+            if _state(run_dir(out, method, seed)) == "finished" and not args.force:
+                print(f"  {method} seed {seed}: finished earlier, kept", flush=True)
+            else:
+                plan.append((method, seed))
+    failures = train_all(args, plan, out)
+    if not collect_runs(out):
+        raise RuntimeError("no run has produced metrics; see the logs in " + str(out / "logs"))
+    title = f"{args.dataset}, {args.arch} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
+    result = write_report(out, title, machine, recipe)
     print("\n" + result["table"], flush=True)
-    print(f"\nwrote {out / 'accuracy.json'}, " + ", ".join(result["files"]), flush=True)
+    print(f"\nwrote {', '.join(result['files'])}", flush=True)
     return 1 if failures else 0

@@ -38,6 +38,16 @@ class _Pending:
     grad: torch.Tensor
 
 
+@dataclass
+class _Losses:
+    """One module's loss values (0-d tensors): as weighted into its gradient, its independent aux loss, and its
+    cascaded aux loss (NaN where it has none)."""
+
+    weighted: torch.Tensor
+    independent: torch.Tensor
+    cascaded: torch.Tensor
+
+
 class LocalModel(nn.Module):
     """K local modules over a :class:`~mlaan.models.Backbone`, trained by ``train_step``.
 
@@ -59,7 +69,8 @@ class LocalModel(nn.Module):
         _check_options(spec, opts, backbone, num_local_modules)
         self.spec, self.options, self.backbone = spec, opts, backbone
         self.num_classes = num_classes if num_classes is not None else _infer_classes(backbone)
-        self.autocast_dtype: torch.dtype | None = None
+        self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: autocast every forward
+        self.channels_last = False  # see set_channels_last
         self._grads_ready_hooks: list[GradsReadyHook] = []
 
         in_channels = _infer_in_channels(backbone)
@@ -115,7 +126,20 @@ class LocalModel(nn.Module):
     # ---------------------------------------------------------------------------------------- inference
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Inference: the plain backbone; auxiliary nets are not used."""
-        return self.backbone(images)
+        return self.backbone(self.prepare_inputs(images))
+
+    def set_channels_last(self, enable: bool = True) -> LocalModel:
+        """Keep every 4-D parameter and buffer, and every image batch, in channels-last memory format (NHWC
+        strides, same shapes): oneDNN's and cuDNN's convolutions are faster on it. Results change only by float
+        rounding. Returns ``self``."""
+        self.channels_last = bool(enable)
+        return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
+
+    def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, C, H, W) in the model's memory format (a no-op unless :meth:`set_channels_last`)."""
+        if self.channels_last and images.dim() == 4:
+            return images.contiguous(memory_format=torch.channels_last)
+        return images
 
     @property
     def leap_trunks(self) -> list[LeapTrunk]:
@@ -142,14 +166,21 @@ class LocalModel(nn.Module):
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
-        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...]}``.
+        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...],
+        "independent_losses": [...], "cascaded_losses": [...]}``, one value per local module: ``module_losses`` as
+        weighted into the gradient (under MLM mostly the cascaded loss), ``independent_losses`` each module's own
+        aux loss unweighted (the last module: its cross-entropy), ``cascaded_losses`` the cascaded aux net's loss
+        unweighted (None where a module has none).
         """
+        images = self.prepare_inputs(images)
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
         # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward
         recompute_modules = self.options.grad_checkpointing and window >= 2
         pending: list[_Pending] = []
         module_losses: list[torch.Tensor] = []
+        independent: list[torch.Tensor] = []  # each module's own aux loss, unweighted (the last: its CE)
+        cascaded: list[torch.Tensor] = []  # each module's cascaded aux loss, unweighted (NaN where none)
         x = images
         for j, module in enumerate(self.local_modules):
             inputs = x.detach()
@@ -157,8 +188,10 @@ class LocalModel(nn.Module):
                 inputs.requires_grad_()
             with self._autocast():
                 output = run_blocks(module, inputs, True) if recompute_modules else module(inputs)
-            grad_total, grad_cascade, loss_value = self._local_gradients(j, output, images, targets)
-            module_losses.append(loss_value)
+            grad_total, grad_cascade, losses = self._local_gradients(j, output, images, targets)
+            module_losses.append(losses.weighted)
+            independent.append(losses.independent)
+            cascaded.append(losses.cascaded)
             pending.append(_Pending(j, inputs, output, grad_total))
             self._propagate_cascade(pending, j, window, grad_cascade)
             last_step = j == num_modules - 1
@@ -167,41 +200,50 @@ class LocalModel(nn.Module):
             x = output
         # One host sync per step (not one per head): losses and accuracy come back together.
         accuracy = (x.detach().argmax(1) == targets).float().mean()
-        values = torch.stack([*module_losses, accuracy]).tolist()
-        losses = values[:-1]
+        values = torch.stack([*module_losses, *independent, *cascaded, accuracy]).tolist()
+        losses = values[:num_modules]
         bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite local loss ({losses[bad[0]]}) at local module {bad[0]}")
-        return {"loss": losses[-1], "accuracy": values[-1], "module_losses": losses}
+        return {
+            "loss": losses[-1],
+            "accuracy": values[-1],
+            "module_losses": losses,
+            "independent_losses": values[num_modules:2 * num_modules],
+            "cascaded_losses": [None if math.isnan(v) else v for v in values[2 * num_modules:3 * num_modules]],
+        }
 
     def _local_gradients(
         self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, _Losses]:
         """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
-        the cascaded part of it that continues into earlier modules, the module's loss value)."""
+        the cascaded part of it that continues into earlier modules, the module's loss values)."""
         is_last = j == len(self.local_modules) - 1
         cascade = self.spec.cascade and self.options.window >= 2
+        none = torch.full((), float("nan"), device=output.device)
         if is_last:
             leaf = output.detach().requires_grad_()
             loss = F.cross_entropy(leaf.float(), targets)
             loss.backward()
-            g = leaf.grad
+            g, value = leaf.grad, loss.detach()
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
-                return g * scale, None, loss.detach()
-            return g * (self.options.w_ind + self.options.w_casc), g * self.options.w_casc, loss.detach()
+                return g * scale, None, _Losses(value, value, none)
+            scale = self.options.w_ind + self.options.w_casc
+            return g * scale, g * self.options.w_casc, _Losses(value, value, none)
 
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
         if str(j) not in self.cascade_heads:
             g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
-            return g_ind, None, value
+            return g_ind, None, _Losses(value, value, none)
         # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
         # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
         g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
         g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
-        return g_ind.add_(g_casc), g_casc, w_ind * value + self.options.w_casc * casc_value
+        weighted = w_ind * value + self.options.w_casc * casc_value
+        return g_ind.add_(g_casc), g_casc, _Losses(weighted, value, casc_value)
 
     def _head_gradient(
         self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float

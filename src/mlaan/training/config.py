@@ -89,7 +89,9 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    amp: bool = False  # bf16 autocast on CUDA
+    amp: bool = False  # bf16 autocast (CUDA; CPUs with AVX512-BF16 or AMX-BF16), losses and optimizer in fp32
+    channels_last: bool | None = None  # channels-last memory format; None: on for CPU runs (measured faster)
+    threads: int | None = None  # CPU threads per process; None: the cores idle at the start (mlaan.runtime)
     sync_bn: bool = False  # SyncBatchNorm when distributed
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
     output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
@@ -130,7 +132,7 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-        for name in ("max_steps", "eval_batch_size", "save_every"):
+        for name in ("max_steps", "eval_batch_size", "save_every", "threads"):
             value = getattr(cfg, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")

@@ -45,6 +45,9 @@ RESUME_FREE = frozenset(
         "eval_batch_size",
         "save_every",
         "grad_checkpointing",
+        "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
+        "channels_last",
+        "threads",
         "extra",
     }
 )
@@ -255,11 +258,21 @@ _CHECKPOINT_FIELDS: dict[str, tuple[str, Any]] = {
 }
 _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {
     "rng": ("a mapping of RNG states", _rng_states),
-    "epoch_partial": ("a mapping of numbers",
-                      lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
+    "epoch_partial": ("a mapping of numbers (and per-module lists of numbers)", lambda v: _epoch_partial(v)),
     "wall_time": ("a number", _is_number),
     "version": ("an integer", _is_int),
 }
+
+
+def _epoch_partial(value: Any) -> bool:
+    """The sums of an epoch in progress: numbers, and ``module_loss_sums``: {kind: [number or None, ...]}."""
+    if not isinstance(value, dict):
+        return False
+    modules = value.get("module_loss_sums", {})
+    lists_ok = isinstance(modules, dict) and all(
+        isinstance(v, list) and all(x is None or _is_number(x) for x in v) for v in modules.values()
+    )
+    return lists_ok and all(_is_number(x) for k, x in value.items() if k != "module_loss_sums")
 
 
 def check_checkpoint_fields(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:

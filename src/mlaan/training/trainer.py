@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from .. import create_local_model
+from .. import create_local_model, runtime
 from .. import distributed as dist
 from ..data import build_datasets
 from . import checkpoint as ckpt_io
@@ -192,11 +192,7 @@ class Trainer:
                 "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
             )
         safety.check_output_dir(self.out)
-        if cfg.amp:
-            if self.device.type == "cuda":
-                self.model.autocast_dtype = torch.bfloat16
-            elif self.ctx.is_main:
-                print("mlaan: warning: --amp has no effect on CPU (bf16 autocast on CUDA only)", file=sys.stderr)
+        self._use_fast_path()
         self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
         self.averager = dist.GradientAverager(self.model, self.ctx)
 
@@ -217,6 +213,20 @@ class Trainer:
             self._restore(resume_checkpoint)
 
     # -------------------------------------------------------------------------------------- building
+    def _use_fast_path(self) -> None:
+        """bf16 autocast, channels-last and the thread count (``mlaan.runtime``), before the optimizer exists."""
+        cfg = self.cfg
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if self.ctx.enabled else 1
+        self.fast_path, warnings = runtime.resolve_fast_path(
+            self.device, cfg.amp, cfg.channels_last, cfg.threads, share=local_processes
+        )
+        for warning in warnings:
+            if self.ctx.is_main:
+                print(f"mlaan: warning: {warning}", file=sys.stderr)
+        runtime.apply_threads(self.fast_path.threads)
+        self.model.autocast_dtype = self.fast_path.autocast_dtype
+        self.model.set_channels_last(self.fast_path.channels_last)
+
     def _train_sampler(self) -> Sampler:
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
         return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
@@ -263,7 +273,10 @@ class Trainer:
         self._rng_to_restore = ckpt.get("rng")
         partial = ckpt.get("epoch_partial")
         if isinstance(partial, dict):
-            self._partial = {k: float(partial.get(k, 0.0)) for k in _no_partial()}
+            self._partial = {k: float(partial.get(k, 0.0)) for k in _no_partial() if k != _MODULE_SUMS}
+            self._partial[_MODULE_SUMS] = {
+                name: [float(v) for v in values] for name, values in (partial.get(_MODULE_SUMS) or {}).items()
+            }
         self._saved_step = self.step
 
     @property
@@ -350,6 +363,7 @@ class Trainer:
         loader = self._train_loader(skip * cfg.batch_size, epoch)
         p = self._partial  # sums of this epoch's steps before a mid-epoch checkpoint (zeros otherwise)
         loss_sum, correct, count, seconds_before = p["loss_sum"], p["correct"], p["count"], p["seconds"]
+        module_sums = {name: list(values) for name, values in p[_MODULE_SUMS].items()}
         batches_done = skip
         t0 = time.perf_counter()
         bar = tqdm(
@@ -382,9 +396,11 @@ class Trainer:
             loss_sum += stats["loss"] * n
             correct += stats["accuracy"] * n
             count += n
+            _add_module_losses(module_sums, stats, n)
             seconds = seconds_before + time.perf_counter() - t0
             rate = count * self.ctx.world_size / max(seconds, 1e-9)
-            self._partial = {"loss_sum": loss_sum, "correct": correct, "count": count, "seconds": seconds}
+            self._partial = {"loss_sum": loss_sum, "correct": correct, "count": count, "seconds": seconds,
+                             _MODULE_SUMS: module_sums}
             bar.set_postfix(
                 loss=f"{loss_sum / count:.3f}", acc=f"{100 * correct / count:.1f}%", img_s=f"{rate:.0f}",
                 lr=f"{lr:.4g}", refresh=False,
@@ -397,8 +413,15 @@ class Trainer:
                 break
         bar.close()
         elapsed = seconds_before + time.perf_counter() - t0
-        totals = self._reduce({"loss_sum": loss_sum, "correct": correct, "count": count})
+        totals = self._reduce({"loss_sum": loss_sum, "correct": correct, "count": count, **{
+            f"{name}/{j}": 0.0 if v is None else v for name, values in module_sums.items() for j, v in enumerate(values)
+        }})
         return {
+            "module_losses": {
+                name: [None if v is None else totals[f"{name}/{j}"] / max(totals["count"], 1)
+                       for j, v in enumerate(values)]
+                for name, values in module_sums.items()
+            },
             "loss": totals["loss_sum"] / max(totals["count"], 1),
             "accuracy": totals["correct"] / max(totals["count"], 1),
             "images": count * self.ctx.world_size,
@@ -412,7 +435,7 @@ class Trainer:
         """Test loss and top-1 accuracy of the plain backbone."""
         return evaluate_backbone(
             self.local_model.backbone, self._test_loader(), self.device, self.local_model.autocast_dtype,
-            reduce=self._reduce,
+            reduce=self._reduce, channels_last=self.local_model.channels_last,
         )
 
     # ------------------------------------------------------------------------------------ bookkeeping
@@ -424,6 +447,9 @@ class Trainer:
             "complete": complete,
             "train_loss": train["loss"],
             "train_accuracy": train["accuracy"],
+            # per local module, this epoch's mean training loss of its independent and cascaded aux nets
+            "train_independent_losses": train["module_losses"].get("independent_losses"),
+            "train_cascaded_losses": train["module_losses"].get("cascaded_losses"),
             "test_loss": test["loss"],
             "test_accuracy": test["accuracy"],
             "test_error": 1.0 - test["accuracy"],
@@ -583,6 +609,7 @@ class Trainer:
             "dataset": self.info.to_dict(),
             "resumed_from": str(self.resume_path) if self.resume_path is not None else None,
             "torch_version": torch.__version__,
+            "fast_path": self.fast_path.to_dict(),
             "config": self.cfg.to_dict() | {"workers": self.workers},
             "outputs": {name: str(self.out / name) for name in RUN_FILES},
         }
@@ -593,7 +620,8 @@ class Trainer:
             f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
             f"({info.train_size} train / {info.test_size} test images, from {info.source}) | "
             f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr} | "
-            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''} | "
+            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''} "
+            f"({self.fast_path.describe()}) | "
             f"output {self.out}"
         )
 
@@ -616,14 +644,18 @@ def evaluate_backbone(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    channels_last: bool = False,
 ) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad)."""
+    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad); batches are
+    made channels-last when ``channels_last`` (the backbone's parameters are expected to be so already)."""
     was_training = backbone.training
     backbone.eval()
     loss_sum = correct = count = 0.0
     with torch.no_grad():
         for images, targets in loader:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
             if autocast_dtype is not None:
                 with torch.autocast(device.type, dtype=autocast_dtype):
                     logits = backbone(images)
@@ -640,8 +672,25 @@ def evaluate_backbone(
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
 
 
-def _no_partial() -> dict[str, float]:
-    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+_MODULE_SUMS = "module_loss_sums"
+_MODULE_KEYS = ("independent_losses", "cascaded_losses")
+
+
+def _no_partial() -> dict[str, Any]:
+    """The sums of an epoch before its first step (``module_loss_sums``: per-module loss sums by kind)."""
+    return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0, _MODULE_SUMS: {}}
+
+
+def _add_module_losses(sums: dict[str, list], stats: dict, n: int) -> None:
+    """Add a step's per-module losses (``train_step``'s independent/cascaded lists), weighted by batch size."""
+    for name in _MODULE_KEYS:
+        values = stats.get(name)
+        if values is None:
+            continue
+        totals = sums.setdefault(name, [0.0 if v is not None else None for v in values])
+        for j, v in enumerate(values):
+            if v is not None and totals[j] is not None:
+                totals[j] += v * n
 
 
 def _append_line(path: Path, line: str) -> None:

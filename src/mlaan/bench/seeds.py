@@ -1,0 +1,142 @@
+"""Statistics over seeds for `mlaan bench accuracy`: mean ± std per method, paired differences, banded curves.
+
+A comparison of two methods is *paired*: for every seed both finished, the difference of their final test
+errors (the same seed gives both the same data order, crops and flips, and — for the modules they share — the
+same initial weights), then the mean and sample standard deviation of those differences. With few seeds this is
+a far tighter estimate of a gap than the difference of two means, and it is what the table reports.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import common
+
+
+def mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """(mean, sample standard deviation); std is None below two values, both None for no value."""
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, (statistics.stdev(values) if len(values) >= 2 else None)
+
+
+def paired_difference(errors: dict[int, float], reference: dict[int, float]) -> dict:
+    """Per seed ``errors[s] − reference[s]`` over the seeds both hold: {"seeds", "values", "mean", "std"}."""
+    seeds = sorted(set(errors) & set(reference))
+    values = [errors[s] - reference[s] for s in seeds]
+    mean, std = mean_std(values)
+    return {"seeds": seeds, "values": values, "mean": mean, "std": std}
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """One entry per method (in first-seen order) from finished runs (``report.load_run`` dicts with a
+    ``seed``): final test errors per seed, mean ± std, and paired Δ vs ``bp`` and vs the base method."""
+    errors: dict[str, dict[int, float]] = {}
+    for run in runs:
+        if run["finished"] and run["test_error"] is not None:
+            errors.setdefault(run["method"], {})[int(run["seed"])] = float(run["test_error"])
+    out = []
+    for method, per_seed in errors.items():
+        mean, std = mean_std(list(per_seed.values()))
+        base, _, suffix = method.partition("+")
+        entry = {"method": method, "seeds": sorted(per_seed), "errors": per_seed, "mean": mean, "std": std}
+        entry["vs_bp"] = paired_difference(per_seed, errors["bp"]) if "bp" in errors and method != "bp" else None
+        entry["vs_base"] = paired_difference(per_seed, errors[base]) if suffix and base in errors else None
+        out.append(entry)
+    return out
+
+
+def _pp(value: float | None, std: float | None = None, sign: bool = False) -> str:
+    """Percentage points: ``12.34 ± 0.56`` (or ``+1.20 ± 0.30`` with ``sign``)."""
+    if value is None:
+        return "—"
+    text = f"{100 * value:+.2f}" if sign else f"{100 * value:.2f}"
+    return text + (f" ± {100 * std:.2f}" if std is not None else "")
+
+
+def _delta(d: dict | None) -> str:
+    if d is None or not d["seeds"]:
+        return "—"
+    return f"{_pp(d['mean'], d['std'], sign=True)} (n={len(d['seeds'])})"
+
+
+def table(summary: list[dict]) -> str:
+    """Markdown: error mean ± std, each seed's error, paired Δ vs BP and vs the base method (pp)."""
+    rows = []
+    for e in summary:
+        per_seed = ", ".join(f"s{s}: {100 * e['errors'][s]:.2f}" for s in e["seeds"])
+        rows.append([e["method"], len(e["seeds"]), _pp(e["mean"], e["std"]), per_seed, _delta(e["vs_bp"]),
+                     _delta(e["vs_base"])])
+    return common.format_table(
+        ["method", "seeds", "test error % (mean ± std)", "per seed", "Δ vs BP (pp, paired)",
+         "Δ vs base (pp, paired)"],
+        rows,
+    )
+
+
+def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
+    """Per epoch over the runs that reached it: (epochs, mean, min, max) of ``key`` in their last line for that
+    epoch (a resumed run may log an epoch twice; the later line covers it)."""
+    by_epoch: dict[int, list[float]] = {}
+    for run in runs:
+        last: dict[int, float] = {}
+        for line in run["epochs"]:
+            if line.get(key) is not None and line.get("epoch") is not None:
+                last[int(line["epoch"])] = float(line[key])
+        for epoch, value in last.items():
+            by_epoch.setdefault(epoch, []).append(value)
+    epochs = sorted(by_epoch)
+    return (epochs, [statistics.fmean(by_epoch[e]) for e in epochs], [min(by_epoch[e]) for e in epochs],
+            [max(by_epoch[e]) for e in epochs])
+
+
+def module_losses(runs: list[dict], key: str = "train_independent_losses") -> list[float] | None:
+    """Mean over runs of the last epoch's per-module loss list ``key`` (None entries skipped)."""
+    lists = [run["epochs"][-1].get(key) for run in runs if run["epochs"]]
+    lists = [values for values in lists if values]
+    if not lists:
+        return None
+    out = []
+    for j in range(min(len(v) for v in lists)):
+        column = [v[j] for v in lists if v[j] is not None]
+        out.append(statistics.fmean(column) if column else math.nan)
+    return out
+
+
+def plot(runs: list[dict], path: Path, title: str = "") -> None:
+    """Test error per epoch (mean over seeds, band = min to max) and each local module's independent aux loss
+    at the last epoch (mean over seeds), one colour per method."""
+    plt = common.pyplot()
+    fig, (ax_err, ax_mod) = plt.subplots(1, 2, figsize=(13, 4.8))
+    methods = list(dict.fromkeys(r["method"] for r in runs))
+    for i, method in enumerate(methods):
+        group = [r for r in runs if r["method"] == method]
+        color = common.method_color(method, i)
+        epochs, mean, low, high = epoch_band(group, "test_error")
+        if epochs:
+            label = f"{method} ({len(group)} seed{'s' if len(group) > 1 else ''})"
+            ax_err.plot(epochs, [100 * v for v in mean], color=color, label=label, marker="o", markersize=3)
+            if len(group) > 1:
+                ax_err.fill_between(epochs, [100 * v for v in low], [100 * v for v in high], color=color, alpha=0.2)
+        losses = module_losses(group)
+        if losses:
+            ax_mod.plot(range(1, len(losses) + 1), losses, color=color, label=method, marker="o", markersize=3)
+    ax_err.set_xlabel("epoch")
+    ax_err.set_ylabel("test error (%)")
+    ax_err.set_title("test error per epoch (mean over seeds, band: min–max)")
+    ax_mod.set_xlabel("local module")
+    ax_mod.set_ylabel("training loss of its own aux net (last epoch)")
+    ax_mod.set_title("where the gap comes from: per-module aux loss")
+    for ax in (ax_err, ax_mod):
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,167 @@
+"""How a run uses the machine: bf16 autocast, channels-last memory format and the CPU thread count.
+
+Measured on the 2-core Xeon this project is developed on (BENCHMARKS.md, "CPU fast path"): channels-last makes a
+ResNet-32 training step on one thread about 0.75× as long; bf16 autocast pays off only where the CPU has AMX
+tiles (the issue's measurement: 0.46× with channels-last), and is a little *slower* with AVX512-BF16 alone. So
+``--amp`` on a CPU is honoured wherever bf16 instructions exist, and :func:`recommended_amp` says whether it is
+worth turning on. A multi-threaded OpenMP team stalls when another process holds one of its cores, so the
+default thread count is the number of cores that are actually idle when the run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """What a run uses: ``autocast_dtype`` (None: fp32), ``channels_last``, CPU ``threads`` (None: untouched),
+    and ``bf16`` (the instructions that make bf16 work here, or None)."""
+
+    autocast_dtype: torch.dtype | None
+    channels_last: bool
+    threads: int | None
+    bf16: str | None
+
+    def describe(self) -> str:
+        """One line for the log, e.g. ``"fp32, channels_last, 1 thread"``."""
+        precision = f"bf16 autocast ({self.bf16})" if self.autocast_dtype is not None else "fp32"
+        parts = [precision, "channels_last" if self.channels_last else "contiguous (NCHW)"]
+        if self.threads is not None:
+            parts.append(f"{self.threads} thread{'s' if self.threads != 1 else ''}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        """Plain data for ``metrics.json``."""
+        values = asdict(self)
+        values["autocast_dtype"] = str(self.autocast_dtype).replace("torch.", "") if self.autocast_dtype else None
+        return values
+
+
+def cpu_bf16() -> str | None:
+    """The CPU's bf16 instructions: ``"AMX-BF16"``, ``"AVX512-BF16"``, or None when it has neither."""
+    flags = _cpu_flags()
+    if "amx_bf16" in flags:
+        return "AMX-BF16"
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16"
+    return None
+
+
+def bf16_support(device: torch.device) -> str | None:
+    """Why bf16 autocast can run on ``device`` (a short name), or None where it cannot."""
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return cpu_bf16()
+    return None
+
+
+def recommended_amp(device: torch.device) -> bool:
+    """Whether bf16 autocast is *faster* than fp32 on ``device``: on CUDA cards with bf16, and on CPUs with AMX
+    tiles (AVX512-BF16 alone measured slower than fp32 with channels-last, see the module docstring)."""
+    support = bf16_support(device)
+    return support == "CUDA" or support == "AMX-BF16"
+
+
+def free_cores(sample_seconds: float = 0.2) -> int:
+    """How many of the cores this process may use were idle over the last ``sample_seconds`` (at least 1).
+
+    Reads ``/proc/stat`` twice; where that is unavailable (not Linux), every usable core counts as free."""
+    usable = _usable_cpus()
+    before = _cpu_times()
+    if before is None:
+        return len(usable)
+    time.sleep(sample_seconds)
+    after = _cpu_times()
+    idle_capacity = 0.0
+    for cpu in usable:
+        if cpu not in before or cpu not in after:
+            continue
+        (idle0, total0), (idle1, total1) = before[cpu], after[cpu]
+        if total1 > total0:
+            idle_capacity += (idle1 - idle0) / (total1 - total0)
+    # a core counts as free when most of it is idle: 1.6 idle cores → 2, 1.3 → 1
+    return max(1, min(len(usable), int(idle_capacity + 0.5)))
+
+
+def choose_threads(requested: int | None, share: int = 1) -> int:
+    """``requested`` when given (≥ 1); else torch's count when ``OMP_NUM_THREADS`` is set (the user chose);
+    else the :func:`free_cores` divided among ``share`` processes (torchrun's local ranks). ValueError for a
+    count below 1."""
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be at least 1, got {requested}")
+        return requested
+    if os.environ.get("OMP_NUM_THREADS"):
+        return torch.get_num_threads()
+    return max(1, free_cores() // max(1, share))
+
+
+def resolve_fast_path(
+    device: torch.device, amp: bool, channels_last: bool | None, threads: int | None, share: int = 1
+) -> tuple[FastPath, list[str]]:
+    """The run's :class:`FastPath` and any warnings to show (``--amp`` where bf16 cannot run).
+
+    ``channels_last=None`` means: on for CPU runs (measured faster), off elsewhere (not measured here).
+    ``threads`` applies to CPU runs; None picks the idle cores shared among ``share`` local processes
+    (:func:`choose_threads`)."""
+    warnings = []
+    support = bf16_support(device)
+    dtype = None
+    if amp:
+        if support is None:
+            what = "this CPU has neither AVX512-BF16 nor AMX-BF16" if device.type == "cpu" else (
+                f"{device.type} has no bf16 autocast here")
+            warnings.append(f"--amp: {what}; training in fp32")
+        else:
+            dtype = torch.bfloat16
+    if channels_last is None:
+        channels_last = device.type == "cpu"
+    cpu_threads = choose_threads(threads, share) if device.type == "cpu" else None
+    return FastPath(dtype, bool(channels_last), cpu_threads, support), warnings
+
+
+def apply_threads(threads: int | None) -> None:
+    """Set torch's intra-op thread count (None leaves it as it is)."""
+    if threads is not None and threads != torch.get_num_threads():
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.partition(":")[2].split())
+    return set()
+
+
+def _usable_cpus() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def _cpu_times() -> dict[int, tuple[int, int]] | None:
+    """Per CPU: (idle + iowait jiffies, total jiffies), from /proc/stat; None where it cannot be read."""
+    try:
+        lines = Path("/proc/stat").read_text().splitlines()
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *values = line.split()
+        if not name.startswith("cpu") or name == "cpu":
+            continue
+        numbers = [int(v) for v in values[:8]]
+        times[int(name[3:])] = (numbers[3] + numbers[4], sum(numbers))
+    return times

@@ -1,0 +1,161 @@
+"""The CPU fast path: bf16 autocast, channels-last, the thread count — and the engine's guarantees under them."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from test_engine import batch, step
+from test_training import TINY, run
+
+import mlaan
+from mlaan import runtime
+from mlaan.training import make_trainer
+
+
+def _model(method: str = "dgl+mlaan", k: int = 4) -> mlaan.LocalModel:
+    torch.manual_seed(0)
+    return mlaan.create_local_model("resnet20", method, k)
+
+
+def _grads(model: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.grad for p in model.parameters() if p.grad is not None]
+
+
+# ------------------------------------------------------------------------------------------ choosing the path
+@pytest.mark.parametrize(("flags", "expected"), [
+    ("fpu avx512f avx512_bf16 amx_bf16 amx_tile", "AMX-BF16"),
+    ("fpu avx512f avx512_bf16", "AVX512-BF16"),
+    ("fpu avx2", None),
+])
+def test_cpu_bf16_support_is_read_from_the_cpu_flags(monkeypatch, flags, expected):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: set(flags.split()))
+    assert runtime.cpu_bf16() == expected
+    assert runtime.recommended_amp(torch.device("cpu")) == (expected == "AMX-BF16")
+
+
+def test_amp_without_bf16_instructions_warns_once_and_trains_in_fp32(monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx2"})
+    path, warnings = runtime.resolve_fast_path(torch.device("cpu"), amp=True, channels_last=None, threads=1)
+    assert path.autocast_dtype is None and len(warnings) == 1
+    assert "neither AVX512-BF16 nor AMX-BF16" in warnings[0] and "fp32" in warnings[0]
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512_bf16"})
+    path, warnings = runtime.resolve_fast_path(torch.device("cpu"), amp=True, channels_last=None, threads=1)
+    assert path.autocast_dtype == torch.bfloat16 and warnings == [] and path.bf16 == "AVX512-BF16"
+
+
+def test_channels_last_defaults_on_for_cpu_only():
+    cpu, _ = runtime.resolve_fast_path(torch.device("cpu"), amp=False, channels_last=None, threads=1)
+    mps, _ = runtime.resolve_fast_path(torch.device("mps"), amp=False, channels_last=None, threads=None)
+    forced, _ = runtime.resolve_fast_path(torch.device("cpu"), amp=False, channels_last=False, threads=1)
+    assert cpu.channels_last and not mps.channels_last and not forced.channels_last
+    assert mps.threads is None  # a GPU run leaves torch's CPU threads alone
+
+
+def test_threads_follow_the_idle_cores_unless_chosen(monkeypatch):
+    samples = iter([{0: (0, 0), 1: (0, 0)}, {0: (100, 100), 1: (2, 100)}])  # core 0 idle, core 1 busy
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(runtime, "_usable_cpus", lambda: [0, 1])
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert runtime.choose_threads(None) == 1
+    assert runtime.choose_threads(3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    assert runtime.choose_threads(None) == torch.get_num_threads()
+    with pytest.raises(ValueError, match="threads must be at least 1, got 0"):
+        runtime.choose_threads(0)
+
+
+def test_free_cores_counts_mostly_idle_cores(monkeypatch):
+    samples = iter([{0: (0, 0), 1: (0, 0), 2: (0, 0)}, {0: (90, 100), 1: (70, 100), 2: (10, 100)}])
+    monkeypatch.setattr(runtime, "_cpu_times", lambda: next(samples))
+    monkeypatch.setattr(runtime, "_usable_cpus", lambda: [0, 1, 2])
+    monkeypatch.setattr(runtime.time, "sleep", lambda s: None)
+    assert runtime.free_cores() == 2  # 0.9 + 0.7 + 0.1 = 1.7 idle cores
+
+
+# ------------------------------------------------------------------------------------- the engine under them
+@pytest.mark.parametrize("method", ["bp", "dgl+mlaan", "infopro+mlaan"])
+def test_channels_last_changes_results_only_by_rounding(method):
+    plain = _model(method, 1 if method == "bp" else 4)
+    nhwc = copy.deepcopy(plain).set_channels_last()
+    conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x, y = batch()
+    a, b = step(plain, x, y), step(nhwc, x, y)
+    torch.testing.assert_close(a["module_losses"], b["module_losses"], rtol=1e-5, atol=1e-5)
+    for g, h in zip(_grads(plain), _grads(nhwc)):
+        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-5)
+    plain.eval(), nhwc.eval()
+    torch.testing.assert_close(plain(x), nhwc(x), rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_autocast_keeps_losses_parameters_and_gradients_in_fp32():
+    fp32, amp = _model(), _model()
+    amp.autocast_dtype = torch.bfloat16
+    x, y = batch()
+    a, b = step(fp32, x, y), step(amp, x, y)
+    assert all(p.dtype == torch.float32 for p in amp.parameters())
+    assert all(g.dtype == torch.float32 for g in _grads(amp))
+    assert a["module_losses"] != b["module_losses"]  # autocast did take effect...
+    torch.testing.assert_close(a["module_losses"], b["module_losses"], rtol=0.05, atol=0.05)  # ...within bf16
+
+
+@pytest.mark.parametrize("method", ["dgl+mlaan", "infopro+mlaan"])
+def test_grad_checkpointing_is_exact_under_bf16_and_channels_last(method):
+    plain = _model(method).set_channels_last()
+    plain.autocast_dtype = torch.bfloat16
+    recomputing = copy.deepcopy(plain)
+    recomputing.set_grad_checkpointing(True)
+    x, y = batch()
+    assert step(plain, x, y)["module_losses"] == step(recomputing, x, y)["module_losses"]
+    for g, h in zip(_grads(plain), _grads(recomputing)):
+        assert torch.equal(g, h)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), recomputing.state_dict().values()))
+
+
+def test_non_finite_loss_is_caught_under_bf16():
+    model = _model()
+    model.autocast_dtype = torch.bfloat16
+    with torch.no_grad():
+        model.cascade_heads["2"].head.classifier[-1].weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="at local module 2"):
+        step(model, *batch())
+
+
+# ---------------------------------------------------------------------------------------- the trainer with them
+def test_resume_is_bit_identical_under_bf16_and_channels_last(tmp_path, monkeypatch):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: {"avx512_bf16"})
+    fast = {"amp": True, "channels_last": True, "threads": 2}
+    straight, summary = run(tmp_path, "straight", **fast)
+    run(tmp_path, "resumed", max_steps=5, **fast)
+    resumed, _ = run(tmp_path, "resumed", resume="auto", **fast)
+    a, b = straight.local_model.state_dict(), resumed.local_model.state_dict()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    assert summary["fast_path"] == {"autocast_dtype": "bfloat16", "channels_last": True, "threads": 2,
+                                    "bf16": "AVX512-BF16"}
+
+
+def test_the_run_says_which_path_it_took(tmp_path, capsys):
+    lines = []
+    trainer = make_trainer(None, {**TINY, "output_dir": str(tmp_path / "r"), "max_steps": 1, "threads": 1,
+                                  "channels_last": False}, log=lines.append)
+    summary = trainer.fit()
+    trainer.close()
+    assert "(fp32, contiguous (NCHW), 1 thread)" in lines[0]
+    saved = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert saved["fast_path"] == summary["fast_path"] == {"autocast_dtype": None, "channels_last": False,
+                                                          "threads": 1, "bf16": runtime.cpu_bf16()}
+    assert torch.get_num_threads() == 1
+
+
+def test_per_module_losses_are_logged_each_epoch(tmp_path):
+    run(tmp_path, "m", max_steps=2)
+    line = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[-1])
+    independent, cascaded = line["train_independent_losses"], line["train_cascaded_losses"]
+    assert len(independent) == len(cascaded) == TINY["local_modules"]
+    assert all(v > 0 for v in independent)
+    assert cascaded[0] is None and cascaded[-1] is None and cascaded[1] > 0  # module 0 and the head have none
