@@ -159,3 +159,14 @@ def test_per_module_losses_are_logged_each_epoch(tmp_path):
     assert len(independent) == len(cascaded) == TINY["local_modules"]
     assert all(v > 0 for v in independent)
     assert cascaded[0] is None and cascaded[-1] is None and cascaded[1] > 0  # module 0 and the head have none
+
+
+@pytest.mark.parametrize(("flags", "expected", "words"), [
+    ({"amx_bf16", "avx512_bf16"}, ["--amp"], "bf16 autocast (AMX-BF16) + channels_last"),
+    ({"avx512_bf16"}, [], "fp32 + channels_last (bf16 off: AVX512-BF16 without AMX measured slower"),
+    ({"avx2"}, [], "bf16 off: no bf16 instructions"),
+])
+def test_make_demo_takes_the_fast_path_this_cpu_supports(monkeypatch, flags, expected, words):
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
+    got, why = runtime.fast_path_flags(torch.device("cpu"))
+    assert got == expected and words in why

@@ -14,19 +14,24 @@ model instance, and puts each part's achieved GFLOP/s beside it, plus a torch.pr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
+import subprocess
+import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 from torch import nn
 
 import mlaan
+from mlaan.engine import parse_method
 
+from .. import runtime
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
 from .flops import step_flops
@@ -75,6 +80,29 @@ def _timed_step(model, optimizer, images, targets) -> tuple[float, float, float]
     return t2 - t0, t1 - t0, c2 - c0
 
 
+# Numeric formats a step can run in: autocast dtype and memory format (``--formats``).
+FORMATS = {
+    "fp32": (None, False),
+    "fp32+cl": (None, True),
+    "bf16": (torch.bfloat16, False),
+    "bf16+cl": (torch.bfloat16, True),
+}
+DEFAULT_FORMATS = "fp32,fp32+cl,bf16+cl"
+
+
+def parse_formats(text: str) -> list[str]:
+    """``"fp32,bf16+cl"`` → ["fp32", "bf16+cl"], each one of :data:`FORMATS`."""
+    names = [f.strip().lower() for f in text.split(",") if f.strip()]
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise ValueError(f"unknown format(s) {', '.join(unknown) or '(none)'}; allowed: {', '.join(FORMATS)}")
+    return list(dict.fromkeys(names))
+
+
+def _with_format(name: str, fmt: str, first: str) -> str:
+    return name if fmt == first else f"{name} [{fmt}]"
+
+
 def bench_case(
     arch: str,
     k: int,
@@ -85,23 +113,35 @@ def bench_case(
     seed: int = 0,
     log: Callable[[str], None] = print,
     recompute: str = "off",
+    formats: list[str] | None = None,
 ) -> dict:
     """Interleaved step times and FLOPs of ``methods`` on ``arch`` with K local modules (BP: K=1).
 
     ``recompute`` ("off", "on", "both") times methods with something to recompute without and/or with
-    ``grad_checkpointing``; those rows are named ``METHOD +ckpt``."""
-    if "bp" not in methods:
-        methods = ["bp", *methods]
+    ``grad_checkpointing``; those rows are named ``METHOD +ckpt``. ``formats`` (keys of :data:`FORMATS`, the
+    first being the reference) times each method in each numeric format, rows named ``METHOD [bf16+cl]``; every
+    ratio is to BP in the first format, ``vs_first_format`` to the same method in the first format."""
+    formats = formats or ["fp32"]
+    bp = next(m for m in mlaan.available_methods() if parse_method(m).base.end_to_end)
+    if not any(parse_method(m).base.end_to_end for m in methods):
+        methods = [bp, *methods]
     models = {}
     names = {}
     for _, m, _, options in plan_variants([(arch, m, k) for m in methods], {}, recompute):
-        name = label({"method": m, "options": options})
-        model, optimizer = common.build(arch, m, k, seed=seed, **options)
-        images, targets = common.synthetic_batch(model, batch, seed=seed)
-        flops = step_flops(model, images, targets)
-        models[name] = (model, optimizer, images, targets, flops)
-        names[name] = m
-        log(f"  built {arch} {name} (K={1 if m == 'bp' else k}): {flops['measured'] / 1e9:.1f} GFLOP/step measured")
+        base_name = label({"method": m, "options": options})
+        flops = None
+        for fmt in formats:
+            dtype, channels_last = FORMATS[fmt]
+            model, optimizer = common.build(arch, m, k, seed=seed, **options)
+            model.set_channels_last(channels_last)
+            model.autocast_dtype = dtype
+            images, targets = common.synthetic_batch(model, batch, seed=seed)
+            flops = flops or step_flops(model, images, targets)  # the same in every format
+            name = _with_format(base_name, fmt, formats[0])
+            models[name] = (model, optimizer, images, targets, flops)
+            names[name] = (m, base_name, fmt)
+        log(f"  built {arch} {base_name} (K={model_k(m, k)}) in {', '.join(formats)}: "
+            f"{flops['measured'] / 1e9:.1f} GFLOP/step measured")
     methods = list(models)
     for m in methods:
         for _ in range(warmup):
@@ -117,9 +157,9 @@ def bench_case(
             step_only[m].append(train_part)
             cpu[m].append(cpu_s)
         log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
-    bp_time = statistics.median(times["bp"])
-    bp_cpu = statistics.median(cpu["bp"])
-    bp_flops = models["bp"][4]
+    bp_time = statistics.median(times[bp])
+    bp_cpu = statistics.median(cpu[bp])
+    bp_flops = models[bp][4]
     rows = []
     for m in methods:
         f = models[m][4]
@@ -127,11 +167,14 @@ def bench_case(
         ratio = med / bp_time
         floor_ratio = f["floor"] / bp_flops["floor"]
         exact_ratio = f["exact_floor"] / bp_flops["floor"]
+        method, base_name, fmt = names[m]
         rows.append(
             {
                 "method": m,
-                "grad_checkpointing": m != names[m],
-                "k": 1 if m == "bp" else k,
+                "format": fmt,
+                "vs_first_format": med / statistics.median(times[base_name]),
+                "grad_checkpointing": base_name != method,
+                "k": model_k(method, k),
                 "median_step_s": med,
                 "median_train_step_s": statistics.median(step_only[m]),
                 "step_times_s": times[m],
@@ -152,7 +195,12 @@ def bench_case(
             }
         )
     return {"arch": arch, "k": k, "batch": batch, "warmup": warmup, "repeats": repeats, "methods": rows,
-            "loadavg_after": os.getloadavg()}
+            "formats": formats, "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
+
+
+def model_k(method: str, k: int) -> int:
+    """K as built: 1 for an end-to-end method (asked of the method, not matched by name)."""
+    return 1 if parse_method(method).base.end_to_end else k
 
 
 # ------------------------------------------------------------------------------------------- breakdown
@@ -303,6 +351,7 @@ def render(results: list[dict]) -> str:
                     r["k"],
                     f"{r['median_step_s'] * 1000:.0f}",
                     f"{r['time_ratio']:.2f}×",
+                    f"{r.get('vs_first_format', 1.0):.2f}×",
                     f"{r['cpu_ratio']:.2f}×",
                     f"{r['measured_flop_ratio']:.2f}×",
                     f"{r['floor_ratio']:.2f}×",
@@ -312,15 +361,19 @@ def render(results: list[dict]) -> str:
                     f"{r['gflops_per_s']:.1f}",
                 ]
             )
+        formats = case.get("formats", ["fp32"])
+        load = f", {case['load']} busy process(es) beside it" if case.get("load") else ""
         out.append(
-            f"{case['arch']}, K={case['k']}, batch {case['batch']}: median of {case['repeats']} interleaved "
-            f"steps after {case['warmup']} warm-up\n"
+            f"{case['arch']}, K={case['k']}, batch {case['batch']}, {case.get('threads', '?')} thread(s){load}: "
+            f"median of {case['repeats']} interleaved steps after {case['warmup']} warm-up; ratios to BP in "
+            f"{formats[0]}\n"
             + common.format_table(
                 [
                     "method",
                     "K",
                     "step ms",
                     "time / BP",
+                    f"time / same in {formats[0]}",
                     "CPU time / BP",
                     "FLOPs run / BP",
                     "FLOP floor / BP",
@@ -363,8 +416,9 @@ def plot(results: list[dict], path: Path) -> None:
     for ax, case in zip(axes[0], results):
         rows = case["methods"]
         xs = range(len(rows))
-        colors = [common.method_color(r["method"].removesuffix(" +ckpt"), i) for i, r in enumerate(rows)]
-        ax.bar(xs, [r["time_ratio"] for r in rows], color=colors, label="measured step time")
+        colors = [common.method_color(r["method"].split(" ")[0], i) for i, r in enumerate(rows)]
+        hatches = ["" if r.get("format", "fp32") == case.get("formats", ["fp32"])[0] else "//" for r in rows]
+        ax.bar(xs, [r["time_ratio"] for r in rows], color=colors, hatch=hatches, label="measured step time")
         ax.scatter(xs, [r["exact_floor_ratio"] for r in rows], marker="_", s=600, color="#ff7f0e", zorder=3,
                    linewidths=3, label="exact FLOP floor")
         ax.scatter(xs, [r["floor_ratio"] for r in rows], marker="_", s=600, color="#2ca02c", zorder=3,
@@ -381,6 +435,21 @@ def plot(results: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+@contextlib.contextmanager
+def busy_processes(n: int) -> Iterator[None]:
+    """``n`` single-threaded busy-loop processes at nice 10 (what a user's other job looks like) while inside."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(10))
+             for _ in range(n)]
+    try:
+        if procs:
+            time.sleep(1.0)  # let them be scheduled, so the idle-core count sees them
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", default=DEFAULT_CASES, help="ARCH:K list")
@@ -388,7 +457,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
     p.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (the median is reported)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (None: torch's default)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: the idle cores, as `mlaan train` chooses them)")
+    p.add_argument("--formats", default=DEFAULT_FORMATS,
+                   help=f"numeric formats to time each method in, the first is the reference; from "
+                        f"{', '.join(FORMATS)} (cl: channels-last memory format)")
+    p.add_argument("--load", type=int, default=0, metavar="N",
+                   help="run N busy single-threaded processes (niced) beside the benchmark, to show how a "
+                        "busy core slows a step (threads are chosen after they start)")
     p.add_argument("--breakdown", default="dgl+mlaan", metavar="METHOD",
                    help="also time where this method's step goes, on the first case ('none' to skip)")
     p.add_argument("--grad-checkpointing", default="off", choices=RECOMPUTE_CHOICES,
@@ -407,19 +483,26 @@ def run(args: argparse.Namespace) -> int:
     if args.warmup < 0:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
     breakdown_method = None if args.breakdown.lower() == "none" else common.parse_methods(args.breakdown)[0]
-    if args.threads is not None:
-        if args.threads < 1:
-            raise ValueError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    formats = parse_formats(args.formats)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.load < 0:
+        raise ValueError(f"--load must be non-negative, got {args.load}")
     out = common.output_dir(args.output_dir, "speed")
-    machine = common.machine_description() + f"; code {common.code_version()}"
-    print(f"mlaan bench speed on {machine} (load average {os.getloadavg()[0]:.1f})", flush=True)
-    results = []
-    for arch, k in cases:
-        print(f"{arch} K={k}:", flush=True)
-        results.append(bench_case(arch, k, methods, args.batch, args.warmup, args.repeats, args.seed,
-                                  log=lambda s: print(s, flush=True), recompute=args.grad_checkpointing))
-        common.write_json(out / "speed.json", {"machine": machine, "cases": results})
+    with busy_processes(args.load):
+        runtime.apply_threads(runtime.choose_threads(args.threads))
+        machine = common.machine_description() + f"; code {common.code_version()}"
+        bf16 = runtime.cpu_bf16()
+        print(f"mlaan bench speed on {machine}, CPU bf16: {bf16 or 'none'} (load average "
+              f"{os.getloadavg()[0]:.1f}, {args.load} busy process(es) started beside it)", flush=True)
+        results = []
+        for arch, k in cases:
+            print(f"{arch} K={k}:", flush=True)
+            case = bench_case(arch, k, methods, args.batch, args.warmup, args.repeats, args.seed,
+                              log=lambda s: print(s, flush=True), recompute=args.grad_checkpointing,
+                              formats=formats)
+            results.append(case | {"load": args.load, "cpu_bf16": bf16})
+            common.write_json(out / "speed.json", {"machine": machine, "cases": results})
     table = render(results)
     print("\n" + table, flush=True)
     (out / "speed.md").write_text(table + "\n")
