@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import runtime
@@ -28,13 +29,67 @@ RECIPE_KEYS = ("arch", "k", "dataset", "epochs", "batch_size", "lr", "weight_dec
                "train_samples", "test_samples", "train_arg")
 
 
-def run_dir(out: Path, method: str, seed: int) -> Path:
-    """Where one (method, seed) run lives."""
-    return out / method.replace("+", "_") / f"seed{seed}"
+@dataclass(frozen=True)
+class Arm:
+    """One line of the comparison: a method, optionally with extra `mlaan train` flags (``--arm``/``--vary``).
+
+    ``label`` is ``"dgl+mlaan"`` for a plain method and ``"dgl+mlaan window=3"`` for a variant of it."""
+
+    method: str
+    variant: str = ""
+    flags: tuple[str, ...] = ()
+
+    @property
+    def label(self) -> str:
+        return f"{self.method} {self.variant}" if self.variant else self.method
+
+    @property
+    def folder_name(self) -> str:
+        name = self.method.replace("+", "_")
+        return f"{name}@{self.variant.replace(' ', '_').replace('/', '_')}" if self.variant else name
 
 
-def train_command(args: argparse.Namespace, method: str, seed: int, folder: Path, threads: int | None) -> list[str]:
-    """The `mlaan train` command line of one run (every run gets the same recipe)."""
+def run_dir(out: Path, arm: Arm, seed: int) -> Path:
+    """Where one (arm, seed) run lives."""
+    return out / arm.folder_name / f"seed{seed}"
+
+
+def parse_arms(methods: list[str], arm_texts: list[str], vary_texts: list[str]) -> list[Arm]:
+    """Every method plain, then with each ``--arm LABEL=FLAGS`` and each one-at-a-time ``--vary OPTION=V1,V2``
+    value (a value equal to the option's default is the plain method itself and adds nothing)."""
+    from ..training.config import TrainConfig, coerce
+
+    variants: list[tuple[str, tuple[str, ...]]] = []
+    for text in arm_texts:
+        label, sep, flags = text.partition("=")
+        if not sep or not label.strip() or not flags.strip():
+            raise ValueError(f"--arm {text!r}: expected LABEL='--flag value ...', e.g. --arm \"bf16=--amp\"")
+        variants.append((label.strip(), tuple(flags.split())))
+    defaults = TrainConfig()
+    for text in vary_texts:
+        option, sep, values = text.partition("=")
+        name = option.strip().lstrip("-").replace("-", "_")
+        if not sep or not values.strip():
+            raise ValueError(f"--vary {text!r}: expected OPTION=V1,V2, e.g. --vary window=2,3")
+        if not hasattr(defaults, name):
+            raise ValueError(f"--vary: unknown option {option.strip()!r} (an option of `mlaan train`)")
+        for value in (v.strip() for v in values.split(",") if v.strip()):
+            if coerce(name, value) == getattr(defaults, name):
+                continue
+            flag = "--" + name.replace("_", "-")
+            variants.append((f"{name}={value}", _flag(flag, coerce(name, value))))
+    return [Arm(m) for m in methods] + [Arm(m, label, flags) for m in methods for label, flags in variants]
+
+
+def _flag(flag: str, value: object) -> tuple[str, ...]:
+    if isinstance(value, bool):
+        return (flag if value else "--no-" + flag[2:],)
+    return (flag, *(str(v) for v in value)) if isinstance(value, tuple) else (flag, str(value))
+
+
+def train_command(args: argparse.Namespace, arm: Arm, seed: int, folder: Path, threads: int | None) -> list[str]:
+    """The `mlaan train` command line of one run (every run gets the same recipe, then its arm's flags)."""
+    method = arm.method
     k = 1 if mlaan_end_to_end(method) else args.k
     cmd = [
         sys.executable, "-m", "mlaan", "train",
@@ -57,7 +112,7 @@ def train_command(args: argparse.Namespace, method: str, seed: int, folder: Path
         cmd += ["--save-every", str(args.save_every)]
     for extra in args.train_arg or []:
         cmd += extra.split()
-    return cmd
+    return cmd + list(arm.flags)
 
 
 def mlaan_end_to_end(method: str) -> bool:
@@ -92,6 +147,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="each run saves last.pt every N steps, so an interrupted run loses at most N steps")
     p.add_argument("--train-arg", action="append", metavar="'--flag value'",
                    help="extra argument(s) passed to every `mlaan train` (repeatable; part of the recipe)")
+    p.add_argument("--arm", action="append", default=[], metavar="LABEL='--flag value'",
+                   help="also train every method with these extra flags, reported as 'METHOD LABEL' with its "
+                        "paired difference to the plain method (repeatable), e.g. --arm \"bf16+cl=--amp "
+                        "--channels-last\"")
+    p.add_argument("--vary", action="append", default=[], metavar="OPTION=V1,V2",
+                   help="one option at a time: an arm for each value that differs from the option's default, "
+                        "e.g. --vary window=2,3 --vary aux_head=linear,mlp (repeatable)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
@@ -113,8 +175,8 @@ def check_recipe(out: Path, recipe: dict) -> None:
                          "to it, or another --output-dir")
 
 
-def _check(args: argparse.Namespace) -> tuple[list[str], list[int]]:
-    methods = common.parse_methods(args.methods)
+def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
+    methods = parse_arms(common.parse_methods(args.methods), args.arm, args.vary)
     seed_list = [args.seed] if args.seed is not None else _parse_seeds(args.seeds)
     common.check_arch(args.arch)
     for name, value in (("--k", args.k), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
@@ -148,22 +210,27 @@ def _state(folder: Path) -> str:
     return "unfinished" if (folder / "last.pt").exists() else "new"
 
 
+def start_process(cmd: list[str], log) -> subprocess.Popen:
+    """Start one `mlaan train` with its output going to the open file ``log``."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
 class _Job:
     """One `mlaan train` subprocess and where its log goes."""
 
-    def __init__(self, method: str, seed: int, cmd: list[str], log_path: Path) -> None:
-        self.method, self.seed, self.cmd, self.log_path = method, seed, cmd, log_path
+    def __init__(self, arm: Arm, seed: int, cmd: list[str], log_path: Path) -> None:
+        self.arm, self.seed, self.cmd, self.log_path = arm, seed, cmd, log_path
         self.log = open(log_path, "a")
         self.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd[1:])}\n")
         self.log.flush()
         self.started = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = start_process(cmd, self.log)
 
     def close(self) -> None:
         self.log.close()
 
 
-def train_all(args: argparse.Namespace, plan: list[tuple[str, int]], out: Path) -> list[str]:
+def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> list[str]:
     """Train (or continue) every planned run, ``args.jobs`` at a time; returns the failed runs' names."""
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
     logs = out / "logs"
@@ -172,15 +239,16 @@ def train_all(args: argparse.Namespace, plan: list[tuple[str, int]], out: Path) 
     try:
         while queue or running:
             while queue and len(running) < args.jobs:
-                method, seed = queue.pop(0)
-                folder = run_dir(out, method, seed)
-                cmd = train_command(args, method, seed, folder, threads)
+                arm, seed = queue.pop(0)
+                folder = run_dir(out, arm, seed)
+                cmd = train_command(args, arm, seed, folder, threads)
                 state = _state(folder)
                 cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
-                name = f"{method} seed {seed}"
-                print(f"  {name}: {'continuing' if state == 'unfinished' else 'starting'}: {' '.join(cmd[3:])}",
-                      flush=True)
-                running.append(_Job(method, seed, cmd, logs / f"{method.replace('+', '_')}-seed{seed}.log"))
+                print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
+                      f"{' '.join(cmd[3:])}", flush=True)
+                folder.parent.mkdir(parents=True, exist_ok=True)
+                common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
+                running.append(_Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log"))
             time.sleep(1.0)
             for job in [j for j in running if j.proc.poll() is not None]:
                 running.remove(job)
@@ -195,8 +263,8 @@ def train_all(args: argparse.Namespace, plan: list[tuple[str, int]], out: Path) 
 
 
 def _finished(job: _Job, out: Path) -> list[str]:
-    name = f"{job.method} seed {job.seed}"
-    final = run_dir(out, job.method, job.seed) / "metrics.json"
+    name = f"{job.arm.label} seed {job.seed}"
+    final = run_dir(out, job.arm, job.seed) / "metrics.json"
     if job.proc.returncode != 0 or not final.exists():
         tail = job.log_path.read_text().strip().splitlines()[-3:]
         print(f"  {name}: FAILED (exit {job.proc.returncode}): {' | '.join(tail)}", flush=True)
@@ -213,9 +281,13 @@ def collect_runs(out: Path) -> list[dict]:
         if folder.is_dir() and ((folder / "metrics.jsonl").exists() or (folder / "metrics.json").exists()):
             run = report.load_run(folder)
             run["seed"] = int(folder.name[len("seed"):])
+            arm_file = folder.parent / "arm.json"
+            arm = json.loads(arm_file.read_text()) if arm_file.exists() else {}
+            run["variant"] = arm.get("variant", "")
+            run["label"] = arm.get("label", run["method"])
             runs.append(run)
     order = {m: i for i, m in enumerate(ACCURACY_METHODS)}
-    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["seed"]))
+    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["variant"], r["seed"]))
 
 
 def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
@@ -224,7 +296,7 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
     finished = [r for r in runs if r["finished"]]
     summary = seeds.summarise(finished)
     md = seeds.table(summary)
-    unfinished = [f"{r['method']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
+    unfinished = [f"{r['label']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
                   for r in runs if not r["finished"]]
     seeds.plot(finished or runs, out / "curves.png", title)
     lines = [f"# {title}", "", f"Machine: {machine}.", "", md, "",
@@ -239,31 +311,32 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
         "recipe": recipe,
         "summary": summary,
         "unfinished": unfinished,
-        "runs": [{k: r[k] for k in ("method", "seed", "path", "finished", "test_error", "test_accuracy",
-                                    "best_accuracy", "wall_time", "steps", "epochs")} for r in runs],
+        "runs": [{k: r[k] for k in ("label", "method", "variant", "seed", "path", "finished", "test_error",
+                                    "test_accuracy", "best_accuracy", "wall_time", "steps", "epochs")} for r in runs],
     }
     common.write_json(out / "accuracy.json", data)
     return {"table": md, "files": [str(out / n) for n in ("accuracy.md", "accuracy.json", "curves.png")]}
 
 
 def run(args: argparse.Namespace) -> int:
-    methods, seed_list = _check(args)
+    arms, seed_list = _check(args)
     out = common.output_dir(args.output_dir, "accuracy")
     recipe = _recipe(args)
     check_recipe(out, recipe)
     machine = common.machine_description() + f"; code {common.code_version()}"
     if args.device in (None, "auto", "cpu"):
         machine += f"; {runtime.cpu_bf16() or 'no bf16'} CPU"
-    print(f"mlaan bench accuracy on {machine}: {', '.join(methods)} x seeds {', '.join(map(str, seed_list))}; "
+    print(f"mlaan bench accuracy on {machine}: {', '.join(a.label for a in arms)} x seeds "
+          f"{', '.join(map(str, seed_list))}; "
           f"{args.arch} K={args.k}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
           f"{args.jobs} at a time -> {out}", flush=True)
     plan = []
     for seed in seed_list:  # seed-major: every method's first seed is done before any second seed
-        for method in methods:
-            if _state(run_dir(out, method, seed)) == "finished" and not args.force:
-                print(f"  {method} seed {seed}: finished earlier, kept", flush=True)
+        for arm in arms:
+            if _state(run_dir(out, arm, seed)) == "finished" and not args.force:
+                print(f"  {arm.label} seed {seed}: finished earlier, kept", flush=True)
             else:
-                plan.append((method, seed))
+                plan.append((arm, seed))
     failures = train_all(args, plan, out)
     if not collect_runs(out):
         raise RuntimeError("no run has produced metrics; see the logs in " + str(out / "logs"))

@@ -33,19 +33,28 @@ def paired_difference(errors: dict[int, float], reference: dict[int, float]) -> 
 
 
 def summarise(runs: list[dict]) -> list[dict]:
-    """One entry per method (in first-seen order) from finished runs (``report.load_run`` dicts with a
-    ``seed``): final test errors per seed, mean ± std, and paired Δ vs ``bp`` and vs the base method."""
+    """One entry per arm (``label``, in first-seen order) from finished runs (``report.load_run`` dicts with a
+    ``seed``, and ``label``/``variant`` for variants): final test errors per seed, mean ± std, and paired Δ vs
+    ``bp``, vs the base method (``dgl`` for ``dgl+mlaan``) and, for a variant, vs its plain method."""
     errors: dict[str, dict[int, float]] = {}
+    methods: dict[str, tuple[str, str]] = {}
     for run in runs:
         if run["finished"] and run["test_error"] is not None:
-            errors.setdefault(run["method"], {})[int(run["seed"])] = float(run["test_error"])
+            label = run.get("label", run["method"])
+            errors.setdefault(label, {})[int(run["seed"])] = float(run["test_error"])
+            methods[label] = (run["method"], run.get("variant", ""))
     out = []
-    for method, per_seed in errors.items():
+    for label, per_seed in errors.items():
+        method, variant = methods[label]
         mean, std = mean_std(list(per_seed.values()))
         base, _, suffix = method.partition("+")
-        entry = {"method": method, "seeds": sorted(per_seed), "errors": per_seed, "mean": mean, "std": std}
-        entry["vs_bp"] = paired_difference(per_seed, errors["bp"]) if "bp" in errors and method != "bp" else None
-        entry["vs_base"] = paired_difference(per_seed, errors[base]) if suffix and base in errors else None
+
+        def versus(other: str, per_seed: dict = per_seed, label: str = label) -> dict | None:
+            return paired_difference(per_seed, errors[other]) if other in errors and other != label else None
+
+        entry = {"label": label, "method": method, "variant": variant, "seeds": sorted(per_seed),
+                 "errors": per_seed, "mean": mean, "std": std, "vs_bp": versus("bp"),
+                 "vs_base": versus(base) if suffix else None, "vs_plain": versus(method) if variant else None}
         out.append(entry)
     return out
 
@@ -67,15 +76,15 @@ def _delta(d: dict | None) -> str:
 def table(summary: list[dict]) -> str:
     """Markdown: error mean ± std, each seed's error, paired Δ vs BP and vs the base method (pp)."""
     rows = []
+    variants = any(e["variant"] for e in summary)
     for e in summary:
         per_seed = ", ".join(f"s{s}: {100 * e['errors'][s]:.2f}" for s in e["seeds"])
-        rows.append([e["method"], len(e["seeds"]), _pp(e["mean"], e["std"]), per_seed, _delta(e["vs_bp"]),
-                     _delta(e["vs_base"])])
-    return common.format_table(
-        ["method", "seeds", "test error % (mean ± std)", "per seed", "Δ vs BP (pp, paired)",
-         "Δ vs base (pp, paired)"],
-        rows,
-    )
+        row = [e["label"], len(e["seeds"]), _pp(e["mean"], e["std"]), per_seed, _delta(e["vs_bp"]),
+               _delta(e["vs_base"])]
+        rows.append(row + ([_delta(e["vs_plain"])] if variants else []))
+    headers = ["method", "seeds", "test error % (mean ± std)", "per seed", "Δ vs BP (pp, paired)",
+               "Δ vs base (pp, paired)"]
+    return common.format_table(headers + (["Δ vs plain method (pp, paired)"] if variants else []), rows)
 
 
 def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
@@ -112,9 +121,9 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
     at the last epoch (mean over seeds), one colour per method."""
     plt = common.pyplot()
     fig, (ax_err, ax_mod) = plt.subplots(1, 2, figsize=(13, 4.8))
-    methods = list(dict.fromkeys(r["method"] for r in runs))
-    for i, method in enumerate(methods):
-        group = [r for r in runs if r["method"] == method]
+    labels = list(dict.fromkeys(r.get("label", r["method"]) for r in runs))
+    for i, method in enumerate(labels):
+        group = [r for r in runs if r.get("label", r["method"]) == method]
         color = common.method_color(method, i)
         epochs, mean, low, high = epoch_band(group, "test_error")
         if epochs:

@@ -1,0 +1,129 @@
+"""`mlaan bench accuracy`: arms and seeds, reuse and resume of runs, the folder's recipe, paired statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+import pytest
+
+from mlaan.bench import accuracy, cli, seeds
+
+
+def _args(tmp_path, *extra: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["bench", "accuracy", "--dataset", "synthetic", "--arch", "resnet20", "--k", "2",
+                              "--epochs", "1", "--output-dir", str(tmp_path / "out"), *extra])
+
+
+class _FakeTrain:
+    """Stands in for the `mlaan train` subprocess: records its command and writes the run's metrics."""
+
+    commands: list[list[str]] = []
+
+    def __init__(self, cmd, log) -> None:
+        self.commands.append(cmd)
+        folder = accuracy.Path(cmd[cmd.index("--output-dir") + 1])
+        folder.mkdir(parents=True, exist_ok=True)
+        seed = int(cmd[cmd.index("--seed") + 1])
+        error = 0.1 + 0.01 * seed + (0.05 if "--window" in cmd else 0.0)
+        line = {"epoch": 1, "test_accuracy": 1 - error, "test_error": error, "train_loss": 1.0,
+                "train_independent_losses": [1.0, 0.5]}
+        (folder / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+        config = {"method": cmd[cmd.index("--method") + 1], "arch": "resnet20"}
+        (folder / "metrics.json").write_text(json.dumps({"test_accuracy": 1 - error, "test_error": error,
+                                                         "config": config}))
+        self.returncode = 0
+
+    def poll(self):
+        return 0
+
+    def wait(self):
+        return 0
+
+
+@pytest.fixture
+def fake_train(monkeypatch):
+    _FakeTrain.commands = []
+    monkeypatch.setattr(accuracy, "start_process", _FakeTrain)
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    return _FakeTrain.commands
+
+
+def test_every_arm_and_seed_is_trained_once_then_reused(tmp_path, fake_train, capsys):
+    args = _args(tmp_path, "--methods", "bp,dgl+mlaan", "--seeds", "0,1", "--vary", "window=2,3", "--jobs", "2")
+    assert accuracy.run(args) == 0
+    trained = sorted((c[c.index("--method") + 1], c[c.index("--seed") + 1], "--window" in c) for c in fake_train)
+    # window=2 is the default: only window=3 adds an arm (for each method given)
+    assert trained == sorted((m, s, w) for m in ("bp", "dgl+mlaan") for s in ("0", "1") for w in (False, True))
+    assert all(c[c.index("--threads") + 1] == "1" for c in fake_train)  # one thread per run with --jobs 2
+    summary = json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"]
+    varied = next(e for e in summary if e["label"] == "dgl+mlaan window=3")
+    assert varied["vs_plain"]["mean"] == pytest.approx(0.05) and varied["vs_plain"]["seeds"] == [0, 1]
+    fake_train.clear()
+    assert accuracy.run(args) == 0
+    assert fake_train == [] and "finished earlier, kept" in capsys.readouterr().out
+
+
+def test_an_unfinished_run_is_continued_with_resume(tmp_path, fake_train):
+    folder = tmp_path / "out" / "dgl" / "seed0"
+    folder.mkdir(parents=True)
+    (folder / "last.pt").write_bytes(b"")  # what an interrupted run leaves: a checkpoint, no metrics.json
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,dgl+mlaan")) == 0
+    resumed = {c[c.index("--method") + 1]: "--resume" in c for c in fake_train}
+    assert resumed == {"dgl": True, "dgl+mlaan": False}
+
+
+def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl+mlaan", "--seeds", "3")) == 0  # adding is fine
+    with pytest.raises(ValueError, match=r"holds runs of another recipe \(epochs: 1 there, 2 now\)"):
+        accuracy.run(_args(tmp_path, "--methods", "dgl", "--epochs", "2"))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--seeds", "0,x"], r"--seeds: 'x' is not a non-negative integer"),
+    (["--vary", "windw=3"], r"--vary: unknown option 'windw'"),
+    (["--vary", "window"], r"--vary 'window': expected OPTION=V1,V2"),
+    (["--arm", "nolabel"], r"--arm 'nolabel': expected LABEL="),
+    (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
+])
+def test_bad_harness_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
+    from mlaan import cli as main_cli
+
+    code = main_cli.main(["bench", "accuracy", "--output-dir", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_arm_flags_follow_the_recipe_so_they_win():
+    arms = accuracy.parse_arms(["dgl+mlaan"], ["bf16+cl=--amp --channels-last"], ["aux_head=linear,mlp",
+                                                                                "grad_checkpointing=true"])
+    assert [a.label for a in arms] == ["dgl+mlaan", "dgl+mlaan bf16+cl", "dgl+mlaan aux_head=mlp",
+                                       "dgl+mlaan grad_checkpointing=true"]
+    assert arms[1].flags == ("--amp", "--channels-last") and arms[3].flags == ("--grad-checkpointing",)
+    ns = argparse.Namespace(arch="resnet20", k=2, dataset="synthetic", epochs=1, batch_size=8, lr=0.1,
+                            weight_decay=0.0, warmup_epochs=0.0, train_samples=0, test_samples=None,
+                            data_root=None, device=None, save_every=None, train_arg=["--no-amp"])
+    cmd = accuracy.train_command(ns, arms[1], 0, accuracy.Path("x"), None)
+    assert cmd[0] == sys.executable and cmd.index("--no-amp") < cmd.index("--amp")
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def test_paired_differences_use_only_common_seeds():
+    d = seeds.paired_difference({0: 0.10, 1: 0.14, 2: 0.30}, {0: 0.12, 1: 0.15})
+    assert d["seeds"] == [0, 1] and d["values"] == pytest.approx([-0.02, -0.01])
+    assert d["mean"] == pytest.approx(-0.015) and d["std"] == pytest.approx(0.00707, abs=1e-5)
+    assert seeds.mean_std([0.2]) == (0.2, None) and seeds.mean_std([]) == (None, None)
+
+
+def test_epoch_band_takes_a_resumed_epochs_later_line():
+    runs = [{"epochs": [{"epoch": 1, "test_error": 0.5}, {"epoch": 1, "test_error": 0.4},
+                        {"epoch": 2, "test_error": 0.3}]},
+            {"epochs": [{"epoch": 1, "test_error": 0.6}]}]
+    epochs, mean, low, high = seeds.epoch_band(runs, "test_error")
+    assert epochs == [1, 2] and mean == pytest.approx([0.5, 0.3]) and (low[0], high[0]) == (0.4, 0.6)
