@@ -74,8 +74,8 @@ class TrainConfig:
     temperature: float = _ENGINE_DEFAULTS.temperature
     auglocal_depth: int = _ENGINE_DEFAULTS.auglocal_depth
     balance: str = _ENGINE_DEFAULTS.balance
-    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing  # recompute aux blocks: less memory, same result
-    # optimisation (METHOD.md §4: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
+    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing  # recompute aux blocks and window modules: less memory, same result
+    # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 × batch_size

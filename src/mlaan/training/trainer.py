@@ -4,8 +4,8 @@
 checkpoint to resume, the output folder — without writing anything; ``fit()`` then trains and writes
 ``metrics.jsonl`` (a line per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
 
-Optimisation follows METHOD.md §4: SGD with Nesterov momentum 0.9, a linear warm-up then a cosine decay,
-both per optimizer step. Each step: ``zero_grad`` → ``LocalModel.train_step`` (all local backwards) →
+Optimisation follows docs/METHOD.md#training-recipe: SGD with Nesterov momentum 0.9, a linear warm-up then a
+cosine decay, both per optimizer step. Each step: ``zero_grad`` → ``LocalModel.train_step`` (all local backwards) →
 wait for the gradient all-reduce (distributed runs) → ``optimizer.step`` → ``after_optimizer_step`` (EMA
 twins) → scheduler step.
 
