@@ -74,7 +74,8 @@ class TrainConfig:
     temperature: float = _ENGINE_DEFAULTS.temperature
     auglocal_depth: int = _ENGINE_DEFAULTS.auglocal_depth
     balance: str = _ENGINE_DEFAULTS.balance
-    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing  # recompute aux blocks and window modules: less memory, same result
+    # recompute aux blocks and the cascade window's modules in backward: less memory, same result
+    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing
     # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
     epochs: int = 10
     batch_size: int = 128

@@ -27,7 +27,8 @@ class LocalOptions:
     lam_shrink: float = 1.0  # c of the LAM depth schedule: 1.0 ends at one block (one EMA layer of one)
     depth_shrink: float = 0.5  # c in AugLocal's depth schedule (its published value)
     # Classifier shape of every aux head: "linear" (GAP + linear probe, what the official MLAAN code uses, so
-    # step times compare with it) or "mlp" (DGL paper's 1×1-conv + MLP classifier, about 1× a BP step more for dgl+mlaan at K=16, BENCHMARKS.md).
+    # step times compare with it) or "mlp" (DGL paper's 1×1-conv + MLP classifier; dgl+mlaan at K=16 measured
+    # about one BP step more per step with it, BENCHMARKS.md).
     aux_head: str = "linear"
     aux_width: int = 128
     infopro_task: str = "ce"  # "ce" or "contrastive"
