@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The accuracy comparisons of BENCHMARKS.md ("Accuracy"), exactly as they were run. Each is `mlaan bench
+# accuracy` into its own folder: runs found finished are kept, runs found unfinished are continued with --resume,
+# so the same command completes a comparison that spans several sittings. One thread per run, niced, so that
+# they can run in the background beside other work (a 2-thread team stalls when the other core is busy).
+#
+#   bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT]      (default OUT_ROOT: runs)
+#
+#   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1 (~14 core-hours
+#           on this project's 2-core CPU; two runs at a time)
+#   extra   the same recipe and folder: dgl+lam and infopro+mlaan, seed 0 (~22 core-hours; infopro+mlaan alone ~18)
+#   parity  fp32 (NCHW) against bf16 autocast + channels-last, bp and dgl+mlaan, 2 seeds, 2 epochs of 10k images
+#   sweep   dgl+mlaan defaults, one option at a time, 2 seeds, 2 epochs of 10k images
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHAT=${1:?usage: bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT]}
+ROOT=${2:-runs}
+PY=${PYTHON:-.venv/bin/python}
+BENCH=(nice -n 10 "$PY" -m mlaan bench accuracy)
+FULL=(--train-samples 0 --epochs 15 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --batch-size 128
+      --output-dir "$ROOT/accuracy-full")
+SHORT=(--epochs 2 --train-samples 10000 --warmup-epochs 0.2 --threads 1)
+
+case "$WHAT" in
+    full)   "${BENCH[@]}" --methods bp,dgl+mlaan,dgl --seeds 0,1 --jobs 2 "${FULL[@]}" ;;
+    extra)  "${BENCH[@]}" --methods dgl+lam,infopro+mlaan --seeds 0 --jobs 2 "${FULL[@]}" ;;
+    parity) "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
+                --train-arg "--no-channels-last --no-amp" --arm "bf16+cl=--amp --channels-last" \
+                --output-dir "$ROOT/parity" ;;
+    sweep)  "${BENCH[@]}" --methods dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
+                --vary aux_head=linear,mlp --vary window=2,3 --vary lam_depth=2,3,4 \
+                --vary ema_momentum=0.99,0.995,0.999 --vary ema_update=all,last --output-dir "$ROOT/sweep" ;;
+    *) echo "unknown comparison '$WHAT'; allowed: full, extra, parity, sweep" >&2; exit 2 ;;
+esac
