@@ -104,7 +104,9 @@ def _add_train(subparsers) -> None:
     g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
     g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
     g.add_argument("--local-modules", "-K", dest="local_modules", type=int, default=S, metavar="K",
-                   help="number of local modules, the stem's included (default: 16; 1 for bp)")
+                   help="number of local modules, the stem's included (default: the architecture's: the "
+                        "paper's K, 16 for resnet32 and 55 for resnet110, else one module per residual block; "
+                        "1 for bp)")
     g.add_argument("--window", type=int, default=S, help=f"MLM cascade window (default: {d.window})")
     g.add_argument("--w-ind", dest="w_ind", type=float, default=S,
                    help=f"weight of the independent loss under MLM (default: {d.w_ind})")
@@ -191,9 +193,22 @@ def cmd_train(args: argparse.Namespace) -> int:
         return err.code
     except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
         raise CLIError(str(err)) from err
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        raise CLIError(
+            f"out of memory at step {trainer.step + 1} ({_one_line(err)[:200]}); {trainer._kept_checkpoint()}; "
+            "try a smaller --batch-size, or --grad-checkpointing", code=1,
+        ) from err
     finally:
         trainer.close()
     return 0
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), the CPU allocator's RuntimeError, or Python's MemoryError."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 # ----------------------------------------------------------------------------------------------------- eval

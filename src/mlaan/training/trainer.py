@@ -117,6 +117,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._log = log or print
         self.resume_path = resume_path
+        self._lock = safety.RunFolderLock(self.out)  # taken at the end of the build, released by close()/fit()
         self.ctx = dist.init_from_env(cfg.device)  # torchrun's environment, or a single process
         self.device = self.ctx.device
         try:
@@ -126,7 +127,8 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Leave the process group (torchrun); nothing to do in a single process."""
+        """Give up the output folder and leave the process group (torchrun)."""
+        self._lock.release()
         dist.cleanup(self.ctx)
 
     def _build(self, resume_checkpoint: dict | None) -> None:
@@ -181,16 +183,8 @@ class Trainer:
             except RuntimeError as err:
                 first = str(err).strip().splitlines()[0]
                 raise ValueError(f"checkpoint {self.resume_path} does not fit this model: {first}") from err
-        # checked last, so that a bad name, K or data root is reported as such even in a used folder;
-        # nothing in the output folder is touched unless resuming or told to overwrite
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"output dir {self.out} exists and is not a folder")
-        if existing and resume_checkpoint is None and not cfg.overwrite:
-            raise ValueError(
-                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
-                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-            )
         safety.check_output_dir(self.out)
         if cfg.amp:
             if self.device.type == "cuda":
@@ -204,6 +198,7 @@ class Trainer:
         self.workers = cfg.resolved_workers(self.device.type)
         self.sampler = self._train_sampler()
         self.steps_per_epoch = len(self._train_loader(0))
+        self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
@@ -215,8 +210,46 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         if resume_checkpoint is not None:
             self._restore(resume_checkpoint)
+        self._own_output_dir(resume_checkpoint is not None)
+
+    def _own_output_dir(self, resuming: bool) -> None:
+        """Take the output folder's lock (rank 0; every rank learns whether it got it), then check under it that
+        the folder holds no other run. Last, so that a bad name, K or data root is reported as such even in a used
+        folder; on refusal the folder is left as it was."""
+        refused: Exception | None = None
+        if self.ctx.is_main:
+            try:
+                self._lock.acquire()
+                existing = [name for name in RUN_FILES if (self.out / name).exists()]
+                if existing and not resuming and not self.cfg.overwrite:
+                    raise ValueError(
+                        f"output dir {self.out} already holds a run ({', '.join(existing)}); "
+                        "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+                    )
+            except (ValueError, OSError) as err:
+                self._lock.abandon()
+                refused = err
+        if self._reduce({"refused_count": float(refused is not None)})["refused_count"] > 0:
+            raise refused if refused is not None else safety.RunFolderInUse(
+                f"output dir {self.out} is not free: rank 0 could not take it (see its message)")
 
     # -------------------------------------------------------------------------------------- building
+    def _check_batch_of_one(self) -> None:
+        """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
+        would crash in that layer at its first step (a whole data set smaller than the batch is one batch)."""
+        cfg = self.cfg
+        smallest = min(cfg.batch_size, len(self.sampler))
+        if smallest > 1 or (cfg.sync_bn and self.ctx.world_size > 1):  # SyncBatchNorm sees every rank's image
+            return
+        layers = self.local_model.single_value_batchnorms()
+        if layers:
+            why = "--batch-size 1" if cfg.batch_size == 1 else f"a training set of {len(self.sampler)} image"
+            raise ValueError(
+                f"{why} cannot train {cfg.arch} on {self.info.image_size}x{self.info.image_size} images: BatchNorm "
+                f"layer {layers[0]} sees a 1x1 map, i.e. one value per channel in a batch of one; use "
+                "--batch-size 2 or more"
+            )
+
     def _train_sampler(self) -> Sampler:
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
         return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
@@ -287,6 +320,7 @@ class Trainer:
         start = self._fit_start = time.perf_counter()
         writer = None
         if self.ctx.is_main:
+            self._lock.acquire()  # held since the build; taken again only by a second fit()
             self._guarded_write(self._prepare_output_dir, self.out)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
@@ -317,9 +351,9 @@ class Trainer:
                     record["best"] = True
                 if complete:
                     self.epoch, self.epoch_step = epoch + 1, 0
-                else:
+                    self._partial = _no_partial()  # logged now
+                else:  # stopped by --max-steps: the checkpoint keeps the sums, so a resume covers the whole epoch
                     self.epoch_step = train["batches_done"]
-                self._partial = _no_partial()  # logged now
                 self._end_of_epoch(record, writer, start)
             if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
                 last_eval = self.evaluate()
@@ -335,6 +369,7 @@ class Trainer:
             self._stop.__exit__()
             if writer is not None:
                 writer.close()
+            self._lock.release()  # after the last write
         self.ctx.barrier()
         return summary
 
@@ -436,8 +471,7 @@ class Trainer:
 
     def _end_of_epoch(self, record: dict, writer, start: float) -> None:
         if self.ctx.is_main:
-            self._guarded_write(lambda: _append_line(self.out / "metrics.jsonl", json.dumps(record)),
-                                self.out / "metrics.jsonl")
+            self._guarded_write(lambda: _log_epoch(self.out / "metrics.jsonl", record), self.out / "metrics.jsonl")
             state = self.checkpoint_state(time.perf_counter() - start)
             self._guarded_write(lambda: ckpt_io.atomic_save(state, self.out / "last.pt"), self.out / "last.pt")
             self._saved_step = self.step
@@ -642,6 +676,22 @@ def evaluate_backbone(
 
 def _no_partial() -> dict[str, float]:
     return {"loss_sum": 0.0, "correct": 0.0, "count": 0.0, "seconds": 0.0}
+
+
+def _log_epoch(path: Path, record: dict[str, Any]) -> None:
+    """Add an epoch's line to ``metrics.jsonl``; a line of the same epoch cut short by ``--max-steps`` is replaced,
+    since the resumed epoch's record covers all of its steps (one line per epoch)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+        except ValueError:
+            last = None
+        if isinstance(last, dict) and last.get("epoch") == record["epoch"] and last.get("complete") is False:
+            text = "".join(line + "\n" for line in [*lines[:-1], json.dumps(record)])
+            ckpt_io.atomic_write_text(text, path)
+            return
+    _append_line(path, json.dumps(record))
 
 
 def _append_line(path: Path, line: str) -> None:
