@@ -244,7 +244,7 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
         state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
         config = obj.get("config", {})
-        meta["data_root"] = config.get("data_root")
+        meta["data_root"] = ckpt_io.data_root_of(obj)
         meta["data_options"] = {k: v for k, v in config.items() if k.startswith("synthetic_")}
         meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
         return state, meta
@@ -291,7 +291,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.workers)
-    result = evaluate_backbone(backbone.to(device), loader, device)
+    result = evaluate_backbone(backbone.to(device), loader, device,
+                               progress=f"evaluating on {len(test_set)} {info.name} test images")
     report = {
         "checkpoint": str(args.checkpoint),
         "arch": meta["arch"],
@@ -390,14 +391,13 @@ def build_parser() -> Parser:
     return parser
 
 
-class _RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-_FORMATTER_UPGRADES = {
-    argparse.HelpFormatter: argparse.RawDescriptionHelpFormatter,
-    argparse.ArgumentDefaultsHelpFormatter: _RawDefaultsFormatter,
-}
+def _raw_description(formatter: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
+    """``formatter`` that keeps the epilog's line breaks (the catalogue is a list)."""
+    if issubclass(formatter, argparse.RawDescriptionHelpFormatter):
+        return formatter
+    if formatter is argparse.HelpFormatter:
+        return argparse.RawDescriptionHelpFormatter
+    return type(f"Raw{formatter.__name__}", (formatter, argparse.RawDescriptionHelpFormatter), {})
 
 
 def _add_catalogue(subparsers: argparse._SubParsersAction) -> None:
@@ -405,7 +405,7 @@ def _add_catalogue(subparsers: argparse._SubParsersAction) -> None:
     for sub in subparsers.choices.values():
         if sub.epilog is None:
             sub.epilog = _catalogue()
-            sub.formatter_class = _FORMATTER_UPGRADES.get(sub.formatter_class, sub.formatter_class)
+            sub.formatter_class = _raw_description(sub.formatter_class)
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _add_catalogue(action)

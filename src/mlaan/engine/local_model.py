@@ -176,7 +176,10 @@ class LocalModel(nn.Module):
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
-        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...]}``.
+        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...],
+        "independent_losses": [...], "cascaded_losses": [...]}``: ``module_losses[j]`` is what module j minimises
+        (under MLM ``w_ind`` × independent + ``w_casc`` × cascaded, so about the cascaded loss), the other two its
+        aux losses unweighted (``cascaded_losses[j]`` is None where module j has no cascade).
         """
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
@@ -184,6 +187,7 @@ class LocalModel(nn.Module):
         recompute_modules = self.options.grad_checkpointing and window >= 2
         pending: list[_Pending] = []
         module_losses: list[torch.Tensor] = []
+        parts: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # (independent, cascaded) of each module
         x = images
         for j, module in enumerate(self.local_modules):
             inputs = x.detach()
@@ -191,8 +195,9 @@ class LocalModel(nn.Module):
                 inputs.requires_grad_()
             with self._autocast():
                 output = run_blocks(module, inputs, True) if recompute_modules else module(inputs)
-            grad_total, grad_cascade, loss_value = self._local_gradients(j, output, images, targets)
+            grad_total, grad_cascade, loss_value, part = self._local_gradients(j, output, images, targets)
             module_losses.append(loss_value)
+            parts.append(part)
             pending.append(_Pending(j, inputs, output, grad_total))
             self._propagate_cascade(pending, j, window, grad_cascade)
             last_step = j == num_modules - 1
@@ -201,18 +206,22 @@ class LocalModel(nn.Module):
             x = output
         # One host sync per step (not one per head): losses and accuracy come back together.
         accuracy = (x.detach().argmax(1) == targets).float().mean()
-        values = torch.stack([*module_losses, accuracy]).tolist()
-        losses = values[:-1]
+        cascaded = [c for _, c in parts if c is not None]
+        values = torch.stack([*module_losses, accuracy, *(i for i, _ in parts), *cascaded]).tolist()
+        k = len(module_losses)
+        losses, independent, rest = values[:k], values[k + 1 : 2 * k + 1], iter(values[2 * k + 1 :])
         bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
         if bad:
             raise FloatingPointError(f"non-finite local loss ({losses[bad[0]]}) at local module {bad[0]}")
-        return {"loss": losses[-1], "accuracy": values[-1], "module_losses": losses}
+        return {"loss": losses[-1], "accuracy": values[k], "module_losses": losses, "independent_losses": independent,
+                "cascaded_losses": [None if c is None else next(rest) for _, c in parts]}
 
     def _local_gradients(
         self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
         """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
-        the cascaded part of it that continues into earlier modules, the module's loss value)."""
+        the cascaded part of it that continues into earlier modules, the module's loss value, its independent and
+        cascaded losses unweighted)."""
         is_last = j == len(self.local_modules) - 1
         cascade = self.spec.cascade and self.options.window >= 2
         if is_last:
@@ -222,20 +231,22 @@ class LocalModel(nn.Module):
             g = leaf.grad
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
-                return g * scale, None, loss.detach()
-            return g * (self.options.w_ind + self.options.w_casc), g * self.options.w_casc, loss.detach()
+                return g * scale, None, loss.detach(), (loss.detach(), loss.detach() if cascade else None)
+            weights = self.options.w_ind + self.options.w_casc
+            return g * weights, g * self.options.w_casc, loss.detach(), (loss.detach(), loss.detach())
 
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
         if str(j) not in self.cascade_heads:
             g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
-            return g_ind, None, value
+            return g_ind, None, value, (value, None)
         # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
         # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
         g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
         g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
-        return g_ind.add_(g_casc), g_casc, w_ind * value + self.options.w_casc * casc_value
+        combined = w_ind * value + self.options.w_casc * casc_value
+        return g_ind.add_(g_casc), g_casc, combined, (value, casc_value)
 
     def _head_gradient(
         self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float

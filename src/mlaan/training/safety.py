@@ -342,6 +342,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {
     "epoch_partial": ("a mapping of numbers",
                       lambda v: isinstance(v, dict) and all(_is_number(x) for x in v.values())),
     "wall_time": ("a number", _is_number),
+    "data_source": ("a path", lambda v: isinstance(v, str)),
     "version": ("an integer", _is_int),
 }
 

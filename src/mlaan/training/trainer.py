@@ -501,6 +501,7 @@ class Trainer:
             "method": self.cfg.method,
             "local_modules": self.cfg.local_modules,
             "dataset": info.name,
+            "data_source": info.source,  # where the files were read from (may differ from config's data_root)
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "image_size": info.image_size,
@@ -650,13 +651,17 @@ def evaluate_backbone(
     device: torch.device,
     autocast_dtype: torch.dtype | None = None,
     reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad)."""
+    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad); ``progress``:
+    the label of a progress bar on stderr (none when None)."""
     was_training = backbone.training
     backbone.eval()
     loss_sum = correct = count = 0.0
+    batches = loader if progress is None else tqdm(loader, desc=progress, unit="batch", leave=False,
+                                                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     with torch.no_grad():
-        for images, targets in loader:
+        for images, targets in batches:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if autocast_dtype is not None:
                 with torch.autocast(device.type, dtype=autocast_dtype):
