@@ -75,19 +75,26 @@ def test_lock_of_a_killed_run_is_recovered(holder, capsys):
     assert (folder / "metrics.json").is_file()
 
 
-def test_one_process_two_trainers_one_folder(tmp_path):
-    """The lock is per run, not per process: a second Trainer in the same process is refused too, and the
-    folder is free again once the first one has finished."""
+def test_fit_takes_the_folder_before_writing_and_checks_again_under_the_lock(tmp_path):
+    """Building a Trainer writes nothing; fit() takes the lock first (refused while another run holds it,
+    leaving the folder as it was) and checks again that no run was written there since the build."""
+    folder = tmp_path / "run"
     overrides = {"dataset": "synthetic", "synthetic_train_size": 64, "synthetic_test_size": 32, "arch": "resnet20",
-                 "local_modules": 4, "batch_size": 16, "max_steps": 1, "device": "cpu",
-                 "output_dir": str(tmp_path / "run")}
-    first = make_trainer(None, overrides, log=lambda m: None)
-    with pytest.raises(ValueError, match="in use"):
-        make_trainer(None, overrides, log=lambda m: None)
-    first.fit()
-    first.close()
-    second = make_trainer(None, {**overrides, "overwrite": True}, log=lambda m: None)
-    second.close()
+                 "local_modules": 4, "batch_size": 16, "max_steps": 1, "device": "cpu", "output_dir": str(folder)}
+    trainer = make_trainer(None, overrides, log=lambda m: None)
+    assert not folder.exists()
+    other = RunFolderLock(folder)
+    other.acquire()
+    with pytest.raises(ValueError, match="in use by another run"):
+        trainer.fit()
+    assert sorted(p.name for p in folder.iterdir()) == sorted([RunFolderLock.LOCK_NAME, RunFolderLock.OWNER_NAME])
+    other.release()
+    late = make_trainer(None, overrides, log=lambda m: None)
+    trainer.fit()  # the folder is free now
+    trainer.close()
+    with pytest.raises(ValueError, match="already holds a run"):
+        late.fit()  # built before the other run wrote there
+    late.close()
 
 
 def test_refused_start_leaves_a_new_folder_uncreated(tmp_path, capsys):

@@ -177,7 +177,7 @@ _NOT_CONFIG = ("config", "resume", "func", "command")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
-    from .training.safety import OutputWriteError, RunStopped
+    from .training.safety import OutputWriteError, RunFolderInUse, RunStopped
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     try:
@@ -192,6 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"mlaan: {err}", file=sys.stderr)
         return err.code
     except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
+        raise CLIError(str(err)) from err
+    except RunFolderInUse as err:  # another run holds the folder (or wrote a run there since the build)
         raise CLIError(str(err)) from err
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):

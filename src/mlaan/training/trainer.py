@@ -117,7 +117,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._log = log or print
         self.resume_path = resume_path
-        self._lock = safety.RunFolderLock(self.out)  # taken at the end of the build, released by close()/fit()
+        self._lock = safety.RunFolderLock(self.out)  # held while fit() runs
         self.ctx = dist.init_from_env(cfg.device)  # torchrun's environment, or a single process
         self.device = self.ctx.device
         try:
@@ -183,8 +183,12 @@ class Trainer:
             except RuntimeError as err:
                 first = str(err).strip().splitlines()[0]
                 raise ValueError(f"checkpoint {self.resume_path} does not fit this model: {first}") from err
+        # checked last, so that a bad name, K or data root is reported as such even in a used folder;
+        # nothing in the output folder is touched unless resuming or told to overwrite (checked again by fit(),
+        # under the folder's lock, in case another run got there in between)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"output dir {self.out} exists and is not a folder")
+        self._check_no_other_run(resume_checkpoint is not None)
         safety.check_output_dir(self.out)
         if cfg.amp:
             if self.device.type == "cuda":
@@ -210,22 +214,24 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         if resume_checkpoint is not None:
             self._restore(resume_checkpoint)
-        self._own_output_dir(resume_checkpoint is not None)
 
-    def _own_output_dir(self, resuming: bool) -> None:
-        """Take the output folder's lock (rank 0; every rank learns whether it got it), then check under it that
-        the folder holds no other run. Last, so that a bad name, K or data root is reported as such even in a used
-        folder; on refusal the folder is left as it was."""
+    def _check_no_other_run(self, resuming: bool) -> None:
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if existing and not resuming and not self.cfg.overwrite:
+            raise safety.RunFolderInUse(
+                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+            )
+
+    def _own_output_dir(self) -> None:
+        """Take the output folder's lock before anything is written (rank 0; every rank learns whether it got
+        it), and check under it that no other run has been written there since the build. On refusal
+        (:class:`~mlaan.training.safety.RunFolderInUse`) the folder is left as it was."""
         refused: Exception | None = None
         if self.ctx.is_main:
             try:
                 self._lock.acquire()
-                existing = [name for name in RUN_FILES if (self.out / name).exists()]
-                if existing and not resuming and not self.cfg.overwrite:
-                    raise ValueError(
-                        f"output dir {self.out} already holds a run ({', '.join(existing)}); "
-                        "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-                    )
+                self._check_no_other_run(self.resume_path is not None)
             except (ValueError, OSError) as err:
                 self._lock.abandon()
                 refused = err
@@ -319,8 +325,8 @@ class Trainer:
         cfg = self.cfg
         start = self._fit_start = time.perf_counter()
         writer = None
+        self._own_output_dir()
         if self.ctx.is_main:
-            self._lock.acquire()  # held since the build; taken again only by a second fit()
             self._guarded_write(self._prepare_output_dir, self.out)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
