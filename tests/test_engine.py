@@ -297,7 +297,7 @@ def test_memory_balance_gives_early_high_resolution_modules_fewer_blocks():
     model = mlaan.create_local_model("resnet32", method="dgl", num_local_modules=4, balance="memory")
     sizes = [len(r) for r in model.split]
     assert sum(sizes) == 16 and sizes[0] < sizes[-1]
-    costs = model.profile.saved_bytes
+    costs = model.profile.step_bytes(model.options.balance_batch_size)
     loads = [sum(costs[i] for i in r) for r in model.split]
     even = [sum(costs[i] for i in r) for r in mlaan.create_local_model(
         "resnet32", method="dgl", num_local_modules=4).split]

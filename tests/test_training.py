@@ -141,7 +141,8 @@ def test_rng_state_round_trip(tmp_path):
 def test_fit_writes_sane_outputs(tmp_path):
     trainer, summary = run(tmp_path, max_steps=5)
     out = tmp_path / "run"
-    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "last.pt", "metrics.json", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [".mlaan.lock", "best.pt", "last.pt", "metrics.json",
+                                                     "metrics.jsonl"]  # the lock file stays, released
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     assert saved["steps"] == 5 and saved["steps_per_epoch"] == 4 and saved["epochs_completed"] == 1
@@ -169,7 +170,10 @@ def test_resume_continues_exactly(tmp_path):
     for key in opt_a:
         torch.testing.assert_close(opt_a[key]["momentum_buffer"], opt_b[key]["momentum_buffer"], rtol=0, atol=0)
     lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 4), (2, 5), (2, 8)]
+    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 4), (2, 8)]  # the epoch cut at step 5 is one line
+    whole = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["train_loss"], r["train_accuracy"]) for r in lines] == [
+        (r["train_loss"], r["train_accuracy"]) for r in whole]
 
 
 def test_resume_refuses_another_model(tmp_path):

@@ -104,7 +104,9 @@ def _add_train(subparsers) -> None:
     g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
     g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
     g.add_argument("--local-modules", "-K", dest="local_modules", type=int, default=S, metavar="K",
-                   help="number of local modules, the stem's included (default: 16; 1 for bp)")
+                   help="number of local modules, the stem's included (default: the architecture's: the "
+                        "paper's K, 16 for resnet32 and 55 for resnet110, else one module per residual block; "
+                        "1 for bp)")
     g.add_argument("--window", type=int, default=S, help=f"MLM cascade window (default: {d.window})")
     g.add_argument("--w-ind", dest="w_ind", type=float, default=S,
                    help=f"weight of the independent loss under MLM (default: {d.w_ind})")
@@ -185,7 +187,7 @@ _NOT_CONFIG = ("config", "resume", "func", "command")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
-    from .training.safety import OutputWriteError, RunStopped
+    from .training.safety import OutputWriteError, RunFolderInUse, RunStopped
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     try:
@@ -201,9 +203,24 @@ def cmd_train(args: argparse.Namespace) -> int:
         return err.code
     except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
         raise CLIError(str(err)) from err
+    except RunFolderInUse as err:  # another run holds the folder (or wrote a run there since the build)
+        raise CLIError(str(err)) from err
+    except (MemoryError, RuntimeError) as err:
+        if not _out_of_memory(err):
+            raise
+        raise CLIError(
+            f"out of memory at step {trainer.step + 1} ({_one_line(err)[:200]}); {trainer._kept_checkpoint()}; "
+            "try a smaller --batch-size, or --grad-checkpointing", code=1,
+        ) from err
     finally:
         trainer.close()
     return 0
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA), the CPU allocator's RuntimeError, or Python's MemoryError."""
+    text = str(err).lower()
+    return isinstance(err, MemoryError) or "out of memory" in text or "can't allocate memory" in text
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -239,7 +256,7 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
         state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
         config = obj.get("config", {})
-        meta["data_root"] = config.get("data_root")
+        meta["data_root"] = ckpt_io.data_root_of(obj)
         meta["data_options"] = {k: v for k, v in config.items() if k.startswith("synthetic_")}
         meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
         return state, meta
@@ -286,7 +303,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.workers)
-    result = evaluate_backbone(backbone.to(device), loader, device)
+    result = evaluate_backbone(backbone.to(device), loader, device,
+                               progress=f"evaluating on {len(test_set)} {info.name} test images")
     report = {
         "checkpoint": str(args.checkpoint),
         "arch": meta["arch"],
@@ -385,14 +403,13 @@ def build_parser() -> Parser:
     return parser
 
 
-class _RawDefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
-
-
-_FORMATTER_UPGRADES = {
-    argparse.HelpFormatter: argparse.RawDescriptionHelpFormatter,
-    argparse.ArgumentDefaultsHelpFormatter: _RawDefaultsFormatter,
-}
+def _raw_description(formatter: type[argparse.HelpFormatter]) -> type[argparse.HelpFormatter]:
+    """``formatter`` that keeps the epilog's line breaks (the catalogue is a list)."""
+    if issubclass(formatter, argparse.RawDescriptionHelpFormatter):
+        return formatter
+    if formatter is argparse.HelpFormatter:
+        return argparse.RawDescriptionHelpFormatter
+    return type(f"Raw{formatter.__name__}", (formatter, argparse.RawDescriptionHelpFormatter), {})
 
 
 def _add_catalogue(subparsers: argparse._SubParsersAction) -> None:
@@ -400,7 +417,7 @@ def _add_catalogue(subparsers: argparse._SubParsersAction) -> None:
     for sub in subparsers.choices.values():
         if sub.epilog is None:
             sub.epilog = _catalogue()
-            sub.formatter_class = _FORMATTER_UPGRADES.get(sub.formatter_class, sub.formatter_class)
+            sub.formatter_class = _raw_description(sub.formatter_class)
         for action in sub._actions:
             if isinstance(action, argparse._SubParsersAction):
                 _add_catalogue(action)

@@ -295,8 +295,11 @@ def _fashion_mnist(root, download: bool, augment: bool, with_train: bool = True)
             raise ValueError("--download needs a --data-root to download Fashion-MNIST into")
         from torchvision.datasets import FashionMNIST
 
-        FashionMNIST(str(root), train=True, download=True)
-        FashionMNIST(str(root), train=False, download=True)
+        try:
+            FashionMNIST(str(root), train=True, download=True)
+            FashionMNIST(str(root), train=False, download=True)
+        except (OSError, RuntimeError) as err:  # torchvision says RuntimeError when every mirror failed
+            raise download_failed("fashion-mnist", root, err) from err
         folder = fashion_mnist_folder(root)
     if folder is None:
         where = f"{root} (nor {root}/fashion-mnist, {root}/FashionMNIST/raw)" if root is not None else "no data root"
@@ -320,7 +323,8 @@ def _fashion_mnist(root, download: bool, augment: bool, with_train: bool = True)
 
 # -------------------------------------------------------------------------------------- torchvision sets
 def _torchvision(make: Callable, name: str, root, download: bool):
-    """Call torchvision's constructor; turn its 'not found' RuntimeError into a FileNotFoundError."""
+    """Call torchvision's constructor; turn its 'not found' RuntimeError into a FileNotFoundError, and a failed
+    download (no network, a proxy, a server error) into one that says how to get the files another way."""
     if root is None:
         raise ValueError(f"dataset {name!r} needs --data-root (add --download to fetch it there)")
     try:
@@ -328,6 +332,17 @@ def _torchvision(make: Callable, name: str, root, download: bool):
     except RuntimeError as err:
         hint = "" if download else "; pass --download to fetch it"
         raise FileNotFoundError(f"{name} not found or corrupt under {root} ({err}){hint}") from err
+    except OSError as err:  # urllib's URLError/HTTPError, socket timeouts, connection resets
+        raise download_failed(name, root, err) from err
+
+
+def download_failed(name: str, root: str | os.PathLike, err: BaseException) -> FileNotFoundError:
+    """The one-line error for a download that could not be made: the data set, the root and what to do."""
+    reason = " ".join(str(getattr(err, "reason", None) or err).split())
+    return FileNotFoundError(
+        f"{name} is not in {root} and could not be downloaded ({type(err).__name__}: {reason}); on a machine "
+        f"with network run `mlaan download --dataset {name} --data-root DIR` and copy DIR to {root}"
+    )
 
 
 @_register("cifar10", "CIFAR-10, 10 classes, 3×32×32 (torchvision; --data-root, --download)")

@@ -22,11 +22,40 @@ def _lazy(module: str, attr: str = "run"):
     return call
 
 
+class DefaultsOnceFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds ``(default: …)`` to an option's help unless the help already says its default, or there is none to
+    say (None, False, an empty list); an option without help gets at least its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == [] or (
+            action.default == argparse.SUPPRESS)
+        if "default" in text.lower() or nothing or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+# Help for the options the benchmark modules leave without one (argparse shows nothing for those).
+_COMMON_HELP = {
+    "arch": "architecture",
+    "dataset": "data set",
+    "batch": "images per training step",
+    "batch_size": "images per training step",
+    "seed": "random seed of the model and the data order",
+}
+
+
+def _fill_missing_help(parser: argparse.ArgumentParser) -> None:
+    for action in parser._actions:
+        if action.help is None and action.option_strings:
+            action.help = _COMMON_HELP.get(action.dest, action.dest.replace("_", " "))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` (memory, speed, accuracy) and ``report`` to a CLI's subparsers."""
     from . import accuracy, memory, report, speed
 
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = DefaultsOnceFormatter
     bench = subparsers.add_parser(
         "bench", help="measure peak memory, step time and accuracy of methods against BP",
         description="Benchmarks of what MLAAN promises: memory, speed, accuracy (see BENCHMARKS.md).",
@@ -42,6 +71,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for module, name, summary in commands:
         p = bench_sub.add_parser(name, formatter_class=fmt, help=summary, description=module.__doc__.splitlines()[0])
         module.add_arguments(p)
+        _fill_missing_help(p)
         p.set_defaults(func=_lazy(name))
 
     p = subparsers.add_parser("report", formatter_class=fmt, help="markdown table + plots from mlaan train runs",

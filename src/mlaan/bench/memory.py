@@ -256,8 +256,9 @@ def measure_case(
         torch.cuda.empty_cache()
         allocated_before = torch.cuda.memory_allocated(dev)
     rss_before = _rss_bytes()
+    engine_options = {"balance_batch_size": batch, **(options or {})}  # balance="memory" evens out this batch
     model, optimizer = common.build(arch, method, k, in_channels=in_channels, image_size=image_size,
-                                    device=dev, seed=seed, **(options or {}))
+                                    device=dev, seed=seed, **engine_options)
     images, targets = common.synthetic_batch(model, batch, device=dev, seed=seed)
     num_params = sum(p.numel() for p in model.backbone.parameters())
     aux_params = sum(p.numel() for p in model.parameters()) - num_params

@@ -2,9 +2,13 @@
 
 Each run folder holds ``metrics.jsonl`` (one JSON object per epoch: at least ``epoch``, ``test_accuracy``,
 ``train_loss``) and, once finished, ``metrics.json`` (``test_accuracy``, ``test_error``, ``best_accuracy``,
-``peak_memory_bytes``, ``wall_time``, ``steps``, ``config``). An unfinished run is reported from its last
-epoch line. Writes ``report.md``, ``curves.png`` (test accuracy and training loss per epoch, one colour per
-method) and ``memory.png`` (peak training memory per run) into ``--output-dir``.
+``peak_memory_bytes``, ``total_wall_time_seconds``, ``steps``, ``config``). An unfinished run is reported from its
+last epoch line. Runs are grouped by what makes their test errors comparable (data set, architecture, data
+subset, batch, epochs and steps trained); Δ columns compare within a group only, against a base run chosen with
+``--bp``/``--base`` when a group has several. Writes ``report.md``, ``curves.png`` (test accuracy and training loss
+per epoch, one colour per method) and ``memory.png`` (peak training memory per run: on CPU the exact accounting of
+a training step, as ``mlaan bench memory``, since the process's RSS is mostly the torch runtime) into
+``--output-dir``.
 """
 
 from __future__ import annotations
@@ -29,33 +33,57 @@ def _find(config: object, *names: str) -> object:
     return None
 
 
+# What must be equal for two runs' test errors to be compared: the data, the network and the training budget.
+COMPARABLE_KEYS = ("dataset", "arch", "train_samples", "test_samples", "image_size", "batch_size", "epochs",
+                   "steps")
+
+
+def _read_lines(path: Path) -> list[dict]:
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not JSON ({err.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{n}: not a JSON object")
+        records.append(record)
+    return records
+
+
+def _one_per_epoch(records: list[dict]) -> list[dict]:
+    """The last line of each epoch: a run stopped with --max-steps and resumed logged its epoch twice (older
+    versions of mlaan train kept both lines)."""
+    by_epoch: dict[object, dict] = {}
+    for record in records:
+        by_epoch[record.get("epoch")] = record
+    return list(by_epoch.values())
+
+
 def load_run(path: str | Path) -> dict:
-    """A run folder's epochs and final metrics; ValueError when it is not a run of `mlaan train`."""
+    """A run folder's epochs (one record each) and final metrics; ValueError when it is not a run of
+    `mlaan train`. Epochs, steps and wall time count every resumed segment."""
     run = Path(path)
     if not run.is_dir():
         raise ValueError(f"run folder {str(run)!r} does not exist")
     lines_path, final_path = run / "metrics.jsonl", run / "metrics.json"
     if not lines_path.exists() and not final_path.exists():
         raise ValueError(f"{str(run)!r} has neither metrics.jsonl nor metrics.json: not an `mlaan train` output")
-    epochs = []
-    if lines_path.exists():
-        for n, line in enumerate(lines_path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                epochs.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{lines_path}:{n}: not JSON ({err.msg})") from None
+    epochs = _one_per_epoch(_read_lines(lines_path)) if lines_path.exists() else []
     final: dict = {}
     if final_path.exists():
         try:
             final = json.loads(final_path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{final_path}: not JSON ({err.msg})") from None
+        if not isinstance(final, dict):
+            raise ValueError(f"{final_path}: not a JSON object")
     config = final.get("config")
-    if config is None and (run / "config.json").exists():
-        config = json.loads((run / "config.json").read_text())
-    config = config or {}
+    if config is None and (run / "last.pt").exists():
+        config = _checkpoint_config(run / "last.pt")
+    config = config if isinstance(config, dict) else {}
     last = epochs[-1] if epochs else {}
     accuracy = final.get("test_accuracy", last.get("test_accuracy"))
     error = final.get("test_error")
@@ -64,24 +92,103 @@ def load_run(path: str | Path) -> dict:
     accs = [e["test_accuracy"] for e in epochs if e.get("test_accuracy") is not None]
     method = _find(config, "method") or run.name
     k = _find(config, "local_modules", "num_local_modules", "k", "K")
+    steps = final.get("steps", last.get("step"))
+    data = final.get("dataset") if isinstance(final.get("dataset"), dict) else {}
+    wall = final.get("total_wall_time_seconds", final.get("wall_time_seconds", final.get("wall_time")))
+    if wall is None and epochs and all("epoch_seconds" in e for e in epochs):
+        wall = sum(e["epoch_seconds"] for e in epochs)  # an unfinished run: its epochs' training time
     return {
         "path": str(run),
         "name": run.name,
         "method": str(method),
         "arch": _find(config, "arch", "architecture", "model"),
         "k": k,
+        "dataset": data.get("name") or _find(config, "dataset"),
+        "in_channels": data.get("in_channels"),
+        "image_size": data.get("image_size") or config.get("synthetic_image_size"),
         "epochs": epochs,
-        "num_epochs": len(epochs) or final.get("epochs"),
+        "num_epochs": _epochs_done(final, epochs, steps),
         "finished": bool(final),
+        "steps": steps,
         "test_accuracy": accuracy,
         "test_error": error,
         "best_accuracy": final.get("best_accuracy", max(accs) if accs else None),
-        "peak_memory_bytes": final.get("peak_memory_bytes"),
-        "peak_memory_kind": final.get("peak_memory_kind"),
-        "wall_time": final.get("wall_time_seconds", final.get("wall_time")),
-        "steps": final.get("steps"),
+        "peak_memory_bytes": final.get("peak_memory_bytes", last.get("peak_memory_bytes")),
+        "peak_memory_kind": final.get("peak_memory_kind", last.get("peak_memory_kind")),
+        "wall_time": wall,
         "config": config,
     }
+
+
+def _checkpoint_config(path: Path) -> dict | None:
+    """An unfinished run's options, from its last checkpoint."""
+    try:
+        from ..training import checkpoint as ckpt_io
+
+        return ckpt_io.load_training_checkpoint(path).get("config")
+    except (OSError, ValueError):
+        return None
+
+
+def _epochs_done(final: dict, epochs: list[dict], steps: object) -> float | None:
+    """Epochs trained, a stopped one counted by its share of steps (every resumed segment included)."""
+    per_epoch = final.get("steps_per_epoch")
+    if per_epoch is None:
+        complete = [e for e in epochs if e.get("complete", True) and e.get("step")]
+        if complete:
+            per_epoch = complete[-1]["step"] / complete[-1]["epoch"]
+    if per_epoch and isinstance(steps, (int, float)):
+        return steps / per_epoch
+    if epochs:
+        return float(sum(1 for e in epochs if e.get("complete", True)))
+    return final.get("epochs_completed")
+
+
+def comparable_key(run: dict) -> tuple:
+    """What two runs must share for their test errors to be compared (:data:`COMPARABLE_KEYS`)."""
+    config = run["config"]
+    values = {"dataset": run["dataset"], "arch": run["arch"], "image_size": run["image_size"], "steps": run["steps"]}
+    return tuple(values[key] if key in values else config.get(key) for key in COMPARABLE_KEYS)
+
+
+def group_runs(runs: list[dict]) -> list[list[dict]]:
+    """Runs grouped by :func:`comparable_key`, in the order first listed."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(comparable_key(r), []).append(r)
+    return list(groups.values())
+
+
+def describe_group(group: list[dict]) -> str:
+    """``synthetic, resnet20, batch 32, 4 steps (0.5 epochs)``: what the runs of a group share."""
+    r = group[0]
+    config = r["config"]
+    parts = [str(r["dataset"] or "data set unknown"), str(r["arch"] or "arch unknown")]
+    if config.get("train_samples"):
+        parts.append(f"first {config['train_samples']} training images")
+    if config.get("batch_size"):
+        parts.append(f"batch {config['batch_size']}")
+    if r["steps"] is not None:
+        parts.append(f"{r['steps']} steps" + (f" ({_fmt_epochs(r['num_epochs'])} of {config['epochs']} epochs)"
+                                               if config.get("epochs") and r["num_epochs"] is not None else ""))
+    return ", ".join(parts)
+
+
+def differences(groups: list[list[dict]]) -> list[str]:
+    """``dataset: synthetic vs fashion-mnist``: each comparable key on which the groups disagree."""
+    out = []
+    keys = [comparable_key(g[0]) for g in groups]
+    for i, name in enumerate(COMPARABLE_KEYS):
+        values = list(dict.fromkeys(str(k[i]) for k in keys))
+        if len(values) > 1:
+            out.append(f"{name}: {' vs '.join(values)}")
+    return out
+
+
+def _fmt_epochs(value: float | None) -> str:
+    if value is None:
+        return "—"
+    return f"{value:.0f}" if abs(value - round(value)) < 1e-9 else f"{value:.2f}"
 
 
 def base_method(method: str) -> str | None:
@@ -90,10 +197,33 @@ def base_method(method: str) -> str | None:
     return base if sep else None
 
 
-def table(runs: list[dict]) -> str:
-    """Markdown: test error, Δ vs BP and Δ vs the base method (percentage points), memory, time."""
-    by_method = {r["method"]: r for r in runs}
-    bp = by_method.get("bp")
+def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[str]) -> dict | None:
+    """The one candidate base run, or the one the user chose (by folder or name); None (with a note) if several
+    fit and none was chosen."""
+    if not candidates:
+        return None
+    picked = [r for r in candidates if r["path"] in chosen or r["name"] in chosen
+              or str(Path(r["path"]).resolve()) in chosen]
+    if len(picked) == 1:
+        return picked[0]
+    if len(candidates) == 1:
+        return candidates[0]
+    names = ", ".join(r["name"] for r in candidates)
+    notes.append(f"{len(candidates)} {what} runs ({names}): no Δ against them; choose one with "
+                 f"{'--bp' if what == 'bp' else '--base'} RUN_DIR")
+    return None
+
+
+def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), notes: list[str] | None = None,
+          memory: dict[str, int | None] | None = None) -> str:
+    """Markdown for one group of comparable runs: test error, Δ vs BP and Δ vs the base method (percentage
+    points), memory, time. ``bp``/``bases``: the base runs chosen (folder or name) when a group has several."""
+    notes = notes if notes is not None else []
+    chosen = [c for c in (bp, *bases) if c]
+    chosen += [str(Path(c).resolve()) for c in chosen]
+    bp_run = _chosen([r for r in runs if r["method"] == "bp"], chosen, "bp", notes)
+    base_runs = {m: _chosen([r for r in runs if r["method"] == m], chosen, m, notes)
+                 for m in dict.fromkeys(base_method(r["method"]) for r in runs) if m}
     rows = []
     for r in runs:
         err = r["test_error"]
@@ -103,27 +233,29 @@ def table(runs: list[dict]) -> str:
                 return "—"
             return f"{100 * (err - other['test_error']):+.2f}"
 
-        base = by_method.get(base_method(r["method"]) or "")
+        mem = (memory or {}).get(r["path"], r["peak_memory_bytes"])
         rows.append(
             [
                 r["name"],
                 r["method"],
                 r["arch"] or "—",
                 r["k"] if r["k"] is not None else "—",
-                r["num_epochs"] if r["num_epochs"] is not None else "—",
+                _fmt_epochs(r["num_epochs"]),
+                "—" if r["steps"] is None else r["steps"],
                 "—" if r["test_accuracy"] is None else f"{100 * r['test_accuracy']:.2f}",
                 "—" if err is None else f"{100 * err:.2f}",
-                delta(bp),
-                delta(base),
+                delta(bp_run),
+                delta(base_runs.get(base_method(r["method"]) or "")),
                 "—" if r["best_accuracy"] is None else f"{100 * r['best_accuracy']:.2f}",
-                common.human_bytes(r["peak_memory_bytes"]),
+                common.human_bytes(mem),
                 "—" if r["wall_time"] is None else f"{r['wall_time'] / 60:.1f}",
                 "yes" if r["finished"] else "no",
             ]
         )
     return common.format_table(
-        ["run", "method", "arch", "K", "epochs", "test acc %", "test error %", "Δ vs BP (pp)",
-         "Δ vs base (pp)", "best acc %", "peak memory", "wall min", "finished"],
+        ["run", "method", "arch", "K", "epochs", "steps", "test acc %", "test error %", "Δ vs BP (pp)",
+         "Δ vs base (pp)", "best acc %", "peak memory" + (" (accounted)" if memory is not None else " (recorded)"),
+         "wall min", "finished"],
         rows,
     )
 
@@ -140,25 +272,25 @@ def _styles(runs: list[dict]) -> list[tuple[str, str]]:
     return out
 
 
+def _epoch_x(record: dict, run: dict) -> float | None:
+    """Where an epoch's line sits on the epoch axis: its epoch, or its share of steps when cut short."""
+    epoch = record.get("epoch")
+    if epoch is None or record.get("complete", True) or not run["steps"] or not run["num_epochs"]:
+        return epoch
+    return record["step"] / (run["steps"] / run["num_epochs"]) if record.get("step") else epoch
+
+
 def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
     plt = common.pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
     for r, (color, style) in zip(runs, _styles(runs)):
         label = r["method"] if sum(x["method"] == r["method"] for x in runs) == 1 else f"{r['method']} ({r['name']})"
-        points = [(e.get("epoch"), e.get("test_accuracy")) for e in r["epochs"]]
-        points = [(x, y) for x, y in points if x is not None and y is not None]
-        if points:
-            ax_acc.plot([x for x, _ in points], [100 * y for _, y in points], style, color=color, label=label,
+        for ax, key, scale in ((ax_acc, "test_accuracy", 100), (ax_loss, "train_loss", 1)):
+            points = [(_epoch_x(e, r), e.get(key)) for e in r["epochs"]]
+            points = [(x, y) for x, y in points if x is not None and y is not None]
+            if points:
+                ax.plot([x for x, _ in points], [scale * y for _, y in points], style, color=color, label=label,
                         marker="o", markersize=3)
-        losses = [(e.get("epoch"), e.get("train_loss")) for e in r["epochs"]]
-        losses = [(x, y) for x, y in losses if x is not None and y is not None]
-        if losses:
-            ax_loss.plot([x for x, _ in losses], [y for _, y in losses], style, color=color, label=label,
-                         marker="o", markersize=3)
-    from matplotlib.ticker import MaxNLocator
-
-    for ax in (ax_acc, ax_loss):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel("test accuracy (%)")
     ax_acc.set_title("test accuracy per epoch")
@@ -176,30 +308,68 @@ def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
     plt.close(fig)
 
 
-def plot_memory(runs: list[dict], path: Path, title: str = "") -> bool:
-    """Bars of peak training memory; returns False (and writes nothing) when no run recorded it."""
-    rs = [(r, s) for r, s in zip(runs, _styles(runs)) if r["peak_memory_bytes"]]
+MEMORY_CHOICES = ("auto", "recorded", "accounted", "none")
+
+
+def memory_source(runs: list[dict], choice: str) -> str:
+    """``recorded`` (what mlaan train measured) or ``accounted``: ``auto`` takes the accounting as soon as a run
+    recorded the CPU's peak RSS, which is mostly the Python/torch runtime and the same for every method."""
+    if choice not in MEMORY_CHOICES:
+        raise ValueError(f"unknown --memory {choice!r}; allowed: {', '.join(MEMORY_CHOICES)}")
+    if choice != "auto":
+        return choice
+    return "accounted" if any(r["peak_memory_kind"] == "cpu_peak_rss" for r in runs) else "recorded"
+
+
+def accounted_memory(run: dict, log=print) -> int | None:
+    """Peak training memory of one step of ``run``'s configuration at its batch size, by the exact accounting of
+    ``mlaan bench memory``; None when the run's folder does not say enough to rebuild it."""
+    from ..training.config import METHOD_OPTION_NAMES
+    from .memory import measure_case
+
+    config = run["config"]
+    needed = (run["arch"], config.get("batch_size"), run["k"], run["in_channels"])
+    if any(v is None for v in needed):
+        return None
+    options = {name: config[name] for name in METHOD_OPTION_NAMES if name in config}
+    log(f"  accounting {run['name']}: {run['arch']} {run['method']} K={run['k']}, batch {config['batch_size']}")
+    result = measure_case(run["arch"], run["method"], int(run["k"]), int(config["batch_size"]), device="cpu",
+                          in_channels=int(run["in_channels"]), image_size=run["image_size"], options=options,
+                          seed=int(config.get("seed", 0)))
+    return int(result["peak_bytes"])
+
+
+def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str, int | None] | None = None,
+                what: str | None = None) -> bool:
+    """Bars of peak training memory (``memory``: run path → bytes, else what each run recorded); returns False
+    (and writes nothing) when there is nothing to chart."""
+    def value(r: dict) -> int | None:
+        return memory.get(r["path"]) if memory is not None else r["peak_memory_bytes"]
+
+    rs = [(r, s) for r, s in zip(runs, _styles(runs)) if value(r)]
     if not rs:
         return False
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rs) + 2), 4.6))
-    values = [r["peak_memory_bytes"] / 2**20 for r, _ in rs]
+    values = [value(r) / 2**20 for r, _ in rs]
     bars = ax.bar(range(len(rs)), values, color=[s[0] for _, s in rs])
     bp = next((r for r, _ in rs if r["method"] == "bp"), None)
+    bp_runs = sum(r["method"] == "bp" for r, _ in rs)
     for bar, (r, _) in zip(bars, rs):
-        text = f"{r['peak_memory_bytes'] / 2**20:.0f} MiB"
-        if bp is not None:
-            text += f"\n{100 * r['peak_memory_bytes'] / bp['peak_memory_bytes']:.0f}% of BP"
+        text = f"{value(r) / 2**20:.0f} MiB"
+        if bp is not None and bp_runs == 1:
+            text += f"\n{100 * value(r) / value(bp):.0f}% of BP"
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_xticks(range(len(rs)))
     unique = len({r["method"] for r, _ in rs}) == len(rs)
     ax.set_xticklabels([r["method"] if unique else f"{r['method']}\n{r['name']}" for r, _ in rs],
                        rotation=30, ha="right", fontsize=9)
-    kinds = {r.get("peak_memory_kind") for r, _ in rs}
-    what = "CUDA max allocated" if kinds == {"cuda_max_memory_allocated"} else (
-        "peak RSS of the process" if kinds == {"cpu_peak_rss"} else "as recorded by mlaan train")
-    ax.set_ylabel(f"peak training memory (MiB, {what})")
+    if what is None:
+        kinds = {r.get("peak_memory_kind") for r, _ in rs}
+        what = "CUDA max allocated" if kinds == {"cuda_max_memory_allocated"} else (
+            "peak RSS of the process" if kinds == {"cpu_peak_rss"} else "as recorded by mlaan train")
+    ax.set_ylabel(f"peak training memory (MiB, {what})", fontsize=9)
     ax.set_title(title or "peak training memory per run")
     ax.set_ylim(0, max(values) * 1.25)
     ax.grid(axis="y", alpha=0.3)
@@ -209,33 +379,75 @@ def plot_memory(runs: list[dict], path: Path, title: str = "") -> bool:
     return True
 
 
-def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str = "mlaan report") -> dict:
-    """Load the runs and write report.md, curves.png and (when memory was recorded) memory.png."""
+def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str = "mlaan report",
+                 bp: str | None = None, bases: tuple[str, ...] = (), memory: str = "auto", log=print) -> dict:
+    """Load the runs and write report.md, curves.png and (when memory is charted) memory.png.
+
+    Runs are grouped by what makes them comparable (:data:`COMPARABLE_KEYS`); Δ columns compare runs of a group
+    only, against the base run chosen with ``bp``/``bases`` when a group has several. ``memory``: see
+    :func:`memory_source` (``none`` leaves the chart out)."""
     if not run_dirs:
         raise ValueError("no run folder given")
     runs = [load_run(d) for d in run_dirs]
+    source = memory_source(runs, memory)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = table(runs)
+    figures: dict[str, int | None] | None = None
+    what = None
+    if source == "accounted":
+        figures = {r["path"]: accounted_memory(r, log) for r in runs}
+        what = "exact accounting of a training step, as mlaan bench memory"
+    groups = group_runs(runs)
+    lines = [f"# {title}", ""]
+    notes: list[str] = []
+    tables = []
+    if len(groups) > 1:
+        lines += [f"The runs fall into {len(groups)} groups that are not compared with each other; they differ in "
+                  + "; ".join(differences(groups)) + ".", ""]
+    for i, group in enumerate(groups, 1):
+        group_notes: list[str] = []
+        md = table(group, bp, bases, group_notes, memory=figures)
+        heading = f"## {'Group ' + str(i) + ': ' if len(groups) > 1 else ''}{describe_group(group)}"
+        lines += [heading, "", md, ""]
+        lines += [f"- {note}" for note in group_notes] + ([""] if group_notes else [])
+        notes += group_notes
+        tables.append(f"{describe_group(group)}\n{md}")
+    lines += ["Δ: test-error difference in percentage points (negative is better), within a group only. "
+              "Epochs, steps and wall time count every resumed segment.", "",
+              "![test accuracy and training loss per epoch](curves.png)"]
     plot_curves(runs, out / "curves.png", title)
-    has_memory = plot_memory(runs, out / "memory.png", title)
-    lines = [f"# {title}", "", md, "", "Δ: test-error difference in percentage points (negative is better).", "",
-             "![test accuracy and training loss per epoch](curves.png)"]
+    has_memory = source != "none" and plot_memory(runs, out / "memory.png", title, figures, what)
     if has_memory:
-        lines += ["", "![peak training memory per run](memory.png)"]
+        explain = ("peak memory: exact accounting of one training step at each run's batch size (`mlaan bench "
+                   "memory`), not the process's RSS" if source == "accounted" else "peak memory: as recorded by "
+                   "mlaan train")
+        lines += ["", f"{explain}.", "", "![peak training memory per run](memory.png)"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
-    return {"runs": runs, "table": md, "files": [str(out / "report.md"), str(out / "curves.png")]
-            + ([str(out / "memory.png")] if has_memory else [])}
+    return {"runs": runs, "groups": groups, "notes": notes, "table": "\n\n".join(tables),
+            "memory_source": source,
+            "files": [str(out / "report.md"), str(out / "curves.png")] + ([str(out / "memory.png")] if has_memory
+                                                                           else [])}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `mlaan train`")
     p.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
-    p.add_argument("--title", default="mlaan report")
+    p.add_argument("--title", default="mlaan report", help="heading of report.md and the plots")
+    p.add_argument("--bp", default=None, metavar="RUN_DIR",
+                   help="the BP run to compare against when a group has several")
+    p.add_argument("--base", action="append", default=[], metavar="RUN_DIR",
+                   help="the base-method run (dgl, infopro, …) to compare its +mlm/+lam/+mlaan runs against when a "
+                        "group has several of that method (repeatable)")
+    p.add_argument("--memory", default="auto", choices=MEMORY_CHOICES,
+                   help="memory chart: recorded (what mlaan train measured), accounted (exact accounting of a "
+                        "training step, as mlaan bench memory), none; auto: accounted when a run recorded CPU RSS")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = write_report(args.run_dirs, args.output_dir, args.title)
+    result = write_report(args.run_dirs, args.output_dir, args.title, bp=args.bp, bases=tuple(args.base),
+                          memory=args.memory)
     print(result["table"])
+    for note in result["notes"]:
+        print(f"note: {note}")
     print("\nwrote " + ", ".join(result["files"]))
     return 0

@@ -59,13 +59,15 @@ class LocalModel(nn.Module):
         self,
         backbone: models.Backbone,
         method: str | MethodSpec = "dgl+mlaan",
-        num_local_modules: int = 16,
+        num_local_modules: int | None = None,
         num_classes: int | None = None,
         options: LocalOptions | None = None,
     ) -> None:
         super().__init__()
         spec = parse_method(method) if isinstance(method, str) else method
         opts = options or LocalOptions()
+        if num_local_modules is None:
+            num_local_modules = default_num_local_modules(backbone, spec)
         _check_options(spec, opts, backbone, num_local_modules)
         self.spec, self.options, self.backbone = spec, opts, backbone
         self.num_classes = num_classes if num_classes is not None else _infer_classes(backbone)
@@ -77,7 +79,7 @@ class LocalModel(nn.Module):
         self.image_shape = (in_channels, backbone.image_size, backbone.image_size)
         num_units = len(backbone.blocks) - 1
         self.profile = profile_blocks(backbone.blocks[:-1], self.image_shape)
-        self.split = compute_split(num_units, num_local_modules, opts.balance, self.profile)
+        self.split = compute_split(num_units, num_local_modules, opts.balance, self.profile, opts.balance_batch_size)
         views = [nn.Sequential(*(backbone.blocks[i] for i in r)) for r in self.split]
         views[-1].append(backbone.blocks[-1])
         self.local_modules = nn.ModuleList(views)
@@ -156,6 +158,38 @@ class LocalModel(nn.Module):
             if isinstance(module, StackedLoss):
                 module.set_grad_checkpointing(bool(enable))
 
+    def single_value_batchnorms(self) -> list[str]:
+        """Names of the BatchNorm layers (backbone and aux nets) that see a 1×1 map in a training step.
+
+        With a batch of one image such a layer has one value per channel, which BatchNorm cannot normalise in
+        training (PyTorch raises mid-epoch). Found by one training step on two dummy images in eval mode, with
+        the RNGs, BatchNorm statistics and gradients left as they were."""
+        found: dict[str, None] = {}
+        names = {m: n for n, m in self.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+        def spy(module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            if x.dim() == 2 or x[0, 0].numel() == 1:  # (N, C) or a 1×1 map: N values per channel
+                found.setdefault(names[module])
+
+        handles = [m.register_forward_pre_hook(spy) for m in names]
+        was_training = self.training
+        params = list(self.parameters())
+        grads = [p.grad for p in params]
+        device = next(self.backbone.parameters()).device
+        try:
+            self.eval()
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                images = torch.zeros(2, *self.image_shape, device=device)
+                self.train_step(images, torch.zeros(2, dtype=torch.long, device=device))
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, g in zip(params, grads):
+                p.grad = g
+            self.train(was_training)
+        return list(found)
+
     def register_grads_ready_hook(self, hook: GradsReadyHook) -> None:
         """``hook(params)`` is called during ``train_step`` as soon as those parameters' gradients are final
         for the step (a module after its last backward, an aux net after its loss) — the place to start an
@@ -229,8 +263,9 @@ class LocalModel(nn.Module):
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
                 return g * scale, None, _Losses(value, value, none)
+            # the real head is both paths of the last module (MLM): its cross-entropy is also its cascaded loss
             scale = self.options.w_ind + self.options.w_casc
-            return g * scale, g * self.options.w_casc, _Losses(value, value, none)
+            return g * scale, g * self.options.w_casc, _Losses(value, value, value)
 
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
@@ -345,10 +380,22 @@ def make_options(**options: object) -> LocalOptions:
     return LocalOptions(**values)
 
 
+def default_num_local_modules(arch: str | models.Backbone, method: str | MethodSpec) -> int:
+    """K when none is given: 1 for an end-to-end method (bp), else the architecture's default
+    (:func:`mlaan.models.default_local_modules`; one module per residual block for an unregistered backbone)."""
+    spec = parse_method(method) if isinstance(method, str) else method
+    if spec.base.end_to_end:
+        return 1
+    name = arch if isinstance(arch, str) else arch.name
+    if name in models.available():
+        return models.default_local_modules(name)
+    return arch.num_residual_blocks + 1
+
+
 def create_local_model(
     arch: str | models.Backbone | Sequence[nn.Module],
     method: str = "dgl+mlaan",
-    num_local_modules: int = 16,
+    num_local_modules: int | None = None,
     num_classes: int = 10,
     in_channels: int = 3,
     image_size: int | None = None,
@@ -357,7 +404,8 @@ def create_local_model(
     """Build a local-learning model.
 
     ``arch`` is a registered name (``mlaan.models.available()``), a :class:`~mlaan.models.Backbone`, or your own
-    list of blocks ``[stem, block, …, head]``. ``options`` are :class:`LocalOptions` fields (window, w_ind,
+    list of blocks ``[stem, block, …, head]``. ``num_local_modules`` (K) defaults to
+    :func:`default_num_local_modules` (1 for bp). ``options`` are :class:`LocalOptions` fields (window, w_ind,
     w_casc, ema_momentum, aux_head, lam_depth, infopro_lambda_recon, …).
     """
     if isinstance(arch, str):
@@ -371,4 +419,6 @@ def create_local_model(
             f"arch must be one of {', '.join(models.available())}, a Backbone or a list of nn.Module blocks; "
             f"got {type(arch).__name__}"
         )
+    if num_local_modules is None:
+        num_local_modules = default_num_local_modules(backbone, method)
     return LocalModel(backbone, method, num_local_modules, num_classes, make_options(**options))

@@ -16,43 +16,70 @@ BALANCE_MODES = ("blocks", "memory")
 
 @dataclass(frozen=True)
 class BlockProfile:
-    """What one dummy forward tells about each block: its input/output shapes and saved-activation bytes."""
+    """What dummy forwards tell about each block: its input/output shapes (without the batch dimension) and the
+    memory a training step holds for it, split into what scales with the batch and what does not.
+
+    ``sample_bytes[i]``: bytes autograd saves for backward per image (activations).
+    ``fixed_bytes[i]``: bytes independent of the batch: the weight gradients the block's backward makes, and
+    the batch-independent tensors it saves (BatchNorm's per-channel statistics). Weights that autograd saves
+    are the parameters themselves, held anyway, so they add nothing.
+    """
 
     in_shapes: list[tuple[int, ...]]
     out_shapes: list[tuple[int, ...]]
-    saved_bytes: list[int]
+    sample_bytes: list[int]
+    fixed_bytes: list[int]
 
     def changes_shape(self, index: int) -> bool:
         return self.in_shapes[index] != self.out_shapes[index]
 
+    def step_bytes(self, batch_size: int) -> list[int]:
+        """Each block's memory in a training step at ``batch_size`` images."""
+        return [batch_size * s + f for s, f in zip(self.sample_bytes, self.fixed_bytes)]
 
-def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int], batch: int = 2) -> BlockProfile:
-    """Run a dummy batch through ``blocks`` in eval mode (no BatchNorm statistics change) and record
-    shapes (without the batch dimension) and the bytes autograd saves for backward in each block."""
+
+def _saved_bytes(block: nn.Module, x: torch.Tensor, params: set[int]) -> tuple[torch.Tensor, int]:
+    """``block(x)`` and the bytes of the storages autograd saves for its backward, those at ``params`` (data
+    pointers of parameters and buffers) left out."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = block(x.detach().requires_grad_())
+    return y, sum(storages.values())
+
+
+def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> BlockProfile:
+    """Run dummy batches of one and two images through ``blocks`` in eval mode (no BatchNorm statistics change)
+    and record each block's shapes and memory (see :class:`BlockProfile`): the difference between the two
+    batches is what one more image costs, the rest is fixed."""
     was_training = [m.training for m in blocks]
     blocks.eval()
-    params = next(iter(blocks.parameters()))
-    x = torch.zeros(batch, *input_shape, device=params.device, dtype=params.dtype)
-    in_shapes, out_shapes, saved = [], [], []
+    first = next(iter(blocks.parameters()))
+    x1 = torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype)
+    x2 = torch.zeros(2, *input_shape, device=first.device, dtype=first.dtype)
+    in_shapes, out_shapes, per_image, fixed = [], [], [], []
     try:
         for block in blocks:
-            storages: dict[int, int] = {}
-
-            def pack(t: torch.Tensor, storages: dict[int, int] = storages) -> torch.Tensor:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-                return t
-
-            x = x.detach().requires_grad_()
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                y = block(x)
-            in_shapes.append(tuple(x.shape[1:]))
-            out_shapes.append(tuple(y.shape[1:]))
-            saved.append(sum(storages.values()) // batch)
-            x = y
+            held = [*block.parameters(), *block.buffers()]  # in memory anyway, saved for backward or not
+            params = {t.untyped_storage().data_ptr() for t in held}
+            grads = sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+            y1, saved1 = _saved_bytes(block, x1, params)
+            y2, saved2 = _saved_bytes(block, x2, params)
+            in_shapes.append(tuple(x1.shape[1:]))
+            out_shapes.append(tuple(y1.shape[1:]))
+            per_image.append(saved2 - saved1)
+            fixed.append(max(0, 2 * saved1 - saved2) + grads)
+            x1, x2 = y1.detach(), y2.detach()
     finally:
         for module, mode in zip(blocks, was_training):
             module.train(mode)
-    return BlockProfile(in_shapes, out_shapes, saved)
+    return BlockProfile(in_shapes, out_shapes, per_image, fixed)
 
 
 def split_sizes(costs: list[float], num_modules: int) -> list[int]:
@@ -87,9 +114,14 @@ def split_sizes(costs: list[float], num_modules: int) -> list[int]:
 
 
 def compute_split(
-    num_units: int, num_modules: int, balance: str = "blocks", profile: BlockProfile | None = None
+    num_units: int,
+    num_modules: int,
+    balance: str = "blocks",
+    profile: BlockProfile | None = None,
+    batch_size: int = 128,
 ) -> list[range]:
-    """Index ranges (into ``blocks``) of each local module's units; the head is added to the last by the caller."""
+    """Index ranges (into ``blocks``) of each local module's units; the head is added to the last by the caller.
+    ``balance="memory"`` evens out the memory of a training step at ``batch_size`` images."""
     if balance not in BALANCE_MODES:
         raise ValueError(f"unknown balance {balance!r}; allowed: {', '.join(BALANCE_MODES)}")
     if not isinstance(num_modules, int) or not 1 <= num_modules <= num_units:
@@ -103,7 +135,9 @@ def compute_split(
     else:
         if profile is None:
             raise ValueError("balance='memory' needs a block profile")
-        sizes = split_sizes([float(b) for b in profile.saved_bytes[:num_units]], num_modules)
+        if batch_size < 1:
+            raise ValueError(f"balance_batch_size must be at least 1, got {batch_size}")
+        sizes = split_sizes([float(b) for b in profile.step_bytes(batch_size)[:num_units]], num_modules)
     ranges, start = [], 0
     for size in sizes:
         ranges.append(range(start, start + size))

@@ -12,20 +12,35 @@ from .backbone import Backbone, ClassifierHead
 from .cifar_resnet import BasicBlock, cifar_resnet
 from .imagenet_resnet import imagenet_resnet
 
-__all__ = ["Backbone", "BasicBlock", "ClassifierHead", "available", "create", "register"]
+__all__ = ["Backbone", "BasicBlock", "ClassifierHead", "available", "create", "default_local_modules", "register"]
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
+_DEFAULT_K: dict[str, int | None] = {}
 
 
-def register(name: str, factory: Callable[..., Backbone]) -> None:
-    """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone."""
+def register(name: str, factory: Callable[..., Backbone], default_k: int | None = None) -> None:
+    """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone.
+    ``default_k``: the K a local method gets when none is given (None: one module per residual block)."""
     _REGISTRY[name] = factory
+    _DEFAULT_K[name] = default_k
 
 
+# Default K: the paper's where it has one (ResNet-32 K=16 and ResNet-110 K=55, every block its own module;
+# ImageNet ResNet-34 and -101 as in configs/imagenet_*.yaml), otherwise the same rule, one module per block.
+_PAPER_K = {"resnet32": 16, "resnet110": 55, "resnet34": 16, "resnet101": 33}
+_IMAGENET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
 for _depth in (20, 32, 44, 56, 110):
-    register(f"resnet{_depth}", partial(cifar_resnet, _depth))
-for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-    register(_name, partial(imagenet_resnet, _name))
+    register(f"resnet{_depth}", partial(cifar_resnet, _depth), _PAPER_K.get(f"resnet{_depth}", (_depth - 2) // 2 + 1))
+for _name, _blocks in _IMAGENET_BLOCKS.items():
+    register(_name, partial(imagenet_resnet, _name), _PAPER_K.get(_name, _blocks + 1))
+
+
+def default_local_modules(name: str) -> int:
+    """K for a local method on architecture ``name`` when none is given (see ``register``)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}")
+    k = _DEFAULT_K[name]
+    return k if k is not None else create(name).num_residual_blocks + 1
 
 
 def available() -> list[str]:

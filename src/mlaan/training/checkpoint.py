@@ -211,6 +211,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- export
+def data_root_of(ckpt: dict) -> str | None:
+    """Where a run's data were actually read from (a Debian folder rather than the default ``data``, say),
+    falling back to its configured data root for checkpoints that do not say."""
+    source = ckpt.get("data_source")
+    if source and Path(source).is_dir():
+        return str(source)
+    return ckpt.get("config", {}).get("data_root")
+
+
 def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``."""
     prefix = "backbone."
@@ -230,11 +239,14 @@ def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
         "mean": list(ckpt["mean"]),
         "std": list(ckpt["std"]),
         "dataset": ckpt["dataset"],
-        "data_root": ckpt.get("config", {}).get("data_root"),
+        "data_root": data_root_of(ckpt),
         "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k.startswith("synthetic_")},
         "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
-        "best_accuracy": ckpt.get("best_accuracy"),
-        "epoch": ckpt.get("epoch"),
+        "epoch": ckpt.get("epoch"),  # epochs completed when these weights were saved
+        "step": ckpt.get("step"),
+        "best_accuracy": ckpt.get("best_accuracy"),  # the run's best test accuracy, reached at best_epoch
+        "best_epoch": ckpt.get("best_epoch"),
+        "is_best": ckpt.get("epoch") == ckpt.get("best_epoch") and not ckpt.get("epoch_step"),
         "load_with": (
             f"mlaan.models.create({ckpt['arch']!r}, num_classes={ckpt['num_classes']}, "
             f"in_channels={ckpt['in_channels']}, image_size={ckpt['image_size']})"

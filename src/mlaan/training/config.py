@@ -58,7 +58,7 @@ class TrainConfig:
     # model and method
     arch: str = "resnet32"
     method: str = "dgl+mlaan"
-    local_modules: int | None = None  # K; None: 16, or 1 for bp
+    local_modules: int | None = None  # K; None: the architecture's default (models.default_local_modules), 1 for bp
     window: int = _ENGINE_DEFAULTS.window
     w_ind: float = _ENGINE_DEFAULTS.w_ind
     w_casc: float = _ENGINE_DEFAULTS.w_casc
@@ -104,7 +104,7 @@ class TrainConfig:
     def engine_options(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
         """Keyword options for ``mlaan.create_local_model``."""
         options = {name: getattr(self, name) for name in METHOD_OPTION_NAMES}
-        options.update(image_mean=tuple(mean), image_std=tuple(std))
+        options.update(image_mean=tuple(mean), image_std=tuple(std), balance_batch_size=self.batch_size)
         return options
 
     def to_dict(self) -> dict[str, Any]:
@@ -123,7 +123,9 @@ class TrainConfig:
         spec = parse_method(self.method)  # ValueError naming the allowed methods
         cfg = dataclasses.replace(self, method=spec.name)
         if cfg.local_modules is None:
-            cfg.local_modules = 1 if spec.base.end_to_end else 16
+            from ..engine.local_model import default_num_local_modules
+
+            cfg.local_modules = default_num_local_modules(cfg.arch, spec)
         for name, value in dataclasses.asdict(cfg).items():  # nan/inf would slip through the range checks
             numbers = value if isinstance(value, tuple) else (value,)
             if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):

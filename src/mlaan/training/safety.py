@@ -9,6 +9,9 @@ What ``mlaan train`` promises (issue 5):
   (:func:`ignore_stop_signals`), so that a Ctrl-C in a terminal does not kill them under the main process.
 * **Write failures** (a full disk, a folder made read-only, a quota) while saving become
   :class:`OutputWriteError`, naming the file and the checkpoint that is still intact.
+* **One run per folder.** A run owns its output folder through a lock file (:class:`RunFolderLock`, an OS
+  lock taken with ``filelock``, so a killed run leaves no stale lock behind); a second run into the same folder is
+  refused with :class:`RunFolderInUse` before it writes anything.
 * **Bad input** found before anything is written: an output folder that cannot be written
   (:func:`check_output_dir`), a data root given explicitly that does not exist (:func:`check_data_root`),
   ``--resume`` with options that differ from the run's (:func:`check_resume_config`).
@@ -20,8 +23,10 @@ import json
 import math
 import os
 import signal
+import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +65,10 @@ class RunStopped(Exception):
         super().__init__(message)
         self.signum = signum
         self.code = 128 + int(signum)
+
+
+class RunFolderInUse(ValueError):
+    """Another run holds the output folder's lock (a bad-input error: one line, exit 2)."""
 
 
 class OutputWriteError(OSError):
@@ -134,6 +143,81 @@ def check_output_dir(path: str | os.PathLike) -> None:
         raise ValueError(f"output dir {what} is not writable: {err.strerror or err}") from err
     os.close(fd)
     os.unlink(tmp)
+
+
+class RunFolderLock:
+    """Ownership of a run folder: an exclusive OS lock on ``<folder>/.mlaan.lock`` (``filelock``), held from before
+    the run writes anything until it ends. The OS drops the lock when its process dies, so the lock of a killed run
+    is no obstacle (only its file stays). Who holds it is written beside it, in ``.mlaan.lock.owner``, for the
+    message that refuses a second run (the lock file itself is truncated by every attempt to take it)."""
+
+    LOCK_NAME = ".mlaan.lock"
+    OWNER_NAME = ".mlaan.lock.owner"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+        self.lock_path = self.folder / self.LOCK_NAME
+        self.owner_path = self.folder / self.OWNER_NAME
+        self._lock = None
+        self._created: list[Path] = []  # folders this lock made, removed again by ``abandon``
+        self._new_lock_file = False
+
+    @property
+    def held(self) -> bool:
+        return self._lock is not None and self._lock.is_locked
+
+    def acquire(self) -> None:
+        """Take the lock at once or raise :class:`RunFolderInUse` naming the process that holds it."""
+        from filelock import FileLock, Timeout
+
+        if self.held:
+            return
+        missing = self.folder
+        while not missing.exists() and missing != missing.parent:
+            self._created.insert(0, missing)
+            missing = missing.parent
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._new_lock_file = not self.lock_path.exists()
+        lock = FileLock(str(self.lock_path), timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise RunFolderInUse(
+                f"output dir {self.folder} is in use by another run ({self._owner_text()}); wait for it to "
+                "finish, stop it, or choose another --output-dir"
+            ) from None
+        self._lock = lock
+        owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.owner_path.write_text(json.dumps(owner) + "\n")
+
+    def _owner_text(self) -> str:
+        try:
+            owner = json.loads(self.owner_path.read_text())
+            return f"process {owner['pid']} on {owner['host']}, since {owner['started']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "a process that has not said who it is yet"
+
+    def release(self) -> None:
+        """Give the folder up (the lock file stays, so that a later run locks the same file)."""
+        if not self.held:
+            return
+        self.owner_path.unlink(missing_ok=True)
+        self._lock.release(force=True)
+        self._lock = None
+
+    def abandon(self) -> None:
+        """Release after a refused start: also remove what taking the lock created, so that bad input leaves the
+        folder as it was."""
+        was_held = self.held
+        self.release()
+        if was_held and self._new_lock_file:
+            self.lock_path.unlink(missing_ok=True)
+        for folder in reversed(self._created):
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+        self._created = []
 
 
 def check_data_root(dataset: str, data_root: str | None, download: bool) -> None:
@@ -260,6 +344,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Any]] = {
     "rng": ("a mapping of RNG states", _rng_states),
     "epoch_partial": ("a mapping of numbers (and per-module lists of numbers)", lambda v: _epoch_partial(v)),
     "wall_time": ("a number", _is_number),
+    "data_source": ("a path", lambda v: isinstance(v, str)),
     "version": ("an integer", _is_int),
 }
 

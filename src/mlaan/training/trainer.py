@@ -117,6 +117,7 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self._log = log or print
         self.resume_path = resume_path
+        self._lock = safety.RunFolderLock(self.out)  # held while fit() runs
         self.ctx = dist.init_from_env(cfg.device)  # torchrun's environment, or a single process
         self.device = self.ctx.device
         try:
@@ -126,7 +127,8 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Leave the process group (torchrun); nothing to do in a single process."""
+        """Give up the output folder and leave the process group (torchrun)."""
+        self._lock.release()
         dist.cleanup(self.ctx)
 
     def _build(self, resume_checkpoint: dict | None) -> None:
@@ -182,15 +184,11 @@ class Trainer:
                 first = str(err).strip().splitlines()[0]
                 raise ValueError(f"checkpoint {self.resume_path} does not fit this model: {first}") from err
         # checked last, so that a bad name, K or data root is reported as such even in a used folder;
-        # nothing in the output folder is touched unless resuming or told to overwrite
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        # nothing in the output folder is touched unless resuming or told to overwrite (checked again by fit(),
+        # under the folder's lock, in case another run got there in between)
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"output dir {self.out} exists and is not a folder")
-        if existing and resume_checkpoint is None and not cfg.overwrite:
-            raise ValueError(
-                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
-                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-            )
+        self._check_no_other_run(resume_checkpoint is not None)
         safety.check_output_dir(self.out)
         self._use_fast_path()
         self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
@@ -200,6 +198,7 @@ class Trainer:
         self.workers = cfg.resolved_workers(self.device.type)
         self.sampler = self._train_sampler()
         self.steps_per_epoch = len(self._train_loader(0))
+        self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.SGD(
@@ -211,6 +210,30 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
         if resume_checkpoint is not None:
             self._restore(resume_checkpoint)
+
+    def _check_no_other_run(self, resuming: bool) -> None:
+        existing = [name for name in RUN_FILES if (self.out / name).exists()]
+        if existing and not resuming and not self.cfg.overwrite:
+            raise safety.RunFolderInUse(
+                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
+                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
+            )
+
+    def _own_output_dir(self) -> None:
+        """Take the output folder's lock before anything is written (rank 0; every rank learns whether it got
+        it), and check under it that no other run has been written there since the build. On refusal
+        (:class:`~mlaan.training.safety.RunFolderInUse`) the folder is left as it was."""
+        refused: Exception | None = None
+        if self.ctx.is_main:
+            try:
+                self._lock.acquire()
+                self._check_no_other_run(self.resume_path is not None)
+            except (ValueError, OSError) as err:
+                self._lock.abandon()
+                refused = err
+        if self._reduce({"refused_count": float(refused is not None)})["refused_count"] > 0:
+            raise refused if refused is not None else safety.RunFolderInUse(
+                f"output dir {self.out} is not free: rank 0 could not take it (see its message)")
 
     # -------------------------------------------------------------------------------------- building
     def _use_fast_path(self) -> None:
@@ -226,6 +249,22 @@ class Trainer:
         runtime.apply_threads(self.fast_path.threads)
         self.model.autocast_dtype = self.fast_path.autocast_dtype
         self.model.set_channels_last(self.fast_path.channels_last)
+
+    def _check_batch_of_one(self) -> None:
+        """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
+        would crash in that layer at its first step (a whole data set smaller than the batch is one batch)."""
+        cfg = self.cfg
+        smallest = min(cfg.batch_size, len(self.sampler))
+        if smallest > 1 or (cfg.sync_bn and self.ctx.world_size > 1):  # SyncBatchNorm sees every rank's image
+            return
+        layers = self.local_model.single_value_batchnorms()
+        if layers:
+            why = "--batch-size 1" if cfg.batch_size == 1 else f"a training set of {len(self.sampler)} image"
+            raise ValueError(
+                f"{why} cannot train {cfg.arch} on {self.info.image_size}x{self.info.image_size} images: BatchNorm "
+                f"layer {layers[0]} sees a 1x1 map, i.e. one value per channel in a batch of one; use "
+                "--batch-size 2 or more"
+            )
 
     def _train_sampler(self) -> Sampler:
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
@@ -299,6 +338,7 @@ class Trainer:
         cfg = self.cfg
         start = self._fit_start = time.perf_counter()
         writer = None
+        self._own_output_dir()
         if self.ctx.is_main:
             self._guarded_write(self._prepare_output_dir, self.out)
             if cfg.tensorboard:
@@ -330,9 +370,9 @@ class Trainer:
                     record["best"] = True
                 if complete:
                     self.epoch, self.epoch_step = epoch + 1, 0
-                else:
+                    self._partial = _no_partial()  # logged now
+                else:  # stopped by --max-steps: the checkpoint keeps the sums, so a resume covers the whole epoch
                     self.epoch_step = train["batches_done"]
-                self._partial = _no_partial()  # logged now
                 self._end_of_epoch(record, writer, start)
             if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
                 last_eval = self.evaluate()
@@ -348,6 +388,7 @@ class Trainer:
             self._stop.__exit__()
             if writer is not None:
                 writer.close()
+            self._lock.release()  # after the last write
         self.ctx.barrier()
         return summary
 
@@ -462,8 +503,7 @@ class Trainer:
 
     def _end_of_epoch(self, record: dict, writer, start: float) -> None:
         if self.ctx.is_main:
-            self._guarded_write(lambda: _append_line(self.out / "metrics.jsonl", json.dumps(record)),
-                                self.out / "metrics.jsonl")
+            self._guarded_write(lambda: _log_epoch(self.out / "metrics.jsonl", record), self.out / "metrics.jsonl")
             state = self.checkpoint_state(time.perf_counter() - start)
             self._guarded_write(lambda: ckpt_io.atomic_save(state, self.out / "last.pt"), self.out / "last.pt")
             self._saved_step = self.step
@@ -493,6 +533,7 @@ class Trainer:
             "method": self.cfg.method,
             "local_modules": self.cfg.local_modules,
             "dataset": info.name,
+            "data_source": info.source,  # where the files were read from (may differ from config's data_root)
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
             "image_size": info.image_size,
@@ -645,14 +686,18 @@ def evaluate_backbone(
     autocast_dtype: torch.dtype | None = None,
     reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
     channels_last: bool = False,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad); batches are
-    made channels-last when ``channels_last`` (the backbone's parameters are expected to be so already)."""
+    made channels-last when ``channels_last`` (the backbone's parameters are expected to be so already);
+    ``progress``: the label of a progress bar on stderr (none when None)."""
     was_training = backbone.training
     backbone.eval()
     loss_sum = correct = count = 0.0
+    batches = loader if progress is None else tqdm(loader, desc=progress, unit="batch", leave=False,
+                                                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
     with torch.no_grad():
-        for images, targets in loader:
+        for images, targets in batches:
             images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             if channels_last and images.dim() == 4:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -691,6 +736,22 @@ def _add_module_losses(sums: dict[str, list], stats: dict, n: int) -> None:
         for j, v in enumerate(values):
             if v is not None and totals[j] is not None:
                 totals[j] += v * n
+
+
+def _log_epoch(path: Path, record: dict[str, Any]) -> None:
+    """Add an epoch's line to ``metrics.jsonl``; a line of the same epoch cut short by ``--max-steps`` is replaced,
+    since the resumed epoch's record covers all of its steps (one line per epoch)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    if lines:
+        try:
+            last = json.loads(lines[-1])
+        except ValueError:
+            last = None
+        if isinstance(last, dict) and last.get("epoch") == record["epoch"] and last.get("complete") is False:
+            text = "".join(line + "\n" for line in [*lines[:-1], json.dumps(record)])
+            ckpt_io.atomic_write_text(text, path)
+            return
+    _append_line(path, json.dumps(record))
 
 
 def _append_line(path: Path, line: str) -> None:

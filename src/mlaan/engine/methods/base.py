@@ -37,6 +37,7 @@ class LocalOptions:
     temperature: float = 0.07
     auglocal_depth: int = 4
     balance: str = "blocks"  # split by block count, or "memory" (InfoPro*)
+    balance_batch_size: int = 128  # the training batch whose step memory balance="memory" evens out
     # Recompute in backward instead of keeping activations: the aux nets' blocks (LAM trunks and twins, AugLocal
     # blocks) and the backbone modules whose graphs a cascade window keeps alive. Less peak memory for about one
     # more forward of those blocks (two for the window's modules); results are unchanged.

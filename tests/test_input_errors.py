@@ -1,0 +1,145 @@
+"""One line, not a traceback (issue 15.5): a download without network, a batch of one that BatchNorm cannot
+train on, running out of memory; and defaults that fit every architecture and method (issue 15.6)."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+
+import mlaan
+from mlaan import models
+from mlaan.cli import main
+from mlaan.engine import LocalModel
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+SYNTH = ["--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size", "16", "--device", "cpu"]
+
+
+def run_cli(capsys, *args: object) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    """The error line; anything else on stderr is a progress bar (tqdm), never a traceback."""
+    lines = [line for line in err.splitlines() if line.startswith("mlaan: error: ")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
+    return lines[0]
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.mark.parametrize("dataset,config", [("cifar10", "cifar10_resnet32_dgl_mlaan.yaml"),
+                                            ("svhn", "svhn_resnet32_dgl.yaml")])
+def test_paper_config_without_network_is_one_line(no_network, tmp_path, capsys, dataset, config):
+    root = tmp_path / "data"
+    code, _, err = run_cli(capsys, "train", "--config", CONFIGS / config, "--data-root", root, "--max-steps", 2,
+                           "--output-dir", tmp_path / "run")
+    line = one_error_line(err)
+    assert code == 2
+    assert dataset in line and str(root) in line and f"mlaan download --dataset {dataset}" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_download_command_without_network_is_one_line(no_network, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "download", "--dataset", "cifar100", "--data-root", tmp_path / "d")
+    assert code == 2 and "cifar100" in one_error_line(err) and "could not be downloaded" in err
+
+
+def test_fashion_mnist_download_without_network_is_one_line(no_network, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(mlaan.data, "SYSTEM_FASHION_MNIST", tmp_path / "nowhere")
+    code, _, err = run_cli(capsys, "download", "--dataset", "fashion-mnist", "--data-root", tmp_path / "d")
+    assert code == 2 and "fashion-mnist" in one_error_line(err) and str(tmp_path / "d") in err
+
+
+def test_batch_of_one_with_a_1x1_map_is_refused_up_front(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet18", "-K", "2", "--method", "dgl",
+                           "--batch-size", "1", "--max-steps", "1", "--output-dir", out)
+    line = one_error_line(err)
+    assert code == 2 and "--batch-size 1" in line and "BatchNorm" in line and "1x1" in line
+    assert not out.exists()
+
+
+def test_a_training_set_of_one_image_is_refused_for_the_same_reason(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--train-samples", "1", "--arch", "resnet18", "-K", "2",
+                           "--batch-size", "8", "--max-steps", "1", "--output-dir", tmp_path / "run")
+    assert code == 2 and "a training set of 1 image" in one_error_line(err)
+
+
+def test_batch_of_one_still_trains_where_every_map_is_larger(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "--method", "bp",
+                           "--batch-size", "1", "--max-steps", "2", "--output-dir", tmp_path / "run")
+    assert code == 0, err
+
+
+def test_single_value_batchnorms_leaves_the_model_as_it_was():
+    model = mlaan.create_local_model("resnet18", method="dgl+mlaan", num_local_modules=3, image_size=32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    found = model.single_value_batchnorms()
+    modules = dict(model.named_modules())
+    assert found and all(isinstance(modules[name], torch.nn.BatchNorm2d) for name in found)
+    assert "backbone.blocks.8.bn2" in found  # layer4's last BatchNorm, on a 1x1 map at 32 pixels
+    assert torch.equal(rng, torch.get_rng_state()) and model.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_out_of_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    def oom(self, images, targets):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.1 GiB total)")
+
+    monkeypatch.setattr(LocalModel, "train_step", oom)
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "8",
+                           "--max-steps", "1", "--output-dir", tmp_path / "run")
+    line = one_error_line(err)
+    assert code == 1 and "out of memory" in line and "--batch-size" in line and "--grad-checkpointing" in line
+
+
+# ------------------------------------------------------------------------------------------ 15.6 defaults
+@pytest.mark.parametrize("arch", models.available())
+def test_every_arch_has_a_default_k_that_fits_every_method(arch):
+    units = models.create(arch).num_residual_blocks + 1
+    k = models.default_local_modules(arch)
+    assert 2 <= k <= units
+    for method in ("dgl+mlaan", "infopro", "auglocal+mlm"):
+        assert mlaan.engine.local_model.default_num_local_modules(arch, method) == k
+    assert mlaan.engine.local_model.default_num_local_modules(arch, "bp") == 1
+
+
+def test_paper_k_where_the_paper_has_one():
+    assert models.default_local_modules("resnet32") == 16 and models.default_local_modules("resnet110") == 55
+
+
+@pytest.mark.parametrize("method", ["bp", "dgl", "infopro+mlaan"])
+def test_create_local_model_without_k(method):
+    model = mlaan.create_local_model("resnet32", method=method)
+    assert len(model.local_modules) == (1 if method == "bp" else 16)
+
+
+def test_create_local_model_without_k_on_a_small_arch():
+    model = mlaan.create_local_model("resnet20", method="dgl")
+    assert len(model.local_modules) == models.default_local_modules("resnet20")
+
+
+def test_train_resnet20_without_k(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "--batch-size", "16", "--max-steps", "1",
+                           "--output-dir", out)
+    assert code == 0, err
+    import json
+
+    summary = json.loads((out / "metrics.json").read_text())
+    assert summary["config"]["local_modules"] == models.default_local_modules("resnet20")

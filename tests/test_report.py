@@ -1,0 +1,106 @@
+"""`mlaan report` that does not mislead (issue 15.3): runs grouped by what makes them comparable, epochs and time
+over resumed segments, bases chosen explicitly, and on CPU the training memory by the exact accounting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlaan.bench import report
+from mlaan.bench.memory import measure_case
+from mlaan.cli import main
+
+TINY = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32", "--arch",
+        "resnet20", "--batch-size", "16", "--device", "cpu", "--epochs", "1"]
+
+
+def train(folder, *args: object) -> None:
+    assert main(["train", *TINY, "--output-dir", str(folder), *[str(a) for a in args]]) == 0
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """bp twice (two seeds), dgl, all 4 steps (one epoch); dgl+mlaan stopped at 2 steps and resumed to 4;
+    dgl+mlaan with a budget of 2 steps."""
+    root = tmp_path_factory.mktemp("report")
+    train(root / "bp", "--method", "bp")
+    train(root / "bp-seed1", "--method", "bp", "--seed", "1")
+    train(root / "dgl", "--method", "dgl", "-K", "4")
+    train(root / "mlaan", "--method", "dgl+mlaan", "-K", "4", "--max-steps", "2")
+    assert main(["train", "--output-dir", str(root / "mlaan"), "--resume"]) == 0
+    train(root / "short", "--method", "dgl+mlaan", "-K", "4", "--max-steps", "2")
+    return root
+
+
+def row(table: str, name: str) -> list[str]:
+    line = next(line for line in table.splitlines() if line.startswith(f"| {name} "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+COLUMNS = ["run", "method", "arch", "K", "epochs", "steps", "test acc %", "test error %", "Δ vs BP (pp)",
+           "Δ vs base (pp)", "best acc %", "peak memory", "wall min", "finished"]  # peak memory: (source) follows
+
+
+def test_runs_of_other_budgets_are_not_compared_and_the_difference_is_said(runs, tmp_path):
+    result = report.write_report([runs / n for n in ("bp", "dgl", "mlaan", "short")], tmp_path, memory="none")
+    assert [[r["name"] for r in g] for g in result["groups"]] == [["bp", "dgl", "mlaan"], ["short"]]
+    md = (tmp_path / "report.md").read_text()
+    assert "steps: 4 vs 2" in md
+    short = dict(zip(COLUMNS, row(md, "short")))
+    assert short["Δ vs BP (pp)"] == "—"  # no BP run had its budget
+    mlaan = dict(zip(COLUMNS, row(md, "mlaan")))
+    assert mlaan["Δ vs BP (pp)"] != "—" and mlaan["Δ vs base (pp)"] != "—"
+
+
+def test_two_runs_of_the_base_method_need_an_explicit_choice(runs, tmp_path):
+    dirs = [runs / n for n in ("bp", "bp-seed1", "dgl")]
+    result = report.write_report(dirs, tmp_path / "a", memory="none")
+    assert dict(zip(COLUMNS, row(result["table"], "dgl")))["Δ vs BP (pp)"] == "—"
+    assert any("2 bp runs (bp, bp-seed1)" in n and "--bp" in n for n in result["notes"])
+    bp1 = report.load_run(runs / "bp-seed1")
+    dgl = report.load_run(runs / "dgl")
+    chosen = report.write_report(dirs, tmp_path / "b", bp=str(runs / "bp-seed1"), memory="none")
+    expected = f"{100 * (dgl['test_error'] - bp1['test_error']):+.2f}"
+    assert dict(zip(COLUMNS, row(chosen["table"], "dgl")))["Δ vs BP (pp)"] == expected and not chosen["notes"]
+
+
+def test_resumed_run_counts_every_segment(runs):
+    r = report.load_run(runs / "mlaan")
+    final = json.loads((runs / "mlaan" / "metrics.json").read_text())
+    assert r["num_epochs"] == 1 and r["steps"] == 4 and len(r["epochs"]) == 1
+    assert r["wall_time"] == final["total_wall_time_seconds"] > final["wall_time_seconds"]
+
+
+def test_an_epoch_logged_twice_is_one_point(tmp_path):
+    """metrics.jsonl of an older mlaan: the epoch cut by --max-steps and its resumed end, both logged."""
+    run = tmp_path / "old"
+    run.mkdir()
+    lines = [{"epoch": 1, "step": 2, "complete": False, "test_accuracy": 0.2, "train_loss": 2.0},
+             {"epoch": 1, "step": 4, "complete": True, "test_accuracy": 0.3, "train_loss": 1.5},
+             {"epoch": 2, "step": 8, "complete": True, "test_accuracy": 0.4, "train_loss": 1.2}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    r = report.load_run(run)
+    assert [e["step"] for e in r["epochs"]] == [4, 8] and r["num_epochs"] == 2
+
+
+def test_on_cpu_the_memory_chart_is_the_training_accounting(runs, tmp_path):
+    result = report.write_report([runs / "bp", runs / "dgl"], tmp_path, log=lambda m: None)
+    assert result["memory_source"] == "accounted" and (tmp_path / "memory.png").is_file()
+    md = (tmp_path / "report.md").read_text()
+    assert "exact accounting" in md
+    expected = measure_case("resnet20", "dgl", 4, 16)["peak_bytes"]
+    from mlaan.bench import common
+
+    assert "peak memory (accounted)" in md
+    assert dict(zip(COLUMNS, row(md, "dgl")))["peak memory"] == common.human_bytes(expected)
+    bp = measure_case("resnet20", "bp", 1, 16)["peak_bytes"]
+    assert expected < bp  # what the RSS of both processes (mostly the torch runtime) hid
+
+
+def test_report_cli_takes_the_choices(runs, tmp_path, capsys):
+    assert main(["report", str(runs / "bp"), str(runs / "bp-seed1"), "--bp", str(runs / "bp"), "--memory", "none",
+                 "--output-dir", str(tmp_path)]) == 0
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", str(runs / "bp"), "--memory", "rss"])
+    assert exit_info.value.code == 2 and "invalid choice: 'rss'" in capsys.readouterr().err

@@ -1,0 +1,84 @@
+"""Issue 15.7: losses reported apart, an export that says which epoch its weights are and where the data came
+from, eval progress, bench help without doubled defaults, README's inference in eval mode."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import mlaan
+from mlaan import data
+from mlaan.cli import main
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_mlm_reports_independent_and_cascaded_losses_apart():
+    torch.manual_seed(0)
+    model = mlaan.create_local_model("resnet20", method="dgl+mlm", num_local_modules=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    stats = model.train_step(x, y)
+    ind, casc, combined = stats["independent_losses"], stats["cascaded_losses"], stats["module_losses"]
+    assert len(ind) == len(casc) == len(combined) == 4
+    assert casc[0] is None and all(c is not None for c in casc[1:])  # module 0 has no cascade
+    w_ind, w_casc = model.options.w_ind, model.options.w_casc
+    assert combined[1] == pytest.approx(w_ind * ind[1] + w_casc * casc[1], rel=1e-5)
+    assert combined[0] == ind[0] and ind[0] > 10 * w_ind * ind[0]  # module 0's entry is its own loss, unweighted
+    plain = mlaan.create_local_model("resnet20", method="dgl", num_local_modules=4).train_step(x, y)
+    assert plain["cascaded_losses"] == [None] * 4 and plain["independent_losses"] == plain["module_losses"]
+
+
+@pytest.fixture
+def fashion_elsewhere(tmp_path, monkeypatch):
+    """Fashion-MNIST only in a "system" folder, not under the default data root."""
+    folder = tmp_path / "system-fashion"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 64), ("t10k", 32)):
+        data.write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(folder / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", folder)
+    monkeypatch.chdir(tmp_path)  # no ./data here
+    return folder
+
+
+def test_export_says_which_epoch_and_where_the_data_were(fashion_elsewhere, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--arch", "resnet20", "-K", "2", "--batch-size", "16", "--epochs", "2",
+                 "--device", "cpu", "--output-dir", str(run)]) == 0
+    ckpt = torch.load(run / "last.pt", weights_only=True)
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "m.pt")]) == 0
+    meta = json.loads((tmp_path / "m.json").read_text())
+    assert meta["data_root"] == str(fashion_elsewhere)
+    assert (meta["epoch"], meta["best_epoch"]) == (2, ckpt["best_epoch"])
+    assert meta["is_best"] == (ckpt["best_epoch"] == 2)
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--batch-size", "8"]) == 0
+    assert "evaluating on 32 fashion-mnist test images" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["memory", "speed", "accuracy"])
+def test_bench_help_says_each_default_once_and_helps_every_option(command, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", command, "--help"])
+    text = capsys.readouterr().out
+    options = text.split("options:")[1].split("data sets:")[0]
+    entries = re.split(r"\n  (?=-)", options)
+    assert entries and all(entry.count("default") <= 1 for entry in entries), options
+    assert "(default: None)" not in options
+    for entry in entries[1:]:
+        assert len(entry.split()) > 2 or "{" in entry, f"no help: {entry!r}"
+
+
+def test_readme_infers_in_eval_mode():
+    text = README.read_text()
+    for call in ("logits = model(images)",):
+        before = text[: text.index(call)]
+        assert before.rstrip().splitlines()[-1].strip().startswith("model.eval()")
+    load = text.index("net.load_state_dict(torch.load(")
+    assert "net.eval()" in text[load: load + 200]
