@@ -314,7 +314,8 @@ class Trainer:
         if isinstance(partial, dict):
             self._partial = {k: float(partial.get(k, 0.0)) for k in _no_partial() if k != _MODULE_SUMS}
             self._partial[_MODULE_SUMS] = {
-                name: [float(v) for v in values] for name, values in (partial.get(_MODULE_SUMS) or {}).items()
+                name: [None if v is None else float(v) for v in values]
+                for name, values in (partial.get(_MODULE_SUMS) or {}).items()
             }
         self._saved_step = self.step
 
