@@ -126,13 +126,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=",".join(ACCURACY_METHODS), help="comma-separated methods")
     p.add_argument("--seeds", default="0", help="comma-separated seeds; every method is trained with each")
     p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
-    p.add_argument("--arch", default="resnet32")
+    p.add_argument("--arch", default="resnet32", help="architecture of every run (`mlaan train --help` lists them)")
     p.add_argument("--k", type=int, default=16, help="local modules K (end-to-end methods: 1)")
-    p.add_argument("--dataset", default="fashion-mnist")
+    p.add_argument("--dataset", default="fashion-mnist", help="data set of every run")
     p.add_argument("--epochs", type=int, default=3, help="epoch budget of every run")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, default=128, help="training batch of every run")
     p.add_argument("--lr", type=float, default=0.1, help="peak learning rate (SGD, Nesterov, cosine)")
-    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--weight-decay", type=float, default=1e-4, help="SGD weight decay of every run")
     p.add_argument("--warmup-epochs", type=float, default=0.2, help="linear warm-up before the cosine decay")
     p.add_argument("--train-samples", type=int, default=15000,
                    help="train on the first N training images (0: all); the default budget, 3 epochs of 15000 "
@@ -243,6 +243,9 @@ def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) 
                 folder = run_dir(out, arm, seed)
                 cmd = train_command(args, arm, seed, folder, threads)
                 state = _state(folder)
+                if state == "finished" and not args.force:  # finished meanwhile by another invocation
+                    print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
+                    continue
                 cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
                 print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
                       f"{' '.join(cmd[3:])}", flush=True)

@@ -419,10 +419,11 @@ def plot(results: list[dict], path: Path) -> None:
         colors = [common.method_color(r["method"].split(" ")[0], i) for i, r in enumerate(rows)]
         hatches = ["" if r.get("format", "fp32") == case.get("formats", ["fp32"])[0] else "//" for r in rows]
         ax.bar(xs, [r["time_ratio"] for r in rows], color=colors, hatch=hatches, label="measured step time")
-        ax.scatter(xs, [r["exact_floor_ratio"] for r in rows], marker="_", s=600, color="#ff7f0e", zorder=3,
+        # black and grey markers: no method's bar colour, so a marker never vanishes into its bar
+        ax.scatter(xs, [r["exact_floor_ratio"] for r in rows], marker="_", s=600, color="black", zorder=3,
                    linewidths=3, label="exact FLOP floor")
-        ax.scatter(xs, [r["floor_ratio"] for r in rows], marker="_", s=600, color="#2ca02c", zorder=3,
-                   linewidths=2, label="FLOP floor (one backward)")
+        ax.scatter(xs, [r["floor_ratio"] for r in rows], marker="x", s=60, color="#555555", zorder=4,
+                   linewidths=1.5, label="FLOP floor (one backward)")
         ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r["method"] for r in rows], rotation=35, ha="right")
@@ -437,9 +438,9 @@ def plot(results: list[dict], path: Path) -> None:
 
 @contextlib.contextmanager
 def busy_processes(n: int) -> Iterator[None]:
-    """``n`` single-threaded busy-loop processes at nice 10 (what a user's other job looks like) while inside."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], preexec_fn=lambda: os.nice(10))
-             for _ in range(n)]
+    """``n`` single-threaded busy-loop processes at this process's priority while inside: another job of the
+    user's. (A niced one barely slows a step: the scheduler gives its core back to us.)"""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
     try:
         if procs:
             time.sleep(1.0)  # let them be scheduled, so the idle-core count sees them
@@ -454,7 +455,7 @@ def busy_processes(n: int) -> Iterator[None]:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cases", default=DEFAULT_CASES, help="ARCH:K list")
     p.add_argument("--methods", default=",".join(common.DEFAULT_METHODS), help="comma-separated methods")
-    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--batch", type=int, default=128, help="images per timed step (synthetic, CIFAR-shaped)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
     p.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=None,
@@ -463,14 +464,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"numeric formats to time each method in, the first is the reference; from "
                         f"{', '.join(FORMATS)} (cl: channels-last memory format)")
     p.add_argument("--load", type=int, default=0, metavar="N",
-                   help="run N busy single-threaded processes (niced) beside the benchmark, to show how a "
-                        "busy core slows a step (threads are chosen after they start)")
+                   help="run N busy single-threaded processes (same priority) beside the benchmark, to show how "
+                        "a busy core slows a step (threads are chosen after they start)")
     p.add_argument("--breakdown", default="dgl+mlaan", metavar="METHOD",
                    help="also time where this method's step goes, on the first case ('none' to skip)")
     p.add_argument("--grad-checkpointing", default="off", choices=RECOMPUTE_CHOICES,
                    help="methods with something to recompute (LAM, MLM, AugLocal): time them as configured by "
                         "default (off), with grad_checkpointing (on, rows named +ckpt), or both")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the models' weights and the synthetic batch")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-speed)")
 
 
