@@ -171,3 +171,38 @@ def test_make_demo_takes_the_fast_path_this_cpu_supports(monkeypatch, flags, exp
     monkeypatch.setattr(runtime, "_cpu_flags", lambda: flags)
     got, why = runtime.fast_path_flags(torch.device("cpu"))
     assert got == expected and words in why
+
+
+# -------------------------------------------------------------------------- which modules lag: per-module predictions
+@pytest.mark.parametrize("method", ["dgl", "dgl+mlaan", "dgl+lam", "infopro", "auglocal"])
+def test_module_logits_are_each_aux_nets_prediction_and_the_backbones_last(method):
+    model = _model(method).eval()
+    x, _ = batch()
+    predictions = model.module_logits(x)
+    assert len(predictions) == 4 and all(p.shape == (len(x), 10) for p in predictions)
+    torch.testing.assert_close(predictions[-1], model(x))
+    features = model.local_modules[0](x)
+    torch.testing.assert_close(predictions[0], model.independent_heads[0].logits(features))
+
+
+def test_a_contrastive_aux_net_predicts_no_class():
+    torch.manual_seed(0)
+    model = mlaan.create_local_model("resnet20", "infopro", 3, infopro_task="contrastive").eval()
+    predictions = model.module_logits(batch()[0])
+    assert predictions[:2] == [None, None] and predictions[2] is not None
+
+
+def test_eval_modules_reports_each_aux_nets_accuracy(tmp_path, capsys):
+    from mlaan.cli import main
+
+    run(tmp_path, "m", max_steps=2)
+    assert main(["eval", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--modules", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    accuracies = report["module_accuracies"]
+    assert len(accuracies) == TINY["local_modules"] and all(0 <= a <= 1 for a in accuracies)
+    assert accuracies[-1] == pytest.approx(report["test_accuracy"])  # the last module is the backbone
+    assert main(["export", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--out", str(tmp_path / "w.pt")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "w.pt"), "--modules"]) == 2
+    err = capsys.readouterr().err
+    assert "--modules needs a training checkpoint" in err and len(err.strip().splitlines()) == 1

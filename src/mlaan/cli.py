@@ -243,6 +243,9 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.add_argument("--modules", action="store_true",
+                   help="also the test accuracy of every local module's own aux net (a training checkpoint only): "
+                        "which modules' features lag")
     p.set_defaults(func=cmd_eval)
 
 
@@ -274,7 +277,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from . import distributed, models
     from .data import build_datasets
-    from .training import evaluate_backbone
+    from .training import evaluate_backbone, evaluate_modules
 
     try:
         ctx = distributed.init_from_env(args.device)
@@ -300,6 +303,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+        local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.workers)
@@ -314,15 +318,31 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "test_error": 1.0 - result["accuracy"],
         "test_loss": result["loss"],
     }
+    if local_model is not None:
+        report["module_accuracies"] = evaluate_modules(local_model.to(device), loader, device)
     if args.json:
         print(json.dumps(report, indent=2))
-    else:
-        print(
-            f"{args.checkpoint}: {meta['arch']} on {info.name} test ({result['count']} images): "
-            f"accuracy {100 * report['test_accuracy']:.2f}%, error {100 * report['test_error']:.2f}%, "
-            f"loss {report['test_loss']:.4f}"
-        )
+        return 0
+    print(
+        f"{args.checkpoint}: {meta['arch']} on {info.name} test ({result['count']} images): "
+        f"accuracy {100 * report['test_accuracy']:.2f}%, error {100 * report['test_error']:.2f}%, "
+        f"loss {report['test_loss']:.4f}"
+    )
+    if local_model is not None:
+        shown = ["—" if a is None else f"{100 * a:.1f}" for a in report["module_accuracies"]]
+        print(f"test accuracy % of each local module's aux net (the last: the backbone): {', '.join(shown)}")
     return 0
+
+
+def _local_model_for_eval(path: str):
+    """The whole local model of a training checkpoint (``--modules``); ValueError for an export."""
+    from .training import checkpoint as ckpt_io
+
+    obj = ckpt_io.load(path)
+    if not ckpt_io.is_training_checkpoint(obj):
+        raise ValueError(f"--modules needs a training checkpoint (last.pt / best.pt) with its aux nets; {path} "
+                         "is an export of the backbone alone")
+    return ckpt_io.local_model_from_checkpoint(obj, path)
 
 
 # --------------------------------------------------------------------------------------------------- export

@@ -67,6 +67,10 @@ class ClassifierLoss(nn.Module):
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(self.classifier(features), targets)
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """Class scores (B, num_classes) of the features: what this aux net predicts."""
+        return self.classifier(features)
+
 
 def supervised_contrastive_loss(
     embeddings: torch.Tensor, targets: torch.Tensor, temperature: float = 0.07
@@ -139,6 +143,11 @@ class InfoProLoss(nn.Module):
             task_loss = supervised_contrastive_loss(task_out, targets, self.temperature)
         return self.lambda_recon * recon + self.lambda_task * task_loss
 
+    def logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Class scores (B, num_classes) of the task head; None for the contrastive task (it embeds, not
+        classifies)."""
+        return self.task_head(features) if self.task == "ce" else None
+
 
 def _per_channel(values: tuple[float, ...], channels: int) -> torch.Tensor:
     t = torch.as_tensor(values, dtype=torch.float32).flatten()
@@ -168,3 +177,14 @@ class StackedLoss(nn.Module):
         else:
             features = self.trunk(features)
         return self.head(features, images, targets)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """The head's class scores after the trunk (None where the head has none)."""
+        return aux_logits(self.head, self.trunk(features))
+
+
+def aux_logits(head: nn.Module, features: torch.Tensor) -> torch.Tensor | None:
+    """Class scores (B, num_classes) an auxiliary head predicts from ``features``, or None when it does not
+    classify (a contrastive head, or a method's own head without a ``logits`` method)."""
+    logits = getattr(head, "logits", None)
+    return logits(features) if callable(logits) else None

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from .heads import AUX_HEAD_SHAPES, StackedLoss
+from .heads import AUX_HEAD_SHAPES, StackedLoss, aux_logits
 from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
 from .recompute import run_blocks
@@ -142,6 +142,20 @@ class LocalModel(nn.Module):
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
+
+    @torch.no_grad()
+    def module_logits(self, images: torch.Tensor) -> list[torch.Tensor | None]:
+        """What each local module predicts: its independent aux net's class scores (B, num_classes) on its output
+        (None where the aux net does not classify), and for the last module the backbone's logits. Runs in the
+        current train/eval mode without gradients; used to see which modules' features lag."""
+        x = self.prepare_inputs(images)
+        predictions: list[torch.Tensor | None] = []
+        last = len(self.local_modules) - 1
+        for j, module in enumerate(self.local_modules):
+            with self._autocast():
+                x = module(x)
+                predictions.append(x if j == last else aux_logits(self.independent_heads[j], x))
+        return predictions
 
     @property
     def leap_trunks(self) -> list[LeapTrunk]:

@@ -220,6 +220,26 @@ def data_root_of(ckpt: dict) -> str | None:
     return ckpt.get("config", {}).get("data_root")
 
 
+def local_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> Any:
+    """The whole :class:`~mlaan.LocalModel` (backbone, aux nets, EMA twins) of a training checkpoint, built
+    with the run's options and loaded with its weights. ValueError when the weights do not fit."""
+    from .. import create_local_model
+    from .config import FIELD_NAMES, merge
+
+    config = merge({k: v for k, v in ckpt.get("config", {}).items() if k in FIELD_NAMES})
+    model = create_local_model(
+        ckpt["arch"], method=ckpt["method"], num_local_modules=ckpt["local_modules"],
+        num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"], image_size=ckpt["image_size"],
+        **config.engine_options(tuple(ckpt["mean"]), tuple(ckpt["std"])),
+    )
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {path} does not fit its own model: {first}") from err
+    return model
+
+
 def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``."""
     prefix = "backbone."

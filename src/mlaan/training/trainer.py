@@ -718,6 +718,27 @@ def evaluate_backbone(
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
 
 
+def evaluate_modules(model, loader: DataLoader, device: torch.device) -> list[float | None]:
+    """Test top-1 accuracy of each local module's independent aux net (the last entry: the backbone itself),
+    None where a module's aux net does not classify; eval mode, no grad. Shows which modules' features lag."""
+    was_training = model.training
+    model.eval()
+    correct: list[float] = []
+    count = 0
+    classifies: list[bool] = []
+    for images, targets in loader:
+        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        predictions = model.module_logits(images)
+        if not correct:
+            correct, classifies = [0.0] * len(predictions), [p is not None for p in predictions]
+        for j, logits in enumerate(predictions):
+            if logits is not None:
+                correct[j] += (logits.argmax(1) == targets).sum().item()
+        count += len(targets)
+    model.train(was_training)
+    return [c / max(count, 1) if ok else None for c, ok in zip(correct, classifies)]
+
+
 _MODULE_SUMS = "module_loss_sums"
 _MODULE_KEYS = ("independent_losses", "cascaded_losses")
 
