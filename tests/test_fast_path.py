@@ -183,6 +183,11 @@ def test_module_logits_are_each_aux_nets_prediction_and_the_backbones_last(metho
     torch.testing.assert_close(predictions[-1], model(x))
     features = model.local_modules[0](x)
     torch.testing.assert_close(predictions[0], model.independent_heads[0].logits(features))
+    cascaded = model.module_logits(x, "cascaded")
+    assert (cascaded[1] is not None) == (method == "dgl+mlaan")  # only MLM has cascaded aux nets
+    if method == "dgl+mlaan":
+        head = model.cascade_heads["1"]
+        torch.testing.assert_close(cascaded[1], head.logits(model.local_modules[1](features)))
 
 
 def test_a_contrastive_aux_net_predicts_no_class():
@@ -198,9 +203,10 @@ def test_eval_modules_reports_each_aux_nets_accuracy(tmp_path, capsys):
     run(tmp_path, "m", max_steps=2)
     assert main(["eval", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--modules", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    accuracies = report["module_accuracies"]
-    assert len(accuracies) == TINY["local_modules"] and all(0 <= a <= 1 for a in accuracies)
-    assert accuracies[-1] == pytest.approx(report["test_accuracy"])  # the last module is the backbone
+    independent, cascaded = report["module_accuracies"]["independent"], report["module_accuracies"]["cascaded"]
+    assert len(independent) == len(cascaded) == TINY["local_modules"] and all(0 <= a <= 1 for a in independent)
+    assert cascaded[0] is None and all(0 <= a <= 1 for a in cascaded[1:])  # module 0 has no cascaded aux net
+    assert independent[-1] == cascaded[-1] == pytest.approx(report["test_accuracy"])  # the last: the backbone
     assert main(["export", "--checkpoint", str(tmp_path / "m" / "last.pt"), "--out", str(tmp_path / "w.pt")]) == 0
     capsys.readouterr()
     assert main(["eval", "--checkpoint", str(tmp_path / "w.pt"), "--modules"]) == 2

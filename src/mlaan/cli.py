@@ -328,9 +328,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"accuracy {100 * report['test_accuracy']:.2f}%, error {100 * report['test_error']:.2f}%, "
         f"loss {report['test_loss']:.4f}"
     )
-    if local_model is not None:
-        shown = ["—" if a is None else f"{100 * a:.1f}" for a in report["module_accuracies"]]
-        print(f"test accuracy % of each local module's aux net (the last: the backbone): {', '.join(shown)}")
+    for path, accuracies in (report.get("module_accuracies") or {}).items():
+        if any(a is not None for a in accuracies[:-1]):
+            shown = ", ".join("—" if a is None else f"{100 * a:.1f}" for a in accuracies)
+            print(f"test accuracy % of each local module's {path} aux net (the last: the backbone): {shown}")
     return 0
 
 

@@ -26,6 +26,7 @@ from .recompute import run_blocks
 from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
+MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
 
 
 @dataclass
@@ -144,17 +145,28 @@ class LocalModel(nn.Module):
         return images
 
     @torch.no_grad()
-    def module_logits(self, images: torch.Tensor) -> list[torch.Tensor | None]:
-        """What each local module predicts: its independent aux net's class scores (B, num_classes) on its output
-        (None where the aux net does not classify), and for the last module the backbone's logits. Runs in the
-        current train/eval mode without gradients; used to see which modules' features lag."""
+    def module_logits(self, images: torch.Tensor, path: str = "independent") -> list[torch.Tensor | None]:
+        """What each local module's aux net predicts from the module's output: class scores (B, num_classes), None
+        where that aux net does not classify or does not exist; the last module's entry is the backbone's logits.
+
+        ``path="independent"``: the module's own aux net; ``"cascaded"``: its cascaded (under LAM, leap-augmented)
+        aux net, which is the one MLM trains with weight ``w_casc`` (the independent one gets ``w_ind`` = 0.001 by
+        default and stays near chance). Runs in the current train/eval mode without gradients."""
+        if path not in MODULE_PATHS:
+            raise ValueError(f"unknown path {path!r}; allowed: {', '.join(MODULE_PATHS)}")
         x = self.prepare_inputs(images)
         predictions: list[torch.Tensor | None] = []
         last = len(self.local_modules) - 1
         for j, module in enumerate(self.local_modules):
             with self._autocast():
                 x = module(x)
-                predictions.append(x if j == last else aux_logits(self.independent_heads[j], x))
+                if j == last:
+                    predictions.append(x)
+                elif path == "independent":
+                    predictions.append(aux_logits(self.independent_heads[j], x))
+                else:
+                    head = self.cascade_heads[str(j)] if str(j) in self.cascade_heads else None
+                    predictions.append(None if head is None else aux_logits(head, x))
         return predictions
 
     @property

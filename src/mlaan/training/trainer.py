@@ -35,6 +35,7 @@ from tqdm import tqdm
 from .. import create_local_model, runtime
 from .. import distributed as dist
 from ..data import build_datasets
+from ..engine.local_model import MODULE_PATHS
 from . import checkpoint as ckpt_io
 from . import safety
 from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
@@ -718,25 +719,28 @@ def evaluate_backbone(
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
 
 
-def evaluate_modules(model, loader: DataLoader, device: torch.device) -> list[float | None]:
-    """Test top-1 accuracy of each local module's independent aux net (the last entry: the backbone itself),
-    None where a module's aux net does not classify; eval mode, no grad. Shows which modules' features lag."""
+def evaluate_modules(model, loader: DataLoader, device: torch.device) -> dict[str, list[float | None]]:
+    """Test top-1 accuracy of each local module's aux nets, ``{"independent": [...], "cascaded": [...]}`` (see
+    ``LocalModel.module_logits``; the last entry of each: the backbone itself), None where a module has no such
+    aux net or it does not classify; eval mode, no grad. Shows which modules' features lag."""
     was_training = model.training
     model.eval()
-    correct: list[float] = []
+    correct: dict[str, list[float]] = {}
+    classifies: dict[str, list[bool]] = {}
     count = 0
-    classifies: list[bool] = []
     for images, targets in loader:
         images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        predictions = model.module_logits(images)
-        if not correct:
-            correct, classifies = [0.0] * len(predictions), [p is not None for p in predictions]
-        for j, logits in enumerate(predictions):
-            if logits is not None:
-                correct[j] += (logits.argmax(1) == targets).sum().item()
+        for path in MODULE_PATHS:
+            predictions = model.module_logits(images, path)
+            if path not in correct:
+                correct[path], classifies[path] = [0.0] * len(predictions), [p is not None for p in predictions]
+            for j, logits in enumerate(predictions):
+                if logits is not None:
+                    correct[path][j] += (logits.argmax(1) == targets).sum().item()
         count += len(targets)
     model.train(was_training)
-    return [c / max(count, 1) if ok else None for c, ok in zip(correct, classifies)]
+    return {path: [c / max(count, 1) if ok else None for c, ok in zip(correct[path], classifies[path])]
+            for path in correct}
 
 
 _MODULE_SUMS = "module_loss_sums"
