@@ -68,6 +68,13 @@ def test_every_arm_and_seed_is_trained_once_then_reused(tmp_path, fake_train, ca
     assert fake_train == [] and "finished earlier, kept" in capsys.readouterr().out
 
 
+def test_report_only_trains_nothing(tmp_path, fake_train):
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
+    fake_train.clear()
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,dgl+mlaan", "--report-only")) == 0
+    assert fake_train == [] and "| dgl " in (tmp_path / "out" / "accuracy.md").read_text()
+
+
 def test_an_unfinished_run_is_continued_with_resume(tmp_path, fake_train):
     folder = tmp_path / "out" / "dgl" / "seed0"
     folder.mkdir(parents=True)

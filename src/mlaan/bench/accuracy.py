@@ -155,6 +155,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="one option at a time: an arm for each value that differs from the option's default, "
                         "e.g. --vary window=2,3 --vary aux_head=linear,mlp (repeatable)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the report of what the folder holds (finished runs; unfinished ones "
+                        "are listed with their progress)")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
 
@@ -340,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {arm.label} seed {seed}: finished earlier, kept", flush=True)
             else:
                 plan.append((arm, seed))
-    failures = train_all(args, plan, out)
+    failures = [] if args.report_only else train_all(args, plan, out)
     if not collect_runs(out):
         raise RuntimeError("no run has produced metrics; see the logs in " + str(out / "logs"))
     title = f"{args.dataset}, {args.arch} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
