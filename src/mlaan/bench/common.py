@@ -232,6 +232,24 @@ def pyplot():
     return plt
 
 
+def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path, title: str = "") -> None:
+    """Label each ``(axes, x label, y label, title)`` panel, grid it, add its legend when it has lines, then save
+    the figure to ``path`` (PNG, 120 dpi) and close it."""
+    plt = pyplot()
+    for ax, xlabel, ylabel, panel_title in panels:
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(panel_title)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -291,21 +291,10 @@ def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
             if points:
                 ax.plot([x for x, _ in points], [scale * y for _, y in points], style, color=color, label=label,
                         marker="o", markersize=3)
-    ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%)")
-    ax_acc.set_title("test accuracy per epoch")
-    ax_loss.set_xlabel("epoch")
-    ax_loss.set_ylabel("training loss (last module)")
-    ax_loss.set_title("training loss per epoch")
-    for ax in (ax_acc, ax_loss):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_panels(fig, [
+        (ax_acc, "epoch", "test accuracy (%)", "test accuracy per epoch"),
+        (ax_loss, "epoch", "training loss (last module)", "training loss per epoch"),
+    ], path, title)
 
 
 MEMORY_CHOICES = ("auto", "recorded", "accounted", "none")

@@ -143,18 +143,8 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
         losses = module_losses(group)
         if losses:
             ax_mod.plot(range(1, len(losses) + 1), losses, color=color, label=method, marker="o", markersize=3)
-    ax_err.set_xlabel("epoch")
-    ax_err.set_ylabel("test error (%)")
-    ax_err.set_title("test error per epoch (mean over seeds, band: min–max)")
-    ax_mod.set_xlabel("local module")
-    ax_mod.set_ylabel("training loss of its main aux net (last epoch)")
-    ax_mod.set_title("where the gap comes from: per-module aux loss")
-    for ax in (ax_err, ax_mod):
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_panels(fig, [
+        (ax_err, "epoch", "test error (%)", "test error per epoch (mean over seeds, band: min–max)"),
+        (ax_mod, "local module", "training loss of its main aux net (last epoch)",
+         "where the gap comes from: per-module aux loss"),
+    ], path, title)
