@@ -90,7 +90,7 @@ def _flag(flag: str, value: object) -> tuple[str, ...]:
 def train_command(args: argparse.Namespace, arm: Arm, seed: int, folder: Path, threads: int | None) -> list[str]:
     """The `mlaan train` command line of one run (every run gets the same recipe, then its arm's flags)."""
     method = arm.method
-    k = 1 if mlaan_end_to_end(method) else args.k
+    k = common.model_k(method, args.k)
     cmd = [
         sys.executable, "-m", "mlaan", "train",
         "--method", method, "--arch", args.arch, "--local-modules", str(k), "--dataset", args.dataset,
@@ -113,13 +113,6 @@ def train_command(args: argparse.Namespace, arm: Arm, seed: int, folder: Path, t
     for extra in args.train_arg or []:
         cmd += extra.split()
     return cmd + list(arm.flags)
-
-
-def mlaan_end_to_end(method: str) -> bool:
-    """Whether the method trains end to end (K is then 1): asked of the method, not matched by name."""
-    from ..engine import parse_method
-
-    return parse_method(method).base.end_to_end
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -81,6 +81,11 @@ def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def model_k(method: str, k: int) -> int:
+    """K as built: 1 for a method that trains end to end (asked of the method, not matched by name), else k."""
+    return 1 if parse_method(method).base.end_to_end else k
+
+
 def check_arch(arch: str) -> str:
     if arch not in mlaan.models.available():
         raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(mlaan.models.available())}")
@@ -130,7 +135,7 @@ def build(
 ) -> tuple[mlaan.LocalModel, torch.optim.Optimizer]:
     """A local model (K forced to 1 for ``bp``) and the paper's optimizer (SGD, Nesterov, momentum 0.9, wd 1e-4)."""
     torch.manual_seed(seed)
-    k = 1 if method == "bp" else k
+    k = model_k(method, k)
     model = mlaan.create_local_model(
         arch, method=method, num_local_modules=k, num_classes=num_classes, in_channels=in_channels,
         image_size=image_size, **options,

@@ -270,7 +270,7 @@ def measure_case(
     result = {
         "arch": arch,
         "method": method,
-        "k": 1 if method == "bp" else k,
+        "k": common.model_k(method, k),
         "batch": batch,
         "device": str(dev),
         "mode": mode,

@@ -140,7 +140,7 @@ def bench_case(
             name = _with_format(base_name, fmt, formats[0])
             models[name] = (model, optimizer, images, targets, flops)
             names[name] = (m, base_name, fmt)
-        log(f"  built {arch} {base_name} (K={model_k(m, k)}) in {', '.join(formats)}: "
+        log(f"  built {arch} {base_name} (K={common.model_k(m, k)}) in {', '.join(formats)}: "
             f"{flops['measured'] / 1e9:.1f} GFLOP/step measured")
     methods = list(models)
     for m in methods:
@@ -174,7 +174,7 @@ def bench_case(
                 "format": fmt,
                 "vs_first_format": med / statistics.median(times[base_name]),
                 "grad_checkpointing": base_name != method,
-                "k": model_k(method, k),
+                "k": common.model_k(method, k),
                 "median_step_s": med,
                 "median_train_step_s": statistics.median(step_only[m]),
                 "step_times_s": times[m],
@@ -197,10 +197,6 @@ def bench_case(
     return {"arch": arch, "k": k, "batch": batch, "warmup": warmup, "repeats": repeats, "methods": rows,
             "formats": formats, "threads": torch.get_num_threads(), "loadavg_after": os.getloadavg()}
 
-
-def model_k(method: str, k: int) -> int:
-    """K as built: 1 for an end-to-end method (asked of the method, not matched by name)."""
-    return 1 if parse_method(method).base.end_to_end else k
 
 
 # ------------------------------------------------------------------------------------------- breakdown
