@@ -68,3 +68,36 @@ def test_short_cpu_run_is_pinned(tmp_path, method):
     expected_record, expected_sums = PINNED[method]
     assert {k: record[k] for k in expected_record} == expected_record
     assert sums == expected_sums
+
+
+def test_optimizer_step_runs_the_step_in_order_and_moves_the_ema_twins():
+    """``optimizer_step``: zero_grad → train_step → (after_train_step, gradient wait) → optimizer.step →
+    after_optimizer_step; the last is what moves the EMA twins."""
+    import mlaan
+    from mlaan.training.loop import make_optimizer, optimizer_step
+
+    model = mlaan.create_local_model("resnet20", "dgl+mlaan", 3)
+    optimizer = make_optimizer(model)
+    calls: list[str] = []
+    for name in ("zero_grad", "step"):
+        setattr(optimizer, name, _spy(getattr(optimizer, name), f"optimizer.{name}", calls))
+    for name in ("train_step", "after_optimizer_step"):
+        setattr(model, name, _spy(getattr(model, name), name, calls))
+    twin = model.leap_trunks[0].twin
+    before = [t.clone() for t in twin.state_dict().values() if t.is_floating_point()]
+    images, targets = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    stats = optimizer_step(model, optimizer, images, targets, wait_for_gradients=lambda: calls.append("wait"),
+                           after_train_step=lambda: calls.append("after_train_step"))
+    assert calls == ["optimizer.zero_grad", "train_step", "after_train_step", "wait", "optimizer.step",
+                     "after_optimizer_step"]
+    assert set(stats) >= {"loss", "module_losses"}
+    after = [t for t in twin.state_dict().values() if t.is_floating_point()]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def _spy(fn, name: str, calls: list[str]):
+    def wrapped(*args, **kwargs):
+        calls.append(name)
+        return fn(*args, **kwargs)
+
+    return wrapped
