@@ -69,8 +69,10 @@ class EngineOptions:
         _check_choice("ema_update", self.ema_update, EMA_UPDATE_MODES)
         _check_choice("aux_head", self.aux_head, AUX_HEAD_SHAPES)
         _check_choice("balance", self.balance, BALANCE_MODES)
-        for name in ("lam_depth", "aux_width", "balance_batch_size"):
+        for name in ("lam_depth", "balance_batch_size"):
             _check_at_least(name, getattr(self, name), 1)
+        if self.aux_width < 1:
+            raise ValueError(f"need aux_width >= 1, {self.aux_width} given")
         for name in ("lam_shrink", "depth_shrink"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")

@@ -36,7 +36,7 @@ class InfoProOptions:
         if self.infopro_task not in INFOPRO_TASKS:
             raise ValueError(f"unknown infopro_task {self.infopro_task!r}; allowed: {', '.join(INFOPRO_TASKS)}")
         if not self.temperature > 0:  # a zero temperature divides by zero in the first step
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"need temperature > 0, got {self.temperature}")
         for name in ("infopro_lambda_recon", "infopro_lambda_task"):
             if len(getattr(self, name)) != 2:
                 raise ValueError(f"{name} takes two values (first module, last module), got {getattr(self, name)}")
