@@ -20,6 +20,7 @@ import torch
 
 import mlaan
 from mlaan import distributed as D
+from mlaan.training.loop import make_optimizer, optimizer_step
 
 
 def main() -> None:
@@ -53,7 +54,7 @@ def main() -> None:
         model.autocast_dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16
     D.prepare_model(model, ctx, sync_bn=args.sync_bn)
     averager = D.GradientAverager(model, ctx)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    opt = make_optimizer(model, lr=0.01, momentum=0.9, nesterov=False, weight_decay=0.0)
     size = model.backbone.image_size
     g = torch.Generator().manual_seed(1 + ctx.rank)
     x = torch.randn(per_rank, 3, size, size, generator=g).to(ctx.device)
@@ -64,6 +65,14 @@ def main() -> None:
             torch.cuda.synchronize(ctx.device)
 
     blocked, step_times = 0.0, []
+
+    def wait() -> None:
+        """The all-reduce wait, timed: what the step spends blocked on communication."""
+        nonlocal blocked
+        t0 = time.perf_counter()
+        averager.wait()
+        sync()
+        blocked += time.perf_counter() - t0
     for step in range(args.warmup + args.steps):
         t_step = time.perf_counter()
         if step == args.warmup:
@@ -72,14 +81,7 @@ def main() -> None:
             if ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(ctx.device)
             start, blocked = time.perf_counter(), 0.0
-        model.zero_grad(set_to_none=True)
-        model.train_step(x, y)
-        t0 = time.perf_counter()
-        averager.wait()
-        sync()
-        blocked += time.perf_counter() - t0
-        opt.step()
-        model.after_optimizer_step()
+        optimizer_step(model, opt, x, y, wait_for_gradients=wait)
         if step >= args.warmup:
             sync()
             step_times.append(time.perf_counter() - t_step)

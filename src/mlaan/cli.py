@@ -12,6 +12,7 @@ import json
 import os
 import sys
 import textwrap
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -107,36 +108,7 @@ def _add_train(subparsers) -> None:
                    help="number of local modules, the stem's included (default: the architecture's: the "
                         "paper's K, 16 for resnet32 and 55 for resnet110, else one module per residual block; "
                         "1 for bp)")
-    g.add_argument("--window", type=int, default=S, help=f"MLM cascade window (default: {d.window})")
-    g.add_argument("--w-ind", dest="w_ind", type=float, default=S,
-                   help=f"weight of the independent loss under MLM (default: {d.w_ind})")
-    g.add_argument("--w-casc", dest="w_casc", type=float, default=S,
-                   help=f"weight of the cascaded loss under MLM (default: {d.w_casc})")
-    g.add_argument("--ema-momentum", dest="ema_momentum", type=float, default=S,
-                   help=f"LAM EMA momentum m (default: {d.ema_momentum})")
-    g.add_argument("--ema-update", dest="ema_update", default=S,
-                   help=f"'all' EMA twins each step or only the 'last' (default: {d.ema_update})")
-    g.add_argument("--lam-depth", dest="lam_depth", type=int, default=S,
-                   help=f"copied blocks in the earliest LAM aux nets (default: {d.lam_depth})")
-    g.add_argument("--depth-shrink", dest="depth_shrink", type=float, default=S,
-                   help=f"c in the aux-depth schedule (default: {d.depth_shrink})")
-    g.add_argument("--aux-head", dest="aux_head", default=S,
-                   help=f"aux classifier: mlp or linear (default: {d.aux_head})")
-    g.add_argument("--aux-width", dest="aux_width", type=int, default=S,
-                   help=f"aux classifier width (default: {d.aux_width})")
-    g.add_argument("--infopro-task", dest="infopro_task", default=S,
-                   help=f"InfoPro task loss: ce or contrastive (default: {d.infopro_task})")
-    g.add_argument("--infopro-lambda-recon", dest="infopro_lambda_recon", type=float, nargs=2, default=S,
-                   metavar=("FIRST", "LAST"), help=f"InfoPro λ1 first→last module (default: {d.infopro_lambda_recon})")
-    g.add_argument("--infopro-lambda-task", dest="infopro_lambda_task", type=float, nargs=2, default=S,
-                   metavar=("FIRST", "LAST"), help=f"InfoPro λ2 first→last module (default: {d.infopro_lambda_task})")
-    g.add_argument("--temperature", type=float, default=S, help=f"contrastive temperature (default: {d.temperature})")
-    g.add_argument("--auglocal-depth", dest="auglocal_depth", type=int, default=S,
-                   help=f"AugLocal aux depth d (default: {d.auglocal_depth})")
-    g.add_argument("--balance", default=S, help=f"split by 'blocks' or 'memory' (default: {d.balance})")
-    g.add_argument("--grad-checkpointing", dest="grad_checkpointing", action=argparse.BooleanOptionalAction,
-                   default=S, help="recompute aux blocks (LAM trunks, EMA twins) and the cascade window's module "
-                   "graphs in backward: less peak memory for more forward compute, identical results (default: off)")
+    _add_option_flags(p, g)
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=S, help=f"(default: {d.epochs})")
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help=f"(default: {d.batch_size})")
@@ -180,6 +152,31 @@ def _add_train(subparsers) -> None:
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from PATH, or from <output-dir>/last.pt when no PATH is given")
     p.set_defaults(func=cmd_train)
+
+
+def _add_option_flags(parser: argparse.ArgumentParser, engine_group) -> None:
+    """A flag ``--field-name`` for every declared option (engine's in ``engine_group``, each method's in a group
+    of its own), typed and with its help and default, from the one declaration
+    (:func:`mlaan.engine.options.option_fields`). Values are checked where the option is declared."""
+    from .training.config import OPTION_FIELDS
+
+    groups = {"engine": engine_group}
+    for f in OPTION_FIELDS:
+        if f.owner not in groups:
+            groups[f.owner] = parser.add_argument_group(f"{f.owner} options")
+        default = list(f.default) if isinstance(f.default, tuple) else f.default
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.help} (default: {default})"}
+        if f.metavar is not None:
+            kwargs["metavar"] = f.metavar
+        if f.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(f.type) is tuple:
+            items = typing.get_args(f.type)
+            kwargs.update(type=float, nargs="+" if Ellipsis in items else len(items))
+        else:
+            kwargs["type"] = f.type
+        flag = "--" + f.name.replace("_", "-")
+        groups[f.owner].add_argument(flag, **kwargs)
 
 
 _NOT_CONFIG = ("config", "resume", "func", "command")

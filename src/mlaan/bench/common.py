@@ -12,6 +12,7 @@ import torch
 
 import mlaan
 from mlaan.engine import parse_method
+from mlaan.training.loop import make_optimizer, optimizer_step
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
 DEFAULT_METHODS = (
@@ -141,9 +142,7 @@ def build(
         image_size=image_size, **options,
     ).to(device)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(trainable, lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-4)
-    return model, optimizer
+    return model, make_optimizer(model)
 
 
 def synthetic_batch(
@@ -159,12 +158,9 @@ def synthetic_batch(
 def training_step(
     model: mlaan.LocalModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
 ) -> dict:
-    """One full step as the trainer runs it: clear grads, forward + local backwards, optimizer, EMA twins."""
-    optimizer.zero_grad(set_to_none=True)
-    stats = model.train_step(images, targets)
-    optimizer.step()
-    model.after_optimizer_step()
-    return stats
+    """One full step as the trainer runs it (:func:`mlaan.training.loop.optimizer_step`): clear grads, forward +
+    local backwards, optimizer, EMA twins."""
+    return optimizer_step(model, optimizer, images, targets)
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -546,7 +546,7 @@ def parse_options(items: list[str]) -> dict:
     """``["lam_depth=2", "aux_head=linear"]`` → {"lam_depth": 2, "aux_head": "linear"} (checked by the engine)."""
     import yaml
 
-    from ..engine.local_model import make_options
+    from ..engine.options import make_options
 
     options = {}
     for item in items:

@@ -313,14 +313,14 @@ def memory_source(runs: list[dict], choice: str) -> str:
 def accounted_memory(run: dict, log=print) -> int | None:
     """Peak training memory of one step of ``run``'s configuration at its batch size, by the exact accounting of
     ``mlaan bench memory``; None when the run's folder does not say enough to rebuild it."""
-    from ..training.config import METHOD_OPTION_NAMES
+    from ..training.config import OPTION_NAMES
     from .memory import measure_case
 
     config = run["config"]
     needed = (run["arch"], config.get("batch_size"), run["k"], run["in_channels"])
     if any(v is None for v in needed):
         return None
-    options = {name: config[name] for name in METHOD_OPTION_NAMES if name in config}
+    options = {name: config[name] for name in OPTION_NAMES if name in config}
     log(f"  accounting {run['name']}: {run['arch']} {run['method']} K={run['k']}, batch {config['batch_size']}")
     result = measure_case(run["arch"], run["method"], int(run["k"]), int(config["batch_size"]), device="cpu",
                           in_channels=int(run["in_channels"]), image_size=run["image_size"], options=options,

@@ -32,6 +32,7 @@ import mlaan
 from mlaan.engine import parse_method
 
 from .. import runtime
+from ..training.loop import optimizer_step
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
 from .flops import step_flops
@@ -68,11 +69,10 @@ def _timed_step(model, optimizer, images, targets) -> tuple[float, float, float]
     try:
         c0 = time.process_time()
         t0 = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        model.train_step(images, targets)
-        t1 = time.perf_counter()
-        optimizer.step()
-        model.after_optimizer_step()
+        train_step_end: list[float] = []
+        optimizer_step(model, optimizer, images, targets, after_train_step=lambda: train_step_end.append(
+            time.perf_counter()))
+        t1 = train_step_end[0]
         t2 = time.perf_counter()
         c2 = time.process_time()
     finally:

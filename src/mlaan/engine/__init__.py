@@ -1,6 +1,8 @@
 """The engine: splitting, auxiliary heads, methods, MLAAN's MLM and LAM, and the local training step."""
 
-from .local_model import LocalModel, create_local_model, make_options
-from .methods import LocalOptions, available_methods, parse_method
+from .local_model import LocalModel, create_local_model
+from .methods import available_methods, parse_method
+from .options import LocalOptions, make_options, option_fields
 
-__all__ = ["LocalModel", "LocalOptions", "available_methods", "create_local_model", "make_options", "parse_method"]
+__all__ = ["LocalModel", "LocalOptions", "available_methods", "create_local_model", "make_options", "option_fields",
+           "parse_method"]

@@ -12,16 +12,17 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from .heads import AUX_HEAD_SHAPES, StackedLoss, aux_logits
-from .lam import EMA_UPDATE_MODES, LeapTrunk, reinitialised_copy, sample_later_blocks
-from .methods import AuxContext, LocalOptions, MethodSpec, parse_method
+from .heads import StackedLoss, aux_logits
+from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
+from .methods import AuxContext, MethodSpec, parse_method
+from .options import LocalOptions, make_options
 from .recompute import run_blocks
 from .split import compute_split, profile_blocks
 
@@ -69,7 +70,7 @@ class LocalModel(nn.Module):
         opts = options or LocalOptions()
         if num_local_modules is None:
             num_local_modules = default_num_local_modules(backbone, spec)
-        _check_options(spec, opts, backbone, num_local_modules)
+        _check_split(spec, opts, backbone, num_local_modules)
         self.spec, self.options, self.backbone = spec, opts, backbone
         self.num_classes = num_classes if num_classes is not None else _infer_classes(backbone)
         self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: autocast every forward
@@ -357,7 +358,9 @@ class LocalModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _check_options(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
+def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
+    """K against the backbone and the method, and the cascade window against K (each option's own range is
+    checked where it is declared, :mod:`mlaan.engine.options` and the methods' ``Options``)."""
     num_units = len(backbone.blocks) - 1
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_units:
         raise ValueError(
@@ -368,20 +371,6 @@ def _check_options(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbo
         raise ValueError(f"method {spec.name!r} trains end to end: num_local_modules must be 1, got {k}")
     if spec.cascade and not 2 <= opts.window <= max(k, 2):
         raise ValueError(f"cascade window={opts.window} is not allowed with K={k}: allowed 2 to {max(k, 2)}")
-    if not 0.0 <= opts.ema_momentum < 1.0:
-        raise ValueError(f"ema_momentum must be in [0, 1), got {opts.ema_momentum}")
-    if opts.ema_update not in EMA_UPDATE_MODES:
-        raise ValueError(f"unknown ema_update {opts.ema_update!r}; allowed: {', '.join(EMA_UPDATE_MODES)}")
-    if opts.aux_head not in AUX_HEAD_SHAPES:
-        raise ValueError(f"unknown aux_head {opts.aux_head!r}; allowed: {', '.join(AUX_HEAD_SHAPES)}")
-    if opts.lam_depth < 1 or opts.auglocal_depth < 1:
-        raise ValueError(
-            f"lam_depth and auglocal_depth must be at least 1, got {opts.lam_depth}, {opts.auglocal_depth}"
-        )
-    if not (0.0 <= opts.lam_shrink <= 1.0 and 0.0 <= opts.depth_shrink <= 1.0):
-        raise ValueError(f"lam_shrink and depth_shrink must be in [0, 1], got {opts.lam_shrink}, {opts.depth_shrink}")
-    if opts.w_ind < 0 or opts.w_casc < 0:
-        raise ValueError(f"w_ind and w_casc must be non-negative, got {opts.w_ind}, {opts.w_casc}")
 
 
 def _infer_classes(backbone: models.Backbone) -> int:
@@ -394,16 +383,6 @@ def _infer_classes(backbone: models.Backbone) -> int:
 def _infer_in_channels(backbone: models.Backbone) -> int:
     first = next(m for m in backbone.blocks[0].modules() if isinstance(m, nn.Conv2d))
     return first.in_channels
-
-
-def make_options(**options: object) -> LocalOptions:
-    """LocalOptions from keyword options; unknown keys raise a ValueError listing the known ones."""
-    known = {f.name for f in fields(LocalOptions)} - {"extra"}
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return LocalOptions(**values)
 
 
 def default_num_local_modules(arch: str | models.Backbone, method: str | MethodSpec) -> int:
@@ -431,8 +410,9 @@ def create_local_model(
 
     ``arch`` is a registered name (``mlaan.models.available()``), a :class:`~mlaan.models.Backbone`, or your own
     list of blocks ``[stem, block, …, head]``. ``num_local_modules`` (K) defaults to
-    :func:`default_num_local_modules` (1 for bp). ``options`` are :class:`LocalOptions` fields (window, w_ind,
-    w_casc, ema_momentum, aux_head, lam_depth, infopro_lambda_recon, …).
+    :func:`default_num_local_modules` (1 for bp). ``options`` are the engine's and the methods' declared
+    options (:func:`mlaan.engine.options.option_fields`: window, w_ind, w_casc, ema_momentum, aux_head,
+    lam_depth, infopro_lambda_recon, …); ValueError for an unknown name or a value its declaration refuses.
     """
     if isinstance(arch, str):
         backbone = models.create(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)

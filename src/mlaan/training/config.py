@@ -1,5 +1,9 @@
 """``TrainConfig``: every option of ``mlaan train`` in one flat dataclass (nanoGPT style).
 
+The run's own settings are declared here (``_RunConfig``); the engine's and the methods' options are added as
+fields from their one declaration (:func:`mlaan.engine.options.option_fields`), so a method's option is a
+config key, a flag and an entry of ``metrics.json`` without being written out here.
+
 Resolution order, later wins: the dataclass defaults < a resumed checkpoint's config < the ``--config`` YAML
 file < flags given explicitly on the command line. ``resolve()`` fills the values that depend on others
 (K for BP, the output folder, the device, the loader workers) and checks names, so that a bad value is
@@ -10,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import types
 import typing
@@ -20,32 +23,12 @@ from typing import Any
 
 import yaml
 
-from ..engine import LocalOptions, parse_method
-
-# Method options handed to the engine (fields of LocalOptions), with the engine's defaults.
-_ENGINE_DEFAULTS = LocalOptions()
-METHOD_OPTION_NAMES = (
-    "window",
-    "w_ind",
-    "w_casc",
-    "ema_momentum",
-    "ema_update",
-    "lam_depth",
-    "depth_shrink",
-    "aux_head",
-    "aux_width",
-    "infopro_task",
-    "infopro_lambda_recon",
-    "infopro_lambda_task",
-    "temperature",
-    "auglocal_depth",
-    "balance",
-    "grad_checkpointing",
-)
+from ..engine import parse_method
+from ..engine.options import LocalOptions, check_finite, option_fields
 
 
 @dataclass
-class TrainConfig:
+class _RunConfig:
     # data
     dataset: str = "fashion-mnist"
     data_root: str | None = "data"  # fashion-mnist also looks in /usr/share/datasets/fashion-mnist
@@ -59,23 +42,6 @@ class TrainConfig:
     arch: str = "resnet32"
     method: str = "dgl+mlaan"
     local_modules: int | None = None  # K; None: the architecture's default (models.default_local_modules), 1 for bp
-    window: int = _ENGINE_DEFAULTS.window
-    w_ind: float = _ENGINE_DEFAULTS.w_ind
-    w_casc: float = _ENGINE_DEFAULTS.w_casc
-    ema_momentum: float = _ENGINE_DEFAULTS.ema_momentum
-    ema_update: str = _ENGINE_DEFAULTS.ema_update
-    lam_depth: int = _ENGINE_DEFAULTS.lam_depth
-    depth_shrink: float = _ENGINE_DEFAULTS.depth_shrink
-    aux_head: str = _ENGINE_DEFAULTS.aux_head
-    aux_width: int = _ENGINE_DEFAULTS.aux_width
-    infopro_task: str = _ENGINE_DEFAULTS.infopro_task
-    infopro_lambda_recon: tuple[float, float] = _ENGINE_DEFAULTS.infopro_lambda_recon
-    infopro_lambda_task: tuple[float, float] = _ENGINE_DEFAULTS.infopro_lambda_task
-    temperature: float = _ENGINE_DEFAULTS.temperature
-    auglocal_depth: int = _ENGINE_DEFAULTS.auglocal_depth
-    balance: str = _ENGINE_DEFAULTS.balance
-    # recompute aux blocks and the cascade window's modules in backward: less memory, same result
-    grad_checkpointing: bool = _ENGINE_DEFAULTS.grad_checkpointing
     # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
     epochs: int = 10
     batch_size: int = 128
@@ -102,8 +68,9 @@ class TrainConfig:
 
     # ------------------------------------------------------------------------------------------------
     def engine_options(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-        """Keyword options for ``mlaan.create_local_model``."""
-        options = {name: getattr(self, name) for name in METHOD_OPTION_NAMES}
+        """Keyword options for ``mlaan.create_local_model``: every declared option, and the derived ones (the
+        data set's ``mean``/``std``, the batch that ``balance="memory"`` evens out)."""
+        options = {name: getattr(self, name) for name in OPTION_NAMES}
         options.update(image_mean=tuple(mean), image_std=tuple(std), balance_batch_size=self.batch_size)
         return options
 
@@ -126,10 +93,8 @@ class TrainConfig:
             from ..engine.local_model import default_num_local_modules
 
             cfg.local_modules = default_num_local_modules(cfg.arch, spec)
-        for name, value in dataclasses.asdict(cfg).items():  # nan/inf would slip through the range checks
-            numbers = value if isinstance(value, tuple) else (value,)
-            if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+        check_finite(dataclasses.asdict(cfg))  # nan/inf would slip through the range checks
+        LocalOptions(**{name: getattr(cfg, name) for name in OPTION_NAMES})  # each option's own checks
         if not 0 <= cfg.seed < 2**32:
             raise ValueError(f"seed must be in 0 to {2**32 - 1}, got {cfg.seed}")
         for name in ("epochs", "batch_size", "local_modules"):
@@ -146,8 +111,6 @@ class TrainConfig:
             )
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
-        if cfg.temperature <= 0 or cfg.aux_width < 1:  # a zero temperature divides by zero in the first step
-            raise ValueError(f"need temperature > 0 and aux_width >= 1, got {cfg.temperature}, {cfg.aux_width}")
         if cfg.output_dir is None:
             cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
         return cfg
@@ -158,6 +121,15 @@ class TrainConfig:
         return 0 if device_type == "cpu" else min(8, os.cpu_count() or 1)
 
 
+OPTION_FIELDS = tuple(option_fields(include_derived=False))  # the engine's and methods' options, as config keys
+OPTION_NAMES = tuple(f.name for f in OPTION_FIELDS)
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [(f.name, f.type, field(default=f.default)) for f in OPTION_FIELDS],
+    bases=(_RunConfig,),
+    namespace={"__doc__": "Every option of ``mlaan train``: the run's settings and every declared option.",
+               "__module__": __name__},
+)
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 

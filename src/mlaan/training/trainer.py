@@ -4,10 +4,10 @@
 checkpoint to resume, the output folder — without writing anything; ``fit()`` then trains and writes
 ``metrics.jsonl`` (a line per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
 
-Optimisation follows docs/METHOD.md#training-recipe: SGD with Nesterov momentum 0.9, a linear warm-up then a
-cosine decay, both per optimizer step. Each step: ``zero_grad`` → ``LocalModel.train_step`` (all local backwards) →
-wait for the gradient all-reduce (distributed runs) → ``optimizer.step`` → ``after_optimizer_step`` (EMA
-twins) → scheduler step.
+The recipe (SGD, warm-up + cosine), the step (``optimizer_step``: ``zero_grad`` → ``train_step`` → gradient
+all-reduce → ``optimizer.step`` → ``after_optimizer_step``) and evaluation live in :mod:`mlaan.training.loop`;
+this class adds the run around them: data, resume, checkpoints, signals, logs. The scheduler steps after each
+optimizer step.
 
 Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepare_model``,
 ``GradientAverager``, ``reduce_metrics``, ``make_train_sampler``); only rank 0 logs and writes.
@@ -16,7 +16,6 @@ Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepa
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import resource
@@ -28,17 +27,23 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from .. import create_local_model, runtime
 from .. import distributed as dist
 from ..data import build_datasets
-from ..engine.local_model import MODULE_PATHS
 from . import checkpoint as ckpt_io
 from . import safety
 from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
+from .loop import (  # noqa: F401  (evaluate_modules, warmup_cosine: importable from here as before)
+    evaluate_backbone,
+    evaluate_modules,
+    make_optimizer,
+    make_scheduler,
+    optimizer_step,
+    warmup_cosine,
+)
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
 
@@ -74,18 +79,6 @@ class _Skip(Sampler[int]):
 
     def __len__(self) -> int:
         return max(0, len(self.base) - self.skip)
-
-
-def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
-    """LR factor for optimizer step ``s``: linear warm-up over ``warmup_steps``, then cosine to 0."""
-
-    def factor(s: int) -> float:
-        if s < warmup_steps:
-            return (s + 1) / warmup_steps
-        span = max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - warmup_steps) / span)))
-
-    return factor
 
 
 def peak_memory(device: torch.device) -> tuple[int, str]:
@@ -201,14 +194,9 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0,
-            weight_decay=cfg.weight_decay,
-        )
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        schedule = warmup_cosine(warmup_steps, self.total_steps)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, schedule)
+        self.optimizer = make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        self.scheduler = make_scheduler(self.optimizer, round(cfg.warmup_epochs * self.steps_per_epoch),
+                                        self.total_steps)
         if resume_checkpoint is not None:
             self._restore(resume_checkpoint)
 
@@ -422,15 +410,11 @@ class Trainer:
         for images, targets in bar:
             images = images.to(self.device, non_blocking=True)
             targets = targets.to(self.device, non_blocking=True)
-            self.optimizer.zero_grad(set_to_none=True)
             try:
-                stats = model.train_step(images, targets)
+                stats = optimizer_step(model, self.optimizer, images, targets, self.averager.wait)
             except FloatingPointError as err:  # raised before any optimizer step: nothing is changed or saved
                 raise FloatingPointError(f"{err} at step {self.step + 1} (epoch {epoch + 1}); "
                                          f"{self._kept_checkpoint()}") from err
-            self.averager.wait()
-            self.optimizer.step()
-            model.after_optimizer_step()
             lr = self.optimizer.param_groups[0]["lr"]
             self.scheduler.step()
             self.step += 1
@@ -679,68 +663,6 @@ class Trainer:
         self.log(f"peak memory: {format_bytes(s['peak_memory_bytes'])} ({what})")
         present = [n for n in RUN_FILES if (self.out / n).exists()]
         self.log(f"outputs: {self.out}/ ({', '.join(present)})")
-
-
-def evaluate_backbone(
-    backbone: torch.nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-    reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
-    channels_last: bool = False,
-    progress: str | None = None,
-) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``backbone`` over ``loader`` (eval mode, no grad); batches are
-    made channels-last when ``channels_last`` (the backbone's parameters are expected to be so already);
-    ``progress``: the label of a progress bar on stderr (none when None)."""
-    was_training = backbone.training
-    backbone.eval()
-    loss_sum = correct = count = 0.0
-    batches = loader if progress is None else tqdm(loader, desc=progress, unit="batch", leave=False,
-                                                   dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
-    with torch.no_grad():
-        for images, targets in batches:
-            images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            if channels_last and images.dim() == 4:
-                images = images.contiguous(memory_format=torch.channels_last)
-            if autocast_dtype is not None:
-                with torch.autocast(device.type, dtype=autocast_dtype):
-                    logits = backbone(images)
-            else:
-                logits = backbone(images)
-            loss_sum += F.cross_entropy(logits.float(), targets, reduction="sum").item()
-            correct += (logits.argmax(1) == targets).sum().item()
-            count += len(targets)
-    backbone.train(was_training)
-    totals = {"loss_sum": loss_sum, "correct": correct, "count": count}
-    if reduce is not None:
-        totals = reduce(totals)
-    n = max(totals["count"], 1)
-    return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
-
-
-def evaluate_modules(model, loader: DataLoader, device: torch.device) -> dict[str, list[float | None]]:
-    """Test top-1 accuracy of each local module's aux nets, ``{"independent": [...], "cascaded": [...]}`` (see
-    ``LocalModel.module_logits``; the last entry of each: the backbone itself), None where a module has no such
-    aux net or it does not classify; eval mode, no grad. Shows which modules' features lag."""
-    was_training = model.training
-    model.eval()
-    correct: dict[str, list[float]] = {}
-    classifies: dict[str, list[bool]] = {}
-    count = 0
-    for images, targets in loader:
-        images, targets = images.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        for path in MODULE_PATHS:
-            predictions = model.module_logits(images, path)
-            if path not in correct:
-                correct[path], classifies[path] = [0.0] * len(predictions), [p is not None for p in predictions]
-            for j, logits in enumerate(predictions):
-                if logits is not None:
-                    correct[path][j] += (logits.argmax(1) == targets).sum().item()
-        count += len(targets)
-    model.train(was_training)
-    return {path: [c / max(count, 1) if ok else None for c, ok in zip(correct[path], classifies[path])]
-            for path in correct}
 
 
 _MODULE_SUMS = "module_loss_sums"

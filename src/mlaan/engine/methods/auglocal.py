@@ -3,11 +3,24 @@ then GAP + linear; d shrinks toward the output (d_i = max(1, round(d·(1 − i·
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from torch import nn
 
 from ..heads import ClassifierLoss, StackedLoss, make_classifier
 from .base import AuxContext, LocalMethod
 from .registry import register
+
+
+@dataclass
+class AugLocalOptions:
+    """AugLocal's option (its shrink factor c is the engine's ``depth_shrink``)."""
+
+    auglocal_depth: int = field(default=4, metadata={"help": "AugLocal aux depth d of the earliest modules (>= 1)"})
+
+    def __post_init__(self) -> None:
+        if self.auglocal_depth < 1:
+            raise ValueError(f"auglocal_depth must be at least 1, got {self.auglocal_depth}")
 
 
 @register
@@ -16,6 +29,7 @@ class AugLocal(LocalMethod):
     listing_order = 30
     aux_blocks = True
     description = "augmented local learning: fresh copies of sampled later blocks + linear probe"
+    Options = AugLocalOptions
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         blocks, out_shape = ctx.later_blocks(ctx.depth(ctx.options.auglocal_depth))

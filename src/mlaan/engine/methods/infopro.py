@@ -1,12 +1,45 @@
-"""InfoPro (Wang et al., ICLR 2021): λ1 · reconstruction + λ2 · task loss, λ linear in the module index."""
+"""InfoPro (Wang et al., ICLR 2021): λ1 · reconstruction + λ2 · task loss, λ linear in the module index.
+
+Its options (``infopro_task``, ``infopro_lambda_recon``, ``infopro_lambda_task``, ``temperature``) and its loss
+(:class:`InfoProLoss`, with :func:`supervised_contrastive_loss` for the contrastive task) live here.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..heads import InfoProLoss
+from ..heads import make_classifier
 from .base import AuxContext, LocalMethod
 from .registry import register
+
+INFOPRO_TASKS = ("ce", "contrastive")
+
+
+@dataclass
+class InfoProOptions:
+    """InfoPro's options; the λ defaults are the paper's CIFAR values (docs/METHOD.md#auxiliary-heads)."""
+
+    infopro_task: str = field(default="ce", metadata={
+        "help": "InfoPro's task loss: 'ce' (aux classifier) or 'contrastive' (supervised contrastive)"})
+    infopro_lambda_recon: tuple[float, float] = field(default=(5.0, 0.0), metadata={
+        "help": "InfoPro λ1 (reconstruction weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
+    infopro_lambda_task: tuple[float, float] = field(default=(0.5, 0.0), metadata={
+        "help": "InfoPro λ2 (task-loss weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
+    temperature: float = field(default=0.07, metadata={
+        "help": "temperature of InfoPro's supervised contrastive loss, > 0"})
+
+    def __post_init__(self) -> None:
+        if self.infopro_task not in INFOPRO_TASKS:
+            raise ValueError(f"unknown infopro_task {self.infopro_task!r}; allowed: {', '.join(INFOPRO_TASKS)}")
+        if not self.temperature > 0:  # a zero temperature divides by zero in the first step
+            raise ValueError(f"need temperature > 0, got {self.temperature}")
+        for name in ("infopro_lambda_recon", "infopro_lambda_task"):
+            if len(getattr(self, name)) != 2:
+                raise ValueError(f"{name} takes two values (first module, last module), got {getattr(self, name)}")
 
 
 @register
@@ -14,6 +47,7 @@ class InfoPro(LocalMethod):
     name = "infopro"
     listing_order = 20
     description = "information propagation: image reconstruction + cross-entropy or supervised contrastive"
+    Options = InfoProOptions
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         opts = ctx.options
@@ -30,3 +64,87 @@ class InfoPro(LocalMethod):
             image_mean=opts.image_mean,
             image_std=opts.image_std,
         )
+
+
+def supervised_contrastive_loss(
+    embeddings: torch.Tensor, targets: torch.Tensor, temperature: float = 0.07
+) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020) over one view; anchors without a positive are skipped."""
+    z = F.normalize(embeddings.float(), dim=1)
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(len(z), dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (targets[:, None] == targets[None, :]) & ~self_mask
+    counts = positives.sum(1)
+    has_positive = counts > 0
+    if not has_positive.any():
+        return embeddings.sum() * 0.0
+    mean_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)[has_positive] / counts[has_positive]
+    return -mean_log_prob.mean()
+
+
+class InfoProLoss(nn.Module):
+    """InfoPro's local loss: λ1 · reconstruction + λ2 · task.
+
+    Reconstruction: bilinear upsampling to the image size, conv–BN–ReLU, conv to the image channels; binary
+    cross-entropy (on logits, which is autocast-safe) against the un-normalised image. Task: an auxiliary
+    classifier's cross-entropy, or a supervised contrastive loss on a 128-d projection.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        image_shape: tuple[int, int, int],
+        num_classes: int,
+        lambda_recon: float,
+        lambda_task: float,
+        task: str = "ce",
+        head_shape: str = "mlp",
+        width: int = 128,
+        temperature: float = 0.07,
+        image_mean: tuple[float, ...] = (0.0,),
+        image_std: tuple[float, ...] = (1.0,),
+    ) -> None:
+        super().__init__()
+        image_channels, height, width_px = image_shape
+        self.image_size = (height, width_px)
+        self.lambda_recon, self.lambda_task = lambda_recon, lambda_task
+        self.task, self.temperature = task, temperature
+        hidden = 12
+        self.decoder = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, image_channels, 3, padding=1),
+        )
+        outputs = num_classes if task == "ce" else 128
+        self.task_head = make_classifier(channels, outputs, head_shape, width)
+        self.register_buffer("mean", _per_channel(image_mean, image_channels), persistent=False)
+        self.register_buffer("std", _per_channel(image_std, image_channels), persistent=False)
+
+    def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        upsampled = F.interpolate(features, size=self.image_size, mode="bilinear", align_corners=True)
+        recon_logits = self.decoder(upsampled)
+        pixels = (images * self.std + self.mean).clamp(0.0, 1.0)
+        recon = F.binary_cross_entropy_with_logits(recon_logits.float(), pixels.float())
+        task_out = self.task_head(features)
+        if self.task == "ce":
+            task_loss = F.cross_entropy(task_out, targets)
+        else:
+            task_loss = supervised_contrastive_loss(task_out, targets, self.temperature)
+        return self.lambda_recon * recon + self.lambda_task * task_loss
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor | None:
+        """Class scores (B, num_classes) of the task head; None for the contrastive task (it embeds, not
+        classifies)."""
+        return self.task_head(features) if self.task == "ce" else None
+
+
+def _per_channel(values: tuple[float, ...], channels: int) -> torch.Tensor:
+    t = torch.as_tensor(values, dtype=torch.float32).flatten()
+    if t.numel() == 1:
+        t = t.expand(channels)
+    if t.numel() != channels:
+        raise ValueError(f"image mean/std has {t.numel()} values for {channels} image channels")
+    return t.reshape(1, channels, 1, 1).clone()

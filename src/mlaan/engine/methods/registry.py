@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .base import LocalMethod
@@ -15,8 +16,45 @@ SUFFIXES = {
 
 
 def register(cls: type[LocalMethod]) -> type[LocalMethod]:
-    _METHODS[cls.name] = cls
+    """Class decorator: make ``cls`` available under ``cls.name`` (and with the ``+mlaan/+mlm/+lam`` suffixes).
+
+    Raises ValueError for a name that is empty, has a ``+`` or is taken by another class, and for an ``Options``
+    that is not a dataclass whose fields all have defaults, or that declares an option another method or the
+    engine already declares (options are flat: one name, one meaning)."""
+    name = cls.name
+    if not isinstance(name, str) or not name or "+" in name or name != name.lower():
+        raise ValueError(f"method class {cls.__qualname__} needs a lower-case name without '+', got {name!r}")
+    previous = _METHODS.get(name)
+    if previous is not None and previous.__qualname__ != cls.__qualname__:
+        raise ValueError(f"method name {name!r} is taken by {previous.__module__}.{previous.__qualname__}")
+    if cls.Options is not None:
+        _check_options_class(cls)
+    _METHODS[name] = cls
     return cls
+
+
+def _check_options_class(cls: type[LocalMethod]) -> None:
+    from ..options import EngineOptions
+
+    options = cls.Options
+    if not dataclasses.is_dataclass(options):
+        raise ValueError(f"{cls.__qualname__}.Options must be a dataclass")
+    missing = [f.name for f in dataclasses.fields(options) if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{cls.__qualname__}.Options: option(s) {', '.join(missing)} need a default")
+    owners = {f.name: "the engine" for f in dataclasses.fields(EngineOptions)}
+    for other in _METHODS.values():
+        if other.Options is not None and other.name != cls.name:
+            owners.update({f.name: f"method {other.name!r}" for f in dataclasses.fields(other.Options)})
+    taken = [f"{f.name} (declared by {owners[f.name]})" for f in dataclasses.fields(options) if f.name in owners]
+    if taken:
+        raise ValueError(f"{cls.__qualname__}.Options: option name(s) already in use: {', '.join(taken)}")
+
+
+def registered_methods() -> list[type[LocalMethod]]:
+    """The registered method classes in listing order (baselines first)."""
+    return sorted(_METHODS.values(), key=lambda cls: cls.listing_order)
 
 
 @dataclass(frozen=True)
@@ -38,7 +76,8 @@ class MethodSpec:
 def available_methods() -> list[str]:
     """Every accepted method name: each base, and each local base with each suffix."""
     names = []
-    for name, cls in sorted(_METHODS.items(), key=lambda item: item[1].listing_order):
+    for cls in registered_methods():
+        name = cls.name
         names.append(name)
         if not cls.end_to_end:
             names.extend(f"{name}+{suffix}" for suffix in SUFFIXES)

@@ -1,0 +1,193 @@
+"""Options of the engine and of every method, each declared once.
+
+An option is a field of a dataclass: the engine's own in :class:`EngineOptions` below, a method's in the
+``Options`` dataclass of its :class:`~mlaan.engine.methods.LocalMethod` subclass. A field has a default and
+``metadata={"help": ...}``; its checks live in that dataclass's ``__post_init__`` (raising ValueError). From
+those declarations come the keyword options of ``create_local_model``, the flags of ``mlaan train``, the keys of
+its YAML configs, the ``config`` of ``metrics.json`` and the checkpoint, and what ``--resume`` compares.
+
+A field with ``metadata={"derived": "..."}`` is set by ``mlaan train`` from other settings (the data set's
+normalisation, the batch size) and is not a flag or config key of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .heads import AUX_HEAD_SHAPES
+from .lam import EMA_UPDATE_MODES
+from .split import BALANCE_MODES
+
+
+@dataclass
+class EngineOptions:
+    """What the engine itself reads: MLM's cascade window and weights, LAM's trunks and EMA twins, the aux
+    classifiers' shape, the split and recomputation (defaults: the published values, docs/METHOD.md#options)."""
+
+    window: int = field(default=2, metadata={"help": "MLM cascade window w: consecutive modules a cascaded loss "
+                                                     "reaches (2 to K)"})
+    w_ind: float = field(default=0.001, metadata={"help": "weight of the independent aux loss under MLM"})
+    w_casc: float = field(default=0.999, metadata={"help": "weight of the cascaded aux loss under MLM"})
+    ema_momentum: float = field(default=0.995, metadata={
+        "help": "LAM EMA momentum m in twin <- m*twin + (1-m)*block, in [0, 1)"})
+    ema_update: str = field(default="all", metadata={
+        "help": "which EMA twins follow their block after each step: 'all', or 'last' (the official CIFAR "
+                "code's behaviour)"})
+    lam_depth: int = field(default=4, metadata={"help": "copied later blocks in the earliest LAM aux nets"})
+    lam_shrink: float = field(default=1.0, metadata={
+        "help": "c of the LAM depth schedule, in [0, 1]: 1 ends at one block"})
+    depth_shrink: float = field(default=0.5, metadata={
+        "help": "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)"})
+    # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)
+    # cost dgl+mlaan at K=16 about one BP step more per step (BENCHMARKS.md).
+    aux_head: str = field(default="linear", metadata={
+        "help": f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}"})
+    aux_width: int = field(default=128, metadata={"help": "hidden width of the 'mlp' aux classifier"})
+    balance: str = field(default="blocks", metadata={
+        "help": "split by 'blocks' (counts differ by at most one) or 'memory' (InfoPro*: even step memory)"})
+    balance_batch_size: int = field(default=128, metadata={
+        "help": "the training batch whose step memory balance='memory' evens out",
+        "derived": "mlaan train sets it to --batch-size"})
+    # Less peak memory for about one more forward of the recomputed blocks (two for the window's modules);
+    # results are unchanged.
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute aux blocks (LAM trunks, EMA twins, AugLocal blocks) and the cascade window's module "
+                "graphs in backward: less peak memory for more forward compute, identical results"})
+    image_mean: tuple[float, ...] = field(default=(0.0,), metadata={
+        "help": "the data set's per-channel mean (InfoPro un-normalises images with it)",
+        "derived": "mlaan train sets it from the data set"})
+    image_std: tuple[float, ...] = field(default=(1.0,), metadata={
+        "help": "the data set's per-channel std", "derived": "mlaan train sets it from the data set"})
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        _check_choice("ema_update", self.ema_update, EMA_UPDATE_MODES)
+        _check_choice("aux_head", self.aux_head, AUX_HEAD_SHAPES)
+        _check_choice("balance", self.balance, BALANCE_MODES)
+        for name in ("lam_depth", "balance_batch_size"):
+            _check_at_least(name, getattr(self, name), 1)
+        if self.aux_width < 1:
+            raise ValueError(f"need aux_width >= 1, {self.aux_width} given")
+        for name in ("lam_shrink", "depth_shrink"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("w_ind", "w_casc"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
+
+
+# --------------------------------------------------------------------------------------------- all options
+@dataclass(frozen=True)
+class OptionField:
+    """One declared option: its name, type (resolved), default, help, owner ("engine" or a method's name) and
+    whether ``mlaan train`` derives it instead of taking it as a flag."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    owner: str
+    derived: bool
+    metavar: str | tuple[str, ...] | None = None  # how ``--help`` names the value(s)
+
+
+def option_classes() -> list[tuple[str, type]]:
+    """``[("engine", EngineOptions), (method name, its Options), ...]`` in the methods' listing order."""
+    from .methods.registry import registered_methods
+
+    found = [("engine", EngineOptions)]
+    found += [(cls.name, cls.Options) for cls in registered_methods() if cls.Options is not None]
+    return found
+
+
+def option_fields(include_derived: bool = True) -> list[OptionField]:
+    """Every declared option (engine's first, then each method's)."""
+    result = []
+    for owner, cls in option_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            derived = "derived" in f.metadata
+            if derived and not include_derived:
+                continue
+            result.append(OptionField(f.name, hints[f.name], f.default, f.metadata.get("help", ""), owner, derived,
+                                      f.metadata.get("metavar")))
+    return result
+
+
+class LocalOptions:
+    """Every option of the engine and of the registered methods, flat: ``options.window``,
+    ``options.temperature``, ... (what a method's ``make_head`` reads as ``ctx.options.<field>``).
+
+    Built from keyword options; an unknown name, a non-finite number or a value its declaring dataclass refuses
+    raises ValueError (one line, naming the value and what is allowed).
+    """
+
+    def __init__(self, **values: Any) -> None:
+        classes = option_classes()
+        known = [f.name for _, cls in classes for f in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        check_finite(values)
+        parts = []
+        for _, cls in classes:
+            names = {f.name for f in dataclasses.fields(cls)}
+            parts.append(cls(**{k: v for k, v in values.items() if k in names}))
+        object.__setattr__(self, "_parts", parts)
+
+    def _owner(self, name: str) -> object | None:
+        for part in self.__dict__.get("_parts", ()):
+            if name in part.__dataclass_fields__:
+                return part
+        return None
+
+    def __getattr__(self, name: str) -> Any:
+        part = self._owner(name)
+        if part is None:
+            raise AttributeError(f"no option {name!r}")
+        return getattr(part, name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        part = self._owner(name)
+        if part is None:
+            raise AttributeError(f"no option {name!r}")
+        setattr(part, name, value)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every option's value, by name."""
+        return {k: v for part in self._parts for k, v in dataclasses.asdict(part).items()}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LocalOptions) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return "LocalOptions(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+
+def check_finite(values: dict[str, Any]) -> None:
+    """ValueError for a nan/inf number (alone or in a tuple): it would slip through every range check."""
+    for name, value in values.items():
+        numbers = value if isinstance(value, tuple) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in numbers):
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def make_options(**options: Any) -> LocalOptions:
+    """:class:`LocalOptions` from keyword options (lists are taken as tuples); ValueError as there."""
+    return LocalOptions(**options)
