@@ -155,3 +155,35 @@ def test_api_and_cli_refuse_a_bad_value_with_the_same_message(tmp_path, capsys, 
     assert code == 2
     assert capsys.readouterr().err.strip() == f"mlaan: error: {info.value}"
     assert not (tmp_path / "run").exists()
+
+
+def test_an_option_name_is_declared_once(monkeypatch):
+    """A method may not declare an option another method or the engine declares (one source per name)."""
+    from dataclasses import dataclass
+
+    from mlaan.engine.methods import LocalMethod, register, registry
+    from mlaan.engine.options import option_fields
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))  # leave the real registry as it was
+
+    @dataclass
+    class TakesTemperature:
+        temperature: float = 0.1
+
+    class Twin(LocalMethod):
+        name, Options = "twin-of-infopro", TakesTemperature
+
+    taken = r"option name\(s\) already in use: temperature \(declared by method 'infopro'\)"
+    with pytest.raises(ValueError, match=taken):
+        register(Twin)
+
+    @dataclass
+    class TakesWindow:
+        window: int = 3
+
+    class Shadow(LocalMethod):
+        name, Options = "shadow", TakesWindow
+
+    register(Shadow)
+    with pytest.raises(ValueError, match=r"method 'shadow' declares option\(s\) the engine already has: window"):
+        option_fields()

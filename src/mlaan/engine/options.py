@@ -112,6 +112,11 @@ def option_classes() -> list[tuple[str, type]]:
 
     found = [("engine", EngineOptions)]
     found += [(cls.name, cls.Options) for cls in registered_methods() if cls.Options is not None]
+    engine = {f.name for f in dataclasses.fields(EngineOptions)}
+    for name, cls in found[1:]:
+        clash = sorted(engine & {f.name for f in dataclasses.fields(cls)})
+        if clash:
+            raise ValueError(f"method {name!r} declares option(s) the engine already has: {', '.join(clash)}")
     return found
 
 

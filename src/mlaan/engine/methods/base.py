@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
-
-if TYPE_CHECKING:
-    from ..options import LocalOptions
 
 
 @dataclass
@@ -27,7 +24,9 @@ class AuxContext:
     feature_shape: tuple[int, ...]  # (C, H, W) of the features the head receives
     num_classes: int
     image_shape: tuple[int, int, int]
-    options: LocalOptions  # every option, flat: the engine's and each method's (``options.<field>``)
+    # a mlaan.engine.options.LocalOptions (not imported: options.py imports the method registry): every option,
+    # flat, the engine's and each method's (``options.<field>``)
+    options: Any
     # Fresh (re-initialised) copies of sampled later backbone blocks, shape-chained, for methods whose aux net
     # is made of backbone-like blocks (AugLocal): ``later_blocks(depth) -> (blocks, output feature shape)``.
     later_blocks: Callable[[int], tuple[list[nn.Module], tuple[int, ...]]]

@@ -34,8 +34,8 @@ def register(cls: type[LocalMethod]) -> type[LocalMethod]:
 
 
 def _check_options_class(cls: type[LocalMethod]) -> None:
-    from ..options import EngineOptions
-
+    """A method's ``Options``: a dataclass, every field with a default, no name another method declares (a clash
+    with an engine option is refused where both are collected, ``mlaan.engine.options.option_classes``)."""
     options = cls.Options
     if not dataclasses.is_dataclass(options):
         raise ValueError(f"{cls.__qualname__}.Options must be a dataclass")
@@ -43,7 +43,7 @@ def _check_options_class(cls: type[LocalMethod]) -> None:
                and f.default_factory is dataclasses.MISSING]
     if missing:
         raise ValueError(f"{cls.__qualname__}.Options: option(s) {', '.join(missing)} need a default")
-    owners = {f.name: "the engine" for f in dataclasses.fields(EngineOptions)}
+    owners: dict[str, str] = {}
     for other in _METHODS.values():
         if other.Options is not None and other.name != cls.name:
             owners.update({f.name: f"method {other.name!r}" for f in dataclasses.fields(other.Options)})
