@@ -23,11 +23,44 @@ from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import LocalOptions, make_options
+from .phases import (
+    AUX_FORWARD,
+    AUX_LOSS,
+    CASCADE_BACKWARD,
+    EMA_UPDATE,
+    MODULE_BACKWARD,
+    MODULE_FORWARD,
+    OUTPUT_LOSS,
+    mark,
+)
 from .recompute import run_blocks
 from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What ``train_step`` does for one local module (:meth:`LocalModel.step_plan`).
+
+    ``index``: the module's position (0 = the stem's). ``blocks``: indices into ``backbone.blocks`` that the
+    module runs (the last module also runs the classifier block). ``independent_head``: the aux net of its own
+    loss (None for the last module, whose loss is the backbone's classifier). ``cascade_head``: its cascaded (MLM)
+    aux net, None where it has none. ``cascade_through``: the modules whose retained graphs its cascaded gradient
+    is carried back through (itself first; empty where no cascade continues past its input); the gradient lands
+    on the output of the module before the last one listed. ``input_requires_grad``: whether its input is a leaf
+    that needs a gradient (a cascade continues past it). ``weight_backward_at``: the index of the module at whose
+    step this module's weight backward runs and its graph is freed (itself without a cascade window).
+    """
+
+    index: int
+    blocks: tuple[int, ...]
+    independent_head: nn.Module | None
+    cascade_head: nn.Module | None
+    cascade_through: tuple[int, ...]
+    input_requires_grad: bool
+    weight_backward_at: int
 
 
 @dataclass
@@ -224,6 +257,31 @@ class LocalModel(nn.Module):
         self._grads_ready_hooks.append(hook)
 
     # ----------------------------------------------------------------------------------------- training
+    def step_plan(self) -> list[ModulePlan]:
+        """What ``train_step`` does for each local module, input to output (see :class:`ModulePlan`): its blocks,
+        its aux nets, how far its cascaded gradient reaches back, whether its input needs a gradient, and when its
+        weight backward runs. Derived from the attributes ``train_step`` reads (``split``, ``independent_heads``,
+        ``cascade_heads``, ``spec``, ``options.window``); the step's phases are marked as
+        :data:`mlaan.engine.phases.STEP_PHASES` says."""
+        num_modules = len(self.local_modules)
+        window = self.options.window if self.spec.cascade else 1
+        plan = []
+        for j in range(num_modules):
+            last = j == num_modules - 1
+            cascade_head = self.cascade_heads[str(j)] if str(j) in self.cascade_heads else None
+            # the last module's cross-entropy is also its cascaded loss under MLM (see _local_gradients)
+            cascades = cascade_head is not None or (last and self.spec.cascade and window >= 2 and j >= 1)
+            plan.append(ModulePlan(
+                index=j,
+                blocks=tuple(self.split[j]) + ((len(self.backbone.blocks) - 1,) if last else ()),
+                independent_head=None if last else self.independent_heads[j],
+                cascade_head=cascade_head,
+                cascade_through=tuple(i for i in range(j, j - window + 1, -1) if i >= 1) if cascades else (),
+                input_requires_grad=window >= 2 and j >= 1,
+                weight_backward_at=min(j + window - 1, num_modules - 1),
+            ))
+        return plan
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
@@ -247,7 +305,7 @@ class LocalModel(nn.Module):
             inputs = x.detach()
             if window >= 2 and j >= 1:
                 inputs.requires_grad_()
-            with self._autocast():
+            with self._autocast(), mark(MODULE_FORWARD):
                 output = run_blocks(module, inputs, True) if recompute_modules else module(inputs)
             grad_total, grad_cascade, losses = self._local_gradients(j, output, images, targets)
             module_losses.append(losses.weighted)
@@ -283,9 +341,10 @@ class LocalModel(nn.Module):
         cascade = self.spec.cascade and self.options.window >= 2
         none = torch.full((), float("nan"), device=output.device)
         if is_last:
-            leaf = output.detach().requires_grad_()
-            loss = F.cross_entropy(leaf.float(), targets)
-            loss.backward()
+            with mark(OUTPUT_LOSS):
+                leaf = output.detach().requires_grad_()
+                loss = F.cross_entropy(leaf.float(), targets)
+                loss.backward()
             g, value = leaf.grad, loss.detach()
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
@@ -297,24 +356,26 @@ class LocalModel(nn.Module):
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
         if str(j) not in self.cascade_heads:
-            g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+            g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
             return g_ind, None, _Losses(value, value, none)
         # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
         # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
-        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
-        g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc, "cascaded")
+        g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
         weighted = w_ind * value + self.options.w_casc * casc_value
         return g_ind.add_(g_casc), g_casc, _Losses(weighted, value, casc_value)
 
     def _head_gradient(
-        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float
+        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float,
+        path: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        leaf = output.detach().requires_grad_()
-        with self._autocast():
-            loss = head(leaf, images, targets)
-        (loss * weight).backward()
-        self._notify([p for p in head.parameters() if p.requires_grad])
+        with mark(AUX_LOSS[path]):
+            leaf = output.detach().requires_grad_()
+            with self._autocast(), mark(AUX_FORWARD):
+                loss = head(leaf, images, targets)
+            (loss * weight).backward()
+            self._notify([p for p in head.parameters() if p.requires_grad])
         return leaf.grad, loss.detach().float()
 
     def _propagate_cascade(
@@ -322,20 +383,24 @@ class LocalModel(nn.Module):
     ) -> None:
         """Carry module j's cascaded gradient back through modules j, j−1, …, j−window+2 into the outputs of the
         modules before them, using their retained graphs (input-gradient only: no weight gradients computed)."""
+        if grad is None:
+            return
         by_index = {p.index: p for p in pending}
-        for i in range(j, j - window + 1, -1):
-            if grad is None or i < 1:
-                return
-            entry = by_index[i]
-            (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
-            by_index[i - 1].grad = by_index[i - 1].grad + grad
+        with mark(CASCADE_BACKWARD):
+            for i in range(j, j - window + 1, -1):
+                if i < 1:
+                    return
+                entry = by_index[i]
+                (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+                by_index[i - 1].grad = by_index[i - 1].grad + grad
 
     def _finish_module(self, entry: _Pending) -> None:
         """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
-        params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
-        if params:
-            torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
-        self._notify(params)
+        with mark(MODULE_BACKWARD):
+            params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
+            if params:
+                torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
+            self._notify(params)
 
     def _notify(self, params: list[nn.Parameter]) -> None:
         for hook in self._grads_ready_hooks:
@@ -350,11 +415,12 @@ class LocalModel(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Move every EMA twin toward its real block (only the last one with ``ema_update="last"``)."""
-        trunks = self.leap_trunks
-        if self.options.ema_update == "last":
-            trunks = trunks[-1:]
-        for trunk in trunks:
-            trunk.twin.follow(self.backbone.blocks[trunk.source_index])
+        with mark(EMA_UPDATE):
+            trunks = self.leap_trunks
+            if self.options.ema_update == "last":
+                trunks = trunks[-1:]
+            for trunk in trunks:
+                trunk.twin.follow(self.backbone.blocks[trunk.source_index])
 
 
 # ---------------------------------------------------------------------------------------------- helpers
