@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
 from mlaan.bench import accuracy, cli, common, flops, memory, report, seeds, speed
 from mlaan.engine import phases
@@ -140,9 +141,9 @@ def test_speed_breakdown_reads_the_engine_phase_markers(tmp_path):
     assert (tmp_path / "breakdown_trace.json").stat().st_size > 0
 
 
-def _event(name, start, end, device_us=0.0, thread=1):
+def _event(name, start, end, device_us=0.0, thread=1, device_type=DeviceType.CPU):
     return SimpleNamespace(name=name, thread=thread, time_range=SimpleNamespace(start=start, end=end),
-                           self_device_time_total=device_us)
+                           self_device_time_total=device_us, device_type=device_type)
 
 
 def test_phase_seconds_are_exclusive_and_kernels_go_to_the_innermost_phase():
@@ -153,6 +154,7 @@ def test_phase_seconds_are_exclusive_and_kernels_go_to_the_innermost_phase():
         _event(phases.AUX_FORWARD, 35, 50),
         _event(phases.AUX_TRUNK_FORWARD, 36, 45),
         _event("aten::convolution", 37, 40, device_us=5.0, thread=2),  # an op that launched a kernel
+        _event("void conv_kernel", 900, 905, device_us=5.0, thread=7, device_type=DeviceType.CUDA),  # its kernel
         _event("Optimizer.step#SGD.step", 80, 95),
         _event(phases.MODULE_FORWARD, 200, 300, thread=3),  # another thread's marker: not this step's
     ]

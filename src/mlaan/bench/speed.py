@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import mlaan
@@ -249,6 +250,8 @@ def phase_seconds(events: Sequence, root: str = STEP_MARKER) -> tuple[dict[str, 
     markers of the thread that entered ``root`` count (the engine marks its phases on the calling thread); a
     kernel counts toward the innermost marker around the start of the CPU op that launched it, on any thread (on
     CUDA, autograd runs backward ops on its own thread while the caller waits inside a marker)."""
+    # host-side events only: a kernel's own event (and a marker's copy on the device timeline) is not one
+    events = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
     roots = [e for e in events if e.name == root]
     threads = {e.thread for e in roots}
     marks = [(e.time_range.start, -e.time_range.end, _DEPTH.get(e.name, 1), 0, e) for e in events
