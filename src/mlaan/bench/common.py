@@ -12,6 +12,8 @@ import torch
 
 import mlaan
 from mlaan.engine import parse_method
+from mlaan.runtime import format_bytes as human_bytes  # noqa: F401  (one formatter: mlaan.runtime)
+from mlaan.runtime import pick_device as resolve_device  # noqa: F401  (one device choice: mlaan.runtime)
 from mlaan.training.loop import make_optimizer, optimizer_step
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
@@ -176,15 +178,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(out)
 
 
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "—"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def machine_description() -> str:
     """What the figures were measured on, e.g. "2-core CPU container, no GPU" or the CUDA card's name."""
     cores = os.cpu_count() or 0
@@ -249,14 +242,3 @@ def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from None
