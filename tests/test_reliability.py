@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 
-from mlaan import data
+from mlaan import atomic, data
 from mlaan.cli import main
 from mlaan.training import checkpoint as ckpt_io
 from mlaan.training import safety
@@ -197,7 +197,7 @@ def kill_and_resume(args: list[str], out: Path, tmp_path: Path, plan: list[int],
         time.sleep(delay)
         proc.proc.send_signal(signum)
         code, err = proc.finish()
-        stale = [p.name for p in safety.stale_temp_files(out, ("last.pt", "best.pt"))]
+        stale = [p.name for p in atomic.stale_temp_files(out, ("last.pt", "best.pt"))]
         after = saved_step(out)
         event = {"signal": signal.Signals(signum).name, "steps_read": n, "delay_s": round(delay, 3),
                  "resumed_from_step": start, "steps_run": proc.steps, "checkpoint_step_after": after,
@@ -231,7 +231,7 @@ def test_sigkill_at_random_steps_then_resume_is_bit_identical(tmp_path):
     events = kill_and_resume(args, tmp_path / "killed", tmp_path, [K, K, T, K, I, K, K], seed=5)
     assert sum(e["signal"] == "SIGKILL" for e in events) >= 5
     assert_same_run(tmp_path / "ref", tmp_path / "killed")
-    assert not safety.stale_temp_files(tmp_path / "killed", ("last.pt", "best.pt"))  # cleaned on resume
+    assert not atomic.stale_temp_files(tmp_path / "killed", ("last.pt", "best.pt"))  # cleaned on resume
     _log({"test": "save-every-2", "kills": events})
 
 

@@ -10,6 +10,7 @@ import pytest
 from mlaan.bench import report
 from mlaan.bench.memory import measure_case
 from mlaan.cli import main
+from mlaan.runtime import format_bytes
 
 TINY = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32", "--arch",
         "resnet20", "--batch-size", "16", "--device", "cpu", "--epochs", "1"]
@@ -90,10 +91,9 @@ def test_on_cpu_the_memory_chart_is_the_training_accounting(runs, tmp_path):
     md = (tmp_path / "report.md").read_text()
     assert "exact accounting" in md
     expected = measure_case("resnet20", "dgl", 4, 16)["peak_bytes"]
-    from mlaan.bench import common
 
     assert "peak memory (accounted)" in md
-    assert dict(zip(COLUMNS, row(md, "dgl")))["peak memory"] == common.human_bytes(expected)
+    assert dict(zip(COLUMNS, row(md, "dgl")))["peak memory"] == format_bytes(expected)
     bp = measure_case("resnet20", "bp", 1, 16)["peak_bytes"]
     assert expected < bp  # what the RSS of both processes (mostly the torch runtime) hid
 

@@ -11,10 +11,12 @@ import numpy as np
 import pytest
 import torch
 
+from mlaan import atomic
 from mlaan.training import checkpoint as ckpt_io
 from mlaan.training import make_trainer
 from mlaan.training.config import TrainConfig, coerce, load_yaml, merge
-from mlaan.training.trainer import EpochSampler, _Skip, warmup_cosine
+from mlaan.training.loop import warmup_cosine
+from mlaan.training.trainer import EpochSampler, _Skip
 
 TINY = {
     "dataset": "synthetic",
@@ -114,7 +116,7 @@ def test_epoch_sampler_is_a_function_of_seed_and_epoch():
 
 # -------------------------------------------------------------------------------------------- checkpoints
 def test_atomic_save_and_load(tmp_path):
-    ckpt_io.atomic_save({"a": torch.arange(3), "b": [1, "x"]}, tmp_path / "c.pt")
+    atomic.atomic_save({"a": torch.arange(3), "b": [1, "x"]}, tmp_path / "c.pt")
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp file left behind
     assert oct((tmp_path / "c.pt").stat().st_mode & 0o777) != oct(0o600) or os.umask(0o022) == 0o077
     obj = ckpt_io.load(tmp_path / "c.pt")
@@ -130,7 +132,7 @@ def test_atomic_save_and_load(tmp_path):
 
 def test_rng_state_round_trip(tmp_path):
     state = ckpt_io.rng_state()
-    ckpt_io.atomic_save(state, tmp_path / "rng.pt")
+    atomic.atomic_save(state, tmp_path / "rng.pt")
     expected = (torch.rand(3), random.random(), np.random.rand(), random.gauss(0, 1))
     ckpt_io.set_rng_state(ckpt_io.load(tmp_path / "rng.pt"))
     assert torch.equal(torch.rand(3), expected[0])

@@ -14,7 +14,6 @@ import sys
 import textwrap
 import typing
 from collections.abc import Sequence
-from pathlib import Path
 from typing import NoReturn
 
 import yaml
@@ -206,7 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not _out_of_memory(err):
             raise
         raise CLIError(
-            f"out of memory at step {trainer.step + 1} ({_one_line(err)[:200]}); {trainer._kept_checkpoint()}; "
+            f"out of memory at step {trainer.step + 1} ({_one_line(err)[:200]}); {trainer.checkpoints.kept()}; "
             "try a smaller --batch-size, or --grad-checkpointing", code=1,
         ) from err
     finally:
@@ -246,41 +245,19 @@ def _add_eval(subparsers) -> None:
     p.set_defaults(func=cmd_eval)
 
 
-def _load_for_eval(path: str) -> tuple[dict, dict]:
-    """(backbone state_dict, description) from a training checkpoint or an export + its .json."""
-    from .training import checkpoint as ckpt_io
-
-    obj = ckpt_io.load(path)
-    if ckpt_io.is_training_checkpoint(obj):
-        ckpt_io.check_training_checkpoint(obj, path)  # every field there and of the right kind
-        state = {k[len("backbone."):]: v for k, v in obj["model"].items() if k.startswith("backbone.")}
-        meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
-        config = obj.get("config", {})
-        meta["data_root"] = ckpt_io.data_root_of(obj)
-        meta["data_options"] = {k: v for k, v in config.items() if k.startswith("synthetic_")}
-        meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
-        return state, meta
-    meta_path = Path(path).with_suffix(".json")
-    if not isinstance(obj, dict) or not meta_path.is_file():
-        raise ValueError(f"{path} is neither a training checkpoint nor an export with {meta_path} beside it")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("format") != "mlaan-backbone":
-        raise ValueError(f"{meta_path} is not an mlaan export description")
-    return obj, meta
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from . import distributed, models
     from .data import build_datasets
     from .training import evaluate_backbone, evaluate_modules
+    from .training.checkpoint import load_backbone
 
     try:
         ctx = distributed.init_from_env(args.device)
         distributed.cleanup(ctx)  # only the device is wanted: evaluation runs in one process
         device = ctx.device
-        state, meta = _load_for_eval(args.checkpoint)
+        state, meta = load_backbone(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"
         options = meta.get("data_options", {}) if dataset == meta["dataset"] else {}

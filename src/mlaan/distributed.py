@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import warnings
 from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 
@@ -39,6 +38,8 @@ import torch.distributed as dist
 from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from torch.utils.data import DistributedSampler, Sampler
+
+from .runtime import pick_device
 
 __all__ = [
     "DistContext",
@@ -105,7 +106,7 @@ def init_from_env(device_arg: str = "auto") -> DistContext:
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
-    device = _pick_device(device_arg, local_rank, distributed)
+    device = pick_device(device_arg, local_rank, distributed)
     if not distributed:
         return DistContext(device=device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -114,50 +115,6 @@ def init_from_env(device_arg: str = "auto") -> DistContext:
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
     return DistContext(rank, world_size, local_rank, device, True, backend)
-
-
-def _pick_device(device_arg: str, local_rank: int, distributed: bool) -> torch.device:
-    arg = (device_arg or "auto").strip().lower()
-    if arg == "auto":
-        if torch.cuda.is_available():
-            arg = "cuda"
-        elif not distributed and torch.backends.mps.is_available():
-            arg = "mps"
-        else:
-            arg = "cpu"
-    try:
-        device = torch.device(arg)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {device_arg!r}; use auto, cpu, cuda, cuda:N or mps") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device_arg!r} was asked for but CUDA is not available; use --device cpu")
-        count = torch.cuda.device_count()
-        if distributed:
-            if device.index is not None and device.index != local_rank:
-                warnings.warn(
-                    f"under torchrun each process uses cuda:LOCAL_RANK; ignoring {device_arg!r} for cuda:{local_rank}",
-                    stacklevel=3,
-                )
-            if local_rank >= count:
-                raise ValueError(
-                    f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s): start at most "
-                    f"{count} processes per node (--nproc-per-node)"
-                )
-            return torch.device("cuda", local_rank)
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index >= count:
-            raise ValueError(f"device {device_arg!r} does not exist: this machine has {count} CUDA device(s)")
-        return torch.device("cuda", index)
-    if device.type == "mps":
-        if distributed:
-            raise ValueError("MPS cannot be used with torchrun (no MPS process-group backend); use --device cpu")
-        if not torch.backends.mps.is_available():
-            raise ValueError(f"device {device_arg!r} was asked for but MPS is not available")
-        return device
-    if device.type != "cpu":
-        raise ValueError(f"unsupported device {device_arg!r}; use auto, cpu, cuda, cuda:N or mps")
-    return device
 
 
 def cleanup(ctx: DistContext) -> None:

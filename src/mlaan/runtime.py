@@ -1,4 +1,5 @@
-"""How a run uses the machine: bf16 autocast, channels-last memory format and the CPU thread count.
+"""How a run uses the machine: which device, bf16 autocast, channels-last memory format, the CPU thread count,
+and its peak memory (measured and shown).
 
 Measured on the 2-core Xeon this project is developed on (BENCHMARKS.md, "CPU fast path"): channels-last makes a
 ResNet-32 training step on one thread about 0.75× as long; bf16 autocast pays off only where the CPU has AMX
@@ -11,7 +12,9 @@ default thread count is the number of cores that are actually idle when the run 
 from __future__ import annotations
 
 import os
+import resource
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -145,6 +148,76 @@ def apply_threads(threads: int | None) -> None:
     """Set torch's intra-op thread count (None leaves it as it is)."""
     if threads is not None and threads != torch.get_num_threads():
         torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------- device
+def pick_device(device_arg: str = "auto", local_rank: int = 0, distributed: bool = False) -> torch.device:
+    """The device a process runs on, checked: ``"auto"`` (CUDA if available, else MPS for a single process, else
+    CPU), ``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"mps"``. Under torchrun (``distributed``) a CUDA device is always
+    ``cuda:LOCAL_RANK`` (a warning when another index was asked for).
+
+    ValueError (one line, naming the choices) for an unknown or unsupported device, or one this machine lacks."""
+    arg = (device_arg or "auto").strip().lower()
+    if arg == "auto":
+        if torch.cuda.is_available():
+            arg = "cuda"
+        elif not distributed and torch.backends.mps.is_available():
+            arg = "mps"
+        else:
+            arg = "cpu"
+    try:
+        device = torch.device(arg)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {device_arg!r}; use auto, cpu, cuda, cuda:N or mps") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device_arg!r} was asked for but CUDA is not available; use --device cpu")
+        count = torch.cuda.device_count()
+        if distributed:
+            if device.index is not None and device.index != local_rank:
+                warnings.warn(
+                    f"under torchrun each process uses cuda:LOCAL_RANK; ignoring {device_arg!r} for cuda:{local_rank}",
+                    stacklevel=3,
+                )
+            if local_rank >= count:
+                raise ValueError(
+                    f"LOCAL_RANK={local_rank} but this machine has {count} CUDA device(s): start at most "
+                    f"{count} processes per node (--nproc-per-node)"
+                )
+            return torch.device("cuda", local_rank)
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= count:
+            raise ValueError(f"device {device_arg!r} does not exist: this machine has {count} CUDA device(s)")
+        return torch.device("cuda", index)
+    if device.type == "mps":
+        if distributed:
+            raise ValueError("MPS cannot be used with torchrun (no MPS process-group backend); use --device cpu")
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"device {device_arg!r} was asked for but MPS is not available")
+        return device
+    if device.type != "cpu":
+        raise ValueError(f"unsupported device {device_arg!r}; use auto, cpu, cuda, cuda:N or mps")
+    return device
+
+
+# ------------------------------------------------------------------------------------------------- memory
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """(bytes, what was measured): the CUDA caching allocator's peak on CUDA (``"cuda_max_memory_allocated"``),
+    the process's peak RSS elsewhere (``"cpu_peak_rss"``)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_memory_allocated"
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "cpu_peak_rss"
+
+
+def format_bytes(n: float | None) -> str:
+    """``n`` bytes for people: ``"512 B"``, ``"1.50 KiB"``, ``"2.00 MiB"``, up to GiB (``"1536.00 GiB"``);
+    ``"—"`` for None (not measured)."""
+    if n is None:
+        return "—"
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
 
 
 # ------------------------------------------------------------------------------------------------ helpers

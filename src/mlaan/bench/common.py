@@ -186,16 +186,6 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(out)
 
 
-def human_bytes(n: float | None) -> str:
-    """``1536`` → ``"1.50 KiB"``; ``"—"`` for None."""
-    if n is None:
-        return "—"
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 def machine_description() -> str:
     """What the figures were measured on, e.g. "2-core CPU container, no GPU" or the CUDA card's name."""
     cores = os.cpu_count() or 0
@@ -289,15 +279,3 @@ def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path,
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ValueError for CUDA on a machine without it."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available on this machine")
-    try:
-        return torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"invalid device {device!r}: {err}") from None

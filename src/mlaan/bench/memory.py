@@ -46,6 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..runtime import format_bytes, pick_device
 from ..training.loop import optimizer_step
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
@@ -249,7 +250,7 @@ def measure_case(
 
     ``mode``: ``account`` (the exact accounting, any device) or ``cuda`` (``torch.cuda.max_memory_allocated``).
     """
-    dev = common.resolve_device(device)
+    dev = pick_device(device)
     if mode == "cuda" and dev.type != "cuda":
         raise ValueError("mode 'cuda' needs a CUDA device")
     if dev.type == "cuda":
@@ -414,11 +415,11 @@ def sweep(
             result = {**p2, "batch": batch, "peak_bytes": int(p2["peak_bytes"] + slope * (batch - p2["batch"])),
                       "extrapolated_from": [{"batch": p["batch"], "peak_bytes": p["peak_bytes"]} for p in points],
                       "peak_rss_bytes": None, "breakdown": _scale_breakdown(p1, p2, batch)}
-            log(f"  {arch} {label(result)} K={k}: {common.human_bytes(result['peak_bytes'])} (extrapolated)")
+            log(f"  {arch} {label(result)} K={k}: {format_bytes(result['peak_bytes'])} (extrapolated)")
         else:
             result = points[0]
-            log(f"  {arch} {label(result)} K={k}: {common.human_bytes(result['peak_bytes'])} "
-                f"(peak RSS {common.human_bytes(result['peak_rss_bytes'])}, {result['seconds']:.0f}s)")
+            log(f"  {arch} {label(result)} K={k}: {format_bytes(result['peak_bytes'])} "
+                f"(peak RSS {format_bytes(result['peak_rss_bytes'])}, {result['seconds']:.0f}s)")
         results.append(result)
         if on_result is not None:
             on_result(result)
@@ -461,9 +462,9 @@ def render(results: list[dict]) -> str:
                 r["k"],
                 r["batch"],
                 f"{r['peak_bytes']:,}",
-                common.human_bytes(r["peak_bytes"]),
+                format_bytes(r["peak_bytes"]),
                 "—" if r.get("pct_of_bp") is None else f"{r['pct_of_bp']:.1f}%",
-                common.human_bytes(r.get("peak_rss_bytes")),
+                format_bytes(r.get("peak_rss_bytes")),
                 _at_peak(bd, static),
             ]
         )
@@ -475,9 +476,9 @@ def render(results: list[dict]) -> str:
 def _at_peak(bd: dict, static: int) -> str:
     if not bd:
         return "—"
-    saved = common.human_bytes(bd.get("autograd-saved activations"))
-    other = common.human_bytes(bd.get("other live tensors"))
-    return f"static {common.human_bytes(static)}, saved {saved}, other {other}"
+    saved = format_bytes(bd.get("autograd-saved activations"))
+    other = format_bytes(bd.get("other live tensors"))
+    return f"static {format_bytes(static)}, saved {saved}, other {other}"
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -585,7 +586,7 @@ def run(args: argparse.Namespace) -> int:
     methods = common.parse_methods(args.methods)
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
-    device = common.resolve_device(args.device)
+    device = pick_device(args.device)
     mode = args.mode if args.mode != "auto" else ("cuda" if device.type == "cuda" else "account")
     if mode == "cuda" and device.type != "cuda":
         raise ValueError("--mode cuda needs a CUDA device (this machine has none); use --mode account")

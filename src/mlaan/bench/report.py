@@ -17,6 +17,7 @@ import argparse
 import json
 from pathlib import Path
 
+from ..runtime import format_bytes
 from . import common
 
 
@@ -249,7 +250,7 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
                 delta(bp_run),
                 delta(base_runs.get(base_method(r["method"]) or "")),
                 "—" if r["best_accuracy"] is None else f"{100 * r['best_accuracy']:.2f}",
-                common.human_bytes(mem),
+                format_bytes(mem),
                 "—" if r["wall_time"] is None else f"{r['wall_time'] / 60:.1f}",
                 "yes" if r["finished"] else "no",
             ]

@@ -1,120 +1,82 @@
-"""Checkpoints: only tensors and plain data, written atomically, read with ``weights_only=True``.
+"""The training checkpoint, in one place: its schema, writing it, reading and checking it, restoring a run
+from it, and exporting the backbone. Only tensors and plain data, written atomically (:mod:`mlaan.atomic`), read
+with ``weights_only=True``.
 
 A training checkpoint (``last.pt``/``best.pt``) is a dict::
 
     {"format": "mlaan-checkpoint", "version": 1,
-     "arch", "method", "local_modules", "dataset", "num_classes", "in_channels", "image_size", "mean", "std",
+     "arch", "method", "local_modules", "dataset", "data_source", "num_classes", "in_channels", "image_size",
+     "mean", "std",
      "model": LocalModel.state_dict() (backbone, aux nets, EMA twins), "optimizer", "scheduler",
      "epoch": completed epochs, "epoch_step": steps done in the epoch after those, "step": optimizer steps,
-     "best_accuracy", "best_epoch", "config": TrainConfig.to_dict(), "rng": {...tensors...}}
+     "best_accuracy", "best_epoch", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
+     "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter)}
 
 An export (``mlaan export``) is the plain backbone's ``state_dict`` alone (keys ``blocks.<i>.…``), with a
 ``.json`` file beside it saying how to build the network.
+
+Every check raises ValueError (FileNotFoundError for a missing file) with a one-line message naming the file,
+which ``mlaan`` reports with exit code 2 before anything is written.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
-import tempfile
 import zipfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ..atomic import atomic_save, atomic_write_text
+from .config import FIELD_NAMES, TrainConfig, coerce, merge
+from .safety import OutputWriteError
+
+if TYPE_CHECKING:
+    from ..data import DatasetInfo
 
 FORMAT = "mlaan-checkpoint"
 VERSION = 1
 IDENTITY_KEYS = ("arch", "method", "local_modules")
 
-
-def atomic_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file in the same folder, flush + fsync, then ``os.replace``: a reader
-    sees the old file or the new one, never half of one."""
-
-    def write(f) -> None:
-        recorder = _WriteRecorder(f)
-        try:
-            torch.save(obj, recorder)
-        except RuntimeError:
-            # torch's zip writer turns a failed write (disk full, file too large) into an obscure
-            # RuntimeError: report the OSError underneath instead
-            if recorder.error is not None:
-                raise recorder.error from None
-            raise
-        if recorder.error is not None:  # a failed write that torch did not report: never rename it
-            raise recorder.error
-
-    _atomic_write(path, "wb", write)
-
-
-def _atomic_write(path: str | os.PathLike, mode: str, write) -> None:
-    """``write(file)`` into a temporary file beside ``path``, flush, fsync, rename over ``path``, fsync the
-    folder; the temporary file is removed if anything fails, so ``path`` stays the previous good file."""
-    path = Path(path)
-    fd, tmp = _temp_beside(path)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+# Options that may change between a run and its resumption: where and how it runs, not what it computes.
+# (arch, method and local_modules are checked against the checkpoint itself, with their own message.)
+RESUME_FREE = frozenset(
+    {
+        "max_steps",
+        "overwrite",
+        "device",
+        "workers",
+        "tensorboard",
+        "download",
+        "data_root",
+        "output_dir",
+        "eval_batch_size",
+        "save_every",
+        "grad_checkpointing",
+        "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
+        "channels_last",
+        "threads",
+        "extra",
+    }
+)
+# options of one invocation that a resumed run does not inherit (it goes on to --epochs unless told otherwise)
+_PER_INVOCATION = ("overwrite", "max_steps")
 
 
-class _WriteRecorder:
-    """A file's ``write`` for ``torch.save`` that remembers the first OSError it raised."""
-
-    def __init__(self, f) -> None:
-        self.f, self.error = f, None
-
-    def write(self, data) -> int:
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = self.error or err
-            raise
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
-def atomic_write_text(text: str, path: str | os.PathLike) -> None:
-    """Same guarantee for a text file (metrics.json, export metadata)."""
-    _atomic_write(path, "w", lambda f: f.write(text))
-
-
-def _temp_beside(path: Path) -> tuple[int, str]:
-    """A temporary file in ``path``'s folder (so ``os.replace`` is atomic), with the permissions a plain
-    ``open`` would give (mkstemp makes it private)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    return fd, tmp
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
+# ------------------------------------------------------------------------------------------------- reading
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)``; FileNotFoundError / ValueError with the path on failure."""
+    """``torch.load(weights_only=True)`` of any checkpoint or export, after checking its zip archive's CRCs.
+
+    FileNotFoundError when ``path`` is not a file; ValueError (naming the path) when it is damaged, not a
+    checkpoint, or holds a pickled callable or class (refused, never called)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -146,10 +108,13 @@ def _check_archive(path: Path) -> None:
 
 
 def is_training_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object claims to be a training checkpoint (its ``format`` field); not yet checked."""
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
 def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """:func:`load` a training checkpoint and check every field (:func:`check_training_checkpoint`).
+    FileNotFoundError / ValueError as there, or when the file is an export rather than a training checkpoint."""
     obj = load(path, map_location)
     if not is_training_checkpoint(obj):
         raise ValueError(f"{path} is not an mlaan training checkpoint (last.pt / best.pt written by mlaan train)")
@@ -157,17 +122,16 @@ def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.
     return obj
 
 
-def check_training_checkpoint(obj: dict, path: str | os.PathLike) -> None:
+def check_training_checkpoint(obj: Mapping[str, Any], path: str | os.PathLike) -> None:
     """ValueError if a training checkpoint has a missing or malformed field, or is from a newer mlaan."""
-    from .safety import check_checkpoint_fields
-
     check_checkpoint_fields(obj, path)
     if obj.get("version", 0) > VERSION:
         raise ValueError(f"{path} was written by a newer mlaan (checkpoint version {obj['version']} > {VERSION})")
 
 
-def check_compatible(ckpt: dict, arch: str, method: str, local_modules: int, path: str | os.PathLike) -> None:
-    """Refuse a checkpoint of another architecture, method or K, naming both values."""
+def check_compatible(ckpt: Mapping[str, Any], arch: str, method: str, local_modules: int,
+                     path: str | os.PathLike | None) -> None:
+    """ValueError for a checkpoint of another architecture, method or K, naming both values."""
     wanted = {"arch": arch, "method": method, "local_modules": local_modules}
     for key in IDENTITY_KEYS:
         if ckpt.get(key) != wanted[key]:
@@ -178,9 +142,329 @@ def check_compatible(ckpt: dict, arch: str, method: str, local_modules: int, pat
             )
 
 
-# ----------------------------------------------------------------------------------------------- RNG states
+def saved_config(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's options as the checkpoint saved them, less any key this version of mlaan does not know."""
+    return {k: v for k, v in ckpt.get("config", {}).items() if k in FIELD_NAMES}
+
+
+def resume_layer(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """The checkpoint's options as the lowest layer of a resumed run's config (below ``--config`` and flags):
+    without the per-invocation ``overwrite``/``max_steps``, and writing beside the checkpoint."""
+    layer = saved_config(ckpt)
+    for per_invocation in _PER_INVOCATION:
+        layer.pop(per_invocation, None)
+    layer["output_dir"] = str(Path(path).parent)
+    return layer
+
+
+def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse to resume with options (from flags or ``--config``) that change what the run computes.
+
+    ``saved``: the checkpoint's config; ``given``: the values set explicitly for this invocation (already
+    converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked by :func:`check_compatible`.
+    ValueError listing every conflicting option.
+    """
+    conflicts = []
+    for name, value in sorted(given.items()):
+        if name in RESUME_FREE or name in IDENTITY_KEYS or name not in saved:
+            continue
+        try:
+            before = coerce(name, saved[name])
+        except ValueError:
+            continue
+        if not _same(before, value):
+            conflicts.append(f"{name}: {_show(before)} in the run, {_show(value)} given")
+    if conflicts:
+        raise ValueError(
+            f"--resume: the options differ from those of the run in {Path(path).parent} "
+            f"({'; '.join(conflicts)}); resume with the run's options, or start a new run in another --output-dir"
+        )
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    return a == b
+
+
+def _show(value: Any) -> str:
+    return json.dumps(list(value) if isinstance(value, tuple) else value, default=str)
+
+
+# -------------------------------------------------------------------------------------------------- schema
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _tensor_dict(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, torch.Tensor) for k, t in v.items())
+
+
+def _rng_states(v: Any) -> bool:
+    def ok(x: Any) -> bool:
+        return isinstance(x, torch.Tensor) or (isinstance(x, (list, tuple)) and all(ok(y) for y in x))
+
+    return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
+
+
+def _epoch_partial(value: Any) -> bool:
+    """The sums of an epoch in progress: numbers, and ``module_loss_sums``: {kind: [number or None, ...]}."""
+    if not isinstance(value, dict):
+        return False
+    modules = value.get("module_loss_sums", {})
+    lists_ok = isinstance(modules, dict) and all(
+        isinstance(v, list) and all(x is None or _is_number(x) for x in v) for v in modules.values()
+    )
+    return lists_ok and all(_is_number(x) for k, x in value.items() if k != "module_loss_sums")
+
+
+_CHECKPOINT_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "arch": ("a name", lambda v: isinstance(v, str)),
+    "method": ("a name", lambda v: isinstance(v, str)),
+    "dataset": ("a name", lambda v: isinstance(v, str)),
+    "local_modules": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "num_classes": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "in_channels": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "image_size": ("a positive integer", lambda v: _is_int(v) and v >= 1),
+    "mean": ("a list of numbers", lambda v: isinstance(v, (list, tuple)) and v and all(map(_is_number, v))),
+    "std": ("a list of numbers", lambda v: isinstance(v, (list, tuple)) and v and all(map(_is_number, v))),
+    "model": ("a state_dict of tensors", _tensor_dict),
+    "optimizer": ("an optimizer state_dict",
+                  lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+                  and isinstance(v.get("param_groups"), list) and all(isinstance(g, dict) for g in v["param_groups"])),
+    "scheduler": ("a scheduler state_dict", lambda v: isinstance(v, dict)),
+    "epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "epoch_step": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "step": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "best_accuracy": ("a number", _is_number),
+    "best_epoch": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "config": ("a mapping of options", lambda v: isinstance(v, dict) and all(isinstance(k, str) for k in v)),
+}
+_OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "rng": ("a mapping of RNG states", _rng_states),
+    "epoch_partial": ("a mapping of numbers (and per-module lists of numbers)", _epoch_partial),
+    "wall_time": ("a number", _is_number),
+    "data_source": ("a path", lambda v: isinstance(v, str)),
+    "version": ("an integer", _is_int),
+}
+
+
+def check_checkpoint_fields(ckpt: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """ValueError naming the first field of a training checkpoint that is missing or of the wrong kind
+    (a file that loads safely but was not written by ``mlaan train``, or was edited)."""
+    for fields, required in ((_CHECKPOINT_FIELDS, True), (_OPTIONAL_FIELDS, False)):
+        for key, (kind, ok) in fields.items():
+            if key not in ckpt:
+                if required:
+                    raise ValueError(f"checkpoint {path} has no {key!r} field: not a complete mlaan checkpoint")
+                continue
+            if not ok(ckpt[key]):
+                shown = type(ckpt[key]).__name__
+                raise ValueError(f"checkpoint {path}: field {key!r} should be {kind}, got a {shown}")
+
+
+# ------------------------------------------------------------------------------------------------- writing
+@dataclass
+class Progress:
+    """Where a run stands, as its checkpoint saves it and a resume restores it.
+
+    ``epoch`` epochs completed, then ``epoch_step`` steps of the next; ``step`` optimizer steps in all; the best
+    test accuracy so far and the epoch that reached it (-1.0 and 0 before the first evaluation); ``wall_time``:
+    seconds trained by the run's earlier invocations."""
+
+    epoch: int = 0
+    epoch_step: int = 0
+    step: int = 0
+    best_accuracy: float = -1.0
+    best_epoch: int = 0
+    wall_time: float = 0.0
+
+
+def training_state(
+    cfg: TrainConfig,
+    info: DatasetInfo,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    progress: Progress,
+    epoch_partial: Mapping[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """The checkpoint of a run at a step boundary (the dict of the module docstring), ready for
+    :func:`~mlaan.atomic.atomic_save`. ``model``: the unwrapped LocalModel; ``epoch_partial``: the sums of the
+    epoch in progress; ``seconds``: trained in this invocation. Takes the RNG states now, so nothing may draw a
+    random number between this call and the step it describes."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "arch": cfg.arch,
+        "method": cfg.method,
+        "local_modules": cfg.local_modules,
+        "dataset": info.name,
+        "data_source": info.source,  # where the files were read from (may differ from config's data_root)
+        "num_classes": info.num_classes,
+        "in_channels": info.in_channels,
+        "image_size": info.image_size,
+        "mean": list(info.mean),
+        "std": list(info.std),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": progress.epoch,
+        "epoch_step": progress.epoch_step,
+        "step": progress.step,
+        "best_accuracy": progress.best_accuracy,
+        "best_epoch": progress.best_epoch,
+        "wall_time": progress.wall_time + seconds,
+        "config": cfg.to_dict(),
+        "rng": rng_state(),
+        "epoch_partial": dict(epoch_partial),
+    }
+
+
+class CheckpointSaver:
+    """Writes a run's ``last.pt`` and ``best.pt`` into ``folder`` (only where ``writes``: rank 0) and remembers the
+    step of the last good ``last.pt``, so that a failed write of any of the run's files says which checkpoint is
+    still intact and how to resume (:class:`~mlaan.training.safety.OutputWriteError`)."""
+
+    def __init__(self, folder: str | os.PathLike, writes: bool = True, saved_step: int | None = None) -> None:
+        self.folder = Path(folder)
+        self.writes = writes
+        self.saved_step = saved_step  # step of the last checkpoint written or resumed from; None: none yet
+
+    @property
+    def last(self) -> Path:
+        return self.folder / "last.pt"
+
+    def save(self, state: Callable[[], Mapping[str, Any]], step: int, best: bool = False) -> None:
+        """Write ``state()`` (built only where this process writes) to ``last.pt``, and to ``best.pt`` too when
+        ``best``; ``step``: the optimizer step it describes. OutputWriteError when a write fails."""
+        if self.writes:
+            built = state()
+            self.guard(lambda: atomic_save(built, self.last), self.last)
+            self.saved_step = step
+            if best:
+                self.guard(lambda: atomic_save(built, self.folder / "best.pt"), self.folder / "best.pt")
+        else:
+            self.saved_step = step
+
+    def guard(self, write: Callable[[], Any], path: str | os.PathLike) -> None:
+        """Run ``write``; an OSError (disk full, read-only folder) becomes an OutputWriteError naming ``path``
+        and the checkpoint that is intact."""
+        try:
+            write()
+        except OSError as err:
+            if isinstance(err, OutputWriteError):
+                raise
+            hint = f"; fix that, then resume with: mlaan train --output-dir {self.folder} --resume" if (
+                self.saved_step is not None) else ""
+            raise OutputWriteError(f"could not write {path}: {err.strerror or err}; {self.kept()}{hint}") from err
+
+    def kept(self) -> str:
+        """Which checkpoint a run that fails now leaves behind, for its error message."""
+        if self.saved_step is None or not self.last.is_file():
+            return "no checkpoint had been written yet"
+        return f"the last good checkpoint, {self.last} (step {self.saved_step}), is kept"
+
+
+# ----------------------------------------------------------------------------------------------- restoring
+_LOAD_ERRORS = (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError, OverflowError)
+
+
+def _short(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}"
+
+
+def load_model_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor], path: str | os.PathLike | None,
+                     whose: str = "this model") -> None:
+    """``model.load_state_dict(state)``; ValueError (the first line of torch's message) when it does not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(f"checkpoint {path} does not fit {whose}: {first}") from err
+
+
+def restore_training(
+    ckpt: Mapping[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    steps_per_epoch: int,
+    path: str | os.PathLike | None,
+) -> Progress:
+    """Load the optimizer's and scheduler's states, check the RNG states and the place in the epoch against this
+    run (ValueError, before anything is written), and return the run's :class:`Progress`. The RNG states
+    themselves are set by the caller when training starts (:func:`set_rng_state`)."""
+    load_optimizer_and_scheduler(optimizer, scheduler, ckpt, path)
+    if ckpt.get("rng") is not None:
+        check_rng_state(ckpt["rng"], path)
+    check_position(ckpt, steps_per_epoch, path)
+    return Progress(
+        epoch=int(ckpt["epoch"]), epoch_step=int(ckpt["epoch_step"]), step=int(ckpt["step"]),
+        best_accuracy=float(ckpt["best_accuracy"]), best_epoch=int(ckpt["best_epoch"]),
+        wall_time=float(ckpt.get("wall_time", 0.0)),
+    )
+
+
+def load_optimizer_and_scheduler(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LRScheduler,
+                                 ckpt: Mapping[str, Any], path: str | os.PathLike | None) -> None:
+    """``load_state_dict`` both, then check what they hold, so that a checkpoint whose states do not fit this
+    run is refused here (ValueError) rather than failing with a traceback in the middle of training."""
+    expected = [set(group) for group in optimizer.param_groups]  # the options each group must have
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its optimizer state does not fit this run ({_short(err)})") from err
+    for i, group in enumerate(optimizer.param_groups):
+        missing = sorted(expected[i] - set(group)) if i < len(expected) else []
+        if missing:
+            raise ValueError(f"checkpoint {path}: optimizer group {i} has no {', '.join(missing)}")
+        for key in ("lr", "momentum", "dampening", "weight_decay"):
+            if key in group and not _is_number(group[key]):
+                raise ValueError(f"checkpoint {path}: optimizer group {i} has {key}={group[key]!r}, not a number")
+        for p in group["params"]:
+            buf = optimizer.state.get(p, {}).get("momentum_buffer")
+            if buf is not None and not (isinstance(buf, torch.Tensor) and buf.shape == p.shape):
+                raise ValueError(f"checkpoint {path}: a momentum buffer of the optimizer does not fit its parameter "
+                                 f"({tuple(getattr(buf, 'shape', ()))} vs {tuple(p.shape)})")
+    try:
+        scheduler.load_state_dict(dict(ckpt["scheduler"]))  # a copy: LambdaLR pops from it
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its scheduler state does not fit this run ({_short(err)})") from err
+    if not (_is_int(scheduler.last_epoch) and scheduler.last_epoch >= 0
+            and all(_is_number(x) for x in (*scheduler.base_lrs, *scheduler.get_last_lr()))
+            and len(scheduler.base_lrs) == len(optimizer.param_groups)):
+        raise ValueError(f"checkpoint {path}: its scheduler state is malformed")
+
+
+def check_rng_state(state: Any, path: str | os.PathLike | None) -> None:
+    """Try the checkpoint's RNG states (then put the current ones back): ValueError if they cannot be set."""
+    current = rng_state()
+    try:
+        set_rng_state(state)
+    except _LOAD_ERRORS as err:
+        raise ValueError(f"checkpoint {path}: its RNG states are damaged ({_short(err)})") from err
+    finally:
+        set_rng_state(current)
+
+
+def check_position(ckpt: Mapping[str, Any], steps_per_epoch: int, path: str | os.PathLike | None) -> None:
+    """ValueError unless the saved place in the epoch exists in this run's epochs of ``steps_per_epoch`` steps."""
+    if ckpt["epoch_step"] > steps_per_epoch:
+        raise ValueError(
+            f"checkpoint {path} stopped after step {ckpt['epoch_step']} of an epoch, but an epoch of this run has "
+            f"{steps_per_epoch} steps: the data or the batch size differ from the run's"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- RNG states
 def rng_state() -> dict[str, Any]:
-    """Every RNG the loop draws from, as tensors (python's and numpy's states converted)."""
+    """Every RNG the loop draws from, as tensors (python's and numpy's states converted), CUDA's when present."""
     version, py_state, gauss = random.getstate()
     np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     state: dict[str, Any] = {
@@ -196,7 +480,9 @@ def rng_state() -> dict[str, Any]:
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Set every RNG from :func:`rng_state`'s dict (CUDA's only where the device count matches); KeyError,
+    TypeError, ValueError or RuntimeError for a damaged one (:func:`check_rng_state` turns them into one)."""
     torch.set_rng_state(state["torch"].cpu())
     gauss = float(state["python_gauss"][0])
     random.setstate((3, tuple(int(v) for v in state["python"].tolist()), None if gauss != gauss else gauss))
@@ -210,8 +496,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state_all(cuda_states)
 
 
-# ---------------------------------------------------------------------------------------------------- export
-def data_root_of(ckpt: dict) -> str | None:
+# -------------------------------------------------------------------------------------------------- export
+def data_root_of(ckpt: Mapping[str, Any]) -> str | None:
     """Where a run's data were actually read from (a Debian folder rather than the default ``data``, say),
     falling back to its configured data root for checkpoints that do not say."""
     source = ckpt.get("data_source")
@@ -220,30 +506,54 @@ def data_root_of(ckpt: dict) -> str | None:
     return ckpt.get("config", {}).get("data_root")
 
 
-def local_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> Any:
+def local_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> Any:
     """The whole :class:`~mlaan.LocalModel` (backbone, aux nets, EMA twins) of a training checkpoint, built
     with the run's options and loaded with its weights. ValueError when the weights do not fit."""
     from .. import create_local_model
-    from .config import FIELD_NAMES, merge
 
-    config = merge({k: v for k, v in ckpt.get("config", {}).items() if k in FIELD_NAMES})
+    config = merge(saved_config(ckpt))
     model = create_local_model(
         ckpt["arch"], method=ckpt["method"], num_local_modules=ckpt["local_modules"],
         num_classes=ckpt["num_classes"], in_channels=ckpt["in_channels"], image_size=ckpt["image_size"],
         **config.engine_options(tuple(ckpt["mean"]), tuple(ckpt["std"])),
     )
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()[0]
-        raise ValueError(f"checkpoint {path} does not fit its own model: {first}") from err
+    load_model_state(model, ckpt["model"], path, whose="its own model")
     return model
 
 
-def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
-    """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``."""
+def backbone_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The plain backbone's ``state_dict`` (keys ``blocks.<i>.…``) inside a training checkpoint's model state."""
     prefix = "backbone."
-    state = {k[len(prefix):]: v.detach().clone() for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    return {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+
+
+def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(backbone state_dict, description) from a training checkpoint, or from an export and the ``.json`` beside it
+    (what ``mlaan eval`` evaluates). The description has ``arch``, ``num_classes``, ``in_channels``,
+    ``image_size``, ``dataset``, ``data_root`` and ``data_options``. FileNotFoundError / ValueError (one line,
+    naming the file) when it is neither, or damaged."""
+    obj = load(path)
+    if is_training_checkpoint(obj):
+        check_training_checkpoint(obj, path)  # every field there and of the right kind
+        meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
+        meta["data_root"] = data_root_of(obj)
+        meta["data_options"] = {k: v for k, v in obj.get("config", {}).items() if k.startswith("synthetic_")}
+        meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
+        return backbone_state(obj), meta
+    meta_path = Path(path).with_suffix(".json")
+    if not isinstance(obj, dict) or not meta_path.is_file():
+        raise ValueError(f"{path} is neither a training checkpoint nor an export with {meta_path} beside it")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("format") != "mlaan-backbone":
+        raise ValueError(f"{meta_path} is not an mlaan export description")
+    return obj, meta
+
+
+def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
+    """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``; returns
+    both paths. ValueError when the checkpoint holds no backbone, FileNotFoundError when ``out``'s folder does
+    not exist."""
+    state = {k: v.detach().clone() for k, v in backbone_state(ckpt).items()}
     if not state:
         raise ValueError("checkpoint holds no backbone weights (no 'backbone.' keys in its model state)")
     out = Path(out)

@@ -1,5 +1,7 @@
-"""The training loop's pieces, in view (torchvision's ``train_one_epoch``/``evaluate`` style): the optimizer
-recipe and its schedule, the one optimizer step every trainer and benchmark runs, and evaluation.
+"""The training loop, in view (torchvision's ``train_one_epoch``/``evaluate`` style): the optimizer recipe and its
+schedule, the one optimizer step every trainer and benchmark runs, an epoch of them (:func:`train_one_epoch`),
+and evaluation (:func:`evaluate`). :class:`~mlaan.training.trainer.Trainer` adds the run around these: data,
+resume, checkpoints, signals, logs.
 
 Recipe (docs/METHOD.md#training-recipe): SGD with Nesterov momentum 0.9 and weight decay 1e-4, a linear warm-up
 then a cosine decay to 0, both per optimizer step.
@@ -9,7 +11,9 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -79,6 +83,136 @@ def optimizer_step(
     return stats
 
 
+# ------------------------------------------------------------------------------------------------- epoch
+def train_one_epoch(
+    model: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    loader: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+    meter: EpochMeter,
+    wait_for_gradients: Callable[[], None] | None = None,
+    after_step: Callable[[dict, float], bool] | None = None,
+    progress: str | None = None,
+    world_size: int = 1,
+) -> None:
+    """Train ``model`` (a :class:`~mlaan.LocalModel`) for one pass over ``loader``'s ``(images (B, C, H, W),
+    targets (B,))`` batches: per batch :func:`optimizer_step` (zero_grad → train_step → ``wait_for_gradients`` →
+    optimizer.step → after_optimizer_step), then ``scheduler.step()`` (the schedule is per optimizer step).
+
+    ``meter`` adds up the steps' losses and accuracies (it may hold the sums of this epoch's earlier steps, from a
+    mid-epoch checkpoint). ``after_step(stats, lr)``, after each step (``stats``: ``train_step``'s, ``lr``: the rate
+    the step used) does the caller's per-step work (counting steps, periodic checkpoints, stop signals, logs) and
+    returns True to end the epoch early. ``progress``: the label of a progress bar on stderr (none when None);
+    ``world_size`` scales its images/s. A FloatingPointError from ``train_step`` (non-finite loss) propagates
+    before the step changed any parameter.
+    """
+    model.train()
+    meter.start()
+    bar = None if progress is None else tqdm(loader, desc=progress, leave=False, dynamic_ncols=True, mininterval=1.0,
+                                             file=sys.stderr)
+    for images, targets in loader if bar is None else bar:
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        stats = optimizer_step(model, optimizer, images, targets, wait_for_gradients)
+        lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
+        scheduler.step()
+        meter.update(stats, len(targets))
+        if bar is not None:
+            bar.set_postfix(**meter.postfix(lr, world_size), refresh=False)
+        if after_step is not None and after_step(stats, lr):
+            break
+    if bar is not None:
+        bar.close()
+
+
+_MODULE_KEYS = ("independent_losses", "cascaded_losses")  # train_step's per-module loss lists
+
+
+@dataclass
+class EpochMeter:
+    """Running sums of an epoch's training steps, weighted by batch size: loss, correct predictions, images, the
+    seconds spent, and per local module the losses of its independent and cascaded aux nets
+    (``module_loss_sums``: ``{"independent_losses": [sum or None per module], "cascaded_losses": [...]}``, None
+    where a module has no such aux net). Its :meth:`state_dict` is what a mid-epoch checkpoint saves as
+    ``epoch_partial``, so that a resumed epoch reports all of its steps."""
+
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    count: float = 0.0
+    seconds: float = 0.0
+    module_loss_sums: dict[str, list[float | None]] = field(default_factory=dict)
+    # (seconds of earlier passes, perf_counter at this pass's start): seconds keep counting across a resume
+    _clock: tuple[float, float] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any] | None) -> EpochMeter:
+        """A meter holding a checkpoint's ``epoch_partial`` sums (a fresh one for None or a non-dict)."""
+        if not isinstance(state, dict):
+            return cls()
+        sums = {k: float(state.get(k, 0.0)) for k in ("loss_sum", "correct", "count", "seconds")}
+        modules = {name: [None if v is None else float(v) for v in values]
+                   for name, values in (state.get("module_loss_sums") or {}).items()}
+        return cls(**sums, module_loss_sums=modules)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The sums as plain data (a checkpoint's ``epoch_partial``); lists are copied."""
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count, "seconds": self.seconds,
+                "module_loss_sums": {name: list(values) for name, values in self.module_loss_sums.items()}}
+
+    def start(self) -> None:
+        """Start timing this pass (the seconds of earlier passes over the same epoch are kept)."""
+        self._clock = (self.seconds, time.perf_counter())
+
+    def update(self, stats: dict, n: int) -> None:
+        """Add a step of batch size ``n`` (``stats``: ``train_step``'s ``loss``, ``accuracy`` and per-module lists)."""
+        self.loss_sum += stats["loss"] * n
+        self.correct += stats["accuracy"] * n
+        self.count += n
+        for name in _MODULE_KEYS:
+            values = stats.get(name)
+            if values is None:
+                continue
+            totals = self.module_loss_sums.setdefault(name, [0.0 if v is not None else None for v in values])
+            for j, v in enumerate(values):
+                if v is not None and totals[j] is not None:
+                    totals[j] += v * n
+        self._tick()
+
+    def _tick(self) -> None:
+        if self._clock is not None:
+            before, t0 = self._clock
+            self.seconds = before + time.perf_counter() - t0
+
+    def postfix(self, lr: float, world_size: int = 1) -> dict[str, str]:
+        """The progress bar's running figures: mean loss, accuracy, images/s (all ranks), learning rate."""
+        rate = self.count * world_size / max(self.seconds, 1e-9)
+        return {"loss": f"{self.loss_sum / self.count:.3f}", "acc": f"{100 * self.correct / self.count:.1f}%",
+                "img_s": f"{rate:.0f}", "lr": f"{lr:.4g}"}
+
+    def summary(self, reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+                world_size: int = 1) -> dict[str, Any]:
+        """The epoch's means over every rank (``reduce`` sums the sums across ranks; None: this process only):
+        ``loss``, ``accuracy``, ``module_losses`` ({kind: [mean or None per module]}), ``images``, ``seconds``
+        (this rank's) and ``images_per_second``."""
+        self._tick()
+        sums = {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count, **{
+            f"{name}/{j}": 0.0 if v is None else v
+            for name, values in self.module_loss_sums.items() for j, v in enumerate(values)
+        }}
+        totals = reduce(sums) if reduce is not None else sums
+        n = max(totals["count"], 1)
+        return {
+            "module_losses": {name: [None if v is None else totals[f"{name}/{j}"] / n for j, v in enumerate(values)]
+                              for name, values in self.module_loss_sums.items()},
+            "loss": totals["loss_sum"] / n,
+            "accuracy": totals["correct"] / n,
+            "images": self.count * world_size,
+            "seconds": self.seconds,
+            "images_per_second": self.count * world_size / max(self.seconds, 1e-9),
+        }
+
+
 # ---------------------------------------------------------------------------------------------- evaluate
 def evaluate_backbone(
     backbone: torch.nn.Module,
@@ -116,6 +250,19 @@ def evaluate_backbone(
         totals = reduce(totals)
     n = max(totals["count"], 1)
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
+
+
+def evaluate(
+    model: Any,
+    loader: DataLoader,
+    device: torch.device,
+    reduce: Callable[[dict[str, float]], dict[str, float]] | None = None,
+) -> dict[str, float]:
+    """Test loss and top-1 accuracy of a :class:`~mlaan.LocalModel`'s plain backbone (what the trained network
+    is), in the model's own precision and memory format: :func:`evaluate_backbone` with ``model.autocast_dtype``
+    and ``model.channels_last``. ``reduce`` sums the counts across ranks (None: this process only)."""
+    return evaluate_backbone(model.backbone, loader, device, model.autocast_dtype, reduce=reduce,
+                             channels_last=model.channels_last)
 
 
 def evaluate_modules(model, loader: DataLoader, device: torch.device) -> dict[str, list[float | None]]:
