@@ -71,6 +71,7 @@ def _add_parser(subparsers, name: str, help_text: str, description: str) -> Pars
 
 # ---------------------------------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
+    from .data import registered_datasets
     from .training.config import TrainConfig
 
     d = TrainConfig()
@@ -95,12 +96,11 @@ def _add_train(subparsers) -> None:
                    help="use only the first N training samples")
     g.add_argument("--test-samples", dest="test_samples", type=int, default=S, metavar="N",
                    help="evaluate on the first N test samples only")
-    g.add_argument("--synthetic-train-size", dest="synthetic_train_size", type=int, default=S, metavar="N",
-                   help=f"synthetic: training images (default: {d.synthetic_train_size})")
-    g.add_argument("--synthetic-test-size", dest="synthetic_test_size", type=int, default=S, metavar="N",
-                   help=f"synthetic: test images (default: {d.synthetic_test_size})")
-    g.add_argument("--synthetic-image-size", dest="synthetic_image_size", type=int, default=S, metavar="S",
-                   help=f"synthetic: image side in pixels (default: {d.synthetic_image_size})")
+    for spec in registered_datasets():  # each data set's own options (--synthetic-train-size, ...)
+        for option in spec.options:
+            key = spec.option_key(option)
+            g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=S, metavar=option.metavar,
+                           help=f"{spec.name}: {option.help} (default: {getattr(d, key)})")
     g = p.add_argument_group("model and method")
     g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
     g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
@@ -248,6 +248,7 @@ def _add_eval(subparsers) -> None:
 
 def _load_for_eval(path: str) -> tuple[dict, dict]:
     """(backbone state_dict, description) from a training checkpoint or an export + its .json."""
+    from .data import data_option_keys
     from .training import checkpoint as ckpt_io
 
     obj = ckpt_io.load(path)
@@ -257,7 +258,7 @@ def _load_for_eval(path: str) -> tuple[dict, dict]:
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
         config = obj.get("config", {})
         meta["data_root"] = ckpt_io.data_root_of(obj)
-        meta["data_options"] = {k: v for k, v in config.items() if k.startswith("synthetic_")}
+        meta["data_options"] = {k: v for k, v in config.items() if k in data_option_keys()}
         meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
         return state, meta
     meta_path = Path(path).with_suffix(".json")
@@ -386,13 +387,13 @@ def _add_download(subparsers) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data import download_dataset, fashion_mnist_folder
+    from .data import dataset_folder, download_dataset
 
     try:
         root = download_dataset(args.dataset, args.data_root)
     except (*INPUT_ERRORS, OSError) as err:
         raise CLIError(str(err)) from err
-    where = fashion_mnist_folder(root) if args.dataset == "fashion-mnist" else root
+    where = dataset_folder(args.dataset, root)  # Fashion-MNIST: the folder its files are in
     print(f"{args.dataset}: ready in {where}")
     return 0
 

@@ -242,6 +242,8 @@ def local_model_from_checkpoint(ckpt: dict, path: str | os.PathLike) -> Any:
 
 def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``."""
+    from ..data import data_option_keys
+
     prefix = "backbone."
     state = {k[len(prefix):]: v.detach().clone() for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not state:
@@ -260,7 +262,7 @@ def export_backbone(ckpt: dict, out: str | os.PathLike) -> tuple[Path, Path]:
         "std": list(ckpt["std"]),
         "dataset": ckpt["dataset"],
         "data_root": data_root_of(ckpt),
-        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k.startswith("synthetic_")},
+        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k in data_option_keys()},
         "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
         "epoch": ckpt.get("epoch"),  # epochs completed when these weights were saved
         "step": ckpt.get("step"),

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from .. import create_local_model, runtime
 from .. import distributed as dist
-from ..data import build_datasets
+from ..data import build_datasets, data_option_keys
 from . import checkpoint as ckpt_io
 from . import safety
 from .config import FIELD_NAMES, TrainConfig, load_yaml, merge
@@ -143,9 +143,7 @@ class Trainer:
             download=cfg.download,
             train_samples=cfg.train_samples,
             test_samples=cfg.test_samples,
-            synthetic_train_size=cfg.synthetic_train_size,
-            synthetic_test_size=cfg.synthetic_test_size,
-            synthetic_image_size=cfg.synthetic_image_size,
+            **{key: getattr(cfg, key) for key in data_option_keys()},  # each data set's own options
         )
 
         # model (engine ValueErrors: K out of range, bad options)
