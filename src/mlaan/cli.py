@@ -13,9 +13,9 @@ import os
 import sys
 import textwrap
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import yaml
 
@@ -41,6 +41,79 @@ class Parser(argparse.ArgumentParser):
 
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands, where contributed ones can be *deferred*: listed in the help from their one-line summaries
+    and built (by their ``register``, which imports the benchmarks and torch) only when one of them is parsed or
+    the list of parsers is walked. So ``mlaan --help`` and ``mlaan train --help`` import no torch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, argparse.Action] = {}  # deferred name -> its line in the help
+        self._loader: Callable[[_Commands], None] | None = None
+        self._name_parser_map = self.choices = _Parsers(self)
+
+    def defer(self, summaries: Mapping[str, str], load: Callable[[_Commands], None]) -> None:
+        """List ``summaries`` (name -> help) now; ``load(self)`` adds their parsers when first needed."""
+        for name, text in summaries.items():
+            self._pending[name] = self._ChoicesPseudoAction(name, (), text)
+            self._choices_actions.append(self._pending[name])
+        self._loader = load
+
+    def is_pending(self, name: str) -> bool:
+        """Whether ``name`` is a deferred subcommand not built yet."""
+        return name in self._pending
+
+    def load(self) -> None:
+        """Build the deferred subcommands (their own help lines replace the summaries)."""
+        load, self._loader = self._loader, None
+        if load is None:
+            return
+        for line in self._pending.values():
+            self._choices_actions.remove(line)
+        self._pending.clear()
+        load(self)
+
+
+class _Parsers(dict):
+    """Name -> parser of a :class:`_Commands`: knows the deferred names, and builds them on first lookup."""
+
+    def __init__(self, owner: _Commands) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and self._owner.is_pending(name))
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self._owner._pending)
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        if not super().__contains__(name):
+            self._owner.load()
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if not super().__contains__(name):
+            self._owner.load()
+        return super().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        self._owner.load()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._owner.load()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._owner.load()
+        return super().values()
+
+    def items(self) -> Any:
+        self._owner.load()
+        return super().items()
 
 
 # --------------------------------------------------------------------------------------------- help texts
@@ -410,15 +483,22 @@ def build_parser() -> Parser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"mlaan {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, action=_Commands)
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_export(subparsers)
     _add_download(subparsers)
     bench = _bench_cli()
     if bench is not None:
-        bench.register(subparsers)
-        _add_catalogue(subparsers)  # contributed subcommands list the choices too
+
+        def contribute(commands: argparse._SubParsersAction) -> None:
+            bench.register(commands)
+            _add_catalogue(commands)  # contributed subcommands list the choices too
+
+        if isinstance(getattr(bench, "COMMANDS", None), Mapping):
+            subparsers.defer(bench.COMMANDS, contribute)  # built when used: their modules import torch
+        else:
+            contribute(subparsers)
     return parser
 
 
