@@ -175,6 +175,30 @@ def test_python_dash_m_and_console_script():
         assert console.returncode == 0 and console.stdout == module.stdout
 
 
+HELP_WITHOUT_TORCH = """
+import sys
+import mlaan.cli
+parser = mlaan.cli.build_parser()
+for command in ([], ["train"], ["eval"], ["export"], ["download"]):
+    try:
+        parser.parse_args([*command, "--help"])
+    except SystemExit as exit_info:
+        assert exit_info.code == 0, command
+heavy = sorted(name for name in ("torch", "torchvision", "mlaan.bench.memory") if name in sys.modules)
+assert not heavy, f"building and printing the help imported {heavy}"
+"""
+
+
+def test_help_is_built_without_importing_torch():
+    """``mlaan --help`` and the own subcommands' help come from torch-free declarations (option dataclasses, the
+    method, data-set and architecture registries), so they answer in a fraction of a second."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    result = subprocess.run([sys.executable, "-c", HELP_WITHOUT_TORCH], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    for name in ["dgl+mlaan", "fashion-mnist", "resnet110", "--infopro-task", "--synthetic-image-size", "bench"]:
+        assert name in result.stdout, name
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 BAD = [
     (["--dataset", "mnist-x"], ["'mnist-x'", "fashion-mnist", "cifar10", "synthetic"]),

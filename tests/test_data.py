@@ -164,3 +164,59 @@ def test_evaluation_can_skip_the_training_split(name):
     train, test, info = data.build_datasets(name, None, with_train=False, test_samples=16)
     assert train is None and info.train_size == 0
     assert len(test) == info.test_size == 16
+
+
+# ------------------------------------------------------------------------------------------------ registry
+def test_registry_entries_hold_each_data_sets_facts():
+    """What code asks instead of matching names: downloadable, data-root use, own options, splits, statistics."""
+    assert data.downloadable_datasets() == ["fashion-mnist", "cifar10", "cifar100", "svhn", "stl10"]
+    roots = {spec.name: spec.root for spec in data.registered_datasets()}
+    assert roots == {"fashion-mnist": "optional", "cifar10": "required", "cifar100": "required", "svhn": "required",
+                     "stl10": "required", "imagenet": "required", "synthetic": "unused"}
+    assert data.dataset_spec("imagenet").splits == ("train", "val")
+    assert data.dataset_spec("cifar10").mean == data.CIFAR10_MEAN and data.dataset_spec("stl10").image_size == 96
+    assert data.data_option_keys() == ["synthetic_train_size", "synthetic_test_size", "synthetic_image_size"]
+    with pytest.raises(ValueError, match="unknown dataset 'mnist-x'; available: fashion-mnist"):
+        data.dataset_spec("mnist-x")
+
+
+def test_each_data_set_option_is_a_train_config_key_with_the_same_default():
+    from mlaan.training.config import TrainConfig
+
+    defaults = TrainConfig()
+    for spec in data.registered_datasets():
+        for option in spec.options:
+            assert getattr(defaults, spec.option_key(option)) == option.default, spec.option_key(option)
+
+
+def test_what_cannot_be_downloaded_or_lacks_a_root_is_refused_from_the_entry(tmp_path):
+    with pytest.raises(ValueError, match="'imagenet' cannot be downloaded; downloadable: fashion-mnist, cifar10"):
+        data.download_dataset("imagenet", tmp_path)
+    with pytest.raises(ValueError, match="'synthetic' cannot be downloaded"):
+        data.download_dataset("synthetic", tmp_path)
+    with pytest.raises(ValueError, match=r"'imagenet' needs --data-root \(a folder with train/ and val/"):
+        data.build_datasets("imagenet", None)
+    with pytest.raises(ValueError, match="'imagenet' cannot be downloaded; point --data-root at train/ and val/"):
+        data.build_datasets("imagenet", tmp_path, download=True)
+    with pytest.raises(ValueError, match=r"'cifar10' needs --data-root \(add --download to fetch it there\)"):
+        data.build_datasets("cifar10", None)
+    with pytest.raises(ValueError, match="unknown data-set option"):
+        data.build_datasets("synthetic", synthetic_colours=3)
+    # another data set's options are ignored (the trainer passes every data set's), the chosen one's checked
+    assert data.dataset_options("cifar10", {"synthetic_image_size": 2}) == {}
+    with pytest.raises(ValueError, match="synthetic_image_size must be an integer >= 8, got 2"):
+        data.dataset_options("synthetic", {"synthetic_image_size": 2})
+    assert data.dataset_options("synthetic", {"synthetic_test_size": 8}) == {
+        "train_size": 2048, "test_size": 8, "image_size": 32}
+
+
+def test_check_data_root_asks_the_entry(tmp_path):
+    from mlaan.training.safety import check_data_root
+
+    check_data_root("synthetic", str(tmp_path / "nowhere"), download=False)  # generated: no root is read
+    with pytest.raises(FileNotFoundError, match="data root .*nowhere does not exist"):
+        check_data_root("cifar10", str(tmp_path / "nowhere"), download=False)
+    assert data.dataset_folder("cifar10", tmp_path) == tmp_path
+    fake_fashion(tmp_path / "FashionMNIST" / "raw", n_train=2, n_test=2)
+    assert data.dataset_folder("fashion-mnist", tmp_path) == tmp_path / "FashionMNIST" / "raw"
+    assert data.TensorImageDataset.__module__ == "mlaan.data.tensors"

@@ -13,8 +13,8 @@ import os
 import sys
 import textwrap
 import typing
-from collections.abc import Sequence
-from typing import NoReturn
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, NoReturn
 
 import yaml
 
@@ -40,6 +40,79 @@ class Parser(argparse.ArgumentParser):
 
 def _one_line(message: object) -> str:
     return " ".join(str(message).split())
+
+
+class _Commands(argparse._SubParsersAction):
+    """The subcommands, where contributed ones can be *deferred*: listed in the help from their one-line summaries
+    and built (by their ``register``, which imports the benchmarks and torch) only when one of them is parsed or
+    the list of parsers is walked. So ``mlaan --help`` and ``mlaan train --help`` import no torch."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending: dict[str, argparse.Action] = {}  # deferred name -> its line in the help
+        self._loader: Callable[[_Commands], None] | None = None
+        self._name_parser_map = self.choices = _Parsers(self)
+
+    def defer(self, summaries: Mapping[str, str], load: Callable[[_Commands], None]) -> None:
+        """List ``summaries`` (name -> help) now; ``load(self)`` adds their parsers when first needed."""
+        for name, text in summaries.items():
+            self._pending[name] = self._ChoicesPseudoAction(name, (), text)
+            self._choices_actions.append(self._pending[name])
+        self._loader = load
+
+    def is_pending(self, name: str) -> bool:
+        """Whether ``name`` is a deferred subcommand not built yet."""
+        return name in self._pending
+
+    def load(self) -> None:
+        """Build the deferred subcommands (their own help lines replace the summaries)."""
+        load, self._loader = self._loader, None
+        if load is None:
+            return
+        for line in self._pending.values():
+            self._choices_actions.remove(line)
+        self._pending.clear()
+        load(self)
+
+
+class _Parsers(dict):
+    """Name -> parser of a :class:`_Commands`: knows the deferred names, and builds them on first lookup."""
+
+    def __init__(self, owner: _Commands) -> None:
+        super().__init__()
+        self._owner = owner
+
+    def __contains__(self, name: object) -> bool:
+        return super().__contains__(name) or (isinstance(name, str) and self._owner.is_pending(name))
+
+    def __len__(self) -> int:
+        return super().__len__() + len(self._owner._pending)
+
+    def __getitem__(self, name: str) -> argparse.ArgumentParser:
+        if not super().__contains__(name):
+            self._owner.load()
+        return super().__getitem__(name)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        if not super().__contains__(name):
+            self._owner.load()
+        return super().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        self._owner.load()
+        return super().__iter__()
+
+    def keys(self) -> Any:
+        self._owner.load()
+        return super().keys()
+
+    def values(self) -> Any:
+        self._owner.load()
+        return super().values()
+
+    def items(self) -> Any:
+        self._owner.load()
+        return super().items()
 
 
 # --------------------------------------------------------------------------------------------- help texts
@@ -70,6 +143,7 @@ def _add_parser(subparsers, name: str, help_text: str, description: str) -> Pars
 
 # ---------------------------------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
+    from .data import registered_datasets
     from .training.config import TrainConfig
 
     d = TrainConfig()
@@ -94,12 +168,11 @@ def _add_train(subparsers) -> None:
                    help="use only the first N training samples")
     g.add_argument("--test-samples", dest="test_samples", type=int, default=S, metavar="N",
                    help="evaluate on the first N test samples only")
-    g.add_argument("--synthetic-train-size", dest="synthetic_train_size", type=int, default=S, metavar="N",
-                   help=f"synthetic: training images (default: {d.synthetic_train_size})")
-    g.add_argument("--synthetic-test-size", dest="synthetic_test_size", type=int, default=S, metavar="N",
-                   help=f"synthetic: test images (default: {d.synthetic_test_size})")
-    g.add_argument("--synthetic-image-size", dest="synthetic_image_size", type=int, default=S, metavar="S",
-                   help=f"synthetic: image side in pixels (default: {d.synthetic_image_size})")
+    for spec in registered_datasets():  # each data set's own options (--synthetic-train-size, ...)
+        for option in spec.options:
+            key = spec.option_key(option)
+            g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=S, metavar=option.metavar,
+                           help=f"{spec.name}: {option.help} (default: {getattr(d, key)})")
     g = p.add_argument_group("model and method")
     g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
     g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
@@ -363,13 +436,13 @@ def _add_download(subparsers) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data import download_dataset, fashion_mnist_folder
+    from .data import dataset_folder, download_dataset
 
     try:
         root = download_dataset(args.dataset, args.data_root)
     except (*INPUT_ERRORS, OSError) as err:
         raise CLIError(str(err)) from err
-    where = fashion_mnist_folder(root) if args.dataset == "fashion-mnist" else root
+    where = dataset_folder(args.dataset, root)  # Fashion-MNIST: the folder its files are in
     print(f"{args.dataset}: ready in {where}")
     return 0
 
@@ -386,15 +459,22 @@ def build_parser() -> Parser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"mlaan {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser, action=_Commands)
     _add_train(subparsers)
     _add_eval(subparsers)
     _add_export(subparsers)
     _add_download(subparsers)
     bench = _bench_cli()
     if bench is not None:
-        bench.register(subparsers)
-        _add_catalogue(subparsers)  # contributed subcommands list the choices too
+
+        def contribute(commands: argparse._SubParsersAction) -> None:
+            bench.register(commands)
+            _add_catalogue(commands)  # contributed subcommands list the choices too
+
+        if isinstance(getattr(bench, "COMMANDS", None), Mapping):
+            subparsers.defer(bench.COMMANDS, contribute)  # built when used: their modules import torch
+        else:
+            contribute(subparsers)
     return parser
 
 

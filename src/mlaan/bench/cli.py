@@ -51,13 +51,21 @@ def _fill_missing_help(parser: argparse.ArgumentParser) -> None:
             action.help = _COMMON_HELP.get(action.dest, action.dest.replace("_", " "))
 
 
+# What ``register`` adds, with each command's one-line help: ``mlaan --help`` lists them from here and calls
+# ``register`` (which imports the benchmarks, and torch) only when one of them runs or shows its own help.
+COMMANDS = {
+    "bench": "measure peak memory, step time and accuracy of methods against BP",
+    "report": "markdown table + plots from mlaan train runs",
+}
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` (memory, speed, accuracy) and ``report`` to a CLI's subparsers."""
     from . import accuracy, memory, report, speed
 
     fmt = DefaultsOnceFormatter
     bench = subparsers.add_parser(
-        "bench", help="measure peak memory, step time and accuracy of methods against BP",
+        "bench", help=COMMANDS["bench"],
         description="Benchmarks of what MLAAN promises: memory, speed, accuracy (see BENCHMARKS.md).",
     )
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy}")
@@ -74,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _fill_missing_help(p)
         p.set_defaults(func=_lazy(name))
 
-    p = subparsers.add_parser("report", formatter_class=fmt, help="markdown table + plots from mlaan train runs",
+    p = subparsers.add_parser("report", formatter_class=fmt, help=COMMANDS["report"],
                               description=report.__doc__.splitlines()[0])
     report.add_arguments(p)
     p.set_defaults(func=_lazy("report"))

@@ -1,9 +1,30 @@
-"""The engine: splitting, auxiliary heads, methods, MLAAN's MLM and LAM, and the local training step."""
+"""The engine: splitting, auxiliary heads, methods, MLAAN's MLM and LAM, and the local training step.
 
-from .local_model import LocalModel, ModulePlan, create_local_model
+The option declarations and the method registry are importable without torch (``mlaan --help`` is built from
+them); :class:`LocalModel` and :func:`create_local_model` import it on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from .methods import available_methods, parse_method
 from .options import LocalOptions, make_options, option_fields
-from .phases import STEP_PHASES
 
-__all__ = ["STEP_PHASES", "LocalModel", "LocalOptions", "ModulePlan", "available_methods", "create_local_model",
-           "make_options", "option_fields", "parse_method"]
+if TYPE_CHECKING:
+    from .local_model import LocalModel, LocalStep, ModulePlan, create_local_model
+    from .phases import STEP_PHASES
+
+__all__ = ["STEP_PHASES", "LocalModel", "LocalOptions", "LocalStep", "ModulePlan", "available_methods",
+           "create_local_model", "make_options", "option_fields", "parse_method"]
+_LAZY = {"LocalModel": "local_model", "LocalStep": "local_model", "ModulePlan": "local_model",
+         "create_local_model": "local_model", "STEP_PHASES": "phases"}
+
+
+def __getattr__(name: str) -> Any:
+    """The engine's torch-side names (``LocalModel``, ``create_local_model``, ...), imported when first asked for."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .options import AUX_HEAD_SHAPES
 from .phases import AUX_TRUNK_FORWARD, mark
 from .recompute import run_blocks
 
@@ -37,7 +38,7 @@ def _mlp_classifier(channels: int, num_classes: int, width: int) -> nn.Module:
 
 
 _CLASSIFIERS = {"mlp": _mlp_classifier, "linear": _linear_classifier}
-AUX_HEAD_SHAPES = tuple(_CLASSIFIERS)  # the values of the ``aux_head`` option (checked by EngineOptions)
+assert AUX_HEAD_SHAPES == tuple(_CLASSIFIERS), "the aux_head values EngineOptions accepts are the shapes built here"
 
 
 def make_classifier(channels: int, num_classes: int, shape: str = "mlp", width: int = 128) -> nn.Module:

@@ -17,8 +17,6 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from .recompute import checkpointed, run_blocks
 from .split import BlockProfile
 
-EMA_UPDATE_MODES = ("all", "last")
-
 
 def sample_later_blocks(last_unit: int, depth: int, num_units: int, profile: BlockProfile) -> list[int]:
     """Indices of ``depth`` blocks after ``last_unit`` (units are ``blocks[:num_units]``, the head excluded).

@@ -18,9 +18,10 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .heads import AUX_HEAD_SHAPES
-from .lam import EMA_UPDATE_MODES
-from .split import BALANCE_MODES
+# The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
+AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
+EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
+BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
 
 
 @dataclass

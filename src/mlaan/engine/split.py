@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-BALANCE_MODES = ("blocks", "memory")
+from .options import BALANCE_MODES
 
 
 @dataclass(frozen=True)

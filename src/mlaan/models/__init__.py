@@ -1,16 +1,19 @@
 """Backbone registry, timm style: ``create(name, **kw)`` and ``available()``.
 
 Every model is a :class:`Backbone` (stem, residual blocks, head) so that the engine can split it anywhere.
+The registry imports no torch: the built-in architectures' modules (and torch, torchvision) are imported when
+a model is built or one of their classes is asked for, so ``mlaan --help`` lists the names without them.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from .backbone import Backbone, ClassifierHead
-from .cifar_resnet import BasicBlock, cifar_resnet
-from .imagenet_resnet import imagenet_resnet
+if TYPE_CHECKING:
+    from .backbone import Backbone, ClassifierHead
+    from .cifar_resnet import BasicBlock
 
 __all__ = ["Backbone", "BasicBlock", "ClassifierHead", "available", "create", "default_local_modules", "register"]
 
@@ -29,10 +32,30 @@ def register(name: str, factory: Callable[..., Backbone], default_k: int | None 
 # ImageNet ResNet-34 and -101 as in configs/imagenet_*.yaml), otherwise the same rule, one module per block.
 _PAPER_K = {"resnet32": 16, "resnet110": 55, "resnet34": 16, "resnet101": 33}
 _IMAGENET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+_CLASSES = {"Backbone": "backbone", "ClassifierHead": "backbone", "BasicBlock": "cifar_resnet"}
+
+
+def _lazy(module: str, function: str, *args: Any) -> Callable[..., Backbone]:
+    """``function(*args, **kwargs)`` of this package's ``module``, imported when a model is built."""
+
+    def factory(**kwargs: Any) -> Backbone:
+        return getattr(importlib.import_module(f".{module}", __name__), function)(*args, **kwargs)
+
+    return factory
+
+
 for _depth in (20, 32, 44, 56, 110):
-    register(f"resnet{_depth}", partial(cifar_resnet, _depth), _PAPER_K.get(f"resnet{_depth}", (_depth - 2) // 2 + 1))
+    register(f"resnet{_depth}", _lazy("cifar_resnet", "cifar_resnet", _depth),
+             _PAPER_K.get(f"resnet{_depth}", (_depth - 2) // 2 + 1))
 for _name, _blocks in _IMAGENET_BLOCKS.items():
-    register(_name, partial(imagenet_resnet, _name), _PAPER_K.get(_name, _blocks + 1))
+    register(_name, _lazy("imagenet_resnet", "imagenet_resnet", _name), _PAPER_K.get(_name, _blocks + 1))
+
+
+def __getattr__(name: str) -> Any:
+    """``Backbone``, ``ClassifierHead`` and ``BasicBlock``, imported (with torch) when first asked for."""
+    if name in _CLASSES:
+        return getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def default_local_modules(name: str) -> int:

@@ -537,7 +537,9 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
         check_training_checkpoint(obj, path)  # every field there and of the right kind
         meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
         meta["data_root"] = data_root_of(obj)
-        meta["data_options"] = {k: v for k, v in obj.get("config", {}).items() if k.startswith("synthetic_")}
+        from ..data import data_option_keys
+
+        meta["data_options"] = {k: v for k, v in obj.get("config", {}).items() if k in data_option_keys()}
         meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
         return backbone_state(obj), meta
     meta_path = Path(path).with_suffix(".json")
@@ -553,6 +555,8 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``; returns
     both paths. ValueError when the checkpoint holds no backbone, FileNotFoundError when ``out``'s folder does
     not exist."""
+    from ..data import data_option_keys
+
     state = {k: v.detach().clone() for k, v in backbone_state(ckpt).items()}
     if not state:
         raise ValueError("checkpoint holds no backbone weights (no 'backbone.' keys in its model state)")
@@ -570,7 +574,7 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
         "std": list(ckpt["std"]),
         "dataset": ckpt["dataset"],
         "data_root": data_root_of(ckpt),
-        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k.startswith("synthetic_")},
+        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k in data_option_keys()},
         "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
         "epoch": ckpt.get("epoch"),  # epochs completed when these weights were saved
         "step": ckpt.get("step"),

@@ -199,7 +199,9 @@ class RunFolderLock:
 def check_data_root(dataset: str, data_root: str | None, download: bool) -> None:
     """A data root given explicitly must exist (unless ``--download`` is to create it): no silent fallback to
     another copy of the data. FileNotFoundError when it does not exist, NotADirectoryError when it is a file."""
-    if dataset == "synthetic" or data_root is None or download:
+    from ..data import dataset_spec
+
+    if dataset_spec(dataset).root == "unused" or data_root is None or download:
         return
     root = Path(data_root)
     if not root.exists():

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Sampler
 from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
 from ..atomic import atomic_write_text, stale_temp_files
-from ..data import build_datasets
+from ..data import build_datasets, data_option_keys
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
 from .config import TrainConfig, coerce, load_yaml, merge
@@ -149,9 +149,7 @@ class Trainer:
             download=cfg.download,
             train_samples=cfg.train_samples,
             test_samples=cfg.test_samples,
-            synthetic_train_size=cfg.synthetic_train_size,
-            synthetic_test_size=cfg.synthetic_test_size,
-            synthetic_image_size=cfg.synthetic_image_size,
+            **{key: getattr(cfg, key) for key in data_option_keys()},  # each data set's own options
         )
 
     def _build_model(self) -> None:

@@ -4,12 +4,13 @@ then GAP + linear; d shrinks toward the output (d_i = max(1, round(d·(1 − i·
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from torch import nn
-
-from ..heads import ClassifierLoss, StackedLoss, make_classifier
 from .base import AuxContext, LocalMethod
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @dataclass
@@ -32,6 +33,10 @@ class AugLocal(LocalMethod):
     Options = AugLocalOptions
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
+        from torch import nn
+
+        from ..heads import ClassifierLoss, StackedLoss, make_classifier
+
         blocks, out_shape = ctx.later_blocks(ctx.depth(ctx.options.auglocal_depth))
         probe = ClassifierLoss(make_classifier(out_shape[0], ctx.num_classes, "linear"))
         return StackedLoss(nn.Sequential(*blocks), probe)

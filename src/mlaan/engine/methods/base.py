@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import nn
+if TYPE_CHECKING:  # a method's declaration imports no torch: ``mlaan --help`` lists methods and their options
+    from torch import nn
 
 
 @dataclass

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
 from .base import AuxContext, LocalMethod
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register

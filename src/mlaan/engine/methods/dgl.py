@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
-from ..heads import ClassifierLoss, make_classifier
 from .base import AuxContext, LocalMethod
 from .registry import register
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 @register
@@ -16,6 +18,8 @@ class DGL(LocalMethod):
     description = "decoupled greedy learning: auxiliary classifier + cross-entropy"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
+        from ..heads import ClassifierLoss, make_classifier
+
         opts = ctx.options
         channels = ctx.feature_shape[0]
         return ClassifierLoss(make_classifier(channels, ctx.num_classes, opts.aux_head, opts.aux_width))

@@ -1,0 +1,77 @@
+"""Where this process stands under ``torchrun``: rank, world size, device, and joining or leaving the group."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..runtime import pick_device
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE")
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands: its rank among ``world_size`` processes and the device it computes on.
+
+    ``enabled`` is True when the process was started by torchrun (a process group exists), even with one
+    process; False for a plain ``python -m mlaan`` run (rank 0 of a world of 1).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    enabled: bool = False
+    backend: str | None = None
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that logs, writes checkpoints and prints."""
+        return self.rank == 0
+
+    @property
+    def synchronising(self) -> bool:
+        """True when there is someone to talk to (enabled and more than one process)."""
+        return self.enabled and self.world_size > 1
+
+    def barrier(self) -> None:
+        """Wait for every rank (no-op in a single process)."""
+        if not self.enabled:
+            return
+        if self.backend == "nccl":
+            dist.barrier(device_ids=[self.device.index])
+        else:
+            dist.barrier()
+
+
+def init_from_env(device_arg: str = "auto") -> DistContext:
+    """Build the context from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group.
+
+    Without those variables this is a single process (``enabled=False``). The backend is NCCL when the device
+    is CUDA, gloo otherwise. ``device_arg``: ``"auto"`` (CUDA if available, else MPS for a single process, else
+    CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, ``"mps"``. Under torchrun a CUDA device is always
+    ``cuda:LOCAL_RANK``, one GPU per process.
+    """
+    distributed = all(v in os.environ for v in _TORCHRUN_VARS)
+    rank = int(os.environ.get("RANK", 0)) if distributed else 0
+    world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
+    local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
+    device = pick_device(device_arg, local_rank, distributed)
+    if not distributed:
+        return DistContext(device=device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+    return DistContext(rank, world_size, local_rank, device, True, backend)
+
+
+def cleanup(ctx: DistContext) -> None:
+    """Leave the process group (no-op in a single process)."""
+    if ctx.enabled and dist.is_initialized():
+        dist.destroy_process_group()
