@@ -7,6 +7,7 @@ a timeout and the spawn a deadline, so a protocol bug fails instead of hanging.
 from __future__ import annotations
 
 import datetime
+import json
 import time
 from pathlib import Path
 
@@ -79,9 +80,10 @@ def _worker(rank: int, world: int, store: str, out: str, cases: dict) -> None:
                 stats = pipe.optimizer_step(optimizer, images, targets)
             pipe.drain()
             own = set(pipe.owned_state_keys())
-            torch.save({"ranges": ranges, "state": {k: v for k, v in model.state_dict().items() if k in own},
-                        "optimizer": optimizer.state_dict(), "stats": stats},
-                       Path(out) / f"{name}.rank{rank}.pt")
+            state = {k: v.clone() for k, v in model.state_dict().items() if k in own}
+            pipe.gather_backbone(dst=0)  # rank 0's backbone becomes the trained network
+            torch.save({"ranges": ranges, "state": state, "optimizer": optimizer.state_dict(), "stats": stats,
+                        "backbone": model.backbone.state_dict()}, Path(out) / f"{name}.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -126,6 +128,8 @@ def _check(tmp_path: Path, world: int, name: str, case: tuple, cut_matches_barri
     assert opt["state"].keys() == ref["state"].keys()
     for i, state in ref["state"].items():
         assert torch.equal(opt["state"][i]["momentum_buffer"], state["momentum_buffer"]), (name, i)
+    gathered = shards[0]["backbone"]
+    assert all(torch.equal(gathered[key], value) for key, value in model.backbone.state_dict().items()), name
     last = shards[-1]["stats"]
     assert last["modules"][-1] == k - 1 and last["loss"] == last["loss"]  # the last rank reports the real loss
 
@@ -203,3 +207,26 @@ def test_partition_checks_name_the_problem():
         check_partition(mlaan, [range(0, 4)], "stale")
     with pytest.raises(ValueError, match="must cover local modules 0..3"):
         check_partition(mlaan, [range(0, 2), range(3, 4)], "exact")
+
+
+def test_bench_pipeline_writes_its_table_and_model(tmp_path, capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "pipeline", "--arch", "resnet20", "--local-modules", "4", "--batch-size", "8",
+                 "--steps", "1", "--warmup", "1", "--rounds", "1", "--partition", "blocks",
+                 "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert set(result["seconds_per_step"]) == {"sequential", "pipeline", "bp_sequential", "bp_1f1b"}
+    assert len(result["per_rank"]) == 2 and all(r["wait_s"] >= 0 for r in result["per_rank"])
+    assert [tuple(r) for r in result["ranges"]][0][0] == 0 and result["ranges"][-1][1] == 4
+    assert result["model"]["predicted_tick_s"] > 0 and "4" in result["model"]["predictions"]
+    assert "pipeline, 2 ranks" in capsys.readouterr().out
+
+
+def test_bench_pipeline_refuses_bad_input(capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "pipeline", "--method", "bp"]) == 2
+    assert "trains end to end" in capsys.readouterr().err
+    assert main(["bench", "pipeline", "--ranks", "1"]) == 2
+    assert "--ranks must be at least 2, got 1" in capsys.readouterr().err

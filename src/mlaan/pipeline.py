@@ -19,7 +19,7 @@ Where the algorithm reaches across a rank boundary:
 
 Every rank holds the whole model (built from the same seed) and one optimizer over all parameters; only its own
 modules get gradients, and PyTorch's optimizers skip parameters without one, so the per-rank optimizer states
-merge by parameter index into the one-process format. Source: docs/PIPELINE.md (design, exactness argument).
+merge by parameter index into the one-process format. Design, exactness argument and costs: docs/PARALLELISM.md.
 """
 
 from __future__ import annotations
@@ -232,6 +232,7 @@ class ModulePipeline:
         # this step's, and the previous step's, completed at the end of the next step
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._previous: list[tuple[Any, torch.Tensor]] = []
+        self._waited = 0.0  # seconds blocked in receives during the current step
         self.last_stats: dict[str, Any] = {}
 
     def owned_parts(self) -> list[nn.Module]:
@@ -263,7 +264,10 @@ class ModulePipeline:
         """This rank's part of one training step on the batch ``images`` (B, C, H, W), ``targets`` (B,) — every
         rank is given the same batch (each reads the same seeded data). Gradients of this rank's modules
         accumulate in ``.grad``. Returns the engine's statistics for this rank's modules plus ``"modules"``
-        (their indices); ``loss``/``accuracy`` are NaN except on the last rank."""
+        (their indices), ``"step_s"`` (wall seconds of this call) and ``"wait_s"`` (of which blocked in
+        receives); ``loss``/``accuracy`` are NaN except on the last rank."""
+        start = time.perf_counter()
+        self._waited = 0.0
         step = self.model.begin_step(images, targets, self.modules)
         if self.prev is not None:
             for tensor in self._snapshots_for_prev():
@@ -285,6 +289,7 @@ class ModulePipeline:
         stats = step.statistics()
         stats["modules"] = list(self.modules)
         self._wait_sends(keep_last=True)
+        stats["step_s"], stats["wait_s"] = time.perf_counter() - start, self._waited
         self.last_stats = stats
         return stats
 
@@ -369,17 +374,22 @@ class ModulePipeline:
 
     def _recv_tensor(self, src: int) -> torch.Tensor:
         header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
-        dist.recv(header, src, group=self.group)
+        self._recv(header, src)
         code, ndim, *sizes = header.tolist()
         buffer = torch.empty(sizes[:ndim], dtype=_DTYPES[code], device=self.comm_device)
-        dist.recv(buffer, src, group=self.group)
+        self._recv(buffer, src)
         return buffer
 
     def _recv_like(self, like: torch.Tensor, src: int) -> torch.Tensor:
         """A tensor of ``like``'s shape and dtype from rank ``src`` (on the message device)."""
         buffer = torch.empty(like.shape, dtype=like.dtype, device=self.comm_device)
-        dist.recv(buffer, src, group=self.group)
+        self._recv(buffer, src)
         return buffer
+
+    def _recv(self, buffer: torch.Tensor, src: int) -> None:
+        start = time.perf_counter()
+        dist.recv(buffer, src, group=self.group)
+        self._waited += time.perf_counter() - start
 
     def _wait_sends(self, keep_last: bool) -> None:
         """Complete the sends of earlier steps (``keep_last``: those of the step just done may still be in
