@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch.autograd import DeviceType
 
-from mlaan.bench import cli, common, flops, memory, report, speed
+from mlaan.bench import accuracy, cli, common, flops, memory, report, seeds, speed
+from mlaan.engine import phases
+from mlaan.engine.methods import registry
+from mlaan.engine.methods.bp import BP
 
 
 # --------------------------------------------------------------------------------------------- memory
@@ -122,6 +128,45 @@ def test_speed_case_and_plot(tmp_path):
     assert "time / BP" in speed.render([case])
 
 
+def test_speed_breakdown_reads_the_engine_phase_markers(tmp_path):
+    b = speed.breakdown("resnet20", 3, "dgl+mlaan", batch=2, steps=1, trace_dir=tmp_path)
+    parts = {p["part"]: p["seconds"] for p in b["parts"]}
+    assert sum(parts.values()) == pytest.approx(b["step_s"])
+    for part in ("backbone forward", "backbone weight backward", "cascade input-gradient passes",
+                 "aux cascade: backward", "aux cascade: LAM/AugLocal trunk forward", "aux cascade: head forward",
+                 "aux independent: head forward", "aux independent: backward", "optimizer step", "EMA twin update"):
+        assert parts[part] > 0, part
+    assert b["unprofiled_step_s"] > 0 and "aten::" in b["top_ops"]
+    assert "profiled steps" in speed.render_breakdown(b)
+    assert (tmp_path / "breakdown_trace.json").stat().st_size > 0
+
+
+def _event(name, start, end, device_us=0.0, thread=1, device_type=DeviceType.CPU):
+    return SimpleNamespace(name=name, thread=thread, time_range=SimpleNamespace(start=start, end=end),
+                           self_device_time_total=device_us, device_type=device_type)
+
+
+def test_phase_seconds_are_exclusive_and_kernels_go_to_the_innermost_phase():
+    events = [
+        _event(speed.STEP_MARKER, 0, 100),
+        _event(phases.MODULE_FORWARD, 10, 30),
+        _event(phases.AUX_LOSS["cascaded"], 30, 70),
+        _event(phases.AUX_FORWARD, 35, 50),
+        _event(phases.AUX_TRUNK_FORWARD, 36, 45),
+        _event("aten::convolution", 37, 40, device_us=5.0, thread=2),  # an op that launched a kernel
+        _event("void conv_kernel", 900, 905, device_us=5.0, thread=7, device_type=DeviceType.CUDA),  # its kernel
+        _event("Optimizer.step#SGD.step", 80, 95),
+        _event(phases.MODULE_FORWARD, 200, 300, thread=3),  # another thread's marker: not this step's
+    ]
+    wall, device, total = speed.phase_seconds(events)
+    us = {part: round(seconds * 1e6, 6) for part, seconds in wall.items()}
+    assert us == {"backbone forward": 20, "aux cascade: LAM/AugLocal trunk forward": 9,
+                  "aux cascade: head forward": 6, "aux cascade: backward": 25, "optimizer step": 15,
+                  speed.OTHER: 25}
+    assert total * 1e6 == pytest.approx(100) and sum(wall.values()) == pytest.approx(total)
+    assert device == {"aux cascade: LAM/AugLocal trunk forward": pytest.approx(5e-6)}
+
+
 @pytest.mark.parametrize(
     "text, message",
     [("resnet32", "ARCH:K"), ("resnet32:99", "too large"), ("vgg:4", "unknown architecture"), ("", "no ARCH:K")],
@@ -169,6 +214,71 @@ def test_report_rejects_folder_without_metrics(tmp_path):
         report.load_run(tmp_path)
     with pytest.raises(ValueError, match="does not exist"):
         report.load_run(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------ optional extras
+def test_without_matplotlib_commands_write_tables_and_json_and_say_so(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    assert not common.plots_available()
+    with pytest.raises(common.PlotsUnavailable, match=r"pip install 'mlaan\[bench\]'"):
+        common.pyplot()
+    capsys.readouterr()
+
+    def said_once() -> str:
+        out, err = capsys.readouterr()
+        assert err.count(common.NO_MATPLOTLIB) == 1 and ".png" not in out
+        return out
+
+    _fake_run(tmp_path / "bp", "bp", [0.5, 0.8], 4 * 2**20)
+    _fake_run(tmp_path / "dgl", "dgl", [0.4, 0.7], 2 * 2**20)
+    out = tmp_path / "report"
+    assert cli.main(["report", str(tmp_path / "bp"), str(tmp_path / "dgl"), "--output-dir", str(out)]) == 0
+    said_once()
+    assert "dgl" in (out / "report.md").read_text() and ".png" not in (out / "report.md").read_text()
+    assert sorted(f.name for f in out.iterdir()) == ["report.md"]
+
+    out = tmp_path / "memory"
+    assert cli.main(["bench", "memory", "--archs", "resnet20", "--ks", "2", "--methods", "bp,dgl", "--batch", "2",
+                     "--device", "cpu", "--no-isolate", "--output-dir", str(out)]) == 0
+    said_once()
+    assert sorted(f.name for f in out.iterdir()) == ["memory.json", "memory.md"]
+
+    out = tmp_path / "speed"
+    assert cli.main(["bench", "speed", "--cases", "resnet20:2", "--methods", "dgl", "--batch", "2", "--warmup",
+                     "0", "--repeats", "1", "--formats", "fp32", "--threads", "2", "--breakdown", "none",
+                     "--output-dir", str(out)]) == 0
+    said_once()
+    assert sorted(f.name for f in out.iterdir()) == ["speed.json", "speed.md"]
+
+    out = tmp_path / "accuracy"
+    _fake_run(out / "dgl" / "seed0", "dgl", [0.4, 0.7], None)
+    result = accuracy.write_report(out, "t", "m", {"epochs": 2})
+    said_once()
+    assert [f.rsplit("/", 1)[-1] for f in result["files"]] == ["accuracy.md", "accuracy.json"]
+    assert not (out / "curves.png").exists() and ".png" not in (out / "accuracy.md").read_text()
+
+
+def test_benchmarks_ask_the_method_whether_it_trains_end_to_end(monkeypatch):
+    class Whole(BP):
+        name = "whole"  # an end-to-end method under another name than bp
+
+    monkeypatch.setitem(registry._METHODS, "whole", Whole)
+    assert common.end_to_end("whole") and common.model_k("whole", 4) == 1
+    assert not common.end_to_end("dgl") and not common.end_to_end("not-a-method")
+    assert memory.plan_cases({"resnet20": [1, 2]}, ["dgl", "whole"]) == [("resnet20", "whole", 1),
+                                                                          ("resnet20", "dgl", 2)]
+    peaks = [{"arch": "a", "batch": 2, "method": "dgl", "peak_bytes": 50},
+             {"arch": "a", "batch": 2, "method": "whole", "peak_bytes": 100}]
+    memory.add_percentages(peaks)
+    assert peaks[0]["pct_of_bp"] == pytest.approx(50.0)
+    runs = [{"finished": True, "test_error": e, "seed": 0, "method": m} for m, e in (("whole", 0.1), ("dgl", 0.3))]
+    dgl = next(e for e in seeds.summarise(runs) if e["method"] == "dgl")
+    assert dgl["vs_bp"]["mean"] == pytest.approx(0.2)
+    rows = [{"name": m, "method": m, "path": m, "arch": "resnet20", "k": 1, "num_epochs": 1, "steps": 1,
+             "test_accuracy": 1 - e, "test_error": e, "best_accuracy": 1 - e, "peak_memory_bytes": None,
+             "wall_time": None, "finished": True} for m, e in (("whole", 0.1), ("dgl", 0.3))]
+    assert "+20.00" in next(line for line in report.table(rows).splitlines() if "| dgl " in line)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

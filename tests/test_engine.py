@@ -382,3 +382,93 @@ def test_non_finite_local_loss_names_the_module():
         model.cascade_heads["2"].head.classifier[-1].weight.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="at local module 2"):
         step(model, *batch())
+
+
+# ------------------------------------------------------------------------------- published plan and phases
+PLAN_CASES = [("dgl", 4, {}), ("bp", 1, {}), ("dgl+mlm", 5, {"window": 2}), ("dgl+mlm", 5, {"window": 3}),
+              ("dgl+mlaan", 4, {}), ("infopro+lam", 3, {}), ("auglocal+mlm", 5, {"window": 5})]
+
+
+@pytest.mark.parametrize("method, k, options", PLAN_CASES)
+def test_step_plan_is_what_train_step_does(method, k, options, monkeypatch):
+    """Every entry of ``step_plan()`` against what a real step does, seen through hooks: the blocks each module
+    runs, its input's requires_grad, the aux nets run on its output, the graphs its cascade crosses
+    (``autograd.grad`` calls) and the module step at which its weight backward runs."""
+    model = mlaan.create_local_model("resnet20", method=method, num_local_modules=k, **options)
+    plan = model.step_plan()
+    current = [-1]
+    outputs: dict[int, tuple[int, torch.Tensor]] = {}  # id(module output) -> (module, the tensor, kept alive)
+    input_grad, heads, through, weights_at = {}, {}, {}, {}
+
+    def enter(j):
+        def hook(module, args):
+            current[0] = j
+            input_grad[j] = args[0].requires_grad
+        return hook
+
+    def leave(j):
+        def hook(module, args, out):
+            outputs[id(out)] = (j, out)
+        return hook
+
+    def head_ran(module, args, out):
+        heads.setdefault(current[0], set()).add(id(module))
+
+    for j, module in enumerate(model.local_modules):
+        module.register_forward_pre_hook(enter(j))
+        module.register_forward_hook(leave(j))
+    for head in [*model.independent_heads, *model.cascade_heads.values()]:
+        head.register_forward_hook(head_ran)
+    real_grad, real_backward = torch.autograd.grad, torch.autograd.backward
+
+    def spy_grad(out, inputs, *args, **kwargs):
+        if id(out) in outputs:
+            through.setdefault(current[0], []).append(outputs[id(out)][0])
+        return real_grad(out, inputs, *args, **kwargs)
+
+    def spy_backward(tensors, *args, **kwargs):
+        if id(tensors) in outputs:
+            weights_at[outputs[id(tensors)][0]] = current[0]
+        return real_backward(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy_grad)
+    monkeypatch.setattr(torch.autograd, "backward", spy_backward)
+    step(model, *batch())
+    assert [p.index for p in plan] == list(range(k))
+    for p in plan:
+        assert [model.backbone.blocks[i] for i in p.blocks] == list(model.local_modules[p.index])
+        assert input_grad[p.index] == p.input_requires_grad
+        assert heads.get(p.index, set()) == {id(h) for h in (p.independent_head, p.cascade_head) if h is not None}
+        assert tuple(through.get(p.index, ())) == p.cascade_through
+        assert weights_at[p.index] == p.weight_backward_at
+    if method.endswith("+mlm") or method.endswith("+mlaan"):
+        window = options.get("window", model.options.window)
+        assert max(len(p.cascade_through) for p in plan) == min(window - 1, k - 1)
+
+
+def test_step_phases_are_marked_for_a_profiler_and_cost_nothing_without_one(monkeypatch):
+    from mlaan.engine import phases
+
+    model = mlaan.create_local_model("resnet20", method="dgl+mlaan", num_local_modules=4)
+    plan = model.step_plan()
+    x, y = batch()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(model, x, y)
+        model.after_optimizer_step()
+    counts: dict[str, int] = {}
+    for event in prof.events():
+        if event.name.startswith("mlaan."):
+            counts[event.name] = counts.get(event.name, 0) + 1
+    assert set(counts) == set(phases.STEP_PHASES)
+    assert counts[phases.MODULE_FORWARD] == counts[phases.MODULE_BACKWARD] == 4
+    assert counts[phases.AUX_LOSS["independent"]] == sum(p.independent_head is not None for p in plan)
+    assert counts[phases.AUX_LOSS["cascaded"]] == sum(p.cascade_head is not None for p in plan)
+    assert counts[phases.CASCADE_BACKWARD] == sum(bool(p.cascade_through) for p in plan)
+    assert counts[phases.AUX_TRUNK_FORWARD] == counts[phases.AUX_LOSS["cascaded"]]  # LAM trunks: cascaded only
+
+    def refuse(name):
+        raise AssertionError(f"marker {name} entered without a profiler")
+
+    monkeypatch.setattr(phases, "record_function", refuse)
+    step(model, x, y)
+    model.after_optimizer_step()

@@ -34,6 +34,7 @@ from torch import nn
 
 from .engine.lam import LeapTrunk
 from .engine.local_model import LocalModel
+from .engine.phases import EMA_UPDATE, mark
 from .engine.split import split_sizes
 
 PARTITION_MODES = ("blocks", "time", "memory")
@@ -308,11 +309,12 @@ class ModulePipeline:
     def after_optimizer_step(self) -> None:
         """The EMA twins this rank owns follow their block: a local block now (or its snapshot with
         ``ema_lag=1``), a remote one through the snapshot its rank sent this step."""
-        for trunk in self.model.following_trunks():
-            if self._trunk_rank(trunk) != self.rank:
-                continue
-            local = self._source_rank(trunk) == self.rank
-            trunk.follow(self.model.backbone.blocks[trunk.source_index] if local else None)
+        with mark(EMA_UPDATE):
+            for trunk in self.model.following_trunks():
+                if self._trunk_rank(trunk) != self.rank:
+                    continue
+                local = self._source_rank(trunk) == self.rank
+                trunk.follow(self.model.backbone.blocks[trunk.source_index] if local else None)
 
     def drain(self) -> None:
         """Wait for every message this rank has sent (before a checkpoint, evaluation or exit)."""

@@ -290,20 +290,24 @@ def collect_runs(out: Path) -> list[dict]:
 
 
 def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
-    """accuracy.md, accuracy.json and curves.png over every run in ``out``."""
+    """accuracy.md, accuracy.json and curves.png over every run in ``out`` (no curves.png without matplotlib, an
+    optional extra: one line on stderr says so)."""
     runs = collect_runs(out)
     finished = [r for r in runs if r["finished"]]
     summary = seeds.summarise(finished)
     md = seeds.table(summary)
     unfinished = [f"{r['label']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
                   for r in runs if not r["finished"]]
-    seeds.plot(finished or runs, out / "curves.png", title)
+    plots = common.plots_or_note()
+    if plots:
+        seeds.plot(finished or runs, out / "curves.png", title)
     lines = [f"# {title}", "", f"Machine: {machine}.", "", md, "",
              "Test error at the end of training, in %; Δ in percentage points, negative is better, the mean ± "
              "sample std of per-seed differences over the seeds both methods finished (n).", ""]
     if unfinished:
         lines += ["Not finished yet (run the same command again to continue): " + ", ".join(unfinished) + ".", ""]
-    lines += ["![test error per epoch and per-module aux loss](curves.png)"]
+    if plots:
+        lines += ["![test error per epoch and per-module aux loss](curves.png)"]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     data = {
         "machine": machine,
@@ -314,7 +318,8 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
                                     "test_accuracy", "best_accuracy", "wall_time", "steps", "epochs")} for r in runs],
     }
     common.write_json(out / "accuracy.json", data)
-    return {"table": md, "files": [str(out / n) for n in ("accuracy.md", "accuracy.json", "curves.png")]}
+    names = ("accuracy.md", "accuracy.json") + (("curves.png",) if plots else ())
+    return {"table": md, "files": [str(out / n) for n in names]}
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,18 +1,24 @@
-"""Helpers shared by the benchmarks: method lists, model/batch construction, tables, JSON, plot styling."""
+"""Helpers shared by the benchmarks: method lists, model/batch construction, tables, JSON, plot styling.
+
+Plots need matplotlib, an optional extra (``pip install 'mlaan[bench]'``): it is imported only when a plot is
+drawn, and a command without it says so in one line (:data:`NO_MATPLOTLIB`) and writes its tables and JSON."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import platform
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
 import mlaan
 from mlaan.engine import parse_method
-from mlaan.training.loop import make_optimizer, optimizer_step
+from mlaan.training.loop import make_optimizer
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
 DEFAULT_METHODS = (
@@ -47,6 +53,7 @@ _FALLBACK_COLORS = ("#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49
 
 
 def method_color(method: str, index: int = 0) -> str:
+    """The method's colour in every plot (a fallback palette, by ``index``, for methods not listed)."""
     return METHOD_COLORS.get(method, _FALLBACK_COLORS[index % len(_FALLBACK_COLORS)])
 
 
@@ -82,12 +89,22 @@ def parse_ints(text: str | Sequence[int], what: str) -> list[int]:
     return list(dict.fromkeys(values))
 
 
+def end_to_end(method: str) -> bool:
+    """Whether ``method`` trains end to end (BP), asked of the method; False for a name no registered method has
+    (a run folder may name a method from a plugin that is not installed)."""
+    try:
+        return parse_method(method).end_to_end
+    except ValueError:
+        return False
+
+
 def model_k(method: str, k: int) -> int:
     """K as built: 1 for a method that trains end to end (asked of the method, not matched by name), else k."""
-    return 1 if parse_method(method).base.end_to_end else k
+    return 1 if parse_method(method).end_to_end else k
 
 
 def check_arch(arch: str) -> str:
+    """``arch`` when it is a registered architecture, else ValueError listing them."""
     if arch not in mlaan.models.available():
         raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(mlaan.models.available())}")
     return arch
@@ -110,7 +127,7 @@ def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: s
     flags = {"off": [False], "on": [True], "both": [False, True]}[recompute]
     planned = []
     for arch, method, k in cases:
-        if method == "bp" or not parse_method(method).can_recompute:
+        if not parse_method(method).can_recompute:
             planned.append((arch, method, k, dict(options)))
             continue
         planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in flags)
@@ -134,7 +151,8 @@ def build(
     seed: int = 0,
     **options: object,
 ) -> tuple[mlaan.LocalModel, torch.optim.Optimizer]:
-    """A local model (K forced to 1 for ``bp``) and the paper's optimizer (SGD, Nesterov, momentum 0.9, wd 1e-4)."""
+    """A local model (K forced to 1 for an end-to-end method) and the paper's optimizer (SGD, Nesterov, momentum
+    0.9, wd 1e-4)."""
     torch.manual_seed(seed)
     k = model_k(method, k)
     model = mlaan.create_local_model(
@@ -155,14 +173,6 @@ def synthetic_batch(
     return images.to(device), targets.to(device)
 
 
-def training_step(
-    model: mlaan.LocalModel, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
-) -> dict:
-    """One full step as the trainer runs it (:func:`mlaan.training.loop.optimizer_step`): clear grads, forward +
-    local backwards, optimizer, EMA twins."""
-    return optimizer_step(model, optimizer, images, targets)
-
-
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table (also readable in a terminal)."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
@@ -177,6 +187,7 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 
 def human_bytes(n: float | None) -> str:
+    """``1536`` → ``"1.50 KiB"``; ``"—"`` for None."""
     if n is None:
         return "—"
     for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -212,24 +223,53 @@ def code_version() -> str:
 
 
 def output_dir(path: str | None, name: str) -> Path:
+    """``path``, or ``runs/bench-<name>`` by default; created."""
     out = Path(path) if path else Path("runs") / f"bench-{name}"
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 def write_json(path: Path, data: object) -> None:
+    """``data`` as indented JSON, written to a temporary file then renamed (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
 
 
-def pyplot():
-    """matplotlib's pyplot on the non-interactive Agg backend."""
-    import matplotlib
+NO_MATPLOTLIB = "plots need matplotlib: pip install 'mlaan[bench]'"
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
 
+class PlotsUnavailable(RuntimeError):
+    """matplotlib is not installed (an optional extra): no plot can be drawn."""
+
+
+def plots_available() -> bool:
+    """Whether matplotlib can be imported (it is imported here, once, when it can)."""
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+def plots_or_note() -> bool:
+    """Whether plots can be drawn; when not, prints :data:`NO_MATPLOTLIB` (one line, on stderr) for the command
+    to go on with its tables and JSON."""
+    if plots_available():
+        return True
+    print(NO_MATPLOTLIB, file=sys.stderr, flush=True)
+    return False
+
+
+def pyplot() -> ModuleType:
+    """matplotlib's pyplot on the non-interactive Agg backend; :class:`PlotsUnavailable` without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg", force=True)
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise PlotsUnavailable(NO_MATPLOTLIB) from None
     return plt
 
 
@@ -252,6 +292,7 @@ def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path,
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``; ValueError for CUDA on a machine without it."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -6,7 +6,9 @@ autograd asks for). Its per-module attribution is switched off: its module track
 that ``torch.autograd.grad(..., inputs=<leaf>)`` (how the engine carries a cascade back through a retained
 graph) refuses with "A leaf node was passed to _will_engine_execute_node"; the global count is unaffected.
 
-*Floor*: built from the method's structure, not from the engine's schedule. Every convolution/linear layer of
+*Floor*: built from the method's structure (the engine's published step plan, ``LocalModel.step_plan()``:
+each module's aux nets, whether its input needs a gradient, how far cascades reach), not from the order in which
+the engine runs it. Every convolution/linear layer of
 the backbone and of every aux net runs forward once (F); its weight gradient costs F when the weight is
 trainable; its input gradient costs F when something upstream needs it (an aux net's input, a cascaded
 module's input, a layer inside a module). Normalisation, activations and additions are not counted (the flop
@@ -34,6 +36,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import mlaan
+from mlaan.engine import ModulePlan
 
 
 class _GlobalOnly:
@@ -101,13 +104,10 @@ class _Recorder:
             h.remove()
 
 
-def _head_passes(model: mlaan.LocalModel, j: int) -> list[tuple[str, nn.Module]]:
-    heads = []
-    if j < len(model.independent_heads):
-        heads.append((f"aux_independent.{j}", model.independent_heads[j]))
-    if str(j) in model.cascade_heads:
-        heads.append((f"aux_cascade.{j}", model.cascade_heads[str(j)]))
-    return heads
+def _head_passes(step: ModulePlan) -> list[tuple[str, str, nn.Module]]:
+    """(FLOP bucket, part kind, aux net) of each aux net trained on a module's output."""
+    heads = [("aux_independent", step.independent_head), ("aux_cascade", step.cascade_head)]
+    return [(f"{kind}.{step.index}", kind, head) for kind, head in heads if head is not None]
 
 
 def floor_step_flops(model: mlaan.LocalModel, images: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -116,8 +116,9 @@ def floor_step_flops(model: mlaan.LocalModel, images: torch.Tensor, targets: tor
     Runs each backbone module twice (input without / with gradient, to tell the inner layers' input gradients
     from the first layers') and each aux net once, in eval mode so that no BatchNorm statistic moves.
     """
-    cascade = model.spec.cascade and model.options.window >= 2
-    num_modules = len(model.local_modules)
+    plan = model.step_plan()
+    # modules a cascaded gradient is carried back through: their input gradient continues into the module before
+    crossed = {i for step in plan for i in step.cascade_through}
     was_training = model.training
     model.eval()
     rec = _Recorder(model)
@@ -125,8 +126,8 @@ def floor_step_flops(model: mlaan.LocalModel, images: torch.Tensor, targets: tor
     parts: dict[str, int] = defaultdict(int)
     try:
         x = images
-        for j, module in enumerate(model.local_modules):
-            input_needs_grad = cascade and j >= 1
+        for step, module in zip(plan, model.local_modules):
+            j, input_needs_grad = step.index, step.input_requires_grad
             rec.bucket = f"inner.{j}"
             out = module(x.detach())
             inner_x = rec.grad_x[f"inner.{j}"]
@@ -136,18 +137,18 @@ def floor_step_flops(model: mlaan.LocalModel, images: torch.Tensor, targets: tor
             grad_x = rec.grad_x[bucket] if input_needs_grad else inner_x
             cost = rec.fwd[bucket] + rec.grad_w[bucket] + grad_x
             floor += cost
-            extra = inner_x if (cascade and 1 <= j < num_modules - 1) else 0
+            # two output gradients (one continuing back, one not: an independent loss) need two input chains
+            extra = inner_x if (j in crossed and step.independent_head is not None) else 0
             exact += cost + extra
             parts["backbone_forward"] += rec.fwd[bucket]
             parts["backbone_backward"] += rec.grad_w[bucket] + grad_x
             parts["cascade_extra_input_grad"] += extra
-            for name, head in _head_passes(model, j):
+            for name, kind, head in _head_passes(step):
                 rec.bucket = name
                 head(out.detach().requires_grad_(), images, targets)
                 head_cost = rec.fwd[name] + rec.grad_w[name] + rec.grad_x[name]
                 floor += head_cost
                 exact += head_cost
-                kind = "aux_cascade" if name.startswith("aux_cascade") else "aux_independent"
                 parts[f"{kind}_forward"] += rec.fwd[name]
                 parts[f"{kind}_backward"] += rec.grad_w[name] + rec.grad_x[name]
             x = out

@@ -46,6 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..training.loop import optimizer_step
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
 
@@ -93,7 +94,7 @@ class MemoryAccountant:
         acc = MemoryAccountant(model)
         acc.register_static(model, optimizer, (images, targets))
         with acc:
-            training_step(...)
+            optimizer_step(...)
         acc.peak, acc.peak_breakdown
     """
 
@@ -264,7 +265,7 @@ def measure_case(
     aux_params = sum(p.numel() for p in model.parameters()) - num_params
     t0 = time.perf_counter()
     for _ in range(warmup):
-        common.training_step(model, optimizer, images, targets)
+        optimizer_step(model, optimizer, images, targets)
     if warmup == 0:
         _create_momentum_buffers(optimizer)
     result = {
@@ -284,7 +285,7 @@ def measure_case(
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
         for _ in range(steps):
-            common.training_step(model, optimizer, images, targets)
+            optimizer_step(model, optimizer, images, targets)
         torch.cuda.synchronize(dev)
         # what an earlier case in this process left allocated (normally 0) is not this case's
         result["peak_bytes"] = torch.cuda.max_memory_allocated(dev) - allocated_before
@@ -296,7 +297,7 @@ def measure_case(
         acc.register_static(model, optimizer, (images, targets))
         with acc:
             for _ in range(steps):
-                common.training_step(model, optimizer, images, targets)
+                optimizer_step(model, optimizer, images, targets)
         result["peak_bytes"] = acc.peak
         result["breakdown"] = acc.peak_breakdown
         result["peak_op"] = acc.peak_op
@@ -364,15 +365,14 @@ def measure_in_subprocess(case: dict, timeout: float | None = None) -> dict:
 
 # --------------------------------------------------------------------------------------------- sweep
 def plan_cases(archs: dict[str, list[int]], methods: list[str]) -> list[tuple[str, str, int]]:
-    """(arch, method, K): BP once at K=1; every other method at every K ≥ 2 (at K=1 they are BP)."""
+    """(arch, method, K): an end-to-end method (BP) once at K=1, first; every other method at every K ≥ 2 (at K=1
+    they are BP)."""
     plan = []
     for arch, ks in archs.items():
-        if "bp" in methods:
-            plan.append((arch, "bp", 1))
+        plan.extend((arch, m, 1) for m in methods if common.end_to_end(m))
         for m in methods:
-            if m == "bp":
-                continue
-            plan.extend((arch, m, k) for k in ks if k >= 2)
+            if not common.end_to_end(m):
+                plan.extend((arch, m, k) for k in ks if k >= 2)
     return plan
 
 
@@ -434,8 +434,12 @@ def _scale_breakdown(p1: dict, p2: dict, batch: int) -> dict | None:
 
 
 def add_percentages(results: list[dict]) -> None:
-    """``pct_of_bp``: each peak as a share of BP's on the same architecture and batch."""
-    bp = {(r["arch"], r["batch"]): r["peak_bytes"] for r in results if r["method"] == "bp" and "error" not in r}
+    """``pct_of_bp``: each peak as a share of BP's (the first end-to-end method's) on the same architecture and
+    batch."""
+    bp: dict[tuple, int] = {}
+    for r in results:
+        if common.end_to_end(r["method"]) and "error" not in r:
+            bp.setdefault((r["arch"], r["batch"]), r["peak_bytes"])
     for r in results:
         base = bp.get((r["arch"], r["batch"]))
         r["pct_of_bp"] = 100.0 * r["peak_bytes"] / base if base and "error" not in r else None
@@ -482,9 +486,9 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(archs), 1, figsize=(11, 4.6 * len(archs)), squeeze=False)
     for ax, arch in zip(axes[:, 0], archs):
         rs = [r for r in results if r["arch"] == arch and "error" not in r]
-        bp = next((r for r in rs if r["method"] == "bp"), None)
-        methods = list(dict.fromkeys(label(r) for r in rs if r["method"] != "bp"))
-        ks = sorted({r["k"] for r in rs if r["method"] != "bp"})
+        bp = next((r for r in rs if common.end_to_end(r["method"])), None)
+        methods = list(dict.fromkeys(label(r) for r in rs if not common.end_to_end(r["method"])))
+        ks = sorted({r["k"] for r in rs if not common.end_to_end(r["method"])})
         width = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
             xs, ys = [], []
@@ -498,8 +502,8 @@ def plot(results: list[dict], path: Path) -> None:
                    hatch="//" if recomputed else None, edgecolor="white" if recomputed else None)
         if bp is not None:
             gib = bp["peak_bytes"] / 2**30
-            ax.axhline(gib, color=common.method_color("bp"), linestyle="--", linewidth=1.2,
-                       label=f"bp (K=1): {gib:.2f} GiB")
+            ax.axhline(gib, color=common.method_color(bp["method"]), linestyle="--", linewidth=1.2,
+                       label=f"{bp['method']} (K=1): {gib:.2f} GiB")
             ax.secondary_yaxis("right", functions=(lambda y, g=gib: 100 * y / g, lambda p, g=gib: p * g / 100)
                                ).set_ylabel("% of BP's peak")
         ax.set_xticks(range(len(ks)))
@@ -613,7 +617,10 @@ def run(args: argparse.Namespace) -> int:
     table = render(results)
     print("\n" + table, flush=True)
     (out / "memory.md").write_text(table + "\n")
-    plot(results, out / "memory.png")
     common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": results})
-    print(f"\nwrote {out / 'memory.json'}, {out / 'memory.md'}, {out / 'memory.png'}", flush=True)
+    files = [out / "memory.json", out / "memory.md"]
+    if common.plots_or_note():
+        plot(results, out / "memory.png")
+        files.append(out / "memory.png")
+    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
     return 0

@@ -197,7 +197,8 @@ def base_method(method: str) -> str | None:
     return base if sep else None
 
 
-def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[str]) -> dict | None:
+def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[str], flag: str = "--base"
+            ) -> dict | None:
     """The one candidate base run, or the one the user chose (by folder or name); None (with a note) if several
     fit and none was chosen."""
     if not candidates:
@@ -210,7 +211,7 @@ def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[st
         return candidates[0]
     names = ", ".join(r["name"] for r in candidates)
     notes.append(f"{len(candidates)} {what} runs ({names}): no Δ against them; choose one with "
-                 f"{'--bp' if what == 'bp' else '--base'} RUN_DIR")
+                 f"{flag} RUN_DIR")
     return None
 
 
@@ -221,7 +222,8 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
     notes = notes if notes is not None else []
     chosen = [c for c in (bp, *bases) if c]
     chosen += [str(Path(c).resolve()) for c in chosen]
-    bp_run = _chosen([r for r in runs if r["method"] == "bp"], chosen, "bp", notes)
+    end_to_end = [r for r in runs if common.end_to_end(r["method"])]
+    bp_run = _chosen(end_to_end, chosen, "/".join(dict.fromkeys(r["method"] for r in end_to_end)), notes, "--bp")
     base_runs = {m: _chosen([r for r in runs if r["method"] == m], chosen, m, notes)
                  for m in dict.fromkeys(base_method(r["method"]) for r in runs) if m}
     rows = []
@@ -342,8 +344,8 @@ def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str,
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rs) + 2), 4.6))
     values = [value(r) / 2**20 for r, _ in rs]
     bars = ax.bar(range(len(rs)), values, color=[s[0] for _, s in rs])
-    bp = next((r for r, _ in rs if r["method"] == "bp"), None)
-    bp_runs = sum(r["method"] == "bp" for r, _ in rs)
+    bp = next((r for r, _ in rs if common.end_to_end(r["method"])), None)
+    bp_runs = sum(common.end_to_end(r["method"]) for r, _ in rs)
     for bar, (r, _) in zip(bars, rs):
         text = f"{value(r) / 2**20:.0f} MiB"
         if bp is not None and bp_runs == 1:
@@ -370,7 +372,8 @@ def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str,
 
 def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str = "mlaan report",
                  bp: str | None = None, bases: tuple[str, ...] = (), memory: str = "auto", log=print) -> dict:
-    """Load the runs and write report.md, curves.png and (when memory is charted) memory.png.
+    """Load the runs and write report.md, curves.png and (when memory is charted) memory.png; without matplotlib
+    (an optional extra) the plots are left out, with one line on stderr saying so.
 
     Runs are grouped by what makes them comparable (:data:`COMPARABLE_KEYS`); Δ columns compare runs of a group
     only, against the base run chosen with ``bp``/``bases`` when a group has several. ``memory``: see
@@ -402,10 +405,12 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
         notes += group_notes
         tables.append(f"{describe_group(group)}\n{md}")
     lines += ["Δ: test-error difference in percentage points (negative is better), within a group only. "
-              "Epochs, steps and wall time count every resumed segment.", "",
-              "![test accuracy and training loss per epoch](curves.png)"]
-    plot_curves(runs, out / "curves.png", title)
-    has_memory = source != "none" and plot_memory(runs, out / "memory.png", title, figures, what)
+              "Epochs, steps and wall time count every resumed segment."]
+    plots = common.plots_or_note()
+    if plots:
+        plot_curves(runs, out / "curves.png", title)
+        lines += ["", "![test accuracy and training loss per epoch](curves.png)"]
+    has_memory = plots and source != "none" and plot_memory(runs, out / "memory.png", title, figures, what)
     if has_memory:
         explain = ("peak memory: exact accounting of one training step at each run's batch size (`mlaan bench "
                    "memory`), not the process's RSS" if source == "accounted" else "peak memory: as recorded by "
@@ -414,8 +419,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return {"runs": runs, "groups": groups, "notes": notes, "table": "\n\n".join(tables),
             "memory_source": source,
-            "files": [str(out / "report.md"), str(out / "curves.png")] + ([str(out / "memory.png")] if has_memory
-                                                                           else [])}
+            "files": [str(out / name) for name, written in (("report.md", True), ("curves.png", plots),
+                                                            ("memory.png", has_memory)) if written]}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -35,7 +35,8 @@ def paired_difference(errors: dict[int, float], reference: dict[int, float]) -> 
 def summarise(runs: list[dict]) -> list[dict]:
     """One entry per arm (``label``, in first-seen order) from finished runs (``report.load_run`` dicts with a
     ``seed``, and ``label``/``variant`` for variants): final test errors per seed, mean ± std, and paired Δ vs
-    ``bp``, vs the base method (``dgl`` for ``dgl+mlaan``) and, for a variant, vs its plain method."""
+    BP (``vs_bp``: the plain run of the first end-to-end method), vs the base method (``dgl`` for ``dgl+mlaan``)
+    and, for a variant, vs its plain method."""
     errors: dict[str, dict[int, float]] = {}
     methods: dict[str, tuple[str, str]] = {}
     for run in runs:
@@ -43,17 +44,19 @@ def summarise(runs: list[dict]) -> list[dict]:
             label = run.get("label", run["method"])
             errors.setdefault(label, {})[int(run["seed"])] = float(run["test_error"])
             methods[label] = (run["method"], run.get("variant", ""))
+    bp = next((label for label, (method, variant) in methods.items() if not variant and common.end_to_end(method)),
+              None)
     out = []
     for label, per_seed in errors.items():
         method, variant = methods[label]
         mean, std = mean_std(list(per_seed.values()))
         base, _, suffix = method.partition("+")
 
-        def versus(other: str, per_seed: dict = per_seed, label: str = label) -> dict | None:
+        def versus(other: str | None, per_seed: dict = per_seed, label: str = label) -> dict | None:
             return paired_difference(per_seed, errors[other]) if other in errors and other != label else None
 
         entry = {"label": label, "method": method, "variant": variant, "seeds": sorted(per_seed),
-                 "errors": per_seed, "mean": mean, "std": std, "vs_bp": versus("bp"),
+                 "errors": per_seed, "mean": mean, "std": std, "vs_bp": versus(bp),
                  "vs_base": versus(base) if suffix else None, "vs_plain": versus(method) if variant else None}
         out.append(entry)
     return out

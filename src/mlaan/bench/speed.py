@@ -7,8 +7,10 @@ all methods alike. The figure is the median over the rounds, after warm-up steps
 run before and disabled during each timed step.
 
 ``--breakdown METHOD`` also times where one method's step goes (backbone forward, aux nets, the cascade's
-input-gradient passes, weight backwards, optimizer, EMA) by wrapping the engine's step functions on that
-model instance, and puts each part's achieved GFLOP/s beside it, plus a torch.profiler table of the top ops.
+input-gradient passes, weight backwards, optimizer, EMA) from a ``torch.profiler`` profile of a few more steps,
+read by the phase markers the engine sets (:mod:`mlaan.engine.phases`), and puts each part's achieved GFLOP/s
+beside it, plus the profiler's table of the top ops. Those steps are separate from the timed ones, and their
+unprofiled time is reported beside (the profiler slows a step).
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile, record_function
 
 import mlaan
-from mlaan.engine import parse_method
+from mlaan.engine import phases
 
 from .. import runtime
 from ..training.loop import optimizer_step
@@ -122,8 +125,8 @@ def bench_case(
     first being the reference) times each method in each numeric format, rows named ``METHOD [bf16+cl]``; every
     ratio is to BP in the first format, ``vs_first_format`` to the same method in the first format."""
     formats = formats or ["fp32"]
-    bp = next(m for m in mlaan.available_methods() if parse_method(m).base.end_to_end)
-    if not any(parse_method(m).base.end_to_end for m in methods):
+    bp = next(m for m in mlaan.available_methods() if common.end_to_end(m))
+    if not any(common.end_to_end(m) for m in methods):
         methods = [bp, *methods]
     models = {}
     names = {}
@@ -200,87 +203,119 @@ def bench_case(
 
 
 # ------------------------------------------------------------------------------------------- breakdown
-class _ExclusiveTimer:
-    """Nested wall-clock timing where a part's time excludes the parts timed inside it."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-        self._stack: list[list] = []
-
-    def wrap(self, fn: Callable, label: str | Callable[..., str]) -> Callable:
-        def wrapped(*args, **kwargs):
-            name = label(*args, **kwargs) if callable(label) else label
-            self._stack.append([name, time.perf_counter(), 0.0])
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                name, start, children = self._stack.pop()
-                elapsed = time.perf_counter() - start
-                self.totals[name] += elapsed - children
-                if self._stack:
-                    self._stack[-1][2] += elapsed
-
-        return wrapped
-
-
-def _instrument(model: mlaan.LocalModel, optimizer: torch.optim.Optimizer, timer: _ExclusiveTimer) -> None:
-    """Wrap the engine's step functions of this model *instance* (the engine's code is untouched)."""
-    independent = {id(h) for h in model.independent_heads}
-
-    def head_kind(head: nn.Module, *args, **kwargs) -> str:
-        return "aux independent" if id(head) in independent else "aux cascade"
-
-    for module in model.local_modules:
-        module.forward = timer.wrap(module.forward, "backbone forward")
-    for kind, heads in (("aux independent", model.independent_heads), ("aux cascade", model.cascade_heads.values())):
-        for head in heads:
-            trunk = getattr(head, "trunk", None)
-            if trunk is not None:
-                trunk.forward = timer.wrap(trunk.forward, f"{kind}: LAM/AugLocal trunk forward")
-                head.head.forward = timer.wrap(head.head.forward, f"{kind}: head forward")
-            else:
-                head.forward = timer.wrap(head.forward, f"{kind}: head forward")
-    model._head_gradient = timer.wrap(model._head_gradient, lambda head, *a, **k: f"{head_kind(head)}: backward")
-    model._propagate_cascade = timer.wrap(model._propagate_cascade, "cascade input-gradient passes")
-    model._finish_module = timer.wrap(model._finish_module, "backbone weight backward")
-    model.train_step = timer.wrap(model.train_step, "other (last module's loss, bookkeeping)")
-    optimizer.step = timer.wrap(optimizer.step, "optimizer step")
-    optimizer.zero_grad = timer.wrap(optimizer.zero_grad, "zero_grad")
-    model.after_optimizer_step = timer.wrap(model.after_optimizer_step, "EMA twin update")
-
-
-# which FLOP parts (see flops.floor_step_flops) each timed part executes
-_PART_FLOPS = {
-    "backbone forward": ("backbone_forward",),
-    "aux independent: head forward": ("aux_independent_forward",),
-    "aux independent: LAM/AugLocal trunk forward": (),
-    "aux cascade: head forward": ("aux_cascade_forward",),
-    "aux cascade: LAM/AugLocal trunk forward": (),
-    "aux independent: backward": ("aux_independent_backward",),
-    "aux cascade: backward": ("aux_cascade_backward",),
+STEP_MARKER = "mlaan.bench.step"  # the benchmark's own marker around each profiled step
+OTHER = "other (last module's loss, bookkeeping)"
+_AUX_KIND = {phases.AUX_LOSS["independent"]: "aux independent", phases.AUX_LOSS["cascaded"]: "aux cascade"}
+_PARTS = {
+    phases.MODULE_FORWARD: "backbone forward",
+    phases.CASCADE_BACKWARD: "cascade input-gradient passes",
+    phases.MODULE_BACKWARD: "backbone weight backward",
+    phases.OUTPUT_LOSS: OTHER,
+    phases.EMA_UPDATE: "EMA twin update",
+    STEP_MARKER: OTHER,
 }
+_AUX_PARTS = {phases.AUX_TRUNK_FORWARD: "LAM/AugLocal trunk forward", phases.AUX_FORWARD: "head forward"}
+# torch's own markers of the optimizer (``torch.optim.Optimizer`` profiles step and zero_grad), by prefix
+_TORCH_PARTS = {"Optimizer.step#": "optimizer step", "Optimizer.zero_grad#": "zero_grad"}
+# how deep each marker nests, to order markers that start at the same instant
+_DEPTH = {STEP_MARKER: 0, **dict.fromkeys(_AUX_KIND, 1), phases.AUX_FORWARD: 2, phases.AUX_TRUNK_FORWARD: 3}
+
+
+def _marker(name: str) -> bool:
+    return name in phases.STEP_PHASES or name == STEP_MARKER or name.startswith(tuple(_TORCH_PARTS))
+
+
+def part_of(path: tuple[str, ...]) -> str:
+    """The breakdown part a marker's exclusive time goes to, given the markers around it (outermost first, the
+    marker itself last): the engine's phases (:mod:`mlaan.engine.phases`), torch's optimizer markers, and the
+    rest of the step (:data:`OTHER`)."""
+    name = path[-1]
+    kind = next((_AUX_KIND[m] for m in reversed(path) if m in _AUX_KIND), None)
+    if name in _AUX_KIND:
+        return f"{_AUX_KIND[name]}: backward"
+    if name in _AUX_PARTS and kind is not None:
+        return f"{kind}: {_AUX_PARTS[name]}"
+    for prefix, part in _TORCH_PARTS.items():
+        if name.startswith(prefix):
+            return part
+    return _PARTS.get(name, OTHER)
+
+
+def phase_seconds(events: Sequence, root: str = STEP_MARKER) -> tuple[dict[str, float], dict[str, float], float]:
+    """Seconds per breakdown part (:func:`part_of`) from a profile's events (``prof.events()``), summed over every
+    ``root`` marker: (wall-clock exclusive time of each part's markers, device time of the kernels launched
+    inside them (empty without device activity), total wall time of the ``root`` markers).
+
+    Exclusive: a marker's time less that of the markers inside it, so the parts add up to the total. Only the
+    markers of the thread that entered ``root`` count (the engine marks its phases on the calling thread); a
+    kernel counts toward the innermost marker around the start of the CPU op that launched it, on any thread (on
+    CUDA, autograd runs backward ops on its own thread while the caller waits inside a marker)."""
+    # host-side events only: a kernel's own event (and a marker's copy on the device timeline) is not one
+    events = [e for e in events if getattr(e, "device_type", DeviceType.CPU) == DeviceType.CPU]
+    roots = [e for e in events if e.name == root]
+    threads = {e.thread for e in roots}
+    marks = [(e.time_range.start, -e.time_range.end, _DEPTH.get(e.name, 1), 0, e) for e in events
+             if _marker(e.name) and e.thread in threads]
+    ops = [(e.time_range.start, 0, 9, 1, e) for e in events
+           if not _marker(e.name) and getattr(e, "self_device_time_total", 0) > 0]
+    wall: dict[str, float] = defaultdict(float)
+    device: dict[str, float] = defaultdict(float)
+    stack: list[list] = []  # open markers: [path, start, end, time of the markers inside]
+
+    def close(until: float) -> None:
+        while stack and stack[-1][2] <= until:
+            path, start, end, inner = stack.pop()
+            wall[part_of(path)] += (end - start - inner) / 1e6
+            if stack:
+                stack[-1][3] += end - start
+
+    for start, neg_end, _, is_op, event in sorted(marks + ops, key=lambda t: t[:4]):
+        close(start)
+        if is_op:
+            if stack:
+                device[part_of(stack[-1][0])] += event.self_device_time_total / 1e6
+        else:
+            stack.append([(stack[-1][0] if stack else ()) + (event.name,), start, -neg_end, 0.0])
+    close(float("inf"))
+    total = sum(e.time_range.end - e.time_range.start for e in roots) / 1e6
+    return dict(wall), dict(device), total
 
 
 def breakdown(
     arch: str, k: int, method: str, batch: int = 128, steps: int = 3, seed: int = 0, trace_dir: Path | None = None
 ) -> dict:
-    """Where one method's step time goes, with achieved GFLOP/s per part, and the profiler's top ops."""
+    """Where one method's step time goes, with achieved GFLOP/s per part, and the profiler's top ops.
+
+    The parts are read from a ``torch.profiler`` profile of ``steps`` steps by the engine's phase markers
+    (:mod:`mlaan.engine.phases`; CPU activity, and CUDA's when the model is on a CUDA device). The profiler slows
+    a step; the same steps unprofiled, timed before, are reported beside (``unprofiled_step_s``)."""
     model, optimizer = common.build(arch, method, k, seed=seed)
     images, targets = common.synthetic_batch(model, batch, seed=seed)
     flops = step_flops(model, images, targets)
     for _ in range(2):
-        common.training_step(model, optimizer, images, targets)
-    timer = _ExclusiveTimer()
-    _instrument(model, optimizer, timer)
-    for _ in range(steps):
-        gc.collect()
-        common.training_step(model, optimizer, images, targets)
-    parts = {name: t / steps for name, t in timer.totals.items()}
-    total = sum(parts.values())
-    fparts = flops["parts"]
+        optimizer_step(model, optimizer, images, targets)
+    unprofiled = [_timed_step(model, optimizer, images, targets)[0] for _ in range(steps)]
+    activities = [ProfilerActivity.CPU]
+    on_cuda = next(model.parameters()).is_cuda
+    if on_cuda:
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities, record_shapes=False) as prof:
+        for _ in range(steps):
+            gc.collect()
+            with record_function(STEP_MARKER):
+                optimizer_step(model, optimizer, images, targets)
+    if trace_dir is not None:
+        prof.export_chrome_trace(str(trace_dir / "breakdown_trace.json"))
+    wall, device, total = phase_seconds(prof.events())
+    parts = {name: t / steps for name, t in wall.items()}
+    total /= steps
     rows = []
     for name, seconds in sorted(parts.items(), key=lambda kv: -kv[1]):
-        rows.append({"part": name, "seconds": seconds, "share": seconds / total})
+        row = {"part": name, "seconds": seconds, "share": seconds / total}
+        if on_cuda:
+            row["device_seconds"] = device.get(name, 0.0) / steps
+        rows.append(row)
+    fparts = flops["parts"]
     # The forward of an aux net is timed as trunk + head; its FLOPs are reported on the sum.
     table_flops = {
         "backbone forward": fparts.get("backbone_forward", 0),
@@ -311,7 +346,7 @@ def breakdown(
         }
         for g in time_groups
     ]
-    top_ops = _profile_top_ops(model, optimizer, images, targets, trace_dir)
+    sort_by = "self_device_time_total" if on_cuda else "self_cpu_time_total"
     return {
         "arch": arch,
         "k": k,
@@ -319,20 +354,11 @@ def breakdown(
         "batch": batch,
         "steps": steps,
         "step_s": total,
+        "unprofiled_step_s": statistics.median(unprofiled),
         "parts": rows,
         "groups": groups,
-        "top_ops": top_ops,
+        "top_ops": prof.key_averages().table(sort_by=sort_by, row_limit=20),
     }
-
-
-def _profile_top_ops(model, optimizer, images, targets, trace_dir: Path | None, limit: int = 20) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=False) as prof:
-        common.training_step(model, optimizer, images, targets)
-    if trace_dir is not None:
-        prof.export_chrome_trace(str(trace_dir / "breakdown_trace.json"))
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=limit)
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -385,7 +411,10 @@ def render(results: list[dict]) -> str:
 
 
 def render_breakdown(b: dict) -> str:
-    rows = [[p["part"], f"{p['seconds'] * 1000:.0f}", f"{p['share'] * 100:.1f}%"] for p in b["parts"]]
+    """Markdown of :func:`breakdown`'s result: parts, groups with GFLOP/s, the profiler's top ops."""
+    device = any("device_seconds" in p for p in b["parts"])
+    rows = [[p["part"], f"{p['seconds'] * 1000:.0f}", f"{p['share'] * 100:.1f}%"]
+            + ([f"{p['device_seconds'] * 1000:.1f}"] if device else []) for p in b["parts"]]
     groups = [
         [
             g["group"],
@@ -397,16 +426,19 @@ def render_breakdown(b: dict) -> str:
     ]
     return (
         f"Breakdown of a {b['method']} step ({b['arch']}, K={b['k']}, batch {b['batch']}, mean of {b['steps']} "
-        f"instrumented steps, {b['step_s'] * 1000:.0f} ms/step)\n"
-        + common.format_table(["part (exclusive time)", "ms/step", "share"], rows)
+        f"profiled steps, {b['step_s'] * 1000:.0f} ms/step; {b['unprofiled_step_s'] * 1000:.0f} ms/step "
+        f"unprofiled)\n"
+        + common.format_table(["part (exclusive time)", "ms/step", "share"] + (["device ms/step"] if device else []),
+                              rows)
         + "\n\n"
         + common.format_table(["group", "ms/step", "GFLOP (floor)", "GFLOP/s"], groups)
-        + "\n\ntorch.profiler, top ops by self CPU time (one step):\n"
+        + f"\n\ntorch.profiler, top ops by self {'device' if device else 'CPU'} time ({b['steps']} steps):\n"
         + b["top_ops"]
     )
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Bars of each method's step time relative to BP, with its FLOP floors as markers (PNG at ``path``)."""
     plt = common.pyplot()
     fig, axes = plt.subplots(1, len(results), figsize=(6.5 * len(results), 4.8), squeeze=False)
     for ax, case in zip(axes[0], results):
@@ -503,7 +535,10 @@ def run(args: argparse.Namespace) -> int:
     table = render(results)
     print("\n" + table, flush=True)
     (out / "speed.md").write_text(table + "\n")
-    plot(results, out / "speed.png")
+    files = [out / "speed.json", out / "speed.md"]
+    if common.plots_or_note():
+        plot(results, out / "speed.png")
+        files.append(out / "speed.png")
     data = {"machine": machine, "cases": results}
     if breakdown_method is not None:
         arch, k = cases[0]
@@ -514,5 +549,5 @@ def run(args: argparse.Namespace) -> int:
         (out / "breakdown.md").write_text(text + "\n")
         data["breakdown"] = b
     common.write_json(out / "speed.json", data)
-    print(f"\nwrote {out / 'speed.json'}, {out / 'speed.md'}, {out / 'speed.png'}", flush=True)
+    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
     return 0

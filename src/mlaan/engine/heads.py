@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .phases import AUX_TRUNK_FORWARD, mark
 from .recompute import run_blocks
 
 
@@ -92,10 +93,11 @@ class StackedLoss(nn.Module):
             self.trunk.grad_checkpointing = enable
 
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing and isinstance(self.trunk, nn.Sequential):
-            features = run_blocks(self.trunk, features, grad_checkpointing=True)
-        else:
-            features = self.trunk(features)
+        with mark(AUX_TRUNK_FORWARD):
+            if self.grad_checkpointing and isinstance(self.trunk, nn.Sequential):
+                features = run_blocks(self.trunk, features, grad_checkpointing=True)
+            else:
+                features = self.trunk(features)
         return self.head(features, images, targets)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor | None:

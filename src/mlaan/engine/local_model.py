@@ -23,11 +23,44 @@ from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import LocalOptions, make_options
+from .phases import (
+    AUX_FORWARD,
+    AUX_LOSS,
+    CASCADE_BACKWARD,
+    EMA_UPDATE,
+    MODULE_BACKWARD,
+    MODULE_FORWARD,
+    OUTPUT_LOSS,
+    mark,
+)
 from .recompute import run_blocks
 from .split import compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
+
+
+@dataclass(frozen=True)
+class ModulePlan:
+    """What ``train_step`` does for one local module (:meth:`LocalModel.step_plan`).
+
+    ``index``: the module's position (0 = the stem's). ``blocks``: indices into ``backbone.blocks`` that the
+    module runs (the last module also runs the classifier block). ``independent_head``: the aux net of its own
+    loss (None for the last module, whose loss is the backbone's classifier). ``cascade_head``: its cascaded (MLM)
+    aux net, None where it has none. ``cascade_through``: the modules whose retained graphs its cascaded gradient
+    is carried back through (itself first; empty where no cascade continues past its input); the gradient lands
+    on the output of the module before the last one listed. ``input_requires_grad``: whether its input is a leaf
+    that needs a gradient (a cascade continues past it). ``weight_backward_at``: the index of the module at whose
+    step this module's weight backward runs and its graph is freed (itself without a cascade window).
+    """
+
+    index: int
+    blocks: tuple[int, ...]
+    independent_head: nn.Module | None
+    cascade_head: nn.Module | None
+    cascade_through: tuple[int, ...]
+    input_requires_grad: bool
+    weight_backward_at: int
 
 
 @dataclass
@@ -225,6 +258,32 @@ class LocalModel(nn.Module):
         self._grads_ready_hooks.append(hook)
 
     # ----------------------------------------------------------------------------------------- training
+    def step_plan(self) -> list[ModulePlan]:
+        """What ``train_step`` does for each local module, input to output (see :class:`ModulePlan`): its blocks,
+        its aux nets, how far its cascaded gradient reaches back, whether its input needs a gradient, and when its
+        weight backward runs. Derived from the attributes ``train_step`` reads (``split``, ``independent_heads``,
+        ``cascade_heads``, ``spec``, ``options.window``); the step's phases are marked as
+        :data:`mlaan.engine.phases.STEP_PHASES` says."""
+        num_modules = len(self.local_modules)
+        window = self.options.window if self.spec.cascade else 1
+        barriers = frozenset(self.options.cascade_barriers)
+        plan = []
+        for j in range(num_modules):
+            last = j == num_modules - 1
+            cascade_head = self.cascade_heads[str(j)] if str(j) in self.cascade_heads else None
+            # the last module's cross-entropy is also its cascaded loss under MLM (see _local_gradients)
+            cascades = cascade_head is not None or (last and self.spec.cascade and window >= 2 and j >= 1)
+            plan.append(ModulePlan(
+                index=j,
+                blocks=tuple(self.split[j]) + ((len(self.backbone.blocks) - 1,) if last else ()),
+                independent_head=None if last else self.independent_heads[j],
+                cascade_head=cascade_head,
+                cascade_through=_cascade_reach(j, window, barriers) if cascades else (),
+                input_requires_grad=window >= 2 and j >= 1 and j - 1 not in barriers,
+                weight_backward_at=min(j + window - 1, num_modules - 1),
+            ))
+        return plan
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
@@ -256,9 +315,10 @@ class LocalModel(nn.Module):
         cascade = self.spec.cascade and self.options.window >= 2
         none = torch.full((), float("nan"), device=output.device)
         if is_last:
-            leaf = output.detach().requires_grad_()
-            loss = F.cross_entropy(leaf.float(), targets)
-            loss.backward()
+            with mark(OUTPUT_LOSS):
+                leaf = output.detach().requires_grad_()
+                loss = F.cross_entropy(leaf.float(), targets)
+                loss.backward()
             g, value = leaf.grad, loss.detach()
             if not cascade or j == 0:
                 scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
@@ -270,32 +330,35 @@ class LocalModel(nn.Module):
         w_ind = self.options.w_ind if cascade else 1.0
         head = self.independent_heads[j]
         if str(j) not in self.cascade_heads:
-            g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+            g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
             return g_ind, None, _Losses(value, value, none)
         # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
         # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
-        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc)
-        g_ind, value = self._head_gradient(head, output, images, targets, w_ind)
+        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc, "cascaded")
+        g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
         weighted = w_ind * value + self.options.w_casc * casc_value
         return g_ind.add_(g_casc), g_casc, _Losses(weighted, value, casc_value)
 
     def _head_gradient(
-        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float
+        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float,
+        path: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        leaf = output.detach().requires_grad_()
-        with self._autocast():
-            loss = head(leaf, images, targets)
-        (loss * weight).backward()
-        self._notify([p for p in head.parameters() if p.requires_grad])
+        with mark(AUX_LOSS[path]):
+            leaf = output.detach().requires_grad_()
+            with self._autocast(), mark(AUX_FORWARD):
+                loss = head(leaf, images, targets)
+            (loss * weight).backward()
+            self._notify([p for p in head.parameters() if p.requires_grad])
         return leaf.grad, loss.detach().float()
 
     def _finish_module(self, entry: _Pending) -> None:
         """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
-        params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
-        if params:
-            torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
-        self._notify(params)
+        with mark(MODULE_BACKWARD):
+            params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
+            if params:
+                torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
+            self._notify(params)
 
     def _notify(self, params: list[nn.Parameter]) -> None:
         for hook in self._grads_ready_hooks:
@@ -326,8 +389,9 @@ class LocalModel(nn.Module):
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Move every EMA twin toward its real block (only the last one with ``ema_update="last"``)."""
-        for trunk in self.following_trunks():
-            trunk.follow(self.backbone.blocks[trunk.source_index])
+        with mark(EMA_UPDATE):
+            for trunk in self.following_trunks():
+                trunk.follow(self.backbone.blocks[trunk.source_index])
 
 
 class LocalStep:
@@ -366,7 +430,7 @@ class LocalStep:
         inputs = x.detach()
         if self.window >= 2 and j >= 1 and j - 1 not in self.barriers:
             inputs.requires_grad_()
-        with model._autocast():
+        with model._autocast(), mark(MODULE_FORWARD):
             module = model.local_modules[j]
             output = run_blocks(module, inputs, True) if self.recompute else module(inputs)
         grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets)
@@ -432,15 +496,19 @@ class LocalStep:
         """Carry module j's cascaded gradient ``grad`` (at module i's output) back through modules i, i−1, …,
         j−window+2 into the outputs of the modules before them, using their retained graphs (input gradients
         only). Stops at a cascade barrier; leaves the range through :attr:`outbox`."""
+        if grad is None:
+            return
         by_index = {p.index: p for p in self.pending}
-        while grad is not None and i > j - self.window + 1 and i >= 1 and i - 1 not in self.barriers:
-            entry = by_index[i]
-            (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
-            if i == self.modules.start:
-                self.outbox.append((j, grad))
-                return
-            by_index[i - 1].grad = by_index[i - 1].grad + grad
-            i -= 1
+        with mark(CASCADE_BACKWARD):
+            for k in _cascade_reach(j, self.window, self.barriers):
+                if k > i:  # already carried through on the rank that owns module k
+                    continue
+                entry = by_index[k]
+                (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+                if k == self.modules.start:
+                    self.outbox.append((j, grad))
+                    return
+                by_index[k - 1].grad = by_index[k - 1].grad + grad
 
     def _finish_through(self, index: int) -> None:
         """Finish the waiting modules up to ``index``: all of their gradient has arrived."""
@@ -449,6 +517,17 @@ class LocalStep:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, ...]:
+    """The modules module j's cascaded gradient is carried back through (j, j−1, …, j−window+2), stopping before
+    module 0 and at a cascade barrier."""
+    reach = []
+    for i in range(j, j - window + 1, -1):
+        if i < 1 or i - 1 in barriers:
+            break
+        reach.append(i)
+    return tuple(reach)
+
+
 def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
     """K against the backbone and the method, and the cascade window against K (each option's own range is
     checked where it is declared, :mod:`mlaan.engine.options` and the methods' ``Options``)."""

@@ -67,6 +67,11 @@ class MethodSpec:
     leap: bool  # LAM
 
     @property
+    def end_to_end(self) -> bool:
+        """Whether the method trains end to end (BP): one module, no aux net; benchmarks compare against it."""
+        return self.base.end_to_end
+
+    @property
     def can_recompute(self) -> bool:
         """Whether ``grad_checkpointing`` has anything to recompute: aux nets made of backbone-like blocks (LAM,
         AugLocal) or module graphs kept alive for a cascade window (MLM)."""
