@@ -61,20 +61,21 @@ COMMANDS = {
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` (memory, speed, accuracy) and ``report`` to a CLI's subparsers."""
-    from . import accuracy, memory, report, speed
+    from . import accuracy, memory, pipeline, report, speed
 
     fmt = DefaultsOnceFormatter
     bench = subparsers.add_parser(
         "bench", help=COMMANDS["bench"],
         description="Benchmarks of what MLAAN promises: memory, speed, accuracy (see BENCHMARKS.md).",
     )
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy}")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy,pipeline}")
     bench_sub.required = True
 
     commands = (
         (memory, "memory", "peak training memory per method × K"),
         (speed, "speed", "step time vs BP beside FLOP floors"),
         (accuracy, "accuracy", "train every method, compare test error"),
+        (pipeline, "pipeline", "module parallelism's step time vs one process and BP's 1F1B pipeline"),
     )
     for module, name, summary in commands:
         p = bench_sub.add_parser(name, formatter_class=fmt, help=summary, description=module.__doc__.splitlines()[0])

@@ -79,16 +79,47 @@ class EMATwin(AveragedModel):
 
 
 class LeapTrunk(nn.Module):
-    """Copies A₁…A_d of later blocks; a₁ = A₁(z) + E₁(z) with E₁ the EMA twin of the real block A₁ copies."""
+    """Copies A₁…A_d of later blocks; a₁ = A₁(z) + E₁(z) with E₁ the EMA twin of the real block A₁ copies.
 
-    def __init__(self, blocks: list[nn.Module], source_index: int, momentum: float) -> None:
+    With ``lag=1`` the twin follows its real block as it was one step earlier: :attr:`source_snapshot` (no
+    gradient, in the state_dict) holds the block's parameters and buffers from the previous step. Module
+    parallelism needs that lag when the real block is trained on another rank.
+    """
+
+    def __init__(self, blocks: list[nn.Module], source_index: int, momentum: float, lag: int = 0) -> None:
         super().__init__()
         if not blocks:
             raise ValueError("a LAM trunk needs at least one block")
+        if lag not in (0, 1):
+            raise ValueError(f"lag must be 0 or 1, got {lag}")
         self.copies = nn.ModuleList(copy.deepcopy(b) for b in blocks)
         self.twin = EMATwin(blocks[0], momentum)
         self.source_index = source_index  # index of the twin's real block in ``backbone.blocks``
+        self.lag = lag
+        self.source_snapshot = copy.deepcopy(blocks[0]).requires_grad_(False) if lag else None
         self.grad_checkpointing = False  # recompute each block in backward (see ``mlaan.engine.recompute``)
+
+    @torch.no_grad()
+    def follow(self, source: nn.Module | None) -> None:
+        """The EMA update after an optimizer step: the twin moves toward ``source`` (the real block), or with
+        ``lag=1`` toward the snapshot of the previous step, which then becomes ``source``'s present state.
+        ``source=None`` (lag 1 only): the real block lives elsewhere and sends its state with
+        :meth:`set_snapshot`; only the twin moves."""
+        if self.source_snapshot is None:
+            if source is None:
+                raise ValueError("a trunk without lag follows its real block: pass it")
+            self.twin.follow(source)
+            return
+        self.twin.follow(self.source_snapshot)
+        if source is not None:
+            self.set_snapshot(list(source.state_dict().values()))
+
+    @torch.no_grad()
+    def set_snapshot(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite :attr:`source_snapshot` with a block state (tensors in ``state_dict`` order): how a
+        module-parallel rank installs the state of a real block trained elsewhere."""
+        for mine, theirs in zip(self.source_snapshot.state_dict().values(), tensors, strict=True):
+            mine.copy_(theirs)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         if self.grad_checkpointing:

@@ -137,7 +137,8 @@ class LocalModel(nn.Module):
             return self.spec.base.make_head(self._context(j, feature_shape, last_unit))
         depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth, self.options.lam_shrink)
         picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
-        trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum)
+        trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum,
+                          self.options.ema_lag)
         trunk_shape = self.profile.out_shapes[picks[-1]]
         head = self.spec.base.make_head(self._context(j, trunk_shape, picks[-1]))
         return StackedLoss(trunk, head)
@@ -265,6 +266,7 @@ class LocalModel(nn.Module):
         :data:`mlaan.engine.phases.STEP_PHASES` says."""
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
+        barriers = frozenset(self.options.cascade_barriers)
         plan = []
         for j in range(num_modules):
             last = j == num_modules - 1
@@ -276,8 +278,8 @@ class LocalModel(nn.Module):
                 blocks=tuple(self.split[j]) + ((len(self.backbone.blocks) - 1,) if last else ()),
                 independent_head=None if last else self.independent_heads[j],
                 cascade_head=cascade_head,
-                cascade_through=tuple(i for i in range(j, j - window + 1, -1) if i >= 1) if cascades else (),
-                input_requires_grad=window >= 2 and j >= 1,
+                cascade_through=_cascade_reach(j, window, barriers) if cascades else (),
+                input_requires_grad=window >= 2 and j >= 1 and j - 1 not in barriers,
                 weight_backward_at=min(j + window - 1, num_modules - 1),
             ))
         return plan
@@ -285,52 +287,24 @@ class LocalModel(nn.Module):
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
-        Returns ``{"loss": last module's cross-entropy, "accuracy": batch top-1, "module_losses": [...],
-        "independent_losses": [...], "cascaded_losses": [...]}``, one value per local module: ``module_losses`` as
-        weighted into the gradient (under MLM mostly the cascaded loss), ``independent_losses`` each module's own
-        aux loss unweighted (the last module: its cross-entropy), ``cascaded_losses`` the cascaded aux net's loss
-        unweighted (None where a module has none).
+        ``images`` (B, C, H, W), ``targets`` (B,) class indices. Returns ``{"loss": last module's cross-entropy,
+        "accuracy": batch top-1, "module_losses": [...], "independent_losses": [...], "cascaded_losses": [...]}``,
+        one value per local module: ``module_losses`` as weighted into the gradient (under MLM mostly the cascaded
+        loss), ``independent_losses`` each module's own aux loss unweighted (the last module: its cross-entropy),
+        ``cascaded_losses`` the cascaded aux net's loss unweighted (None where a module has none).
+        Raises FloatingPointError (before any optimizer step) when a local loss is not finite.
         """
-        images = self.prepare_inputs(images)
-        num_modules = len(self.local_modules)
-        window = self.options.window if self.spec.cascade else 1
-        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward
-        recompute_modules = self.options.grad_checkpointing and window >= 2
-        pending: list[_Pending] = []
-        module_losses: list[torch.Tensor] = []
-        independent: list[torch.Tensor] = []  # each module's own aux loss, unweighted (the last: its CE)
-        cascaded: list[torch.Tensor] = []  # each module's cascaded aux loss, unweighted (NaN where none)
-        x = images
-        for j, module in enumerate(self.local_modules):
-            inputs = x.detach()
-            if window >= 2 and j >= 1:
-                inputs.requires_grad_()
-            with self._autocast(), mark(MODULE_FORWARD):
-                output = run_blocks(module, inputs, True) if recompute_modules else module(inputs)
-            grad_total, grad_cascade, losses = self._local_gradients(j, output, images, targets)
-            module_losses.append(losses.weighted)
-            independent.append(losses.independent)
-            cascaded.append(losses.cascaded)
-            pending.append(_Pending(j, inputs, output, grad_total))
-            self._propagate_cascade(pending, j, window, grad_cascade)
-            last_step = j == num_modules - 1
-            while pending and (last_step or pending[0].index <= j - window + 1):
-                self._finish_module(pending.pop(0))
-            x = output
-        # One host sync per step (not one per head): losses and accuracy come back together.
-        accuracy = (x.detach().argmax(1) == targets).float().mean()
-        values = torch.stack([*module_losses, *independent, *cascaded, accuracy]).tolist()
-        losses = values[:num_modules]
-        bad = [j for j, v in enumerate(losses) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(f"non-finite local loss ({losses[bad[0]]}) at local module {bad[0]}")
-        return {
-            "loss": losses[-1],
-            "accuracy": values[-1],
-            "module_losses": losses,
-            "independent_losses": values[num_modules:2 * num_modules],
-            "cascaded_losses": [None if math.isnan(v) else v for v in values[2 * num_modules:3 * num_modules]],
-        }
+        step = self.begin_step(images, targets)
+        x = step.images
+        for j in step.modules:
+            x = step.run_module(j, x)
+        return step.statistics()
+
+    def begin_step(self, images: torch.Tensor, targets: torch.Tensor, modules: range | None = None) -> LocalStep:
+        """A training step over the local modules ``modules`` (a contiguous range; default all K), to be driven
+        module by module (:class:`LocalStep`): what ``train_step`` does in one call, and what a module-parallel
+        rank does for the modules it owns. ``images`` (B, C, H, W), ``targets`` (B,)."""
+        return LocalStep(self, self.prepare_inputs(images), targets, modules)
 
     def _local_gradients(
         self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
@@ -378,22 +352,6 @@ class LocalModel(nn.Module):
             self._notify([p for p in head.parameters() if p.requires_grad])
         return leaf.grad, loss.detach().float()
 
-    def _propagate_cascade(
-        self, pending: list[_Pending], j: int, window: int, grad: torch.Tensor | None
-    ) -> None:
-        """Carry module j's cascaded gradient back through modules j, j−1, …, j−window+2 into the outputs of the
-        modules before them, using their retained graphs (input-gradient only: no weight gradients computed)."""
-        if grad is None:
-            return
-        by_index = {p.index: p for p in pending}
-        with mark(CASCADE_BACKWARD):
-            for i in range(j, j - window + 1, -1):
-                if i < 1:
-                    return
-                entry = by_index[i]
-                (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
-                by_index[i - 1].grad = by_index[i - 1].grad + grad
-
     def _finish_module(self, entry: _Pending) -> None:
         """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
         with mark(MODULE_BACKWARD):
@@ -412,18 +370,164 @@ class LocalModel(nn.Module):
         device_type = next(self.backbone.parameters()).device.type
         return torch.autocast(device_type, dtype=self.autocast_dtype)
 
+    def following_trunks(self) -> list[LeapTrunk]:
+        """The LAM trunks whose EMA twin follows its block after each step: all, or only the last one with
+        ``ema_update="last"``."""
+        trunks = self.leap_trunks
+        return trunks[-1:] if self.options.ema_update == "last" else trunks
+
+    def module_parts(self, j: int) -> list[nn.Module]:
+        """What local module j trains: its backbone blocks and its aux nets (independent, and cascaded under MLM)
+        — the unit a module-parallel rank owns."""
+        parts: list[nn.Module] = [self.local_modules[j]]
+        if j < len(self.independent_heads):
+            parts.append(self.independent_heads[j])
+        if str(j) in self.cascade_heads:
+            parts.append(self.cascade_heads[str(j)])
+        return parts
+
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         """Move every EMA twin toward its real block (only the last one with ``ema_update="last"``)."""
         with mark(EMA_UPDATE):
-            trunks = self.leap_trunks
-            if self.options.ema_update == "last":
-                trunks = trunks[-1:]
-            for trunk in trunks:
-                trunk.twin.follow(self.backbone.blocks[trunk.source_index])
+            for trunk in self.following_trunks():
+                trunk.follow(self.backbone.blocks[trunk.source_index])
+
+
+class LocalStep:
+    """One training step of a :class:`LocalModel` over a contiguous range of its local modules.
+
+    ``run_module(j, x)`` forwards module j on ``x`` (the previous module's output), backpropagates its local
+    losses, carries its cascaded gradient back through the retained graphs of its cascade window (MLM,
+    docs/METHOD.md#mlm-cascades) and finishes — one weight backward, graph freed — every module no later cascade
+    can reach. A range that is not the whole model (a module-parallel rank's share) meets the cascades crossing
+    its edges by message: a cascade that reaches the range's first module leaves it as ``(j, gradient at the
+    range's input)`` in :attr:`outbox`; one from a later range arrives through :meth:`receive_cascade`. The order
+    of every floating-point operation is the same as in one process, so the results are bit-identical.
+    """
+
+    def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor,
+                 modules: range | None = None) -> None:
+        num_modules = len(model.local_modules)
+        self.modules = range(num_modules) if modules is None else modules
+        if self.modules.step != 1 or not 0 <= self.modules.start < self.modules.stop <= num_modules:
+            raise ValueError(f"modules must be a contiguous range within 0..{num_modules - 1}, got {modules}")
+        self.model, self.images, self.targets = model, images, targets
+        self.window = model.options.window if model.spec.cascade else 1
+        self.barriers = frozenset(model.options.cascade_barriers)
+        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward
+        self.recompute = model.options.grad_checkpointing and self.window >= 2
+        self.pending: list[_Pending] = []
+        self.losses: dict[int, _Losses] = {}
+        self.outbox: list[tuple[int, torch.Tensor]] = []
+        self.output: torch.Tensor | None = None
+        self.is_last_range = self.modules.stop == num_modules
+
+    def run_module(self, j: int, x: torch.Tensor) -> torch.Tensor:
+        """Forward module j on ``x`` and run its local backward; returns its output (no gradient flows into
+        ``x``)."""
+        model = self.model
+        inputs = x.detach()
+        if self.window >= 2 and j >= 1 and j - 1 not in self.barriers:
+            inputs.requires_grad_()
+        with model._autocast(), mark(MODULE_FORWARD):
+            module = model.local_modules[j]
+            output = run_blocks(module, inputs, True) if self.recompute else module(inputs)
+        grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets)
+        self.losses[j] = losses
+        self.pending.append(_Pending(j, inputs, output, grad_total))
+        self._carry(j, grad_cascade, j)
+        self._finish_through(len(model.local_modules) - 1 if j == len(model.local_modules) - 1
+                             else j - self.window + 1)
+        self.output = output
+        return output
+
+    def cascades_to_receive(self) -> list[int]:
+        """The later modules whose cascades reach into this range (in the order they arrive): modules
+        last+1 … last+window−1 that exist and are not behind a cascade barrier."""
+        last = self.modules.stop - 1
+        if self.window < 2 or last in self.barriers:
+            return []
+        return [j for j in range(last + 1, last + self.window) if j < len(self.model.local_modules)]
+
+    def receive_cascade(self, j: int, grad: torch.Tensor) -> None:
+        """Module j's (a later range's) cascaded gradient at this range's output: add it to the last module's
+        output gradient, carry it on through the window, and finish what no later cascade reaches."""
+        last = self.modules.stop - 1
+        entry = self._pending_entry(last)
+        entry.grad = entry.grad + grad
+        self._carry(j, grad, last)
+        self._finish_through(j - self.window + 1)
+
+    def finish(self) -> None:
+        """Finish every module still waiting (a range whose later cascades were cut, or all of them arrived)."""
+        self._finish_through(self.modules.stop - 1)
+
+    def statistics(self) -> dict:
+        """``train_step``'s statistics for this range's modules (``loss`` and ``accuracy`` are the last module's,
+        NaN unless the range ends the model). One host sync. Raises FloatingPointError on a non-finite loss."""
+        self.finish()
+        n = len(self.modules)
+        losses = [self.losses[j] for j in self.modules]
+        if self.is_last_range:
+            accuracy = (self.output.detach().argmax(1) == self.targets).float().mean()
+        else:
+            accuracy = torch.full((), float("nan"), device=self.images.device)
+        # One host sync per step (not one per head): losses and accuracy come back together.
+        values = torch.stack([*(x.weighted for x in losses), *(x.independent for x in losses),
+                              *(x.cascaded for x in losses), accuracy]).tolist()
+        weighted = values[:n]
+        bad = [i for i, v in enumerate(weighted) if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite local loss ({weighted[bad[0]]}) at local module {self.modules[bad[0]]}")
+        return {
+            "loss": weighted[-1] if self.is_last_range else float("nan"),
+            "accuracy": values[-1],
+            "module_losses": weighted,
+            "independent_losses": values[n:2 * n],
+            "cascaded_losses": [None if math.isnan(v) else v for v in values[2 * n:3 * n]],
+        }
+
+    def _pending_entry(self, index: int) -> _Pending:
+        return next(p for p in self.pending if p.index == index)
+
+    def _carry(self, j: int, grad: torch.Tensor | None, i: int) -> None:
+        """Carry module j's cascaded gradient ``grad`` (at module i's output) back through modules i, i−1, …,
+        j−window+2 into the outputs of the modules before them, using their retained graphs (input gradients
+        only). Stops at a cascade barrier; leaves the range through :attr:`outbox`."""
+        if grad is None:
+            return
+        by_index = {p.index: p for p in self.pending}
+        with mark(CASCADE_BACKWARD):
+            for k in _cascade_reach(j, self.window, self.barriers):
+                if k > i:  # already carried through on the rank that owns module k
+                    continue
+                entry = by_index[k]
+                (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+                if k == self.modules.start:
+                    self.outbox.append((j, grad))
+                    return
+                by_index[k - 1].grad = by_index[k - 1].grad + grad
+
+    def _finish_through(self, index: int) -> None:
+        """Finish the waiting modules up to ``index``: all of their gradient has arrived."""
+        while self.pending and self.pending[0].index <= index:
+            self.model._finish_module(self.pending.pop(0))
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, ...]:
+    """The modules module j's cascaded gradient is carried back through (j, j−1, …, j−window+2), stopping before
+    module 0 and at a cascade barrier."""
+    reach = []
+    for i in range(j, j - window + 1, -1):
+        if i < 1 or i - 1 in barriers:
+            break
+        reach.append(i)
+    return tuple(reach)
+
+
 def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
     """K against the backbone and the method, and the cascade window against K (each option's own range is
     checked where it is declared, :mod:`mlaan.engine.options` and the methods' ``Options``)."""
@@ -437,6 +541,10 @@ def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone
         raise ValueError(f"method {spec.name!r} trains end to end: num_local_modules must be 1, got {k}")
     if spec.cascade and not 2 <= opts.window <= max(k, 2):
         raise ValueError(f"cascade window={opts.window} is not allowed with K={k}: allowed 2 to {max(k, 2)}")
+    bad = [b for b in opts.cascade_barriers if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= k - 2]
+    if bad:
+        raise ValueError(f"cascade_barriers={tuple(opts.cascade_barriers)} with K={k}: each must be a module "
+                         f"index in 0 to {k - 2} (a barrier sits after that module)")
 
 
 def _infer_classes(backbone: models.Backbone) -> int:

@@ -38,6 +38,11 @@ class EngineOptions:
     ema_update: str = field(default="all", metadata={
         "help": "which EMA twins follow their block after each step: 'all', or 'last' (the official CIFAR "
                 "code's behaviour)"})
+    # A twin whose block is trained on another rank (module parallelism) can only see that block as it was one
+    # step earlier without stalling the pipeline; the one-process engine can reproduce that lag exactly.
+    ema_lag: int = field(default=0, metadata={
+        "help": "LAM EMA twins follow their block as it was after the previous step (1) or after this one (0); "
+                "--parallel modules needs 1"})
     lam_depth: int = field(default=4, metadata={"help": "copied later blocks in the earliest LAM aux nets"})
     lam_shrink: float = field(default=1.0, metadata={
         "help": "c of the LAM depth schedule, in [0, 1]: 1 ends at one block"})
@@ -58,6 +63,10 @@ class EngineOptions:
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "recompute aux blocks (LAM trunks, EMA twins, AugLocal blocks) and the cascade window's module "
                 "graphs in backward: less peak memory for more forward compute, identical results"})
+    cascade_barriers: tuple[int, ...] = field(default=(), metadata={
+        "help": "local modules after which MLM cascades stop (no cascaded gradient flows into them from later "
+                "modules)",
+        "derived": "mlaan train sets it to the rank boundaries of --parallel modules --boundary cut"})
     image_mean: tuple[float, ...] = field(default=(0.0,), metadata={
         "help": "the data set's per-channel mean (InfoPro un-normalises images with it)",
         "derived": "mlaan train sets it from the data set"})
@@ -68,6 +77,8 @@ class EngineOptions:
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
         _check_choice("ema_update", self.ema_update, EMA_UPDATE_MODES)
+        if self.ema_lag not in (0, 1):
+            raise ValueError(f"ema_lag must be 0 or 1, got {self.ema_lag}")
         _check_choice("aux_head", self.aux_head, AUX_HEAD_SHAPES)
         _check_choice("balance", self.balance, BALANCE_MODES)
         for name in ("lam_depth", "balance_batch_size"):

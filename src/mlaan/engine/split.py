@@ -82,15 +82,17 @@ def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> 
     return BlockProfile(in_shapes, out_shapes, per_image, fixed)
 
 
-def split_sizes(costs: list[float], num_modules: int) -> list[int]:
-    """Partition ``costs`` into ``num_modules`` contiguous non-empty runs minimising the largest run's sum.
+def split_sizes(costs: list[float], num_modules: int, min_size: int = 1) -> list[int]:
+    """Partition ``costs`` into ``num_modules`` contiguous runs of at least ``min_size`` items minimising the
+    largest run's sum (exact dynamic programme, O(n²·num_modules)).
 
     Ties go to the partition found first scanning from the front, so equal costs give
-    ``numpy.array_split``-like sizes (earlier modules take the remainder).
+    ``numpy.array_split``-like sizes (earlier modules take the remainder). Raises ValueError when
+    ``num_modules`` runs of ``min_size`` do not fit in ``len(costs)``.
     """
     n = len(costs)
-    if not 1 <= num_modules <= n:
-        raise ValueError(f"num_local_modules must be between 1 and {n}, got {num_modules}")
+    if not 1 <= num_modules or num_modules * min_size > n:
+        raise ValueError(f"cannot cut {n} items into {num_modules} runs of at least {min_size}")
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + c)
@@ -100,8 +102,8 @@ def split_sizes(costs: list[float], num_modules: int) -> list[int]:
     cut = [[0] * (n + 1) for _ in range(num_modules + 1)]
     best[0][0] = 0.0
     for k in range(1, num_modules + 1):
-        for i in range(k, n - (num_modules - k) + 1):
-            for s in range(i - 1, k - 2, -1):
+        for i in range(k * min_size, n - (num_modules - k) * min_size + 1):
+            for s in range(i - min_size, (k - 1) * min_size - 1, -1):
                 value = max(best[k - 1][s], prefix[i] - prefix[s])
                 if value < best[k][i] - 1e-9:
                     best[k][i], cut[k][i] = value, s

@@ -1,0 +1,349 @@
+"""`mlaan bench pipeline`: module parallelism's step time against one process and against BP's classic pipeline.
+
+One set of P processes (gloo on the CPU) runs interleaved rounds; in each round
+  1. the one-process engine on rank 0 with all ``--cores`` threads (the other ranks wait at a barrier), for the
+     method and for BP;
+  2. the module pipeline (``mlaan.pipeline.ModulePipeline``) on P ranks with cores/P threads each, recording
+     each rank's step and receive-wait seconds;
+  3. BP cut into P stages by ``torch.distributed.pipelining`` (``Schedule1F1B``, P micro-batches): the classic
+     baseline on the same P ranks (its micro-batches change BatchNorm statistics; timing only).
+Seconds per step are medians over the rounds of (window wall time / steps), pipeline fill included.
+
+Then an analytical model: the per-module times T_j (measured on rank 0 with cores/P threads) and the message cost
+(latency + bytes/bandwidth from a ping-pong between ranks 0 and 1) predict the pipeline's tick,
+max over ranks of Σ_{j∈r} T_j + sends, plus, with exact cascades, the wait for the next rank's first window−1
+modules; that is printed beside the measurement, and used to predict P = 4 and 8 from the same T_j
+(``--module-times FILE`` takes T_j measured elsewhere, e.g. per-module CUDA times).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from .. import models
+from ..engine import parse_method
+from ..pipeline import (
+    BOUNDARY_MODES,
+    PARTITION_MODES,
+    ModulePipeline,
+    boundaries,
+    min_modules_per_rank,
+    module_costs,
+    partition_modules,
+)
+from ..training.loop import make_optimizer
+from . import common
+
+DEADLINE_S = 3600
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="resnet32")
+    p.add_argument("--method", default="dgl+mlaan", help="the local-learning method to pipeline")
+    p.add_argument("--local-modules", type=int, default=None, help="K (default: the architecture's)")
+    p.add_argument("--ranks", type=int, default=2, help="P, processes of the pipeline")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads in all: the one-process runs use all, each rank cores/P")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per run and round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each timed window")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median over them)")
+    p.add_argument("--boundary", choices=BOUNDARY_MODES, default="exact")
+    p.add_argument("--partition", choices=PARTITION_MODES, default="time")
+    p.add_argument("--predict", default="4,8", help="rank counts to predict with the model")
+    p.add_argument("--module-times", default=None, metavar="FILE",
+                   help="JSON list of per-module seconds (e.g. CUDA) for the predictions instead of the measured")
+    p.add_argument("--output-dir", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    spec = parse_method(args.method)
+    if spec.base.end_to_end:
+        raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
+    common.check_arch(args.arch)
+    if args.ranks < 2:
+        raise ValueError(f"--ranks must be at least 2, got {args.ranks}")
+    if args.cores < args.ranks:
+        raise ValueError(f"--cores {args.cores} is fewer than --ranks {args.ranks}: one thread per rank at least")
+    k = args.local_modules or models.default_local_modules(args.arch)
+    predict = common.parse_ints(args.predict, "--predict")
+    module_times = json.loads(Path(args.module_times).read_text()) if args.module_times else None
+    out = common.output_dir(args.output_dir, "pipeline")
+    cfg = {"arch": args.arch, "method": args.method, "k": k, "ranks": args.ranks, "cores": args.cores,
+           "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
+           "boundary": args.boundary, "partition": args.partition}
+    print(f"mlaan bench pipeline on {common.machine_description()}; code {common.code_version()}")
+    print(json.dumps(cfg))
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_rank_main, args=(args.ranks, tmp, cfg), nprocs=args.ranks, join=False,
+                                 start_method="spawn")
+        deadline = time.monotonic() + DEADLINE_S
+        while not ctx.join(timeout=1):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                raise RuntimeError(f"pipeline ranks still running after {DEADLINE_S} s")
+        measured = json.loads((Path(tmp) / "result.json").read_text())
+    result = {"config": cfg, "machine": common.machine_description(), "code": common.code_version(), **measured}
+    result["model"] = _model_report(measured, module_times or measured["module_times"], cfg, predict)
+    common.write_json(out / "pipeline.json", result)
+    print(_table(result))
+    print(f"wrote {out / 'pipeline.json'}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ the ranks
+def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
+    each = max(1, cfg["cores"] // world)
+    torch.set_num_threads(each)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=600))
+    try:
+        result = _measure(rank, world, each, cfg)
+        if rank == 0:
+            (Path(tmp) / "result.json").write_text(json.dumps(result))
+    finally:
+        dist.destroy_process_group()
+
+
+def _build(cfg: dict, method: str, k: int, **options: Any):
+    model, optimizer = common.build(cfg["arch"], method, k, **options)
+    return model, optimizer
+
+
+def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
+    spec = parse_method(cfg["method"])
+    lag = {"ema_lag": 1} if spec.leap else {}
+    probe, _ = _build(cfg, cfg["method"], cfg["k"], **lag)
+    images, targets = common.synthetic_batch(probe, cfg["batch_size"])
+    # The partition and the per-module times come from rank 0 (measured with a rank's thread count), broadcast.
+    shared: list[Any] = [None, None]
+    if rank == 0:
+        times = module_costs(probe, "time", cfg["batch_size"])
+        costs = times if cfg["partition"] == "time" else module_costs(probe, cfg["partition"], cfg["batch_size"])
+        low = min_modules_per_rank(probe, cfg["boundary"])
+        shared = [times, [(r.start, r.stop) for r in partition_modules(costs, world, low)]]
+    dist.broadcast_object_list(shared, src=0)
+    times, ranges = shared[0], [range(a, b) for a, b in shared[1]]
+    barriers = boundaries(ranges) if cfg["boundary"] == "cut" else ()
+    model, optimizer = _build(cfg, cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
+    pipe = ModulePipeline(model, ranges, rank, cfg["boundary"])
+    message = _message_cost(rank, probe, images, ranges)
+    sequential = _build(cfg, cfg["method"], cfg["k"], **lag) if rank == 0 else None
+    bp_sequential = _build(cfg, "bp", 1) if rank == 0 else None
+    bp_stage = _bp_stage(cfg, rank, world, images)
+
+    rows: dict[str, list[float]] = {"sequential": [], "pipeline": [], "bp_sequential": [], "bp_1f1b": []}
+    rank_steps: list[list[float]] = []
+    rank_waits: list[list[float]] = []
+    for _ in range(cfg["rounds"]):
+        for name, pair in (("sequential", sequential), ("bp_sequential", bp_sequential)):
+            dist.barrier()
+            if rank == 0:
+                torch.set_num_threads(cfg["cores"])
+                rows[name].append(_time_one_process(*pair, images, targets, cfg))
+                torch.set_num_threads(each)
+            dist.barrier()
+        seconds, steps, waits = _time_pipeline(pipe, optimizer, images, targets, cfg)
+        rows["pipeline"].append(seconds)
+        rank_steps.append(steps)
+        rank_waits.append(waits)
+        rows["bp_1f1b"].append(_time_1f1b(bp_stage, rank, world, images, targets, cfg))
+    per_rank = _gather(statistics.median(sum(rank_steps, [])), statistics.median(sum(rank_waits, [])))
+    return {
+        "seconds_per_step": {name: statistics.median(v) for name, v in rows.items() if v},
+        "rounds": rows,
+        "ranges": [(r.start, r.stop) for r in ranges],
+        "module_times": times,
+        "message": message,
+        "per_rank": per_rank,
+        "window": probe.options.window,
+    }
+
+
+def _time_one_process(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                      targets: torch.Tensor, cfg: dict) -> float:
+    from ..training.loop import optimizer_step
+
+    for _ in range(cfg["warmup"]):
+        optimizer_step(model, optimizer, images, targets)
+    start = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        optimizer_step(model, optimizer, images, targets)
+    return (time.perf_counter() - start) / cfg["steps"]
+
+
+def _time_pipeline(pipe: ModulePipeline, optimizer: torch.optim.Optimizer, images: torch.Tensor,
+                   targets: torch.Tensor, cfg: dict) -> tuple[float, list[float], list[float]]:
+    for _ in range(cfg["warmup"]):
+        pipe.optimizer_step(optimizer, images, targets)
+    pipe.drain()
+    dist.barrier()
+    start = time.perf_counter()
+    steps, waits = [], []
+    for _ in range(cfg["steps"]):
+        stats = pipe.optimizer_step(optimizer, images, targets)
+        steps.append(stats["step_s"])
+        waits.append(stats["wait_s"])
+    pipe.drain()
+    dist.barrier()  # the window ends when the last rank is done
+    return (time.perf_counter() - start) / cfg["steps"], steps, waits
+
+
+def _gather(step: float, wait: float) -> list[dict[str, float]]:
+    found: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, {"step_s": step, "wait_s": wait})
+    return found
+
+
+# ----------------------------------------------------------------------------------- BP's 1F1B pipeline
+def _bp_stage(cfg: dict, rank: int, world: int, images: torch.Tensor) -> tuple[Any, torch.optim.Optimizer]:
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    torch.manual_seed(0)
+    backbone = models.create(cfg["arch"])
+    units = len(backbone.blocks) - 1
+    cuts = partition_modules([1.0] * units, world)
+    blocks = [backbone.blocks[i] for i in cuts[rank]] + ([backbone.blocks[-1]] if rank == world - 1 else [])
+    stage_module = nn.Sequential(*blocks)
+    micro = max(world, 2)
+    stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
+    schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=lambda out, y: F.cross_entropy(out, y))
+    return schedule, make_optimizer(stage_module)
+
+
+def _time_1f1b(stage: tuple[Any, torch.optim.Optimizer], rank: int, world: int, images: torch.Tensor,
+               targets: torch.Tensor, cfg: dict) -> float:
+    schedule, optimizer = stage
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if rank == 0:
+            schedule.step(images)
+        elif rank == world - 1:
+            schedule.step(target=targets, losses=[])
+        else:
+            schedule.step()
+        optimizer.step()
+
+    for _ in range(cfg["warmup"]):
+        step()
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(cfg["steps"]):
+        step()
+    dist.barrier()
+    return (time.perf_counter() - start) / cfg["steps"]
+
+
+# ------------------------------------------------------------------------------------------ messages
+def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: list[range]) -> dict[str, float]:
+    """Latency and bandwidth between ranks 0 and 1 from ping-pongs of an empty and a boundary-sized message;
+    also the boundary activation's bytes (rank 0's last module output)."""
+    with torch.no_grad():
+        x = model.prepare_inputs(images)
+        for j in ranges[0]:
+            x = model.local_modules[j](x)
+    size = x.numel() * x.element_size()
+    result = {"boundary_bytes": float(size)}
+    for name, n in (("small", 1), ("large", x.numel())):
+        buffer = torch.zeros(n)
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(10):
+            if rank == 0:
+                dist.send(buffer, 1)
+                dist.recv(buffer, 1)
+            elif rank == 1:
+                dist.recv(buffer, 0)
+                dist.send(buffer, 0)
+        result[name] = (time.perf_counter() - start) / 20  # one way
+    result["latency_s"] = result["small"]
+    result["bytes_per_s"] = size / max(1e-9, result["large"] - result["small"])
+    dist.barrier()
+    return result
+
+
+# --------------------------------------------------------------------------------------------- model
+def predicted_tick(times: list[float], ranges: list[range], message_s: float, cascade_wait: int) -> float:
+    """Seconds per step of a lock-step module pipeline: the slowest rank's modules plus its messages, plus (exact
+    cascades across a boundary) the time its next rank needs for its first ``cascade_wait`` modules before the
+    boundary gradient comes back."""
+    ticks = []
+    for r, run in enumerate(ranges):
+        busy = sum(times[j] for j in run)
+        if r < len(ranges) - 1:
+            busy += message_s
+            if cascade_wait:
+                busy += sum(times[j] for j in list(ranges[r + 1])[:cascade_wait]) + message_s
+        ticks.append(busy)
+    return max(ticks)
+
+
+def _model_report(measured: dict, times: list[float], cfg: dict, predict: list[int]) -> dict[str, Any]:
+    message = measured["message"]
+    message_s = message["latency_s"] + message["boundary_bytes"] / message["bytes_per_s"]
+    spec = parse_method(cfg["method"])
+    wait = (measured["window"] - 1) if spec.cascade and cfg["boundary"] == "exact" else 0
+    ranges = [range(a, b) for a, b in measured["ranges"]]
+    tick = predicted_tick(times, ranges, message_s, wait)
+    steps = cfg["steps"]
+    fill = (steps + cfg["ranks"] - 1) / steps  # the window includes the pipeline's fill
+    report: dict[str, Any] = {
+        "message_s": message_s,
+        "one_device_s": sum(times),
+        "predicted_tick_s": tick,
+        "predicted_s_per_step": tick * fill,
+        "measured_s_per_step": measured["seconds_per_step"]["pipeline"],
+        "predictions": {},
+    }
+    report["error"] = report["predicted_s_per_step"] / report["measured_s_per_step"] - 1
+    for p in predict:
+        if p > len(times):
+            continue
+        try:
+            cut = partition_modules(times, p, max(1, wait))
+        except ValueError:
+            continue
+        t = predicted_tick(times, cut, message_s, wait)
+        report["predictions"][str(p)] = {"tick_s": t, "speedup_vs_one_device": sum(times) / t,
+                                         "ranges": [(r.start, r.stop) for r in cut]}
+    return report
+
+
+def _table(result: dict) -> str:
+    s = result["seconds_per_step"]
+    cfg = result["config"]
+    rows = [
+        [f"{cfg['method']} one process, {cfg['cores']} threads", f"{s['sequential']:.3f}", "1.00"],
+        [f"{cfg['method']} pipeline, {cfg['ranks']} ranks", f"{s['pipeline']:.3f}",
+         f"{s['sequential'] / s['pipeline']:.2f}"],
+        [f"bp one process, {cfg['cores']} threads", f"{s['bp_sequential']:.3f}", "—"],
+        [f"bp 1F1B, {cfg['ranks']} ranks", f"{s['bp_1f1b']:.3f}", f"{s['bp_sequential'] / s['bp_1f1b']:.2f} (vs bp)"],
+    ]
+    out = [common.format_table(["run", "s/step", "speed-up"], rows), ""]
+    out.append(common.format_table(
+        ["rank", "modules", "step s (median)", "waiting s"],
+        [[r, f"{a}–{b - 1}", f"{p['step_s']:.3f}", f"{p['wait_s']:.3f}"]
+         for r, ((a, b), p) in enumerate(zip(result["ranges"], result["per_rank"]))]))
+    m = result["model"]
+    out.append("")
+    out.append(f"model: predicted {m['predicted_s_per_step']:.3f} s/step vs measured {m['measured_s_per_step']:.3f} "
+               f"({m['error']:+.0%}); one device {m['one_device_s']:.3f} s; message {m['message_s'] * 1e3:.1f} ms")
+    for p, v in m["predictions"].items():
+        out.append(f"  P={p}: tick {v['tick_s']:.3f} s, {v['speedup_vs_one_device']:.2f}× one device")
+    return "\n".join(out)

@@ -1,0 +1,402 @@
+"""Module parallelism: each rank trains a contiguous run of local modules, all ranks at the same time.
+
+Local modules are gradient-isolated, so rank r can train batch t while rank r+1 trains batch t−1: activations flow
+forward rank to rank by point-to-point messages, one whole batch per message (no micro-batches, so BatchNorm sees
+what it sees in one process). Each rank drives the one-process engine's own step (:class:`~mlaan.LocalStep`) over
+its modules, so for the base methods (no cascade) the result is bit-identical to one process.
+
+Where the algorithm reaches across a rank boundary:
+
+- **MLM cascades** (``boundary="exact"``, the default): the first ``window−1`` modules of rank r+1 send their
+  cascaded gradient at the boundary activation back to rank r, which adds it and carries it on exactly as one
+  process does before it steps: still bit-identical, at the cost of rank r waiting for rank r+1's first modules.
+  ``boundary="cut"``: cascades stop at rank boundaries — a different algorithm (the boundary module loses its
+  later modules' cascaded losses), equal to the one-process engine with ``cascade_barriers`` at the same places.
+- **LAM EMA twins** whose real block lives on the next rank: that rank sends the block's state at the start of
+  every step, i.e. as it was after the previous step, so the twin follows it one step late. The engine's
+  ``ema_lag=1`` reproduces that lag in one process (for every twin, wherever its block lives), so it stays
+  testable and a run can resume with another number of ranks.
+
+Every rank holds the whole model (built from the same seed) and one optimizer over all parameters; only its own
+modules get gradients, and PyTorch's optimizers skip parameters without one, so the per-rank optimizer states
+merge by parameter index into the one-process format. Design, exactness argument and costs: docs/PARALLELISM.md.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .engine.lam import LeapTrunk
+from .engine.local_model import LocalModel
+from .engine.phases import EMA_UPDATE, mark
+from .engine.split import split_sizes
+
+PARTITION_MODES = ("blocks", "time", "memory")
+BOUNDARY_MODES = ("exact", "cut")
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+_HEADER = 8  # dtype code, number of dimensions, up to six sizes
+
+
+# -------------------------------------------------------------------------------------------- partition
+def min_modules_per_rank(model: LocalModel, boundary: str) -> int:
+    """Fewest local modules a rank may own: with exact cascades, ``window − 1`` (a cascade then crosses at most
+    one rank boundary), else 1."""
+    if boundary == "exact" and model.spec.cascade:
+        return max(1, model.options.window - 1)
+    return 1
+
+
+def module_costs(model: LocalModel, mode: str, batch_size: int = 128, steps: int = 3) -> list[float]:
+    """One cost per local module for :func:`partition_modules`.
+
+    ``"blocks"``: the module's backbone blocks. ``"memory"``: bytes of its training step at ``batch_size`` images
+    (its blocks' activations and gradients, from the engine's block profile) plus its parameters and its aux nets'.
+    ``"time"``: median seconds of its part of ``steps`` training steps (forward, aux losses, cascades it starts,
+    backward) on random data, after one warm-up step; the model's gradients are left cleared and its BatchNorm
+    statistics restored. Raises ValueError for another mode.
+    """
+    if mode == "blocks":
+        return [float(len(r)) for r in model.split]
+    if mode == "memory":
+        step_bytes = model.profile.step_bytes(batch_size)
+        costs = []
+        for j, units in enumerate(model.split):
+            params = sum(p.numel() * p.element_size() for part in model.module_parts(j) for p in part.parameters())
+            costs.append(float(sum(step_bytes[i] for i in units) + params))
+        return costs
+    if mode == "time":
+        return _measured_costs(model, batch_size, steps)
+    raise ValueError(f"unknown partition {mode!r}; allowed: {', '.join(PARTITION_MODES)}")
+
+
+def _measured_costs(model: LocalModel, batch_size: int, steps: int) -> list[float]:
+    device = next(model.parameters()).device
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    times: list[list[float]] = [[] for _ in model.local_modules]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        for step in range(steps + 1):
+            images = torch.randn(batch_size, *model.image_shape, device=device)
+            targets = torch.randint(0, model.num_classes, (batch_size,), device=device)
+            run = model.begin_step(images, targets)
+            x = run.images
+            for j in run.modules:
+                _synchronize(device)
+                start = time.perf_counter()
+                x = run.run_module(j, x)
+                _synchronize(device)
+                if step > 0:
+                    times[j].append(time.perf_counter() - start)
+            run.finish()
+    model.load_state_dict(saved)
+    model.zero_grad(set_to_none=True)
+    return [sorted(t)[len(t) // 2] for t in times]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def partition_modules(costs: Sequence[float], ranks: int, min_modules: int = 1) -> list[range]:
+    """Contiguous runs of local modules, one per rank, minimising the largest run's cost (exact min-max split);
+    each run has at least ``min_modules`` modules. Raises ValueError when the modules do not go round."""
+    if ranks < 1:
+        raise ValueError(f"need at least one rank, got {ranks}")
+    if ranks * min_modules > len(costs):
+        raise ValueError(f"K={len(costs)} local modules cannot be split over {ranks} ranks with at least "
+                         f"{min_modules} each; use fewer ranks or more modules")
+    sizes = split_sizes([float(c) for c in costs], ranks, min_modules)
+    ranges, start = [], 0
+    for size in sizes:
+        ranges.append(range(start, start + size))
+        start += size
+    return ranges
+
+
+def boundaries(ranges: Sequence[range]) -> tuple[int, ...]:
+    """The last module of every rank but the last: where ``boundary="cut"`` puts its cascade barriers."""
+    return tuple(r.stop - 1 for r in ranges[:-1])
+
+
+# -------------------------------------------------------------------------------------------- ownership
+def _rank_parts(model: LocalModel, ranges: Sequence[range]) -> list[list[nn.Module]]:
+    return [[part for j in run for part in model.module_parts(j)] for run in ranges]
+
+
+def state_owners(model: LocalModel, ranges: Sequence[range]) -> dict[str, int]:
+    """The rank that trains each ``model.state_dict()`` entry (its module's blocks, aux nets, EMA twins)."""
+    owner = {id(t): r for r, parts in enumerate(_rank_parts(model, ranges))
+             for part in parts for t in [*part.parameters(), *part.buffers()]}
+    return {k: owner[id(v)] for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def parameter_owners(model: LocalModel, ranges: Sequence[range]) -> list[list[int]]:
+    """For each rank, the positions of its parameters in ``model.parameters()`` order (the optimizer's
+    indices)."""
+    owner = {id(p): r for r, parts in enumerate(_rank_parts(model, ranges)) for part in parts
+             for p in part.parameters()}
+    found: list[list[int]] = [[] for _ in ranges]
+    for i, p in enumerate(model.parameters()):
+        found[owner[id(p)]].append(i)
+    return found
+
+
+def merge_model_states(model: LocalModel, ranges: Sequence[range], states: Sequence[dict[str, torch.Tensor]]
+                       ) -> dict[str, torch.Tensor]:
+    """The one-process ``state_dict`` from each rank's (``states[r]``: at least its owned entries): every entry
+    from its owner, then every EMA snapshot (``ema_lag=1``) set to its block's state — what one process holds
+    after the same step (a rank holds a remote block's snapshot one step older)."""
+    merged = {k: states[r][k] for k, r in state_owners(model, ranges).items()}
+    for name, trunk in model.named_modules():
+        if isinstance(trunk, LeapTrunk) and trunk.source_snapshot is not None:
+            for key in trunk.source_snapshot.state_dict():
+                merged[f"{name}.source_snapshot.{key}"] = merged[f"backbone.blocks.{trunk.source_index}.{key}"]
+    return merged
+
+
+def merge_optimizer_states(states: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One optimizer ``state_dict`` from the ranks' (every rank's optimizer spans all parameters; each holds the
+    state of its own only)."""
+    merged = {"state": {}, "param_groups": states[0]["param_groups"]}
+    for state in states:
+        merged["state"].update(state["state"])
+    return merged
+
+
+def check_partition(model: LocalModel, ranges: Sequence[range], boundary: str) -> None:
+    """ValueError (one line) unless ``ranges`` cover the local modules in order, each rank owns at least
+    :func:`min_modules_per_rank`, ``boundary="cut"`` comes with the model's matching ``cascade_barriers``, and LAM
+    twins whose block is on another rank have ``ema_lag=1``."""
+    if boundary not in BOUNDARY_MODES:
+        raise ValueError(f"unknown boundary {boundary!r}; allowed: {', '.join(BOUNDARY_MODES)}")
+    k = len(model.local_modules)
+    if [j for run in ranges for j in run] != list(range(k)) or any(len(run) == 0 for run in ranges):
+        raise ValueError(f"ranges {[(r.start, r.stop) for r in ranges]} must cover local modules 0..{k - 1} "
+                         "in order, each rank at least one")
+    low = min_modules_per_rank(model, boundary)
+    short = [r for r, run in enumerate(ranges) if len(run) < low]
+    if short:
+        raise ValueError(f"rank {short[0]} owns {len(ranges[short[0]])} local module(s); exact cascades with "
+                         f"window {model.options.window} need at least {low} per rank")
+    cuts = set(boundaries(ranges))
+    if model.spec.cascade and boundary == "cut" and not cuts <= set(model.options.cascade_barriers):
+        raise ValueError(f"boundary='cut' needs the model built with cascade_barriers={tuple(sorted(cuts))}")
+    module_rank = [r for r, run in enumerate(ranges) for _ in run]
+    block_module = {i: j for j, units in enumerate(model.split) for i in units}
+    for j in range(k):
+        for part in model.module_parts(j)[1:]:
+            for trunk in part.modules():
+                if (isinstance(trunk, LeapTrunk) and model.options.ema_lag != 1
+                        and module_rank[block_module[trunk.source_index]] != module_rank[j]):
+                    raise ValueError("LAM EMA twins whose block is on another rank need ema_lag=1 (the twin "
+                                     "follows its block as it was one step earlier); build the model with "
+                                     "ema_lag=1")
+
+
+# ------------------------------------------------------------------------------------------------ stage
+class ModulePipeline:
+    """This rank's share of a module-parallel run: the local modules ``ranges[rank]`` of ``model``.
+
+    ``model`` is the whole :class:`~mlaan.LocalModel`, built identically on every rank (same seed); ``ranges``
+    the contiguous module runs of all ranks (:func:`partition_modules`), ``rank`` this process's index in
+    ``group`` (default: the default process group, already initialised). Messages go through
+    ``torch.distributed`` point-to-point calls, staged on the CPU for the gloo backend.
+
+    Raises ValueError when the ranges do not cover the modules in order, a rank owns fewer than
+    :func:`min_modules_per_rank`, ``boundary="cut"`` without the matching ``cascade_barriers``, or LAM twins with
+    a block on another rank but ``ema_lag=0``.
+    """
+
+    def __init__(self, model: LocalModel, ranges: Sequence[range], rank: int, boundary: str = "exact",
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.model, self.ranges, self.rank, self.boundary, self.group = model, list(ranges), rank, boundary, group
+        check_partition(model, self.ranges, boundary)
+        self._check_group()
+        self.modules = self.ranges[rank]
+        self.prev = rank - 1 if rank > 0 else None
+        self.next = rank + 1 if rank < len(self.ranges) - 1 else None
+        self.owner = [r for r, run in enumerate(self.ranges) for _ in run]  # module index -> rank
+        self.device = next(model.parameters()).device
+        backend = dist.get_backend(group)
+        self.comm_device = torch.device("cpu") if backend == "gloo" else self.device
+        trunk_module = {id(t): j for j in range(len(model.local_modules)) for part in model.module_parts(j)[1:]
+                        for t in part.modules() if isinstance(t, LeapTrunk)}
+        block_module = {i: j for j, units in enumerate(model.split) for i in units}
+        self._trunk_module, self._block_module = trunk_module, block_module
+        # isends in flight with their tensors kept alive (modifying or freeing one before completion is undefined):
+        # this step's, and the previous step's, completed at the end of the next step
+        self._sends: list[tuple[Any, torch.Tensor]] = []
+        self._previous: list[tuple[Any, torch.Tensor]] = []
+        self._waited = 0.0  # seconds blocked in receives during the current step
+        self.last_stats: dict[str, Any] = {}
+
+    def owned_parts(self) -> list[nn.Module]:
+        """The backbone blocks and aux nets this rank trains."""
+        return _rank_parts(self.model, self.ranges)[self.rank]
+
+    def _check_group(self) -> None:
+        if dist.get_world_size(self.group) != len(self.ranges):
+            raise ValueError(f"{len(self.ranges)} ranges for a process group of {dist.get_world_size(self.group)}")
+
+    def _trunk_rank(self, trunk: LeapTrunk) -> int:
+        return self.owner[self._trunk_module[id(trunk)]]
+
+    def _source_rank(self, trunk: LeapTrunk) -> int:
+        return self.owner[self._block_module[trunk.source_index]]
+
+    # ------------------------------------------------------------------------------------ ownership
+    def owned_state_keys(self) -> list[str]:
+        """Keys of ``model.state_dict()`` this rank trains or updates (its blocks, aux nets, EMA twins)."""
+        return [k for k, r in state_owners(self.model, self.ranges).items() if r == self.rank]
+
+    def owned_parameter_indices(self) -> list[int]:
+        """Positions (in ``model.parameters()`` order, the one-process optimizer's indices) of this rank's
+        parameters."""
+        return parameter_owners(self.model, self.ranges)[self.rank]
+
+    # ------------------------------------------------------------------------------------- training
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+        """This rank's part of one training step on the batch ``images`` (B, C, H, W), ``targets`` (B,) — every
+        rank is given the same batch (each reads the same seeded data). Gradients of this rank's modules
+        accumulate in ``.grad``. Returns the engine's statistics for this rank's modules plus ``"modules"``
+        (their indices), ``"step_s"`` (wall seconds of this call) and ``"wait_s"`` (of which blocked in
+        receives); ``loss``/``accuracy`` are NaN except on the last rank."""
+        start = time.perf_counter()
+        self._waited = 0.0
+        step = self.model.begin_step(images, targets, self.modules)
+        if self.prev is not None:
+            for tensor in self._snapshots_for_prev():
+                self._send(tensor, self.prev)
+            x = self._format(self._recv_tensor(self.prev))
+        else:
+            x = step.images
+        for j in self.modules:
+            x = step.run_module(j, x)
+            for _, grad in step.outbox:  # cascades leaving this rank: the previous one waits for them
+                self._send(grad, self.prev)
+            step.outbox.clear()
+        if self.next is not None:
+            self._send_tensor(x.detach(), self.next)
+            self._receive_snapshots()
+            for j in step.cascades_to_receive():
+                grad = self._format(self._recv_like(x, self.next))
+                step.receive_cascade(j, grad)
+        stats = step.statistics()
+        stats["modules"] = list(self.modules)
+        self._wait_sends(keep_last=True)
+        stats["step_s"], stats["wait_s"] = time.perf_counter() - start, self._waited
+        self.last_stats = stats
+        return stats
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
+                       ) -> dict[str, Any]:
+        """zero_grad → :meth:`train_step` → ``optimizer.step`` (only this rank's parameters have gradients, and the
+        optimizer skips the rest) → :meth:`after_optimizer_step`, as ``mlaan.training.loop.optimizer_step`` does in
+        one process."""
+        optimizer.zero_grad(set_to_none=True)
+        stats = self.train_step(images, targets)
+        optimizer.step()
+        self.after_optimizer_step()
+        return stats
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """The EMA twins this rank owns follow their block: a local block now (or its snapshot with
+        ``ema_lag=1``), a remote one through the snapshot its rank sent this step."""
+        with mark(EMA_UPDATE):
+            for trunk in self.model.following_trunks():
+                if self._trunk_rank(trunk) != self.rank:
+                    continue
+                local = self._source_rank(trunk) == self.rank
+                trunk.follow(self.model.backbone.blocks[trunk.source_index] if local else None)
+
+    def drain(self) -> None:
+        """Wait for every message this rank has sent (before a checkpoint, evaluation or exit)."""
+        self._wait_sends(keep_last=False)
+
+    # -------------------------------------------------------------------------------------- EMA twins
+    def _remote_trunks(self, owner: int) -> list[LeapTrunk]:
+        """Following trunks owned by rank ``owner`` whose real block is on the rank after it, in model order."""
+        return [t for t in self.model.following_trunks()
+                if self._trunk_rank(t) == owner and self._source_rank(t) == owner + 1]
+
+    def _snapshots_for_prev(self) -> list[torch.Tensor]:
+        blocks = [self.model.backbone.blocks[t.source_index] for t in self._remote_trunks(self.rank - 1)]
+        # copies: the forward about to run moves the BatchNorm statistics in place while the send may be pending
+        return [v.detach().clone() for block in blocks for v in block.state_dict().values()]
+
+    def _receive_snapshots(self) -> None:
+        for trunk in self._remote_trunks(self.rank):
+            tensors = [self._recv_like(v, self.next) for v in trunk.source_snapshot.state_dict().values()]
+            trunk.set_snapshot(tensors)
+
+    # ---------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def gather_backbone(self, dst: int = 0) -> None:
+        """Bring every module's blocks (parameters and BatchNorm statistics) to rank ``dst`` so that its
+        ``model.backbone`` is the trained network (for evaluation and export). Collective: every rank calls it."""
+        self.drain()
+        for j, owner in enumerate(self.owner):
+            if owner == dst:
+                continue
+            tensors = list(self.model.local_modules[j].state_dict().values())
+            if self.rank == owner:
+                for t in tensors:
+                    self._send(t, dst)
+                self.drain()
+            elif self.rank == dst:
+                for t in tensors:
+                    t.copy_(self._recv_like(t, owner))
+
+    # ------------------------------------------------------------------------------------- messages
+    def _format(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if self.model.channels_last and x.dim() == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def _send(self, tensor: torch.Tensor, dst: int) -> None:
+        payload = tensor.detach().to(self.comm_device).contiguous()
+        self._sends.append((dist.isend(payload, dst, group=self.group), payload))
+
+    def _send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
+        """A tensor whose shape and dtype the receiver does not know: a header first."""
+        if tensor.dim() > _HEADER - 2 or tensor.dtype not in _DTYPES:
+            raise ValueError(f"cannot send a {tensor.dim()}-d {tensor.dtype} activation between ranks")
+        sizes = list(tensor.shape) + [0] * (_HEADER - 2 - tensor.dim())
+        header = torch.tensor([_DTYPES.index(tensor.dtype), tensor.dim(), *sizes], dtype=torch.int64)
+        self._send(header, dst)
+        self._send(tensor, dst)
+
+    def _recv_tensor(self, src: int) -> torch.Tensor:
+        header = torch.empty(_HEADER, dtype=torch.int64, device=self.comm_device)
+        self._recv(header, src)
+        code, ndim, *sizes = header.tolist()
+        buffer = torch.empty(sizes[:ndim], dtype=_DTYPES[code], device=self.comm_device)
+        self._recv(buffer, src)
+        return buffer
+
+    def _recv_like(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        """A tensor of ``like``'s shape and dtype from rank ``src`` (on the message device)."""
+        buffer = torch.empty(like.shape, dtype=like.dtype, device=self.comm_device)
+        self._recv(buffer, src)
+        return buffer
+
+    def _recv(self, buffer: torch.Tensor, src: int) -> None:
+        start = time.perf_counter()
+        dist.recv(buffer, src, group=self.group)
+        self._waited += time.perf_counter() - start
+
+    def _wait_sends(self, keep_last: bool) -> None:
+        """Complete the sends of earlier steps (``keep_last``: those of the step just done may still be in
+        flight, so this rank can run one step ahead)."""
+        waiting = self._previous if keep_last else [*self._previous, *self._sends]
+        for work, _ in waiting:
+            work.wait()
+        self._previous, self._sends = (self._sends, []) if keep_last else ([], [])

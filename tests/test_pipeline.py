@@ -1,0 +1,232 @@
+"""Module parallelism (mlaan.pipeline): gloo ranks on the CPU, one thread each, against the one-process engine.
+
+Each spawn runs every case of a rank count in one set of processes (a spawn costs seconds); the process group has
+a timeout and the spawn a deadline, so a protocol bug fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from mlaan import create_local_model
+from mlaan.pipeline import (
+    ModulePipeline,
+    boundaries,
+    check_partition,
+    merge_model_states,
+    merge_optimizer_states,
+    module_costs,
+    partition_modules,
+)
+from mlaan.training.loop import make_optimizer, optimizer_step
+
+STEPS = 3
+BATCH = 6
+DEADLINE_S = 240
+
+# (name, method, K, options, boundary): the options the reference engine is built with are the same
+CASES = {
+    "dgl": ("dgl", 4, {}, "exact"),
+    "infopro": ("infopro", 4, {}, "exact"),
+    "auglocal": ("auglocal", 4, {}, "exact"),
+    "dgl+mlaan-w2": ("dgl+mlaan", 4, {"ema_lag": 1}, "exact"),
+    "dgl+mlaan-w3": ("dgl+mlaan", 4, {"ema_lag": 1, "window": 3}, "exact"),
+    "dgl+mlm-w2-cut": ("dgl+mlm", 4, {}, "cut"),
+    "dgl+lam": ("dgl+lam", 4, {"ema_lag": 1}, "exact"),
+}
+CASES_4 = {
+    "dgl": ("dgl", 6, {}, "exact"),
+    "dgl+mlaan-w3": ("dgl+mlaan", 8, {"ema_lag": 1, "window": 3}, "exact"),
+}
+
+
+def _model(method: str, k: int, options: dict, barriers: tuple[int, ...] = ()):
+    torch.manual_seed(0)
+    return create_local_model("resnet20", method=method, num_local_modules=k, image_size=16,
+                              cascade_barriers=barriers, **options)
+
+
+def _batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 3, 16, 16, generator=g), torch.randint(0, 10, (BATCH,), generator=g))
+            for _ in range(STEPS)]
+
+
+def _ranges(model, world: int, boundary: str):
+    from mlaan.pipeline import min_modules_per_rank
+    return partition_modules(module_costs(model, "blocks"), world, min_modules_per_rank(model, boundary))
+
+
+def _worker(rank: int, world: int, store: str, out: str, cases: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        for name, (method, k, options, boundary) in cases.items():
+            ranges = _ranges(_model(method, k, options), world, boundary)
+            barriers = boundaries(ranges) if boundary == "cut" else ()
+            model = _model(method, k, options, barriers)
+            pipe = ModulePipeline(model, ranges, rank, boundary)
+            optimizer = make_optimizer(model, lr=0.05)
+            for images, targets in _batches():
+                stats = pipe.optimizer_step(optimizer, images, targets)
+            pipe.drain()
+            own = set(pipe.owned_state_keys())
+            state = {k: v.clone() for k, v in model.state_dict().items() if k in own}
+            pipe.gather_backbone(dst=0)  # rank 0's backbone becomes the trained network
+            torch.save({"ranges": ranges, "state": state, "optimizer": optimizer.state_dict(), "stats": stats,
+                        "backbone": model.backbone.state_dict()}, Path(out) / f"{name}.rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(world: int, cases: dict, tmp_path: Path) -> None:
+    ctx = mp.start_processes(_worker, args=(world, str(tmp_path / "store"), str(tmp_path), cases), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"pipeline ranks still running after {DEADLINE_S} s")
+
+
+def _reference(method: str, k: int, options: dict, barriers: tuple[int, ...]):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the ranks' thread count: results depend on it in the last bits
+    try:
+        model = _model(method, k, options, barriers)
+        optimizer = make_optimizer(model, lr=0.05)
+        for images, targets in _batches():
+            optimizer_step(model, optimizer, images, targets)
+        return model, optimizer
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _check(tmp_path: Path, world: int, name: str, case: tuple, cut_matches_barriers: bool = True) -> None:
+    method, k, options, boundary = case
+    shards = [torch.load(tmp_path / f"{name}.rank{r}.pt", weights_only=False) for r in range(world)]
+    ranges = shards[0]["ranges"]
+    barriers = boundaries(ranges) if boundary == "cut" else ()
+    model, optimizer = _reference(method, k, options, barriers)
+    merged = merge_model_states(model, ranges, [s["state"] for s in shards])
+    expected = model.state_dict()
+    assert merged.keys() == expected.keys()
+    differ = [key for key in expected if not torch.equal(merged[key], expected[key])]
+    assert not differ, f"{name}: {len(differ)} tensors differ from one process, first {differ[0]}"
+    opt = merge_optimizer_states([s["optimizer"] for s in shards])
+    ref = optimizer.state_dict()
+    assert opt["state"].keys() == ref["state"].keys()
+    for i, state in ref["state"].items():
+        assert torch.equal(opt["state"][i]["momentum_buffer"], state["momentum_buffer"]), (name, i)
+    gathered = shards[0]["backbone"]
+    assert all(torch.equal(gathered[key], value) for key, value in model.backbone.state_dict().items()), name
+    last = shards[-1]["stats"]
+    assert last["modules"][-1] == k - 1 and last["loss"] == last["loss"]  # the last rank reports the real loss
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline2")
+    _spawn(2, CASES, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory):
+    path = tmp_path_factory.mktemp("pipeline4")
+    _spawn(4, CASES_4, path)
+    return path
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_ranks_equal_one_process(two_ranks, name):
+    _check(two_ranks, 2, name, CASES[name])
+
+
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_four_ranks_equal_one_process(four_ranks, name):
+    _check(four_ranks, 4, name, CASES_4[name])
+
+
+def test_cut_boundary_differs_from_uncut(two_ranks):
+    """The negative control: cutting cascades at the rank boundary changes the algorithm."""
+    method, k, options, _ = CASES["dgl+mlm-w2-cut"]
+    shards = [torch.load(two_ranks / f"dgl+mlm-w2-cut.rank{r}.pt", weights_only=False) for r in range(2)]
+    uncut, _ = _reference(method, k, options, ())
+    merged = merge_model_states(uncut, shards[0]["ranges"], [s["state"] for s in shards])
+    boundary = shards[0]["ranges"][0].stop - 1
+    key = next(k for k in uncut.state_dict() if k.startswith(f"local_modules.{boundary}.") and k.endswith("weight"))
+    assert not torch.equal(merged[key], uncut.state_dict()[key])
+
+
+def test_partition_is_min_max_and_respects_the_window():
+    assert partition_modules([1, 1, 1, 1], 2) == [range(0, 2), range(2, 4)]
+    assert partition_modules([4, 1, 1, 1, 1], 2) == [range(0, 1), range(1, 5)]
+    assert partition_modules([4, 1, 1, 1, 1], 2, min_modules=2) == [range(0, 2), range(2, 5)]
+    with pytest.raises(ValueError, match="cannot be split over 3 ranks with at least 2"):
+        partition_modules([1] * 5, 3, min_modules=2)
+
+
+def test_ema_lag_one_follows_the_previous_step():
+    """With ema_lag=1 a twin moves toward its block as it was before the step just taken."""
+    model = _model("dgl+lam", 4, {"ema_lag": 1, "ema_momentum": 0.5})
+    trunk = model.leap_trunks[0]
+    block = model.backbone.blocks[trunk.source_index]
+    before = {k: v.clone() for k, v in block.state_dict().items()}
+    twin = {k: v.clone() for k, v in trunk.twin.module.state_dict().items()}
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(1.0)
+    model.after_optimizer_step()
+    name, weight = next((k, v) for k, v in trunk.twin.module.state_dict().items() if k.endswith("weight"))
+    assert torch.allclose(weight, 0.5 * twin[name] + 0.5 * before[name])
+    assert torch.equal(trunk.source_snapshot.state_dict()[name], block.state_dict()[name])
+
+
+def test_partition_checks_name_the_problem():
+    lam = _model("dgl+lam", 4, {})
+    with pytest.raises(ValueError, match="need ema_lag=1"):
+        check_partition(lam, [range(0, 2), range(2, 4)], "exact")
+    check_partition(lam, [range(0, 4)], "exact")  # one rank: every twin's block is local
+    mlaan = _model("dgl+mlaan", 4, {"ema_lag": 1, "window": 3})
+    with pytest.raises(ValueError, match="rank 1 owns 1 local module.*window 3 need at least 2"):
+        check_partition(mlaan, [range(0, 3), range(3, 4)], "exact")
+    with pytest.raises(ValueError, match=r"needs the model built with cascade_barriers=\(1,\)"):
+        check_partition(mlaan, [range(0, 2), range(2, 4)], "cut")
+    with pytest.raises(ValueError, match="unknown boundary 'stale'; allowed: exact, cut"):
+        check_partition(mlaan, [range(0, 4)], "stale")
+    with pytest.raises(ValueError, match="must cover local modules 0..3"):
+        check_partition(mlaan, [range(0, 2), range(3, 4)], "exact")
+
+
+def test_bench_pipeline_writes_its_table_and_model(tmp_path, capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "pipeline", "--arch", "resnet20", "--local-modules", "4", "--batch-size", "8",
+                 "--steps", "1", "--warmup", "1", "--rounds", "1", "--partition", "blocks",
+                 "--output-dir", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "pipeline.json").read_text())
+    assert set(result["seconds_per_step"]) == {"sequential", "pipeline", "bp_sequential", "bp_1f1b"}
+    assert len(result["per_rank"]) == 2 and all(r["wait_s"] >= 0 for r in result["per_rank"])
+    assert [tuple(r) for r in result["ranges"]][0][0] == 0 and result["ranges"][-1][1] == 4
+    assert result["model"]["predicted_tick_s"] > 0 and "4" in result["model"]["predictions"]
+    assert "pipeline, 2 ranks" in capsys.readouterr().out
+
+
+def test_bench_pipeline_refuses_bad_input(capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "pipeline", "--method", "bp"]) == 2
+    assert "trains end to end" in capsys.readouterr().err
+    assert main(["bench", "pipeline", "--ranks", "1"]) == 2
+    assert "--ranks must be at least 2, got 1" in capsys.readouterr().err
