@@ -1,4 +1,4 @@
-"""Module parallelism (mlaan.pipeline): gloo ranks on the CPU, one thread each, against the one-process engine.
+"""Module parallelism (mlaan.distributed.pipeline): gloo ranks on the CPU, one thread each, against the one-process engine.
 
 Each spawn runs every case of a rank count in one set of processes (a spawn costs seconds); the process group has
 a timeout and the spawn a deadline, so a protocol bug fails instead of hanging.
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from mlaan import create_local_model
-from mlaan.pipeline import (
+from mlaan.distributed.pipeline import (
     ModulePipeline,
     boundaries,
     check_partition,
@@ -61,7 +61,7 @@ def _batches():
 
 
 def _ranges(model, world: int, boundary: str):
-    from mlaan.pipeline import min_modules_per_rank
+    from mlaan.distributed.pipeline import min_modules_per_rank
     return partition_modules(module_costs(model, "blocks"), world, min_modules_per_rank(model, boundary))
 
 

@@ -54,13 +54,13 @@ def _fill_missing_help(parser: argparse.ArgumentParser) -> None:
 # What ``register`` adds, with each command's one-line help: ``mlaan --help`` lists them from here and calls
 # ``register`` (which imports the benchmarks, and torch) only when one of them runs or shows its own help.
 COMMANDS = {
-    "bench": "measure peak memory, step time and accuracy of methods against BP",
+    "bench": "measure peak memory, step time, accuracy and module parallelism against BP",
     "report": "markdown table + plots from mlaan train runs",
 }
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` (memory, speed, accuracy) and ``report`` to a CLI's subparsers."""
+    """Add ``bench`` (memory, speed, accuracy, pipeline) and ``report`` to a CLI's subparsers."""
     from . import accuracy, memory, pipeline, report, speed
 
     fmt = DefaultsOnceFormatter

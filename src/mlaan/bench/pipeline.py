@@ -3,7 +3,7 @@
 One set of P processes (gloo on the CPU) runs interleaved rounds; in each round
   1. the one-process engine on rank 0 with all ``--cores`` threads (the other ranks wait at a barrier), for the
      method and for BP;
-  2. the module pipeline (``mlaan.pipeline.ModulePipeline``) on P ranks with cores/P threads each, recording
+  2. the module pipeline (``mlaan.distributed.pipeline.ModulePipeline``) on P ranks with cores/P threads each, recording
      each rank's step and receive-wait seconds;
   3. BP cut into P stages by ``torch.distributed.pipelining`` (``Schedule1F1B``, P micro-batches): the classic
      baseline on the same P ranks (its micro-batches change BatchNorm statistics; timing only).
@@ -36,7 +36,7 @@ from torch import nn
 
 from .. import models
 from ..engine import parse_method
-from ..pipeline import (
+from ..distributed.pipeline import (
     BOUNDARY_MODES,
     PARTITION_MODES,
     ModulePipeline,

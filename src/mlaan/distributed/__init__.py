@@ -1,4 +1,5 @@
-"""Data-parallel local learning on ``torch.distributed``: one process per device, started by ``torchrun``.
+"""Local learning on several processes with ``torch.distributed``, started by ``torchrun``: data parallelism (this
+page) and module parallelism (:mod:`.pipeline`: each rank trains a run of local modules, docs/PARALLELISM.md).
 
 What a trainer does::
 
@@ -28,7 +29,8 @@ across ranks so that every rank, and every EMA twin that follows them, stays ide
 One concern a module: :mod:`.context` (rank, world size, device; joining and leaving the process group),
 :mod:`.replicate` (the model on every rank), :mod:`.gradients` (:class:`GradientAverager`), :mod:`.batchnorm`
 (SyncBatchNorm, averaged running statistics), :mod:`.sampling` (which samples each rank reads),
-:mod:`.metrics` (per-rank metrics combined) and :mod:`.buckets` (tensors grouped for collectives).
+:mod:`.metrics` (per-rank metrics combined), :mod:`.buckets` (tensors grouped for collectives) and
+:mod:`.pipeline` (module parallelism).
 """
 
 from __future__ import annotations

@@ -32,10 +32,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine.lam import LeapTrunk
-from .engine.local_model import LocalModel
-from .engine.phases import EMA_UPDATE, mark
-from .engine.split import split_sizes
+from ..engine.lam import LeapTrunk
+from ..engine.local_model import LocalModel
+from ..engine.phases import EMA_UPDATE, mark
+from ..engine.split import split_sizes
 
 PARTITION_MODES = ("blocks", "time", "memory")
 BOUNDARY_MODES = ("exact", "cut")
