@@ -1,4 +1,4 @@
-"""Module parallelism (mlaan.distributed.pipeline): gloo ranks on the CPU, one thread each, against the one-process engine.
+"""Module parallelism (mlaan.distributed.pipeline): gloo ranks on the CPU, one thread each, against one process.
 
 Each spawn runs every case of a rank count in one set of processes (a spawn costs seconds); the process group has
 a timeout and the spawn a deadline, so a protocol bug fails instead of hanging.

@@ -35,7 +35,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models
-from ..engine import parse_method
 from ..distributed.pipeline import (
     BOUNDARY_MODES,
     PARTITION_MODES,
@@ -45,6 +44,7 @@ from ..distributed.pipeline import (
     module_costs,
     partition_modules,
 )
+from ..engine import parse_method
 from ..training.loop import make_optimizer
 from . import common
 
