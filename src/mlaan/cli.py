@@ -144,6 +144,7 @@ def _add_parser(subparsers, name: str, help_text: str, description: str) -> Pars
 # ---------------------------------------------------------------------------------------------------- train
 def _add_train(subparsers) -> None:
     from .data import registered_datasets
+    from .distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
     from .training.config import TrainConfig
 
     d = TrainConfig()
@@ -215,6 +216,16 @@ def _add_train(subparsers) -> None:
     g.add_argument("--sync-bn", dest="sync_bn", action=argparse.BooleanOptionalAction, default=S,
                    help="SyncBatchNorm in distributed runs (torchrun)")
     g.add_argument("--workers", type=int, default=S, help="data-loader workers (default: 0 on CPU, up to 8 on CUDA)")
+    g = p.add_argument_group("parallelism (under torchrun; docs/PARALLELISM.md)")
+    g.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
+                   help="what torchrun's processes split: 'data' (each its share of every batch) or 'modules' (each "
+                        "a run of local modules, all training at once on consecutive batches) (default: data)")
+    g.add_argument("--boundary", choices=BOUNDARY_MODES, default=S,
+                   help="--parallel modules: MLM cascades that cross ranks are waited for ('exact', results as in "
+                        "one process) or stop at rank boundaries ('cut', another algorithm, faster) (default: exact)")
+    g.add_argument("--partition", choices=PARTITION_MODES, default=S,
+                   help="--parallel modules: the modules are split over ranks evening out measured 'time', "
+                        "'blocks' or step 'memory' (default: time)")
     g.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
                    help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,

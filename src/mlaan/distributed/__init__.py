@@ -35,16 +35,38 @@ One concern a module: :mod:`.context` (rank, world size, device; joining and lea
 
 from __future__ import annotations
 
-from .batchnorm import SyncBatchNorm, average_batchnorm_buffers, convert_sync_batchnorm
-from .context import DistContext, cleanup, init_from_env
-from .gradients import GradientAverager
-from .metrics import is_count_key, reduce_metrics
-from .replicate import prepare_model
-from .sampling import ShardSampler, make_eval_sampler, make_train_sampler
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
+
+if TYPE_CHECKING:
+    from .batchnorm import SyncBatchNorm, average_batchnorm_buffers, convert_sync_batchnorm
+    from .context import DistContext, cleanup, init_from_env
+    from .gradients import GradientAverager
+    from .metrics import is_count_key, reduce_metrics
+    from .pipeline import ModulePipeline
+    from .replicate import prepare_model
+    from .sampling import ShardSampler, make_eval_sampler, make_train_sampler
+
+# imported on first use: the choices above are read by ``mlaan --help``, which must not pull in torch
+_WHERE = {
+    "SyncBatchNorm": "batchnorm", "average_batchnorm_buffers": "batchnorm", "convert_sync_batchnorm": "batchnorm",
+    "DistContext": "context", "cleanup": "context", "init_from_env": "context",
+    "GradientAverager": "gradients",
+    "is_count_key": "metrics", "reduce_metrics": "metrics",
+    "ModulePipeline": "pipeline",
+    "prepare_model": "replicate",
+    "ShardSampler": "sampling", "make_eval_sampler": "sampling", "make_train_sampler": "sampling",
+}
 
 __all__ = [
+    "BOUNDARY_MODES",
+    "PARALLEL_MODES",
+    "PARTITION_MODES",
     "DistContext",
     "GradientAverager",
+    "ModulePipeline",
     "ShardSampler",
     "SyncBatchNorm",
     "average_batchnorm_buffers",
@@ -57,3 +79,10 @@ __all__ = [
     "prepare_model",
     "reduce_metrics",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """The public names, each imported (with torch) from its module when first asked for."""
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

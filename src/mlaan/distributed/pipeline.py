@@ -36,9 +36,8 @@ from ..engine.lam import LeapTrunk
 from ..engine.local_model import LocalModel
 from ..engine.phases import EMA_UPDATE, mark
 from ..engine.split import split_sizes
+from .modes import BOUNDARY_MODES, PARTITION_MODES
 
-PARTITION_MODES = ("blocks", "time", "memory")
-BOUNDARY_MODES = ("exact", "cut")
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _HEADER = 8  # dtype code, number of dimensions, up to six sizes
 
@@ -136,15 +135,13 @@ def state_owners(model: LocalModel, ranges: Sequence[range]) -> dict[str, int]:
     return {k: owner[id(v)] for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def parameter_owners(model: LocalModel, ranges: Sequence[range]) -> list[list[int]]:
-    """For each rank, the positions of its parameters in ``model.parameters()`` order (the optimizer's
-    indices)."""
-    owner = {id(p): r for r, parts in enumerate(_rank_parts(model, ranges)) for part in parts
-             for p in part.parameters()}
-    found: list[list[int]] = [[] for _ in ranges]
-    for i, p in enumerate(model.parameters()):
-        found[owner[id(p)]].append(i)
-    return found
+def optimizer_indices(model: LocalModel, ranges: Sequence[range], rank: int,
+                      optimizer: torch.optim.Optimizer) -> list[int]:
+    """The indices, in ``optimizer.state_dict()``'s numbering (its parameters group after group), of the
+    parameters rank ``rank`` trains."""
+    mine = {id(p) for part in _rank_parts(model, ranges)[rank] for p in part.parameters()}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return [i for i, p in enumerate(params) if id(p) in mine]
 
 
 def merge_model_states(model: LocalModel, ranges: Sequence[range], states: Sequence[dict[str, torch.Tensor]]
@@ -234,6 +231,10 @@ class ModulePipeline:
         self._sends: list[tuple[Any, torch.Tensor]] = []
         self._previous: list[tuple[Any, torch.Tensor]] = []
         self._waited = 0.0  # seconds blocked in receives during the current step
+        self._plan = model.step_plan()
+        # collectives (metrics, stop votes) go through their own group, beside the point-to-point traffic
+        self._control = dist.new_group(backend="gloo")
+        self._votes: list[tuple[Any, torch.Tensor]] = []
         self.last_stats: dict[str, Any] = {}
 
     def owned_parts(self) -> list[nn.Module]:
@@ -255,18 +256,20 @@ class ModulePipeline:
         """Keys of ``model.state_dict()`` this rank trains or updates (its blocks, aux nets, EMA twins)."""
         return [k for k, r in state_owners(self.model, self.ranges).items() if r == self.rank]
 
-    def owned_parameter_indices(self) -> list[int]:
-        """Positions (in ``model.parameters()`` order, the one-process optimizer's indices) of this rank's
-        parameters."""
-        return parameter_owners(self.model, self.ranges)[self.rank]
-
     # ------------------------------------------------------------------------------------- training
+    def train(self, mode: bool = True) -> ModulePipeline:
+        """Training (or eval) mode for the model, as ``nn.Module.train``."""
+        self.model.train(mode)
+        return self
+
     def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
         """This rank's part of one training step on the batch ``images`` (B, C, H, W), ``targets`` (B,) — every
         rank is given the same batch (each reads the same seeded data). Gradients of this rank's modules
         accumulate in ``.grad``. Returns the engine's statistics for this rank's modules plus ``"modules"``
         (their indices), ``"step_s"`` (wall seconds of this call) and ``"wait_s"`` (of which blocked in
-        receives); ``loss``/``accuracy`` are NaN except on the last rank."""
+        receives). The per-module lists span all K modules, 0.0 for another rank's (None where a module has no
+        such loss), and ``loss``/``accuracy`` are 0.0 except on the last rank, so that summing over ranks
+        (:meth:`reduce_sums`) gives the one-process figures."""
         start = time.perf_counter()
         self._waited = 0.0
         step = self.model.begin_step(images, targets, self.modules)
@@ -287,12 +290,48 @@ class ModulePipeline:
             for j in step.cascades_to_receive():
                 grad = self._format(self._recv_like(x, self.next))
                 step.receive_cascade(j, grad)
-        stats = step.statistics()
-        stats["modules"] = list(self.modules)
+        stats = self._whole_model_statistics(step.statistics())
         self._wait_sends(keep_last=True)
         stats["step_s"], stats["wait_s"] = time.perf_counter() - start, self._waited
         self.last_stats = stats
         return stats
+
+    def _whole_model_statistics(self, own: dict[str, Any]) -> dict[str, Any]:
+        plan = self._plan
+        stats: dict[str, Any] = {"modules": list(self.modules)}
+        last = self.next is None
+        stats["loss"] = own["loss"] if last else 0.0
+        stats["accuracy"] = own["accuracy"] if last else 0.0
+        for name in ("module_losses", "independent_losses", "cascaded_losses"):
+            values: list[float | None] = [0.0] * len(plan)
+            if name == "cascaded_losses":
+                values = [0.0 if p.has_cascaded_loss else None for p in plan]
+            for j, v in zip(self.modules, own[name]):
+                values[j] = v
+            stats[name] = values
+        return stats
+
+    def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
+        """An epoch's sums over all ranks (collective): each rank reports its modules' sums and 0 for the others,
+        the last rank the loss and accuracy, and every rank counts the same images (the count is not added up)."""
+        keys = sorted(sums)
+        total = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
+        dist.all_reduce(total, group=self._control)
+        out = dict(zip(keys, total.tolist()))
+        if "count" in out:
+            out["count"] = float(sums["count"])
+        return out
+
+    def agree_to_stop(self, requested: bool) -> bool:
+        """Whether every rank stops now: True at the same step on every rank once any rank asked, a few steps
+        later (the vote of step s is read at step s + P + 1, so that no rank waits on a slower one each step)."""
+        flag = torch.tensor([float(requested)])
+        self._votes.append((dist.all_reduce(flag, group=self._control, async_op=True), flag))
+        if len(self._votes) <= len(self.ranges) + 1:
+            return False
+        work, flag = self._votes.pop(0)
+        work.wait()
+        return bool(flag.item() > 0)
 
     def optimizer_step(self, optimizer: torch.optim.Optimizer, images: torch.Tensor, targets: torch.Tensor
                        ) -> dict[str, Any]:
@@ -353,6 +392,36 @@ class ModulePipeline:
             elif self.rank == dst:
                 for t in tensors:
                     t.copy_(self._recv_like(t, owner))
+
+    @torch.no_grad()
+    def share_backbone(self) -> None:
+        """Give every rank the current blocks of every module (each broadcast by its owner), so that each can
+        evaluate the whole backbone on its share of the test set. Collective."""
+        self.drain()
+        for j, owner in enumerate(self.owner):
+            for t in self.model.local_modules[j].state_dict().values():
+                buffer = t.detach().to(self.comm_device).contiguous()
+                dist.broadcast(buffer, owner, group=self.group)
+                if self.rank != owner:
+                    t.copy_(buffer)
+
+    def shard_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """What this rank contributes to a checkpoint: its model entries and its parameters' optimizer state (in
+        the one-process optimizer's numbering); :func:`merge_model_states` and :func:`merge_optimizer_states`
+        rebuild the one-process checkpoint from all ranks'. Call after :meth:`drain`."""
+        owned = set(self.owned_state_keys())
+        state = optimizer.state_dict()
+        # only this rank's entries: after a resume the optimizer also holds (stale) state of other ranks' parameters
+        mine = set(optimizer_indices(self.model, self.ranges, self.rank, optimizer))
+        state["state"] = {i: v for i, v in state["state"].items() if i in mine}
+        return {"rank": self.rank, "ranges": [(r.start, r.stop) for r in self.ranges],
+                "model": {k: v.detach().cpu() for k, v in self.model.state_dict().items() if k in owned},
+                "optimizer": state}
+
+    def description(self) -> dict[str, Any]:
+        """The partition as plain data: ranks, each rank's modules ``[start, stop)``, the boundary mode."""
+        return {"ranks": len(self.ranges), "ranges": [[r.start, r.stop] for r in self.ranges],
+                "boundary": self.boundary}
 
     # ------------------------------------------------------------------------------------- messages
     def _format(self, x: torch.Tensor) -> torch.Tensor:

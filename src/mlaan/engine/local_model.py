@@ -52,6 +52,8 @@ class ModulePlan:
     on the output of the module before the last one listed. ``input_requires_grad``: whether its input is a leaf
     that needs a gradient (a cascade continues past it). ``weight_backward_at``: the index of the module at whose
     step this module's weight backward runs and its graph is freed (itself without a cascade window).
+    ``has_cascaded_loss``: whether it reports a cascaded loss (its cascaded aux net's; the last module's
+    cross-entropy under MLM).
     """
 
     index: int
@@ -61,6 +63,7 @@ class ModulePlan:
     cascade_through: tuple[int, ...]
     input_requires_grad: bool
     weight_backward_at: int
+    has_cascaded_loss: bool = False
 
 
 @dataclass
@@ -281,6 +284,7 @@ class LocalModel(nn.Module):
                 cascade_through=_cascade_reach(j, window, barriers) if cascades else (),
                 input_requires_grad=window >= 2 and j >= 1 and j - 1 not in barriers,
                 weight_backward_at=min(j + window - 1, num_modules - 1),
+                has_cascaded_loss=cascades,
             ))
         return plan
 

@@ -10,7 +10,13 @@ A training checkpoint (``last.pt``/``best.pt``) is a dict::
      "model": LocalModel.state_dict() (backbone, aux nets, EMA twins), "optimizer", "scheduler",
      "epoch": completed epochs, "epoch_step": steps done in the epoch after those, "step": optimizer steps,
      "best_accuracy", "best_epoch", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
-     "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter)}
+     "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter),
+     "pipeline": (a module-parallel run only) {"ranks", "ranges", "boundary"}}
+
+A module-parallel run (``--parallel modules``) writes the same file: each rank first writes its shard
+(``shards/rank<r>.pt``: its modules' entries and optimizer state), rank 0 merges them into ``last.pt`` and then
+writes ``shards/manifest.json`` (ranks, partition, step, each shard's SHA-256) as the mark of a complete save.
+So such a run resumes in one process, or with another number of ranks, like any other.
 
 An export (``mlaan export``) is the plain backbone's ``state_dict`` alone (keys ``blocks.<i>.…``), with a
 ``.json`` file beside it saying how to build the network.
@@ -65,6 +71,8 @@ RESUME_FREE = frozenset(
         "channels_last",
         "threads",
         "extra",
+        "parallel",  # a module-parallel run resumes in one process or with another number of ranks, and back
+        "partition",
     }
 )
 # options of one invocation that a resumed run does not inherit (it goes on to --epochs unless told otherwise)
@@ -293,12 +301,14 @@ def training_state(
     progress: Progress,
     epoch_partial: Mapping[str, Any],
     seconds: float,
+    merged: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a run at a step boundary (the dict of the module docstring), ready for
     :func:`~mlaan.atomic.atomic_save`. ``model``: the unwrapped LocalModel; ``epoch_partial``: the sums of the
-    epoch in progress; ``seconds``: trained in this invocation. Takes the RNG states now, so nothing may draw a
-    random number between this call and the step it describes."""
-    return {
+    epoch in progress; ``seconds``: trained in this invocation; ``merged``: a module-parallel run's
+    (:func:`merge_shards`): its ``model``, ``optimizer`` and ``pipeline`` replace this process's. Takes the RNG
+    states now, so nothing may draw a random number between this call and the step it describes."""
+    state = {
         "format": FORMAT,
         "version": VERSION,
         "arch": cfg.arch,
@@ -324,6 +334,53 @@ def training_state(
         "rng": rng_state(),
         "epoch_partial": dict(epoch_partial),
     }
+    if merged is not None:
+        state.update(merged)
+    return state
+
+
+# --------------------------------------------------------------------------------- module-parallel shards
+SHARDS = "shards"
+
+
+def write_shard(folder: str | os.PathLike, shard: Mapping[str, Any]) -> Path:
+    """Write one rank's share of a checkpoint (``ModulePipeline.shard_state``) to
+    ``folder/shards/rank<r>.pt``, atomically; returns the path."""
+    path = Path(folder) / SHARDS / f"rank{shard['rank']}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(dict(shard), path)
+    return path
+
+
+def merge_shards(folder: str | os.PathLike, model: torch.nn.Module, ranks: int) -> dict[str, Any]:
+    """The one-process ``model``/``optimizer`` states and the partition (``pipeline``) from the ``ranks`` shards
+    in ``folder/shards`` (ValueError naming a missing or damaged shard)."""
+    from ..distributed.pipeline import merge_model_states, merge_optimizer_states
+
+    shards = []
+    for r in range(ranks):
+        path = Path(folder) / SHARDS / f"rank{r}.pt"
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, zipfile.BadZipFile) as err:
+            raise ValueError(f"module-parallel shard {path} cannot be read: {_short(err)}") from err
+    ranges = [range(a, b) for a, b in shards[0]["ranges"]]
+    return {"model": merge_model_states(model, ranges, [s["model"] for s in shards]),
+            "optimizer": merge_optimizer_states([s["optimizer"] for s in shards])}
+
+
+def write_manifest(folder: str | os.PathLike, pipeline: Mapping[str, Any], step: int) -> Path:
+    """``folder/shards/manifest.json``, written after ``last.pt``: the partition, the step and each shard's
+    SHA-256 — the mark that the save of that step is complete."""
+    import hashlib
+
+    shards = Path(folder) / SHARDS
+    files = sorted(shards.glob("rank*.pt"), key=lambda p: int(p.stem[4:]))
+    manifest = {"format": "mlaan-pipeline-manifest", "step": step, **pipeline,
+                "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+    path = shards / "manifest.json"
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
+    return path
 
 
 class CheckpointSaver:

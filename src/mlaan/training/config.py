@@ -60,6 +60,10 @@ class _RunConfig:
     channels_last: bool | None = None  # channels-last memory format; None: on for CPU runs (measured faster)
     threads: int | None = None  # CPU threads per process; None: the cores idle at the start (mlaan.runtime)
     sync_bn: bool = False  # SyncBatchNorm when distributed
+    # torchrun's processes split each batch ("data") or the local modules ("modules": docs/PARALLELISM.md)
+    parallel: str = "data"
+    boundary: str = "exact"  # --parallel modules: MLM cascades across ranks waited for ("exact") or "cut"
+    partition: str = "time"  # --parallel modules: split the modules over ranks evening out "time", "blocks", "memory"
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
     output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
     tensorboard: bool = False
@@ -109,16 +113,42 @@ class _RunConfig:
                 f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0, 0 <= momentum < 1; got lr={cfg.lr}, "
                 f"weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}, momentum={cfg.momentum}"
             )
+        _check_parallel(cfg, spec)
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
         if cfg.output_dir is None:
             cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
         return cfg
 
+    @property
+    def module_parallel(self) -> bool:
+        """Whether torchrun's processes train different local modules (``--parallel modules``)."""
+        return self.parallel == "modules"
+
     def resolved_workers(self, device_type: str) -> int:
         if self.workers is not None:
             return self.workers
         return 0 if device_type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def _check_parallel(cfg: _RunConfig, spec: Any) -> None:
+    """The parallelism settings against each other and the method; a LAM method under ``--parallel modules`` gets
+    ``ema_lag=1`` (a twin whose block is on the next rank follows it one step late, docs/PARALLELISM.md)."""
+    from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
+
+    for name, allowed in (("parallel", PARALLEL_MODES), ("boundary", BOUNDARY_MODES),
+                          ("partition", PARTITION_MODES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
+    if cfg.parallel != "modules":
+        return
+    if spec.end_to_end:
+        raise ValueError(f"--parallel modules needs a local-learning method; {spec.name!r} trains end to end "
+                         "(use --parallel data)")
+    if cfg.sync_bn:
+        raise ValueError("--sync-bn is for --parallel data: under --parallel modules each BatchNorm lives on one rank")
+    if spec.leap:
+        cfg.ema_lag = 1
 
 
 OPTION_FIELDS = tuple(option_fields(include_derived=False))  # the engine's and methods' options, as config keys

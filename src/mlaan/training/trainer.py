@@ -126,8 +126,14 @@ class Trainer:
         # checked after the model, so that a bad name, K or data root is reported as such even in a used folder
         self._check_output_folder(resuming=ckpt is not None)
         self._use_fast_path()
-        self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
-        self.averager = dist.GradientAverager(self.model, self.ctx)
+        self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
+        if self._pipelined:
+            self.model.to(self.device)
+            self.pipeline = self._build_pipeline(ckpt)
+            self.averager = None
+        else:
+            self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
+            self.averager = dist.GradientAverager(self.model, self.ctx)
         self._build_optimization()
         if ckpt is not None:
             self._restore(ckpt)
@@ -164,10 +170,49 @@ class Trainer:
             image_size=self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
-        if self.ctx.world_size > 1:
+        if self._own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
             # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
             _seed_everything(rank_seed(cfg.seed, self.ctx.rank, step=0))
+
+    @property
+    def _pipelined(self) -> bool:
+        """Several processes, each training a run of local modules (``--parallel modules`` under torchrun)."""
+        return self.cfg.module_parallel and self.ctx.world_size > 1
+
+    @property
+    def _own_random_streams(self) -> bool:
+        """Data parallelism: each rank augments its own shard. Module parallelism: every rank reads the same
+        batches in the same order, so all keep the same streams."""
+        return self.ctx.world_size > 1 and not self._pipelined
+
+    def _build_pipeline(self, ckpt: dict | None):
+        """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
+        time``), broadcast, or the checkpoint's when resuming with as many ranks; ``--boundary cut`` puts cascade
+        barriers at its boundaries."""
+        import torch.distributed as tdist
+
+        from ..distributed import pipeline as pp
+
+        cfg, model, world = self.cfg, self.local_model, self.ctx.world_size
+        saved = (ckpt or {}).get("pipeline")
+        if saved is not None and saved.get("ranks") == world:
+            ranges = [range(a, b) for a, b in saved["ranges"]]
+        else:
+            if saved is not None and cfg.boundary == "cut" and model.spec.cascade:
+                raise ValueError(f"this run cut its cascades at the boundaries of {saved['ranks']} ranks; resuming "
+                                 f"it on {world} would change the algorithm (--boundary cut): use "
+                                 f"{saved['ranks']} ranks")
+            shared: list[Any] = [None]
+            if self.ctx.is_main:
+                costs = pp.module_costs(model, cfg.partition, cfg.batch_size)
+                low = pp.min_modules_per_rank(model, cfg.boundary)
+                shared = [[(r.start, r.stop) for r in pp.partition_modules(costs, world, low)]]
+            tdist.broadcast_object_list(shared, src=0)
+            ranges = [range(a, b) for a, b in shared[0]]
+        if cfg.boundary == "cut":
+            model.options.cascade_barriers = pp.boundaries(ranges)
+        return pp.ModulePipeline(model, ranges, self.ctx.rank, cfg.boundary)
 
     def _check_output_folder(self, resuming: bool) -> None:
         """Nothing in the output folder is touched unless resuming or told to overwrite (checked again by fit(),
@@ -236,13 +281,16 @@ class Trainer:
             )
 
     def _train_sampler(self) -> Sampler:
+        if self.cfg.module_parallel:  # every rank reads every batch
+            return EpochSampler(len(self.train_set), self.cfg.seed)
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
         return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
 
     def _loader_generator(self, epoch: int) -> torch.Generator:
         """The DataLoader's own generator (worker seeds), fixed by (seed, epoch, rank): building a loader
         draws nothing from the global RNG, which the augmentations use and a checkpoint restores."""
-        return torch.Generator().manual_seed((self.cfg.seed * 1000003 + epoch) * 1009 + self.ctx.rank)
+        rank = self.ctx.rank if self._own_random_streams else 0
+        return torch.Generator().manual_seed((self.cfg.seed * 1000003 + epoch) * 1009 + rank)
 
     def _train_loader(self, skip_samples: int, epoch: int = 0) -> DataLoader:
         sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
@@ -306,7 +354,7 @@ class Trainer:
         self.ctx.barrier()
         if self._rng_to_restore is not None:
             ckpt_io.set_rng_state(self._rng_to_restore)
-            if self.ctx.world_size > 1:  # the checkpoint holds rank 0's streams: give each rank its own again
+            if self._own_random_streams:  # the checkpoint holds rank 0's streams: give each rank its own again
                 _seed_everything(rank_seed(cfg.seed, self.ctx.rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -362,15 +410,24 @@ class Trainer:
         loader = self._train_loader(progress.epoch_step * cfg.batch_size, epoch)
         try:
             loop.train_one_epoch(
-                self.local_model, self.optimizer, self.scheduler, loader, self.device, self.meter,
-                wait_for_gradients=self.averager.wait, after_step=self._after_step,
-                progress=f"epoch {epoch + 1}/{cfg.epochs}" if self.ctx.is_main else None,
-                world_size=self.ctx.world_size,
+                self.pipeline or self.local_model, self.optimizer, self.scheduler, loader, self.device, self.meter,
+                wait_for_gradients=self.averager.wait if self.averager else None, after_step=self._after_step,
+                progress=f"epoch {epoch + 1}/{cfg.epochs}" if self._shows_progress else None,
+                world_size=1 if self.pipeline else self.ctx.world_size,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
             raise FloatingPointError(f"{err} at step {progress.step + 1} (epoch {epoch + 1}); "
                                      f"{self.checkpoints.kept()}") from err
+        if self.pipeline is not None:
+            return self.meter.summary(self.pipeline.reduce_sums, 1)
         return self.meter.summary(self._reduce, self.ctx.world_size)
+
+    @property
+    def _shows_progress(self) -> bool:
+        """The rank with the progress bar: rank 0, or under module parallelism the last (which has the loss)."""
+        if self.pipeline is not None:
+            return self.ctx.rank == self.ctx.world_size - 1
+        return self.ctx.is_main
 
     def _after_step(self, stats: dict, lr: float) -> bool:
         """At each step boundary: count the step, log it, the periodic checkpoint (``save_every``) and the stop
@@ -394,18 +451,37 @@ class Trainer:
 
     def evaluate(self) -> dict[str, float]:
         """Test loss and top-1 accuracy of the plain backbone (over every rank's shard)."""
+        if self.pipeline is not None:
+            self.pipeline.share_backbone()  # each rank evaluates the whole network on its shard
         return loop.evaluate(self.local_model, self._test_loader(), self.device, reduce=self._reduce)
 
     # ------------------------------------------------------------------------ saves, signals, failures
-    def checkpoint_state(self, wall_time: float) -> dict[str, Any]:
+    def checkpoint_state(self, wall_time: float, merged: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run's checkpoint now (:func:`~mlaan.training.checkpoint.training_state`); ``wall_time``: seconds
-        trained in this invocation."""
+        trained in this invocation; ``merged``: a module-parallel run's merged shards."""
         return ckpt_io.training_state(self.cfg, self.info, self.local_model, self.optimizer, self.scheduler,
-                                      self.progress, self.meter.state_dict(), wall_time)
+                                      self.progress, self.meter.state_dict(), wall_time, merged)
 
     def _save_last(self, best: bool = False) -> None:
-        self.checkpoints.save(lambda: self.checkpoint_state(time.perf_counter() - self._fit_start),
+        """Write ``last.pt`` (and ``best.pt``). Collective: under module parallelism every rank writes its shard
+        first, rank 0 merges them and writes the manifest last."""
+        merged = None
+        if self.pipeline is not None:
+            self.pipeline.drain()
+            shard = self.pipeline.shard_state(self.optimizer)
+            self.checkpoints.guard(lambda: ckpt_io.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
+            self.ctx.barrier()
+            if self.ctx.is_main:
+                merged = {**ckpt_io.merge_shards(self.out, self.local_model, self.ctx.world_size),
+                          "pipeline": self.pipeline.description()}
+        self.checkpoints.save(lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged),
                               self.progress.step, best=best)
+        if self.pipeline is not None:
+            if self.ctx.is_main:
+                self.checkpoints.guard(
+                    lambda: ckpt_io.write_manifest(self.out, self.pipeline.description(), self.progress.step),
+                    self.out / ckpt_io.SHARDS / "manifest.json")
+            self.ctx.barrier()
 
     def _end_of_epoch(self, record: dict) -> None:
         if self.ctx.is_main:
@@ -429,6 +505,8 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         received = self._stop.received is not None
+        if self.pipeline is not None:  # agreed a few steps later, without a per-step wait on every rank
+            return self.pipeline.agree_to_stop(received)
         if self.ctx.synchronising:  # every rank stops at the same step
             received = self._reduce({"stop_count": float(received)})["stop_count"] > 0
         return received
@@ -518,6 +596,7 @@ class Trainer:
             "device": str(self.device),
             "parameters": {"backbone": backbone_params, "training_total": all_params},
             "split": [list(r) for r in self.local_model.split],
+            "module_parallel": self.pipeline.description() if self.pipeline is not None else None,
             "dataset": self.info.to_dict(),
             "resumed_from": str(self.resume_path) if self.resume_path is not None else None,
             "torch_version": torch.__version__,
@@ -532,10 +611,17 @@ class Trainer:
             f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
             f"({info.train_size} train / {info.test_size} test images, from {info.source}) | "
             f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr} | "
-            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''} "
+            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
+            f"{self._parallel_text()} "
             f"({self.fast_path.describe()}) | "
             f"output {self.out}"
         )
+
+    def _parallel_text(self) -> str:
+        if self.pipeline is None:
+            return ""
+        runs = ", ".join(f"{r.start}-{r.stop - 1}" for r in self.pipeline.ranges)
+        return f", modules per rank {runs} ({self.cfg.boundary} boundaries)"
 
     def _print_summary(self, s: dict[str, Any]) -> None:
         cuda = s["peak_memory_kind"] == "cuda_max_memory_allocated"
