@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..heads import ClassifierLoss, make_classifier
+from ..heads import ClassifierLoss, make_feature_classifier
 from .base import AuxContext, LocalMethod
 from .registry import register
 
@@ -17,5 +17,4 @@ class DGL(LocalMethod):
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         opts = ctx.options
-        channels = ctx.feature_shape[0]
-        return ClassifierLoss(make_classifier(channels, ctx.num_classes, opts.aux_head, opts.aux_width))
+        return ClassifierLoss(make_feature_classifier(ctx.feature_kind, ctx.num_classes, opts.aux_head, opts.aux_width))
