@@ -315,3 +315,50 @@ def test_timm_prefix_tokens_are_the_models():
     model = mlaan.create_local_model(build(), method="dgl", num_local_modules=3)
     assert model.image_shape == (3, 16, 16)  # the size the model was built for
     assert model.feature_kinds[1].prefix_tokens == 2  # class + distillation token
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def test_cli_trains_exports_and_evaluates_a_torchvision_arch(tmp_path, capsys):
+    import json
+
+    import torchvision
+
+    from mlaan.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32",
+            "--synthetic-image-size", "16", "--batch-size", "32", "--max-steps", "2", "--epochs", "1",
+            "--arch", "torchvision:mobilenet_v3_small", "--image-size", "24", "--method", "dgl+mlaan", "-K", "3",
+            "--output-dir", str(out)]
+    assert main(args) == 0
+    assert main(["export", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "net.pt")]) == 0
+    meta = json.loads((tmp_path / "net.json").read_text())
+    assert meta["image_size"] == 24 and ".source.load_state_dict" in meta["load_with"]
+    net = torchvision.models.mobilenet_v3_small(num_classes=10)
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # the original class's keys
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "net.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_images"] == 32
+
+
+@pytest.mark.parametrize("arch,message", [
+    ("torchvision:nope", "unknown or unsupported torchvision model 'nope'"),
+    ("torchvision:densenet121", "unknown or unsupported torchvision model 'densenet121'"),
+    ("timm:not_a_model", "timm"),
+    ("keras:resnet", "unknown architecture 'keras:resnet'"),
+])
+def test_cli_refuses_unknown_library_names_in_one_line(tmp_path, capsys, arch, message):
+    from mlaan.cli import main
+
+    code = main(["train", "--dataset", "synthetic", "--arch", arch, "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_library_entries_carry_their_defaults():
+    d = mlaan.models.defaults("torchvision:vit_b_16")
+    assert d.image_size == 224 and d.mean == (0.485, 0.456, 0.406)
+    assert mlaan.models.defaults("resnet32") == mlaan.models.ArchDefaults(32, (0.0,), (1.0,), 16)
+    assert mlaan.models.default_local_modules("torchvision:resnet18") == 9  # the stem + 8 blocks, one module each
+    assert "vgg11_bn" in mlaan.models.library_names("torchvision")

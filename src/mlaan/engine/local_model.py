@@ -158,7 +158,9 @@ class LocalModel(nn.Module):
         return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
     def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, C, H, W) in the model's memory format (a no-op unless :meth:`set_channels_last`)."""
+        """``images`` (B, C, H, W) in the model's memory format (a no-op unless :meth:`set_channels_last`),
+        resized to the backbone's image size when it resizes its inputs (``Backbone.resize_inputs``)."""
+        images = self.backbone.resize(images)
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images

@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
+import torch
+
 from .adapters import IMAGENET_MEAN, IMAGENET_STD, adapt, adapters
 from .backbone import Backbone, ClassifierHead
 from .cifar_resnet import BasicBlock, cifar_resnet
@@ -115,7 +117,10 @@ def default_local_modules(name: str) -> int:
     """K for a local method on architecture ``name`` when none is given (see ``register``)."""
     check_arch(name)
     k = _DEFAULT_K.get(name)
-    return k if k is not None else create(name).num_residual_blocks + 1
+    if k is not None:
+        return k
+    with torch.device("meta"):  # only the blocks are counted: no memory, no initialisation
+        return create(name).num_residual_blocks + 1
 
 
 def available() -> list[str]:
@@ -149,5 +154,7 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
         else:
             from .timm_families import build
         model = build(model_name, num_classes, in_channels, image_size)
-        return adapt(model, image_size=image_size, in_channels=in_channels, name=name)
+        backbone = adapt(model, image_size=image_size, in_channels=in_channels, name=name)
+        backbone.resize_inputs = True  # built for image_size, trained on a data set of any size
+        return backbone
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,6 +52,15 @@ class Backbone(nn.Module):
         self.feature_layout = feature_layout
         self.prefix_tokens = prefix_tokens
         self.__dict__["source"] = source  # not a submodule: its parameters are the blocks' own
+        # resize image batches of another size to image_size (bilinear) in forward: a library model trained at
+        # --image-size on a data set of another size (set by mlaan.models.create for torchvision:/timm: names)
+        self.resize_inputs = False
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """``images`` (B, C, H, W) resized to ``image_hw`` when :attr:`resize_inputs` and their size differs."""
+        if self.resize_inputs and images.dim() == 4 and tuple(images.shape[-2:]) != self.image_hw:
+            return F.interpolate(images, size=self.image_hw, mode="bilinear", align_corners=False, antialias=True)
+        return images
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -82,6 +92,7 @@ class Backbone(nn.Module):
         return len(self.blocks) - 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.resize(x)
         for block in self.blocks:
             x = block(x)
         return x

@@ -156,7 +156,7 @@ class Trainer:
             num_local_modules=cfg.local_modules,
             num_classes=self.info.num_classes,
             in_channels=self.info.in_channels,
-            image_size=self.info.image_size,
+            image_size=cfg.image_size or self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
         if self.ctx.world_size > 1:
@@ -522,7 +522,7 @@ class Trainer:
             "data_source": info.source,  # where the files were read from (may differ from config's data_root)
             "num_classes": info.num_classes,
             "in_channels": info.in_channels,
-            "image_size": info.image_size,
+            "image_size": self.cfg.image_size or info.image_size,  # what the model was built for
             "mean": list(info.mean),
             "std": list(info.std),
             "model": self.local_model.state_dict(),
