@@ -175,7 +175,11 @@ def _add_train(subparsers) -> None:
             g.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=S, metavar=option.metavar,
                            help=f"{spec.name}: {option.help} (default: {getattr(d, key)})")
     g = p.add_argument_group("model and method")
-    g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below)")
+    g.add_argument("--arch", default=S, help=f"architecture (default: {d.arch}; list below), or torchvision:NAME "
+                                             "/ timm:NAME (e.g. torchvision:vgg11_bn, timm:vit_tiny_patch16_224)")
+    g.add_argument("--image-size", dest="image_size", type=int, default=S, metavar="S",
+                   help="image side the model is built for; batches of another size are resized to it "
+                        "(default: the data set's)")
     g.add_argument("--method", default=S, help=f"local-learning method (default: {d.method}; list below)")
     g.add_argument("--local-modules", "-K", dest="local_modules", type=int, default=S, metavar="K",
                    help="number of local modules, the stem's included (default: the architecture's: the "
@@ -356,7 +360,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
             )
         backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
         try:
-            backbone.load_state_dict(state)
+            if backbone.source is not None and not any(k.startswith("blocks.") for k in state):
+                backbone.source.load_state_dict(state)  # an export of a torchvision:/timm: model: its class's keys
+            else:
+                backbone.load_state_dict(state)
         except RuntimeError as err:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .features import FeatureKind, TokenPool, ToMap
 from .options import AUX_HEAD_SHAPES
 from .phases import AUX_TRUNK_FORWARD, mark
 from .recompute import run_blocks
@@ -50,6 +51,41 @@ def make_classifier(channels: int, num_classes: int, shape: str = "mlp", width: 
     two-layer MLP. ``shape`` is one of :data:`AUX_HEAD_SHAPES` (KeyError otherwise).
     """
     return _CLASSIFIERS[shape](channels, num_classes, width)
+
+
+def _token_classifier(kind: FeatureKind, num_classes: int, shape: str, width: int) -> nn.Module:
+    dim = kind.channels
+    pool = TokenPool(dim, kind.prefix_tokens)
+    if shape == "linear":
+        return nn.Sequential(pool, nn.Linear(dim, num_classes))
+    return nn.Sequential(pool, nn.Linear(dim, width), nn.GELU(), nn.Linear(width, num_classes))
+
+
+def _vector_classifier(kind: FeatureKind, num_classes: int, shape: str, width: int) -> nn.Module:
+    dim = kind.channels
+    if shape == "linear":
+        return nn.Linear(dim, num_classes)
+    return nn.Sequential(nn.Linear(dim, width), nn.ReLU(inplace=True), nn.Linear(width, width), nn.ReLU(inplace=True),
+                         nn.Linear(width, num_classes))
+
+
+def make_feature_classifier(kind: FeatureKind, num_classes: int, shape: str = "mlp", width: int = 128) -> nn.Module:
+    """Logits (B, num_classes) from features of any kind (:mod:`mlaan.engine.features`).
+
+    Maps: :func:`make_classifier`; channels-last maps are permuted to (B, C, H, W) first. Tokens (B, N, D): the
+    head of a vision transformer — LayerNorm, the class token (mean of the tokens when there is none), then
+    ``linear``: one linear layer, ``mlp``: linear–GELU–linear of ``width`` hidden units. Vectors (B, D):
+    ``linear``, or an MLP of two ``width`` hidden layers. ``shape`` is one of :data:`AUX_HEAD_SHAPES`.
+    """
+    if shape not in _CLASSIFIERS:
+        raise KeyError(shape)
+    if kind.layout == "map":
+        return make_classifier(kind.channels, num_classes, shape, width)
+    if kind.layout == "channels_last":
+        return nn.Sequential(ToMap(kind), make_classifier(kind.channels, num_classes, shape, width))
+    if kind.layout == "tokens":
+        return _token_classifier(kind, num_classes, shape, width)
+    return _vector_classifier(kind, num_classes, shape, width)
 
 
 class _SpatialAverage(nn.Module):

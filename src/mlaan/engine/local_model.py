@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import models
+from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
@@ -34,7 +35,7 @@ from .phases import (
     mark,
 )
 from .recompute import run_blocks
-from .split import compute_split, profile_blocks
+from .split import check_blocks, compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
@@ -108,14 +109,17 @@ class LocalModel(nn.Module):
             num_local_modules = default_num_local_modules(backbone, spec)
         _check_split(spec, opts, backbone, num_local_modules)
         self.spec, self.options, self.backbone = spec, opts, backbone
-        self.num_classes = num_classes if num_classes is not None else _infer_classes(backbone)
         self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: autocast every forward
         self.channels_last = False  # see set_channels_last
         self._grads_ready_hooks: list[GradsReadyHook] = []
 
         in_channels = _infer_in_channels(backbone)
-        self.image_shape = (in_channels, backbone.image_size, backbone.image_size)
+        self.image_shape = (in_channels, *backbone.image_hw)
+        out_shapes = check_blocks(backbone.blocks, self.image_shape)  # one-line errors naming the block
+        self.num_classes = _infer_classes(backbone, out_shapes[-1], num_classes)
         num_units = len(backbone.blocks) - 1
+        self.feature_kinds = [] if spec.base.end_to_end else [
+            self._classify_unit(i, out_shapes[i]) for i in range(num_units)]
         self.profile = profile_blocks(backbone.blocks[:-1], self.image_shape)
         self.split = compute_split(num_units, num_local_modules, opts.balance, self.profile, opts.balance_batch_size)
         views = [nn.Sequential(*(backbone.blocks[i] for i in r)) for r in self.split]
@@ -146,6 +150,18 @@ class LocalModel(nn.Module):
         head = self.spec.base.make_head(self._context(j, trunk_shape, picks[-1]))
         return StackedLoss(trunk, head)
 
+    def _kind_of(self, shape: tuple[int, ...]) -> FeatureKind:
+        """The feature kind of a block output of ``shape`` (the backbone's declared layout applied)."""
+        return classify(shape, self.image_shape[1:], self.backbone.feature_layout, self.backbone.prefix_tokens)
+
+    def _classify_unit(self, index: int, shape: tuple[int, ...]) -> FeatureKind:
+        try:
+            return self._kind_of(shape)
+        except ValueError as err:
+            block = self.backbone.blocks[index]
+            raise ValueError(f"block {index} ({type(block).__name__}) outputs {shape}, which no aux head can take: "
+                             f"{err}") from err
+
     def _context(self, j: int, feature_shape: tuple[int, ...], last_unit: int) -> AuxContext:
         num_units = len(self.backbone.blocks) - 1
 
@@ -162,6 +178,7 @@ class LocalModel(nn.Module):
             image_shape=self.image_shape,
             options=self.options,
             later_blocks=later_blocks,
+            kind_of=self._kind_of,
         )
 
     # ---------------------------------------------------------------------------------------- inference
@@ -177,7 +194,9 @@ class LocalModel(nn.Module):
         return self.to(memory_format=torch.channels_last if enable else torch.contiguous_format)
 
     def prepare_inputs(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, C, H, W) in the model's memory format (a no-op unless :meth:`set_channels_last`)."""
+        """``images`` (B, C, H, W) in the model's memory format (a no-op unless :meth:`set_channels_last`),
+        resized to the backbone's image size when it resizes its inputs (``Backbone.resize_inputs``)."""
+        images = self.backbone.resize(images)
         if self.channels_last and images.dim() == 4:
             return images.contiguous(memory_format=torch.channels_last)
         return images
@@ -551,16 +570,53 @@ def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone
                          f"index in 0 to {k - 2} (a barrier sits after that module)")
 
 
-def _infer_classes(backbone: models.Backbone) -> int:
-    linears = [m for m in backbone.blocks[-1].modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("cannot infer num_classes from the backbone's head; pass num_classes")
-    return linears[-1].out_features
+def _infer_classes(backbone: models.Backbone, out_shape: tuple[int, ...], given: int | None) -> int:
+    """The number of classes the head scores (its profiled output (num_classes,)); ValueError when the head
+    outputs something else, or when ``given`` (the caller's num_classes) differs."""
+    head = f"the head (block {len(backbone.blocks) - 1}, {type(backbone.blocks[-1]).__name__})"
+    if len(out_shape) != 1:
+        raise ValueError(f"{head} outputs shape {out_shape}, not class scores (num_classes,)")
+    if given is not None and given != out_shape[0]:
+        raise ValueError(f"num_classes={given}, but {head} outputs {out_shape[0]} class scores")
+    return out_shape[0]
+
+
+def _first_layer(blocks: Sequence[nn.Module]) -> nn.Module | None:
+    """The first convolution or linear layer of ``blocks`` (in registration order), None when there is none."""
+    for block in blocks:
+        for m in block.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                return m
+    return None
 
 
 def _infer_in_channels(backbone: models.Backbone) -> int:
-    first = next(m for m in backbone.blocks[0].modules() if isinstance(m, nn.Conv2d))
-    return first.in_channels
+    """Image channels: the backbone's ``in_channels``, else the first Conv2d's, else the first Linear's inputs
+    over the image's pixels (an MLP on flattened images). ValueError when none tells."""
+    if backbone.in_channels is not None:
+        return backbone.in_channels
+    first = _first_layer(backbone.blocks)
+    if isinstance(first, nn.Conv2d):
+        return first.in_channels
+    h, w = backbone.image_hw
+    if isinstance(first, nn.Linear) and first.in_features % (h * w) == 0:
+        return first.in_features // (h * w)
+    why = "it has no Conv2d or Linear layer" if first is None else (
+        f"its first layer, Linear({first.in_features}, …), does not take {h}x{w}-pixel images")
+    raise ValueError(f"cannot tell the image channels of {backbone.name}: {why}; pass in_channels= and image_size=")
+
+
+def _infer_image_size(blocks: Sequence[nn.Module], in_channels: int | None) -> int | None:
+    """The side of square images that an MLP's first Linear takes flattened (``in_channels`` or 1 or 3
+    channels), None when the first layer is not a Linear or no square fits."""
+    first = _first_layer(blocks)
+    if not isinstance(first, nn.Linear):
+        return None
+    for c in (in_channels,) if in_channels is not None else (1, 3):
+        side = math.isqrt(first.in_features // c)
+        if c * side * side == first.in_features:
+            return side
+    return None
 
 
 def default_num_local_modules(arch: str | models.Backbone, method: str | MethodSpec) -> int:
@@ -569,39 +625,52 @@ def default_num_local_modules(arch: str | models.Backbone, method: str | MethodS
     spec = parse_method(method) if isinstance(method, str) else method
     if spec.base.end_to_end:
         return 1
-    name = arch if isinstance(arch, str) else arch.name
-    if name in models.available():
-        return models.default_local_modules(name)
+    if isinstance(arch, str):
+        return models.default_local_modules(arch)
+    if arch.name in models.available():
+        return models.default_local_modules(arch.name)
     return arch.num_residual_blocks + 1
 
 
 def create_local_model(
-    arch: str | models.Backbone | Sequence[nn.Module],
+    arch: str | models.Backbone | nn.Module | Sequence[nn.Module],
     method: str = "dgl+mlaan",
     num_local_modules: int | None = None,
-    num_classes: int = 10,
-    in_channels: int = 3,
-    image_size: int | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
     **options: object,
 ) -> LocalModel:
     """Build a local-learning model.
 
-    ``arch`` is a registered name (``mlaan.models.available()``), a :class:`~mlaan.models.Backbone`, or your own
-    list of blocks ``[stem, block, …, head]``. ``num_local_modules`` (K) defaults to
-    :func:`default_num_local_modules` (1 for bp). ``options`` are the engine's and the methods' declared
-    options (:func:`mlaan.engine.options.option_fields`: window, w_ind, w_casc, ema_momentum, aux_head,
-    lam_depth, infopro_lambda_recon, …); ValueError for an unknown name or a value its declaration refuses.
+    ``arch`` is a registered name (``mlaan.models.available()``, or ``torchvision:NAME`` / ``timm:NAME``), a
+    :class:`~mlaan.models.Backbone`, your own model (a torchvision or timm model of a supported family, or any
+    ``nn.Sequential``: :func:`mlaan.models.adapt` cuts it into its natural blocks and the local model shares its
+    parameters, so after training your model object is the trained model), or your own list of blocks
+    ``[stem, block, …, head]``. ``num_local_modules`` (K) defaults to :func:`default_num_local_modules` (1 for
+    bp). ``num_classes``: None takes it from the head (10 for a registered name); ValueError when given and the
+    head outputs another number. ``in_channels`` (None: 3 for a registered name, else read from the first
+    Conv2d/Linear) and ``image_size`` (a side or (H, W); None: the architecture's default, 32 for a block list
+    unless its first layer is a Linear on flattened images) describe the images (B, C, H, W). ``options`` are the
+    engine's and the methods' declared options (:func:`mlaan.engine.options.option_fields`: window, w_ind, w_casc,
+    ema_momentum, aux_head, lam_depth, infopro_lambda_recon, …); ValueError for an unknown name or a value its
+    declaration refuses, and a one-line ValueError naming the block when a block cannot take the output of the
+    one before it.
     """
     if isinstance(arch, str):
-        backbone = models.create(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+        backbone = models.create(arch, num_classes=10 if num_classes is None else num_classes,
+                                 in_channels=3 if in_channels is None else in_channels, image_size=image_size)
     elif isinstance(arch, models.Backbone):
         backbone = arch
-    elif isinstance(arch, Sequence) and all(isinstance(b, nn.Module) for b in arch):
-        backbone = models.Backbone(list(arch), image_size=image_size or 32)
+    elif isinstance(arch, nn.Module):
+        backbone = models.adapt(arch, image_size=image_size, in_channels=in_channels)
+    elif isinstance(arch, Sequence) and arch and all(isinstance(b, nn.Module) for b in arch):
+        size = image_size if image_size is not None else _infer_image_size(arch, in_channels) or 32
+        backbone = models.Backbone(list(arch), image_size=size, in_channels=in_channels)
     else:
         raise ValueError(
-            f"arch must be one of {', '.join(models.available())}, a Backbone or a list of nn.Module blocks; "
-            f"got {type(arch).__name__}"
+            f"arch must be one of {', '.join(models.available())}, a Backbone, a torchvision/timm model, an "
+            f"nn.Sequential or a list of nn.Module blocks; got {type(arch).__name__}"
         )
     if num_local_modules is None:
         num_local_modules = default_num_local_modules(backbone, method)

@@ -19,6 +19,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .split import mutates_input
+
 
 class _RunningStatsKept:
     """Restores every BatchNorm running statistic of ``module`` on exit (a recompute must not count twice).
@@ -55,8 +57,12 @@ def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     Falls back to a plain call when no gradient is being recorded (evaluation, ``torch.no_grad``)."""
     if not torch.is_grad_enabled():
         return block(x)
+    run = block
+    if mutates_input(block):  # the checkpoint keeps x for the recompute: the block must write into a copy
+        def run(t: torch.Tensor) -> torch.Tensor:
+            return block(t.clone())
     return checkpoint(
-        block, x, use_reentrant=False,
+        run, x, use_reentrant=False,
         context_fn=lambda: (contextlib.nullcontext(), _RunningStatsKept(block)),
     )
 

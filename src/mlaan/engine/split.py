@@ -38,6 +38,71 @@ class BlockProfile:
         return [batch_size * s + f for s, f in zip(self.sample_bytes, self.fixed_bytes)]
 
 
+def _clone_leaf_input(module: nn.Module, args: tuple) -> tuple | None:
+    """Forward pre-hook of a block that writes into its input: give it a copy when the input is a leaf (a local
+    module's or an aux net's detached input, or anything under ``torch.no_grad``), which autograd forbids to be
+    changed in place or which another consumer (a LAM trunk's EMA twin) still reads."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_leaf:
+        return (args[0].clone(), *args[1:])
+    return None
+
+
+def guard_inplace_input(block: nn.Module) -> None:
+    """Make ``block`` copy a leaf input before it writes into it (see :func:`_clone_leaf_input`); idempotent.
+    The hook is the block's own, so copies of it (LAM, AugLocal, EMA twins) keep it."""
+    if _clone_leaf_input not in block._forward_pre_hooks.values():
+        block.register_forward_pre_hook(_clone_leaf_input)
+
+
+def mutates_input(block: nn.Module) -> bool:
+    """Whether ``block`` or a block inside it writes into its input (was given :func:`guard_inplace_input`)."""
+    return any(_clone_leaf_input in m._forward_pre_hooks.values() for m in block.modules())
+
+
+def _describe(index: int, block: nn.Module, count: int) -> str:
+    role = "stem" if index == 0 else "head" if index == count - 1 else "block"
+    return f"block {index} ({role}, {type(block).__name__})"
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())[:300]
+
+
+@torch.no_grad()
+def check_blocks(blocks: nn.ModuleList, input_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Run a dummy batch of two images of ``input_shape`` through ``blocks`` in eval mode and return each block's
+    output shape (no batch dimension). A block that writes into its input in place (``nn.ReLU(inplace=True)``
+    first) gets :func:`guard_inplace_input`. Raises ValueError, one line naming the block, when a block cannot
+    take what the one before it outputs (or the images) or returns something other than one tensor."""
+    was_training = [m.training for m in blocks]
+    blocks.eval()
+    first = next(iter(blocks.parameters()), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (None, torch.float32)
+    x = torch.zeros(2, *input_shape, device=device, dtype=dtype)
+    shapes = []
+    try:
+        for i, block in enumerate(blocks):
+            probe = x.clone()
+            version = probe._version
+            source = "the images" if i == 0 else f"the output of {_describe(i - 1, blocks[i - 1], len(blocks))}"
+            try:
+                y = block(probe)
+            except Exception as err:
+                raise ValueError(f"{_describe(i, block, len(blocks))} cannot take {source}, of shape "
+                                 f"{tuple(x.shape[1:])}: {_one_line(err)}") from err
+            if not isinstance(y, torch.Tensor):
+                raise ValueError(f"{_describe(i, block, len(blocks))} returns a {type(y).__name__}, not a tensor; "
+                                 "each block must return one tensor")
+            if probe._version != version:
+                guard_inplace_input(block)
+            shapes.append(tuple(y.shape[1:]))
+            x = y
+    finally:
+        for module, mode in zip(blocks, was_training):
+            module.train(mode)
+    return shapes
+
+
 def _saved_bytes(block: nn.Module, x: torch.Tensor, params: set[int]) -> tuple[torch.Tensor, int]:
     """``block(x)`` and the bytes of the storages autograd saves for its backward, those at ``params`` (data
     pointers of parameters and buffers) left out."""
@@ -60,9 +125,10 @@ def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> 
     batches is what one more image costs, the rest is fixed."""
     was_training = [m.training for m in blocks]
     blocks.eval()
-    first = next(iter(blocks.parameters()))
-    x1 = torch.zeros(1, *input_shape, device=first.device, dtype=first.dtype)
-    x2 = torch.zeros(2, *input_shape, device=first.device, dtype=first.dtype)
+    first = next(iter(blocks.parameters()), None)
+    device, dtype = (first.device, first.dtype) if first is not None else (None, torch.float32)
+    x1 = torch.zeros(1, *input_shape, device=device, dtype=dtype)
+    x2 = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     in_shapes, out_shapes, per_image, fixed = [], [], [], []
     try:
         for block in blocks:

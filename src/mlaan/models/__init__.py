@@ -1,38 +1,34 @@
 """Backbone registry, timm style: ``create(name, **kw)`` and ``available()``.
 
 Every model is a :class:`Backbone` (stem, residual blocks, head) so that the engine can split it anywhere.
-The registry imports no torch: the built-in architectures' modules (and torch, torchvision) are imported when
-a model is built or one of their classes is asked for, so ``mlaan --help`` lists the names without them.
+Besides the registered names, ``torchvision:NAME`` and ``timm:NAME`` build that library's model and cut it
+(:func:`adapt`, :mod:`mlaan.models.adapters`); each entry carries its defaults (:func:`defaults`: image size,
+normalisation, K), like timm's pretrained configs.
+
+The registry imports no torch: the architectures' modules (and torch, torchvision, timm) are imported when a
+model is built or one of their classes is asked for, so ``mlaan --help`` lists the names without them.
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from .adapters import adapt, adapters
     from .backbone import Backbone, ClassifierHead
     from .cifar_resnet import BasicBlock
 
-__all__ = ["Backbone", "BasicBlock", "ClassifierHead", "available", "create", "default_local_modules", "register"]
+__all__ = ["ArchDefaults", "Backbone", "BasicBlock", "ClassifierHead", "adapt", "adapters", "available",
+           "check_arch", "create", "default_local_modules", "defaults", "library_names", "register"]
 
-_REGISTRY: dict[str, Callable[..., Backbone]] = {}
-_DEFAULT_K: dict[str, int | None] = {}
-
-
-def register(name: str, factory: Callable[..., Backbone], default_k: int | None = None) -> None:
-    """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone.
-    ``default_k``: the K a local method gets when none is given (None: one module per residual block)."""
-    _REGISTRY[name] = factory
-    _DEFAULT_K[name] = default_k
-
-
-# Default K: the paper's where it has one (ResNet-32 K=16 and ResNet-110 K=55, every block its own module;
-# ImageNet ResNet-34 and -101 as in configs/imagenet_*.yaml), otherwise the same rule, one module per block.
-_PAPER_K = {"resnet32": 16, "resnet110": 55, "resnet34": 16, "resnet101": 33}
-_IMAGENET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
-_CLASSES = {"Backbone": "backbone", "ClassifierHead": "backbone", "BasicBlock": "cifar_resnet"}
+# torchvision's ImageNet normalisation (the libraries' models' default)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_CLASSES = {"Backbone": "backbone", "ClassifierHead": "backbone", "BasicBlock": "cifar_resnet",
+            "adapt": "adapters", "adapters": "adapters"}
 
 
 def _lazy(module: str, function: str, *args: Any) -> Callable[..., Backbone]:
@@ -44,30 +40,122 @@ def _lazy(module: str, function: str, *args: Any) -> Callable[..., Backbone]:
     return factory
 
 
-for _depth in (20, 32, 44, 56, 110):
-    register(f"resnet{_depth}", _lazy("cifar_resnet", "cifar_resnet", _depth),
-             _PAPER_K.get(f"resnet{_depth}", (_depth - 2) // 2 + 1))
-for _name, _blocks in _IMAGENET_BLOCKS.items():
-    register(_name, _lazy("imagenet_resnet", "imagenet_resnet", _name), _PAPER_K.get(_name, _blocks + 1))
-
-
 def __getattr__(name: str) -> Any:
-    """``Backbone``, ``ClassifierHead`` and ``BasicBlock``, imported (with torch) when first asked for."""
+    """``Backbone``, ``ClassifierHead``, ``BasicBlock``, ``adapt`` and ``adapters``, imported (with torch) when
+    first asked for."""
     if name in _CLASSES:
         return getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+_REGISTRY: dict[str, Callable[..., Backbone]] = {}
+_DEFAULT_K: dict[str, int | None] = {}
+_DEFAULTS: dict[str, ArchDefaults] = {}
+LIBRARIES = ("torchvision", "timm")  # prefixes of ``LIBRARY:NAME`` architectures
+
+
+@dataclass(frozen=True)
+class ArchDefaults:
+    """What an architecture is trained with unless told otherwise: image side, normalisation (of its
+    pretrained weights, where it has some) and K (None: one module per block)."""
+
+    image_size: int = 32
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+    local_modules: int | None = None
+
+
+def register(name: str, factory: Callable[..., Backbone], default_k: int | None = None,
+             image_size: int = 32, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
+    """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone.
+    ``default_k``: the K a local method gets when none is given (None: one module per residual block);
+    ``image_size``, ``mean``, ``std``: its defaults (:func:`defaults`)."""
+    _REGISTRY[name] = factory
+    _DEFAULT_K[name] = default_k
+    _DEFAULTS[name] = ArchDefaults(image_size, tuple(mean), tuple(std), default_k)
+
+
+# Default K: the paper's where it has one (ResNet-32 K=16 and ResNet-110 K=55, every block its own module;
+# ImageNet ResNet-34 and -101 as in configs/imagenet_*.yaml), otherwise the same rule, one module per block.
+_PAPER_K = {"resnet32": 16, "resnet110": 55, "resnet34": 16, "resnet101": 33}
+_IMAGENET_BLOCKS = {"resnet18": 8, "resnet34": 16, "resnet50": 16, "resnet101": 33, "resnet152": 50}
+for _depth in (20, 32, 44, 56, 110):
+    register(f"resnet{_depth}", _lazy("cifar_resnet", "cifar_resnet", _depth),
+             _PAPER_K.get(f"resnet{_depth}", (_depth - 2) // 2 + 1))
+for _name, _blocks in _IMAGENET_BLOCKS.items():
+    register(_name, _lazy("imagenet_resnet", "imagenet_resnet", _name), _PAPER_K.get(_name, _blocks + 1),
+             image_size=224,
+             mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def _split_library(name: str) -> tuple[str, str] | None:
+    library, sep, model = name.partition(":")
+    return (library, model) if sep and library in LIBRARIES else None
+
+
+def library_names(library: str) -> list[str]:
+    """The model names ``LIBRARY:NAME`` takes for ``library`` in :data:`LIBRARIES` (empty for timm when it is
+    not installed)."""
+    if library == "torchvision":
+        from .torchvision_families import torchvision_names
+
+        return torchvision_names()
+    if library == "timm":
+        from .timm_families import timm_names
+
+        return timm_names()
+    raise ValueError(f"unknown model library {library!r}; allowed: {', '.join(LIBRARIES)}")
+
+
+def check_arch(name: str) -> None:
+    """ValueError, one line, unless ``name`` is registered or a supported ``torchvision:NAME`` / ``timm:NAME``
+    (checked against the library's own list of models)."""
+    if name in _REGISTRY:
+        return
+    split = _split_library(name) if isinstance(name, str) else None
+    if split is None:
+        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}, or "
+                         "torchvision:NAME / timm:NAME")
+    library, model = split
+    if library == "timm":
+        from .timm_families import timm
+
+        if timm is None:
+            raise ValueError(f"architecture {name!r} needs timm: pip install 'mlaan[timm]'")
+    if model not in library_names(library):
+        raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; see "
+                         f"mlaan.models.library_names({library!r}) for the supported names")
+
+
+def defaults(name: str) -> ArchDefaults:
+    """The defaults of architecture ``name`` (registered or ``LIBRARY:NAME``); ValueError for an unknown one."""
+    check_arch(name)
+    if name in _DEFAULTS:
+        return _DEFAULTS[name]
+    if name.startswith("timm:"):
+        from .timm_families import timm
+
+        cfg = timm.models.get_pretrained_cfg(name.partition(":")[2])
+        if cfg is not None:
+            return ArchDefaults(cfg.input_size[-1], tuple(cfg.mean), tuple(cfg.std))
+    return ArchDefaults(224, IMAGENET_MEAN, IMAGENET_STD)
+
+
 def default_local_modules(name: str) -> int:
     """K for a local method on architecture ``name`` when none is given (see ``register``)."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}")
-    k = _DEFAULT_K[name]
-    return k if k is not None else create(name).num_residual_blocks + 1
+    check_arch(name)
+    k = _DEFAULT_K.get(name)
+    if k is not None:
+        return k
+    import torch
+
+    with torch.device("meta"):  # only the blocks are counted: no memory, no initialisation
+        return create(name).num_residual_blocks + 1
 
 
 def available() -> list[str]:
-    """Names accepted by :func:`create`."""
+    """Registered names accepted by :func:`create` (which also takes ``torchvision:NAME`` and ``timm:NAME``,
+    :func:`library_names`)."""
     return list(_REGISTRY)
 
 
@@ -76,14 +164,29 @@ def is_imagenet_arch(name: str) -> bool:
     return name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
-def create(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int | None = None) -> Backbone:
-    """Build architecture ``name``; ``image_size`` defaults to 224 for ImageNet nets, 32 otherwise."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}")
+def create(name: str, num_classes: int = 10, in_channels: int = 3,
+           image_size: int | tuple[int, int] | None = None) -> Backbone:
+    """Build architecture ``name`` (registered, or ``torchvision:NAME`` / ``timm:NAME`` cut by :func:`adapt`);
+    ``image_size`` (a side or (H, W)) defaults to the entry's (:func:`defaults`: 224 for ImageNet nets and the
+    libraries' models, 32 otherwise). ValueError for an unknown name or bad sizes."""
+    check_arch(name)
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
     if image_size is None:
-        image_size = 224 if is_imagenet_arch(name) else 32
+        image_size = defaults(name).image_size
+    split = _split_library(name)
+    if split is not None:
+        library, model_name = split
+        if library == "torchvision":
+            from .torchvision_families import build
+        else:
+            from .timm_families import build
+        model = build(model_name, num_classes, in_channels, image_size)
+        from .adapters import adapt
+
+        backbone = adapt(model, image_size=image_size, in_channels=in_channels, name=name)
+        backbone.resize_inputs = True  # built for image_size, trained on a data set of any size
+        return backbone
     return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)

@@ -318,7 +318,7 @@ def training_state(
         "data_source": info.source,  # where the files were read from (may differ from config's data_root)
         "num_classes": info.num_classes,
         "in_channels": info.in_channels,
-        "image_size": info.image_size,
+        "image_size": cfg.image_size or info.image_size,  # what the model was built for
         "mean": list(info.mean),
         "std": list(info.std),
         "model": model.state_dict(),
@@ -617,6 +617,15 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
     state = {k: v.detach().clone() for k, v in backbone_state(ckpt).items()}
     if not state:
         raise ValueError("checkpoint holds no backbone weights (no 'backbone.' keys in its model state)")
+    load_with = (f"mlaan.models.create({ckpt['arch']!r}, num_classes={ckpt['num_classes']}, "
+                 f"in_channels={ckpt['in_channels']}, image_size={ckpt['image_size']})")
+    if ":" in ckpt["arch"]:  # torchvision:NAME / timm:NAME: the library class's own keys, loadable into it
+        from .. import models
+
+        with torch.device("meta"):
+            backbone = models.create(ckpt["arch"], ckpt["num_classes"], ckpt["in_channels"], ckpt["image_size"])
+        state = backbone.export_state_dict(state)
+        load_with += ".source"
     out = Path(out)
     if out.parent and not out.parent.exists():
         raise FileNotFoundError(f"folder {out.parent} for --out does not exist")
@@ -638,11 +647,7 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
         "best_accuracy": ckpt.get("best_accuracy"),  # the run's best test accuracy, reached at best_epoch
         "best_epoch": ckpt.get("best_epoch"),
         "is_best": ckpt.get("epoch") == ckpt.get("best_epoch") and not ckpt.get("epoch_step"),
-        "load_with": (
-            f"mlaan.models.create({ckpt['arch']!r}, num_classes={ckpt['num_classes']}, "
-            f"in_channels={ckpt['in_channels']}, image_size={ckpt['image_size']})"
-            f".load_state_dict(torch.load({out.name!r}, weights_only=True))"
-        ),
+        "load_with": f"{load_with}.load_state_dict(torch.load({out.name!r}, weights_only=True))",
     }
     atomic_save(state, out)
     atomic_write_text(json.dumps(meta, indent=2) + "\n", meta_path)

@@ -40,6 +40,7 @@ class _RunConfig:
     synthetic_image_size: int = 32
     # model and method
     arch: str = "resnet32"
+    image_size: int | None = None  # the side the model is built for; None: the data set's (batches are resized)
     method: str = "dgl+mlaan"
     local_modules: int | None = None  # K; None: the architecture's default (models.default_local_modules), 1 for bp
     # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
@@ -89,8 +90,10 @@ class _RunConfig:
         from ..data import check_dataset_name
 
         check_dataset_name(self.dataset)
-        if self.arch not in models.available():
-            raise ValueError(f"unknown architecture {self.arch!r}; available: {', '.join(models.available())}")
+        models.check_arch(self.arch)  # registered, or torchvision:NAME / timm:NAME from the library's own list
+        if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
+                                            or self.image_size < 1):
+            raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
         spec = parse_method(self.method)  # ValueError naming the allowed methods
         cfg = dataclasses.replace(self, method=spec.name)
         if cfg.local_modules is None:
@@ -117,7 +120,8 @@ class _RunConfig:
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
         if cfg.output_dir is None:
-            cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{cfg.arch}-{cfg.method}-K{cfg.local_modules}")
+            arch = cfg.arch.replace(":", "-")
+            cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{arch}-{cfg.method}-K{cfg.local_modules}")
         return cfg
 
     @property

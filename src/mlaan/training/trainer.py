@@ -167,7 +167,7 @@ class Trainer:
             num_local_modules=cfg.local_modules,
             num_classes=self.info.num_classes,
             in_channels=self.info.in_channels,
-            image_size=self.info.image_size,
+            image_size=cfg.image_size or self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
         if self._own_random_streams:

@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..heads import make_classifier
+from ..features import FeatureKind, ToMap
+from ..heads import make_feature_classifier
 
 
 def supervised_contrastive_loss(
@@ -38,6 +39,10 @@ class InfoProLoss(nn.Module):
     Reconstruction: bilinear upsampling to the image size, conv–BN–ReLU, conv to the image channels; binary
     cross-entropy (on logits, which is autocast-safe) against the un-normalised image. Task: an auxiliary
     classifier's cross-entropy, or a supervised contrastive loss on a 128-d projection.
+
+    ``kind`` (default: a (channels, H, W) map) is what the features are: a channels-last map is permuted, patch
+    tokens are laid back on their grid (prefix tokens dropped) and a vector is mapped by a linear layer to a
+    16-channel map of at most 8×8 before the upsampling; ValueError for tokens on no patch grid.
     """
 
     def __init__(
@@ -53,26 +58,39 @@ class InfoProLoss(nn.Module):
         temperature: float = 0.07,
         image_mean: tuple[float, ...] = (0.0,),
         image_std: tuple[float, ...] = (1.0,),
+        kind: FeatureKind | None = None,
     ) -> None:
         super().__init__()
         image_channels, height, width_px = image_shape
         self.image_size = (height, width_px)
         self.lambda_recon, self.lambda_task = lambda_recon, lambda_task
         self.task, self.temperature = task, temperature
+        kind = kind or FeatureKind("map", (channels, height, width_px))
         hidden = 12
+        map_channels = channels
+        if kind.layout == "vector":
+            grid = (min(height, 8), min(width_px, 8))
+            map_channels = 16
+            self.to_map: nn.Module = nn.Sequential(nn.Linear(channels, map_channels * grid[0] * grid[1]),
+                                                   nn.Unflatten(1, (map_channels, *grid)))
+        else:
+            if kind.layout == "tokens" and kind.grid is None:
+                raise ValueError(f"InfoPro cannot reconstruct the image from {kind.shape[0]} tokens that lie on no "
+                                 "patch grid of it")
+            self.to_map = ToMap(kind)
         self.decoder = nn.Sequential(
-            nn.Conv2d(channels, hidden, 3, padding=1, bias=False),
+            nn.Conv2d(map_channels, hidden, 3, padding=1, bias=False),
             nn.BatchNorm2d(hidden),
             nn.ReLU(inplace=True),
             nn.Conv2d(hidden, image_channels, 3, padding=1),
         )
         outputs = num_classes if task == "ce" else 128
-        self.task_head = make_classifier(channels, outputs, head_shape, width)
+        self.task_head = make_feature_classifier(kind, outputs, head_shape, width)
         self.register_buffer("mean", _per_channel(image_mean, image_channels), persistent=False)
         self.register_buffer("std", _per_channel(image_std, image_channels), persistent=False)
 
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        upsampled = F.interpolate(features, size=self.image_size, mode="bilinear", align_corners=True)
+        upsampled = F.interpolate(self.to_map(features), size=images.shape[-2:], mode="bilinear", align_corners=True)
         recon_logits = self.decoder(upsampled)
         pixels = (images * self.std + self.mean).clamp(0.0, 1.0)
         recon = F.binary_cross_entropy_with_logits(recon_logits.float(), pixels.float())

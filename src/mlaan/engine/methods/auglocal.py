@@ -35,8 +35,8 @@ class AugLocal(LocalMethod):
     def make_head(self, ctx: AuxContext) -> nn.Module:
         from torch import nn
 
-        from ..heads import ClassifierLoss, StackedLoss, make_classifier
+        from ..heads import ClassifierLoss, StackedLoss, make_feature_classifier
 
         blocks, out_shape = ctx.later_blocks(ctx.depth(ctx.options.auglocal_depth))
-        probe = ClassifierLoss(make_classifier(out_shape[0], ctx.num_classes, "linear"))
+        probe = ClassifierLoss(make_feature_classifier(ctx.classify(out_shape), ctx.num_classes, "linear"))
         return StackedLoss(nn.Sequential(*blocks), probe)

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 if TYPE_CHECKING:  # a method's declaration imports no torch: ``mlaan --help`` lists methods and their options
     from torch import nn
 
+    from ..features import FeatureKind
+
 
 @dataclass
 class AuxContext:
@@ -22,7 +24,7 @@ class AuxContext:
 
     module_index: int  # 0-based index of the supervised local module
     num_modules: int  # K
-    feature_shape: tuple[int, ...]  # (C, H, W) of the features the head receives
+    feature_shape: tuple[int, ...]  # shape (no batch dim) of the features the head receives; see feature_kind
     num_classes: int
     image_shape: tuple[int, int, int]
     # a mlaan.engine.options.LocalOptions (not imported: options.py imports the method registry): every option,
@@ -31,6 +33,22 @@ class AuxContext:
     # Fresh (re-initialised) copies of sampled later backbone blocks, shape-chained, for methods whose aux net
     # is made of backbone-like blocks (AugLocal): ``later_blocks(depth) -> (blocks, output feature shape)``.
     later_blocks: Callable[[int], tuple[list[nn.Module], tuple[int, ...]]]
+    # The feature kind of a shape (the backbone's declared layout and prefix tokens applied); None: inferred from
+    # the shape and the image size alone (mlaan.engine.features.classify).
+    kind_of: Callable[[tuple[int, ...]], FeatureKind] | None = None
+
+    @property
+    def feature_kind(self) -> FeatureKind:
+        """What the head receives: a (C, H, W) map, an (H, W, C) map, (N, D) tokens or a (D,) vector."""
+        return self.classify(self.feature_shape)
+
+    def classify(self, shape: tuple[int, ...]) -> FeatureKind:
+        """The feature kind of another shape of this backbone (e.g. the output of ``later_blocks``)."""
+        if self.kind_of is not None:
+            return self.kind_of(tuple(shape))
+        from ..features import classify  # torch: method declarations are read by ``mlaan --help`` without it
+
+        return classify(tuple(shape), tuple(self.image_shape[1:]))
 
     def interpolate(self, pair: tuple[float, float]) -> float:
         """Linear in the module index: ``pair[0]`` at the first module, ``pair[1]`` at the last (head) one."""

@@ -18,8 +18,7 @@ class DGL(LocalMethod):
     description = "decoupled greedy learning: auxiliary classifier + cross-entropy"
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
-        from ..heads import ClassifierLoss, make_classifier
+        from ..heads import ClassifierLoss, make_feature_classifier
 
         opts = ctx.options
-        channels = ctx.feature_shape[0]
-        return ClassifierLoss(make_classifier(channels, ctx.num_classes, opts.aux_head, opts.aux_width))
+        return ClassifierLoss(make_feature_classifier(ctx.feature_kind, ctx.num_classes, opts.aux_head, opts.aux_width))

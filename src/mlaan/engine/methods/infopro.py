@@ -57,7 +57,7 @@ class InfoPro(LocalMethod):
 
         opts = ctx.options
         return InfoProLoss(
-            channels=ctx.feature_shape[0],
+            channels=ctx.feature_kind.channels,
             image_shape=ctx.image_shape,
             num_classes=ctx.num_classes,
             lambda_recon=ctx.interpolate(opts.infopro_lambda_recon),
@@ -68,6 +68,7 @@ class InfoPro(LocalMethod):
             temperature=opts.temperature,
             image_mean=opts.image_mean,
             image_std=opts.image_std,
+            kind=ctx.feature_kind,
         )
 
 
