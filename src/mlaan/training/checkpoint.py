@@ -375,7 +375,7 @@ def write_manifest(folder: str | os.PathLike, pipeline: Mapping[str, Any], step:
     import hashlib
 
     shards = Path(folder) / SHARDS
-    files = sorted(shards.glob("rank*.pt"), key=lambda p: int(p.stem[4:]))
+    files = [shards / f"rank{r}.pt" for r in range(pipeline["ranks"])]
     manifest = {"format": "mlaan-pipeline-manifest", "step": step, **pipeline,
                 "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
     path = shards / "manifest.json"

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -546,6 +547,7 @@ class Trainer:
         if self.resume_path is None:  # a fresh run (validated: empty folder or --overwrite)
             for name in RUN_FILES:
                 (self.out / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out / ckpt_io.SHARDS, ignore_errors=True)  # a replaced module-parallel run's
             return
         # resuming: keep the log lines up to the checkpoint, drop any written after it
         metrics_log.keep_lines_up_to(self.out / "metrics.jsonl", self.progress.step)
