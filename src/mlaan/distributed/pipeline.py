@@ -274,9 +274,11 @@ class ModulePipeline:
         self._waited = 0.0
         step = self.model.begin_step(images, targets, self.modules)
         if self.prev is not None:
+            x = self._format(self._recv_tensor(self.prev))
+            # after the receive, so that each pair of ranks sends and receives in the same order (NCCL would
+            # deadlock on two sends facing each other); still before this step's forward moves the blocks
             for tensor in self._snapshots_for_prev():
                 self._send(tensor, self.prev)
-            x = self._format(self._recv_tensor(self.prev))
         else:
             x = step.images
         for j in self.modules:
