@@ -305,3 +305,25 @@ def test_a_stopped_pipelined_run_resumes_in_one_process_and_on_two_ranks(one_pro
     for folder in (first, again):
         got = _model_state(folder)
         assert not [k for k in expected if not torch.equal(got[k], expected[k])], folder.name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "bp"], "--parallel modules needs a local-learning method; 'bp' trains end to end"),
+    (["--sync-bn"], "--sync-bn is for --parallel data"),
+    (["--dist-timeout", "0"], "dist_timeout must be a positive number of seconds, got 0.0"),
+])
+def test_train_parallel_modules_refuses_bad_settings_in_one_line(tmp_path, capsys, flags, message):
+    from mlaan.cli import main
+
+    assert main(["train", *TRAIN, "--output-dir", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_parallel_choice_is_refused_by_the_parser(capsys):
+    from mlaan.cli import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--parallel", "tensor"])
+    assert stop.value.code == 2 and "invalid choice: 'tensor'" in capsys.readouterr().err

@@ -230,6 +230,9 @@ def _add_train(subparsers) -> None:
     g.add_argument("--partition", choices=PARTITION_MODES, default=S,
                    help="--parallel modules: the modules are split over ranks evening out measured 'time', "
                         "'blocks' or step 'memory' (default: time)")
+    g.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=S, metavar="SECONDS",
+                   help="how long a process waits for another before the run fails instead of hanging "
+                        "(default: 600)")
     g.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
                    help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
     g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,

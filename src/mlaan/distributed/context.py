@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -48,13 +49,15 @@ class DistContext:
             dist.barrier()
 
 
-def init_from_env(device_arg: str = "auto") -> DistContext:
+def init_from_env(device_arg: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Build the context from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group.
 
     Without those variables this is a single process (``enabled=False``). The backend is NCCL when the device
     is CUDA, gloo otherwise. ``device_arg``: ``"auto"`` (CUDA if available, else MPS for a single process, else
     CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, ``"mps"``. Under torchrun a CUDA device is always
-    ``cuda:LOCAL_RANK``, one GPU per process.
+    ``cuda:LOCAL_RANK``, one GPU per process. ``timeout_s``: how long a collective or point-to-point call may
+    wait for another rank before failing (None: PyTorch's default), so a lost rank or a protocol error ends the
+    run instead of hanging it.
     """
     distributed = all(v in os.environ for v in _TORCHRUN_VARS)
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
@@ -67,7 +70,9 @@ def init_from_env(device_arg: str = "auto") -> DistContext:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size)
+        timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                timeout=timeout)
     return DistContext(rank, world_size, local_rank, device, True, backend)
 
 

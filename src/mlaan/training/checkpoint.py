@@ -73,6 +73,7 @@ RESUME_FREE = frozenset(
         "extra",
         "parallel",  # a module-parallel run resumes in one process or with another number of ranks, and back
         "partition",
+        "dist_timeout",
     }
 )
 # options of one invocation that a resumed run does not inherit (it goes on to --epochs unless told otherwise)

@@ -65,6 +65,7 @@ class _RunConfig:
     parallel: str = "data"
     boundary: str = "exact"  # --parallel modules: MLM cascades across ranks waited for ("exact") or "cut"
     partition: str = "time"  # --parallel modules: split the modules over ranks evening out "time", "blocks", "memory"
+    dist_timeout: float = 600.0  # seconds a rank waits for another before the run fails (torchrun runs)
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
     output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
     tensorboard: bool = False
@@ -107,6 +108,8 @@ class _RunConfig:
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        if not cfg.dist_timeout > 0:
+            raise ValueError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
         for name in ("max_steps", "eval_batch_size", "save_every", "threads"):
             value = getattr(cfg, name)
             if value is not None and value < 1:

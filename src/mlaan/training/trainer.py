@@ -95,7 +95,7 @@ class Trainer:
         self._log = log or print
         self.resume_path = resume_path
         self._lock = safety.RunFolderLock(self.out)  # held while fit() runs
-        self.ctx = dist.init_from_env(config.device)  # torchrun's environment, or a single process
+        self.ctx = dist.init_from_env(config.device, config.dist_timeout)  # torchrun's environment, or a single process
         self.device = self.ctx.device
         try:
             self._build(resume_checkpoint)
