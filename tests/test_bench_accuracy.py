@@ -120,6 +120,51 @@ def test_arm_flags_follow_the_recipe_so_they_win():
     assert cmd[0] == sys.executable and cmd.index("--no-amp") < cmd.index("--amp")
 
 
+@pytest.mark.parametrize("arch", ["torchvision:vgg11_bn", "timm:vit_tiny_patch16_224"])
+def test_library_archs_are_accepted_and_image_size_goes_to_every_run(tmp_path, fake_train, arch):
+    if arch.startswith("timm:"):
+        pytest.importorskip("timm")
+    args = _args(tmp_path, "--methods", "bp,dgl", "--arch", arch, "--image-size", "32")
+    assert accuracy.run(args) == 0
+    assert all(c[c.index("--arch") + 1] == arch and c[c.index("--image-size") + 1] == "32" for c in fake_train)
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["image_size"] == 32
+    with pytest.raises(ValueError, match=r"image_size: 32 there, None now"):  # part of the folder's recipe
+        accuracy.run(_args(tmp_path, "--methods", "bp", "--arch", arch))
+    fake_train.clear()
+    assert accuracy.run(_args(tmp_path / "b", "--methods", "bp", "--arch", arch)) == 0  # the arch's own size
+    assert "--image-size" not in fake_train[0]
+    assert "image_size" not in json.loads((tmp_path / "b" / "out" / "recipe.json").read_text())
+
+
+@pytest.mark.parametrize(("command", "flags", "message"), [
+    ("accuracy", ["--arch", "torchvision:nonet"], r"unknown or unsupported torchvision model 'nonet'"),
+    ("accuracy", ["--arch", "vgg"], r"unknown architecture 'vgg'; available: .*torchvision:NAME / timm:NAME"),
+    ("accuracy", ["--image-size", "0"], r"--image-size must be at least 1, got 0"),
+    ("memory", ["--archs", "torchvision:nonet"], r"unknown or unsupported torchvision model 'nonet'"),
+])
+def test_bad_arch_in_a_bench_is_the_librarys_one_line_error(tmp_path, capsys, command, flags, message):
+    from mlaan import cli as main_cli
+
+    code = main_cli.main(["bench", command, "--output-dir", str(tmp_path / "o"), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert re.search(message, err)
+
+
+def test_memory_bench_takes_a_library_arch_at_an_image_size(tmp_path):
+    from mlaan.bench import memory
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "memory", "--archs", "torchvision:vgg11_bn", "--image-size", "32", "--ks",
+                              "2", "--methods", "bp,dgl", "--batch", "2", "--mode", "account", "--no-isolate",
+                              "--grad-checkpointing", "off", "--output-dir", str(tmp_path / "m")])
+    assert memory.run(args) == 0
+    results = json.loads((tmp_path / "m" / "memory.json").read_text())["results"]
+    assert [(r["method"], r["k"], r["image_size"]) for r in results] == [("bp", 1, 32), ("dgl", 2, 32)]
+    assert all(r["peak_bytes"] > 0 and "error" not in r for r in results)
+
+
 # ------------------------------------------------------------------------------------------- statistics
 def test_paired_differences_use_only_common_seeds():
     d = seeds.paired_difference({0: 0.10, 1: 0.14, 2: 0.30}, {0: 0.12, 1: 0.15})

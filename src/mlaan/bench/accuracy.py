@@ -26,7 +26,7 @@ from . import common, report, seeds
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
 # The settings that make runs comparable; runs in one folder must share them.
 RECIPE_KEYS = ("arch", "k", "dataset", "epochs", "batch_size", "lr", "weight_decay", "warmup_epochs",
-               "train_samples", "test_samples", "train_arg")
+               "train_samples", "test_samples", "train_arg", "image_size")
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,8 @@ def train_command(args: argparse.Namespace, arm: Arm, seed: int, folder: Path, t
         cmd += ["--train-samples", str(args.train_samples)]
     if args.test_samples:
         cmd += ["--test-samples", str(args.test_samples)]
+    if getattr(args, "image_size", None):
+        cmd += ["--image-size", str(args.image_size)]
     if args.data_root:
         cmd += ["--data-root", args.data_root]
     if args.device:
@@ -121,6 +123,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="one seed (the same as --seeds N)")
     p.add_argument("--arch", default="resnet32", help="architecture of every run (`mlaan train --help` lists them)")
     p.add_argument("--k", type=int, default=16, help="local modules K (end-to-end methods: 1)")
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="input side every run trains at, passed to `mlaan train` (default: the arch's own; e.g. "
+                        "--arch timm:vit_tiny_patch16_224 --image-size 64)")
     p.add_argument("--dataset", default="fashion-mnist", help="data set of every run")
     p.add_argument("--epochs", type=int, default=3, help="epoch budget of every run")
     p.add_argument("--batch-size", type=int, default=128, help="training batch of every run")
@@ -155,7 +160,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _recipe(args: argparse.Namespace) -> dict:
-    return {key: getattr(args, key) for key in RECIPE_KEYS}
+    recipe = {key: getattr(args, key, None) for key in RECIPE_KEYS}
+    if recipe["image_size"] is None:  # the arch's own size: recipes written before --image-size read the same
+        del recipe["image_size"]
+    return recipe
 
 
 def check_recipe(out: Path, recipe: dict) -> None:
@@ -165,7 +173,8 @@ def check_recipe(out: Path, recipe: dict) -> None:
         common.write_json(path, recipe)
         return
     recorded = json.loads(path.read_text())
-    differ = [f"{k}: {recorded.get(k)!r} there, {recipe[k]!r} now" for k in RECIPE_KEYS if recorded.get(k) != recipe[k]]
+    differ = [f"{k}: {recorded.get(k)!r} there, {recipe.get(k)!r} now" for k in RECIPE_KEYS
+              if recorded.get(k) != recipe.get(k)]
     if differ:
         raise ValueError(f"{out} holds runs of another recipe ({'; '.join(differ)}): use the same settings to add "
                          "to it, or another --output-dir")
@@ -179,6 +188,8 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
                         ("--jobs", args.jobs)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if getattr(args, "image_size", None) is not None and args.image_size < 1:
+        raise ValueError(f"--image-size must be at least 1, got {args.image_size}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.lr <= 0 or args.weight_decay < 0:
@@ -344,7 +355,8 @@ def run(args: argparse.Namespace) -> int:
     failures = [] if args.report_only else train_all(args, plan, out)
     if not collect_runs(out):
         raise RuntimeError("no run has produced metrics; see the logs in " + str(out / "logs"))
-    title = f"{args.dataset}, {args.arch} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
+    size = f" at {args.image_size} px" if getattr(args, "image_size", None) else ""
+    title = f"{args.dataset}, {args.arch}{size} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
     result = write_report(out, title, machine, recipe)
     print("\n" + result["table"], flush=True)
     print(f"\nwrote {', '.join(result['files'])}", flush=True)

@@ -104,15 +104,16 @@ def model_k(method: str, k: int) -> int:
 
 
 def check_arch(arch: str) -> str:
-    """``arch`` when it is a registered architecture, else ValueError listing them."""
-    if arch not in mlaan.models.available():
-        raise ValueError(f"unknown architecture {arch!r}; available: {', '.join(mlaan.models.available())}")
+    """``arch`` when the library takes it (registered, or ``torchvision:NAME`` / ``timm:NAME``), else the library's
+    one-line ValueError (:func:`mlaan.models.check_arch`, the one source of truth)."""
+    mlaan.models.check_arch(arch)
     return arch
 
 
 def max_modules(arch: str, in_channels: int = 3, image_size: int | None = None) -> int:
-    """Largest K for ``arch``: its residual blocks + the stem's module."""
-    backbone = mlaan.models.create(arch, num_classes=10, in_channels=in_channels, image_size=image_size)
+    """Largest K for ``arch``: its residual blocks + the stem's module (counted on the meta device: no memory)."""
+    with torch.device("meta"):
+        backbone = mlaan.models.create(arch, num_classes=10, in_channels=in_channels, image_size=image_size)
     return backbone.num_residual_blocks + 1
 
 

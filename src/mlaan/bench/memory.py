@@ -282,6 +282,8 @@ def measure_case(
         "backbone_params": num_params,
         "aux_params": aux_params,
     }
+    if image_size is not None:
+        result["image_size"] = image_size
     if mode == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -391,6 +393,7 @@ def sweep(
     log: Callable[[str], None] = print,
     options: dict | None = None,
     recompute: str = "off",
+    image_size: int | None = None,
 ) -> list[dict]:
     """Measure every case (``recompute``: see :func:`~mlaan.bench.common.plan_variants`); with
     ``scale_from=[b1, b2]`` measure at those batches and extrapolate to ``batch``
@@ -402,6 +405,8 @@ def sweep(
         for b in batches:
             case = {"arch": arch, "method": method, "k": k, "batch": b, "device": device, "mode": mode,
                     "steps": steps, "warmup": warmup, "options": case_options}
+            if image_size is not None:
+                case["image_size"] = image_size
             r = measure_in_subprocess(case) if isolate else measure_case(**case)
             points.append(r)
             if "error" in r:
@@ -528,6 +533,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="K values for every arch, e.g. 1,4,16 (default: resnet32 1,2,4,8,16; resnet110 "
                         "1,4,8,16,32,55; other archs 1,2,4,max)")
     p.add_argument("--methods", default=",".join(common.DEFAULT_METHODS), help="comma-separated methods")
+    p.add_argument("--image-size", type=int, default=None, metavar="S",
+                   help="input side of every arch (default: each arch's own, e.g. 224 for timm:vit_small_patch16_224)")
     p.add_argument("--batch", type=int, default=1024, help="batch size (the paper's CIFAR batch: 1024)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
     p.add_argument("--mode", default="auto", choices=("auto", "cuda", "account"),
@@ -567,7 +574,7 @@ def _arch_ks(args: argparse.Namespace) -> dict[str, list[int]]:
     archs = {}
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
         common.check_arch(arch)
-        limit = common.max_modules(arch)
+        limit = common.max_modules(arch, image_size=getattr(args, "image_size", None))
         if args.ks is not None:
             ks = common.parse_ints(args.ks, "--ks")
         else:
@@ -613,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = sweep(archs, methods, args.batch, str(device), mode, steps, warmup, scale,
                     isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options,
-                    recompute=args.grad_checkpointing)
+                    recompute=args.grad_checkpointing, image_size=getattr(args, "image_size", None))
     add_percentages(results)
     table = render(results)
     print("\n" + table, flush=True)
