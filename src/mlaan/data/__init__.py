@@ -16,7 +16,6 @@ this package imports neither torch nor torchvision; building a data set does.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .registry import (
     DatasetInfo,
@@ -66,6 +65,7 @@ from .imagenet import IMAGENET_MEAN, IMAGENET_STD
 from .synthetic import SYNTHETIC_MEAN, SYNTHETIC_STD, make_synthetic
 
 # isort: split
+from ..lazy import lazy_exports
 from .build import build_datasets, download_dataset
 
 # Debian's dataset-fashion-mnist folder. Fashion-MNIST's lookup reads it from here at each call, so setting
@@ -114,10 +114,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """``TensorImageDataset`` is a torch class: imported on first use, not with the package."""
-    if name == "TensorImageDataset":
-        from .tensors import TensorImageDataset
-
-        return TensorImageDataset
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, {"TensorImageDataset": "tensors"})

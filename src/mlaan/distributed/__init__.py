@@ -35,9 +35,9 @@ One concern a module: :mod:`.context` (rank, world size, device; joining and lea
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 
 if TYPE_CHECKING:
@@ -81,8 +81,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    """The public names, each imported (with torch) from its module when first asked for."""
-    if name in _WHERE:
-        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _WHERE)

@@ -6,8 +6,9 @@ them); :class:`LocalModel` and :func:`create_local_model` import it on first use
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from ..lazy import lazy_exports
 from .methods import available_methods, parse_method
 from .options import LocalOptions, make_options, option_fields
 
@@ -21,10 +22,4 @@ _LAZY = {"LocalModel": "local_model", "LocalStep": "local_model", "ModulePlan": 
          "create_local_model": "local_model", "STEP_PHASES": "phases"}
 
 
-def __getattr__(name: str) -> Any:
-    """The engine's torch-side names (``LocalModel``, ``create_local_model``, ...), imported when first asked for."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _LAZY)

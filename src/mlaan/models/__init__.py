@@ -16,6 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..lazy import lazy_exports
+
 if TYPE_CHECKING:
     from .adapters import adapt, adapters
     from .backbone import Backbone, ClassifierHead
@@ -40,12 +42,7 @@ def _lazy(module: str, function: str, *args: Any) -> Callable[..., Backbone]:
     return factory
 
 
-def __getattr__(name: str) -> Any:
-    """``Backbone``, ``ClassifierHead``, ``BasicBlock``, ``adapt`` and ``adapters``, imported (with torch) when
-    first asked for."""
-    if name in _CLASSES:
-        return getattr(importlib.import_module(f".{_CLASSES[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _CLASSES)
 
 
 _REGISTRY: dict[str, Callable[..., Backbone]] = {}
