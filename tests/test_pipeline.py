@@ -82,7 +82,7 @@ def _worker(rank: int, world: int, store: str, out: str, cases: dict) -> None:
             pipe.drain()
             own = set(pipe.owned_state_keys())
             state = {k: v.clone() for k, v in model.state_dict().items() if k in own}
-            pipe.gather_backbone(dst=0)  # rank 0's backbone becomes the trained network
+            pipe.share_backbone()  # every rank's backbone becomes the trained network
             torch.save({"ranges": ranges, "state": state, "optimizer": optimizer.state_dict(), "stats": stats,
                         "backbone": model.backbone.state_dict()}, Path(out) / f"{name}.rank{rank}.pt")
     finally:

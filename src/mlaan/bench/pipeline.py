@@ -45,7 +45,7 @@ from ..distributed.pipeline import (
     partition_modules,
 )
 from ..engine import parse_method
-from ..training.loop import make_optimizer
+from ..training.loop import make_optimizer, optimizer_step
 from . import common
 
 DEADLINE_S = 3600
@@ -120,15 +120,10 @@ def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
         dist.destroy_process_group()
 
 
-def _build(cfg: dict, method: str, k: int, **options: Any):
-    model, optimizer = common.build(cfg["arch"], method, k, **options)
-    return model, optimizer
-
-
 def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     spec = parse_method(cfg["method"])
     lag = {"ema_lag": 1} if spec.leap else {}
-    probe, _ = _build(cfg, cfg["method"], cfg["k"], **lag)
+    probe, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag)
     images, targets = common.synthetic_batch(probe, cfg["batch_size"])
     # The partition and the per-module times come from rank 0 (measured with a rank's thread count), broadcast.
     shared: list[Any] = [None, None]
@@ -140,11 +135,11 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     dist.broadcast_object_list(shared, src=0)
     times, ranges = shared[0], [range(a, b) for a, b in shared[1]]
     barriers = boundaries(ranges) if cfg["boundary"] == "cut" else ()
-    model, optimizer = _build(cfg, cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
+    model, optimizer = common.build(cfg["arch"], cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
     pipe = ModulePipeline(model, ranges, rank, cfg["boundary"])
     message = _message_cost(rank, probe, images, ranges)
-    sequential = _build(cfg, cfg["method"], cfg["k"], **lag) if rank == 0 else None
-    bp_sequential = _build(cfg, "bp", 1) if rank == 0 else None
+    sequential = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag) if rank == 0 else None
+    bp_sequential = common.build(cfg["arch"], "bp", 1) if rank == 0 else None
     bp_stage = _bp_stage(cfg, rank, world, images)
 
     rows: dict[str, list[float]] = {"sequential": [], "pipeline": [], "bp_sequential": [], "bp_1f1b": []}
@@ -177,8 +172,6 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
 
 def _time_one_process(model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor,
                       targets: torch.Tensor, cfg: dict) -> float:
-    from ..training.loop import optimizer_step
-
     for _ in range(cfg["warmup"]):
         optimizer_step(model, optimizer, images, targets)
     start = time.perf_counter()

@@ -35,7 +35,7 @@ from torch import nn
 from ..engine.lam import LeapTrunk
 from ..engine.local_model import LocalModel
 from ..engine.phases import EMA_UPDATE, mark
-from ..engine.split import split_sizes
+from ..engine.split import runs_from_sizes, split_sizes
 from .modes import BOUNDARY_MODES, PARTITION_MODES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -110,12 +110,7 @@ def partition_modules(costs: Sequence[float], ranks: int, min_modules: int = 1) 
     if ranks * min_modules > len(costs):
         raise ValueError(f"K={len(costs)} local modules cannot be split over {ranks} ranks with at least "
                          f"{min_modules} each; use fewer ranks or more modules")
-    sizes = split_sizes([float(c) for c in costs], ranks, min_modules)
-    ranges, start = [], 0
-    for size in sizes:
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
+    return runs_from_sizes(split_sizes([float(c) for c in costs], ranks, min_modules))
 
 
 def boundaries(ranges: Sequence[range]) -> tuple[int, ...]:
@@ -124,6 +119,17 @@ def boundaries(ranges: Sequence[range]) -> tuple[int, ...]:
 
 
 # -------------------------------------------------------------------------------------------- ownership
+def _trunk_modules(model: LocalModel) -> dict[int, int]:
+    """``id(trunk)`` → the local module whose aux nets hold that LAM trunk."""
+    return {id(t): j for j in range(len(model.local_modules)) for part in model.module_parts(j)[1:]
+            for t in part.modules() if isinstance(t, LeapTrunk)}
+
+
+def _block_modules(model: LocalModel) -> dict[int, int]:
+    """Backbone block index → the local module that runs it (the head block is not a twin's source)."""
+    return {i: j for j, units in enumerate(model.split) for i in units}
+
+
 def _rank_parts(model: LocalModel, ranges: Sequence[range]) -> list[list[nn.Module]]:
     return [[part for j in run for part in model.module_parts(j)] for run in ranges]
 
@@ -184,16 +190,14 @@ def check_partition(model: LocalModel, ranges: Sequence[range], boundary: str) -
     cuts = set(boundaries(ranges))
     if model.spec.cascade and boundary == "cut" and not cuts <= set(model.options.cascade_barriers):
         raise ValueError(f"boundary='cut' needs the model built with cascade_barriers={tuple(sorted(cuts))}")
+    if model.options.ema_lag == 1:
+        return
     module_rank = [r for r, run in enumerate(ranges) for _ in run]
-    block_module = {i: j for j, units in enumerate(model.split) for i in units}
-    for j in range(k):
-        for part in model.module_parts(j)[1:]:
-            for trunk in part.modules():
-                if (isinstance(trunk, LeapTrunk) and model.options.ema_lag != 1
-                        and module_rank[block_module[trunk.source_index]] != module_rank[j]):
-                    raise ValueError("LAM EMA twins whose block is on another rank need ema_lag=1 (the twin "
-                                     "follows its block as it was one step earlier); build the model with "
-                                     "ema_lag=1")
+    block_module, trunk_module = _block_modules(model), _trunk_modules(model)
+    for trunk in model.leap_trunks:
+        if module_rank[block_module[trunk.source_index]] != module_rank[trunk_module[id(trunk)]]:
+            raise ValueError("LAM EMA twins whose block is on another rank need ema_lag=1 (the twin follows its "
+                             "block as it was one step earlier); build the model with ema_lag=1")
 
 
 # ------------------------------------------------------------------------------------------------ stage
@@ -222,10 +226,7 @@ class ModulePipeline:
         self.device = next(model.parameters()).device
         backend = dist.get_backend(group)
         self.comm_device = torch.device("cpu") if backend == "gloo" else self.device
-        trunk_module = {id(t): j for j in range(len(model.local_modules)) for part in model.module_parts(j)[1:]
-                        for t in part.modules() if isinstance(t, LeapTrunk)}
-        block_module = {i: j for j, units in enumerate(model.split) for i in units}
-        self._trunk_module, self._block_module = trunk_module, block_module
+        self._trunk_module, self._block_module = _trunk_modules(model), _block_modules(model)
         # isends in flight with their tensors kept alive (modifying or freeing one before completion is undefined):
         # this step's, and the previous step's, completed at the end of the next step
         self._sends: list[tuple[Any, torch.Tensor]] = []
@@ -235,7 +236,6 @@ class ModulePipeline:
         # collectives (metrics, stop votes) go through their own group, beside the point-to-point traffic
         self._control = dist.new_group(backend="gloo")
         self._votes: list[tuple[Any, torch.Tensor]] = []
-        self.last_stats: dict[str, Any] = {}
 
     def owned_parts(self) -> list[nn.Module]:
         """The backbone blocks and aux nets this rank trains."""
@@ -295,7 +295,6 @@ class ModulePipeline:
         stats = self._whole_model_statistics(step.statistics())
         self._wait_sends(keep_last=True)
         stats["step_s"], stats["wait_s"] = time.perf_counter() - start, self._waited
-        self.last_stats = stats
         return stats
 
     def _whole_model_statistics(self, own: dict[str, Any]) -> dict[str, Any]:
@@ -378,23 +377,6 @@ class ModulePipeline:
             trunk.set_snapshot(tensors)
 
     # ---------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def gather_backbone(self, dst: int = 0) -> None:
-        """Bring every module's blocks (parameters and BatchNorm statistics) to rank ``dst`` so that its
-        ``model.backbone`` is the trained network (for evaluation and export). Collective: every rank calls it."""
-        self.drain()
-        for j, owner in enumerate(self.owner):
-            if owner == dst:
-                continue
-            tensors = list(self.model.local_modules[j].state_dict().values())
-            if self.rank == owner:
-                for t in tensors:
-                    self._send(t, dst)
-                self.drain()
-            elif self.rank == dst:
-                for t in tensors:
-                    t.copy_(self._recv_like(t, owner))
-
     @torch.no_grad()
     def share_backbone(self) -> None:
         """Give every rank the current blocks of every module (each broadcast by its owner), so that each can

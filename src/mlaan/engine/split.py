@@ -181,6 +181,15 @@ def split_sizes(costs: list[float], num_modules: int, min_size: int = 1) -> list
     return sizes[::-1]
 
 
+def runs_from_sizes(sizes: list[int]) -> list[range]:
+    """Consecutive index ranges of the given sizes, from 0: ``[2, 3]`` → ``[range(0, 2), range(2, 5)]``."""
+    runs, start = [], 0
+    for size in sizes:
+        runs.append(range(start, start + size))
+        start += size
+    return runs
+
+
 def compute_split(
     num_units: int,
     num_modules: int,
@@ -206,8 +215,4 @@ def compute_split(
         if batch_size < 1:
             raise ValueError(f"balance_batch_size must be at least 1, got {batch_size}")
         sizes = split_sizes([float(b) for b in profile.step_bytes(batch_size)[:num_units]], num_modules)
-    ranges, start = [], 0
-    for size in sizes:
-        ranges.append(range(start, start + size))
-        start += size
-    return ranges
+    return runs_from_sizes(sizes)
