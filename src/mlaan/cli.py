@@ -20,6 +20,9 @@ import yaml
 
 EXIT_USAGE = 2
 # Errors that mean "the input is wrong": reported in one line, exit 2.
+PRECISE_BN_HELP = ("re-estimate the BatchNorm statistics on N training batches before evaluating, on a copy of the "
+                   "network (precise BN): the running averages lag when weights move fast, as local modules' do "
+                   "at a high learning rate; training itself is unchanged")
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError)
 
 
@@ -191,6 +194,8 @@ def _add_train(subparsers) -> None:
     g.add_argument("--batch-size", dest="batch_size", type=int, default=S, help=f"(default: {d.batch_size})")
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, default=S,
                    help="(default: 2 x batch size)")
+    g.add_argument("--precise-bn", dest="precise_bn", type=int, default=S, metavar="N",
+                   help=PRECISE_BN_HELP + f" (default: {d.precise_bn}, off)")
     g.add_argument("--lr", type=float, default=S, help=f"peak learning rate (default: {d.lr})")
     g.add_argument("--momentum", type=float, default=S, help=f"(default: {d.momentum})")
     g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=S, help="(default: on)")
@@ -330,6 +335,9 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
+    p.add_argument("--precise-bn", dest="precise_bn", type=int, default=None, metavar="N",
+                   help=PRECISE_BN_HELP.replace("before evaluating", "of the checkpoint's data set before evaluating")
+                   + " (default: the training run's --precise-bn, 0 for an export)")
     p.add_argument("--modules", action="store_true",
                    help="also the test accuracy of every local module's own aux net (a training checkpoint only): "
                         "which modules' features lag")
@@ -339,7 +347,7 @@ def _add_eval(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from . import distributed, models
+    from . import distributed, models, runtime
     from .data import build_datasets
     from .training import evaluate_backbone, evaluate_modules
     from .training.checkpoint import load_backbone
@@ -348,6 +356,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         ctx = distributed.init_from_env(args.device)
         distributed.cleanup(ctx)  # only the device is wanted: evaluation runs in one process
         device = ctx.device
+        if device.type == "cpu":  # a team larger than the idle cores stalls (BENCHMARKS.md "CPU fast path")
+            runtime.apply_threads(runtime.choose_threads(None))
         state, meta = load_backbone(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"
@@ -371,6 +381,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+        precise_bn = _precise_bn(backbone.to(device), meta, args.precise_bn, device, dataset, root, args.download)
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
@@ -385,6 +396,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "test_accuracy": result["accuracy"],
         "test_error": 1.0 - result["accuracy"],
         "test_loss": result["loss"],
+        "precise_bn": precise_bn,
     }
     if local_model is not None:
         report["module_accuracies"] = evaluate_modules(local_model.to(device), loader, device)
@@ -401,6 +413,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
             shown = ", ".join("—" if a is None else f"{100 * a:.1f}" for a in accuracies)
             print(f"test accuracy % of each local module's {path} aux net (the last: the backbone): {shown}")
     return 0
+
+
+def _precise_bn(backbone, meta: Mapping[str, Any], batches: int | None, device, dataset: str, root: str,
+                download: bool = False) -> int:
+    """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` training batches of ``dataset``
+    (None: as many as the training run's evaluations used, drawn the same way), as ``mlaan train --precise-bn``
+    does before each evaluation; returns the number of batches (0: nothing done). ValueError for a negative
+    count."""
+    from .data import build_datasets
+    from .training import precise_batchnorm
+
+    batches = meta.get("precise_bn", 0) if batches is None else batches
+    if batches < 0:
+        raise ValueError(f"--precise-bn must be a number of batches >= 0 (0: off), got {batches}")
+    if batches:
+        options = meta.get("data_options", {}) if dataset == meta.get("dataset") else {}
+        train_set, _, _ = build_datasets(dataset, root, download=download, **options)
+        precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
+                          seed=meta.get("seed", 0), step=meta.get("step", 0))
+    return batches
 
 
 def _local_model_for_eval(path: str):
@@ -427,6 +459,12 @@ def _add_export(subparsers) -> None:
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a training checkpoint (last.pt / best.pt)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict (e.g. model.pt)")
+    p.add_argument("--precise-bn", dest="precise_bn", type=int, default=None, metavar="N",
+                   help="write BatchNorm statistics re-estimated on N training batches, as `mlaan eval --precise-bn`"
+                        " (default: the training run's --precise-bn, so the export is the network its evaluation "
+                        "measured)")
+    p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
+                   help="data folder for --precise-bn (default: the training run's)")
     p.set_defaults(func=cmd_export)
 
 
@@ -435,11 +473,28 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:
         ckpt = ckpt_io.load_training_checkpoint(args.checkpoint)
+        _replace_with_precise_bn(ckpt, args)
         out, meta = ckpt_io.export_backbone(ckpt, args.out)
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     print(f"wrote {out} ({ckpt['arch']} backbone state_dict) and {meta}")
     return 0
+
+
+def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
+    """Put re-estimated BatchNorm statistics into ``ckpt``'s backbone state (``mlaan export --precise-bn``)."""
+    import torch
+
+    from . import models, runtime
+    from .training import checkpoint as ckpt_io
+
+    runtime.apply_threads(runtime.choose_threads(None))
+    meta = ckpt_io.describe_training_checkpoint(ckpt)
+    backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
+    root = args.data_root or meta["data_root"] or "data"
+    if _precise_bn(backbone, meta, args.precise_bn, torch.device("cpu"), meta["dataset"], root):
+        ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
 
 
 # ------------------------------------------------------------------------------------------------- download

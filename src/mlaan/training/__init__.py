@@ -17,9 +17,11 @@ if TYPE_CHECKING:
         evaluate,
         evaluate_backbone,
         evaluate_modules,
+        has_batchnorm,
         make_optimizer,
         make_scheduler,
         optimizer_step,
+        precise_batchnorm,
         train_one_epoch,
     )
     from .trainer import Trainer, make_trainer
@@ -33,6 +35,8 @@ _WHERE = {
     "train_one_epoch": "loop",
     "evaluate_backbone": "loop",
     "evaluate_modules": "loop",
+    "has_batchnorm": "loop",
+    "precise_batchnorm": "loop",
     "make_optimizer": "loop",
     "make_scheduler": "loop",
     "optimizer_step": "loop",
@@ -47,12 +51,14 @@ __all__ = [
     "evaluate",
     "evaluate_backbone",
     "evaluate_modules",
+    "has_batchnorm",
     "load_yaml",
     "make_optimizer",
     "make_scheduler",
     "make_trainer",
     "merge",
     "optimizer_step",
+    "precise_batchnorm",
     "train_one_epoch",
 ]
 

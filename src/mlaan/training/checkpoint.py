@@ -65,6 +65,7 @@ RESUME_FREE = frozenset(
         "data_root",
         "output_dir",
         "eval_batch_size",
+        "precise_bn",  # evaluation only: it re-estimates BatchNorm statistics on a copy (training is unchanged)
         "save_every",
         "grad_checkpointing",
         "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
@@ -588,18 +589,13 @@ def backbone_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(backbone state_dict, description) from a training checkpoint, or from an export and the ``.json`` beside it
     (what ``mlaan eval`` evaluates). The description has ``arch``, ``num_classes``, ``in_channels``,
-    ``image_size``, ``dataset``, ``data_root`` and ``data_options``. FileNotFoundError / ValueError (one line,
-    naming the file) when it is neither, or damaged."""
+    ``image_size``, ``dataset``, ``data_root`` and ``data_options``, and for a training checkpoint the run's
+    ``precise_bn``, ``batch_size``, ``seed`` and ``step`` (how its evaluation was made). FileNotFoundError /
+    ValueError (one line, naming the file) when it is neither, or damaged."""
     obj = load(path)
     if is_training_checkpoint(obj):
         check_training_checkpoint(obj, path)  # every field there and of the right kind
-        meta = {k: obj[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset")}
-        meta["data_root"] = data_root_of(obj)
-        from ..data import data_option_keys
-
-        meta["data_options"] = {k: v for k, v in obj.get("config", {}).items() if k in data_option_keys()}
-        meta["method"], meta["local_modules"] = obj["method"], obj["local_modules"]
-        return backbone_state(obj), meta
+        return backbone_state(obj), describe_training_checkpoint(obj)
     meta_path = Path(path).with_suffix(".json")
     if not isinstance(obj, dict) or not meta_path.is_file():
         raise ValueError(f"{path} is neither a training checkpoint nor an export with {meta_path} beside it")
@@ -607,6 +603,19 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     if meta.get("format") != "mlaan-backbone":
         raise ValueError(f"{meta_path} is not an mlaan export description")
     return obj, meta
+
+
+def describe_training_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """What :func:`load_backbone` says of a (checked) training checkpoint: how to build its backbone, its data set,
+    and how its evaluation was made."""
+    from ..data import data_option_keys
+
+    meta = {k: ckpt[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset", "method",
+                                 "local_modules", "step")}
+    config = merge(saved_config(ckpt))
+    meta.update(data_root=data_root_of(ckpt), precise_bn=config.precise_bn, batch_size=config.batch_size,
+                seed=config.seed, data_options={k: getattr(config, k) for k in data_option_keys()})
+    return meta
 
 
 def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:

@@ -47,6 +47,7 @@ class _RunConfig:
     epochs: int = 10
     batch_size: int = 128
     eval_batch_size: int | None = None  # None: 2 × batch_size
+    precise_bn: int = 0  # re-estimate BatchNorm statistics on N training batches before each evaluation (0: off)
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -108,6 +109,8 @@ class _RunConfig:
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
+        if isinstance(cfg.precise_bn, bool) or not isinstance(cfg.precise_bn, int) or cfg.precise_bn < 0:
+            raise ValueError(f"precise_bn must be a number of batches >= 0 (0: off), got {cfg.precise_bn!r}")
         if not cfg.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
         for name in ("max_steps", "eval_batch_size", "save_every", "threads"):

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +22,9 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..engine.local_model import MODULE_PATHS
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
 
 
 # ---------------------------------------------------------------------------------------------- recipe
@@ -250,6 +253,61 @@ def evaluate_backbone(
         totals = reduce(totals)
     n = max(totals["count"], 1)
     return {"loss": totals["loss_sum"] / n, "accuracy": totals["correct"] / n, "count": int(count)}
+
+
+def has_batchnorm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has a BatchNorm layer that keeps running statistics (what :func:`precise_batchnorm`
+    re-estimates)."""
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+               for m in module.modules())
+
+
+@torch.no_grad()
+def precise_batchnorm(
+    backbone: torch.nn.Module,
+    dataset: Dataset,
+    batches: int,
+    batch_size: int,
+    device: torch.device,
+    seed: int = 0,
+    step: int = 0,
+    channels_last: bool = False,
+) -> int:
+    """Precise BatchNorm: replace every BatchNorm's running mean and variance in ``backbone`` (in place) by their
+    average over ``batches`` batches of ``batch_size`` images drawn from ``dataset`` (with its own transform, e.g.
+    the training augmentation), in train mode and fp32, with :func:`torch.optim.swa_utils.update_bn`. Returns the
+    number of images used (0 when the backbone has no BatchNorm with running statistics).
+
+    Why: the running statistics are an exponential average (momentum 0.1) over the last steps' batches, taken
+    while the weights move; when they move fast, as gradient-isolated local modules do at a high learning rate,
+    the statistics no longer match the weights and eval-mode accuracy drops (BENCHMARKS.md "Full Fashion-MNIST").
+    Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3 (PreciseBN, as in pycls / fvcore).
+
+    The images are drawn with a generator seeded by the run's ``seed`` and optimizer ``step``, so that ``mlaan
+    eval`` of the checkpoint saved at a step re-estimates on the batches the run's evaluation used; the global
+    random state is restored afterwards, so a training run that calls this is otherwise unchanged.
+    ValueError when ``batches`` or ``batch_size`` < 1.
+    """
+    from torch.optim.swa_utils import update_bn
+
+    if batches < 1 or batch_size < 1:
+        raise ValueError(f"precise BatchNorm needs batches >= 1 and batch_size >= 1, got {batches}, {batch_size}")
+    if not has_batchnorm(backbone):
+        return 0
+    count = min(len(dataset), batches * batch_size)
+    generator = torch.Generator().manual_seed(seed * 1000003 + step)
+    order = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
+    # the dataset's transform (random crops, flips) draws from the global RNG, which training owns
+    with torch.random.fork_rng(devices=[]):  # the transforms run on the CPU
+        images = (_to_device(x, device, channels_last) for x, _ in loader)
+        update_bn(images, backbone)
+    return count
+
+
+def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last and images.dim() == 4 else images
 
 
 def evaluate(

@@ -15,6 +15,7 @@ Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepa
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import random
@@ -451,10 +452,19 @@ class Trainer:
         return self.cfg.max_steps is not None and self.progress.step >= self.cfg.max_steps
 
     def evaluate(self) -> dict[str, float]:
-        """Test loss and top-1 accuracy of the plain backbone (over every rank's shard)."""
+        """Test loss and top-1 accuracy of the plain backbone (over every rank's shard); with ``precise_bn``, of a
+        copy whose BatchNorm statistics are re-estimated on that many training batches (the same ones on every
+        rank, drawn by (seed, step)), so that training is unchanged."""
         if self.pipeline is not None:
             self.pipeline.share_backbone()  # each rank evaluates the whole network on its shard
-        return loop.evaluate(self.local_model, self._test_loader(), self.device, reduce=self._reduce)
+        model = self.local_model
+        if not (self.cfg.precise_bn and loop.has_batchnorm(model.backbone)):
+            return loop.evaluate(model, self._test_loader(), self.device, reduce=self._reduce)
+        backbone = copy.deepcopy(model.backbone)
+        loop.precise_batchnorm(backbone, self.train_set, self.cfg.precise_bn, self.cfg.batch_size, self.device,
+                               seed=self.cfg.seed, step=self.progress.step, channels_last=model.channels_last)
+        return loop.evaluate_backbone(backbone, self._test_loader(), self.device, model.autocast_dtype,
+                                      reduce=self._reduce, channels_last=model.channels_last)
 
     # ------------------------------------------------------------------------ saves, signals, failures
     def checkpoint_state(self, wall_time: float, merged: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -612,7 +622,8 @@ class Trainer:
         return (
             f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
             f"({info.train_size} train / {info.test_size} test images, from {info.source}) | "
-            f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr} | "
+            f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}"
+            f"{f', precise BN on {cfg.precise_bn} batches' if cfg.precise_bn else ''} | "
             f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
             f"{self._parallel_text()} "
             f"({self.fast_path.describe()}) | "
