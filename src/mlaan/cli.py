@@ -19,10 +19,10 @@ from typing import Any, NoReturn
 import yaml
 
 EXIT_USAGE = 2
-# Errors that mean "the input is wrong": reported in one line, exit 2.
 PRECISE_BN_HELP = ("re-estimate the BatchNorm statistics on N training batches before evaluating, on a copy of the "
                    "network (precise BN): the running averages lag when weights move fast, as local modules' do "
                    "at a high learning rate; training itself is unchanged")
+# Errors that mean "the input is wrong": reported in one line, exit 2.
 INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError)
 
 
@@ -381,7 +381,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-        precise_bn = _precise_bn(backbone.to(device), meta, args.precise_bn, device, dataset, root, args.download)
+        precise_bn = _precise_bn_batches(meta, args.precise_bn)
+        if precise_bn:
+            _precise_bn(backbone.to(device), meta, precise_bn, device, dataset, root, args.download)
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
@@ -415,24 +417,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _precise_bn(backbone, meta: Mapping[str, Any], batches: int | None, device, dataset: str, root: str,
-                download: bool = False) -> int:
-    """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` training batches of ``dataset``
-    (None: as many as the training run's evaluations used, drawn the same way), as ``mlaan train --precise-bn``
-    does before each evaluation; returns the number of batches (0: nothing done). ValueError for a negative
-    count."""
+def _precise_bn_batches(meta: Mapping[str, Any], given: int | None) -> int:
+    """``--precise-bn`` of eval/export: the value given, else what the training run's evaluations used (0 for an
+    export, which already holds the statistics it was evaluated with). ValueError for a negative count."""
+    batches = meta.get("precise_bn", 0) if given is None else given
+    if batches < 0:
+        raise ValueError(f"--precise-bn must be a number of batches >= 0 (0: off), got {batches}")
+    return batches
+
+
+def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, dataset: str, root: str,
+                download: bool = False) -> None:
+    """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` training batches of ``dataset``,
+    drawn as ``mlaan train --precise-bn`` drew them for the checkpoint's evaluation."""
     from .data import build_datasets
     from .training import precise_batchnorm
 
-    batches = meta.get("precise_bn", 0) if batches is None else batches
-    if batches < 0:
-        raise ValueError(f"--precise-bn must be a number of batches >= 0 (0: off), got {batches}")
-    if batches:
-        options = meta.get("data_options", {}) if dataset == meta.get("dataset") else {}
-        train_set, _, _ = build_datasets(dataset, root, download=download, **options)
-        precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
-                          seed=meta.get("seed", 0), step=meta.get("step", 0))
-    return batches
+    options = meta.get("data_options", {}) if dataset == meta.get("dataset") else {}
+    train_set, _, _ = build_datasets(dataset, root, download=download, **options)
+    precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
+                      seed=meta.get("seed", 0), step=meta.get("step", 0))
 
 
 def _local_model_for_eval(path: str):
@@ -488,13 +492,16 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
     from . import models, runtime
     from .training import checkpoint as ckpt_io
 
-    runtime.apply_threads(runtime.choose_threads(None))
     meta = ckpt_io.describe_training_checkpoint(ckpt)
+    batches = _precise_bn_batches(meta, args.precise_bn)
+    if not batches:
+        return
+    runtime.apply_threads(runtime.choose_threads(None))
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
     backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
-    root = args.data_root or meta["data_root"] or "data"
-    if _precise_bn(backbone, meta, args.precise_bn, torch.device("cpu"), meta["dataset"], root):
-        ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
+    _precise_bn(backbone, meta, batches, torch.device("cpu"), meta["dataset"],
+                args.data_root or meta["data_root"] or "data")
+    ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
 
 
 # ------------------------------------------------------------------------------------------------- download
