@@ -27,7 +27,7 @@ case "$WHAT" in
     parity) "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
                 --train-arg "--no-channels-last --no-amp" --arm "bf16+cl=--amp --channels-last" \
                 --output-dir "$ROOT/parity" ;;
-    sweep)  "${BENCH[@]}" --methods dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
+    sweep)  "${BENCH[@]}" --methods dgl+mlaan --seeds 0,1 --jobs 2 "${SHORT[@]}" \
                 --vary aux_head=linear,mlp --vary window=2,3 --vary lam_depth=2,3,4 \
                 --vary ema_momentum=0.99,0.995,0.999 --vary ema_update=all,last --output-dir "$ROOT/sweep" ;;
     *) echo "unknown comparison '$WHAT'; allowed: full, extra, parity, sweep" >&2; exit 2 ;;

@@ -321,7 +321,7 @@ def test_two_nodes_rendezvous_with_the_cli(tmp_path):
     port, out = _free_port(), tmp_path / "run"
     train = ["-m", "mlaan", "train", "--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "64"]
     train += ["--synthetic-test-size", "16", "--arch", "resnet20", "-K", "4", "--epochs", "1", "--batch-size", "8"]
-    train += ["--output-dir", str(out)]
+    train += ["--output-dir", str(out), "--precise-bn", "2"]  # both ranks re-estimate alike before evaluating
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -236,7 +236,7 @@ def test_bench_pipeline_refuses_bad_input(capsys):
 # ------------------------------------------------------------------------ mlaan train --parallel modules
 TRAIN = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "16",
          "--arch", "resnet20", "-K", "4", "--method", "dgl+mlaan", "--epochs", "1", "--batch-size", "16",
-         "--threads", "1", "--parallel", "modules", "--seed", "2"]
+         "--threads", "1", "--parallel", "modules", "--seed", "2", "--precise-bn", "2"]
 
 
 def _torchrun(args: list[str], ranks: int = 2) -> None:
@@ -287,6 +287,9 @@ def test_train_parallel_modules_equals_one_process(one_process_run, tmp_path):
     reference = json.loads((one_process_run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
         assert record[key] == reference[key], key  # per-rank sums added up with zeros: exact
+    # every rank re-estimates the BatchNorm statistics (--precise-bn) alike and evaluates its share of the test set
+    assert record["test_accuracy"] == reference["test_accuracy"]
+    assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-6)
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     assert manifest["step"] == 4 and sorted(manifest["shards"]) == ["rank0.pt", "rank1.pt"]
 
