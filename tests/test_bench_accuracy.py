@@ -75,6 +75,16 @@ def test_report_only_trains_nothing(tmp_path, fake_train):
     assert fake_train == [] and "| dgl " in (tmp_path / "out" / "accuracy.md").read_text()
 
 
+def test_report_only_of_an_empty_folder_is_one_line(tmp_path, fake_train, capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "accuracy", "--methods", "dgl", "--output-dir", str(tmp_path / "empty"),
+                 "--report-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlaan: error: --report-only: ") and "holds no run with metrics yet" in err
+    assert fake_train == []
+
+
 def test_an_unfinished_run_is_continued_with_resume(tmp_path, fake_train):
     folder = tmp_path / "out" / "dgl" / "seed0"
     folder.mkdir(parents=True)

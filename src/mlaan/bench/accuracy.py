@@ -354,7 +354,11 @@ def run(args: argparse.Namespace) -> int:
                 plan.append((arm, seed))
     failures = [] if args.report_only else train_all(args, plan, out)
     if not collect_runs(out):
-        raise RuntimeError("no run has produced metrics; see the logs in " + str(out / "logs"))
+        if args.report_only:
+            raise ValueError(f"--report-only: {out} holds no run with metrics yet; run the same command without "
+                             "--report-only first")
+        print(f"mlaan bench accuracy: no run has produced metrics; see the logs in {out / 'logs'}", file=sys.stderr)
+        return 1
     size = f" at {args.image_size} px" if getattr(args, "image_size", None) else ""
     title = f"{args.dataset}, {args.arch}{size} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
     result = write_report(out, title, machine, recipe)
