@@ -280,7 +280,8 @@ def precise_batchnorm(
 
     Why: the running statistics are an exponential average (momentum 0.1) over the last steps' batches, taken
     while the weights move; when they move fast, as gradient-isolated local modules do at a high learning rate,
-    the statistics no longer match the weights and eval-mode accuracy drops (BENCHMARKS.md "Full Fashion-MNIST").
+    the statistics no longer match the weights and eval-mode accuracy drops (BENCHMARKS.md "Stale BatchNorm
+    statistics").
     Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3 (PreciseBN, as in pycls / fvcore).
 
     The images are drawn with a generator seeded by the run's ``seed`` and optimizer ``step``, so that ``mlaan
