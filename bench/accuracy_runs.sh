@@ -4,7 +4,10 @@
 # so the same command completes a comparison that spans several sittings. One thread per run, niced, so that
 # they can run in the background beside other work (a 2-thread team stalls when the other core is busy).
 #
-#   bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT]      (default OUT_ROOT: runs)
+#   bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT] [FLAGS...]      (default OUT_ROOT: runs)
+#
+# FLAGS go on to `mlaan bench accuracy`: e.g. `bench/accuracy_runs.sh full --report-only` prints the comparison's
+# table so far and trains nothing.
 #
 #   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1 (~14 core-hours
 #           on this project's 2-core CPU; two runs at a time)
@@ -13,10 +16,12 @@
 #   sweep   dgl+mlaan defaults, one option at a time, 2 seeds, 2 epochs of 10k images
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHAT=${1:?usage: bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT]}
-ROOT=${2:-runs}
+WHAT=${1:?usage: bench/accuracy_runs.sh full|parity|sweep|extra [OUT_ROOT] [FLAGS...]}
+shift
+ROOT=runs
+if [[ $# -gt 0 && $1 != -* ]]; then ROOT=$1; shift; fi
 PY=${PYTHON:-.venv/bin/python}
-BENCH=(nice -n 10 "$PY" -m mlaan bench accuracy)
+BENCH=(nice -n 10 "$PY" -m mlaan bench accuracy "$@")
 FULL=(--train-samples 0 --epochs 15 --lr 0.1 --weight-decay 5e-4 --warmup-epochs 1 --batch-size 128
       --output-dir "$ROOT/accuracy-full")
 SHORT=(--epochs 2 --train-samples 10000 --warmup-epochs 0.2 --threads 1)

@@ -68,11 +68,20 @@ def test_every_arm_and_seed_is_trained_once_then_reused(tmp_path, fake_train, ca
     assert fake_train == [] and "finished earlier, kept" in capsys.readouterr().out
 
 
-def test_report_only_trains_nothing(tmp_path, fake_train):
+def test_report_only_trains_nothing(tmp_path, fake_train, capsys):
     assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
     fake_train.clear()
-    assert accuracy.run(_args(tmp_path, "--methods", "dgl,dgl+mlaan", "--report-only")) == 0
+    partial = tmp_path / "out" / "bp" / "seed0"  # stopped in its first epoch
+    partial.mkdir(parents=True)
+    (partial / "last.pt").write_bytes(b"")
+    (partial / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 7, "complete": False,
+                                                       "test_accuracy": 0.5}) + "\n")
+    capsys.readouterr()
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,dgl+mlaan,bp", "--report-only")) == 0
     assert fake_train == [] and "| dgl " in (tmp_path / "out" / "accuracy.md").read_text()
+    out = capsys.readouterr().out
+    assert "dgl+mlaan seed 0: not started" in out
+    assert "bp seed 0: unfinished, 0 of 1 epochs (step 7), test accuracy 50.00% so far" in out
 
 
 def test_report_only_of_an_empty_folder_is_one_line(tmp_path, fake_train, capsys):

@@ -217,6 +217,16 @@ def _state(folder: Path) -> str:
     return "unfinished" if (folder / "last.pt").exists() else "new"
 
 
+def _progress(folder: Path, epochs: int) -> str:
+    """How far an unfinished run has come: its last logged epoch and test accuracy, or that it has not started."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    if not lines:
+        return "unfinished, no epoch logged yet" if _state(folder) == "unfinished" else "not started"
+    last = json.loads(lines[-1])
+    return (f"unfinished, {last['epoch'] - (0 if last.get('complete', True) else 1)} of {epochs} epochs "
+            f"(step {last.get('step', '?')}), test accuracy {100 * last['test_accuracy']:.2f}% so far")
+
+
 def start_process(cmd: list[str], log) -> subprocess.Popen:
     """Start one `mlaan train` with its output going to the open file ``log``."""
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -352,6 +362,9 @@ def run(args: argparse.Namespace) -> int:
                 print(f"  {arm.label} seed {seed}: finished earlier, kept", flush=True)
             else:
                 plan.append((arm, seed))
+    if args.report_only:
+        for arm, seed in plan:
+            print(f"  {arm.label} seed {seed}: {_progress(run_dir(out, arm, seed), args.epochs)}", flush=True)
     failures = [] if args.report_only else train_all(args, plan, out)
     if not collect_runs(out):
         if args.report_only:
