@@ -246,7 +246,7 @@ def test_precise_batchnorm_is_the_average_of_the_batch_statistics():
         precise_batchnorm(net, dataset, 0, 8, torch.device("cpu"))
 
 
-def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path):
+def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path, monkeypatch):
     """--precise-bn evaluates a re-estimated copy: the trained state is bit-identical to a run without it, the
     logged accuracy differs, and `mlaan eval` of the checkpoint reproduces the logged accuracy by default."""
     from mlaan.cli import main
@@ -264,7 +264,7 @@ def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path):
         with open(out, "w") as f, contextlib.redirect_stdout(f):
             assert main(["eval", "--checkpoint", str(tmp_path / name / "last.pt"), "--json"]) == 0
         report = json.loads(out.read_text())
-        assert report["test_loss"] == pytest.approx(summary["test_loss"], rel=2e-3)
+        assert report["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-4)
         assert report["precise_bn"] == (2 if name == "precise" else 0)
     # the export holds the re-estimated statistics: evaluating it (nothing more to re-estimate) gives the same
     with contextlib.redirect_stdout(None):
@@ -275,4 +275,14 @@ def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path):
         assert main(["eval", "--checkpoint", str(tmp_path / "net.pt"), "--json"]) == 0
     report = json.loads(out.read_text())
     assert report["precise_bn"] == 0
-    assert report["test_loss"] == pytest.approx(precise_summary["test_loss"], rel=2e-3)
+    assert report["test_loss"] == pytest.approx(precise_summary["test_loss"], rel=1e-4)
+    # --modules evaluates the local model with the same re-estimated backbone
+    import mlaan.training
+
+    seen = []
+    monkeypatch.setattr(mlaan.training, "evaluate_modules", lambda model, *a: seen.append(model) or {}, raising=False)
+    with contextlib.redirect_stdout(None):
+        assert main(["eval", "--checkpoint", str(tmp_path / "precise" / "last.pt"), "--modules"]) == 0
+    exported = torch.load(tmp_path / "net.pt", weights_only=True)
+    stats = {k: v for k, v in seen[0].backbone.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+    assert stats and all(torch.allclose(v, exported[k], rtol=1e-4, atol=1e-6) for k, v in stats.items())

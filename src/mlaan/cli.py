@@ -385,6 +385,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if precise_bn:
             _precise_bn(backbone.to(device), meta, precise_bn, device, dataset, root, args.download)
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
+        if local_model is not None and precise_bn:  # the modules see the re-estimated backbone too
+            local_model.backbone.load_state_dict(backbone.state_dict())
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     loader = DataLoader(test_set, batch_size=args.batch_size, num_workers=args.workers)

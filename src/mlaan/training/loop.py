@@ -284,9 +284,9 @@ def precise_batchnorm(
     statistics").
     Source: Wu & Johnson, "Rethinking 'Batch' in BatchNorm" (2021), §3 (PreciseBN, as in pycls / fvcore).
 
-    The images are drawn with a generator seeded by the run's ``seed`` and optimizer ``step``, so that ``mlaan
-    eval`` of the checkpoint saved at a step re-estimates on the batches the run's evaluation used; the global
-    random state is restored afterwards, so a training run that calls this is otherwise unchanged.
+    The images and their augmentation are drawn from the run's ``seed`` and optimizer ``step`` alone, so that
+    ``mlaan eval`` of the checkpoint saved at a step re-estimates on the very batches the run's evaluation used;
+    the global random state is restored afterwards, so a training run that calls this is otherwise unchanged.
     ValueError when ``batches`` or ``batch_size`` < 1.
     """
     from torch.optim.swa_utils import update_bn
@@ -296,11 +296,13 @@ def precise_batchnorm(
     if not has_batchnorm(backbone):
         return 0
     count = min(len(dataset), batches * batch_size)
-    generator = torch.Generator().manual_seed(seed * 1000003 + step)
-    order = torch.randperm(len(dataset), generator=generator)[:count].tolist()
+    draw_seed = seed * 1000003 + step
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(draw_seed))[:count].tolist()
     loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
-    # the dataset's transform (random crops, flips) draws from the global RNG, which training owns
-    with torch.random.fork_rng(devices=[]):  # the transforms run on the CPU
+    # The dataset's transform (random crops, flips) draws from the global CPU generator, which training owns:
+    # seed it for these batches alone, and give training its state back.
+    with torch.random.fork_rng(devices=[]):
+        torch.random.default_generator.manual_seed(draw_seed)
         images = (_to_device(x, device, channels_last) for x, _ in loader)
         update_bn(images, backbone)
     return count
