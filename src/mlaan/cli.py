@@ -362,8 +362,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"
         options = meta.get("data_options", {}) if dataset == meta["dataset"] else {}
-        _, test_set, info = build_datasets(
-            dataset, root, download=args.download, test_samples=args.test_samples, with_train=False, **options
+        precise_bn = _precise_bn_batches(meta, args.precise_bn)
+        train_set, test_set, info = build_datasets(
+            dataset, root, download=args.download, test_samples=args.test_samples, with_train=precise_bn > 0,
+            **options
         )
         if (info.num_classes, info.in_channels) != (meta["num_classes"], meta["in_channels"]):
             raise ValueError(
@@ -381,9 +383,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-        precise_bn = _precise_bn_batches(meta, args.precise_bn)
         if precise_bn:
-            _precise_bn(backbone.to(device), meta, precise_bn, device, dataset, root, args.download)
+            _precise_bn(backbone.to(device), meta, precise_bn, device, train_set)
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
         if local_model is not None and precise_bn:  # the modules see the re-estimated backbone too
             local_model.backbone.load_state_dict(backbone.state_dict())
@@ -422,21 +423,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def _precise_bn_batches(meta: Mapping[str, Any], given: int | None) -> int:
     """``--precise-bn`` of eval/export: the value given, else what the training run's evaluations used (0 for an
     export, which already holds the statistics it was evaluated with). ValueError for a negative count."""
-    batches = meta.get("precise_bn", 0) if given is None else given
-    if batches < 0:
-        raise ValueError(f"--precise-bn must be a number of batches >= 0 (0: off), got {batches}")
-    return batches
+    from .training.config import check_precise_bn
+
+    return check_precise_bn(meta.get("precise_bn", 0) if given is None else given)
 
 
-def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, dataset: str, root: str,
-                download: bool = False) -> None:
-    """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` training batches of ``dataset``,
-    drawn as ``mlaan train --precise-bn`` drew them for the checkpoint's evaluation."""
-    from .data import build_datasets
+def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, train_set) -> None:
+    """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` batches of ``train_set``, drawn as
+    ``mlaan train --precise-bn`` drew them for the checkpoint's evaluation."""
     from .training import precise_batchnorm
 
-    options = meta.get("data_options", {}) if dataset == meta.get("dataset") else {}
-    train_set, _, _ = build_datasets(dataset, root, download=download, **options)
     precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
                       seed=meta.get("seed", 0), step=meta.get("step", 0))
 
@@ -492,6 +488,7 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
     import torch
 
     from . import models, runtime
+    from .data import build_datasets
     from .training import checkpoint as ckpt_io
 
     meta = ckpt_io.describe_training_checkpoint(ckpt)
@@ -501,8 +498,9 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
     runtime.apply_threads(runtime.choose_threads(None))
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
     backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
-    _precise_bn(backbone, meta, batches, torch.device("cpu"), meta["dataset"],
-                args.data_root or meta["data_root"] or "data")
+    train_set, _, _ = build_datasets(meta["dataset"], args.data_root or meta["data_root"] or "data",
+                                     **meta["data_options"])
+    _precise_bn(backbone, meta, batches, torch.device("cpu"), train_set)
     ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
 
 

@@ -109,8 +109,7 @@ class _RunConfig:
         for name in ("epochs", "batch_size", "local_modules"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
-        if isinstance(cfg.precise_bn, bool) or not isinstance(cfg.precise_bn, int) or cfg.precise_bn < 0:
-            raise ValueError(f"precise_bn must be a number of batches >= 0 (0: off), got {cfg.precise_bn!r}")
+        check_precise_bn(cfg.precise_bn)
         if not cfg.dist_timeout > 0:
             raise ValueError(f"dist_timeout must be a positive number of seconds, got {cfg.dist_timeout}")
         for name in ("max_steps", "eval_batch_size", "save_every", "threads"):
@@ -139,6 +138,14 @@ class _RunConfig:
         if self.workers is not None:
             return self.workers
         return 0 if device_type == "cpu" else min(8, os.cpu_count() or 1)
+
+
+def check_precise_bn(value: Any) -> int:
+    """``precise_bn``, the number of training batches BatchNorm statistics are re-estimated on before evaluating
+    (0: off), checked for ``mlaan train`` and for ``mlaan eval``/``export``: ValueError unless an integer >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"precise_bn must be a number of batches >= 0 (0: off), got {value!r}")
+    return value
 
 
 def _check_parallel(cfg: _RunConfig, spec: Any) -> None:

@@ -458,11 +458,11 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.share_backbone()  # each rank evaluates the whole network on its shard
         model = self.local_model
-        if not (self.cfg.precise_bn and loop.has_batchnorm(model.backbone)):
-            return loop.evaluate(model, self._test_loader(), self.device, reduce=self._reduce)
-        backbone = copy.deepcopy(model.backbone)
-        loop.precise_batchnorm(backbone, self.train_set, self.cfg.precise_bn, self.cfg.batch_size, self.device,
-                               seed=self.cfg.seed, step=self.progress.step, channels_last=model.channels_last)
+        backbone = model.backbone
+        if self.cfg.precise_bn and loop.has_batchnorm(backbone):
+            backbone = copy.deepcopy(backbone)
+            loop.precise_batchnorm(backbone, self.train_set, self.cfg.precise_bn, self.cfg.batch_size, self.device,
+                                   seed=self.cfg.seed, step=self.progress.step, channels_last=model.channels_last)
         return loop.evaluate_backbone(backbone, self._test_loader(), self.device, model.autocast_dtype,
                                       reduce=self._reduce, channels_last=model.channels_last)
 
