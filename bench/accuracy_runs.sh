@@ -9,9 +9,11 @@
 # FLAGS go on to `mlaan bench accuracy`: e.g. `bench/accuracy_runs.sh full --report-only` prints the comparison's
 # table so far and trains nothing.
 #
-#   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1 (~14 core-hours
-#           on this project's 2-core CPU; two runs at a time)
-#   extra   the same recipe and folder: dgl+lam and infopro+mlaan, seed 0 (~22 core-hours; infopro+mlaan alone ~18)
+#   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1, then dgl+lam
+#           seed 0, one run at a time (~18 core-hours on this project's 2-core CPU)
+#   extra   the same recipe and folder: infopro+mlaan seed 0 (~18 core-hours alone, the longest single run)
+#           Run `full` and `extra` side by side, one core each: the two lanes take about as long as each other, so
+#           the whole comparison ends after ~18 hours instead of ~24 with infopro+mlaan queued behind the rest.
 #   parity  fp32 (NCHW) against bf16 autocast + channels-last, bp and dgl+mlaan, 2 seeds, 2 epochs of 10k images
 #   sweep   dgl+mlaan defaults, one option at a time, 2 seeds, 2 epochs of 10k images
 set -euo pipefail
@@ -27,8 +29,9 @@ FULL=(--train-samples 0 --epochs 15 --lr 0.1 --weight-decay 5e-4 --warmup-epochs
 SHORT=(--epochs 2 --train-samples 10000 --warmup-epochs 0.2 --threads 1)
 
 case "$WHAT" in
-    full)   "${BENCH[@]}" --methods bp,dgl+mlaan,dgl --seeds 0,1 --jobs 2 "${FULL[@]}" ;;
-    extra)  "${BENCH[@]}" --methods dgl+lam,infopro+mlaan --seeds 0 --jobs 2 "${FULL[@]}" ;;
+    full)   "${BENCH[@]}" --methods bp,dgl+mlaan,dgl --seeds 0,1 --jobs 1 --threads 1 "${FULL[@]}"
+            "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
+    extra)  "${BENCH[@]}" --methods infopro+mlaan --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
     parity) "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
                 --train-arg "--no-channels-last --no-amp" --arm "bf16+cl=--amp --channels-last" \
                 --output-dir "$ROOT/parity" ;;

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -110,6 +115,66 @@ def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
         accuracy.run(_args(tmp_path, "--methods", "dgl", "--epochs", "2"))
 
 
+class _StoppableTrain:
+    """A `mlaan train` stand-in that runs until it gets a signal, then "saves" (last.pt) and exits 128 + signum.
+    When the first one starts, ``stop_first`` sends it SIGTERM (a run killed from outside) and
+    ``ctrl_c_at_start`` sends the harness SIGINT."""
+
+    started: list[_StoppableTrain] = []
+    stop_first = ctrl_c_at_start = False
+
+    def __init__(self, cmd, log) -> None:
+        self.cmd, self.signals, self.returncode = cmd, [], None
+        self.folder = accuracy.Path(cmd[cmd.index("--output-dir") + 1])
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.started.append(self)
+        if self.stop_first and len(self.started) == 1:
+            self.send_signal(signal.SIGTERM)
+        if self.ctrl_c_at_start and len(self.started) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    def send_signal(self, signum) -> None:
+        self.signals.append(signum)
+        (self.folder / "last.pt").write_bytes(b"")
+        self.returncode = 128 + signum
+
+    def poll(self):
+        return self.returncode
+
+    def wait(self):
+        return self.returncode
+
+
+@pytest.fixture
+def stoppable_train(monkeypatch):
+    _StoppableTrain.started, _StoppableTrain.stop_first, _StoppableTrain.ctrl_c_at_start = [], False, False
+    monkeypatch.setattr(accuracy, "start_process", _StoppableTrain)
+    return _StoppableTrain
+
+
+def test_a_run_stopped_by_a_signal_stops_the_comparison(tmp_path, stoppable_train, monkeypatch, capsys):
+    stoppable_train.stop_first = True
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    code = accuracy.run(_args(tmp_path, "--methods", "dgl,dgl+mlaan,bp", "--jobs", "2"))
+    first, second = stoppable_train.started  # bp never starts
+    assert code == 128 + signal.SIGTERM
+    assert first.signals == [signal.SIGTERM] and second.signals == [signal.SIGTERM]  # passed on, once
+    out, err = capsys.readouterr()
+    assert "dgl seed 0: stopped by SIGTERM, checkpoint saved" in out and "FAILED" not in out
+    assert "stopping: dgl seed 0 was stopped by SIGTERM; 1 running run(s) save their checkpoint, 1 not started" in out
+    assert err.strip() == "mlaan bench accuracy: stopped by SIGTERM; run the same command again to continue"
+
+
+def test_a_signal_to_the_harness_reaches_every_run_once(tmp_path, stoppable_train, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    stoppable_train.ctrl_c_at_start = True  # Ctrl-C reaches the harness (alone) once the first run is going
+    code = accuracy.run(_args(tmp_path, "--methods", "dgl,bp", "--jobs", "1"))
+    (only,) = stoppable_train.started  # bp never starts
+    assert code == 130 and only.signals == [signal.SIGINT]
+    assert "stopping: the harness got SIGINT; 1 running run(s) save their checkpoint, 1 not started" in (
+        capsys.readouterr().out)
+
+
 @pytest.mark.parametrize(("flags", "message"), [
     (["--seeds", "0,x"], r"--seeds: 'x' is not a non-negative integer"),
     (["--vary", "windw=3"], r"--vary: unknown option 'windw'"),
@@ -198,3 +263,42 @@ def test_epoch_band_takes_a_resumed_epochs_later_line():
             {"epochs": [{"epoch": 1, "test_error": 0.6}]}]
     epochs, mean, low, high = seeds.epoch_band(runs, "test_error")
     assert epochs == [1, 2] and mean == pytest.approx([0.5, 0.3]) and (low[0], high[0]) == (0.4, 0.6)
+
+
+def test_sigterm_to_the_harness_alone_stops_and_saves_its_runs(tmp_path):
+    """`kill PID` of the harness (its runs are not signalled): the running run saves at a step boundary, the next
+    one never starts, the harness waits for it and exits 143 — no run is left behind, orphaned."""
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "mlaan", "bench", "accuracy", "--methods", "dgl,bp", "--dataset", "synthetic",
+           "--arch", "resnet20", "--k", "3", "--epochs", "500", "--batch-size", "32", "--threads", "1",
+           "--train-arg", "--synthetic-train-size 64 --synthetic-test-size 32 --workers 0", "--output-dir", str(out)]
+    harness = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                               env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "dgl" / "seed0" / "metrics.jsonl").exists():  # its first epoch is done: mid-run
+            assert harness.poll() is None and time.monotonic() < deadline, harness.communicate()
+            time.sleep(0.2)
+        harness.send_signal(signal.SIGTERM)
+        stdout, stderr = harness.communicate(timeout=300)
+    finally:
+        orphans = _kill_runs_under(out)
+    log = (out / "logs" / "dgl-seed0.log").read_text()
+    assert harness.returncode == 143 and orphans == [], stderr.decode()
+    assert "mlaan: stopped by SIGTERM at step" in log and "Traceback" not in log
+    assert (out / "dgl" / "seed0" / "last.pt").exists() and not (out / "bp").exists()
+    assert "dgl seed 0: stopped by SIGTERM, checkpoint saved" in stdout.decode()
+    assert stderr.decode().strip().endswith("stopped by SIGTERM; run the same command again to continue")
+
+
+def _kill_runs_under(out) -> list[int]:
+    """SIGKILL every process whose command line names ``out`` (a test's leftovers); returns their pids."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(out) in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                os.kill(int(proc.name), signal.SIGKILL)
+                pids.append(int(proc.name))
+        except (OSError, ValueError):
+            continue
+    return pids

@@ -5,9 +5,13 @@ its log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe
 optimiser, extra train flags); a later invocation with another recipe is refused, one with other methods or seeds
 adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt`` without ``metrics.json``) are
 continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
-again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``). The report (``accuracy.md``,
-``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test error per method,
-each seed, and Δ vs BP and vs the base method as paired per-seed differences (:mod:`mlaan.bench.seeds`).
+again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``). SIGINT or SIGTERM to the harness
+(or a run stopped by one) stops the comparison: every running run is passed the signal, saves its checkpoint at a
+step boundary and exits, no further run starts, and the harness exits with 128 + the signal number; the runs sit
+in their own process group, so that a Ctrl-C reaches each of them once, through the harness. The report
+(``accuracy.md``, ``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test
+error per method, each seed, and Δ vs BP and vs the base method as paired per-seed differences
+(:mod:`mlaan.bench.seeds`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import runtime
+from ..training.safety import STOP_SIGNALS, StopSignals
 from . import common, report, seeds
 
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
@@ -228,8 +233,10 @@ def _progress(folder: Path, epochs: int) -> str:
 
 
 def start_process(cmd: list[str], log) -> subprocess.Popen:
-    """Start one `mlaan train` with its output going to the open file ``log``."""
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    """Start one `mlaan train` with its output going to the open file ``log``, in a process group of its own:
+    a terminal's Ctrl-C reaches the harness alone, which passes it on once (a second signal would stop a run
+    at once instead of at a step boundary)."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 class _Job:
@@ -247,44 +254,75 @@ class _Job:
         self.log.close()
 
 
-def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> list[str]:
-    """Train (or continue) every planned run, ``args.jobs`` at a time; returns the failed runs' names."""
+def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> tuple[list[str], int | None]:
+    """Train (or continue) every planned run, ``args.jobs`` at a time. Returns the failed runs' names and the
+    stop signal's number (None if none came): a signal to the harness, or a run that exited stopped by one,
+    is passed to every running run, and no further run is started."""
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     queue, running, failures = list(plan), [], []
-    try:
-        while queue or running:
-            while queue and len(running) < args.jobs:
-                arm, seed = queue.pop(0)
-                folder = run_dir(out, arm, seed)
-                cmd = train_command(args, arm, seed, folder, threads)
-                state = _state(folder)
-                if state == "finished" and not args.force:  # finished meanwhile by another invocation
-                    print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
-                    continue
-                cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
-                print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
-                      f"{' '.join(cmd[3:])}", flush=True)
-                folder.parent.mkdir(parents=True, exist_ok=True)
-                common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
-                running.append(_Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log"))
-            time.sleep(1.0)
-            for job in [j for j in running if j.proc.poll() is not None]:
-                running.remove(job)
+    stopped: int | None = None
+    with StopSignals() as signals:
+        try:
+            while queue or running:
+                while queue and len(running) < args.jobs and signals.received is None:
+                    job = _start(args, *queue.pop(0), out, threads, logs)
+                    if job is not None:
+                        running.append(job)
+                time.sleep(1.0)
+                if signals.received is not None and stopped is None:
+                    stopped = signals.received
+                    _stop(running, queue, stopped, "the harness got")
+                for job in [j for j in running if j.proc.poll() is not None]:
+                    running.remove(job)
+                    job.close()
+                    failures += _finished(job, out)
+                    signum = job.proc.returncode - 128
+                    if stopped is None and signum in STOP_SIGNALS:
+                        stopped = signum
+                        _stop(running, queue, stopped, f"{job.arm.label} seed {job.seed} was stopped by")
+        except KeyboardInterrupt:  # a second signal: the runs were told once; wait for them to save
+            for job in running:
+                job.proc.wait()
                 job.close()
-                failures += _finished(job, out)
-    except KeyboardInterrupt:
-        for job in running:  # they save at a step boundary and exit; the next invocation continues them
-            job.proc.wait()
-            job.close()
-        raise
-    return failures
+            raise
+    return failures, stopped
+
+
+def _start(args: argparse.Namespace, arm: Arm, seed: int, out: Path, threads: int | None,
+           logs: Path) -> _Job | None:
+    """Start (or continue) one run; None if another invocation finished it meanwhile."""
+    folder = run_dir(out, arm, seed)
+    cmd = train_command(args, arm, seed, folder, threads)
+    state = _state(folder)
+    if state == "finished" and not args.force:
+        print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
+        return None
+    cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
+    print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
+          f"{' '.join(cmd[3:])}", flush=True)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
+    return _Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log")
+
+
+def _stop(running: list[_Job], queue: list, signum: int, why: str) -> None:
+    """Pass a stop signal to every running run (each saves at a step boundary and exits) and empty the queue."""
+    print(f"  stopping: {why} {StopSignals.name(signum)}; {len(running)} running run(s) save their checkpoint, "
+          f"{len(queue)} not started", flush=True)
+    queue.clear()
+    for job in running:
+        job.proc.send_signal(signum)
 
 
 def _finished(job: _Job, out: Path) -> list[str]:
     name = f"{job.arm.label} seed {job.seed}"
     final = run_dir(out, job.arm, job.seed) / "metrics.json"
+    if job.proc.returncode - 128 in STOP_SIGNALS and (final.parent / "last.pt").exists():
+        print(f"  {name}: stopped by {StopSignals.name(job.proc.returncode - 128)}, checkpoint saved "
+              f"({time.perf_counter() - job.started:.0f}s)", flush=True)
+        return []
     if job.proc.returncode != 0 or not final.exists():
         tail = job.log_path.read_text().strip().splitlines()[-3:]
         print(f"  {name}: FAILED (exit {job.proc.returncode}): {' | '.join(tail)}", flush=True)
@@ -365,11 +403,13 @@ def run(args: argparse.Namespace) -> int:
     if args.report_only:
         for arm, seed in plan:
             print(f"  {arm.label} seed {seed}: {_progress(run_dir(out, arm, seed), args.epochs)}", flush=True)
-    failures = [] if args.report_only else train_all(args, plan, out)
+    failures, stopped = ([], None) if args.report_only else train_all(args, plan, out)
     if not collect_runs(out):
         if args.report_only:
             raise ValueError(f"--report-only: {out} holds no run with metrics yet; run the same command without "
                              "--report-only first")
+        if stopped is not None:
+            return _stopped(stopped)
         print(f"mlaan bench accuracy: no run has produced metrics; see the logs in {out / 'logs'}", file=sys.stderr)
         return 1
     size = f" at {args.image_size} px" if getattr(args, "image_size", None) else ""
@@ -377,4 +417,12 @@ def run(args: argparse.Namespace) -> int:
     result = write_report(out, title, machine, recipe)
     print("\n" + result["table"], flush=True)
     print(f"\nwrote {', '.join(result['files'])}", flush=True)
+    if stopped is not None:
+        return _stopped(stopped)
     return 1 if failures else 0
+
+
+def _stopped(signum: int) -> int:
+    print(f"mlaan bench accuracy: stopped by {StopSignals.name(signum)}; run the same command again to continue",
+          file=sys.stderr)
+    return 128 + signum
