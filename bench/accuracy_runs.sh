@@ -9,11 +9,11 @@
 # FLAGS go on to `mlaan bench accuracy`: e.g. `bench/accuracy_runs.sh full --report-only` prints the comparison's
 # table so far and trains nothing.
 #
-#   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1, then dgl+lam
-#           seed 0, one run at a time (~18 core-hours on this project's 2-core CPU)
-#   extra   the same recipe and folder: infopro+mlaan seed 0 (~18 core-hours alone, the longest single run)
-#           Run `full` and `extra` side by side, one core each: the two lanes take about as long as each other, so
-#           the whole comparison ends after ~18 hours instead of ~24 with infopro+mlaan queued behind the rest.
+#   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1, one run at a
+#           time (~12 core-hours on this project's 2-core CPU), then dgl+lam seed 0 (~4)
+#   extra   the same recipe and folder: infopro+mlaan seed 0 (~9 core-hours, the longest single run), then dgl+lam
+#           Run `full` and `extra` side by side, one core each. dgl+lam goes to the lane that gets to it first (the
+#           other finds its folder locked and leaves it), so the lanes end within a few hours of each other.
 #   parity  fp32 (NCHW) against bf16 autocast + channels-last, bp and dgl+mlaan, 2 seeds, 2 epochs of 10k images
 #   sweep   dgl+mlaan defaults, one option at a time, 2 seeds, 2 epochs of 10k images
 set -euo pipefail
@@ -31,7 +31,8 @@ SHORT=(--epochs 2 --train-samples 10000 --warmup-epochs 0.2 --threads 1)
 case "$WHAT" in
     full)   "${BENCH[@]}" --methods bp,dgl+mlaan,dgl --seeds 0,1 --jobs 1 --threads 1 "${FULL[@]}"
             "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
-    extra)  "${BENCH[@]}" --methods infopro+mlaan --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
+    extra)  "${BENCH[@]}" --methods infopro+mlaan --seeds 0 --jobs 1 --threads 1 "${FULL[@]}"
+            "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
     parity) "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
                 --train-arg "--no-channels-last --no-amp" --arm "bf16+cl=--amp --channels-last" \
                 --output-dir "$ROOT/parity" ;;

@@ -108,6 +108,26 @@ def test_an_unfinished_run_is_continued_with_resume(tmp_path, fake_train):
     assert resumed == {"dgl": True, "dgl+mlaan": False}
 
 
+def test_a_run_another_process_is_training_is_left_to_it(tmp_path, fake_train, capsys):
+    from mlaan.training.safety import RunFolderLock
+
+    held = RunFolderLock(tmp_path / "out" / "dgl" / "seed0")
+    held.acquire()  # as a second harness on the same folder would, through its `mlaan train`
+    try:
+        assert RunFolderLock.holder(held.folder).startswith(f"process {os.getpid()} on ")
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 0
+        assert [c[c.index("--method") + 1] for c in fake_train] == ["bp"]
+        out = capsys.readouterr().out
+        assert f"dgl seed 0: being trained by process {os.getpid()} on " in out and ", left to it" in out
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp", "--report-only")) == 0
+        assert "dgl seed 0: unfinished, no epoch logged yet, being trained by process" in capsys.readouterr().out
+    finally:
+        held.release()
+    assert RunFolderLock.holder(held.folder) is None and not (held.folder / held.OWNER_NAME).exists()
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 0
+    assert [c[c.index("--method") + 1] for c in fake_train] == ["bp", "dgl"]
+
+
 def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
     assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
     assert accuracy.run(_args(tmp_path, "--methods", "dgl+mlaan", "--seeds", "3")) == 0  # adding is fine

@@ -5,7 +5,9 @@ its log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe
 optimiser, extra train flags); a later invocation with another recipe is refused, one with other methods or seeds
 adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt`` without ``metrics.json``) are
 continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
-again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``). SIGINT or SIGTERM to the harness
+again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``); a run that another process is
+training (its folder's lock is held) is left to it, so several invocations of one command on one folder share the
+work. SIGINT or SIGTERM to the harness
 (or a run stopped by one) stops the comparison: every running run is passed the signal, saves its checkpoint at a
 step boundary and exits, no further run starts, and the harness exits with 128 + the signal number; the runs sit
 in their own process group, so that a Ctrl-C reaches each of them once, through the harness. The report
@@ -25,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .. import runtime
-from ..training.safety import STOP_SIGNALS, StopSignals
+from ..training.safety import STOP_SIGNALS, RunFolderLock, StopSignals
 from . import common, report, seeds
 
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
@@ -225,11 +227,14 @@ def _state(folder: Path) -> str:
 def _progress(folder: Path, epochs: int) -> str:
     """How far an unfinished run has come: its last logged epoch and test accuracy, or that it has not started."""
     lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    holder = RunFolderLock.holder(folder) if folder.exists() else None
+    running = f", being trained by {holder}" if holder else ""
     if not lines:
-        return "unfinished, no epoch logged yet" if _state(folder) == "unfinished" else "not started"
+        started = _state(folder) == "unfinished" or holder
+        return ("unfinished, no epoch logged yet" if started else "not started") + running
     last = json.loads(lines[-1])
     return (f"unfinished, {last['epoch'] - (0 if last.get('complete', True) else 1)} of {epochs} epochs "
-            f"(step {last.get('step', '?')}), test accuracy {100 * last['test_accuracy']:.2f}% so far")
+            f"(step {last.get('step', '?')}), test accuracy {100 * last['test_accuracy']:.2f}% so far{running}")
 
 
 def start_process(cmd: list[str], log) -> subprocess.Popen:
@@ -298,6 +303,10 @@ def _start(args: argparse.Namespace, arm: Arm, seed: int, out: Path, threads: in
     state = _state(folder)
     if state == "finished" and not args.force:
         print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
+        return None
+    holder = RunFolderLock.holder(folder)
+    if holder is not None:  # another harness (or a user) is training it: theirs to finish
+        print(f"  {arm.label} seed {seed}: being trained by {holder}, left to it", flush=True)
         return None
     cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
     print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "

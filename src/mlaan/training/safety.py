@@ -166,6 +166,20 @@ class RunFolderLock:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.owner_path.write_text(json.dumps(owner) + "\n")
 
+    @classmethod
+    def holder(cls, folder: str | os.PathLike) -> str | None:
+        """Who holds ``folder``'s lock ("process 123 on host, since …"), or None if no run does. The probe takes
+        the lock for a moment and gives it back, and leaves the folder as it was."""
+        probe = cls(folder)
+        if not probe.lock_path.exists():
+            return None
+        try:
+            probe.acquire()
+        except RunFolderInUse:
+            return probe._owner_text()
+        probe.release()
+        return None
+
     def _owner_text(self) -> str:
         try:
             owner = json.loads(self.owner_path.read_text())
