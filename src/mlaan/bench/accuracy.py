@@ -7,10 +7,10 @@ adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt``
 continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
 again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``); a run that another process is
 training (its folder's lock is held) is left to it, so several invocations of one command on one folder share the
-work. SIGINT or SIGTERM to the harness
-(or a run stopped by one) stops the comparison: every running run is passed the signal, saves its checkpoint at a
-step boundary and exits, no further run starts, and the harness exits with 128 + the signal number; the runs sit
-in their own process group, so that a Ctrl-C reaches each of them once, through the harness. The report
+work. SIGINT or SIGTERM to the harness (or a run stopped by one) stops the comparison: every running run is passed
+the signal, saves its checkpoint at a step boundary and exits, no further run starts, and the harness exits with
+128 + the signal number; the runs sit in their own process group, so that a Ctrl-C reaches each of them once,
+through the harness. The report
 (``accuracy.md``, ``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test
 error per method, each seed, and Δ vs BP and vs the base method as paired per-seed differences
 (:mod:`mlaan.bench.seeds`).
