@@ -151,7 +151,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=100,
                    help="each run saves last.pt every N steps, so an interrupted run loses at most N steps")
     p.add_argument("--train-arg", action="append", metavar="'--flag value'",
-                   help="extra argument(s) passed to every `mlaan train` (repeatable; part of the recipe)")
+                   help="extra argument(s) passed to every `mlaan train` (repeatable; part of the recipe); a "
+                        "lone flag takes '=': --train-arg=--data-on-device")
     p.add_argument("--arm", action="append", default=[], metavar="LABEL='--flag value'",
                    help="also train every method with these extra flags, reported as 'METHOD LABEL' with its "
                         "paired difference to the plain method (repeatable), e.g. --arm \"bf16+cl=--amp "

@@ -8,6 +8,7 @@ image and a horizontal flip.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import struct
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .registry import DatasetInfo, DatasetSpec, register
-from .transforms import eval_transform, train_transform
+from .transforms import ImageTransform
 
 if TYPE_CHECKING:
     import numpy as np
@@ -161,14 +162,10 @@ def _build(
             "install Debian's dataset-fashion-mnist or pass --download with a --data-root"
         )
     arrays = load_fashion_mnist(folder)
-    from torchvision.transforms import v2
-
     from .tensors import TensorImageDataset
 
-    mean, std = spec.mean, spec.std
-    pad_to_32 = v2.Pad(2)
-    train_tf = v2.Compose([pad_to_32, train_transform(32, 4, True, mean, std, padding_mode="constant")])
-    test_tf = v2.Compose([pad_to_32, eval_transform(mean, std)])
+    test_tf = ImageTransform(spec.mean, spec.std, pre_pad=2)  # 28 → 32 with black, the background's colour
+    train_tf = dataclasses.replace(test_tf, crop=32, crop_pad=4, padding_mode="constant", flip=True)
     train = (TensorImageDataset(arrays["train_images"], arrays["train_labels"], train_tf if augment else test_tf)
              if with_train else None)
     test = TensorImageDataset(arrays["test_images"], arrays["test_labels"], test_tf)

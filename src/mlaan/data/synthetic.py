@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .registry import DatasetInfo, DatasetOption, DatasetSpec, register
-from .transforms import eval_transform, train_transform
+from .transforms import ImageTransform
 
 if TYPE_CHECKING:
     import torch
@@ -36,8 +36,8 @@ def _build(
 ) -> tuple[Any, Any, DatasetInfo]:
     from .tensors import TensorImageDataset
 
-    test_tf = eval_transform(spec.mean, spec.std)
-    train_tf = train_transform(image_size, 4, True, spec.mean, spec.std) if augment else test_tf
+    test_tf = ImageTransform(spec.mean, spec.std)
+    train_tf = ImageTransform(spec.mean, spec.std, crop=image_size, crop_pad=4, flip=True) if augment else test_tf
     train = None
     if with_train:
         train = TensorImageDataset(*make_synthetic(train_size, image_size, seed=1), transform=train_tf)

@@ -68,6 +68,7 @@ class _RunConfig:
     partition: str = "time"  # --parallel modules: split the modules over ranks evening out "time", "blocks", "memory"
     dist_timeout: float = 600.0  # seconds a rank waits for another before the run fails (torchrun runs)
     workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
+    data_on_device: bool = False  # images held on the device, batches cropped/flipped there (mlaan.data.device)
     output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
     tensorboard: bool = False
     overwrite: bool = False

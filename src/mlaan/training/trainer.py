@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
 from ..atomic import atomic_write_text, stale_temp_files
 from ..data import build_datasets, data_option_keys
+from ..data.device import DeviceBatches, DeviceImages
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
 from .config import TrainConfig, coerce, load_yaml, merge
@@ -242,6 +243,7 @@ class Trainer:
         """Loaders' sampler, steps per epoch, optimizer and its per-step schedule (:mod:`mlaan.training.loop`)."""
         cfg = self.cfg
         self.workers = cfg.resolved_workers(self.device.type)
+        self._on_device: dict[str, DeviceImages] = {}
         self.sampler = self._train_sampler()
         self.steps_per_epoch = len(self._train_loader(0))
         self._check_batch_of_one()
@@ -288,14 +290,28 @@ class Trainer:
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
         return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
 
-    def _loader_generator(self, epoch: int) -> torch.Generator:
-        """The DataLoader's own generator (worker seeds), fixed by (seed, epoch, rank): building a loader
-        draws nothing from the global RNG, which the augmentations use and a checkpoint restores."""
+    def _stream_seed(self, epoch: int) -> int:
+        """The seed of an epoch's loader randomness, fixed by (seed, epoch, rank)."""
         rank = self.ctx.rank if self._own_random_streams else 0
-        return torch.Generator().manual_seed((self.cfg.seed * 1000003 + epoch) * 1009 + rank)
+        return (self.cfg.seed * 1000003 + epoch) * 1009 + rank
 
-    def _train_loader(self, skip_samples: int, epoch: int = 0) -> DataLoader:
+    def _loader_generator(self, epoch: int) -> torch.Generator:
+        """The DataLoader's own generator (worker seeds): building a loader draws nothing from the global RNG,
+        which the augmentations use and a checkpoint restores."""
+        return torch.Generator().manual_seed(self._stream_seed(epoch))
+
+    def _device_data(self, split: str) -> DeviceImages:
+        """``--data-on-device``: the split's images, copied to the device once and kept."""
+        if split not in self._on_device:
+            self._on_device[split] = DeviceImages(self.train_set if split == "train" else self.test_set, self.device)
+        return self._on_device[split]
+
+    def _train_loader(self, skip_samples: int, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
+        if self.cfg.data_on_device:  # crops and flips by (seed, epoch, rank, batch): no state to checkpoint
+            return DeviceBatches(self._device_data("train"), sampler, self.cfg.batch_size,
+                                 drop_last=len(sampler) >= self.cfg.batch_size,
+                                 first_batch=skip_samples // self.cfg.batch_size, seed=self._stream_seed(epoch))
         return DataLoader(
             self.train_set,
             batch_size=self.cfg.batch_size,
@@ -308,12 +324,17 @@ class Trainer:
             worker_init_fn=safety.ignore_stop_signals if self.workers > 0 else None,
         )
 
-    def _test_loader(self) -> DataLoader:
+    def _test_loader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        sampler = dist.make_eval_sampler(self.test_set, self.ctx)  # a disjoint shard per rank, or None
+        batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
+        if self.cfg.data_on_device:
+            order = sampler if sampler is not None else range(len(self.test_set))
+            return DeviceBatches(self._device_data("test"), order, batch_size)
         return DataLoader(
             self.test_set,
-            sampler=dist.make_eval_sampler(self.test_set, self.ctx),  # a disjoint shard per rank, or None
+            sampler=sampler,
             generator=self._loader_generator(-1),
-            batch_size=self.cfg.eval_batch_size or 2 * self.cfg.batch_size,
+            batch_size=batch_size,
             shuffle=False,
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
@@ -626,7 +647,7 @@ class Trainer:
             f"{f', precise BN on {cfg.precise_bn} batches' if cfg.precise_bn else ''} | "
             f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
             f"{self._parallel_text()} "
-            f"({self.fast_path.describe()}) | "
+            f"({self.fast_path.describe()}{', data on device' if cfg.data_on_device else ''}) | "
             f"output {self.out}"
         )
 
