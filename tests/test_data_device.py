@@ -104,3 +104,31 @@ def test_training_on_device_data_learns_and_resumes_exactly(tmp_path):
                            straight.local_model.state_dict()["backbone.blocks.0.0.weight"])
     config = json.loads((tmp_path / "resumed" / "metrics.json").read_text())["config"]
     assert config["data_on_device"] is True and summary["steps"] == 8
+
+
+def test_the_cli_refuses_a_data_set_read_one_image_at_a_time(tmp_path, capsys):
+    """One line, exit 2, nothing written: a stand-in for torchvision's file-backed sets (CIFAR, SVHN, …)."""
+    from mlaan.cli import main
+    from mlaan.data import registry
+
+    class FromFiles(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.zeros(3, 32, 32), i % 2
+
+    def build(spec, root, download, augment, with_train, **own):
+        return FromFiles(), FromFiles(), spec.info(FromFiles(), FromFiles(), "files")
+
+    registry.register(registry.DatasetSpec("files-standin", "stand-in", build, num_classes=2, in_channels=3,
+                                           image_size=32, mean=MEAN, std=STD, root="unused"))
+    try:
+        code = main(["train", "--dataset", "files-standin", "--arch", "resnet20", "-K", "2", "--epochs", "1",
+                     "--data-on-device", "--output-dir", str(tmp_path / "run")])
+    finally:
+        registry._REGISTRY.pop("files-standin")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--data-on-device needs a data set held in memory" in err and "got FromFiles" in err
+    assert not (tmp_path / "run").exists()
