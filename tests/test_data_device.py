@@ -45,14 +45,14 @@ def test_a_batch_is_the_per_image_transform_at_its_draws(transform):
     assert 0 < flip.sum() < 64 and len(set(top.tolist())) > 3  # the test covers both flips and many offsets
     for i in range(64):
         expected = _per_image(images[i], transform, int(top[i]), int(left[i]), bool(flip[i]))
-        torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out[i], expected, rtol=0, atol=0)
 
 
 def test_without_a_crop_the_batch_is_the_per_image_call():
     t = ImageTransform(MEAN[:1], STD[:1], pre_pad=2)
     images = torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8)
     assert not t.random
-    torch.testing.assert_close(t.batch(images), torch.stack([t(img) for img in images]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(t.batch(images), torch.stack([t(img) for img in images]), rtol=0, atol=0)
 
 
 def _data(n=50):
@@ -132,3 +132,14 @@ def test_the_cli_refuses_a_data_set_read_one_image_at_a_time(tmp_path, capsys):
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "--data-on-device needs a data set held in memory" in err and "got FromFiles" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_from_before_the_flag_counts_as_without_it():
+    """A checkpoint written before `data_on_device` existed ran with the DataLoader: turning the flag on at
+    resume would switch its random stream mid-run, so it is refused like any other change."""
+    from mlaan.training.checkpoint import check_resume_config
+
+    older = {"dataset": "synthetic", "batch_size": 32}  # no data_on_device key
+    with pytest.raises(ValueError, match=r"data_on_device: false in the run, true given"):
+        check_resume_config(older, {"data_on_device": True}, "runs/x/last.pt")
+    check_resume_config(older, {"data_on_device": False, "max_steps": 3}, "runs/x/last.pt")  # no change: fine

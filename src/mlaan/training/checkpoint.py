@@ -27,6 +27,7 @@ which ``mlaan`` reports with exit code 2 before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -172,14 +173,18 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
 
     ``saved``: the checkpoint's config; ``given``: the values set explicitly for this invocation (already
     converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked by :func:`check_compatible`.
+    An option the checkpoint lacks (added after the run started) counts as its default.
     ValueError listing every conflicting option.
     """
     conflicts = []
+    # an option the checkpoint does not record is newer than the run, which therefore ran with its default
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     for name, value in sorted(given.items()):
-        if name in RESUME_FREE or name in IDENTITY_KEYS or name not in saved:
+        recorded = saved.get(name, defaults.get(name))
+        if name in RESUME_FREE or name in IDENTITY_KEYS or recorded is None:
             continue
         try:
-            before = coerce(name, saved[name])
+            before = coerce(name, recorded)
         except ValueError:
             continue
         if not _same(before, value):
