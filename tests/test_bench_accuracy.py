@@ -128,6 +128,23 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, fake_train, c
     assert [c[c.index("--method") + 1] for c in fake_train] == ["bp", "dgl"]
 
 
+def test_a_run_another_harness_has_claimed_is_left_to_it(tmp_path, fake_train, capsys):
+    """Two invocations started together: the second finds the first's claim on the folder (taken before its
+    `mlaan train` starts up and locks the folder itself) and leaves the run alone, instead of starting it too."""
+    from mlaan.training.safety import HarnessClaim
+
+    claim = HarnessClaim(tmp_path / "out" / "dgl" / "seed0")
+    assert claim.try_acquire() is None
+    try:
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 0
+        assert [c[c.index("--method") + 1] for c in fake_train] == ["bp"]
+        assert "dgl seed 0: being trained by process" in capsys.readouterr().out
+    finally:
+        claim.release()
+    assert HarnessClaim.holder(claim.folder) is None  # each run's claim is given back when it ends
+    assert HarnessClaim.holder(tmp_path / "out" / "bp" / "seed0") is None
+
+
 def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
     assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
     assert accuracy.run(_args(tmp_path, "--methods", "dgl+mlaan", "--seeds", "3")) == 0  # adding is fine
@@ -136,15 +153,17 @@ def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
 
 
 class _StoppableTrain:
-    """A `mlaan train` stand-in that runs until it gets a signal, then "saves" (last.pt) and exits 128 + signum.
-    When the first one starts, ``stop_first`` sends it SIGTERM (a run killed from outside) and
-    ``ctrl_c_at_start`` sends the harness SIGINT."""
+    """A `mlaan train` stand-in that runs until it gets a signal, then "saves" (last.pt) and exits 128 + signum
+    (or, with ``dies``, is killed by it: a run still starting up). When the first one starts, ``stop_first``
+    sends it SIGTERM (a run killed from outside) and ``ctrl_c_at_start`` sends the harness SIGINT; at the first
+    one's first poll, ``harness_signals`` are sent to the harness in quick succession."""
 
     started: list[_StoppableTrain] = []
-    stop_first = ctrl_c_at_start = False
+    stop_first = ctrl_c_at_start = dies = False
+    harness_signals: tuple[int, ...] = ()
 
     def __init__(self, cmd, log) -> None:
-        self.cmd, self.signals, self.returncode = cmd, [], None
+        self.cmd, self.signals, self.returncode, self.polled = cmd, [], None, False
         self.folder = accuracy.Path(cmd[cmd.index("--output-dir") + 1])
         self.folder.mkdir(parents=True, exist_ok=True)
         self.started.append(self)
@@ -155,10 +174,15 @@ class _StoppableTrain:
 
     def send_signal(self, signum) -> None:
         self.signals.append(signum)
-        (self.folder / "last.pt").write_bytes(b"")
-        self.returncode = 128 + signum
+        if self.returncode is None and not self.dies:
+            (self.folder / "last.pt").write_bytes(b"")
+        self.returncode = -signum if self.dies else 128 + signum
 
     def poll(self):
+        if not self.polled and self is self.started[0]:
+            self.polled = True
+            for signum in self.harness_signals:
+                os.kill(os.getpid(), signum)
         return self.returncode
 
     def wait(self):
@@ -167,7 +191,10 @@ class _StoppableTrain:
 
 @pytest.fixture
 def stoppable_train(monkeypatch):
-    _StoppableTrain.started, _StoppableTrain.stop_first, _StoppableTrain.ctrl_c_at_start = [], False, False
+    monkeypatch.setattr(_StoppableTrain, "started", [])
+    for flag in ("stop_first", "ctrl_c_at_start", "dies"):
+        monkeypatch.setattr(_StoppableTrain, flag, False)
+    monkeypatch.setattr(_StoppableTrain, "harness_signals", ())
     monkeypatch.setattr(accuracy, "start_process", _StoppableTrain)
     return _StoppableTrain
 
@@ -181,7 +208,8 @@ def test_a_run_stopped_by_a_signal_stops_the_comparison(tmp_path, stoppable_trai
     assert first.signals == [signal.SIGTERM] and second.signals == [signal.SIGTERM]  # passed on, once
     out, err = capsys.readouterr()
     assert "dgl seed 0: stopped by SIGTERM, checkpoint saved" in out and "FAILED" not in out
-    assert "stopping: dgl seed 0 was stopped by SIGTERM; 1 running run(s) save their checkpoint, 1 not started" in out
+    assert "dgl seed 0 was stopped by SIGTERM: stopping the comparison" in out
+    assert "stopping (SIGTERM): 1 running run(s) save their checkpoint, 1 not started" in out
     assert err.strip() == "mlaan bench accuracy: stopped by SIGTERM; run the same command again to continue"
 
 
@@ -191,8 +219,25 @@ def test_a_signal_to_the_harness_reaches_every_run_once(tmp_path, stoppable_trai
     code = accuracy.run(_args(tmp_path, "--methods", "dgl,bp", "--jobs", "1"))
     (only,) = stoppable_train.started  # bp never starts
     assert code == 130 and only.signals == [signal.SIGINT]
-    assert "stopping: the harness got SIGINT; 1 running run(s) save their checkpoint, 1 not started" in (
-        capsys.readouterr().out)
+    assert "stopping (SIGINT): 1 running run(s) save their checkpoint, 1 not started" in capsys.readouterr().out
+
+
+def test_quick_signals_are_each_passed_on_at_once_and_the_harness_waits(tmp_path, stoppable_train, monkeypatch):
+    """Two SIGTERMs within a moment (say a scheduler's and then a user's): the runs get both, at once — not just
+    the first, a second later — and the harness outlives them, so that none is left orphaned."""
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    stoppable_train.harness_signals = (signal.SIGTERM, signal.SIGTERM)
+    code = accuracy.run(_args(tmp_path, "--methods", "dgl,bp", "--jobs", "2"))
+    first, second = stoppable_train.started
+    assert code == 143 and first.signals == second.signals == [signal.SIGTERM, signal.SIGTERM]
+
+
+def test_a_run_stopped_while_starting_up_is_not_a_failure(tmp_path, stoppable_train, monkeypatch, capsys):
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    stoppable_train.ctrl_c_at_start = stoppable_train.dies = True  # killed before its handlers were set
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 130
+    out = capsys.readouterr().out
+    assert "dgl seed 0: stopped by SIGINT while starting up" in out and "FAILED" not in out
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -6,11 +6,12 @@ optimiser, extra train flags); a later invocation with another recipe is refused
 adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt`` without ``metrics.json``) are
 continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
 again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``); a run that another process is
-training (its folder's lock is held) is left to it, so several invocations of one command on one folder share the
-work. SIGINT or SIGTERM to the harness (or a run stopped by one) stops the comparison: every running run is passed
-the signal, saves its checkpoint at a step boundary and exits, no further run starts, and the harness exits with
-128 + the signal number; the runs sit in their own process group, so that a Ctrl-C reaches each of them once,
-through the harness. The report
+training is left to it (each harness claims a run's folder before starting it, :class:`HarnessClaim`, and a plain
+`mlaan train` holds the folder's own lock), so several invocations of one command on one folder share the work.
+SIGINT, SIGTERM or SIGHUP to the harness (or a run stopped by a signal) stops the comparison: every running run is
+passed the signal at once, saves its checkpoint at a step boundary and exits, no further run starts, and the
+harness waits for its runs, then exits with 128 + the signal number; the runs sit in their own process group, so
+that a Ctrl-C reaches each of them once, through the harness. The report
 (``accuracy.md``, ``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test
 error per method, each seed, and Δ vs BP and vs the base method as paired per-seed differences
 (:mod:`mlaan.bench.seeds`).
@@ -20,14 +21,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import runtime
-from ..training.safety import STOP_SIGNALS, RunFolderLock, StopSignals
+from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals
 from . import common, report, seeds
 
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
@@ -228,7 +232,7 @@ def _state(folder: Path) -> str:
 def _progress(folder: Path, epochs: int) -> str:
     """How far an unfinished run has come: its last logged epoch and test accuracy, or that it has not started."""
     lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
-    holder = RunFolderLock.holder(folder) if folder.exists() else None
+    holder = (HarnessClaim.holder(folder) or RunFolderLock.holder(folder)) if folder.exists() else None
     running = f", being trained by {holder}" if holder else ""
     if not lines:
         started = _state(folder) == "unfinished" or holder
@@ -246,18 +250,65 @@ def start_process(cmd: list[str], log) -> subprocess.Popen:
 
 
 class _Job:
-    """One `mlaan train` subprocess and where its log goes."""
+    """One `mlaan train` subprocess, the harness's claim on its folder, where its log goes, and the stop signals
+    passed to it."""
 
-    def __init__(self, arm: Arm, seed: int, cmd: list[str], log_path: Path) -> None:
-        self.arm, self.seed, self.cmd, self.log_path = arm, seed, cmd, log_path
+    def __init__(self, arm: Arm, seed: int, cmd: list[str], log_path: Path, claim: HarnessClaim) -> None:
+        self.arm, self.seed, self.cmd, self.log_path, self.claim = arm, seed, cmd, log_path, claim
+        self.signalled: list[int] = []
         self.log = open(log_path, "a")
         self.log.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(cmd[1:])}\n")
         self.log.flush()
         self.started = time.perf_counter()
         self.proc = start_process(cmd, self.log)
 
+    @property
+    def name(self) -> str:
+        return f"{self.arm.label} seed {self.seed}"
+
+    def stop(self, signum: int) -> None:
+        """Pass a stop signal on: the run saves at a step boundary and exits (a second one stops it at once)."""
+        self.signalled.append(signum)
+        self.proc.send_signal(signum)
+
     def close(self) -> None:
         self.log.close()
+        self.claim.release()
+
+
+class _StopForwarding:
+    """While the harness trains: SIGINT, SIGTERM and SIGHUP (unless ignored, as under ``nohup``) are passed at once
+    to every running run, from the handler itself, so that a quick second signal cannot beat them to it; SIGHUP
+    is passed as SIGTERM. ``received``: the first signal's number. The harness itself keeps running until its
+    runs have exited, so that none is left behind, orphaned."""
+
+    SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+
+    def __init__(self, running: list[_Job]) -> None:
+        self.running = running
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopForwarding:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.SIGNALS:
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            self.received = signum
+        for job in list(self.running):
+            job.stop(self.passed_on(signum))
+
+    def passed_on(self, signum: int) -> int:
+        """What a run is sent for ``signum``."""
+        return signal.SIGTERM if signum == signal.SIGHUP else signum
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> tuple[list[str], int | None]:
@@ -268,77 +319,77 @@ def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) 
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     queue, running, failures = list(plan), [], []
-    stopped: int | None = None
-    with StopSignals() as signals:
-        try:
-            while queue or running:
-                while queue and len(running) < args.jobs and signals.received is None:
-                    job = _start(args, *queue.pop(0), out, threads, logs)
-                    if job is not None:
-                        running.append(job)
-                time.sleep(1.0)
-                if signals.received is not None and stopped is None:
-                    stopped = signals.received
-                    _stop(running, queue, stopped, "the harness got")
-                for job in [j for j in running if j.proc.poll() is not None]:
-                    running.remove(job)
-                    job.close()
-                    failures += _finished(job, out)
-                    signum = job.proc.returncode - 128
-                    if stopped is None and signum in STOP_SIGNALS:
-                        stopped = signum
-                        _stop(running, queue, stopped, f"{job.arm.label} seed {job.seed} was stopped by")
-        except KeyboardInterrupt:  # a second signal: the runs were told once; wait for them to save
-            for job in running:
-                job.proc.wait()
+    with _StopForwarding(running) as stop:
+        while queue or running:
+            while queue and len(running) < args.jobs and stop.received is None:
+                job = _start(args, *queue.pop(0), out, threads, logs)
+                if job is not None:
+                    running.append(job)
+            time.sleep(1.0)
+            for job in [j for j in running if j.proc.poll() is not None]:
+                running.remove(job)
                 job.close()
-            raise
-    return failures, stopped
+                failures += _finished(job, out)
+                signum = job.proc.returncode - 128
+                if stop.received is None and signum in STOP_SIGNALS:
+                    print(f"  {job.name} was stopped by {StopSignals.name(signum)}: stopping the comparison",
+                          flush=True)
+                    stop.received = signum
+                    for other in running:
+                        other.stop(signum)
+            if stop.received is not None:
+                for job in running:  # started while the signal came in
+                    if not job.signalled:
+                        job.stop(stop.passed_on(stop.received))
+                if queue:
+                    print(f"  stopping ({StopSignals.name(stop.received)}): {len(running)} running run(s) save "
+                          f"their checkpoint, {len(queue)} not started", flush=True)
+                    queue.clear()
+    return failures, stop.received
 
 
 def _start(args: argparse.Namespace, arm: Arm, seed: int, out: Path, threads: int | None,
            logs: Path) -> _Job | None:
-    """Start (or continue) one run; None if another invocation finished it meanwhile."""
+    """Start (or continue) one run; None if it is finished, or another process is training it."""
     folder = run_dir(out, arm, seed)
-    cmd = train_command(args, arm, seed, folder, threads)
-    state = _state(folder)
-    if state == "finished" and not args.force:
-        print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
-        return None
-    holder = RunFolderLock.holder(folder)
-    if holder is not None:  # another harness (or a user) is training it: theirs to finish
+    claim = HarnessClaim(folder)
+    holder = claim.try_acquire()  # another harness on this folder started it
+    if holder is None:
+        holder = RunFolderLock.holder(folder)  # a `mlaan train` of its own
+    if holder is not None:
+        claim.release()
         print(f"  {arm.label} seed {seed}: being trained by {holder}, left to it", flush=True)
         return None
+    state = _state(folder)
+    if state == "finished" and not args.force:
+        claim.release()
+        print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
+        return None
+    cmd = train_command(args, arm, seed, folder, threads)
     cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
     print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
           f"{' '.join(cmd[3:])}", flush=True)
-    folder.parent.mkdir(parents=True, exist_ok=True)
     common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
-    return _Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log")
-
-
-def _stop(running: list[_Job], queue: list, signum: int, why: str) -> None:
-    """Pass a stop signal to every running run (each saves at a step boundary and exits) and empty the queue."""
-    print(f"  stopping: {why} {StopSignals.name(signum)}; {len(running)} running run(s) save their checkpoint, "
-          f"{len(queue)} not started", flush=True)
-    queue.clear()
-    for job in running:
-        job.proc.send_signal(signum)
+    return _Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log", claim)
 
 
 def _finished(job: _Job, out: Path) -> list[str]:
-    name = f"{job.arm.label} seed {job.seed}"
+    """Report how a run ended; returns ``[its name]`` if it failed."""
     final = run_dir(out, job.arm, job.seed) / "metrics.json"
-    if job.proc.returncode - 128 in STOP_SIGNALS and (final.parent / "last.pt").exists():
-        print(f"  {name}: stopped by {StopSignals.name(job.proc.returncode - 128)}, checkpoint saved "
-              f"({time.perf_counter() - job.started:.0f}s)", flush=True)
+    code, seconds = job.proc.returncode, time.perf_counter() - job.started
+    if code - 128 in STOP_SIGNALS and (final.parent / "last.pt").exists():
+        print(f"  {job.name}: stopped by {StopSignals.name(code - 128)}, checkpoint saved ({seconds:.0f}s)",
+              flush=True)
         return []
-    if job.proc.returncode != 0 or not final.exists():
+    if code < 0 and -code in job.signalled:  # told to stop before it had set up to save: nothing to lose
+        print(f"  {job.name}: stopped by {StopSignals.name(-code)} while starting up", flush=True)
+        return []
+    if code != 0 or not final.exists():
         tail = job.log_path.read_text().strip().splitlines()[-3:]
-        print(f"  {name}: FAILED (exit {job.proc.returncode}): {' | '.join(tail)}", flush=True)
-        return [name]
+        print(f"  {job.name}: FAILED (exit {code}): {' | '.join(tail)}", flush=True)
+        return [job.name]
     accuracy = json.loads(final.read_text())["test_accuracy"]
-    print(f"  {name}: test accuracy {100 * accuracy:.2f}% ({time.perf_counter() - job.started:.0f}s)", flush=True)
+    print(f"  {job.name}: test accuracy {100 * accuracy:.2f}% ({seconds:.0f}s)", flush=True)
     return []
 
 

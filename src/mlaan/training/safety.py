@@ -166,19 +166,24 @@ class RunFolderLock:
         owner = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         self.owner_path.write_text(json.dumps(owner) + "\n")
 
+    def try_acquire(self) -> str | None:
+        """Take the lock at once and return None, or return who holds it ("process 123 on host, since …")."""
+        try:
+            self.acquire()
+        except RunFolderInUse:
+            return self._owner_text()
+        return None
+
     @classmethod
     def holder(cls, folder: str | os.PathLike) -> str | None:
-        """Who holds ``folder``'s lock ("process 123 on host, since …"), or None if no run does. The probe takes
-        the lock for a moment and gives it back, and leaves the folder as it was."""
+        """Who holds ``folder``'s lock, or None if nobody does. The probe takes the lock for a moment and gives
+        it back (a lock file that is not there means no holder, and is not created)."""
         probe = cls(folder)
         if not probe.lock_path.exists():
             return None
-        try:
-            probe.acquire()
-        except RunFolderInUse:
-            return probe._owner_text()
+        who = probe.try_acquire()
         probe.release()
-        return None
+        return who
 
     def _owner_text(self) -> str:
         try:
@@ -208,6 +213,15 @@ class RunFolderLock:
             except OSError:
                 break
         self._created = []
+
+
+class HarnessClaim(RunFolderLock):
+    """A harness's claim on a run folder for as long as its ``mlaan train`` child runs (``mlaan bench accuracy``):
+    another harness on the same folder finds it held and leaves that run alone. Its own lock file, beside the
+    run's: the child takes the run's lock only once it has started up, seconds later."""
+
+    LOCK_NAME = ".mlaan.claim"
+    OWNER_NAME = ".mlaan.claim.owner"
 
 
 def check_data_root(dataset: str, data_root: str | None, download: bool) -> None:
