@@ -367,3 +367,34 @@ def _kill_runs_under(out) -> list[int]:
         except (OSError, ValueError):
             continue
     return pids
+
+
+def test_modules_are_measured_once_per_finished_run_and_tabled(tmp_path, fake_train, monkeypatch, capsys):
+    evals = []
+
+    def fake_eval(cmd):  # `mlaan eval --checkpoint RUN/last.pt --modules --json`
+        evals.append(cmd)
+        folder = Path(cmd[cmd.index("--checkpoint") + 1]).parent
+        own = [0.5] if folder.parent.name == "bp" else [0.25, 0.5, 0.75]
+        cascaded = [None, 0.6, 0.75] if "mlaan" in folder.parent.name else own
+        if folder.parent.name == "dgl":
+            return subprocess.CompletedProcess(cmd, 2, "", "mlaan: error: something\n")
+        body = {"test_accuracy": own[-1], "module_accuracies": {"independent": own, "cascaded": cascaded}}
+        return subprocess.CompletedProcess(cmd, 0, json.dumps(body), "")
+
+    monkeypatch.setattr(accuracy, "run_eval", fake_eval)
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl,dgl+mlaan")) == 0
+    for folder in (tmp_path / "out").glob("*/seed0"):
+        (folder / "last.pt").write_bytes(b"")  # the fake runs write no checkpoint
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl,dgl+mlaan", "--modules", "--report-only")) == 1
+    assert "dgl/seed0: mlaan eval FAILED (exit 2): mlaan: error: something" in capsys.readouterr().out
+    assert len(evals) == 3 and all("--modules" in c and "--json" in c for c in evals)
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert "| bp        |      |      | 50.0 |" in md  # end-to-end: the network under the last module
+    assert "| dgl+mlaan | 25.0 | 60.0 | 75.0 |" in md  # the cascaded aux net where MLM has one
+    runs = {r["method"]: r for r in json.loads((tmp_path / "out" / "accuracy.json").read_text())["runs"]}
+    assert runs["dgl+mlaan"]["module_accuracies"]["cascaded"] == [None, 0.6, 0.75]
+    assert runs["dgl"]["module_accuracies"] is None
+    evals.clear()
+    accuracy.run(_args(tmp_path, "--methods", "bp,dgl,dgl+mlaan", "--modules", "--report-only"))
+    assert [Path(c[c.index("--checkpoint") + 1]).parent.parent.name for c in evals] == ["dgl"]  # the rest kept

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import runtime
+from ..atomic import atomic_write_text
 from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals
 from . import common, report, seeds
 
@@ -168,6 +169,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report of what the folder holds (finished runs; unfinished ones "
                         "are listed with their progress)")
+    p.add_argument("--modules", action="store_true",
+                   help="also the test accuracy of each local module's aux net, for every finished run (`mlaan "
+                        "eval --modules` of its last.pt, measured once and kept as modules.json in the run's "
+                        "folder): a table and a panel of curves.png, to see which modules lag")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
 
@@ -367,6 +372,7 @@ def _start(args: argparse.Namespace, arm: Arm, seed: int, out: Path, threads: in
         return None
     cmd = train_command(args, arm, seed, folder, threads)
     cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
+    (folder / MODULES_FILE).unlink(missing_ok=True)  # measured on the run being replaced
     print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
           f"{' '.join(cmd[3:])}", flush=True)
     common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
@@ -393,6 +399,38 @@ def _finished(job: _Job, out: Path) -> list[str]:
     return []
 
 
+MODULES_FILE = "modules.json"
+
+
+def run_eval(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run one `mlaan eval`, its output captured."""
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def measure_modules(out: Path, args: argparse.Namespace) -> list[str]:
+    """``--modules``: for every finished run in ``out`` without a ``modules.json``, its per-module test accuracies
+    from ``mlaan eval --checkpoint RUN/last.pt --modules --json``; returns the runs it failed for."""
+    failures = []
+    for folder in sorted(f for f in out.glob("*/seed*") if _state(f) == "finished"):
+        target = folder / MODULES_FILE
+        if target.exists() or not (folder / "last.pt").exists():
+            continue
+        cmd = [sys.executable, "-m", "mlaan", "eval", "--checkpoint", str(folder / "last.pt"), "--modules", "--json"]
+        if args.data_root:
+            cmd += ["--data-root", args.data_root]
+        if args.device:
+            cmd += ["--device", args.device]
+        print(f"  {folder.relative_to(out)}: per-module test accuracy (mlaan eval --modules)", flush=True)
+        done = run_eval(cmd)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or [""])[-1]
+            print(f"  {folder.relative_to(out)}: mlaan eval FAILED (exit {done.returncode}): {why}", flush=True)
+            failures.append(str(folder.relative_to(out)))
+            continue
+        atomic_write_text(done.stdout, target)
+    return failures
+
+
 def collect_runs(out: Path) -> list[dict]:
     """Every run folder under ``out`` (``<method>/seed<N>``), loaded, with its seed."""
     runs = []
@@ -404,6 +442,9 @@ def collect_runs(out: Path) -> list[dict]:
             arm = json.loads(arm_file.read_text()) if arm_file.exists() else {}
             run["variant"] = arm.get("variant", "")
             run["label"] = arm.get("label", run["method"])
+            measured = folder / MODULES_FILE
+            run["module_accuracies"] = (json.loads(measured.read_text()).get("module_accuracies")
+                                        if measured.exists() else None)
             runs.append(run)
     order = {m: i for i, m in enumerate(ACCURACY_METHODS)}
     return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["variant"], r["seed"]))
@@ -416,6 +457,7 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
     finished = [r for r in runs if r["finished"]]
     summary = seeds.summarise(finished)
     md = seeds.table(summary)
+    modules_md = seeds.module_table(finished)
     unfinished = [f"{r['label']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
                   for r in runs if not r["finished"]]
     plots = common.plots_or_note()
@@ -426,6 +468,10 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
              "sample std of per-seed differences over the seeds both methods finished (n).", ""]
     if unfinished:
         lines += ["Not finished yet (run the same command again to continue): " + ", ".join(unfinished) + ".", ""]
+    if modules_md:
+        lines += ["Test accuracy (%) of each local module's main aux net (the cascaded one under MLM, else its "
+                  "own; the last module is the network itself), mean over the seeds measured (`--modules`):", "",
+                  modules_md, ""]
     if plots:
         lines += ["![test error per epoch and per-module aux loss](curves.png)"]
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
@@ -435,7 +481,8 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
         "summary": summary,
         "unfinished": unfinished,
         "runs": [{k: r[k] for k in ("label", "method", "variant", "seed", "path", "finished", "test_error",
-                                    "test_accuracy", "best_accuracy", "wall_time", "steps", "epochs")} for r in runs],
+                                    "test_accuracy", "best_accuracy", "wall_time", "steps", "epochs",
+                                    "module_accuracies")} for r in runs],
     }
     common.write_json(out / "accuracy.json", data)
     names = ("accuracy.md", "accuracy.json") + (("curves.png",) if plots else ())
@@ -465,6 +512,8 @@ def run(args: argparse.Namespace) -> int:
         for arm, seed in plan:
             print(f"  {arm.label} seed {seed}: {_progress(run_dir(out, arm, seed), args.epochs)}", flush=True)
     failures, stopped = ([], None) if args.report_only else train_all(args, plan, out)
+    if args.modules and stopped is None:
+        failures += measure_modules(out, args)
     if not collect_runs(out):
         if args.report_only:
             raise ValueError(f"--report-only: {out} holds no run with metrics yet; run the same command without "

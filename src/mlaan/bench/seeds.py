@@ -128,11 +128,50 @@ def module_losses(runs: list[dict]) -> list[float] | None:
     return out
 
 
+def main_module_accuracies(run: dict) -> list[float] | None:
+    """Per module, the test accuracy of the aux net that trains it (``run["module_accuracies"]``, from `mlaan
+    eval --modules`): the cascaded one where MLM has one, else its own; the last entry is the network itself."""
+    measured = run.get("module_accuracies")
+    if not measured or not measured.get("independent"):
+        return None
+    own, cascaded = measured["independent"], measured.get("cascaded") or [None] * len(measured["independent"])
+    values = [c if c is not None else o for o, c in zip(own, cascaded)]
+    return None if any(v is None for v in values) else values
+
+
+def module_accuracy_means(runs: list[dict]) -> dict[str, list[float]]:
+    """Label → :func:`main_module_accuracies` averaged over its runs that have them (equal lengths only)."""
+    by_label: dict[str, list[list[float]]] = {}
+    for run in runs:
+        values = main_module_accuracies(run)
+        if values is not None:
+            by_label.setdefault(run.get("label", run["method"]), []).append(values)
+    return {label: [statistics.fmean(column) for column in zip(*lists)]
+            for label, lists in by_label.items() if len({len(v) for v in lists}) == 1}
+
+
+def module_table(runs: list[dict]) -> str:
+    """A markdown table of :func:`module_accuracy_means` in %, one row per method, one column per module; an
+    end-to-end method's one value (its network) under the last module. Empty string when nothing was measured."""
+    means = module_accuracy_means(runs)
+    if not means:
+        return ""
+    width = max(len(v) for v in means.values())
+    rows = []
+    for label, values in means.items():
+        cells = [f"{100 * v:.1f}" for v in values]
+        rows.append([label, *([""] * (width - len(cells))), *cells])  # end-to-end: its network under the last
+    return common.format_table(["method", *(str(j) for j in range(1, width + 1))], rows)
+
+
 def plot(runs: list[dict], path: Path, title: str = "") -> None:
     """Test error per epoch (mean over seeds, band = min to max) and each local module's main aux loss (the
-    cascaded one under MLM) at the last epoch (mean over seeds), one colour per method."""
+    cascaded one under MLM) at the last epoch (mean over seeds), one colour per method; with measured per-module
+    test accuracies (``--modules``) a third panel of them, an end-to-end method as a dashed line."""
     plt = common.pyplot()
-    fig, (ax_err, ax_mod) = plt.subplots(1, 2, figsize=(13, 4.8))
+    accuracies = module_accuracy_means(runs)
+    fig, axes = plt.subplots(1, 3 if accuracies else 2, figsize=(19.5 if accuracies else 13, 4.8))
+    ax_err, ax_mod = axes[0], axes[1]
     labels = list(dict.fromkeys(r.get("label", r["method"]) for r in runs))
     for i, method in enumerate(labels):
         group = [r for r in runs if r.get("label", r["method"]) == method]
@@ -146,8 +185,18 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
         losses = module_losses(group)
         if losses:
             ax_mod.plot(range(1, len(losses) + 1), losses, color=color, label=method, marker="o", markersize=3)
-    common.save_panels(fig, [
+        if method in accuracies:
+            values = [100 * v for v in accuracies[method]]
+            if len(values) == 1:  # end-to-end: one module, the network; a reference line across the others
+                axes[2].axhline(values[0], color=color, linestyle="--", label=f"{method} (network)")
+            else:
+                axes[2].plot(range(1, len(values) + 1), values, color=color, label=method, marker="o", markersize=3)
+    panels = [
         (ax_err, "epoch", "test error (%)", "test error per epoch (mean over seeds, band: min–max)"),
         (ax_mod, "local module", "training loss of its main aux net (last epoch)",
          "where the gap comes from: per-module aux loss"),
-    ], path, title)
+    ]
+    if accuracies:
+        panels.append((axes[2], "local module", "test accuracy of its main aux net (%)",
+                       "per-module test accuracy (mean over seeds)"))
+    common.save_panels(fig, panels, path, title)
