@@ -7,7 +7,8 @@ passed to the engine (``image_mean``/``image_std``) so that InfoPro can reconstr
 One concern a module: :mod:`.registry` (the entries and every fact about a data set: classes, image size,
 normalisation, whether it reads a data root or can be downloaded, its split names and own options),
 :mod:`.build` (building and downloading from an entry), :mod:`.transforms` (augmentation and normalisation),
-:mod:`.tensors` (in-memory image tensors), and one module per source: :mod:`.fashion_mnist` (IDX files under
+:mod:`.tensors` (in-memory image tensors), :mod:`.device` (batches made on the training device,
+``--data-on-device``), and one module per source: :mod:`.fashion_mnist` (IDX files under
 ``--data-root`` or Debian's ``dataset-fashion-mnist``, zero-padded to 32×32), :mod:`.torchvision_sets`
 (CIFAR-10/100, SVHN, STL-10), :mod:`.imagenet` (ImageFolders) and :mod:`.synthetic` (generated). Importing
 this package imports neither torch nor torchvision; building a data set does.
