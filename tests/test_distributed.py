@@ -315,13 +315,15 @@ def test_count_keys_are_summed():
 
 
 @pytest.mark.slow
-def test_two_nodes_rendezvous_with_the_cli(tmp_path):
-    """README's several-machines command, two "nodes" of one process each on this machine (c10d rendezvous)."""
+@pytest.mark.parametrize("data", [[], ["--data-on-device"]], ids=["loader", "data-on-device"])
+def test_two_nodes_rendezvous_with_the_cli(tmp_path, data):
+    """README's several-machines command, two "nodes" of one process each on this machine (c10d rendezvous),
+    with a DataLoader and with batches made on the device (each rank its shard and its own crops)."""
     pytest.importorskip("mlaan.cli")
     port, out = _free_port(), tmp_path / "run"
     train = ["-m", "mlaan", "train", "--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "64"]
     train += ["--synthetic-test-size", "16", "--arch", "resnet20", "-K", "4", "--epochs", "1", "--batch-size", "8"]
-    train += ["--output-dir", str(out), "--precise-bn", "2"]  # both ranks re-estimate alike before evaluating
+    train += ["--output-dir", str(out), "--precise-bn", "2", *data]  # both ranks re-estimate alike before evaluating
     launch = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     launch += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
