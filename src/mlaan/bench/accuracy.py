@@ -24,11 +24,9 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 from .. import runtime
 from ..atomic import atomic_write_text
@@ -281,25 +279,16 @@ class _Job:
         self.claim.release()
 
 
-class _StopForwarding:
+class _StopForwarding(StopSignals):
     """While the harness trains: SIGINT, SIGTERM and SIGHUP (unless ignored, as under ``nohup``) are passed at once
     to every running run, from the handler itself, so that a quick second signal cannot beat them to it; SIGHUP
-    is passed as SIGTERM. ``received``: the first signal's number. The harness itself keeps running until its
-    runs have exited, so that none is left behind, orphaned."""
-
-    SIGNALS = (*STOP_SIGNALS, signal.SIGHUP)
+    is passed as SIGTERM. ``received``: the first signal's number. Unlike a training run's :class:`StopSignals`,
+    every signal is handled this way, so the harness keeps running until its runs have exited and none is left
+    behind, orphaned."""
 
     def __init__(self, running: list[_Job]) -> None:
+        super().__init__(s for s in (*STOP_SIGNALS, signal.SIGHUP) if signal.getsignal(s) is not signal.SIG_IGN)
         self.running = running
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> _StopForwarding:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.SIGNALS:
-                if signal.getsignal(signum) is not signal.SIG_IGN:
-                    self._previous[signum] = signal.signal(signum, self._handle)
-        return self
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
@@ -307,13 +296,10 @@ class _StopForwarding:
         for job in list(self.running):
             job.stop(self.passed_on(signum))
 
-    def passed_on(self, signum: int) -> int:
+    @staticmethod
+    def passed_on(signum: int) -> int:
         """What a run is sent for ``signum``."""
         return signal.SIGTERM if signum == signal.SIGHUP else signum
-
-    def __exit__(self, *exc: object) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous)
 
 
 def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> tuple[list[str], int | None]:
@@ -340,10 +326,8 @@ def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) 
                     print(f"  {job.name} was stopped by {StopSignals.name(signum)}: stopping the comparison",
                           flush=True)
                     stop.received = signum
-                    for other in running:
-                        other.stop(signum)
             if stop.received is not None:
-                for job in running:  # started while the signal came in
+                for job in running:  # the rest, after a run was stopped; or one started as the signal came in
                     if not job.signalled:
                         job.stop(stop.passed_on(stop.received))
                 if queue:

@@ -180,11 +180,10 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
     # an option the checkpoint does not record is newer than the run, which therefore ran with its default
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
     for name, value in sorted(given.items()):
-        recorded = saved.get(name, defaults.get(name))
-        if name in RESUME_FREE or name in IDENTITY_KEYS or recorded is None:
+        if name in RESUME_FREE or name in IDENTITY_KEYS or (name not in saved and name not in defaults):
             continue
         try:
-            before = coerce(name, recorded)
+            before = coerce(name, saved[name] if name in saved else defaults[name])
         except ValueError:
             continue
         if not _same(before, value):
