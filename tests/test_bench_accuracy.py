@@ -390,11 +390,23 @@ def test_modules_are_measured_once_per_finished_run_and_tabled(tmp_path, fake_tr
     assert "dgl/seed0: mlaan eval FAILED (exit 2): mlaan: error: something" in capsys.readouterr().out
     assert len(evals) == 3 and all("--modules" in c and "--json" in c for c in evals)
     md = (tmp_path / "out" / "accuracy.md").read_text()
-    assert "| bp        |      |      | 50.0 |" in md  # end-to-end: the network under the last module
-    assert "| dgl+mlaan | 25.0 | 60.0 | 75.0 |" in md  # the cascaded aux net where MLM has one
+    assert "| bp        |   |      | 50.0 |" in md  # end-to-end: the network under the last module
+    assert "| dgl+mlaan | — | 60.0 | 75.0 |" in md  # the cascaded aux net; the first module has none
     runs = {r["method"]: r for r in json.loads((tmp_path / "out" / "accuracy.json").read_text())["runs"]}
     assert runs["dgl+mlaan"]["module_accuracies"]["cascaded"] == [None, 0.6, 0.75]
     assert runs["dgl"]["module_accuracies"] is None
     evals.clear()
     accuracy.run(_args(tmp_path, "--methods", "bp,dgl,dgl+mlaan", "--modules", "--report-only"))
     assert [Path(c[c.index("--checkpoint") + 1]).parent.parent.name for c in evals] == ["dgl"]  # the rest kept
+
+
+def test_main_path_takes_the_aux_net_that_trains_each_module():
+    own, cascaded = [0.1, 0.2, 0.3, 0.9], [None, 0.8, 0.85, None]
+    assert seeds.main_path(own, None) == own  # no MLM: each module's own aux net
+    assert seeds.main_path(own, [None] * 4) == own
+    # MLM: the cascaded aux nets; the first module has none (not its chance-level independent one); the last
+    # module is the network itself on either path
+    assert seeds.main_path(own, cascaded) == [None, 0.8, 0.85, 0.9]
+    runs = [{"method": "dgl+mlaan", "module_accuracies": {"independent": own, "cascaded": c}}
+            for c in ([None, 0.5, 0.75, None], [None, 0.25, 0.5, None])]  # exact in binary: exact means
+    assert seeds.module_accuracy_means(runs) == {"dgl+mlaan": [None, 0.375, 0.625, 0.9]}

@@ -454,7 +454,9 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
         lines += ["Not finished yet (run the same command again to continue): " + ", ".join(unfinished) + ".", ""]
     if modules_md:
         lines += ["Test accuracy (%) of each local module's main aux net (the cascaded one under MLM, else its "
-                  "own; the last module is the network itself), mean over the seeds measured (`--modules`):", "",
+                  "own; the last module is the network itself), mean over the seeds measured (`--modules`). "
+                  "— : under MLM the first module has no cascade of its own; it learns through the second "
+                  "module's (its independent aux net, weighted w_ind = 0.001, stays near chance).", "",
                   modules_md, ""]
     if plots:
         lines += ["![test error per epoch and per-module aux loss](curves.png)"]

@@ -106,13 +106,22 @@ def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list
             [max(by_epoch[e]) for e in epochs])
 
 
+def main_path(own: Sequence[float | None], cascaded: Sequence[float | None] | None) -> list[float | None]:
+    """Per module, the value of the aux net that trains it: its own (independent) one, or under MLM (``cascaded``
+    has a value) the cascaded one. Under MLM the first module has no cascade of its own and its independent aux
+    net is weighted w_ind = 0.001 (it stays near chance): it learns through the second module's cascade, so its
+    entry is None rather than a chance-level figure that would read as a lagging module. The last module's
+    entry is the network itself on either path (METHOD.md §3)."""
+    if not cascaded or all(c is None for c in cascaded):
+        return list(own)
+    last = len(own) - 1
+    return [c if c is not None else (o if j == last else None) for j, (o, c) in enumerate(zip(own, cascaded))]
+
+
 def main_aux_losses(line: dict) -> list[float | None] | None:
-    """Per module, the loss of the aux net that trains it, from one ``metrics.jsonl`` line: the cascaded one
-    where MLM has one (the independent one is weighted 0.001 and stays near chance), else its own."""
-    own, cascaded = line.get("train_independent_losses"), line.get("train_cascaded_losses")
-    if not own:
-        return None
-    return [c if c is not None else o for o, c in zip(own, cascaded or [None] * len(own))]
+    """:func:`main_path` of the per-module training losses in one ``metrics.jsonl`` line."""
+    own = line.get("train_independent_losses")
+    return main_path(own, line.get("train_cascaded_losses")) if own else None
 
 
 def module_losses(runs: list[dict]) -> list[float] | None:
@@ -128,26 +137,30 @@ def module_losses(runs: list[dict]) -> list[float] | None:
     return out
 
 
-def main_module_accuracies(run: dict) -> list[float] | None:
-    """Per module, the test accuracy of the aux net that trains it (``run["module_accuracies"]``, from `mlaan
-    eval --modules`): the cascaded one where MLM has one, else its own; the last entry is the network itself."""
+def main_module_accuracies(run: dict) -> list[float | None] | None:
+    """:func:`main_path` of the per-module test accuracies in ``run["module_accuracies"]`` (from `mlaan eval
+    --modules`); the last entry is the network itself."""
     measured = run.get("module_accuracies")
     if not measured or not measured.get("independent"):
         return None
-    own, cascaded = measured["independent"], measured.get("cascaded") or [None] * len(measured["independent"])
-    values = [c if c is not None else o for o, c in zip(own, cascaded)]
-    return None if any(v is None for v in values) else values
+    return main_path(measured["independent"], measured.get("cascaded"))
 
 
-def module_accuracy_means(runs: list[dict]) -> dict[str, list[float]]:
-    """Label → :func:`main_module_accuracies` averaged over its runs that have them (equal lengths only)."""
-    by_label: dict[str, list[list[float]]] = {}
+def module_accuracy_means(runs: list[dict]) -> dict[str, list[float | None]]:
+    """Label → :func:`main_module_accuracies` averaged over its runs that have them (equal lengths only; None
+    where a module has no aux net of its own that trains it)."""
+    by_label: dict[str, list[list[float | None]]] = {}
     for run in runs:
         values = main_module_accuracies(run)
         if values is not None:
             by_label.setdefault(run.get("label", run["method"]), []).append(values)
-    return {label: [statistics.fmean(column) for column in zip(*lists)]
+    return {label: [_mean_or_none(column) for column in zip(*lists)]
             for label, lists in by_label.items() if len({len(v) for v in lists}) == 1}
+
+
+def _mean_or_none(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.fmean(present) if present else None
 
 
 def module_table(runs: list[dict]) -> str:
@@ -159,7 +172,7 @@ def module_table(runs: list[dict]) -> str:
     width = max(len(v) for v in means.values())
     rows = []
     for label, values in means.items():
-        cells = [f"{100 * v:.1f}" for v in values]
+        cells = ["—" if v is None else f"{100 * v:.1f}" for v in values]
         rows.append([label, *([""] * (width - len(cells))), *cells])  # end-to-end: its network under the last
     return common.format_table(["method", *(str(j) for j in range(1, width + 1))], rows)
 
@@ -184,13 +197,9 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
                 ax_err.fill_between(epochs, [100 * v for v in low], [100 * v for v in high], color=color, alpha=0.2)
         losses = module_losses(group)
         if losses:
-            ax_mod.plot(range(1, len(losses) + 1), losses, color=color, label=method, marker="o", markersize=3)
+            _per_module(ax_mod, losses, color, method)
         if method in accuracies:
-            values = [100 * v for v in accuracies[method]]
-            if len(values) == 1:  # end-to-end: one module, the network; a reference line across the others
-                axes[2].axhline(values[0], color=color, linestyle="--", label=f"{method} (network)")
-            else:
-                axes[2].plot(range(1, len(values) + 1), values, color=color, label=method, marker="o", markersize=3)
+            _per_module(axes[2], [math.nan if v is None else 100 * v for v in accuracies[method]], color, method)
     panels = [
         (ax_err, "epoch", "test error (%)", "test error per epoch (mean over seeds, band: min–max)"),
         (ax_mod, "local module", "training loss of its main aux net (last epoch)",
@@ -200,3 +209,12 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
         panels.append((axes[2], "local module", "test accuracy of its main aux net (%)",
                        "per-module test accuracy (mean over seeds)"))
     common.save_panels(fig, panels, path, title)
+
+
+def _per_module(ax, values: list[float], color: str, method: str) -> None:
+    """One method's per-module values on ``ax``; an end-to-end method has one module, the network, drawn as a
+    dashed reference line across the local modules of the others."""
+    if len(values) == 1:
+        ax.axhline(values[0], color=color, linestyle="--", label=f"{method} (network)")
+    else:
+        ax.plot(range(1, len(values) + 1), values, color=color, label=method, marker="o", markersize=3)
