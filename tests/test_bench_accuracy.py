@@ -330,20 +330,27 @@ def test_epoch_band_takes_a_resumed_epochs_later_line():
     assert epochs == [1, 2] and mean == pytest.approx([0.5, 0.3]) and (low[0], high[0]) == (0.4, 0.6)
 
 
-def test_sigterm_to_the_harness_alone_stops_and_saves_its_runs(tmp_path):
-    """`kill PID` of the harness (its runs are not signalled): the running run saves at a step boundary, the next
-    one never starts, the harness waits for it and exits 143 — no run is left behind, orphaned."""
-    out = tmp_path / "out"
+def _harness_mid_run(out: Path) -> subprocess.Popen:
+    """A real `bench accuracy` of dgl then bp (500 epochs of a tiny synthetic set), returned once dgl has logged
+    its first epoch: mid-run."""
     cmd = [sys.executable, "-m", "mlaan", "bench", "accuracy", "--methods", "dgl,bp", "--dataset", "synthetic",
            "--arch", "resnet20", "--k", "3", "--epochs", "500", "--batch-size", "32", "--threads", "1",
            "--train-arg", "--synthetic-train-size 64 --synthetic-test-size 32 --workers 0", "--output-dir", str(out)]
     harness = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
                                env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    deadline = time.monotonic() + 300
+    while not (out / "dgl" / "seed0" / "metrics.jsonl").exists():
+        assert harness.poll() is None and time.monotonic() < deadline, harness.communicate()
+        time.sleep(0.2)
+    return harness
+
+
+def test_sigterm_to_the_harness_alone_stops_and_saves_its_runs(tmp_path):
+    """`kill PID` of the harness (its runs are not signalled): the running run saves at a step boundary, the next
+    one never starts, the harness waits for it and exits 143 — no run is left behind, orphaned."""
+    out = tmp_path / "out"
     try:
-        deadline = time.monotonic() + 300
-        while not (out / "dgl" / "seed0" / "metrics.jsonl").exists():  # its first epoch is done: mid-run
-            assert harness.poll() is None and time.monotonic() < deadline, harness.communicate()
-            time.sleep(0.2)
+        harness = _harness_mid_run(out)
         harness.send_signal(signal.SIGTERM)
         stdout, stderr = harness.communicate(timeout=300)
     finally:
@@ -354,6 +361,27 @@ def test_sigterm_to_the_harness_alone_stops_and_saves_its_runs(tmp_path):
     assert (out / "dgl" / "seed0" / "last.pt").exists() and not (out / "bp").exists()
     assert "dgl seed 0: stopped by SIGTERM, checkpoint saved" in stdout.decode()
     assert stderr.decode().strip().endswith("stopped by SIGTERM; run the same command again to continue")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_killed_harness_leaves_no_run_training_orphaned(tmp_path):
+    """SIGKILL of the harness (or the OOM killer) gives it no chance to pass anything on: its run is sent SIGTERM
+    by the kernel, saves at a step boundary and exits; the same command would continue it."""
+    out = tmp_path / "out"
+    try:
+        harness = _harness_mid_run(out)
+        harness.kill()
+        harness.communicate(timeout=60)
+        log = out / "logs" / "dgl-seed0.log"
+        deadline = time.monotonic() + 120
+        while "mlaan: stopped by SIGTERM at step" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # the run's last words are logged just before it exits
+    finally:
+        orphans = _kill_runs_under(out)
+    assert orphans == [] and "Traceback" not in log.read_text(), log.read_text()[-2000:]
+    assert "mlaan: stopped by SIGTERM at step" in log.read_text()
+    assert (out / "dgl" / "seed0" / "last.pt").exists() and not (out / "bp").exists()
 
 
 def _kill_runs_under(out) -> list[int]:

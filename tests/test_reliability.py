@@ -598,3 +598,40 @@ def test_config_files_are_read_with_safe_load(tmp_path, capsys, monkeypatch):
     code, _, err = cli(capsys, "train", "--config", cfg, "--output-dir", tmp_path / "o")
     assert_one_line_error(code, err, ["not valid YAML"])
     assert not (tmp_path / "PWNED").exists() and not (tmp_path / "o").exists()
+
+
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie no one has reaped yet counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_child_is_signalled_when_its_parent_is_killed():
+    """SIGKILL of a parent sends SIGTERM to the child it armed with ``signal_when_parent_dies`` — and only to
+    that one: the unarmed child, started the same way, lives on (so the test can tell)."""
+    code = ("import subprocess, sys, time\n"
+            "from mlaan.training.safety import signal_when_parent_dies\n"
+            "sleeper = [sys.executable, '-c', 'import time; time.sleep(120)']\n"
+            "armed = subprocess.Popen(sleeper, preexec_fn=signal_when_parent_dies())\n"
+            "plain = subprocess.Popen(sleeper)\n"
+            "print(armed.pid, plain.pid, flush=True)\n"
+            "time.sleep(120)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    armed, plain = (int(pid) for pid in parent.stdout.readline().split())
+    try:
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 30
+        while _alive(armed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(armed)
+        assert _alive(plain)
+    finally:
+        for pid in (armed, plain):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -11,7 +11,8 @@ training is left to it (each harness claims a run's folder before starting it, :
 SIGINT, SIGTERM or SIGHUP to the harness (or a run stopped by a signal) stops the comparison: every running run is
 passed the signal at once, saves its checkpoint at a step boundary and exits, no further run starts, and the
 harness waits for its runs, then exits with 128 + the signal number; the runs sit in their own process group, so
-that a Ctrl-C reaches each of them once, through the harness. The report
+that a Ctrl-C reaches each of them once, through the harness. Should the harness be killed outright, the kernel
+sends its runs SIGTERM (Linux), so they save and exit rather than train on, unwatched. The report
 (``accuracy.md``, ``accuracy.json``, ``curves.png``) covers every run in the folder: mean ± std of the final test
 error per method, each seed, and Δ vs BP and vs the base method as paired per-seed differences
 (:mod:`mlaan.bench.seeds`).
@@ -30,7 +31,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..atomic import atomic_write_text
-from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals
+from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals, signal_when_parent_dies
 from . import common, report, seeds
 
 ACCURACY_METHODS = ("bp", "dgl", "dgl+mlaan", "infopro", "infopro+mlaan", "dgl+mlm", "dgl+lam")
@@ -248,8 +249,10 @@ def _progress(folder: Path, epochs: int) -> str:
 def start_process(cmd: list[str], log) -> subprocess.Popen:
     """Start one `mlaan train` with its output going to the open file ``log``, in a process group of its own:
     a terminal's Ctrl-C reaches the harness alone, which passes it on once (a second signal would stop a run
-    at once instead of at a step boundary)."""
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    at once instead of at a step boundary). Should the harness itself be killed (SIGKILL, the OOM killer), the
+    run is sent SIGTERM and saves (Linux; :func:`signal_when_parent_dies`)."""
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            preexec_fn=signal_when_parent_dies(signal.SIGTERM))
 
 
 class _Job:

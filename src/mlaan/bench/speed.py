@@ -19,6 +19,7 @@ import argparse
 import contextlib
 import gc
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from mlaan.engine import phases
 
 from .. import runtime
 from ..training.loop import optimizer_step
+from ..training.safety import signal_when_parent_dies
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
 from .flops import step_flops
@@ -468,7 +470,9 @@ def plot(results: list[dict], path: Path) -> None:
 def busy_processes(n: int) -> Iterator[None]:
     """``n`` single-threaded busy-loop processes at this process's priority while inside: another job of the
     user's. (A niced one barely slows a step: the scheduler gives its core back to us.)"""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"],
+                              preexec_fn=signal_when_parent_dies(signal.SIGKILL))  # not left spinning if we are killed
+             for _ in range(n)]
     try:
         if procs:
             time.sleep(1.0)  # let them be scheduled, so the idle-core count sees them

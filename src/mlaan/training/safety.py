@@ -21,14 +21,16 @@ What ``mlaan train`` promises (issue 5):
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
 import socket
+import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +101,34 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     step boundary and shuts the workers down itself."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def signal_when_parent_dies(signum: int = signal.SIGTERM) -> Callable[[], None] | None:
+    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child is sent ``signum`` when this process dies, even by
+    SIGKILL or the OOM killer (Linux ``prctl(PR_SET_PDEATHSIG)``), so that a training run saves its checkpoint
+    and exits instead of training on, orphaned, and a helper process does not spin forever. None (Popen's
+    default: nothing) where the OS has no such call.
+
+    Linux sends the signal when the *thread* that started the child exits: start children from the main thread.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:  # in the child, between fork and exec
+        prctl(PR_SET_PDEATHSIG, int(signum))
+        if os.getppid() != parent:  # the parent died before the call: no one is left to send the signal
+            os._exit(128 + int(signum))
+
+    return arm
 
 
 # ---------------------------------------------------------------------------------------- input checks
