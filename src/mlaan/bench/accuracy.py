@@ -459,7 +459,7 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
         lines += ["Test accuracy (%) of each local module's main aux net (the cascaded one under MLM, else its "
                   "own; the last module is the network itself), mean over the seeds measured (`--modules`). "
                   "— : under MLM the first module has no cascade of its own; it learns through the second "
-                  "module's (its independent aux net, weighted w_ind = 0.001, stays near chance).", "",
+                  "module's (its independent aux net, weighted w_ind, 0.001 by default, stays near chance).", "",
                   modules_md, ""]
     if plots:
         lines += ["![test error per epoch and per-module aux loss](curves.png)"]

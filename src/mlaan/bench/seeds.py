@@ -109,9 +109,9 @@ def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list
 def main_path(own: Sequence[float | None], cascaded: Sequence[float | None] | None) -> list[float | None]:
     """Per module, the value of the aux net that trains it: its own (independent) one, or under MLM (``cascaded``
     has a value) the cascaded one. Under MLM the first module has no cascade of its own and its independent aux
-    net is weighted w_ind = 0.001 (it stays near chance): it learns through the second module's cascade, so its
-    entry is None rather than a chance-level figure that would read as a lagging module. The last module's
-    entry is the network itself on either path (METHOD.md §3)."""
+    net is weighted w_ind (0.001 by default: it stays near chance): it learns through the second module's
+    cascade, so its entry is None rather than a chance-level figure that would read as a lagging module. The
+    last module's entry is the network itself on either path (METHOD.md §3)."""
     if not cascaded or all(c is None for c in cascaded):
         return list(own)
     last = len(own) - 1
