@@ -432,6 +432,7 @@ def test_main_path_takes_the_aux_net_that_trains_each_module():
     own, cascaded = [0.1, 0.2, 0.3, 0.9], [None, 0.8, 0.85, None]
     assert seeds.main_path(own, None) == own  # no MLM: each module's own aux net
     assert seeds.main_path(own, [None] * 4) == own
+    assert seeds.main_path(own, [None, None, None, 0.9]) == own  # `mlaan eval --modules` of a DGL run
     # MLM: the cascaded aux nets; the first module has none (not its chance-level independent one); the last
     # module is the network itself on either path
     assert seeds.main_path(own, cascaded) == [None, 0.8, 0.85, 0.9]

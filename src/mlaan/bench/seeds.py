@@ -112,8 +112,8 @@ def main_path(own: Sequence[float | None], cascaded: Sequence[float | None] | No
     net is weighted w_ind (0.001 by default: it stays near chance): it learns through the second module's
     cascade, so its entry is None rather than a chance-level figure that would read as a lagging module. The
     last module's entry is the network itself on either path (METHOD.md §3)."""
-    if not cascaded or all(c is None for c in cascaded):
-        return list(own)
+    if not cascaded or all(c is None for c in cascaded[:-1]):  # no MLM (`mlaan eval` gives the network as both
+        return list(own)                                          # paths of the last module)
     last = len(own) - 1
     return [c if c is not None else (o if j == last else None) for j, (o, c) in enumerate(zip(own, cascaded))]
 
