@@ -12,9 +12,10 @@
 #   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1, one run at a
 #           time (~12 core-hours on this project's 2-core CPU), then dgl+lam seed 0 (~4), then a third seed of bp
 #           and dgl+mlaan (~6), to tighten the one gap the claim is about
-#   extra   the same recipe and folder: infopro+mlaan seed 0 (~9 core-hours, the longest single run), then dgl+lam,
-#           then the third seed. Run `full` and `extra` side by side, one core each. A run goes to the lane that
-#           gets to it first (the other finds its folder locked and leaves it), so the lanes end close together.
+#   extra   the same recipe and folder: infopro+mlaan seed 0 (~9 core-hours, the longest single run), then the
+#           third seed (dgl+mlaan first), then dgl+lam: the same runs in the other order, so that the lanes end
+#           close together. Run `full` and `extra` side by side, one core each. A run goes to the lane that gets
+#           to it first (the other finds its folder locked and leaves it).
 #   parity  fp32 (NCHW) against bf16 autocast + channels-last, bp and dgl+mlaan, 2 seeds, 2 epochs of 10k images
 #   sweep   dgl+mlaan defaults, one option at a time, 2 seeds, 2 epochs of 10k images
 set -euo pipefail
@@ -34,8 +35,8 @@ case "$WHAT" in
             "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}"
             "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 2 --jobs 1 --threads 1 "${FULL[@]}" ;;
     extra)  "${BENCH[@]}" --methods infopro+mlaan --seeds 0 --jobs 1 --threads 1 "${FULL[@]}"
-            "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}"
-            "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 2 --jobs 1 --threads 1 "${FULL[@]}" ;;
+            "${BENCH[@]}" --methods dgl+mlaan,bp --seeds 2 --jobs 1 --threads 1 "${FULL[@]}"
+            "${BENCH[@]}" --methods dgl+lam --seeds 0 --jobs 1 --threads 1 "${FULL[@]}" ;;
     parity) "${BENCH[@]}" --methods bp,dgl+mlaan --seeds 0,1 --jobs 1 "${SHORT[@]}" \
                 --train-arg "--no-channels-last --no-amp" --arm "bf16+cl=--amp --channels-last" \
                 --output-dir "$ROOT/parity" ;;
