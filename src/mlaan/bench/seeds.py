@@ -130,11 +130,9 @@ def module_losses(runs: list[dict]) -> list[float] | None:
     lists = [values for values in lists if values]
     if not lists:
         return None
-    out = []
-    for j in range(min(len(v) for v in lists)):
-        column = [v[j] for v in lists if v[j] is not None]
-        out.append(statistics.fmean(column) if column else math.nan)
-    return out
+    width = min(len(v) for v in lists)
+    means = (_mean_or_none([v[j] for v in lists]) for j in range(width))
+    return [math.nan if m is None else m for m in means]
 
 
 def main_module_accuracies(run: dict) -> list[float | None] | None:

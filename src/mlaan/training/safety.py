@@ -103,7 +103,6 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
