@@ -115,10 +115,13 @@ def test_a_run_another_process_is_training_is_left_to_it(tmp_path, fake_train, c
     held.acquire()  # as a second harness on the same folder would, through its `mlaan train`
     try:
         assert RunFolderLock.holder(held.folder).startswith(f"process {os.getpid()} on ")
-        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 0
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == accuracy.NOT_DONE_YET == 75
         assert [c[c.index("--method") + 1] for c in fake_train] == ["bp"]
-        out = capsys.readouterr().out
-        assert f"dgl seed 0: being trained by process {os.getpid()} on " in out and ", left to it" in out
+        captured = capsys.readouterr()
+        assert f"dgl seed 0: being trained by process {os.getpid()} on " in captured.out
+        assert ", left to it" in captured.out
+        assert captured.err == ("mlaan bench accuracy: not finished yet, being trained by another process: dgl seed 0; "
+                                "run the same command again when they are done to report them too\n")
         assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp", "--report-only")) == 0
         assert "dgl seed 0: unfinished, no epoch logged yet, being trained by process" in capsys.readouterr().out
     finally:
@@ -136,13 +139,27 @@ def test_a_run_another_harness_has_claimed_is_left_to_it(tmp_path, fake_train, c
     claim = HarnessClaim(tmp_path / "out" / "dgl" / "seed0")
     assert claim.try_acquire() is None
     try:
-        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 0
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == accuracy.NOT_DONE_YET
         assert [c[c.index("--method") + 1] for c in fake_train] == ["bp"]
         assert "dgl seed 0: being trained by process" in capsys.readouterr().out
     finally:
         claim.release()
     assert HarnessClaim.holder(claim.folder) is None  # each run's claim is given back when it ends
     assert HarnessClaim.holder(tmp_path / "out" / "bp" / "seed0") is None
+
+
+def test_a_comparison_whose_every_run_is_elsewhere_is_not_done_rather_than_failed(tmp_path, fake_train, capsys):
+    """Two invocations started together: the second one has nothing to train and no metrics to report yet."""
+    from mlaan.training.safety import HarnessClaim
+
+    claim = HarnessClaim(tmp_path / "out" / "dgl" / "seed0")
+    assert claim.try_acquire() is None
+    try:
+        assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == accuracy.NOT_DONE_YET
+    finally:
+        claim.release()
+    assert fake_train == [] and not (tmp_path / "out" / "accuracy.md").exists()
+    assert "not finished yet, being trained by another process: dgl seed 0" in capsys.readouterr().err
 
 
 def test_a_folder_keeps_its_recipe(tmp_path, fake_train):

@@ -7,7 +7,9 @@ adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt``
 continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
 again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``); a run that another process is
 training is left to it (each harness claims a run's folder before starting it, :class:`HarnessClaim`, and a plain
-`mlaan train` holds the folder's own lock), so several invocations of one command on one folder share the work.
+`mlaan train` holds the folder's own lock), so several invocations of one command on one folder share the work;
+an invocation that ends with such a run still unfinished exits with 75 (sysexits' EX_TEMPFAIL), not 0, so that a
+script does not take its report for the whole comparison.
 SIGINT, SIGTERM or SIGHUP to the harness (or a run stopped by a signal) stops the comparison: every running run is
 passed the signal at once, saves its checkpoint at a step boundary and exits, no further run starts, and the
 harness waits for its runs, then exits with 128 + the signal number; the runs sit in their own process group, so
@@ -503,10 +505,14 @@ def run(args: argparse.Namespace) -> int:
     failures, stopped = ([], None) if args.report_only else train_all(args, plan, out)
     if args.modules and stopped is None:
         failures += measure_modules(out, args)
+    # What is still unfinished after training, without a failure or a stop, another process is training.
+    left = [] if args.report_only else [(a, s) for a, s in plan if _state(run_dir(out, a, s)) != "finished"]
     if not collect_runs(out):
         if args.report_only:
             raise ValueError(f"--report-only: {out} holds no run with metrics yet; run the same command without "
                              "--report-only first")
+        if stopped is None and not failures and left:
+            return _left_to_others(left)
         if stopped is not None:
             return _stopped(stopped)
         print(f"mlaan bench accuracy: no run has produced metrics; see the logs in {out / 'logs'}", file=sys.stderr)
@@ -518,7 +524,21 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nwrote {', '.join(result['files'])}", flush=True)
     if stopped is not None:
         return _stopped(stopped)
-    return 1 if failures else 0
+    if failures:
+        return 1
+    return _left_to_others(left) if left else 0
+
+
+# sysexits' EX_TEMPFAIL: nothing failed, but the comparison is not complete yet; try again later.
+NOT_DONE_YET = 75
+
+
+def _left_to_others(left: list[tuple[Arm, int]]) -> int:
+    """The exit code when runs this command asked for are still being trained by another process."""
+    names = ", ".join(f"{arm.label} seed {seed}" for arm, seed in left)
+    print(f"mlaan bench accuracy: not finished yet, being trained by another process: {names}; run the same "
+          "command again when they are done to report them too", file=sys.stderr)
+    return NOT_DONE_YET
 
 
 def _stopped(signum: int) -> int:
