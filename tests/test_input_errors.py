@@ -143,3 +143,16 @@ def test_train_resnet20_without_k(tmp_path, capsys):
 
     summary = json.loads((out / "metrics.json").read_text())
     assert summary["config"]["local_modules"] == models.default_local_modules("resnet20")
+
+
+# ------------------------------------------------------------------------- found by a newcomer's test
+@pytest.mark.parametrize("flag,values,why", [("--infopro-lambda-task", ("-1", "0"), "must be non-negative weights"),
+                                             ("--infopro-lambda-recon", ("5", "-0.5"), "must be non-negative weights"),
+                                             ("--infopro-lambda-recon", ("5", "nan"), "must be a finite number")])
+def test_infopro_weights_must_be_finite_and_non_negative(tmp_path, capsys, flag, values, why):
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--method", "infopro", "--arch", "resnet20", "-K", "2",
+                           flag, *values, "--output-dir", out)
+    line = one_error_line(err)
+    assert code == 2 and why in line and flag[2:].replace("-", "_") in line
+    assert not out.exists()

@@ -41,8 +41,12 @@ class InfoProOptions:
         if not self.temperature > 0:  # a zero temperature divides by zero in the first step
             raise ValueError(f"need temperature > 0, got {self.temperature}")
         for name in ("infopro_lambda_recon", "infopro_lambda_task"):
-            if len(getattr(self, name)) != 2:
-                raise ValueError(f"{name} takes two values (first module, last module), got {getattr(self, name)}")
+            value = getattr(self, name)
+            if len(value) != 2:
+                raise ValueError(f"{name} takes two values (first module, last module), got {value}")
+            # A negative weight turns a loss into one to maximise: the module would learn to destroy information.
+            if not all(v >= 0.0 for v in value):  # (finite: checked for every option, mlaan.engine.options)
+                raise ValueError(f"{name} must be non-negative weights, got {value}")
 
 
 @register
