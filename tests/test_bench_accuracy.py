@@ -162,6 +162,14 @@ def test_a_comparison_whose_every_run_is_elsewhere_is_not_done_rather_than_faile
     assert "not finished yet, being trained by another process: dgl seed 0" in capsys.readouterr().err
 
 
+def test_a_recipe_none_of_whose_runs_saved_anything_is_replaced(tmp_path, fake_train):
+    """A first invocation whose runs all failed at start-up (a bad --train-arg) must not lock the folder."""
+    (tmp_path / "out" / "dgl" / "seed0").mkdir(parents=True)  # what the failed run left: its folder, no files
+    accuracy.check_recipe(tmp_path / "out", {**accuracy._recipe(_args(tmp_path)), "epochs": 9})
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
+    assert json.loads((tmp_path / "out" / "recipe.json").read_text())["epochs"] == 1
+
+
 def test_a_folder_keeps_its_recipe(tmp_path, fake_train):
     assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
     assert accuracy.run(_args(tmp_path, "--methods", "dgl+mlaan", "--seeds", "3")) == 0  # adding is fine
@@ -263,6 +271,7 @@ def test_a_run_stopped_while_starting_up_is_not_a_failure(tmp_path, stoppable_tr
     (["--vary", "window"], r"--vary 'window': expected OPTION=V1,V2"),
     (["--arm", "nolabel"], r"--arm 'nolabel': expected LABEL="),
     (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
+    (["--arch", "resnet20", "--k", "30", "--methods", "bp,dgl"], r"--k 30 is too large for resnet20 \(allowed 1 to 10"),
 ])
 def test_bad_harness_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
     from mlaan import cli as main_cli

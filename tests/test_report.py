@@ -104,3 +104,18 @@ def test_report_cli_takes_the_choices(runs, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["report", str(runs / "bp"), "--memory", "rss"])
     assert exit_info.value.code == 2 and "invalid choice: 'rss'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,choice,message", [
+    ("--bp", "nope", r"--bp nope: not one of the runs given \(bp, dgl, mlaan\)"),
+    ("--bp", "mlaan", r"--bp mlaan: that run trains dgl\+mlaan, not end to end"),
+    ("--base", "mlaan", r"--base mlaan: that run trains dgl\+mlaan, not a base method"),
+])
+def test_a_wrong_choice_of_base_run_is_refused_not_ignored(runs, tmp_path, capsys, flag, choice, message):
+    import re
+
+    code = main(["report", *(str(runs / n) for n in ("bp", "dgl", "mlaan")), flag, choice, "--memory", "none",
+                 "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()

@@ -185,9 +185,10 @@ def _recipe(args: argparse.Namespace) -> dict:
 
 
 def check_recipe(out: Path, recipe: dict) -> None:
-    """Record the folder's recipe, or refuse (ValueError) one that differs from the recorded one."""
+    """Record the folder's recipe, or refuse (ValueError) one that differs from the recorded one while a run of
+    that recipe is there (a recipe whose every run failed before saving anything is simply replaced)."""
     path = out / "recipe.json"
-    if not path.exists():
+    if not path.exists() or not any(_state(folder) != "new" for folder in out.glob("*/seed*")):
         common.write_json(path, recipe)
         return
     recorded = json.loads(path.read_text())
@@ -212,6 +213,10 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.lr <= 0 or args.weight_decay < 0:
         raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
+    limit = common.max_modules(args.arch, image_size=getattr(args, "image_size", None))
+    if args.k > limit and any(common.model_k(arm.method, args.k) > 1 for arm in methods):
+        raise ValueError(f"--k {args.k} is too large for {args.arch} (allowed 1 to {limit}: its residual blocks + "
+                         "the stem's module)")
     return methods, seed_list
 
 

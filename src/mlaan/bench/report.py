@@ -216,6 +216,22 @@ def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[st
     return None
 
 
+def check_chosen(runs: list[dict], bp: str | None, bases: tuple[str, ...]) -> None:
+    """ValueError unless ``bp`` (folder or name) is one of ``runs`` and trains end to end, and each of ``bases`` is
+    one of ``runs`` and a base method (no ``+``): a wrong choice would otherwise be ignored without a word."""
+    def find(choice: str, flag: str) -> dict:
+        for r in runs:
+            if choice in (r["path"], r["name"]) or Path(choice).resolve() == Path(r["path"]).resolve():
+                return r
+        raise ValueError(f"{flag} {choice}: not one of the runs given ({', '.join(r['name'] for r in runs)})")
+
+    if bp is not None and not common.end_to_end((run := find(bp, "--bp"))["method"]):
+        raise ValueError(f"--bp {bp}: that run trains {run['method']}, not end to end (bp)")
+    for base in bases:
+        if base_method((run := find(base, "--base"))["method"]) is not None:
+            raise ValueError(f"--base {base}: that run trains {run['method']}, not a base method (dgl, infopro, …)")
+
+
 def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), notes: list[str] | None = None,
           memory: dict[str, int | None] | None = None) -> str:
     """Markdown for one group of comparable runs: test error, Δ vs BP and Δ vs the base method (percentage
@@ -382,6 +398,7 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
     if not run_dirs:
         raise ValueError("no run folder given")
     runs = [load_run(d) for d in run_dirs]
+    check_chosen(runs, bp, bases)
     source = memory_source(runs, memory)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
