@@ -165,12 +165,16 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
            image_size: int | tuple[int, int] | None = None) -> Backbone:
     """Build architecture ``name`` (registered, or ``torchvision:NAME`` / ``timm:NAME`` cut by :func:`adapt`);
     ``image_size`` (a side or (H, W)) defaults to the entry's (:func:`defaults`: 224 for ImageNet nets and the
-    libraries' models, 32 otherwise). ValueError for an unknown name or bad sizes."""
+    libraries' models, 32 otherwise). Batches of another size are resized to it (bilinear, in forward) for a
+    library's model, and for a registered one when ``image_size`` is given (``mlaan train --image-size``; the
+    fully convolutional registered nets otherwise take any size as it comes). ValueError for an unknown name or
+    bad sizes."""
     check_arch(name)
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    chosen_size = image_size is not None
     if image_size is None:
         image_size = defaults(name).image_size
     split = _split_library(name)
@@ -186,4 +190,6 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
         backbone = adapt(model, image_size=image_size, in_channels=in_channels, name=name)
         backbone.resize_inputs = True  # built for image_size, trained on a data set of any size
         return backbone
-    return _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    backbone = _REGISTRY[name](num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    backbone.resize_inputs = backbone.resize_inputs or chosen_size
+    return backbone

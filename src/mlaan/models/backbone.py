@@ -52,8 +52,9 @@ class Backbone(nn.Module):
         self.feature_layout = feature_layout
         self.prefix_tokens = prefix_tokens
         self.__dict__["source"] = source  # not a submodule: its parameters are the blocks' own
-        # resize image batches of another size to image_size (bilinear) in forward: a library model trained at
-        # --image-size on a data set of another size (set by mlaan.models.create for torchvision:/timm: names)
+        # resize image batches of another size to image_size (bilinear) in forward: a model trained at
+        # --image-size on a data set of another size (set by mlaan.models.create for torchvision:/timm: names,
+        # and for a registered arch given an image_size)
         self.resize_inputs = False
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
