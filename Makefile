@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 DATA_DIR := /usr/share/datasets/fashion-mnist
 DATA_ROOT := data
 # On CPU the demo keeps configs/demo.yaml's model and method but trains on a subset for 2 epochs (~10 minutes
-# on 2 cores); on a GPU it runs the file's full recipe. Override either: make demo DEMO_CPU_FLAGS='--epochs 1'.
+# on 2 cores); on a GPU it runs the file's full recipe. DEMO_FLAGS come last and win, on either: make demo
+# DEMO_FLAGS='--epochs 1' keeps the rest of the CPU set; DEMO_CPU_FLAGS='...' replaces that whole set.
 DEMO_CPU_FLAGS ?= --epochs 2 --train-samples 16000 --batch-size 64 --lr 0.05 --warmup-epochs 0.2
 DEMO_FLAGS ?=
 

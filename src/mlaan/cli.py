@@ -229,6 +229,15 @@ def _add_train(subparsers) -> None:
                    help="hold the images on the training device and crop, flip and normalise whole batches there "
                         "instead of a DataLoader: for in-memory data sets (fashion-mnist, synthetic), much faster "
                         "for small images on a GPU; another random stream than the loader's (default: off)")
+    g = p.add_argument_group("output and resume")
+    g.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
+                   help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
+    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
+                   help="also write TensorBoard logs to <output-dir>/tensorboard")
+    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
+                   help="replace a finished or stopped run in the output folder")
+    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
+                   help="continue from PATH, or from <output-dir>/last.pt when no PATH is given")
     g = p.add_argument_group("parallelism (under torchrun; docs/PARALLELISM.md)")
     g.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
                    help="what torchrun's processes split: 'data' (each its share of every batch) or 'modules' (each "
@@ -242,14 +251,6 @@ def _add_train(subparsers) -> None:
     g.add_argument("--dist-timeout", dest="dist_timeout", type=float, default=S, metavar="SECONDS",
                    help="how long a process waits for another before the run fails instead of hanging "
                         "(default: 600)")
-    g.add_argument("--output-dir", dest="output_dir", default=S, metavar="DIR",
-                   help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
-    g.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=S,
-                   help="also write TensorBoard logs to <output-dir>/tensorboard")
-    g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
-                   help="replace a finished or stopped run in the output folder")
-    g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from PATH, or from <output-dir>/last.pt when no PATH is given")
     p.set_defaults(func=cmd_train)
 
 
