@@ -54,6 +54,16 @@ def test_channels_last_defaults_on_for_cpu_only():
     assert mps.threads is None  # a GPU run leaves torch's CPU threads alone
 
 
+def test_more_threads_than_cores_is_said(monkeypatch):
+    """`--threads 64` on 2 cores was taken without a word; its team would wait on itself."""
+    monkeypatch.setattr(runtime, "_usable_cpus", lambda: [0, 1])
+    path, warnings = runtime.resolve_fast_path(torch.device("cpu"), amp=False, channels_last=None, threads=64)
+    assert path.threads == 64 and len(warnings) == 1
+    assert warnings[0].startswith("--threads 64 x 1 process(es) is more than the 2 core(s)")
+    assert runtime.resolve_fast_path(torch.device("cpu"), amp=False, channels_last=None, threads=2)[1] == []
+    assert len(runtime.resolve_fast_path(torch.device("cpu"), False, None, threads=2, share=2)[1]) == 1
+
+
 def test_threads_follow_the_idle_cores_unless_chosen(monkeypatch):
     samples = iter([{0: (0, 0), 1: (0, 0)}, {0: (100, 100), 1: (2, 100)}])  # core 0 idle, core 1 busy
     monkeypatch.setattr(runtime, "_cpu_times", lambda: next(samples))

@@ -141,6 +141,10 @@ def resolve_fast_path(
     if channels_last is None:
         channels_last = device.type == "cpu"
     cpu_threads = choose_threads(threads, share) if device.type == "cpu" else None
+    cores = len(_usable_cpus())
+    if cpu_threads is not None and cpu_threads * share > cores:
+        warnings.append(f"--threads {cpu_threads} x {share} process(es) is more than the {cores} core(s) this "
+                        "process may use: the OpenMP team will wait on itself (slower, not faster)")
     return FastPath(dtype, bool(channels_last), cpu_threads, support), warnings
 
 
