@@ -335,9 +335,12 @@ def _add_eval(subparsers) -> None:
                    help="data folder (default: the training run's)")
     p.add_argument("--download", action="store_true", help="download the data set if missing")
     p.add_argument("--test-samples", dest="test_samples", type=int, default=None, metavar="N",
-                   help="evaluate on the first N test samples only")
+                   help="evaluate on the first N test samples only (default: the whole test split, whatever the "
+                        "training run's --test-samples)")
     p.add_argument("--batch-size", dest="batch_size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads (default: the cores idle when it starts)")
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print the result as JSON only")
     p.add_argument("--precise-bn", dest="precise_bn", type=int, default=None, metavar="N",
@@ -362,7 +365,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         distributed.cleanup(ctx)  # only the device is wanted: evaluation runs in one process
         device = ctx.device
         if device.type == "cpu":  # a team larger than the idle cores stalls (BENCHMARKS.md "CPU fast path")
-            runtime.apply_threads(runtime.choose_threads(None))
+            runtime.apply_threads(runtime.choose_threads(args.threads))
         state, meta = load_backbone(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         root = args.data_root or meta.get("data_root") or "data"
