@@ -119,9 +119,21 @@ def check_arch(name: str) -> None:
 
         if timm is None:
             raise ValueError(f"architecture {name!r} needs timm: pip install 'mlaan[timm]'")
-    if model not in library_names(library):
-        raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; see "
-                         f"mlaan.models.library_names({library!r}) for the supported names")
+    names = library_names(library)
+    if model not in names:
+        raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; {_listing(model, names)}")
+
+
+def _listing(model: str, names: list[str], at_most: int = 80) -> str:
+    """The supported names, all of them when few (torchvision's), else the closest to ``model`` (timm has
+    hundreds)."""
+    if len(names) <= at_most:
+        return f"supported: {', '.join(names)}"
+    import difflib
+
+    close = difflib.get_close_matches(model, names, n=8, cutoff=0.5)
+    shown = f"closest supported: {', '.join(close)}; " if close else ""
+    return f"{shown}{len(names)} in all (mlaan.models.library_names() lists them)"
 
 
 def defaults(name: str) -> ArchDefaults:
