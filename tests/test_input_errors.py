@@ -156,3 +156,10 @@ def test_infopro_weights_must_be_finite_and_non_negative(tmp_path, capsys, flag,
     line = one_error_line(err)
     assert code == 2 and why in line and flag[2:].replace("-", "_") in line
     assert not out.exists()
+
+
+def test_a_missing_imagenet_root_does_not_suggest_a_download(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", "--dataset", "imagenet", "--data-root", tmp_path / "nope", "--device",
+                           "cpu", "--output-dir", tmp_path / "run")
+    line = one_error_line(err)
+    assert code == 2 and "does not exist" in line and "--download" not in line and "train/ and val/" in line
