@@ -52,6 +52,8 @@ def test_runs_of_other_budgets_are_not_compared_and_the_difference_is_said(runs,
     assert short["Δ vs BP (pp)"] == "—"  # no BP run had its budget
     mlaan = dict(zip(COLUMNS, row(md, "mlaan")))
     assert mlaan["Δ vs BP (pp)"] != "—" and mlaan["Δ vs base (pp)"] != "—"
+    # "short" ended on its --max-steps budget; "mlaan" was stopped there too, then resumed to the schedule's end
+    assert short["finished"] == "--max-steps (2 of 4)" and mlaan["finished"] == "yes"
 
 
 def test_two_runs_of_the_base_method_need_an_explicit_choice(runs, tmp_path):

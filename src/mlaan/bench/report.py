@@ -111,6 +111,7 @@ def load_run(path: str | Path) -> dict:
         "num_epochs": _epochs_done(final, epochs, steps),
         "finished": bool(final),
         "steps": steps,
+        "planned_steps": _planned_steps(final, config),
         "test_accuracy": accuracy,
         "test_error": error,
         "best_accuracy": final.get("best_accuracy", max(accs) if accs else None),
@@ -268,7 +269,7 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
                 "—" if r["best_accuracy"] is None else f"{100 * r['best_accuracy']:.2f}",
                 format_bytes(mem),
                 "—" if r["wall_time"] is None else f"{r['wall_time'] / 60:.1f}",
-                "yes" if r["finished"] else "no",
+                _finished_text(r),
             ]
         )
     return common.format_table(
@@ -277,6 +278,23 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
          "wall min", "finished"],
         rows,
     )
+
+
+def _planned_steps(final: dict, config: dict) -> int | None:
+    """The steps of the whole schedule (``--epochs`` × steps per epoch), when the run's summary says."""
+    per_epoch, epochs = final.get("steps_per_epoch"), config.get("epochs")
+    return per_epoch * epochs if isinstance(per_epoch, int) and isinstance(epochs, int) else None
+
+
+def _finished_text(run: dict) -> str:
+    """"yes" for a run that trained its whole schedule; a run that ended early on ``--max-steps`` says so (it
+    finished its budget, not its schedule)."""
+    if not run["finished"]:
+        return "no"
+    planned, steps = run.get("planned_steps"), run["steps"]
+    if planned is not None and steps is not None and steps < planned:
+        return f"--max-steps ({steps} of {planned})"
+    return "yes"
 
 
 def _styles(runs: list[dict]) -> list[tuple[str, str]]:
