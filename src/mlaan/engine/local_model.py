@@ -555,10 +555,13 @@ def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone
     """K against the backbone and the method, and the cascade window against K (each option's own range is
     checked where it is declared, :mod:`mlaan.engine.options` and the methods' ``Options``)."""
     num_units = len(backbone.blocks) - 1
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_units:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise ValueError(f"num_local_modules must be an integer, got {k!r}")
+    if not 1 <= k <= num_units:
+        blocks = "block" if num_units == 2 else "blocks"
         raise ValueError(
             f"num_local_modules={k!r} is out of range for {backbone.name}: allowed 1 to {num_units} "
-            f"({num_units - 1} residual blocks + the stem's module)"
+            f"({num_units - 1} {blocks} after the stem + the stem's module)"
         )
     if spec.base.end_to_end and k != 1:
         raise ValueError(f"method {spec.name!r} trains end to end: num_local_modules must be 1, got {k}")
