@@ -163,3 +163,15 @@ def test_a_missing_imagenet_root_does_not_suggest_a_download(tmp_path, capsys):
                            "cpu", "--output-dir", tmp_path / "run")
     line = one_error_line(err)
     assert code == 2 and "does not exist" in line and "--download" not in line and "train/ and val/" in line
+
+
+def test_download_says_when_it_found_an_installed_copy_instead(tmp_path, capsys):
+    """`mlaan download --data-root DIR` answered "ready in /usr/share/…" and left DIR empty, without a word."""
+    from mlaan import data
+
+    if not data.SYSTEM_FASHION_MNIST.is_dir():
+        pytest.skip("needs Debian's dataset-fashion-mnist (no network here to download into DIR)")
+    code, out, _ = run_cli(capsys, "download", "--data-root", tmp_path / "dl")
+    assert code == 0 and f"found before {tmp_path / 'dl'}: nothing was downloaded" in out
+    code, out, _ = run_cli(capsys, "download", "--data-root", data.SYSTEM_FASHION_MNIST.parent)
+    assert code == 0 and out.strip() == f"fashion-mnist: ready in {data.SYSTEM_FASHION_MNIST}"

@@ -14,6 +14,7 @@ import sys
 import textwrap
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import yaml
@@ -521,8 +522,9 @@ def _add_download(subparsers) -> None:
         "Download a data set with torchvision into --data-root (what `make data` does for Fashion-MNIST "
         "when Debian's dataset-fashion-mnist cannot be installed).",
     )
-    p.add_argument("--dataset", default="fashion-mnist")
-    p.add_argument("--data-root", dest="data_root", default="data", metavar="DIR")
+    p.add_argument("--dataset", default="fashion-mnist", help="data set to fetch (default: fashion-mnist)")
+    p.add_argument("--data-root", dest="data_root", default="data", metavar="DIR",
+                   help="folder to download into (default: data)")
     p.set_defaults(func=cmd_download)
 
 
@@ -534,7 +536,9 @@ def cmd_download(args: argparse.Namespace) -> int:
     except (*INPUT_ERRORS, OSError) as err:
         raise CLIError(str(err)) from err
     where = dataset_folder(args.dataset, root)  # Fashion-MNIST: the folder its files are in
-    print(f"{args.dataset}: ready in {where}")
+    elsewhere = where is not None and not Path(where).resolve().is_relative_to(Path(root).resolve())
+    note = f" (an installed copy, found before {root}: nothing was downloaded; omit --data-root to use it)"
+    print(f"{args.dataset}: ready in {where}{note if elsewhere else ''}")
     return 0
 
 
