@@ -107,6 +107,26 @@ def test_grad_checkpointing_flag_and_changing_it_on_resume(tmp_path, capsys):
     assert summary["steps"] == 4 and summary["config"]["grad_checkpointing"] is False
 
 
+def test_image_size_resizes_the_batches_of_a_registered_arch(tmp_path, capsys):
+    """`--image-size` was recorded but ignored for the built-in ResNets (a newcomer's test): the same losses with
+    and without it."""
+    import torch.nn.functional as F
+
+    net = mlaan.models.create("resnet20", image_size=16).eval()
+    x = torch.randn(2, 3, 32, 32)
+    small = F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False, antialias=True)
+    torch.testing.assert_close(net(x), net(small))
+    assert not mlaan.models.create("resnet20").resize_inputs  # by default, any size is taken as it comes
+
+    losses = {}
+    for name, extra in (("own", []), ("16", ["--image-size", "16"])):
+        code, _, err = mlaan_cli(capsys, "train", *SYNTH, "--max-steps", "1", "--output-dir", tmp_path / name, *extra)
+        assert code == 0, err
+        summary = json.loads((tmp_path / name / "metrics.json").read_text())
+        losses[name] = summary["test_loss"]
+    assert summary["config"]["image_size"] == 16 and losses["16"] != losses["own"]
+
+
 # ------------------------------------------------------------------------------------------ eval / export
 def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--json")
@@ -136,6 +156,42 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["test_accuracy"] == pytest.approx(report["test_accuracy"])
     code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", out)
     assert code == 0 and "accuracy" in stdout and "error" in stdout
+
+
+def test_eval_takes_a_thread_count(trained, capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        code, stdout, err = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--threads", "1", "--json")
+        assert code == 0 and torch.get_num_threads() == 1, err
+    finally:
+        torch.set_num_threads(threads)
+    code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--threads", "0")
+    assert code == 2 and err.strip() == "mlaan: error: threads must be at least 1, got 0"
+
+
+def test_export_replaces_an_earlier_export_and_nothing_else(trained, tmp_path, capsys):
+    """A newcomer's `export --out R/last.pt` replaced the training checkpoint, `--out R/metrics.pt` the run's
+    metrics.json; both exited 0."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    before = {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()}
+    for out, why in ((run / "last.pt", "exists and is not an earlier mlaan export"),
+                     (run / "metrics.pt", "metrics.json exists and is not an mlaan export description"),
+                     (run, "is a folder; give a file name"),
+                     (tmp_path / "model.json", "ends in .json")):
+        code, _, err = mlaan_cli(capsys, "export", "--checkpoint", run / "last.pt", "--out", out)
+        assert code == 2 and err.startswith("mlaan: error: --out ") and why in err and "Traceback" not in err, err
+    assert {f.name: f.read_bytes() for f in run.iterdir() if f.is_file()} == before
+    assert not (tmp_path / "model.json").exists()
+
+    out = tmp_path / "model.pt"
+    for checkpoint in ("best.pt", "last.pt"):  # an earlier export is replaced, as a user re-exporting expects
+        code, _, err = mlaan_cli(capsys, "export", "--checkpoint", run / checkpoint, "--out", out)
+        assert code == 0, err
+    assert json.loads(out.with_suffix(".json").read_text())["step"] == torch.load(run / "last.pt")["step"]
 
 
 # ---------------------------------------------------------------------------------------------------- help
@@ -173,6 +229,23 @@ def test_python_dash_m_and_console_script():
     if script.exists():
         console = subprocess.run([str(script), "--help"], capture_output=True, text=True, env=env)
         assert console.returncode == 0 and console.stdout == module.stdout
+
+
+def test_the_readme_options_table_names_every_train_flag():
+    """The README's table of `mlaan train` options is written by hand; a newcomer found seven flags missing."""
+    import argparse
+    import re
+
+    from mlaan.cli import build_parser
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    start = readme.index("| group | options |")
+    table = readme[start:readme.index("\n\n", start)]
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    flags = {f for a in train._actions for f in a.option_strings
+             if f.startswith("--") and not f.startswith("--no-") and f not in ("--help", "--config")}
+    missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", table))
+    assert not missing, f"README options table lacks {missing}"
 
 
 HELP_WITHOUT_TORCH = """

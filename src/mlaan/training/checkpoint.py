@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import shutil
 import zipfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -42,8 +43,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_save, atomic_write_text
-from .config import FIELD_NAMES, TrainConfig, coerce, merge
+from ..atomic import atomic_save, atomic_write, atomic_write_text
+from .config import FIELD_NAMES, TrainConfig, coerce, merge, options_unused_by
 from .safety import OutputWriteError
 
 if TYPE_CHECKING:
@@ -172,15 +173,18 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
     """Refuse to resume with options (from flags or ``--config``) that change what the run computes.
 
     ``saved``: the checkpoint's config; ``given``: the values set explicitly for this invocation (already
-    converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked by :func:`check_compatible`.
-    An option the checkpoint lacks (added after the run started) counts as its default.
+    converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked by :func:`check_compatible`;
+    another method's options change nothing in this run's, so they are not compared. An option the checkpoint
+    lacks (added after the run started) counts as its default. The same whatever the output folder: a resumed
+    run continues the checkpoint's optimizer and schedule, which ignore a changed ``lr`` or ``epochs``.
     ValueError listing every conflicting option.
     """
     conflicts = []
     # an option the checkpoint does not record is newer than the run, which therefore ran with its default
     defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+    ignored = RESUME_FREE | set(IDENTITY_KEYS) | _unused_options(saved)
     for name, value in sorted(given.items()):
-        if name in RESUME_FREE or name in IDENTITY_KEYS or (name not in saved and name not in defaults):
+        if name in ignored or (name not in saved and name not in defaults):
             continue
         try:
             before = coerce(name, saved[name] if name in saved else defaults[name])
@@ -193,6 +197,15 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
             f"--resume: the options differ from those of the run in {Path(path).parent} "
             f"({'; '.join(conflicts)}); resume with the run's options, or start a new run in another --output-dir"
         )
+
+
+def _unused_options(saved: Mapping[str, Any]) -> frozenset[str]:
+    """The options the saved run's method does not read (none known when its method is missing or unknown
+    here: then everything is compared)."""
+    try:
+        return options_unused_by(saved["method"])
+    except (KeyError, ValueError):
+        return frozenset()
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -343,6 +356,35 @@ def training_state(
     if merged is not None:
         state.update(merged)
     return state
+
+
+def carry_over(source: str | os.PathLike, progress: Progress, folder: str | os.PathLike) -> list[str]:
+    """Resuming from ``source`` into another ``folder``: copy the checkpoint there as ``last.pt``, and the run's
+    ``best.pt`` beside it when that is the best of the run as it stood at the checkpoint (``progress``, restored
+    from it), so that the folder holds the run before its first save. Returns the names written. OSError when a
+    copy fails (the target is then as it was)."""
+    source, folder = Path(source), Path(folder)
+    _copy_atomically(source, folder / "last.pt")
+    best = source.parent / "best.pt"
+    if best.is_file() and _is_best_up_to(best, progress):
+        _copy_atomically(best, folder / "best.pt")
+        return ["last.pt", "best.pt"]
+    return ["last.pt"]
+
+
+def _is_best_up_to(path: Path, progress: Progress) -> bool:
+    """Whether ``path`` is the best checkpoint of the run at ``progress``: saved at or before that step and with the
+    same best accuracy (a best.pt saved after the resumed checkpoint, or damaged, is not carried over)."""
+    try:
+        best = load_training_checkpoint(path)
+    except (OSError, ValueError):
+        return False
+    return best["step"] <= progress.step and best["best_accuracy"] == progress.best_accuracy
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    with open(source, "rb") as src:
+        atomic_write(target, "wb", lambda f: shutil.copyfileobj(src, f))
 
 
 # --------------------------------------------------------------------------------- module-parallel shards
@@ -622,9 +664,32 @@ def describe_training_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     return meta
 
 
+def _check_export_target(out: Path, meta_path: Path) -> None:
+    """An export replaces only an earlier export: never a training checkpoint, a run's ``metrics.json`` or any
+    other file that happens to sit at ``out`` or ``out.json`` (ValueError naming it)."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name, e.g. {out / 'model.pt'}")
+    if out == meta_path:
+        raise ValueError(f"--out {out} ends in .json, the name of the description written beside the weights; "
+                         "use e.g. .pt")
+    earlier_export = False
+    if meta_path.exists():
+        try:
+            earlier_export = json.loads(meta_path.read_text()).get("format") == "mlaan-backbone"
+        except (OSError, ValueError, AttributeError):
+            earlier_export = False
+        if not earlier_export:
+            raise ValueError(f"--out {out}: {meta_path} exists and is not an mlaan export description (a run's "
+                             "results?); it is not replaced: choose another --out")
+    if out.exists() and not earlier_export:
+        raise ValueError(f"--out {out} exists and is not an earlier mlaan export (a training checkpoint?); it is "
+                         "not replaced: choose another --out")
+
+
 def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``; returns
-    both paths. ValueError when the checkpoint holds no backbone, FileNotFoundError when ``out``'s folder does
+    both paths. ValueError when the checkpoint holds no backbone, or ``out`` or ``out.json`` is a file other than
+    an earlier export (a training checkpoint, a run's metrics.json); FileNotFoundError when ``out``'s folder does
     not exist."""
     from ..data import data_option_keys
 
@@ -644,6 +709,7 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
     if out.parent and not out.parent.exists():
         raise FileNotFoundError(f"folder {out.parent} for --out does not exist")
     meta_path = out.with_suffix(".json")
+    _check_export_target(out, meta_path)
     meta = {
         "format": "mlaan-backbone",
         "arch": ckpt["arch"],

@@ -125,6 +125,7 @@ class _RunConfig:
         _check_parallel(cfg, spec)
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
+        check_output_dir_name(cfg.output_dir)
         if cfg.output_dir is None:
             arch = cfg.arch.replace(":", "-")
             cfg.output_dir = str(Path("runs") / f"{cfg.dataset}-{arch}-{cfg.method}-K{cfg.local_modules}")
@@ -147,6 +148,14 @@ def check_precise_bn(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError(f"precise_bn must be a number of batches >= 0 (0: off), got {value!r}")
     return value
+
+
+def check_output_dir_name(output_dir: str | None) -> None:
+    """ValueError for an output folder named by an empty (or blank) string: ``Path("")`` is the current folder,
+    so ``--output-dir "$UNSET"`` would write the run among whatever is there."""
+    if output_dir is not None and not str(output_dir).strip():
+        raise ValueError(f"output_dir {output_dir!r} is empty: name a folder (--output-dir DIR; an unset shell "
+                         "variable?), or leave it out for runs/<dataset>-<arch>-<method>-K<K>")
 
 
 def _check_parallel(cfg: _RunConfig, spec: Any) -> None:
@@ -180,6 +189,16 @@ TrainConfig = dataclasses.make_dataclass(
 )
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
+_OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
+
+
+def options_unused_by(method: str) -> frozenset[str]:
+    """The declared options that ``method`` never reads: those declared by another method (each option knows
+    its declaring method, ``OptionField.owner``). The engine's options all count as used: which method reads
+    which of them (``window`` without a cascade, say) is not declared anywhere. ValueError for an unknown
+    method."""
+    base = parse_method(method).base.name
+    return frozenset(name for name, owner in _OPTION_OWNERS.items() if owner not in ("engine", base))
 
 
 def coerce(name: str, value: Any) -> Any:

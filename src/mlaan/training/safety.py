@@ -258,11 +258,12 @@ def check_data_root(dataset: str, data_root: str | None, download: bool) -> None
     another copy of the data. FileNotFoundError when it does not exist, NotADirectoryError when it is a file."""
     from ..data import dataset_spec
 
-    if dataset_spec(dataset).root == "unused" or data_root is None or download:
+    spec = dataset_spec(dataset)
+    if spec.root == "unused" or data_root is None or download:
         return
     root = Path(data_root)
     if not root.exists():
-        raise FileNotFoundError(f"data root {data_root} does not exist (--data-root; add --download to fetch "
-                                f"{dataset} there)")
+        fix = f"add --download to fetch {dataset} there" if spec.downloadable else (spec.obtain or spec.root_hint)
+        raise FileNotFoundError(f"data root {data_root} does not exist (--data-root; {fix})")
     if not root.is_dir():
         raise NotADirectoryError(f"data root {data_root} is not a folder (--data-root)")

@@ -120,14 +120,13 @@ class Trainer:
         self.meter = loop.EpochMeter()  # the epoch in progress, not yet logged (restored from mid-epoch saves)
         self.checkpoints = ckpt_io.CheckpointSaver(self.out, writes=self.ctx.is_main)
         self._rng_to_restore = None
+        self._replaced: list[str] = []  # --overwrite: the old run's files, removed when the new run first writes
         self._stop = safety.StopSignals()  # entered by fit(): SIGINT/SIGTERM stop at a step boundary
         self._writer = None  # TensorBoard, opened by fit()
         self._fit_start = time.perf_counter()
         if ckpt is not None:
             ckpt_io.check_compatible(ckpt, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             ckpt_io.load_model_state(self.model, ckpt["model"], self.resume_path)
-        # checked after the model, so that a bad name, K or data root is reported as such even in a used folder
-        self._check_output_folder(resuming=ckpt is not None)
         self._use_fast_path()
         self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
         if self._pipelined:
@@ -140,6 +139,8 @@ class Trainer:
         self._build_optimization()
         if ckpt is not None:
             self._restore(ckpt)
+        # checked last, so that a bad name, K, data root or checkpoint is reported as such even in a used folder
+        self._check_output_folder()
 
     def _check_tensorboard(self) -> None:
         if self.cfg.tensorboard:
@@ -217,12 +218,12 @@ class Trainer:
             model.options.cascade_barriers = pp.boundaries(ranges)
         return pp.ModulePipeline(model, ranges, self.ctx.rank, cfg.boundary)
 
-    def _check_output_folder(self, resuming: bool) -> None:
+    def _check_output_folder(self) -> None:
         """Nothing in the output folder is touched unless resuming or told to overwrite (checked again by fit(),
         under the folder's lock, in case another run got there in between)."""
         if self.out.exists() and not self.out.is_dir():
             raise ValueError(f"output dir {self.out} exists and is not a folder")
-        self._check_no_other_run(resuming)
+        self._check_no_other_run()
         safety.check_output_dir(self.out)
 
     def _use_fast_path(self) -> None:
@@ -260,13 +261,28 @@ class Trainer:
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
         self.checkpoints.saved_step = self.progress.step
 
-    def _check_no_other_run(self, resuming: bool) -> None:
+    @property
+    def _resuming_in_place(self) -> bool:
+        """Resuming in the checkpoint's own folder (its files are this run's), rather than into another."""
+        return self.resume_path is not None and Path(self.resume_path).parent.resolve() == self.out.resolve()
+
+    def _check_no_other_run(self) -> None:
+        """Refuse a folder holding a run this invocation does not continue, unless ``--overwrite``: any run for a
+        fresh start; for a resume, any but the checkpoint's own (their files would be replaced by, or left mixed
+        with, the resumed run's)."""
         existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if existing and not resuming and not self.cfg.overwrite:
+        if not existing or self.cfg.overwrite or self._resuming_in_place:
+            return
+        if self.resume_path is None:
             raise safety.RunFolderInUse(
                 f"output dir {self.out} already holds a run ({', '.join(existing)}); "
                 "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
             )
+        raise safety.RunFolderInUse(
+            f"output dir {self.out} already holds another run ({', '.join(existing)}) than the one resumed from "
+            f"{self.resume_path}; resume into that run's own folder ({Path(self.resume_path).parent}) or an empty "
+            "--output-dir, or pass --overwrite to replace the run there"
+        )
 
     def _check_batch_of_one(self) -> None:
         """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
@@ -395,6 +411,7 @@ class Trainer:
                 if progress.best_accuracy < 0:
                     progress.best_accuracy, progress.best_epoch = last_eval["accuracy"], progress.epoch
             summary = self._summary(last_eval, start)
+            self._clear_replaced_run()
             if self.ctx.is_main:
                 text = json.dumps(summary, indent=2) + "\n"
                 self.checkpoints.guard(lambda: atomic_write_text(text, self.out / "metrics.json"),
@@ -439,8 +456,9 @@ class Trainer:
                 world_size=1 if self.pipeline else self.ctx.world_size,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
+            replaced = "; the run --overwrite was to replace is left as it was" if self._replaced else ""
             raise FloatingPointError(f"{err} at step {progress.step + 1} (epoch {epoch + 1}); "
-                                     f"{self.checkpoints.kept()}") from err
+                                     f"{self.checkpoints.kept()}{replaced}") from err
         if self.pipeline is not None:
             return self.meter.summary(self.pipeline.reduce_sums, 1)
         return self.meter.summary(self._reduce, self.ctx.world_size)
@@ -498,6 +516,7 @@ class Trainer:
         """Write ``last.pt`` (and ``best.pt``). Collective: under module parallelism every rank writes its shard
         first, rank 0 merges them and writes the manifest last."""
         merged = None
+        self._clear_replaced_run()
         if self.pipeline is not None:
             self.pipeline.drain()
             shard = self.pipeline.shard_state(self.optimizer)
@@ -516,6 +535,7 @@ class Trainer:
             self.ctx.barrier()
 
     def _end_of_epoch(self, record: dict) -> None:
+        self._clear_replaced_run()
         if self.ctx.is_main:
             jsonl = self.out / "metrics.jsonl"
             self.checkpoints.guard(lambda: metrics_log.log_epoch(jsonl, record), jsonl)
@@ -563,7 +583,7 @@ class Trainer:
         if self.ctx.is_main:
             try:
                 self._lock.acquire()
-                self._check_no_other_run(self.resume_path is not None)
+                self._check_no_other_run()
             except (ValueError, OSError) as err:
                 self._lock.abandon()
                 refused = err
@@ -575,14 +595,44 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         for stale in stale_temp_files(self.out, RUN_FILES):  # left by a run killed while saving
             stale.unlink(missing_ok=True)
-        if self.resume_path is None:  # a fresh run (validated: empty folder or --overwrite)
-            for name in RUN_FILES:
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / ckpt_io.SHARDS, ignore_errors=True)  # a replaced module-parallel run's
+        if self._resuming_in_place:  # keep the log lines up to the checkpoint, drop any written after it
+            metrics_log.keep_lines_up_to(self.out / "metrics.jsonl", self.progress.step)
+            (self.out / "metrics.json").unlink(missing_ok=True)
             return
-        # resuming: keep the log lines up to the checkpoint, drop any written after it
-        metrics_log.keep_lines_up_to(self.out / "metrics.jsonl", self.progress.step)
-        (self.out / "metrics.json").unlink(missing_ok=True)
+        # validated: a folder without a run, or --overwrite
+        shutil.rmtree(self.out / ckpt_io.SHARDS, ignore_errors=True)  # a replaced module-parallel run's
+        if self.resume_path is None:
+            # a fresh run: the replaced run's files stay until this one writes its first (_clear_replaced_run),
+            # so that a run failing before that (a non-finite loss at step 3) does not leave an empty folder
+            self._replaced = [name for name in RUN_FILES if (self.out / name).exists()]
+            return
+        for name in RUN_FILES:
+            (self.out / name).unlink(missing_ok=True)
+        self._carry_over()
+
+    def _carry_over(self) -> None:
+        """Resuming into another folder moves the run there, as a user who names a new folder expects: it gets the
+        checkpoint as last.pt, the run's best.pt up to it and its log lines up to it, so that it holds the whole
+        run at once. (Otherwise a finished run, with nothing left to train, would leave a metrics.json alone;
+        and a run would have no last.pt to resume from until its next save, nor a best.pt until it improves.)"""
+        source = Path(self.resume_path)
+        ckpt_io.carry_over(source, self.progress, self.out)
+        log = source.parent / "metrics.jsonl"
+        if log.is_file():
+            lines = metrics_log.read_metrics_lines(log, self.progress.step)
+            atomic_write_text("".join(line + "\n" for line in lines), self.out / "metrics.jsonl")
+
+    def _clear_replaced_run(self) -> None:
+        """Remove what is left of the run that ``--overwrite`` replaces, just before this run's first write."""
+        if not (self._replaced and self.ctx.is_main):
+            return
+        names, self._replaced = self._replaced, []
+
+        def remove() -> None:
+            for name in names:
+                (self.out / name).unlink(missing_ok=True)
+
+        self.checkpoints.guard(remove, self.out)
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def _record(self, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
@@ -635,7 +685,10 @@ class Trainer:
             "torch_version": torch.__version__,
             "fast_path": self.fast_path.to_dict(),
             "config": self.cfg.to_dict() | {"workers": self.workers},
-            "outputs": {name: str(self.out / name) for name in RUN_FILES},
+            # what the folder holds (metrics.json is written next): a run resumed past its end into a new folder
+            # has no metrics.jsonl or best.pt unless its own folder had them
+            "outputs": {name: str(self.out / name) for name in RUN_FILES
+                        if name == "metrics.json" or (self.out / name).exists()},
         }
 
     def _banner(self) -> str:
@@ -701,9 +754,9 @@ def make_trainer(
         ckpt = ckpt_io.load_training_checkpoint(path)
     config = merge(ckpt_io.resume_layer(ckpt, path) if ckpt is not None else {}, file_values, overrides)
     given = {k: coerce(k, v) for k, v in {**file_values, **overrides}.items()}  # this invocation's, converted
-    if ckpt is not None and Path(config.output_dir).resolve() == path.parent.resolve():
-        # continuing a run in its own folder: only where and how it runs may change (a fork into another
-        # --output-dir may change anything but arch/method/K)
+    if ckpt is not None:
+        # a resumed run is the same run, in its own folder or another: only where and how it runs may change
+        # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
         ckpt_io.check_resume_config(ckpt.get("config", {}), given, path)
     config = config.resolve()
     if "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
@@ -714,10 +767,17 @@ def make_trainer(
 def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
     """The checkpoint ``--resume`` names. For ``"auto"``, ``last.pt`` in the folder this invocation's options
     name: they are resolved on their own for that, since the checkpoint's options are not known before it is
-    read (FileNotFoundError when there is nothing to resume)."""
-    if str(resume) != AUTO_RESUME:
-        return Path(resume)
-    path = Path(merge(file_values, overrides).resolve().output_dir) / "last.pt"
+    read (FileNotFoundError when there is nothing to resume; RunFolderInUse when the checkpoint is not there yet
+    because another process is training in its folder)."""
+    auto = str(resume) == AUTO_RESUME
+    path = Path(merge(file_values, overrides).resolve().output_dir) / "last.pt" if auto else Path(resume)
     if not path.is_file():
-        raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist")
+        holder = safety.RunFolderLock.holder(path.parent) if path.parent.is_dir() else None
+        if holder is not None:
+            raise safety.RunFolderInUse(
+                f"--resume: {path} does not exist yet: {path.parent} is in use by another run ({holder}); wait "
+                "for it to save or finish, or stop it, then resume"
+            )
+        if auto:
+            raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist")
     return path

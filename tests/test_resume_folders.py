@@ -1,0 +1,132 @@
+"""`mlaan train --resume` and the output folder: a resumed run is the same run wherever it is written, never mixed
+with another run's files; an empty `--output-dir`, a folder in use and `--overwrite` are handled safely."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from test_reliability import TINY, assert_one_line_error, cli, snapshot
+
+from mlaan.cli import main
+from mlaan.training import checkpoint as ckpt_io
+from mlaan.training import safety
+from mlaan.training.config import options_unused_by
+from mlaan.training.trainer import RUN_FILES
+
+RUN = [*TINY, "--threads", "1", "--epochs", "1"]  # 2 steps per epoch
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    """Two tiny runs of different seeds: ``finished`` (seed 0, its one epoch done) and ``stopped`` (seed 7,
+    stopped by --max-steps after 1 of its 2 steps)."""
+    root = tmp_path_factory.mktemp("resume-folders")
+    folders = {"finished": root / "finished", "stopped": root / "stopped"}
+    for name, extra in (("finished", []), ("stopped", ["--seed", "7", "--max-steps", "1"])):
+        assert main([str(a) for a in ["train", *RUN, *extra, "--output-dir", folders[name]]]) == 0
+    return folders
+
+
+def seeds(folder: Path) -> dict[str, int]:
+    return {name: ckpt_io.load_training_checkpoint(folder / name)["config"]["seed"]
+            for name in ("last.pt", "best.pt") if (folder / name).exists()}
+
+
+def test_resume_into_a_folder_holding_another_run_is_refused_unless_overwrite(runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(runs["finished"], other)
+    before = snapshot(other)
+    resume = ["train", *RUN, "--seed", "7", "--max-steps", "2", "--output-dir", other,
+              "--resume", runs["stopped"] / "last.pt"]
+    code, _, err = cli(capsys, *resume)
+    assert_one_line_error(code, err, [str(other), "another run", str(runs["stopped"]), "--overwrite"])
+    assert snapshot(other) == before
+
+    code, _, err = cli(capsys, *resume, "--overwrite")
+    assert code == 0, err
+    assert seeds(other) == {"last.pt": 7, "best.pt": 7}  # nothing of the seed-0 run left beside the seed-7 one
+    lines = [json.loads(x) for x in (other / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["epoch"], r["step"]) for r in lines] == [(1, 2)]  # the resumed run's epoch, its only line
+    assert json.loads((other / "metrics.json").read_text())["config"]["seed"] == 7
+
+
+def test_resume_into_a_new_folder_refuses_changed_options(runs, tmp_path, capsys):
+    before = snapshot(runs["stopped"])
+    code, _, err = cli(capsys, "train", *RUN, "--seed", "7", "--lr", "0.3", "--output-dir", tmp_path / "fork",
+                       "--resume", runs["stopped"] / "last.pt")
+    assert_one_line_error(code, err, ["lr: 0.1 in the run, 0.3 given"])
+    assert not (tmp_path / "fork").exists() and snapshot(runs["stopped"]) == before
+
+
+def test_a_finished_run_resumed_into_a_new_folder_is_carried_over(runs, tmp_path, capsys):
+    moved = tmp_path / "moved"
+    code, out, err = cli(capsys, "train", *RUN, "--max-steps", "5", "--output-dir", moved,
+                         "--resume", runs["finished"] / "last.pt")
+    assert code == 0, err
+    for name in ("last.pt", "best.pt", "metrics.jsonl"):  # the run as it was: nothing was left to train
+        assert (moved / name).read_bytes() == (runs["finished"] / name).read_bytes(), name
+    outputs = json.loads((moved / "metrics.json").read_text())["outputs"]
+    assert sorted(outputs) == sorted(RUN_FILES) and all(Path(p).exists() for p in outputs.values())
+    code, _, err = cli(capsys, "train", *RUN, "--output-dir", moved, "--resume")  # a run of its own now
+    assert code == 0, err
+
+
+def test_outputs_list_only_the_files_there(runs, tmp_path, capsys):
+    """A checkpoint copied out of its folder has no log or best.pt beside it: none is claimed."""
+    (tmp_path / "saved").mkdir()
+    shutil.copy(runs["stopped"] / "last.pt", tmp_path / "saved" / "step1.pt")
+    code, _, err = cli(capsys, "train", *RUN, "--seed", "7", "--max-steps", "1", "--output-dir", tmp_path / "new",
+                       "--resume", tmp_path / "saved" / "step1.pt")
+    assert code == 0, err
+    outputs = json.loads((tmp_path / "new" / "metrics.json").read_text())["outputs"]
+    assert sorted(outputs) == ["last.pt", "metrics.json"]
+    assert all(Path(p).exists() for p in outputs.values())
+
+
+def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
+    """``--output-dir "$UNSET"`` would otherwise write the run into the current folder."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli(capsys, "train", *RUN, "--max-steps", "1", "--output-dir", "")
+    assert_one_line_error(code, err, ["output_dir ''", "empty", "--output-dir DIR"])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "path"])
+def test_resume_of_a_folder_in_use_says_by_whom(tmp_path, capsys, explicit):
+    busy = tmp_path / "busy"
+    lock = safety.RunFolderLock(busy)
+    lock.acquire()  # another run, started and not saved yet
+    try:
+        resume = ["--resume", busy / "last.pt"] if explicit else ["--resume"]
+        code, _, err = cli(capsys, "train", *RUN, "--output-dir", busy, *resume)
+    finally:
+        lock.release()
+    assert_one_line_error(code, err, ["in use by another run", f"process {os.getpid()} on "])
+
+
+def test_options_unused_by_a_method_are_the_other_methods():
+    assert "temperature" in options_unused_by("dgl+mlaan") and "temperature" not in options_unused_by("infopro")
+    assert "window" not in options_unused_by("dgl")  # the engine's: not declared per method, so compared
+
+
+def test_resume_compares_only_the_options_of_the_runs_method():
+    dgl = {"method": "dgl", "temperature": 0.07}
+    ckpt_io.check_resume_config(dgl, {"temperature": 0.5}, "runs/x/last.pt")  # dgl never reads it
+    with pytest.raises(ValueError, match=r"temperature: 0.07 in the run, 0.5 given"):
+        ckpt_io.check_resume_config({**dgl, "method": "infopro+mlaan"}, {"temperature": 0.5}, "runs/x/last.pt")
+
+
+def test_overwrite_keeps_the_old_run_until_the_new_one_writes(runs, tmp_path, capsys):
+    """A replacing run that fails before its first save (a non-finite loss at step 2) leaves the old run whole."""
+    old = tmp_path / "old"
+    shutil.copytree(runs["finished"], old)
+    before = snapshot(old)
+    code, _, err = cli(capsys, "train", *RUN, "--lr", "1e30", "--warmup-epochs", "0", "--output-dir", old,
+                       "--overwrite")
+    assert_one_line_error(code, err, ["non-finite", "the run --overwrite was to replace is left as it was"],
+                          exit_code=1)
+    assert snapshot(old) == before
