@@ -239,7 +239,8 @@ TRAIN = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", 
          "--threads", "1", "--parallel", "modules", "--seed", "2", "--precise-bn", "2"]
 
 
-def _torchrun(args: list[str], ranks: int = 2) -> None:
+def _torchrun(args: list[str], ranks: int = 2, expect: int = 0) -> str:
+    """`mlaan train ARGS` under torchrun; its output (stdout + stderr), once its exit code is ``expect``."""
     import socket
     import subprocess
     import sys
@@ -251,7 +252,8 @@ def _torchrun(args: list[str], ranks: int = 2) -> None:
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "mlaan", "train", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == expect, f"torchrun exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
 
 
 def _one_process(args: list[str]) -> None:
@@ -322,6 +324,16 @@ def test_train_parallel_modules_refuses_bad_settings_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_split_that_does_not_go_round_is_said_by_every_rank(tmp_path):
+    """Only rank 0 checked the split, while rank 1 waited for its partition in a broadcast and died of the lost
+    connection with a traceback (a newcomer's test)."""
+    flags = [f for f in TRAIN if f not in ("-K", "4")]
+    output = _torchrun([*flags, "-K", "3", "--window", "3", "--output-dir", str(tmp_path / "run")], expect=1)
+    line = "mlaan: error: K=3 local modules cannot be split over 2 ranks with at least 2 each"
+    assert output.count(line) == 2, output[-3000:]
+    assert "broadcast_object_list" not in output and not (tmp_path / "run").exists()
 
 
 def test_bad_parallel_choice_is_refused_by_the_parser(capsys):

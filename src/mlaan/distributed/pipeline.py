@@ -105,12 +105,19 @@ def _synchronize(device: torch.device) -> None:
 def partition_modules(costs: Sequence[float], ranks: int, min_modules: int = 1) -> list[range]:
     """Contiguous runs of local modules, one per rank, minimising the largest run's cost (exact min-max split);
     each run has at least ``min_modules`` modules. Raises ValueError when the modules do not go round."""
+    check_split(len(costs), ranks, min_modules)
+    return runs_from_sizes(split_sizes([float(c) for c in costs], ranks, min_modules))
+
+
+def check_split(k: int, ranks: int, min_modules: int = 1) -> None:
+    """ValueError unless ``k`` local modules go round ``ranks`` ranks with at least ``min_modules`` each: what
+    every rank can check for itself before rank 0 measures the modules (a rank that waited in a collective for a
+    rank 0 that had failed would die of a lost connection, not of the reason)."""
     if ranks < 1:
         raise ValueError(f"need at least one rank, got {ranks}")
-    if ranks * min_modules > len(costs):
-        raise ValueError(f"K={len(costs)} local modules cannot be split over {ranks} ranks with at least "
+    if ranks * min_modules > k:
+        raise ValueError(f"K={k} local modules cannot be split over {ranks} ranks with at least "
                          f"{min_modules} each; use fewer ranks or more modules")
-    return runs_from_sizes(split_sizes([float(c) for c in costs], ranks, min_modules))
 
 
 def boundaries(ranges: Sequence[range]) -> tuple[int, ...]:

@@ -207,10 +207,11 @@ class Trainer:
                 raise ValueError(f"this run cut its cascades at the boundaries of {saved['ranks']} ranks; resuming "
                                  f"it on {world} would change the algorithm (--boundary cut): use "
                                  f"{saved['ranks']} ranks")
+            low = pp.min_modules_per_rank(model, cfg.boundary)
+            pp.check_split(len(model.local_modules), world, low)  # on every rank, before the broadcast
             shared: list[Any] = [None]
             if self.ctx.is_main:
                 costs = pp.module_costs(model, cfg.partition, cfg.batch_size)
-                low = pp.min_modules_per_rank(model, cfg.boundary)
                 shared = [[(r.start, r.stop) for r in pp.partition_modules(costs, world, low)]]
             tdist.broadcast_object_list(shared, src=0)
             ranges = [range(a, b) for a, b in shared[0]]
