@@ -175,3 +175,33 @@ def test_download_says_when_it_found_an_installed_copy_instead(tmp_path, capsys)
     assert code == 0 and f"found before {tmp_path / 'dl'}: nothing was downloaded" in out
     code, out, _ = run_cli(capsys, "download", "--data-root", data.SYSTEM_FASHION_MNIST.parent)
     assert code == 0 and out.strip() == f"fashion-mnist: ready in {data.SYSTEM_FASHION_MNIST}"
+
+
+def test_a_config_that_names_an_option_twice_or_is_a_folder_is_refused(tmp_path, capsys):
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("batch_size: 64\nbatch-size: 16\n")
+    for config, why in ((twice, "sets batch_size twice ('batch_size' and 'batch-size'); keep one"),
+                        (tmp_path, "is a folder; give a YAML file")):
+        code, _, err = run_cli(capsys, "train", "--config", config, "--output-dir", tmp_path / "run")
+        assert code == 2 and why in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_folder_and_torchs_weights_only_advice(tmp_path, capsys):
+    """A folder was "does not exist"; a damaged file quoted torch's advice to load it with weights_only=False."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run")
+    inside = tmp_path / "run" / "last.pt"
+    assert code == 2 and f"is a folder, not a checkpoint file: give a file in it ({inside})" in err
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", garbage)
+    line = one_error_line(err)
+    assert code == 2 and "is not a readable checkpoint" in line and "weights_only" not in line, line
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_of(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
+                           "--epochs", "1", "--warmup-epochs", "3", "--max-steps", "1", "--output-dir", tmp_path / "r")
+    assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1" in err

@@ -90,6 +90,10 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
     FileNotFoundError when ``path`` is not a file; ValueError (naming the path) when it is damaged, not a
     checkpoint, or holds a pickled callable or class (refused, never called)."""
     path = Path(path)
+    if path.is_dir():
+        inside = [name for name in ("last.pt", "best.pt") if (path / name).is_file()]
+        hint = f": give a file in it ({', '.join(str(path / n) for n in inside)})" if inside else ""
+        raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     _check_archive(path)
@@ -102,7 +106,16 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
                 f"{path} is refused: it holds {code.group(1)}, not only tensors and plain data "
                 "(checkpoints are read with torch.load(weights_only=True), which never runs code from a file)"
             ) from err
-        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {err})") from err
+        raise ValueError(f"{path} is not a readable checkpoint ({type(err).__name__}: {_reason(err)})") from err
+
+
+def _reason(err: Exception) -> str:
+    """What ``torch.load`` said, without the advice it gives for ``weights_only=True`` (to load the file with
+    ``weights_only=False``, which would run any code in it): only its last word on what went wrong."""
+    text = str(err)
+    if "weights_only" in text and "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation", 1)[0]
+    return " ".join(text.split())[:200]
 
 
 def _check_archive(path: Path) -> None:

@@ -260,6 +260,8 @@ def _type_name(hint: Any) -> str:
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's keys, checked and converted (dashes in keys are accepted for underscores)."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"config file {path} is a folder; give a YAML file (configs/*.yaml)")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
@@ -275,9 +277,13 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(raw).__name__}")
-    values = {}
+    values: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name in spelled:  # batch_size and batch-size: YAML sees two keys, the run one option
+            raise ValueError(f"config file {path} sets {name} twice ({spelled[name]!r} and {key!r}); keep one")
+        spelled[name] = str(key)
         try:
             values[name] = coerce(name, value)
         except ValueError as err:

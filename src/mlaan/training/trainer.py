@@ -250,6 +250,9 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.warmup_epochs > cfg.epochs and self.ctx.is_main:  # e.g. a paper config's 10 with --epochs 2
+            print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} is longer than epochs={cfg.epochs}: the "
+                  f"learning rate never reaches --lr {cfg.lr:g} (lower --warmup-epochs)", file=sys.stderr)
         self.optimizer = loop.make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
         self.scheduler = loop.make_scheduler(self.optimizer, round(cfg.warmup_epochs * self.steps_per_epoch),
                                              self.total_steps)
