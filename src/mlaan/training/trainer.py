@@ -37,7 +37,7 @@ from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
-from .config import TrainConfig, coerce, load_yaml, merge
+from .config import TrainConfig, coerce, load_yaml, merge, options_unused_by
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
 AUTO_RESUME = "auto"
@@ -765,7 +765,16 @@ def make_trainer(
     config = config.resolve()
     if "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
+    _warn_unused(overrides, config.method)
     return Trainer(config, ckpt, path, log)
+
+
+def _warn_unused(given: dict[str, Any], method: str) -> None:
+    """One line (from the first process) for flags of another method's options, which this run never reads."""
+    unused = sorted(set(given) & options_unused_by(method))
+    if unused and os.environ.get("RANK", "0") == "0":
+        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
+        print(f"mlaan: warning: {flags}: not used by --method {method} (another method's option)", file=sys.stderr)
 
 
 def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
