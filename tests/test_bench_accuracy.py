@@ -216,12 +216,16 @@ class _StoppableTrain:
 
 @pytest.fixture
 def stoppable_train(monkeypatch):
+    # A background job of a non-interactive shell starts with SIGINT ignored, and the harness leaves an ignored
+    # signal alone: without this a Ctrl-C test run that way would wait forever for a stop that never comes.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(_StoppableTrain, "started", [])
     for flag in ("stop_first", "ctrl_c_at_start", "dies"):
         monkeypatch.setattr(_StoppableTrain, flag, False)
     monkeypatch.setattr(_StoppableTrain, "harness_signals", ())
     monkeypatch.setattr(accuracy, "start_process", _StoppableTrain)
-    return _StoppableTrain
+    yield _StoppableTrain
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_stopped_by_a_signal_stops_the_comparison(tmp_path, stoppable_train, monkeypatch, capsys):
