@@ -211,3 +211,19 @@ def test_another_methods_option_is_warned_of(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
                            "--method", "dgl", "--temperature", "0.5", "--max-steps", "1", "--output-dir", tmp_path)
     assert code == 0 and "warning: --temperature: not used by --method dgl (another method's option)" in err
+
+
+@pytest.mark.parametrize("command,why", [
+    (["train", "--resume", ""], "--resume '' is empty"),
+    (["export", "--checkpoint", "x.pt", "--out", ""], "--out is empty"),
+])
+def test_an_empty_path_is_called_empty(tmp_path, capsys, command, why):
+    code, _, err = run_cli(capsys, *command)
+    assert code == 2 and why in one_error_line(err)
+
+
+def test_a_config_that_names_the_same_key_twice_is_refused(tmp_path, capsys):
+    config = tmp_path / "twice.yaml"
+    config.write_text("batch_size: 16\nbatch_size: 8\n")
+    code, _, err = run_cli(capsys, "train", "--config", config, "--output-dir", tmp_path / "run")
+    assert code == 2 and "key 'batch_size' appears twice" in one_error_line(err)

@@ -112,6 +112,7 @@ def test_report_cli_takes_the_choices(runs, tmp_path, capsys):
     ("--bp", "nope", r"--bp nope: not one of the runs given \(bp, dgl, mlaan\)"),
     ("--bp", "mlaan", r"--bp mlaan: that run trains dgl\+mlaan, not end to end"),
     ("--base", "mlaan", r"--base mlaan: that run trains dgl\+mlaan, not a base method"),
+    ("--base", "bp", r"--base bp: that run trains bp, not a base method"),
 ])
 def test_a_wrong_choice_of_base_run_is_refused_not_ignored(runs, tmp_path, capsys, flag, choice, message):
     import re

@@ -483,6 +483,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .training import checkpoint as ckpt_io
 
     try:
+        if not args.out.strip():  # Path("") is the current folder
+            raise ValueError("--out is empty: give a file name, e.g. --out model.pt")
         ckpt = ckpt_io.load_training_checkpoint(args.checkpoint)
         _replace_with_precise_bn(ckpt, args)
         out, meta = ckpt_io.export_backbone(ckpt, args.out)

@@ -229,7 +229,8 @@ def check_chosen(runs: list[dict], bp: str | None, bases: tuple[str, ...]) -> No
     if bp is not None and not common.end_to_end((run := find(bp, "--bp"))["method"]):
         raise ValueError(f"--bp {bp}: that run trains {run['method']}, not end to end (bp)")
     for base in bases:
-        if base_method((run := find(base, "--base"))["method"]) is not None:
+        method = (run := find(base, "--base"))["method"]
+        if base_method(method) is not None or common.end_to_end(method):
             raise ValueError(f"--base {base}: that run trains {run['method']}, not a base method (dgl, infopro, …)")
 
 

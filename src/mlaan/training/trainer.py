@@ -782,6 +782,8 @@ def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrid
     name: they are resolved on their own for that, since the checkpoint's options are not known before it is
     read (FileNotFoundError when there is nothing to resume; RunFolderInUse when the checkpoint is not there yet
     because another process is training in its folder)."""
+    if not str(resume).strip():  # Path("") is the current folder
+        raise ValueError("--resume '' is empty: give a checkpoint file, or --resume alone for <output-dir>/last.pt")
     auto = str(resume) == AUTO_RESUME
     path = Path(merge(file_values, overrides).resolve().output_dir) / "last.pt" if auto else Path(resume)
     if not path.is_file():
