@@ -163,7 +163,7 @@ def check_compatible(ckpt: Mapping[str, Any], arch: str, method: str, local_modu
             flag = {"arch": "--arch", "method": "--method", "local_modules": "--local-modules"}[key]
             raise ValueError(
                 f"checkpoint {path} is for {key}={ckpt.get(key)!r} but this run has {flag} {wanted[key]!r}; "
-                "use a matching run or another --output-dir"
+                f"resume it with {flag} {ckpt.get(key)!r}, or start a new run (no --resume) in another --output-dir"
             )
 
 
