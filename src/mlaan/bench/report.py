@@ -18,6 +18,10 @@ import json
 from pathlib import Path
 
 from ..runtime import format_bytes
+
+# Imported now, not when first needed: `bench accuracy` keeps a process running for days, and a module first
+# imported after the code was updated would meet the old versions of those already loaded (an ImportError).
+from ..training import checkpoint as ckpt_io
 from . import common
 
 
@@ -125,8 +129,6 @@ def load_run(path: str | Path) -> dict:
 def _checkpoint_config(path: Path) -> dict | None:
     """An unfinished run's options, from its last checkpoint."""
     try:
-        from ..training import checkpoint as ckpt_io
-
         return ckpt_io.load_training_checkpoint(path).get("config")
     except (OSError, ValueError):
         return None
