@@ -207,8 +207,7 @@ def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[st
     fit and none was chosen."""
     if not candidates:
         return None
-    picked = [r for r in candidates if r["path"] in chosen or r["name"] in chosen
-              or str(Path(r["path"]).resolve()) in chosen]
+    picked = [r for r in candidates if any(_is_choice(r, c) for c in chosen)]
     if len(picked) == 1:
         return picked[0]
     if len(candidates) == 1:
@@ -219,12 +218,17 @@ def _chosen(candidates: list[dict], chosen: list[str], what: str, notes: list[st
     return None
 
 
+def _is_choice(run: dict, choice: str) -> bool:
+    """Whether ``--bp``/``--base`` ``choice`` names ``run``: its folder (spelled any way) or its name."""
+    return choice in (run["path"], run["name"]) or Path(choice).resolve() == Path(run["path"]).resolve()
+
+
 def check_chosen(runs: list[dict], bp: str | None, bases: tuple[str, ...]) -> None:
     """ValueError unless ``bp`` (folder or name) is one of ``runs`` and trains end to end, and each of ``bases`` is
     one of ``runs`` and a base method (no ``+``): a wrong choice would otherwise be ignored without a word."""
     def find(choice: str, flag: str) -> dict:
         for r in runs:
-            if choice in (r["path"], r["name"]) or Path(choice).resolve() == Path(r["path"]).resolve():
+            if _is_choice(r, choice):
                 return r
         raise ValueError(f"{flag} {choice}: not one of the runs given ({', '.join(r['name'] for r in runs)})")
 
@@ -242,7 +246,6 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
     points), memory, time. ``bp``/``bases``: the base runs chosen (folder or name) when a group has several."""
     notes = notes if notes is not None else []
     chosen = [c for c in (bp, *bases) if c]
-    chosen += [str(Path(c).resolve()) for c in chosen]
     end_to_end = [r for r in runs if common.end_to_end(r["method"])]
     bp_run = _chosen(end_to_end, chosen, "/".join(dict.fromkeys(r["method"] for r in end_to_end)), notes, "--bp")
     base_runs = {m: _chosen([r for r in runs if r["method"] == m], chosen, m, notes)
