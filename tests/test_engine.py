@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mlaan
+from mlaan.engine import parse_method
 from mlaan.engine.lam import LeapTrunk
 
 BATCH = 6
@@ -281,6 +283,59 @@ def test_inference_uses_only_the_backbone_and_exports_to_a_plain_model():
     plain.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------ which method reads what
+# A valid value other than the default for every engine option (a new option must be added here).
+OTHER_VALUE = {"window": 3, "w_ind": 0.5, "w_casc": 0.5, "ema_momentum": 0.5, "ema_update": "last", "ema_lag": 1,
+               "lam_depth": 2, "lam_shrink": 0.0, "depth_shrink": 1.0, "aux_head": "mlp", "aux_width": 5,
+               "balance": "memory", "balance_batch_size": 2, "grad_checkpointing": True, "cascade_barriers": (1,),
+               "image_mean": (0.5, 0.4, 0.3), "image_std": (2.0, 2.0, 2.0)}
+
+
+def two_steps(method: str, **options) -> tuple[list, dict]:
+    """Losses and final state (EMA twins included) of two SGD steps from seed 0."""
+    torch.manual_seed(0)
+    model = mlaan.create_local_model("resnet20", method, 1 if method == "bp" else 4, **options)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    x, y = batch()
+    losses = []
+    for _ in range(2):
+        losses.append(step(model, x, y)["module_losses"])
+        opt.step()
+        model.after_optimizer_step()
+    return losses, model.state_dict()
+
+
+def test_every_engine_option_names_the_part_that_reads_it():
+    from mlaan.engine.options import READERS, EngineOptions
+
+    fields = dataclasses.fields(EngineOptions)
+    assert {f.name for f in fields} == set(OTHER_VALUE)
+    assert all(f.metadata["read_by"] in READERS for f in fields)
+
+
+@pytest.mark.parametrize("method", ["bp", "dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan", "infopro", "infopro+mlaan",
+                                    "auglocal", "auglocal+lam"])
+def test_engine_options_a_method_does_not_read_change_nothing(method):
+    """``MethodSpec.engine_options`` is what ``--resume`` compares and what ``mlaan train`` warns about: every
+    other engine option, changed all at once, must leave two training steps bit-identical."""
+    unread = {k: v for k, v in OTHER_VALUE.items() if k not in parse_method(method).engine_options}
+    assert unread, "every method leaves some engine option unread"
+    losses, state = two_steps(method)
+    other_losses, other_state = two_steps(method, **unread)
+    assert losses == other_losses
+    assert state.keys() == other_state.keys() and all(torch.equal(state[k], other_state[k]) for k in state)
+
+
+@pytest.mark.parametrize("method,option", [("dgl+mlm", "window"), ("dgl+lam", "ema_momentum"),
+                                           ("dgl+lam", "lam_depth"), ("dgl", "aux_head")])
+def test_an_option_a_method_reads_changes_its_steps(method, option):
+    """The converse, so that the test above can fail: these change the run."""
+    assert option in parse_method(method).engine_options
+    losses, state = two_steps(method)
+    other_losses, other_state = two_steps(method, **{option: OTHER_VALUE[option]})
+    assert losses != other_losses or state.keys() != other_state.keys()
 
 
 # ------------------------------------------------------------------------------------------------ splits

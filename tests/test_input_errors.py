@@ -207,10 +207,12 @@ def test_a_warm_up_longer_than_the_run_is_warned_of(tmp_path, capsys):
     assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1" in err
 
 
-def test_another_methods_option_is_warned_of(tmp_path, capsys):
+def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
-                           "--method", "dgl", "--temperature", "0.5", "--max-steps", "1", "--output-dir", tmp_path)
-    assert code == 0 and "warning: --temperature: not used by --method dgl (another method's option)" in err
+                           "--method", "dgl", "--temperature", "0.5", "--window", "3", "--aux-width", "8",
+                           "--max-steps", "1", "--output-dir", tmp_path)
+    assert code == 0 and ("warning: not used by --method dgl, ignored: --temperature (an option of method infopro); "
+                          "--window (read by MLM's cascade (+mlm, +mlaan))\n") in err
 
 
 @pytest.mark.parametrize("command,why", [

@@ -187,3 +187,46 @@ def test_an_option_name_is_declared_once(monkeypatch):
     register(Shadow)
     with pytest.raises(ValueError, match=r"method 'shadow' declares option\(s\) the engine already has: window"):
         option_fields()
+
+
+def test_head_options_are_checked_when_a_method_registers(monkeypatch):
+    from mlaan.engine.methods import LocalMethod, register, registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+
+    class ReadsWindow(LocalMethod):
+        name, head_options = "reads-window", ("aux_head", "window")
+
+    with pytest.raises(ValueError, match=r"ReadsWindow.head_options must be a tuple of engine options an aux head "
+                                         r"reads \(depth_shrink, aux_head, aux_width, image_mean, image_std\); "
+                                         r"got \('aux_head', 'window'\)"):
+        register(ReadsWindow)
+
+
+def test_make_head_reads_only_what_its_method_declares(monkeypatch):
+    """``ctx.options`` holds the method's own options and its ``head_options``: an engine option read without
+    being declared would be one ``--resume`` does not compare, so reading it is an error that names the fix."""
+    from torch import nn
+
+    from mlaan.engine.methods import LocalMethod, register, registry
+
+    monkeypatch.setattr(registry, "_METHODS", dict(registry._METHODS))
+    seen = {}
+
+    @register
+    class Peeks(LocalMethod):
+        name, head_options = "peeks", ("aux_width",)
+
+        def make_head(self, ctx):
+            seen["aux_width"] = ctx.options.aux_width
+            for name in ("aux_head", "window", "temperature"):  # undeclared: engine head, engine part, infopro's
+                with pytest.raises(AttributeError, match=rf"method 'peeks' reads option '{name}' in make_head "
+                                                         r"without declaring it: .*Peeks.head_options "
+                                                         r"\(readable here: aux_width\)"):
+                    getattr(ctx.options, name)
+            with pytest.raises(AttributeError, match="read-only"):
+                ctx.options.aux_width = 3
+            return nn.Identity()
+
+    mlaan.create_local_model("resnet20", method="peeks", num_local_modules=2, aux_width=7)
+    assert seen == {"aux_width": 7}

@@ -108,16 +108,23 @@ def test_resume_of_a_folder_in_use_says_by_whom(tmp_path, capsys, explicit):
     assert_one_line_error(code, err, ["in use by another run", f"process {os.getpid()} on "])
 
 
-def test_options_unused_by_a_method_are_the_other_methods():
+def test_options_unused_by_a_method_are_other_methods_and_engine_parts_it_lacks():
     assert "temperature" in options_unused_by("dgl+mlaan") and "temperature" not in options_unused_by("infopro")
-    assert "window" not in options_unused_by("dgl")  # the engine's: not declared per method, so compared
+    assert {"window", "w_ind", "ema_momentum", "lam_depth", "grad_checkpointing"} <= options_unused_by("dgl")
+    assert "window" not in options_unused_by("dgl+mlm") and "ema_momentum" in options_unused_by("dgl+mlm")
+    assert "ema_momentum" not in options_unused_by("dgl+lam") and "window" in options_unused_by("dgl+lam")
+    assert "aux_head" not in options_unused_by("dgl") and "aux_head" in options_unused_by("auglocal")
+    assert "depth_shrink" in options_unused_by("dgl+mlaan") and "depth_shrink" not in options_unused_by("auglocal")
+    assert {"aux_head", "balance"} <= options_unused_by("bp")
 
 
-def test_resume_compares_only_the_options_of_the_runs_method():
-    dgl = {"method": "dgl", "temperature": 0.07}
-    ckpt_io.check_resume_config(dgl, {"temperature": 0.5}, "runs/x/last.pt")  # dgl never reads it
-    with pytest.raises(ValueError, match=r"temperature: 0.07 in the run, 0.5 given"):
-        ckpt_io.check_resume_config({**dgl, "method": "infopro+mlaan"}, {"temperature": 0.5}, "runs/x/last.pt")
+@pytest.mark.parametrize("method,option,value,given", [("infopro+mlaan", "temperature", 0.07, 0.5),
+                                                       ("dgl+mlm", "window", 2, 3),
+                                                       ("dgl+lam", "ema_momentum", 0.995, 0.9)])
+def test_resume_compares_only_the_options_the_runs_method_reads(method, option, value, given):
+    ckpt_io.check_resume_config({"method": "dgl", option: value}, {option: given}, "runs/x/last.pt")  # unread
+    with pytest.raises(ValueError, match=rf"{option}: {value} in the run, {given} given"):
+        ckpt_io.check_resume_config({"method": method, option: value}, {option: given}, "runs/x/last.pt")
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_writes(runs, tmp_path, capsys):

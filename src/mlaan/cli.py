@@ -259,14 +259,15 @@ def _add_option_flags(parser: argparse.ArgumentParser, engine_group) -> None:
     """A flag ``--field-name`` for every declared option (engine's in ``engine_group``, each method's in a group
     of its own), typed and with its help and default, from the one declaration
     (:func:`mlaan.engine.options.option_fields`). Values are checked where the option is declared."""
-    from .training.config import OPTION_FIELDS
+    from .training.config import OPTION_FIELDS, who_reads
 
     groups = {"engine": engine_group}
     for f in OPTION_FIELDS:
         if f.owner not in groups:
             groups[f.owner] = parser.add_argument_group(f"{f.owner} options")
         default = list(f.default) if isinstance(f.default, tuple) else f.default
-        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.help} (default: {default})"}
+        reader = f"{who_reads(f.name)}; " if f.owner == "engine" else ""  # a method's options have their group
+        kwargs: dict = {"dest": f.name, "default": argparse.SUPPRESS, "help": f"{f.help} ({reader}default: {default})"}
         if f.metavar is not None:
             kwargs["metavar"] = f.metavar
         if f.type is bool:

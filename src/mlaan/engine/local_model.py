@@ -23,7 +23,7 @@ from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
-from .options import LocalOptions, make_options
+from .options import HeadOptions, LocalOptions, make_options
 from .phases import (
     AUX_FORWARD,
     AUX_LOSS,
@@ -176,7 +176,7 @@ class LocalModel(nn.Module):
             feature_shape=feature_shape,
             num_classes=self.num_classes,
             image_shape=self.image_shape,
-            options=self.options,
+            options=HeadOptions(self.options, type(self.spec.base)),
             later_blocks=later_blocks,
             kind_of=self._kind_of,
         )
@@ -568,7 +568,7 @@ def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone
     if spec.cascade and not 2 <= opts.window <= max(k, 2):
         raise ValueError(f"cascade window={opts.window} is not allowed with K={k}: allowed 2 to {max(k, 2)}")
     bad = [b for b in opts.cascade_barriers if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= k - 2]
-    if bad:
+    if spec.cascade and bad:  # without a cascade the barriers are not read
         raise ValueError(f"cascade_barriers={tuple(opts.cascade_barriers)} with K={k}: each must be a module "
                          f"index in 0 to {k - 2} (a barrier sits after that module)")
 

@@ -2,7 +2,8 @@
 
 An option is a field of a dataclass: the engine's own in :class:`EngineOptions` below, a method's in the
 ``Options`` dataclass of its :class:`~mlaan.engine.methods.LocalMethod` subclass. A field has a default and
-``metadata={"help": ...}``; its checks live in that dataclass's ``__post_init__`` (raising ValueError). From
+``metadata={"help": ...}`` (an engine option also names the part of a method that reads it, ``"read_by"``, see
+:data:`READERS`); its checks live in that dataclass's ``__post_init__`` (raising ValueError). From
 those declarations come the keyword options of ``create_local_model``, the flags of ``mlaan train``, the keys of
 its YAML configs, the ``config`` of ``metrics.json`` and the checkpoint, and what ``--resume`` compares.
 
@@ -24,54 +25,63 @@ EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalM
 BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
 
 
+# Which part of a method reads an engine option (its field's ``metadata["read_by"]``), and the methods that have
+# that part (:attr:`mlaan.engine.methods.MethodSpec.engine_options` asks a method which it has). A method that
+# lacks the part never reads the option: ``mlaan train`` warns when it is given, and ``--resume`` does not compare
+# it. ``tests/test_engine.py`` checks, for every method, that changing an option it does not read changes nothing.
+READERS = {
+    "mlm": "MLM's cascade (+mlm, +mlaan)",
+    "lam": "LAM's aux nets (+lam, +mlaan)",
+    "head": "the aux heads of the base methods that declare it (LocalMethod.head_options)",
+    "split": "the split into local modules (every method but bp)",
+    "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal)",
+}
+
+
+def _option(default: Any, read_by: str, help: str, **metadata: str) -> Any:
+    """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help."""
+    return field(default=default, metadata={"read_by": read_by, "help": help, **metadata})
+
+
 @dataclass
 class EngineOptions:
     """What the engine itself reads: MLM's cascade window and weights, LAM's trunks and EMA twins, the aux
     classifiers' shape, the split and recomputation (defaults: the published values, docs/METHOD.md#options)."""
 
-    window: int = field(default=2, metadata={"help": "MLM cascade window w: consecutive modules a cascaded loss "
-                                                     "reaches (2 to K)"})
-    w_ind: float = field(default=0.001, metadata={"help": "weight of the independent aux loss under MLM"})
-    w_casc: float = field(default=0.999, metadata={"help": "weight of the cascaded aux loss under MLM"})
-    ema_momentum: float = field(default=0.995, metadata={
-        "help": "LAM EMA momentum m in twin <- m*twin + (1-m)*block, in [0, 1)"})
-    ema_update: str = field(default="all", metadata={
-        "help": "which EMA twins follow their block after each step: 'all', or 'last' (the official CIFAR "
-                "code's behaviour)"})
+    window: int = _option(2, "mlm", "MLM cascade window w: consecutive modules a cascaded loss reaches (2 to K)")
+    w_ind: float = _option(0.001, "mlm", "weight of the independent aux loss under MLM")
+    w_casc: float = _option(0.999, "mlm", "weight of the cascaded aux loss under MLM")
+    ema_momentum: float = _option(0.995, "lam", "LAM EMA momentum m in twin <- m*twin + (1-m)*block, in [0, 1)")
+    ema_update: str = _option("all", "lam", "which EMA twins follow their block after each step: 'all', or 'last' "
+                                            "(the official CIFAR code's behaviour)")
     # A twin whose block is trained on another rank (module parallelism) can only see that block as it was one
     # step earlier without stalling the pipeline; the one-process engine can reproduce that lag exactly.
-    ema_lag: int = field(default=0, metadata={
-        "help": "LAM EMA twins follow their block as it was after the previous step (1) or after this one (0); "
-                "--parallel modules needs 1"})
-    lam_depth: int = field(default=4, metadata={"help": "copied later blocks in the earliest LAM aux nets"})
-    lam_shrink: float = field(default=1.0, metadata={
-        "help": "c of the LAM depth schedule, in [0, 1]: 1 ends at one block"})
-    depth_shrink: float = field(default=0.5, metadata={
-        "help": "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)"})
+    ema_lag: int = _option(0, "lam", "LAM EMA twins follow their block as it was after the previous step (1) or "
+                                     "after this one (0); --parallel modules needs 1")
+    lam_depth: int = _option(4, "lam", "copied later blocks in the earliest LAM aux nets")
+    lam_shrink: float = _option(1.0, "lam", "c of the LAM depth schedule, in [0, 1]: 1 ends at one block")
+    depth_shrink: float = _option(0.5, "head", "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)")
     # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)
     # cost dgl+mlaan at K=16 about one BP step more per step (BENCHMARKS.md).
-    aux_head: str = field(default="linear", metadata={
-        "help": f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}"})
-    aux_width: int = field(default=128, metadata={"help": "hidden width of the 'mlp' aux classifier"})
-    balance: str = field(default="blocks", metadata={
-        "help": "split by 'blocks' (counts differ by at most one) or 'memory' (InfoPro*: even step memory)"})
-    balance_batch_size: int = field(default=128, metadata={
-        "help": "the training batch whose step memory balance='memory' evens out",
-        "derived": "mlaan train sets it to --batch-size"})
+    aux_head: str = _option("linear", "head", f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}")
+    aux_width: int = _option(128, "head", "hidden width of the 'mlp' aux classifier")
+    balance: str = _option("blocks", "split", "split by 'blocks' (counts differ by at most one) or 'memory' "
+                                              "(InfoPro*: even step memory)")
+    balance_batch_size: int = _option(128, "split", "the training batch whose step memory balance='memory' evens out",
+                                      derived="mlaan train sets it to --batch-size")
     # Less peak memory for about one more forward of the recomputed blocks (two for the window's modules);
     # results are unchanged.
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute aux blocks (LAM trunks, EMA twins, AugLocal blocks) and the cascade window's module "
-                "graphs in backward: less peak memory for more forward compute, identical results"})
-    cascade_barriers: tuple[int, ...] = field(default=(), metadata={
-        "help": "local modules after which MLM cascades stop (no cascaded gradient flows into them from later "
-                "modules)",
-        "derived": "mlaan train sets it to the rank boundaries of --parallel modules --boundary cut"})
-    image_mean: tuple[float, ...] = field(default=(0.0,), metadata={
-        "help": "the data set's per-channel mean (InfoPro un-normalises images with it)",
-        "derived": "mlaan train sets it from the data set"})
-    image_std: tuple[float, ...] = field(default=(1.0,), metadata={
-        "help": "the data set's per-channel std", "derived": "mlaan train sets it from the data set"})
+    grad_checkpointing: bool = _option(False, "recompute", "recompute aux blocks (LAM trunks, EMA twins, AugLocal "
+                                       "blocks) and the cascade window's module graphs in backward: less peak "
+                                       "memory for more forward compute, identical results")
+    cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "
+                                                "cascaded gradient flows into them from later modules)",
+                                                derived="mlaan train sets it to the rank boundaries of --parallel "
+                                                        "modules --boundary cut")
+    image_mean: tuple[float, ...] = _option((0.0,), "head", "the data set's per-channel mean (InfoPro un-normalises "
+                                            "images with it)", derived="mlaan train sets it from the data set")
+    image_std: tuple[float, ...] = _option((1.0,), "head", "the data set's per-channel std",
+                                           derived="mlaan train sets it from the data set")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_momentum < 1.0:
@@ -195,6 +205,31 @@ class LocalOptions:
 
     def __repr__(self) -> str:
         return "LocalOptions(" + ", ".join(f"{k}={v!r}" for k, v in self.to_dict().items()) + ")"
+
+
+class HeadOptions:
+    """What a method's ``make_head`` reads as ``ctx.options``: a read-only view of a :class:`LocalOptions` that
+    holds the method's own options and the engine options it lists in ``head_options``, so that what a method
+    declares it reads is what it reads (``mlaan train --resume`` compares only those). Any other name raises
+    AttributeError naming the option and the declaration it needs."""
+
+    def __init__(self, options: LocalOptions, method: type) -> None:
+        own = {f.name for f in dataclasses.fields(method.Options)} if method.Options is not None else set()
+        object.__setattr__(self, "_options", options)
+        object.__setattr__(self, "_method", method)
+        object.__setattr__(self, "_readable", frozenset(own | set(method.head_options)))
+
+    def __getattr__(self, name: str) -> Any:
+        if name in self._readable:
+            return getattr(self._options, name)
+        method = self._method
+        raise AttributeError(
+            f"method {method.name!r} reads option {name!r} in make_head without declaring it: a method reads its "
+            f"own Options and the engine options it lists in {method.__qualname__}.head_options (readable here: "
+            f"{', '.join(sorted(self._readable)) or 'none'})")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError(f"ctx.options is read-only (setting {name!r})")
 
 
 def check_finite(values: dict[str, Any]) -> None:

@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from ..engine import parse_method
-from ..engine.options import LocalOptions, check_finite, option_fields
+from ..engine.methods import registered_methods
+from ..engine.options import READERS, EngineOptions, LocalOptions, check_finite, option_fields
 
 
 @dataclass
@@ -190,15 +191,30 @@ TrainConfig = dataclasses.make_dataclass(
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
+_READ_BY = {f.name: f.metadata["read_by"] for f in fields(EngineOptions)}  # engine option -> the part reading it
 
 
 def options_unused_by(method: str) -> frozenset[str]:
-    """The declared options that ``method`` never reads: those declared by another method (each option knows
-    its declaring method, ``OptionField.owner``). The engine's options all count as used: which method reads
-    which of them (``window`` without a cascade, say) is not declared anywhere. ValueError for an unknown
-    method."""
-    base = parse_method(method).base.name
-    return frozenset(name for name, owner in _OPTION_OWNERS.items() if owner not in ("engine", base))
+    """The declared options that ``method`` never reads: another method's (each option knows its declaring
+    method, ``OptionField.owner``) and the engine's that none of its parts reads
+    (:attr:`~mlaan.engine.methods.MethodSpec.engine_options`: ``window`` without a cascade, say). ValueError for
+    an unknown method."""
+    spec = parse_method(method)
+    return frozenset(name for name, owner in _OPTION_OWNERS.items()
+                     if (name not in spec.engine_options if owner == "engine" else owner != spec.base.name))
+
+
+def who_reads(name: str) -> str:
+    """Who reads option ``name``: "an option of method M", or the engine part (or the aux heads) that reads it
+    (for warnings and ``--help``)."""
+    owner = _OPTION_OWNERS[name]
+    if owner != "engine":
+        return f"an option of method {owner}"
+    read_by = _READ_BY[name]
+    if read_by == "head":
+        readers = [cls.name for cls in registered_methods() if name in cls.head_options]
+        return f"read by the aux heads of {', '.join(readers) or 'no built-in method'}"
+    return f"read by {READERS[read_by]}"
 
 
 def coerce(name: str, value: Any) -> Any:

@@ -37,7 +37,7 @@ from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
-from .config import TrainConfig, coerce, load_yaml, merge, options_unused_by
+from .config import TrainConfig, coerce, load_yaml, merge, options_unused_by, who_reads
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
 AUTO_RESUME = "auto"
@@ -770,11 +770,12 @@ def make_trainer(
 
 
 def _warn_unused(given: dict[str, Any], method: str) -> None:
-    """One line (from the first process) for flags of another method's options, which this run never reads."""
+    """One line (from the first process) for flags of options this run's method never reads: another method's,
+    or an engine option of a part it does not have (``--window`` for dgl, say), each with who reads it."""
     unused = sorted(set(given) & options_unused_by(method))
     if unused and os.environ.get("RANK", "0") == "0":
-        flags = ", ".join("--" + name.replace("_", "-") for name in unused)
-        print(f"mlaan: warning: {flags}: not used by --method {method} (another method's option)", file=sys.stderr)
+        reasons = "; ".join(f"--{name.replace('_', '-')} ({who_reads(name)})" for name in unused)
+        print(f"mlaan: warning: not used by --method {method}, ignored: {reasons}", file=sys.stderr)
 
 
 def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:

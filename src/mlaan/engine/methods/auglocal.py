@@ -31,6 +31,7 @@ class AugLocal(LocalMethod):
     aux_blocks = True
     description = "augmented local learning: fresh copies of sampled later blocks + linear probe"
     Options = AugLocalOptions
+    head_options = ("depth_shrink",)  # ctx.depth
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         from torch import nn

@@ -27,8 +27,8 @@ class AuxContext:
     feature_shape: tuple[int, ...]  # shape (no batch dim) of the features the head receives; see feature_kind
     num_classes: int
     image_shape: tuple[int, int, int]
-    # a mlaan.engine.options.LocalOptions (not imported: options.py imports the method registry): every option,
-    # flat, the engine's and each method's (``options.<field>``)
+    # a mlaan.engine.options.HeadOptions (not imported: options.py imports the method registry): read-only, the
+    # method's own options and the engine options it lists in ``head_options`` (``options.<field>``)
     options: Any
     # Fresh (re-initialised) copies of sampled later backbone blocks, shape-chained, for methods whose aux net
     # is made of backbone-like blocks (AugLocal): ``later_blocks(depth) -> (blocks, output feature shape)``.
@@ -81,6 +81,9 @@ class LocalMethod:
     end_to_end: ClassVar[bool] = False  # True for BP: a single module, no auxiliary heads
     listing_order: ClassVar[int] = 100  # position in help texts and error messages (baselines first)
     aux_blocks: ClassVar[bool] = False  # True when the aux net stacks backbone-like blocks (AugLocal)
+    # The engine options (``mlaan.engine.options.EngineOptions`` fields read by "head") that make_head reads as
+    # ``ctx.options.<name>``, ``ctx.depth`` included; a method that does not list one is not given it on resume.
+    head_options: ClassVar[tuple[str, ...]] = ()
     Options: ClassVar[type | None] = None  # a dataclass of this method's options, or None
 
     def make_head(self, ctx: AuxContext) -> nn.Module:

@@ -16,6 +16,7 @@ class DGL(LocalMethod):
     name = "dgl"
     listing_order = 10
     description = "decoupled greedy learning: auxiliary classifier + cross-entropy"
+    head_options = ("aux_head", "aux_width")
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         from ..heads import ClassifierLoss, make_feature_classifier

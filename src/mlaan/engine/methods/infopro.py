@@ -55,6 +55,7 @@ class InfoPro(LocalMethod):
     listing_order = 20
     description = "information propagation: image reconstruction + cross-entropy or supervised contrastive"
     Options = InfoProOptions
+    head_options = ("aux_head", "aux_width", "image_mean", "image_std")
 
     def make_head(self, ctx: AuxContext) -> nn.Module:
         from ._infopro_loss import InfoProLoss

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ..options import EngineOptions
 from .base import LocalMethod
 
 _METHODS: dict[str, type[LocalMethod]] = {}
@@ -29,6 +30,7 @@ def register(cls: type[LocalMethod]) -> type[LocalMethod]:
         raise ValueError(f"method name {name!r} is taken by {previous.__module__}.{previous.__qualname__}")
     if cls.Options is not None:
         _check_options_class(cls)
+    _check_head_options(cls)
     _METHODS[name] = cls
     return cls
 
@@ -52,6 +54,15 @@ def _check_options_class(cls: type[LocalMethod]) -> None:
         raise ValueError(f"{cls.__qualname__}.Options: option name(s) already in use: {', '.join(taken)}")
 
 
+def _check_head_options(cls: type[LocalMethod]) -> None:
+    """``head_options`` may name only the engine options an aux head reads (``"read_by": "head"``)."""
+    allowed = [f.name for f in dataclasses.fields(EngineOptions) if f.metadata["read_by"] == "head"]
+    wrong = [name for name in cls.head_options if name not in allowed]
+    if wrong or isinstance(cls.head_options, str):
+        raise ValueError(f"{cls.__qualname__}.head_options must be a tuple of engine options an aux head reads "
+                         f"({', '.join(allowed)}); got {cls.head_options!r}")
+
+
 def registered_methods() -> list[type[LocalMethod]]:
     """The registered method classes in listing order (baselines first)."""
     return sorted(_METHODS.values(), key=lambda cls: cls.listing_order)
@@ -70,6 +81,17 @@ class MethodSpec:
     def end_to_end(self) -> bool:
         """Whether the method trains end to end (BP): one module, no aux net; benchmarks compare against it."""
         return self.base.end_to_end
+
+    @property
+    def engine_options(self) -> frozenset[str]:
+        """The engine options (:class:`~mlaan.engine.options.EngineOptions`) this method reads: those of each
+        engine part it has (a field's ``"read_by"``: the split for every local method, MLM's cascade under
+        +mlm/+mlaan, LAM's aux nets under +lam/+mlaan, recomputation where there is something to recompute) and
+        the aux-head options its base method lists in ``head_options``. The others change nothing in its run."""
+        has = {"split": not self.end_to_end, "mlm": self.cascade, "lam": self.leap, "recompute": self.can_recompute,
+               "head": False}
+        by_part = {f.name for f in dataclasses.fields(EngineOptions) if has[f.metadata["read_by"]]}
+        return frozenset(by_part | set(self.base.head_options))
 
     @property
     def can_recompute(self) -> bool:
