@@ -43,7 +43,7 @@ def test_resume_into_a_folder_holding_another_run_is_refused_unless_overwrite(ru
     resume = ["train", *RUN, "--seed", "7", "--max-steps", "2", "--output-dir", other,
               "--resume", runs["stopped"] / "last.pt"]
     code, _, err = cli(capsys, *resume)
-    assert_one_line_error(code, err, [str(other), "another run", str(runs["stopped"]), "--overwrite"])
+    assert_one_line_error(code, err, [str(other), "already holds run files", str(runs["stopped"]), "--overwrite"])
     assert snapshot(other) == before
 
     code, _, err = cli(capsys, *resume, "--overwrite")
@@ -52,6 +52,18 @@ def test_resume_into_a_folder_holding_another_run_is_refused_unless_overwrite(ru
     lines = [json.loads(x) for x in (other / "metrics.jsonl").read_text().splitlines()]
     assert [(r["epoch"], r["step"]) for r in lines] == [(1, 2)]  # the resumed run's epoch, its only line
     assert json.loads((other / "metrics.json").read_text())["config"]["seed"] == 7
+
+
+def test_resume_back_into_an_earlier_folder_of_the_chain_is_refused_without_calling_it_another_run(
+        runs, tmp_path, capsys):
+    first, second = tmp_path / "first", tmp_path / "second"
+    shutil.copytree(runs["stopped"], first)
+    code, _, err = cli(capsys, "train", *RUN, "--output-dir", second, "--resume", first / "last.pt")
+    assert code == 0, err
+    before = snapshot(first)
+    code, _, err = cli(capsys, "train", *RUN, "--output-dir", first, "--resume", second / "last.pt")
+    assert_one_line_error(code, err, [f"output dir {first} already holds run files", str(second), "--overwrite"])
+    assert "another run" not in err and snapshot(first) == before
 
 
 def test_resume_into_a_new_folder_refuses_changed_options(runs, tmp_path, capsys):

@@ -282,10 +282,12 @@ class Trainer:
                 f"output dir {self.out} already holds a run ({', '.join(existing)}); "
                 "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
             )
+        # The folder may hold another run or an earlier copy of this one (a chain A -> B resumed back into A):
+        # either way its files would be replaced, so the message does not guess which.
         raise safety.RunFolderInUse(
-            f"output dir {self.out} already holds another run ({', '.join(existing)}) than the one resumed from "
-            f"{self.resume_path}; resume into that run's own folder ({Path(self.resume_path).parent}) or an empty "
-            "--output-dir, or pass --overwrite to replace the run there"
+            f"output dir {self.out} already holds run files ({', '.join(existing)}) and is not the folder of the "
+            f"checkpoint resumed from, {self.resume_path}; resume into that folder ({Path(self.resume_path).parent}) "
+            "or an empty --output-dir, or pass --overwrite to replace what is there"
         )
 
     def _check_batch_of_one(self) -> None:
