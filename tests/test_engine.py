@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -268,6 +269,18 @@ def test_each_module_runs_forward_once_and_updates_batchnorm_once(method, window
 
 
 # ------------------------------------------------------------------------------------- 6. inference/export
+def test_a_training_step_in_eval_mode_is_warned_of_but_not_the_engines_own_probe():
+    model = mlaan.create_local_model("resnet20", "dgl", 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model.single_value_batchnorms() == []  # a step in eval mode, on purpose: silent
+        step(model, *batch())
+    model.eval()
+    with pytest.warns(RuntimeWarning, match=r"eval mode: BatchNorm uses and keeps its running statistics; call "
+                                            r"model.train\(\) before training"):
+        step(model, *batch())
+
+
 def test_inference_uses_only_the_backbone_and_exports_to_a_plain_model():
     model = mlaan.create_local_model("resnet20", method="infopro+mlaan", num_local_modules=4)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

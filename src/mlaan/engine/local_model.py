@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -93,6 +94,8 @@ class LocalModel(nn.Module):
     Attributes a user relies on: ``backbone`` (plain model, used for inference), ``local_modules`` (views of the
     backbone's blocks, input to output), ``independent_heads`` and ``cascade_heads`` (aux nets, training only).
     """
+
+    _probing = False  # True while single_value_batchnorms takes its step in eval mode on purpose
 
     def __init__(
         self,
@@ -262,10 +265,12 @@ class LocalModel(nn.Module):
         device = next(self.backbone.parameters()).device
         try:
             self.eval()
+            self._probing = True  # eval mode on purpose: no BatchNorm statistic may move
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 images = torch.zeros(2, *self.image_shape, device=device)
                 self.train_step(images, torch.zeros(2, dtype=torch.long, device=device))
         finally:
+            self._probing = False
             for handle in handles:
                 handle.remove()
             for p, g in zip(params, grads):
@@ -315,7 +320,8 @@ class LocalModel(nn.Module):
         one value per local module: ``module_losses`` as weighted into the gradient (under MLM mostly the cascaded
         loss), ``independent_losses`` each module's own aux loss unweighted (the last module: its cross-entropy),
         ``cascaded_losses`` the cascaded aux net's loss unweighted (None where a module has none).
-        Raises FloatingPointError (before any optimizer step) when a local loss is not finite.
+        Raises FloatingPointError (before any optimizer step) when a local loss is not finite; warns
+        (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should.
         """
         step = self.begin_step(images, targets)
         x = step.images
@@ -327,6 +333,11 @@ class LocalModel(nn.Module):
         """A training step over the local modules ``modules`` (a contiguous range; default all K), to be driven
         module by module (:class:`LocalStep`): what ``train_step`` does in one call, and what a module-parallel
         rank does for the modules it owns. ``images`` (B, C, H, W), ``targets`` (B,)."""
+        if not self.training and not self._probing:
+            # BatchNorm would normalise with its running statistics and leave them as they are: a step that trains
+            # every weight but not as the run means to (a model.eval() for a test pass, then no model.train())
+            warnings.warn("training step on a LocalModel in eval mode: BatchNorm uses and keeps its running "
+                          "statistics; call model.train() before training", RuntimeWarning, stacklevel=3)
         return LocalStep(self, self.prepare_inputs(images), targets, modules)
 
     def _local_gradients(
