@@ -5,6 +5,7 @@ refuse a bad value with the same message."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -226,6 +227,7 @@ def test_make_head_reads_only_what_its_method_declares(monkeypatch):
                     getattr(ctx.options, name)
             with pytest.raises(AttributeError, match="read-only"):
                 ctx.options.aux_width = 3
+            assert copy.deepcopy(ctx.options).aux_width == 7  # a head may keep it, and models are deep-copied
             return nn.Identity()
 
     mlaan.create_local_model("resnet20", method="peeks", num_local_modules=2, aux_width=7)

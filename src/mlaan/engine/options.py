@@ -220,6 +220,8 @@ class HeadOptions:
         object.__setattr__(self, "_readable", frozenset(own | set(method.head_options)))
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy/pickle probe a half-built instance for dunders and our own attributes
+            raise AttributeError(name)
         if name in self._readable:
             return getattr(self._options, name)
         method = self._method
