@@ -62,10 +62,13 @@ def test_every_arm_and_seed_is_trained_once_then_reused(tmp_path, fake_train, ca
     args = _args(tmp_path, "--methods", "bp,dgl+mlaan", "--seeds", "0,1", "--vary", "window=2,3", "--jobs", "2")
     assert accuracy.run(args) == 0
     trained = sorted((c[c.index("--method") + 1], c[c.index("--seed") + 1], "--window" in c) for c in fake_train)
-    # window=2 is the default: only window=3 adds an arm (for each method given)
-    assert trained == sorted((m, s, w) for m in ("bp", "dgl+mlaan") for s in ("0", "1") for w in (False, True))
+    # window=2 is the default: only window=3 adds an arm, and only for the method that reads it
+    assert trained == sorted([("bp", s, False) for s in ("0", "1")]
+                             + [("dgl+mlaan", s, w) for s in ("0", "1") for w in (False, True)])
     assert all(c[c.index("--threads") + 1] == "1" for c in fake_train)  # one thread per run with --jobs 2
-    summary = json.loads((tmp_path / "out" / "accuracy.json").read_text())["summary"]
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert ", 1 thread per run, " in report["machine"]  # the runs' threads, not the harness's own
+    summary = report["summary"]
     varied = next(e for e in summary if e["label"] == "dgl+mlaan window=3")
     assert varied["vs_plain"]["mean"] == pytest.approx(0.05) and varied["vs_plain"]["seeds"] == [0, 1]
     fake_train.clear()

@@ -69,15 +69,16 @@ def run_dir(out: Path, arm: Arm, seed: int) -> Path:
 
 def parse_arms(methods: list[str], arm_texts: list[str], vary_texts: list[str]) -> list[Arm]:
     """Every method plain, then with each ``--arm LABEL=FLAGS`` and each one-at-a-time ``--vary OPTION=V1,V2``
-    value (a value equal to the option's default is the plain method itself and adds nothing)."""
-    from ..training.config import TrainConfig, coerce
+    value (a value equal to the option's default is the plain method itself and adds nothing, and so does an
+    option the method does not read: ``--vary window=2,3`` varies dgl+mlaan, not bp)."""
+    from ..training.config import TrainConfig, coerce, options_unused_by
 
-    variants: list[tuple[str, tuple[str, ...]]] = []
+    variants: list[tuple[str, tuple[str, ...], str | None]] = []  # label, flags, the option --vary varies
     for text in arm_texts:
         label, sep, flags = text.partition("=")
         if not sep or not label.strip() or not flags.strip():
             raise ValueError(f"--arm {text!r}: expected LABEL='--flag value ...', e.g. --arm \"bf16=--amp\"")
-        variants.append((label.strip(), tuple(flags.split())))
+        variants.append((label.strip(), tuple(flags.split()), None))
     defaults = TrainConfig()
     for text in vary_texts:
         option, sep, values = text.partition("=")
@@ -90,8 +91,9 @@ def parse_arms(methods: list[str], arm_texts: list[str], vary_texts: list[str]) 
             if coerce(name, value) == getattr(defaults, name):
                 continue
             flag = "--" + name.replace("_", "-")
-            variants.append((f"{name}={value}", _flag(flag, coerce(name, value))))
-    return [Arm(m) for m in methods] + [Arm(m, label, flags) for m in methods for label, flags in variants]
+            variants.append((f"{name}={value}", _flag(flag, coerce(name, value)), name))
+    return [Arm(m) for m in methods] + [Arm(m, label, flags) for m in methods for label, flags, option in variants
+                                        if option not in options_unused_by(m)]
 
 
 def _flag(flag: str, value: object) -> tuple[str, ...]:
@@ -165,7 +167,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "--channels-last\"")
     p.add_argument("--vary", action="append", default=[], metavar="OPTION=V1,V2",
                    help="one option at a time: an arm for each value that differs from the option's default, "
-                        "e.g. --vary window=2,3 --vary aux_head=linear,mlp (repeatable)")
+                        "e.g. --vary window=2,3 --vary aux_head=linear,mlp (repeatable; a method that does not read "
+                        "the option is not varied)")
     p.add_argument("--force", action="store_true", help="retrain runs that already finished")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing: write the report of what the folder holds (finished runs; unfinished ones "
@@ -312,11 +315,17 @@ class _StopForwarding(StopSignals):
         return signal.SIGTERM if signum == signal.SIGHUP else signum
 
 
+def run_threads(args: argparse.Namespace) -> int | None:
+    """The ``--threads`` each run gets: as given, else 1 when runs share the machine, else None (each run takes
+    the cores idle when it starts, ``mlaan train``'s default)."""
+    return args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
+
+
 def train_all(args: argparse.Namespace, plan: list[tuple[Arm, int]], out: Path) -> tuple[list[str], int | None]:
     """Train (or continue) every planned run, ``args.jobs`` at a time. Returns the failed runs' names and the
     stop signal's number (None if none came): a signal to the harness, or a run that exited stopped by one,
     is passed to every running run, and no further run is started."""
-    threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else None)
+    threads = run_threads(args)
     logs = out / "logs"
     logs.mkdir(exist_ok=True)
     queue, running, failures = list(plan), [], []
@@ -490,7 +499,10 @@ def run(args: argparse.Namespace) -> int:
     out = common.output_dir(args.output_dir, "accuracy")
     recipe = _recipe(args)
     check_recipe(out, recipe)
-    machine = common.machine_description() + f"; code {common.code_version()}"
+    threads = run_threads(args)
+    per_run = (f"{common.plural(threads, 'thread')} per run" if threads is not None
+               else "threads per run: the cores idle at its start")
+    machine = common.machine_description(per_run) + f"; code {common.code_version()}"
     if args.device in (None, "auto", "cpu"):
         machine += f"; {runtime.cpu_bf16() or 'no bf16'} CPU"
     print(f"mlaan bench accuracy on {machine}: {', '.join(a.label for a in arms)} x seeds "

@@ -187,13 +187,22 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
     return "\n".join(out)
 
 
-def machine_description() -> str:
-    """What the figures were measured on, e.g. "2-core CPU container, no GPU" or the CUDA card's name."""
+def machine_description(threads: str | None = None) -> str:
+    """What the figures were measured on, e.g. "2-core CPU (x86_64), torch 2.14.1, 2 threads, no GPU" or the
+    CUDA card's name. ``threads``: how many threads the measured work used, when not this process's own (a
+    harness whose runs are processes of their own)."""
     cores = os.cpu_count() or 0
-    cpu = f"{cores}-core CPU ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+    if threads is None:
+        threads = plural(torch.get_num_threads(), "thread")
+    cpu = f"{cores}-core CPU ({platform.machine()}), torch {torch.__version__}, {threads}"
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}; host {cpu}"
     return f"{cpu}, no GPU"
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 thread"``, ``"2 threads"``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def code_version() -> str:
