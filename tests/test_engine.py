@@ -330,6 +330,7 @@ def test_every_engine_option_names_the_part_that_reads_it():
 
 @pytest.mark.parametrize("method", ["bp", "dgl", "dgl+mlm", "dgl+lam", "dgl+mlaan", "infopro", "infopro+mlaan",
                                     "auglocal", "auglocal+lam"])
+@pytest.mark.filterwarnings("ignore:method .* does not read")
 def test_engine_options_a_method_does_not_read_change_nothing(method):
     """``MethodSpec.engine_options`` is what ``--resume`` compares and what ``mlaan train`` warns about: every
     other engine option, changed all at once, must leave two training steps bit-identical."""
@@ -339,6 +340,15 @@ def test_engine_options_a_method_does_not_read_change_nothing(method):
     other_losses, other_state = two_steps(method, **unread)
     assert losses == other_losses
     assert state.keys() == other_state.keys() and all(torch.equal(state[k], other_state[k]) for k in state)
+
+
+def test_the_api_warns_of_an_option_set_that_the_method_does_not_read():
+    with pytest.warns(UserWarning, match=r"method 'dgl' does not read window=3 \(read by MLM's cascade \(\+mlm, "
+                                         r"\+mlaan\)\): ignored"):
+        mlaan.create_local_model("resnet20", "dgl", 2, window=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlaan.create_local_model("resnet20", "dgl", 2, window=2, aux_width=7)  # a default, or read: silent
 
 
 @pytest.mark.parametrize("method,option", [("dgl+mlm", "window"), ("dgl+lam", "ema_momentum"),
@@ -404,6 +414,11 @@ def test_wrapping_ones_own_backbone_as_a_list_of_blocks():
         (dict(aux_head="big"), "unknown aux_head 'big'; allowed: mlp, linear"),
         (dict(balance="flops"), "unknown balance 'flops'; allowed: blocks, memory"),
         (dict(windw=2), "unknown option(s) windw; known:"),
+        (dict(window="2"), "window must be an integer, got '2'"),
+        (dict(infopro_lambda_recon=5), "infopro_lambda_recon must be a list of 2 numbers, got 5"),
+        (dict(cascade_barriers=[1.5]), "cascade_barriers must be a list of integers, got [1.5]"),
+        (dict(grad_checkpointing=1), "grad_checkpointing must be True or False, got 1"),
+        (dict(aux_head=None), "aux_head must be a string, got None"),
     ],
 )
 def test_bad_input_raises_value_error_naming_value_and_allowed(kwargs, needle):
@@ -412,6 +427,14 @@ def test_bad_input_raises_value_error_naming_value_and_allowed(kwargs, needle):
         mlaan.create_local_model(args.pop("arch"), **args)
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_options_of_a_close_type_are_taken_as_the_declared_one():
+    import numpy as np
+
+    options = mlaan.LocalOptions(w_ind=1, window=np.int64(3), image_mean=[0.5, 0.4, 0.3])
+    assert (options.w_ind, options.window, options.image_mean) == (1.0, 3, (0.5, 0.4, 0.3))
+    assert type(options.w_ind) is float and type(options.window) is int
 
 
 def test_names_for_help_texts():

@@ -3,6 +3,7 @@ train on, running out of memory; and defaults that fit every architecture and me
 
 from __future__ import annotations
 
+import json
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -207,12 +208,25 @@ def test_a_warm_up_longer_than_the_run_is_warned_of(tmp_path, capsys):
     assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1" in err
 
 
-def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_path, capsys):
+def test_precise_bn_on_more_images_than_the_training_set_says_how_many_it_used(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
-                           "--method", "dgl", "--temperature", "0.5", "--window", "3", "--aux-width", "8",
-                           "--max-steps", "1", "--output-dir", tmp_path)
-    assert code == 0 and ("warning: not used by --method dgl, ignored: --temperature (an option of method infopro); "
-                          "--window (read by MLM's cascade (+mlm, +mlaan))\n") in err
+                           "--precise-bn", "50", "--max-steps", "1", "--output-dir", tmp_path)
+    training_images = int(SYNTH[SYNTH.index("--synthetic-train-size") + 1])
+    assert code == 0 and (f"warning: --precise-bn 50 asks for 800 training images; the training set has "
+                          f"{training_images}, and precise BN uses them all") in err
+    code, out, _ = run_cli(capsys, "eval", "--checkpoint", tmp_path / "last.pt", "--json")
+    assert code == 0 and json.loads(out)["precise_bn_images"] == training_images
+
+
+def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: dgl\nlam_depth: 2\naux_width: 8\n")
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
+                           "--config", config, "--temperature", "0.5", "--window", "3", "--max-steps", "1",
+                           "--output-dir", tmp_path / "run")
+    assert code == 0 and ("warning: not used by --method dgl, ignored: lam_depth (--config): read by LAM's aux nets "
+                          "(+lam, +mlaan); --temperature: an option of method infopro; --window: read by MLM's "
+                          "cascade (+mlm, +mlaan)\n") in err
 
 
 @pytest.mark.parametrize("command,why", [

@@ -196,6 +196,8 @@ def test_a_backbone_without_any_conv_an_mlp_on_flattened_images():
         assert model.image_shape == (1, 28, 28)  # read from the first Linear
         losses = train(model, x, y, steps=3)
         assert losses[-1] < losses[0], method
+    as_one_module = mlaan.create_local_model(nn.Sequential(*copy.deepcopy(mlp)), method="dgl", num_local_modules=2)
+    assert as_one_module.image_shape == (1, 28, 28)  # an nn.Sequential, as a list
 
 
 def test_first_block_without_conv_is_a_one_line_error_not_stop_iteration():
@@ -347,6 +349,7 @@ def test_cli_trains_exports_and_evaluates_a_torchvision_arch(tmp_path, capsys):
     ("torchvision:googlenet", "; supported: convnext_base, "),  # the names themselves, not where to look them up
     ("timm:not_a_model", "timm"),
     ("timm:vit_tiny_patch16_22", "closest supported: vit_tiny_patch16_224, "),
+    ("timm:zzzz", "in all (mlaan.models.library_names('timm') lists them)"),
     ("keras:resnet", "unknown architecture 'keras:resnet'"),
 ])
 def test_cli_refuses_unknown_library_names_in_one_line(tmp_path, capsys, arch, message):

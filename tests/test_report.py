@@ -4,6 +4,7 @@ over resumed segments, bases chosen explicitly, and on CPU the training memory b
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -98,6 +99,20 @@ def test_on_cpu_the_memory_chart_is_the_training_accounting(runs, tmp_path):
     assert dict(zip(COLUMNS, row(md, "dgl")))["peak memory"] == format_bytes(expected)
     bp = measure_case("resnet20", "bp", 1, 16)["peak_bytes"]
     assert expected < bp  # what the RSS of both processes (mostly the torch runtime) hid
+
+
+def test_a_run_of_a_method_not_installed_here_is_reported_without_its_memory(runs, tmp_path):
+    plugin = tmp_path / "plugin-run"
+    shutil.copytree(runs / "dgl", plugin)
+    final = json.loads((plugin / "metrics.json").read_text())
+    final["config"]["method"] = "smooth+mlaan"  # trained with a plug-in since uninstalled
+    (plugin / "metrics.json").write_text(json.dumps(final))
+    said = []
+    result = report.write_report([runs / "bp", plugin], tmp_path / "out", log=said.append)
+    assert "method 'smooth+mlaan' is not installed here, so its memory is not accounted" in "\n".join(said)
+    cells = dict(zip(COLUMNS, row((tmp_path / "out" / "report.md").read_text(), "plugin-run")))
+    assert cells["method"] == "smooth+mlaan" and cells["test acc %"] and cells["peak memory"] == "—"
+    assert result["memory_source"] == "accounted"
 
 
 def test_report_cli_takes_the_choices(runs, tmp_path, capsys):

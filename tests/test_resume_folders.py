@@ -9,12 +9,14 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from test_reliability import TINY, assert_one_line_error, cli, snapshot
 
+import mlaan
 from mlaan.cli import main
+from mlaan.engine.options import options_unused_by
 from mlaan.training import checkpoint as ckpt_io
 from mlaan.training import safety
-from mlaan.training.config import options_unused_by
 from mlaan.training.trainer import RUN_FILES
 
 RUN = [*TINY, "--threads", "1", "--epochs", "1"]  # 2 steps per epoch
@@ -97,6 +99,15 @@ def test_outputs_list_only_the_files_there(runs, tmp_path, capsys):
     outputs = json.loads((tmp_path / "new" / "metrics.json").read_text())["outputs"]
     assert sorted(outputs) == ["last.pt", "metrics.json"]
     assert all(Path(p).exists() for p in outputs.values())
+
+
+def test_a_run_loads_back_as_its_whole_local_model(runs):
+    ckpt = torch.load(runs["finished"] / "last.pt", weights_only=True)
+    model = mlaan.load_local_model(runs["finished"] / "last.pt")
+    assert model.training and model.spec.name == ckpt["method"]
+    assert all(torch.equal(value, ckpt["model"][key]) for key, value in model.state_dict().items())
+    with pytest.raises(ValueError, match="metrics.json"):
+        mlaan.load_local_model(runs["finished"] / "metrics.json")
 
 
 def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):

@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import models
     from .engine import LocalModel, LocalOptions, available_methods, create_local_model
+    from .training.checkpoint import load_local_model
 
-__all__ = ["LocalModel", "LocalOptions", "available_methods", "create_local_model", "models"]
+__all__ = ["LocalModel", "LocalOptions", "available_methods", "create_local_model", "load_local_model", "models"]
 __version__ = "0.1.0"
 
 _FROM_ENGINE = ("LocalModel", "LocalOptions", "available_methods", "create_local_model")
@@ -25,6 +26,8 @@ def __getattr__(name: str) -> Any:
     """The public names and subpackages, imported when first asked for."""
     if name in _FROM_ENGINE:
         return getattr(importlib.import_module(".engine", __name__), name)
+    if name == "load_local_model":
+        return importlib.import_module(".training.checkpoint", __name__).load_local_model
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

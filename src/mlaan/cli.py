@@ -259,7 +259,8 @@ def _add_option_flags(parser: argparse.ArgumentParser, engine_group) -> None:
     """A flag ``--field-name`` for every declared option (engine's in ``engine_group``, each method's in a group
     of its own), typed and with its help and default, from the one declaration
     (:func:`mlaan.engine.options.option_fields`). Values are checked where the option is declared."""
-    from .training.config import OPTION_FIELDS, who_reads
+    from .engine.options import who_reads
+    from .training.config import OPTION_FIELDS
 
     groups = {"engine": engine_group}
     for f in OPTION_FIELDS:
@@ -393,8 +394,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-        if precise_bn:
-            _precise_bn(backbone.to(device), meta, precise_bn, device, train_set)
+        precise_bn_images = _precise_bn(backbone.to(device), meta, precise_bn, device, train_set) if precise_bn else 0
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
         if local_model is not None and precise_bn:  # the modules see the re-estimated backbone too
             local_model.backbone.load_state_dict(backbone.state_dict())
@@ -412,6 +412,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "test_error": 1.0 - result["accuracy"],
         "test_loss": result["loss"],
         "precise_bn": precise_bn,
+        "precise_bn_images": precise_bn_images,  # fewer than precise_bn batches hold when the training set is small
     }
     if local_model is not None:
         report["module_accuracies"] = evaluate_modules(local_model.to(device), loader, device)
@@ -422,6 +423,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         f"{args.checkpoint}: {meta['arch']} on {info.name} test ({result['count']} images): "
         f"accuracy {100 * report['test_accuracy']:.2f}%, error {100 * report['test_error']:.2f}%, "
         f"loss {report['test_loss']:.4f}"
+        + (f" (precise BN on {precise_bn_images} training images)" if precise_bn else "")
     )
     for path, accuracies in (report.get("module_accuracies") or {}).items():
         if any(a is not None for a in accuracies[:-1]):
@@ -438,12 +440,12 @@ def _precise_bn_batches(meta: Mapping[str, Any], given: int | None) -> int:
     return check_precise_bn(meta.get("precise_bn", 0) if given is None else given)
 
 
-def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, train_set) -> None:
+def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, train_set) -> int:
     """Re-estimate ``backbone``'s BatchNorm statistics in place on ``batches`` batches of ``train_set``, drawn as
-    ``mlaan train --precise-bn`` drew them for the checkpoint's evaluation."""
+    ``mlaan train --precise-bn`` drew them for the checkpoint's evaluation. Returns the images used."""
     from .training import precise_batchnorm
 
-    precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
+    return precise_batchnorm(backbone, train_set, batches, meta.get("batch_size", 128), device,
                       seed=meta.get("seed", 0), step=meta.get("step", 0))
 
 
@@ -467,7 +469,10 @@ def _add_export(subparsers) -> None:
         "Write the trained backbone's state_dict alone (no aux nets, no EMA twins) to --out, and FILE.json "
         "beside it with the architecture and normalisation. Load it with\n"
         "  net = mlaan.models.create(arch, num_classes=..., in_channels=..., image_size=...)\n"
-        "  net.load_state_dict(torch.load(FILE, weights_only=True))",
+        "  net.load_state_dict(torch.load(FILE, weights_only=True))\n"
+        "or, for a torchvision:NAME / timm:NAME arch (the export holds that class's own keys), into\n"
+        "  torchvision.models.NAME(num_classes=...) / timm.create_model(NAME, num_classes=...);\n"
+        "FILE.json's load_with says which.",
     )
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a training checkpoint (last.pt / best.pt)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict (e.g. model.pt)")

@@ -71,7 +71,8 @@ def parse_arms(methods: list[str], arm_texts: list[str], vary_texts: list[str]) 
     """Every method plain, then with each ``--arm LABEL=FLAGS`` and each one-at-a-time ``--vary OPTION=V1,V2``
     value (a value equal to the option's default is the plain method itself and adds nothing, and so does an
     option the method does not read: ``--vary window=2,3`` varies dgl+mlaan, not bp)."""
-    from ..training.config import TrainConfig, coerce, options_unused_by
+    from ..engine.options import options_unused_by
+    from ..training.config import TrainConfig, coerce
 
     variants: list[tuple[str, tuple[str, ...], str | None]] = []  # label, flags, the option --vary varies
     for text in arm_texts:

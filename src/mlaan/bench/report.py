@@ -356,12 +356,18 @@ def memory_source(runs: list[dict], choice: str) -> str:
 def accounted_memory(run: dict, log=print) -> int | None:
     """Peak training memory of one step of ``run``'s configuration at its batch size, by the exact accounting of
     ``mlaan bench memory``; None when the run's folder does not say enough to rebuild it."""
+    from ..engine import parse_method
     from ..training.config import OPTION_NAMES
     from .memory import measure_case
 
     config = run["config"]
     needed = (run["arch"], config.get("batch_size"), run["k"], run["in_channels"])
     if any(v is None for v in needed):
+        return None
+    try:
+        parse_method(run["method"])
+    except ValueError:  # a plug-in method that is not installed here: its other figures still count
+        log(f"  {run['name']}: method {run['method']!r} is not installed here, so its memory is not accounted")
         return None
     options = {name: config[name] for name in OPTION_NAMES if name in config}
     log(f"  accounting {run['name']}: {run['arch']} {run['method']} K={run['k']}, batch {config['batch_size']}")

@@ -24,7 +24,7 @@ from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
-from .options import HeadOptions, LocalOptions, make_options
+from .options import HeadOptions, LocalOptions, make_options, options_unused_by, who_reads
 from .phases import (
     AUX_FORWARD,
     AUX_LOSS,
@@ -677,6 +677,8 @@ def create_local_model(
     elif isinstance(arch, models.Backbone):
         backbone = arch
     elif isinstance(arch, nn.Module):
+        if image_size is None and isinstance(arch, nn.Sequential):  # an MLP on flattened images says its size
+            image_size = _infer_image_size(list(arch), in_channels)
         backbone = models.adapt(arch, image_size=image_size, in_channels=in_channels)
     elif isinstance(arch, Sequence) and arch and all(isinstance(b, nn.Module) for b in arch):
         size = image_size if image_size is not None else _infer_image_size(arch, in_channels) or 32
@@ -688,4 +690,17 @@ def create_local_model(
         )
     if num_local_modules is None:
         num_local_modules = default_num_local_modules(backbone, method)
-    return LocalModel(backbone, method, num_local_modules, num_classes, make_options(**options))
+    model = LocalModel(backbone, method, num_local_modules, num_classes, make_options(**options))
+    _warn_unread(model.spec.name, options, model.options)
+    return model
+
+
+def _warn_unread(method: str, given: dict[str, object], options: LocalOptions) -> None:
+    """A warning naming the options given a value other than their default that ``method`` never reads (a
+    ``window`` for dgl, say): they change nothing, which is rarely what their caller meant."""
+    defaults = LocalOptions().to_dict()
+    unread = [name for name in sorted(set(given) & options_unused_by(method))
+              if getattr(options, name) != defaults[name]]
+    if unread:
+        reasons = "; ".join(f"{name}={getattr(options, name)!r} ({who_reads(name)})" for name in unread)
+        warnings.warn(f"method {method!r} does not read {reasons}: ignored", UserWarning, stacklevel=3)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,6 +157,33 @@ def option_fields(include_derived: bool = True) -> list[OptionField]:
     return result
 
 
+def options_unused_by(method: str) -> frozenset[str]:
+    """The declared options that ``method`` never reads: another method's (each option knows its declaring
+    method, ``OptionField.owner``) and the engine's that none of its parts reads
+    (:attr:`~mlaan.engine.methods.MethodSpec.engine_options`: ``window`` without a cascade, say). ValueError for
+    an unknown method."""
+    from .methods.registry import parse_method
+
+    spec = parse_method(method)
+    return frozenset(f.name for f in option_fields()
+                     if (f.name not in spec.engine_options if f.owner == "engine" else f.owner != spec.base.name))
+
+
+def who_reads(name: str) -> str:
+    """Who reads option ``name``: "an option of method M", or the engine part (or the aux heads) that reads it
+    (for warnings and ``--help``). KeyError for an unknown name."""
+    field_ = {f.name: f for f in option_fields()}[name]
+    if field_.owner != "engine":
+        return f"an option of method {field_.owner}"
+    read_by = EngineOptions.__dataclass_fields__[name].metadata["read_by"]
+    if read_by == "head":
+        from .methods.registry import registered_methods
+
+        readers = [cls.name for cls in registered_methods() if name in cls.head_options]
+        return f"read by the aux heads of {', '.join(readers) or 'no built-in method'}"
+    return f"read by {READERS[read_by]}"
+
+
 class LocalOptions:
     """Every option of the engine and of the registered methods, flat: ``options.window``,
     ``options.temperature``, ... (what a method's ``make_head`` reads as ``ctx.options.<field>``).
@@ -170,7 +198,8 @@ class LocalOptions:
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        hints = {name: hint for _, cls in classes for name, hint in typing.get_type_hints(cls).items()}
+        values = {k: checked_type(k, v, hints[k]) for k, v in values.items()}
         check_finite(values)
         parts = []
         for _, cls in classes:
@@ -232,6 +261,39 @@ class HeadOptions:
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"ctx.options is read-only (setting {name!r})")
+
+
+def checked_type(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as option ``name`` of type ``hint`` holds it: an int for a float is a float, a list for a tuple a
+    tuple; anything else of the wrong type (a string for a number, say) raises a one-line ValueError naming the
+    option, the value and the type it needs."""
+    wanted: str
+    if hint is bool:
+        ok, wanted = isinstance(value, bool), "True or False"
+    elif hint is int:  # numbers.Integral takes numpy's integers too (a sweep over np.arange, say)
+        ok, wanted = isinstance(value, numbers.Integral) and not isinstance(value, bool), "an integer"
+        value = int(value) if ok else value
+    elif hint is float:
+        ok, wanted = isinstance(value, numbers.Real) and not isinstance(value, bool), "a number"
+        value = float(value) if ok else value
+    elif hint is str:
+        ok, wanted = isinstance(value, str), "a string"
+    elif typing.get_origin(hint) is tuple:
+        items = typing.get_args(hint)
+        item = items[0]
+        length = None if Ellipsis in items else len(items)
+        wanted = (f"a list of {length} " if length else "a list of ") + ("integers" if item is int else "numbers")
+        ok = isinstance(value, (list, tuple)) and (length is None or len(value) == length)
+        if ok:
+            try:
+                value = tuple(checked_type(name, v, item) for v in value)
+            except ValueError:
+                ok = False
+    else:  # a type the declarations do not use yet: its dataclass checks it
+        return value
+    if not ok:
+        raise ValueError(f"{name} must be {wanted}, got {value!r}")
+    return value
 
 
 def check_finite(values: dict[str, Any]) -> None:

@@ -121,10 +121,11 @@ def check_arch(name: str) -> None:
             raise ValueError(f"architecture {name!r} needs timm: pip install 'mlaan[timm]'")
     names = library_names(library)
     if model not in names:
-        raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; {_listing(model, names)}")
+        raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; "
+                         f"{_listing(model, names, library)}")
 
 
-def _listing(model: str, names: list[str], at_most: int = 80) -> str:
+def _listing(model: str, names: list[str], library: str, at_most: int = 80) -> str:
     """The supported names, all of them when few (torchvision's), else the closest to ``model`` (timm has
     hundreds)."""
     if len(names) <= at_most:
@@ -133,7 +134,7 @@ def _listing(model: str, names: list[str], at_most: int = 80) -> str:
 
     close = difflib.get_close_matches(model, names, n=8, cutoff=0.5)
     shown = f"closest supported: {', '.join(close)}; " if close else ""
-    return f"{shown}{len(names)} in all (mlaan.models.library_names() lists them)"
+    return f"{shown}{len(names)} in all (mlaan.models.library_names({library!r}) lists them)"
 
 
 def defaults(name: str) -> ArchDefaults:

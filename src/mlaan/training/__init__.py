@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
+    from .checkpoint import load_local_model
     from .config import TrainConfig, load_yaml, merge
     from .loop import (
         EpochMeter,
@@ -30,6 +31,7 @@ _WHERE = {
     "TrainConfig": "config",
     "load_yaml": "config",
     "merge": "config",
+    "load_local_model": "checkpoint",
     "EpochMeter": "loop",
     "evaluate": "loop",
     "train_one_epoch": "loop",
@@ -52,6 +54,7 @@ __all__ = [
     "evaluate_backbone",
     "evaluate_modules",
     "has_batchnorm",
+    "load_local_model",
     "load_yaml",
     "make_optimizer",
     "make_scheduler",

@@ -44,7 +44,8 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_save, atomic_write, atomic_write_text
-from .config import FIELD_NAMES, TrainConfig, coerce, merge, options_unused_by
+from ..engine.options import options_unused_by
+from .config import FIELD_NAMES, TrainConfig, coerce, merge
 from .safety import OutputWriteError
 
 if TYPE_CHECKING:
@@ -637,6 +638,15 @@ def local_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike
     )
     load_model_state(model, ckpt["model"], path, whose="its own model")
     return model
+
+
+def load_local_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
+    """The whole :class:`~mlaan.LocalModel` of a ``mlaan train`` checkpoint (``last.pt`` / ``best.pt``): backbone,
+    aux nets and EMA twins, built with the run's options and holding its weights, on ``map_location``, in
+    train mode. ValueError (one line) for a file that is not a training checkpoint (an export holds the backbone
+    alone: load it with ``mlaan.models.create``) or whose weights do not fit."""
+    ckpt = load_training_checkpoint(path, map_location)
+    return local_model_from_checkpoint(ckpt, path).to(map_location)
 
 
 def backbone_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:

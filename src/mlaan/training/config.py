@@ -24,8 +24,7 @@ from typing import Any
 import yaml
 
 from ..engine import parse_method
-from ..engine.methods import registered_methods
-from ..engine.options import READERS, EngineOptions, LocalOptions, check_finite, option_fields
+from ..engine.options import LocalOptions, check_finite, option_fields, options_unused_by
 
 
 @dataclass
@@ -77,11 +76,12 @@ class _RunConfig:
 
     # ------------------------------------------------------------------------------------------------
     def engine_options(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
-        """Keyword options for ``mlaan.create_local_model``: every declared option, and the derived ones (the
-        data set's ``mean``/``std``, the batch that ``balance="memory"`` evens out)."""
+        """Keyword options for ``mlaan.create_local_model``: every declared option the method reads, the derived
+        ones included (the data set's ``mean``/``std``, the batch that ``balance="memory"`` evens out)."""
         options = {name: getattr(self, name) for name in OPTION_NAMES}
         options.update(image_mean=tuple(mean), image_std=tuple(std), balance_batch_size=self.batch_size)
-        return options
+        unused = options_unused_by(self.method)  # they change nothing, and the API would warn of them
+        return {name: value for name, value in options.items() if name not in unused}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (tuples as lists), safe for JSON, YAML and ``torch.load(weights_only=True)``."""
@@ -191,30 +191,6 @@ TrainConfig = dataclasses.make_dataclass(
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
-_READ_BY = {f.name: f.metadata["read_by"] for f in fields(EngineOptions)}  # engine option -> the part reading it
-
-
-def options_unused_by(method: str) -> frozenset[str]:
-    """The declared options that ``method`` never reads: another method's (each option knows its declaring
-    method, ``OptionField.owner``) and the engine's that none of its parts reads
-    (:attr:`~mlaan.engine.methods.MethodSpec.engine_options`: ``window`` without a cascade, say). ValueError for
-    an unknown method."""
-    spec = parse_method(method)
-    return frozenset(name for name, owner in _OPTION_OWNERS.items()
-                     if (name not in spec.engine_options if owner == "engine" else owner != spec.base.name))
-
-
-def who_reads(name: str) -> str:
-    """Who reads option ``name``: "an option of method M", or the engine part (or the aux heads) that reads it
-    (for warnings and ``--help``)."""
-    owner = _OPTION_OWNERS[name]
-    if owner != "engine":
-        return f"an option of method {owner}"
-    read_by = _READ_BY[name]
-    if read_by == "head":
-        readers = [cls.name for cls in registered_methods() if name in cls.head_options]
-        return f"read by the aux heads of {', '.join(readers) or 'no built-in method'}"
-    return f"read by {READERS[read_by]}"
 
 
 def coerce(name: str, value: Any) -> Any:

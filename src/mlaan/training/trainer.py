@@ -35,9 +35,10 @@ from .. import distributed as dist
 from ..atomic import atomic_write_text, stale_temp_files
 from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
+from ..engine.options import options_unused_by, who_reads
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
-from .config import TrainConfig, coerce, load_yaml, merge, options_unused_by, who_reads
+from .config import TrainConfig, coerce, load_yaml, merge
 
 RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
 AUTO_RESUME = "auto"
@@ -253,6 +254,10 @@ class Trainer:
         if cfg.warmup_epochs > cfg.epochs and self.ctx.is_main:  # e.g. a paper config's 10 with --epochs 2
             print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} is longer than epochs={cfg.epochs}: the "
                   f"learning rate never reaches --lr {cfg.lr:g} (lower --warmup-epochs)", file=sys.stderr)
+        if cfg.precise_bn * cfg.batch_size > len(self.train_set) and self.ctx.is_main:
+            print(f"mlaan: warning: --precise-bn {cfg.precise_bn} asks for {cfg.precise_bn * cfg.batch_size} "
+                  f"training images; the training set has {len(self.train_set)}, and precise BN uses them all",
+                  file=sys.stderr)
         self.optimizer = loop.make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
         self.scheduler = loop.make_scheduler(self.optimizer, round(cfg.warmup_epochs * self.steps_per_epoch),
                                              self.total_steps)
@@ -767,16 +772,18 @@ def make_trainer(
     config = config.resolve()
     if "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
-    _warn_unused(overrides, config.method)
+    _warn_unused(file_values, overrides, config.method)
     return Trainer(config, ckpt, path, log)
 
 
-def _warn_unused(given: dict[str, Any], method: str) -> None:
-    """One line (from the first process) for flags of options this run's method never reads: another method's,
-    or an engine option of a part it does not have (``--window`` for dgl, say), each with who reads it."""
-    unused = sorted(set(given) & options_unused_by(method))
+def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], method: str) -> None:
+    """One line (from the first process) for options given (as flags or ``--config`` keys) that this run's
+    method never reads: another method's, or an engine option of a part it does not have (``--window`` for dgl,
+    say), each with who reads it."""
+    unused = sorted((set(file_values) | set(overrides)) & options_unused_by(method))
     if unused and os.environ.get("RANK", "0") == "0":
-        reasons = "; ".join(f"--{name.replace('_', '-')} ({who_reads(name)})" for name in unused)
+        named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
+        reasons = "; ".join(f"{named[name]}: {who_reads(name)}" for name in unused)
         print(f"mlaan: warning: not used by --method {method}, ignored: {reasons}", file=sys.stderr)
 
 
