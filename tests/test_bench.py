@@ -240,9 +240,10 @@ def test_without_matplotlib_commands_write_tables_and_json_and_say_so(tmp_path, 
 
     out = tmp_path / "memory"
     assert cli.main(["bench", "memory", "--archs", "resnet20", "--ks", "2", "--methods", "bp,dgl", "--batch", "2",
-                     "--device", "cpu", "--no-isolate", "--output-dir", str(out)]) == 0
+                     "--device", "cpu", "--no-isolate", "--threads", "1", "--output-dir", str(out)]) == 0
     said_once()
     assert sorted(f.name for f in out.iterdir()) == ["memory.json", "memory.md"]
+    assert ", 1 thread, " in json.loads((out / "memory.json").read_text())["machine"]
 
     out = tmp_path / "speed"
     assert cli.main(["bench", "speed", "--cases", "resnet20:2", "--methods", "dgl", "--batch", "2", "--warmup",

@@ -115,6 +115,14 @@ def test_a_run_of_a_method_not_installed_here_is_reported_without_its_memory(run
     assert result["memory_source"] == "accounted"
 
 
+def test_a_folder_of_runs_reports_every_run_below_it_once(runs, tmp_path):
+    result = report.write_report([runs, runs / "bp"], tmp_path, memory="none")
+    assert sorted(r["name"] for g in result["groups"] for r in g) == ["bp", "bp-seed1", "dgl", "mlaan", "short"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has neither metrics.jsonl nor metrics.json"):
+        report.write_report([tmp_path / "empty"], tmp_path / "again")  # no run in it or below
+
+
 def test_report_cli_takes_the_choices(runs, tmp_path, capsys):
     assert main(["report", str(runs / "bp"), str(runs / "bp-seed1"), "--bp", str(runs / "bp"), "--memory", "none",
                  "--output-dir", str(tmp_path)]) == 0

@@ -46,7 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from ..runtime import format_bytes, pick_device
+from ..runtime import apply_threads, choose_threads, format_bytes, pick_device
 from ..training.loop import optimizer_step
 from . import common
 from .common import RECOMPUTE_CHOICES, label, plan_variants
@@ -357,8 +357,9 @@ def measure_in_subprocess(case: dict, timeout: float | None = None) -> dict:
         "import json, sys; from mlaan.bench.memory import measure_case; "
         "print('RESULT ' + json.dumps(measure_case(**json.loads(sys.argv[1]))))"
     )
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # as many threads as this process
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(case)], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, env=env)
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -537,6 +538,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="input side of every arch (default: each arch's own, e.g. 224 for timm:vit_small_patch16_224)")
     p.add_argument("--batch", type=int, default=1024, help="batch size (the paper's CIFAR batch: 1024)")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, here and in each case's process (default: the idle cores, as `mlaan "
+                        "train` chooses them); the accounted bytes do not depend on it, the time to measure does")
     p.add_argument("--mode", default="auto", choices=("auto", "cuda", "account"),
                    help="cuda: torch.cuda.max_memory_allocated; account: exact accounting (CPU or CUDA); "
                         "auto: cuda on a CUDA device, else account")
@@ -593,6 +597,9 @@ def run(args: argparse.Namespace) -> int:
     methods = common.parse_methods(args.methods)
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    apply_threads(choose_threads(args.threads))  # each case's own process takes this process's count
     device = pick_device(args.device)
     mode = args.mode if args.mode != "auto" else ("cuda" if device.type == "cuda" else "account")
     if mode == "cuda" and device.type != "cuda":

@@ -75,7 +75,8 @@ def load_run(path: str | Path) -> dict:
         raise ValueError(f"run folder {str(run)!r} does not exist")
     lines_path, final_path = run / "metrics.jsonl", run / "metrics.json"
     if not lines_path.exists() and not final_path.exists():
-        raise ValueError(f"{str(run)!r} has neither metrics.jsonl nor metrics.json: not an `mlaan train` output")
+        raise ValueError(f"{str(run)!r} has neither metrics.jsonl nor metrics.json, nor has any folder below it: "
+                         "not an `mlaan train` output")
     epochs = _one_per_epoch(_read_lines(lines_path)) if lines_path.exists() else []
     final: dict = {}
     if final_path.exists():
@@ -417,6 +418,22 @@ def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str,
     return True
 
 
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """The run folders ``paths`` name: each one that holds a run, and for a folder of runs (``runs/``, a ``mlaan
+    bench accuracy`` output) every run below it, in name order. A path with no run in or below it is left for
+    :func:`load_run` to refuse."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        below = [] if _is_run(path) or not path.is_dir() else sorted(
+            {f.parent for name in ("metrics.jsonl", "metrics.json") for f in path.rglob(name)})
+        found += below or [path]
+    return list(dict.fromkeys(found))  # a run named twice (a folder and its parent) is reported once
+
+
+def _is_run(path: Path) -> bool:
+    return (path / "metrics.jsonl").exists() or (path / "metrics.json").exists()
+
+
 def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str = "mlaan report",
                  bp: str | None = None, bases: tuple[str, ...] = (), memory: str = "auto", log=print) -> dict:
     """Load the runs and write report.md, curves.png and (when memory is charted) memory.png; without matplotlib
@@ -427,7 +444,7 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
     :func:`memory_source` (``none`` leaves the chart out)."""
     if not run_dirs:
         raise ValueError("no run folder given")
-    runs = [load_run(d) for d in run_dirs]
+    runs = [load_run(d) for d in find_runs(run_dirs)]
     check_chosen(runs, bp, bases)
     source = memory_source(runs, memory)
     out = Path(output_dir)
@@ -472,7 +489,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folders of `mlaan train`")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="output folders of `mlaan train`, or folders of them (every run below is reported)")
     p.add_argument("--output-dir", default="runs/report", help="where report.md and the PNGs go")
     p.add_argument("--title", default="mlaan report", help="heading of report.md and the plots")
     p.add_argument("--bp", default=None, metavar="RUN_DIR",
