@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from ..options import EngineOptions
+from ..engine_options import EngineOptions
 from .base import LocalMethod
 
 _METHODS: dict[str, type[LocalMethod]] = {}

@@ -1,0 +1,101 @@
+"""The engine's own options, :class:`EngineOptions`: each with its default, help, check and the part of a method
+that reads it (``read_by``). A leaf module (no torch, no method registry), so that the registry can ask which
+engine options a method reads without importing :mod:`mlaan.engine.options`, which collects every method's."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
+AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
+EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
+BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
+
+
+# Which part of a method reads an engine option (its field's ``metadata["read_by"]``), and the methods that have
+# that part (:attr:`mlaan.engine.methods.MethodSpec.engine_options` asks a method which it has). A method that
+# lacks the part never reads the option: ``mlaan train`` warns when it is given, and ``--resume`` does not compare
+# it. ``tests/test_engine.py`` checks, for every method, that changing an option it does not read changes nothing.
+READERS = {
+    "mlm": "MLM's cascade (+mlm, +mlaan)",
+    "lam": "LAM's aux nets (+lam, +mlaan)",
+    "head": "the aux heads of the base methods that declare it (LocalMethod.head_options)",
+    "split": "the split into local modules (every method but bp)",
+    "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal)",
+}
+
+
+def _option(default: Any, read_by: str, help: str, **metadata: str) -> Any:
+    """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help."""
+    return field(default=default, metadata={"read_by": read_by, "help": help, **metadata})
+
+
+@dataclass
+class EngineOptions:
+    """What the engine itself reads: MLM's cascade window and weights, LAM's trunks and EMA twins, the aux
+    classifiers' shape, the split and recomputation (defaults: the published values, docs/METHOD.md#options)."""
+
+    window: int = _option(2, "mlm", "MLM cascade window w: consecutive modules a cascaded loss reaches (2 to K)")
+    w_ind: float = _option(0.001, "mlm", "weight of the independent aux loss under MLM")
+    w_casc: float = _option(0.999, "mlm", "weight of the cascaded aux loss under MLM")
+    ema_momentum: float = _option(0.995, "lam", "LAM EMA momentum m in twin <- m*twin + (1-m)*block, in [0, 1)")
+    ema_update: str = _option("all", "lam", "which EMA twins follow their block after each step: 'all', or 'last' "
+                                            "(the official CIFAR code's behaviour)")
+    # A twin whose block is trained on another rank (module parallelism) can only see that block as it was one
+    # step earlier without stalling the pipeline; the one-process engine can reproduce that lag exactly.
+    ema_lag: int = _option(0, "lam", "LAM EMA twins follow their block as it was after the previous step (1) or "
+                                     "after this one (0); --parallel modules needs 1")
+    lam_depth: int = _option(4, "lam", "copied later blocks in the earliest LAM aux nets")
+    lam_shrink: float = _option(1.0, "lam", "c of the LAM depth schedule, in [0, 1]: 1 ends at one block")
+    depth_shrink: float = _option(0.5, "head", "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)")
+    # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)
+    # cost dgl+mlaan at K=16 about one BP step more per step (BENCHMARKS.md).
+    aux_head: str = _option("linear", "head", f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}")
+    aux_width: int = _option(128, "head", "hidden width of the 'mlp' aux classifier")
+    balance: str = _option("blocks", "split", "split by 'blocks' (counts differ by at most one) or 'memory' "
+                                              "(InfoPro*: even step memory)")
+    balance_batch_size: int = _option(128, "split", "the training batch whose step memory balance='memory' evens out",
+                                      derived="mlaan train sets it to --batch-size")
+    # Less peak memory for about one more forward of the recomputed blocks (two for the window's modules);
+    # results are unchanged.
+    grad_checkpointing: bool = _option(False, "recompute", "recompute aux blocks (LAM trunks, EMA twins, AugLocal "
+                                       "blocks) and the cascade window's module graphs in backward: less peak "
+                                       "memory for more forward compute, identical results")
+    cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "
+                                                "cascaded gradient flows into them from later modules)",
+                                                derived="mlaan train sets it to the rank boundaries of --parallel "
+                                                        "modules --boundary cut")
+    image_mean: tuple[float, ...] = _option((0.0,), "head", "the data set's per-channel mean (InfoPro un-normalises "
+                                            "images with it)", derived="mlaan train sets it from the data set")
+    image_std: tuple[float, ...] = _option((1.0,), "head", "the data set's per-channel std",
+                                           derived="mlaan train sets it from the data set")
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ema_momentum < 1.0:
+            raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
+        _check_choice("ema_update", self.ema_update, EMA_UPDATE_MODES)
+        if self.ema_lag not in (0, 1):
+            raise ValueError(f"ema_lag must be 0 or 1, got {self.ema_lag}")
+        _check_choice("aux_head", self.aux_head, AUX_HEAD_SHAPES)
+        _check_choice("balance", self.balance, BALANCE_MODES)
+        for name in ("lam_depth", "balance_batch_size"):
+            _check_at_least(name, getattr(self, name), 1)
+        if self.aux_width < 1:
+            raise ValueError(f"need aux_width >= 1, {self.aux_width} given")
+        for name in ("lam_shrink", "depth_shrink"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("w_ind", "w_casc"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
+
+
+def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def _check_at_least(name: str, value: int, low: int) -> None:
+    if value < low:
+        raise ValueError(f"{name} must be at least {low}, got {value}")
