@@ -89,7 +89,7 @@ def test_every_config_file_loads():
     from pathlib import Path
 
     configs = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
-    assert len(configs) >= 33
+    assert len(configs) >= 59
     for path in configs:
         cfg = merge(load_yaml(path)).resolve()
         if cfg.method == "bp":

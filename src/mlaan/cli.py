@@ -161,7 +161,10 @@ def _add_train(subparsers) -> None:
         "underscores: batch_size: 1024), then the flags given here.",
     )
     S = argparse.SUPPRESS  # only flags given explicitly reach the config, so they override the file
-    p.add_argument("--config", default=None, metavar="FILE.yaml", help="YAML file of options (flags override it)")
+    p.add_argument("--config", default=None, metavar="FILE.yaml",
+                   help="YAML file of options (flags override it; 'base: FILE' builds on other files)")
+    p.add_argument("--print-config", dest="print_config", action="store_true",
+                   help="print the run's resolved options as YAML (a config file) and exit; trains and writes nothing")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=S, help=f"data set name (default: {d.dataset}; list below)")
     g.add_argument("--data-root", dest="data_root", default=S, metavar="DIR",
@@ -282,7 +285,7 @@ def _add_option_flags(parser: argparse.ArgumentParser, engine_group) -> None:
         groups[f.owner].add_argument(flag, **kwargs)
 
 
-_NOT_CONFIG = ("config", "resume", "func", "command")
+_NOT_CONFIG = ("config", "resume", "print_config", "func", "command")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -290,6 +293,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training.safety import OutputWriteError, RunFolderInUse, RunStopped
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if args.print_config:
+        return _print_config(args.config, overrides, args.resume)
     try:
         trainer = make_trainer(args.config, overrides, args.resume, log=lambda m: print(m, flush=True))
     except INPUT_ERRORS as err:
@@ -314,6 +319,28 @@ def cmd_train(args: argparse.Namespace) -> int:
         ) from err
     finally:
         trainer.close()
+    return 0
+
+
+def _print_config(config_file: str | None, overrides: dict, resume: str | None) -> int:
+    """``mlaan train --print-config``: every option of the run as it would start, as a YAML config file that
+    ``--config`` takes back (options the method does not read are left out, and said so)."""
+    import yaml
+
+    from .engine.options import options_unused_by
+    from .training import resolve_run
+
+    try:
+        config, _, path = resolve_run(config_file, overrides, resume, check_data=False)
+    except INPUT_ERRORS as err:
+        raise CLIError(str(err)) from err
+    values = config.to_dict()
+    unused = options_unused_by(config.method) & set(values)
+    values = {k: v for k, v in values.items() if k not in unused}
+    source = " + ".join(str(s) for s in (path and f"resumed {path}", config_file, overrides and "flags") if s)
+    print(f"# mlaan train: resolved options ({source or 'defaults'}); not read by {config.method}, left out: "
+          f"{', '.join(sorted(unused)) or 'none'}")
+    print(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), end="")
     return 0
 
 

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
         precise_batchnorm,
         train_one_epoch,
     )
-    from .trainer import Trainer, make_trainer
+    from .trainer import Trainer, make_trainer, resolve_run
 
 _WHERE = {
     "TrainConfig": "config",
@@ -44,6 +44,7 @@ _WHERE = {
     "optimizer_step": "loop",
     "Trainer": "trainer",
     "make_trainer": "trainer",
+    "resolve_run": "trainer",
 }
 
 __all__ = [
@@ -62,6 +63,7 @@ __all__ = [
     "merge",
     "optimizer_step",
     "precise_batchnorm",
+    "resolve_run",
     "train_one_epoch",
 ]
 

@@ -263,9 +263,46 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+BASE_KEY = "base"  # a config file's list of files it builds on (mmcv's ``_base_``), not an option
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
-    """A config file's keys, checked and converted (dashes in keys are accepted for underscores)."""
-    path = Path(path)
+    """A config file's keys, checked and converted (dashes in keys are accepted for underscores).
+
+    ``base: FILE`` or ``base: [FILE, ...]`` (paths relative to this file's folder) builds on other config
+    files: their keys first, in order, later files winning, then this file's own keys over all of them, so that
+    a recipe is written once (``configs/_base/``). Bases may have bases; a file reached twice on one chain is
+    refused (ValueError naming the chain), as is a missing base (FileNotFoundError naming the file that asks
+    for it)."""
+    return _load_with_bases(Path(path), ())
+
+
+def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    raw = _read_mapping(path)
+    bases = raw.pop(BASE_KEY, None)
+    if bases is None:
+        bases = []
+    elif isinstance(bases, str):
+        bases = [bases]
+    elif not (isinstance(bases, list) and bases and all(isinstance(b, str) and b.strip() for b in bases)):
+        raise ValueError(f"config file {path}: {BASE_KEY} must be a file name or a list of file names "
+                         f"(relative to {path.parent}), got {bases!r}")
+    here = path.resolve()
+    if here in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, here))
+        raise ValueError(f"config files build on each other in a circle: {cycle}")
+    values: dict[str, Any] = {}
+    for name in bases:
+        base = path.parent / name
+        if not base.is_file():
+            raise FileNotFoundError(f"config file {path}: its {BASE_KEY} {name!r} does not exist ({base})")
+        values.update(_load_with_bases(base, (*chain, here)))
+    values.update(_converted(path, raw))
+    return values
+
+
+def _read_mapping(path: Path) -> dict[Any, Any]:
+    """The YAML mapping a config file holds, or a one-line error saying why it is not one."""
     if path.is_dir():
         raise IsADirectoryError(f"config file {path} is a folder; give a YAML file (configs/*.yaml)")
     if not path.is_file():
@@ -283,6 +320,11 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path} must hold a mapping of option: value, got {type(raw).__name__}")
+    return raw
+
+
+def _converted(path: Path, raw: dict[Any, Any]) -> dict[str, Any]:
+    """A file's own keys as option names (dashes read as underscores), each value converted to its type."""
     values: dict[str, Any] = {}
     spelled: dict[str, str] = {}
     for key, value in raw.items():

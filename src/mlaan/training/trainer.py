@@ -751,11 +751,25 @@ def make_trainer(
     resume: str | os.PathLike | None = None,
     log: Callable[[str], None] | None = None,
 ) -> Trainer:
-    """A validated :class:`Trainer` from the command line's pieces, its config merged and resolved here, once.
+    """A validated :class:`Trainer` from the command line's pieces, its config merged and resolved here, once
+    (:func:`resolve_run`: the layers and the errors raised)."""
+    config, ckpt, path = resolve_run(config_file, overrides, resume)
+    return Trainer(config, ckpt, path, log)
 
-    Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` < ``overrides`` (the flags
-    given explicitly). ``resume``: a checkpoint path, or ``"auto"`` for ``<output_dir>/last.pt``. ValueError,
-    FileNotFoundError or NotADirectoryError (one line each) for bad input, before anything is written.
+
+def resolve_run(
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | os.PathLike | None = None,
+    check_data: bool = True,
+) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    """The resolved config of a run, with the checkpoint it resumes from and that checkpoint's path (both None
+    for a new run). Reads files, writes nothing: ``mlaan train --print-config`` shows what this returns.
+
+    Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` (with its ``base`` files) <
+    ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path, or ``"auto"`` for
+    ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each) for bad input;
+    a ``data_root`` given explicitly must exist unless ``check_data`` is False.
     """
     file_values = load_yaml(config_file) if config_file is not None else {}
     overrides = dict(overrides or {})
@@ -770,10 +784,10 @@ def make_trainer(
         # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
         ckpt_io.check_resume_config(ckpt.get("config", {}), given, path)
     config = config.resolve()
-    if "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
+    if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
     _warn_unused(file_values, overrides, config.method)
-    return Trainer(config, ckpt, path, log)
+    return config, ckpt, path
 
 
 def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], method: str) -> None:

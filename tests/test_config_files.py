@@ -1,0 +1,123 @@
+"""Config files: ``base:`` (a file building on others: order, precedence, errors), the paper settings in
+``configs/`` (every data set × net × method, each data set's recipe written once), and ``mlaan train
+--print-config`` (what a run would resolve to, printed as a config file, nothing written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mlaan.cli import main
+from mlaan.training.config import load_yaml, merge
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAPER_METHODS = ("bp", "dgl", "dgl_mlaan", "infopro", "infopro_mlaan", "auglocal", "auglocal_mlaan")
+PAPER_NETS = {"cifar10": ("resnet32", "resnet110"), "svhn": ("resnet32", "resnet110"),
+              "stl10": ("resnet32", "resnet110"), "imagenet": ("resnet34", "resnet101")}
+RECIPE_KEYS = ("dataset", "epochs", "lr", "momentum", "nesterov", "weight_decay", "warmup_epochs")
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_files_come_first_in_order_and_the_file_itself_wins(tmp_path):
+    write(tmp_path / "_base" / "recipe.yaml", "epochs: 400\nlr: 0.8\nbatch_size: 1024\n")
+    write(tmp_path / "_base" / "method.yaml", "method: dgl\nlr: 0.4\naux_head: mlp\n")
+    top = write(tmp_path / "run.yaml", "base: [_base/recipe.yaml, _base/method.yaml]\naux_head: linear\n")
+    assert load_yaml(top) == {"epochs": 400, "lr": 0.4, "batch_size": 1024, "method": "dgl", "aux_head": "linear"}
+
+
+def test_a_base_may_have_bases_of_its_own_relative_to_itself(tmp_path):
+    write(tmp_path / "a" / "b" / "deep.yaml", "epochs: 7\nseed: 1\n")
+    write(tmp_path / "a" / "mid.yaml", "base: b/deep.yaml\nseed: 2\n")
+    top = write(tmp_path / "top.yaml", "base: a/mid.yaml\n")
+    assert load_yaml(top) == {"epochs": 7, "seed": 2}
+
+
+def test_a_file_twice_on_one_chain_is_refused_naming_the_circle(tmp_path):
+    write(tmp_path / "a.yaml", "base: b.yaml\n")
+    write(tmp_path / "b.yaml", "base: a.yaml\nepochs: 2\n")
+    with pytest.raises(ValueError, match=r"build on each other in a circle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_yaml(tmp_path / "a.yaml")
+    write(tmp_path / "self.yaml", "base: self.yaml\n")
+    with pytest.raises(ValueError, match="circle"):
+        load_yaml(tmp_path / "self.yaml")
+
+
+def test_the_same_base_on_two_branches_is_not_a_circle(tmp_path):
+    write(tmp_path / "common.yaml", "epochs: 3\n")
+    write(tmp_path / "x.yaml", "base: common.yaml\nlr: 0.2\n")
+    write(tmp_path / "y.yaml", "base: common.yaml\nseed: 4\n")
+    assert load_yaml(write(tmp_path / "top.yaml", "base: [x.yaml, y.yaml]\n")) == {"epochs": 3, "lr": 0.2, "seed": 4}
+
+
+@pytest.mark.parametrize("base,message", [
+    ("missing.yaml", r"run\.yaml: its base 'missing\.yaml' does not exist"),
+    ("[]", "base must be a file name or a list of file names"),
+    ("3", "base must be a file name or a list of file names"),
+    ("[ok.yaml, 5]", "base must be a file name or a list of file names"),
+    ("{a: 1}", "base must be a file name or a list of file names"),
+])
+def test_a_bad_base_is_one_error_naming_the_file(tmp_path, base, message):
+    write(tmp_path / "ok.yaml", "epochs: 1\n")
+    top = write(tmp_path / "run.yaml", f"base: {base}\n")
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        load_yaml(top)
+
+
+def test_an_error_inside_a_base_names_the_base_file(tmp_path, capsys):
+    write(tmp_path / "_base" / "bad.yaml", "epoch: 3\n")
+    top = write(tmp_path / "run.yaml", "base: _base/bad.yaml\n")
+    code = main(["train", "--config", str(top), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.yaml" in err and "unknown config key 'epoch'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_every_paper_setting_has_a_config_and_resolves_to_its_recipe():
+    recipes = {data: load_yaml(CONFIGS / "_base" / f"{data}.yaml") for data in PAPER_NETS}
+    for data, nets in PAPER_NETS.items():
+        for net in nets:
+            for method in PAPER_METHODS:
+                path = CONFIGS / f"{data}_{net}_{method}.yaml"
+                cfg = merge(load_yaml(path)).resolve()
+                assert (cfg.arch, cfg.method) == (net, method.replace("_", "+")), path
+                for key in RECIPE_KEYS:
+                    assert getattr(cfg, key) == recipes[data][key], (path, key)
+                if "mlaan" in method:
+                    assert (cfg.window, cfg.w_ind, cfg.w_casc, cfg.ema_momentum) == (3, 0.001, 0.999, 0.995)
+                assert cfg.local_modules == 1 if method == "bp" else cfg.local_modules > 1, path
+
+
+def test_the_first_imagenet_file_names_still_mean_dgl_mlaan():
+    for net in PAPER_NETS["imagenet"]:
+        assert (load_yaml(CONFIGS / f"imagenet_{net}.yaml")
+                == load_yaml(CONFIGS / f"imagenet_{net}_dgl_mlaan.yaml"))
+
+
+def test_print_config_prints_a_config_file_that_reads_back_the_same_and_writes_nothing(tmp_path, capsys,
+                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--config", str(CONFIGS / "cifar10_resnet32_dgl_mlaan.yaml"), "--epochs", "3",
+            "--print-config"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("# mlaan train: resolved options") and "infopro_task" in out.splitlines()[0]
+    printed = yaml.safe_load(out)
+    assert (printed["epochs"], printed["lr"], printed["window"], printed["method"]) == (3, 0.8, 3, "dgl+mlaan")
+    assert "infopro_task" not in printed  # not read by dgl+mlaan: left out, and said so in the first line
+    assert not any(tmp_path.iterdir())  # no run folder, no data download
+    again = write(tmp_path / "printed.yaml", out)
+    assert main(["train", "--config", str(again), "--print-config"]) == 0
+    assert capsys.readouterr().out.splitlines()[1:] == out.splitlines()[1:]
+
+
+def test_print_config_reports_a_bad_value_as_one_line(tmp_path, capsys):
+    assert main(["train", "--print-config", "--epochs", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "epochs must be at least 1" in err and "Traceback" not in err
