@@ -82,3 +82,34 @@ def test_readme_infers_in_eval_mode():
         assert any(line.strip().startswith("model.eval()") for line in before.rstrip().splitlines()[-2:])
     load = text.index("net.load_state_dict(torch.load(")
     assert "net.eval()" in text[load: load + 200]
+
+
+def test_an_export_knows_its_weights_are_the_best_also_inside_an_epoch(tmp_path, capsys):
+    """An evaluation at a --max-steps stop inside an epoch can set best.pt: its export says is_best, and the
+    end-of-epoch last.pt of the same epoch number says so only if its own evaluation was the best (best_step)."""
+    from mlaan.training.checkpoint import holds_best
+
+    run = tmp_path / "run"
+    synth = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32",
+             "--arch", "resnet20", "-K", "2", "--batch-size", "16", "--epochs", "1", "--device", "cpu",
+             "--output-dir", str(run)]
+    assert main(["train", *synth, "--max-steps", "2"]) == 0  # 2 of the epoch's 4 steps, then an evaluation
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert (best["epoch"], best["epoch_step"], best["step"], best["best_step"]) == (0, 2, 2, 2)
+    assert main(["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "b.pt")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["is_best"] is True  # the epoch rule said False
+    assert main(["train", *synth, "--resume"]) == 0  # the rest of the epoch, evaluated again
+    last = torch.load(run / "last.pt", weights_only=True)
+    improved = last["best_step"] == 4
+    assert holds_best(last) == improved and last["best_epoch"] == 1
+    assert holds_best(torch.load(run / "best.pt", weights_only=True))
+    capsys.readouterr()
+
+
+def test_checkpoints_without_best_step_fall_back_to_the_epoch_rule():
+    from mlaan.training.checkpoint import holds_best
+
+    assert holds_best({"epoch": 2, "epoch_step": 0, "best_epoch": 2, "step": 8})
+    assert not holds_best({"epoch": 2, "epoch_step": 3, "best_epoch": 2, "step": 11})
+    assert not holds_best({"epoch": 2, "epoch_step": 0, "best_epoch": 2, "step": 8, "best_step": 6})
+    assert holds_best({"epoch": 1, "epoch_step": 2, "best_epoch": 2, "step": 6, "best_step": 6})

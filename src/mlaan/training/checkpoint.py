@@ -9,7 +9,7 @@ A training checkpoint (``last.pt``/``best.pt``) is a dict::
      "mean", "std",
      "model": LocalModel.state_dict() (backbone, aux nets, EMA twins), "optimizer", "scheduler",
      "epoch": completed epochs, "epoch_step": steps done in the epoch after those, "step": optimizer steps,
-     "best_accuracy", "best_epoch", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
+     "best_accuracy", "best_epoch", "best_step", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
      "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter),
      "pipeline": (a module-parallel run only) {"ranks", "ranges", "boundary"}}
 
@@ -291,6 +291,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "wall_time": ("a number", _is_number),
     "data_source": ("a path", lambda v: isinstance(v, str)),
     "version": ("an integer", _is_int),
+    "best_step": ("an integer >= -1", lambda v: _is_int(v) and v >= -1),  # absent from checkpoints before it
 }
 
 
@@ -314,15 +315,21 @@ class Progress:
     """Where a run stands, as its checkpoint saves it and a resume restores it.
 
     ``epoch`` epochs completed, then ``epoch_step`` steps of the next; ``step`` optimizer steps in all; the best
-    test accuracy so far and the epoch that reached it (-1.0 and 0 before the first evaluation); ``wall_time``:
-    seconds trained by the run's earlier invocations."""
+    test accuracy so far, the epoch (counted from 1) and the step whose evaluation reached it (-1.0, 0 and -1
+    before the first evaluation; the step tells an evaluation at a ``--max-steps`` stop inside an epoch from the
+    one at that epoch's end); ``wall_time``: seconds trained by the run's earlier invocations."""
 
     epoch: int = 0
     epoch_step: int = 0
     step: int = 0
     best_accuracy: float = -1.0
     best_epoch: int = 0
+    best_step: int = -1
     wall_time: float = 0.0
+
+    def new_best(self, accuracy: float, epoch: int) -> None:
+        """Record ``accuracy``, evaluated now (at ``step``, in ``epoch`` counted from 1), as the run's best."""
+        self.best_accuracy, self.best_epoch, self.best_step = accuracy, epoch, self.step
 
 
 def training_state(
@@ -362,6 +369,7 @@ def training_state(
         "step": progress.step,
         "best_accuracy": progress.best_accuracy,
         "best_epoch": progress.best_epoch,
+        "best_step": progress.best_step,
         "wall_time": progress.wall_time + seconds,
         "config": cfg.to_dict(),
         "rng": rng_state(),
@@ -526,7 +534,7 @@ def restore_training(
     return Progress(
         epoch=int(ckpt["epoch"]), epoch_step=int(ckpt["epoch_step"]), step=int(ckpt["step"]),
         best_accuracy=float(ckpt["best_accuracy"]), best_epoch=int(ckpt["best_epoch"]),
-        wall_time=float(ckpt.get("wall_time", 0.0)),
+        best_step=int(ckpt.get("best_step", -1)), wall_time=float(ckpt.get("wall_time", 0.0)),
     )
 
 
@@ -709,6 +717,15 @@ def _check_export_target(out: Path, meta_path: Path) -> None:
                          "not replaced: choose another --out")
 
 
+def holds_best(ckpt: Mapping[str, Any]) -> bool:
+    """Whether a training checkpoint's weights are the ones whose evaluation reached the run's best accuracy:
+    saved at the best evaluation's step. Checkpoints written before ``best_step`` was recorded: saved at the end
+    of the best epoch."""
+    if ckpt.get("best_step", -1) >= 0:
+        return ckpt.get("step") == ckpt["best_step"]
+    return ckpt.get("epoch") == ckpt.get("best_epoch") and not ckpt.get("epoch_step")
+
+
 def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the plain backbone's state_dict to ``out`` and its build recipe to ``out`` with ``.json``; returns
     both paths. ValueError when the checkpoint holds no backbone, or ``out`` or ``out.json`` is a file other than
@@ -749,7 +766,7 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
         "step": ckpt.get("step"),
         "best_accuracy": ckpt.get("best_accuracy"),  # the run's best test accuracy, reached at best_epoch
         "best_epoch": ckpt.get("best_epoch"),
-        "is_best": ckpt.get("epoch") == ckpt.get("best_epoch") and not ckpt.get("epoch_step"),
+        "is_best": holds_best(ckpt),
         "load_with": f"{load_with}.load_state_dict(torch.load({out.name!r}, weights_only=True))",
     }
     atomic_save(state, out)

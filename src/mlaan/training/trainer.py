@@ -420,7 +420,7 @@ class Trainer:
             if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
                 last_eval = self.evaluate()
                 if progress.best_accuracy < 0:
-                    progress.best_accuracy, progress.best_epoch = last_eval["accuracy"], progress.epoch
+                    progress.new_best(last_eval["accuracy"], progress.epoch)
             summary = self._summary(last_eval, start)
             self._clear_replaced_run()
             if self.ctx.is_main:
@@ -444,7 +444,7 @@ class Trainer:
         complete = progress.epoch_step >= self.steps_per_epoch
         record = self._record(epoch, train, test, complete)
         if test["accuracy"] > progress.best_accuracy:
-            progress.best_accuracy, progress.best_epoch = test["accuracy"], epoch + 1
+            progress.new_best(test["accuracy"], epoch + 1)
             record["best"] = True
         if complete:
             progress.epoch, progress.epoch_step = epoch + 1, 0
