@@ -348,7 +348,23 @@ def test_the_api_warns_of_an_option_set_that_the_method_does_not_read():
         mlaan.create_local_model("resnet20", "dgl", 2, window=3)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        mlaan.create_local_model("resnet20", "dgl", 2, window=2, aux_width=7)  # a default, or read: silent
+        mlaan.create_local_model("resnet20", "dgl", 2, window=2, aux_head="mlp", aux_width=7)  # default, or read
+
+
+@pytest.mark.parametrize("method,option,value,condition", [
+    ("dgl", "aux_width", 5, {"aux_head": "mlp"}),
+    ("infopro", "temperature", 0.5, {"infopro_task": "contrastive"}),
+])
+@pytest.mark.filterwarnings("ignore:method .* does not read")
+def test_an_option_read_only_with_some_value_of_another_changes_nothing_without_it(method, option, value,
+                                                                                    condition):
+    """``read_when``: the option is ignored (and warned of) unless the other option holds the value named; with
+    it, the option changes the run, so that the first half can fail."""
+    from mlaan.engine.options import options_ignored
+
+    assert option in options_ignored(method, {}) and option not in options_ignored(method, condition)
+    assert two_steps(method)[0] == two_steps(method, **{option: value})[0]
+    assert two_steps(method, **condition)[0] != two_steps(method, **condition, **{option: value})[0]
 
 
 @pytest.mark.parametrize("method,option", [("dgl+mlm", "window"), ("dgl+lam", "ema_momentum"),

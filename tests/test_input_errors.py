@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 
 import pytest
@@ -224,9 +225,36 @@ def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_pat
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
                            "--config", config, "--temperature", "0.5", "--window", "3", "--max-steps", "1",
                            "--output-dir", tmp_path / "run")
-    assert code == 0 and ("warning: not used by --method dgl, ignored: lam_depth (--config): read by LAM's aux nets "
-                          "(+lam, +mlaan); --temperature: an option of method infopro; --window: read by MLM's "
-                          "cascade (+mlm, +mlaan)\n") in err
+    assert code == 0 and ("warning: not used by --method dgl as configured, ignored: aux_width (--config): read "
+                          "by the aux heads of dgl, infopro (only with aux_head=mlp); lam_depth (--config): read "
+                          "by LAM's aux nets (+lam, +mlaan); --temperature: an option of method infopro (only with "
+                          "infopro_task=contrastive); --window: read by MLM's cascade (+mlm, +mlaan)\n") in err
+
+
+@pytest.mark.parametrize("args,ignored", [
+    (["--method", "dgl", "--aux-head", "mlp", "--aux-width", "8"], None),
+    (["--method", "infopro", "--aux-width", "8"], "--aux-width"),  # aux_head defaults to linear
+    (["--method", "infopro", "--infopro-task", "contrastive", "--temperature", "0.5"], None),
+    (["--method", "infopro", "--temperature", "0.5"], "--temperature"),
+    (["--method", "infopro+mlaan", "--infopro-task", "ce", "--temperature", "0.5"], "--temperature"),
+])
+def test_an_option_read_only_with_some_value_of_another_is_warned_of_without_it(tmp_path, capsys, args, ignored):
+    code, out, err = run_cli(capsys, "train", *args, "--print-config")  # resolves and warns, trains nothing
+    assert code == 0
+    if ignored is None:
+        assert "warning: not used" not in err
+    else:
+        assert f"ignored: {ignored}: " in err and "(only with " in err
+
+
+def test_the_api_warns_of_an_option_its_other_options_make_unread():
+    with pytest.warns(UserWarning, match=r"does not read aux_width=64 \(.*only with aux_head=mlp\)"):
+        mlaan.create_local_model("resnet20", "dgl", 2, num_classes=10, aux_width=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlaan.create_local_model("resnet20", "dgl", 2, num_classes=10, aux_width=64, aux_head="mlp")
+        mlaan.create_local_model("resnet20", "infopro", 2, num_classes=10, temperature=0.2,
+                                 infopro_task="contrastive")
 
 
 @pytest.mark.parametrize("command,why", [

@@ -18,7 +18,7 @@ import torch
 
 import mlaan
 from mlaan.engine import parse_method
-from mlaan.engine.options import options_unused_by
+from mlaan.engine.options import options_ignored
 from mlaan.training.loop import make_optimizer
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
@@ -157,7 +157,7 @@ def build(
     0.9, wd 1e-4)."""
     torch.manual_seed(seed)
     k = model_k(method, k)
-    unused = options_unused_by(method)  # an option given for every method goes to those that read it
+    unused = options_ignored(method, options)  # an option given for every method goes to those that read it
     model = mlaan.create_local_model(
         arch, method=method, num_local_modules=k, num_classes=num_classes, in_channels=in_channels,
         image_size=image_size, **{name: value for name, value in options.items() if name not in unused},

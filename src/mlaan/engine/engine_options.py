@@ -26,8 +26,9 @@ READERS = {
 }
 
 
-def _option(default: Any, read_by: str, help: str, **metadata: str) -> Any:
-    """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help."""
+def _option(default: Any, read_by: str, help: str, **metadata: Any) -> Any:
+    """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help;
+    ``read_when={"other_option": (values...)}`` when that part reads it only for those values of another."""
     return field(default=default, metadata={"read_by": read_by, "help": help, **metadata})
 
 
@@ -52,7 +53,7 @@ class EngineOptions:
     # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)
     # cost dgl+mlaan at K=16 about one BP step more per step (BENCHMARKS.md).
     aux_head: str = _option("linear", "head", f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}")
-    aux_width: int = _option(128, "head", "hidden width of the 'mlp' aux classifier")
+    aux_width: int = _option(128, "head", "hidden width of the 'mlp' aux classifier", read_when={"aux_head": ("mlp",)})
     balance: str = _option("blocks", "split", "split by 'blocks' (counts differ by at most one) or 'memory' "
                                               "(InfoPro*: even step memory)")
     balance_batch_size: int = _option(128, "split", "the training batch whose step memory balance='memory' evens out",

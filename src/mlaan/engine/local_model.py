@@ -24,7 +24,7 @@ from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
-from .options import HeadOptions, LocalOptions, make_options, options_unused_by, who_reads
+from .options import HeadOptions, LocalOptions, make_options, options_ignored, who_reads
 from .phases import (
     AUX_FORWARD,
     AUX_LOSS,
@@ -697,9 +697,10 @@ def create_local_model(
 
 def _warn_unread(method: str, given: dict[str, object], options: LocalOptions) -> None:
     """A warning naming the options given a value other than their default that ``method`` never reads (a
-    ``window`` for dgl, say): they change nothing, which is rarely what their caller meant."""
+    ``window`` for dgl, say) or does not read with the other options given (``aux_width`` with a linear aux
+    head): they change nothing, which is rarely what their caller meant."""
     defaults = LocalOptions().to_dict()
-    unread = [name for name in sorted(set(given) & options_unused_by(method))
+    unread = [name for name in sorted(set(given) & options_ignored(method, options.to_dict()))
               if getattr(options, name) != defaults[name]]
     if unread:
         reasons = "; ".join(f"{name}={getattr(options, name)!r} ({who_reads(name)})" for name in unread)

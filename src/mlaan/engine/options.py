@@ -3,9 +3,10 @@
 An option is a field of a dataclass: the engine's own in :class:`EngineOptions` below, a method's in the
 ``Options`` dataclass of its :class:`~mlaan.engine.methods.LocalMethod` subclass. A field has a default and
 ``metadata={"help": ...}`` (an engine option also names the part of a method that reads it, ``"read_by"``, see
-:data:`READERS`); its checks live in that dataclass's ``__post_init__`` (raising ValueError). From
-those declarations come the keyword options of ``create_local_model``, the flags of ``mlaan train``, the keys of
-its YAML configs, the ``config`` of ``metrics.json`` and the checkpoint, and what ``--resume`` compares.
+:data:`READERS`; an option read only for some values of another names them, ``"read_when"``); its checks live
+in that dataclass's ``__post_init__`` (raising ValueError). From those declarations come the keyword options
+of ``create_local_model``, the flags of ``mlaan train``, the keys of its YAML configs, the ``config`` of
+``metrics.json`` and the checkpoint, what ``--resume`` compares and which given options a run warns it ignores.
 
 A field with ``metadata={"derived": "..."}`` is set by ``mlaan train`` from other settings (the data set's
 normalisation, the batch size) and is not a flag or config key of its own.
@@ -42,6 +43,7 @@ class OptionField:
     owner: str
     derived: bool
     metavar: str | tuple[str, ...] | None = None  # how ``--help`` names the value(s)
+    read_when: dict[str, tuple[Any, ...]] | None = None  # read only while these options hold one of these values
 
 
 def option_classes() -> list[tuple[str, type]]:
@@ -68,7 +70,7 @@ def option_fields(include_derived: bool = True) -> list[OptionField]:
             if derived and not include_derived:
                 continue
             result.append(OptionField(f.name, hints[f.name], f.default, f.metadata.get("help", ""), owner, derived,
-                                      f.metadata.get("metavar")))
+                                      f.metadata.get("metavar"), f.metadata.get("read_when")))
     return result
 
 
@@ -84,19 +86,35 @@ def options_unused_by(method: str) -> frozenset[str]:
                      if (f.name not in spec.engine_options if f.owner == "engine" else f.owner != spec.base.name))
 
 
+def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
+    """The options a run of ``method`` with these option ``values`` (missing ones at their defaults) ignores:
+    those ``method`` never reads (:func:`options_unused_by`) and those read only for values of another option
+    that it does not hold (``aux_width`` with ``aux_head="linear"``, ``temperature`` with
+    ``infopro_task="ce"``). For warnings; ValueError for an unknown method."""
+    fields = option_fields()
+    defaults = {f.name: f.default for f in fields}
+
+    def condition_unmet(f: OptionField) -> bool:
+        return any(values.get(other, defaults[other]) not in allowed for other, allowed in (f.read_when or {}).items())
+
+    return options_unused_by(method) | {f.name for f in fields if condition_unmet(f)}
+
+
 def who_reads(name: str) -> str:
     """Who reads option ``name``: "an option of method M", or the engine part (or the aux heads) that reads it
     (for warnings and ``--help``). KeyError for an unknown name."""
     field_ = {f.name: f for f in option_fields()}[name]
+    when = "".join(f" (only with {other}={' or '.join(map(str, allowed))})"
+                   for other, allowed in (field_.read_when or {}).items())
     if field_.owner != "engine":
-        return f"an option of method {field_.owner}"
+        return f"an option of method {field_.owner}{when}"
     read_by = EngineOptions.__dataclass_fields__[name].metadata["read_by"]
     if read_by == "head":
         from .methods.registry import registered_methods
 
         readers = [cls.name for cls in registered_methods() if name in cls.head_options]
-        return f"read by the aux heads of {', '.join(readers) or 'no built-in method'}"
-    return f"read by {READERS[read_by]}"
+        return f"read by the aux heads of {', '.join(readers) or 'no built-in method'}{when}"
+    return f"read by {READERS[read_by]}{when}"
 
 
 class LocalOptions:

@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from ..engine import parse_method
-from ..engine.options import LocalOptions, check_finite, option_fields, options_unused_by
+from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored
 
 
 @dataclass
@@ -80,7 +80,7 @@ class _RunConfig:
         ones included (the data set's ``mean``/``std``, the batch that ``balance="memory"`` evens out)."""
         options = {name: getattr(self, name) for name in OPTION_NAMES}
         options.update(image_mean=tuple(mean), image_std=tuple(std), balance_batch_size=self.batch_size)
-        unused = options_unused_by(self.method)  # they change nothing, and the API would warn of them
+        unused = options_ignored(self.method, options)  # they change nothing, and the API would warn of them
         return {name: value for name, value in options.items() if name not in unused}
 
     def to_dict(self) -> dict[str, Any]:

@@ -35,7 +35,7 @@ from .. import distributed as dist
 from ..atomic import atomic_write_text, stale_temp_files
 from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
-from ..engine.options import options_unused_by, who_reads
+from ..engine.options import options_ignored, who_reads
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
 from .config import TrainConfig, coerce, load_yaml, merge
@@ -786,19 +786,21 @@ def resolve_run(
     config = config.resolve()
     if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
-    _warn_unused(file_values, overrides, config.method)
+    _warn_unused(file_values, overrides, config)
     return config, ckpt, path
 
 
-def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], method: str) -> None:
-    """One line (from the first process) for options given (as flags or ``--config`` keys) that this run's
-    method never reads: another method's, or an engine option of a part it does not have (``--window`` for dgl,
-    say), each with who reads it."""
-    unused = sorted((set(file_values) | set(overrides)) & options_unused_by(method))
+def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config: TrainConfig) -> None:
+    """One line (from the first process) for options given (as flags or ``--config`` keys) that this run
+    ignores: another method's, an engine option of a part its method does not have (``--window`` for dgl, say),
+    or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
+    who reads it."""
+    method = config.method
+    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, config.to_dict()))
     if unused and os.environ.get("RANK", "0") == "0":
         named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
         reasons = "; ".join(f"{named[name]}: {who_reads(name)}" for name in unused)
-        print(f"mlaan: warning: not used by --method {method}, ignored: {reasons}", file=sys.stderr)
+        print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
 
 
 def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:

@@ -33,7 +33,8 @@ class InfoProOptions:
     infopro_lambda_task: tuple[float, float] = field(default=(0.5, 0.0), metadata={
         "help": "InfoPro λ2 (task-loss weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
     temperature: float = field(default=0.07, metadata={
-        "help": "temperature of InfoPro's supervised contrastive loss, > 0"})
+        "help": "temperature of InfoPro's supervised contrastive loss, > 0",
+        "read_when": {"infopro_task": ("contrastive",)}})
 
     def __post_init__(self) -> None:
         if self.infopro_task not in INFOPRO_TASKS:
