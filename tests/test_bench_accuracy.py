@@ -89,7 +89,7 @@ def test_report_only_trains_nothing(tmp_path, fake_train, capsys):
     assert fake_train == [] and "| dgl " in (tmp_path / "out" / "accuracy.md").read_text()
     out = capsys.readouterr().out
     assert "dgl+mlaan seed 0: not started" in out
-    assert "bp seed 0: unfinished, 0 of 1 epochs (step 7), test accuracy 50.00% so far" in out
+    assert "bp seed 0: unfinished, 0 of 1 epoch (step 7), test accuracy 50.00% so far" in out
 
 
 def test_report_only_of_an_empty_folder_is_one_line(tmp_path, fake_train, capsys):
@@ -472,3 +472,24 @@ def test_main_path_takes_the_aux_net_that_trains_each_module():
     runs = [{"method": "dgl+mlaan", "module_accuracies": {"independent": own, "cascaded": c}}
             for c in ([None, 0.5, 0.75, None], [None, 0.25, 0.5, None])]  # exact in binary: exact means
     assert seeds.module_accuracy_means(runs) == {"dgl+mlaan": [None, 0.375, 0.625, 0.9]}
+
+
+def test_a_one_epoch_recipe_is_titled_in_the_singular(tmp_path, fake_train, capsys):
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
+    title = (tmp_path / "out" / "accuracy.md").read_text().splitlines()[0]
+    assert title.startswith("# synthetic, resnet20 K=2, 1 epoch, batch ")
+    assert ", 1 epoch, batch " in capsys.readouterr().out  # the line the harness starts with
+    assert ", 2 epochs, " in accuracy.report_title(_args(tmp_path, "--epochs", "2"))
+
+
+def test_epochs_and_modules_are_ticked_at_whole_numbers(tmp_path, saved_figures):
+    measured = {"independent": [0.2, 0.4, 0.6], "cascaded": None}
+    runs = [{"method": method, "seed": 0, "module_accuracies": measured if method == "dgl" else None,
+             "epochs": [{"epoch": e, "test_error": 0.5 / e, "train_independent_losses": [1.0, 0.8, 0.5 / e]}
+                        for e in (1, 2)]} for method in ("bp", "dgl")]
+    seeds.plot(runs, tmp_path / "curves.png", "t")
+    (fig,) = saved_figures
+    assert len(fig.axes) == 3 and (tmp_path / "curves.png").is_file()
+    for ax in fig.axes:  # epochs 1, 2; modules 1 to 3: matplotlib's own ticks would fall at 1.25, 1.5, …
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)

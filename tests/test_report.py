@@ -145,3 +145,56 @@ def test_a_wrong_choice_of_base_run_is_refused_not_ignored(runs, tmp_path, capsy
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def test_run_labels_are_the_shortest_tails_that_differ(tmp_path, monkeypatch):
+    assert report.run_names(["x/a/bp", "x/b/bp", "x/a/dgl"]) == ["a/bp", "b/bp", "dgl"]  # dgl: unique already
+    assert report.run_names(["r/a/s/bp", "r/b/s/bp", "r/c/bp"]) == ["a/s/bp", "b/s/bp", "c/bp"]
+    monkeypatch.chdir(tmp_path)
+    assert report.run_names(["."]) == [tmp_path.name]  # not "": a run reported from inside its folder
+
+
+def test_runs_in_folders_of_one_name_are_told_apart(runs, tmp_path, saved_figures):
+    for parent in ("a", "b"):
+        shutil.copytree(runs / "bp", tmp_path / parent / "bp")
+    shutil.copytree(runs / "dgl", tmp_path / "a" / "dgl")
+    result = report.write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", memory="recorded")
+    assert [r["name"] for r in result["runs"]] == ["a/bp", "dgl", "b/bp"]
+    assert row(result["table"], "a/bp") != row(result["table"], "b/bp")
+    assert any("2 bp runs (a/bp, b/bp)" in note for note in result["notes"])
+    curves, memory = saved_figures
+    assert [t.get_text() for t in curves.axes[0].get_legend().get_texts()] == ["bp (a/bp)", "dgl", "bp (b/bp)"]
+    assert [t.get_text() for t in memory.axes[0].get_xticklabels()] == ["bp\n(a/bp)", "dgl", "bp\n(b/bp)"]
+    # a run named as the report names it is a choice of base run
+    chosen = report.write_report([tmp_path / "a", tmp_path / "b"], tmp_path / "out", bp="b/bp", memory="none")
+    assert not chosen["notes"]
+
+
+def _whole(ticks) -> bool:
+    return all(float(t).is_integer() for t in ticks)
+
+
+def test_epoch_ticks_are_whole_unless_a_run_stopped_mid_epoch(runs, tmp_path, saved_figures):
+    report.write_report([runs / "bp", runs / "dgl"], tmp_path / "whole", memory="none")
+    report.write_report([runs / "bp", runs / "short"], tmp_path / "part", memory="none")  # short: 0.5 epochs
+    whole, part = saved_figures
+    assert all(_whole(ax.get_xticks()) for ax in whole.axes)  # one point at epoch 1: no tick at 0.98
+    assert not _whole(part.axes[0].get_xticks())
+    assert 0.5 in [line.get_xdata()[0] for line in part.axes[0].lines]
+
+
+def test_group_heading_counts_one_epoch_in_the_singular(runs, tmp_path):
+    report.write_report([runs / "bp", runs / "short"], tmp_path, memory="none")
+    md = (tmp_path / "report.md").read_text()
+    assert "4 steps (1 of 1 epoch)" in md and "2 steps (0.50 of 1 epoch)" in md and "epochs)" not in md
+
+
+def test_saved_figures_hold_their_labels_whole(runs, tmp_path, saved_figures):
+    """Nothing drawn sticks out of the figure (the memory chart's y label once ran past its top and bottom)."""
+    report.write_report([runs / "bp", runs / "dgl"], tmp_path, log=lambda m: None)  # memory: the long label
+    assert len(saved_figures) == 2
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    for fig in saved_figures:  # closed once saved: drawn again on a canvas of its own
+        drawn, page = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer()), fig.bbox_inches
+        assert page.x0 <= drawn.x0 and drawn.x1 <= page.x1 and page.y0 <= drawn.y0 and drawn.y1 <= page.y1

@@ -253,7 +253,8 @@ def _progress(folder: Path, epochs: int) -> str:
         started = _state(folder) == "unfinished" or holder
         return ("unfinished, no epoch logged yet" if started else "not started") + running
     last = json.loads(lines[-1])
-    return (f"unfinished, {last['epoch'] - (0 if last.get('complete', True) else 1)} of {epochs} epochs "
+    return (f"unfinished, {last['epoch'] - (0 if last.get('complete', True) else 1)} of "
+            f"{common.plural(epochs, 'epoch')} "
             f"(step {last.get('step', '?')}), test accuracy {100 * last['test_accuracy']:.2f}% so far{running}")
 
 
@@ -508,8 +509,8 @@ def run(args: argparse.Namespace) -> int:
         machine += f"; {runtime.cpu_bf16() or 'no bf16'} CPU"
     print(f"mlaan bench accuracy on {machine}: {', '.join(a.label for a in arms)} x seeds "
           f"{', '.join(map(str, seed_list))}; "
-          f"{args.arch} K={args.k}, {args.dataset}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}, "
-          f"{args.jobs} at a time -> {out}", flush=True)
+          f"{args.arch} K={args.k}, {args.dataset}, {common.plural(args.epochs, 'epoch')}, "
+          f"batch {args.batch_size}, lr {args.lr}, {args.jobs} at a time -> {out}", flush=True)
     plan = []
     for seed in seed_list:  # seed-major: every method's first seed is done before any second seed
         for arm in arms:
@@ -535,9 +536,7 @@ def run(args: argparse.Namespace) -> int:
             return _stopped(stopped)
         print(f"mlaan bench accuracy: no run has produced metrics; see the logs in {out / 'logs'}", file=sys.stderr)
         return 1
-    size = f" at {args.image_size} px" if getattr(args, "image_size", None) else ""
-    title = f"{args.dataset}, {args.arch}{size} K={args.k}, {args.epochs} epochs, batch {args.batch_size}, lr {args.lr}"
-    result = write_report(out, title, machine, recipe)
+    result = write_report(out, report_title(args), machine, recipe)
     print("\n" + result["table"], flush=True)
     print(f"\nwrote {', '.join(result['files'])}", flush=True)
     if stopped is not None:
@@ -545,6 +544,13 @@ def run(args: argparse.Namespace) -> int:
     if failures:
         return 1
     return _left_to_others(left) if left else 0
+
+
+def report_title(args: argparse.Namespace) -> str:
+    """``synthetic, resnet20 K=2, 1 epoch, batch 128, lr 0.1``: the recipe, as the report and its plot head it."""
+    size = f" at {args.image_size} px" if getattr(args, "image_size", None) else ""
+    return (f"{args.dataset}, {args.arch}{size} K={args.k}, {common.plural(args.epochs, 'epoch')}, "
+            f"batch {args.batch_size}, lr {args.lr}")
 
 
 # sysexits' EX_TEMPFAIL: nothing failed, but the comparison is not complete yet; try again later.

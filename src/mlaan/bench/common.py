@@ -10,9 +10,10 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -20,6 +21,10 @@ import mlaan
 from mlaan.engine import parse_method
 from mlaan.engine.options import options_ignored
 from mlaan.training.loop import make_optimizer
+
+if TYPE_CHECKING:  # matplotlib is an optional extra
+    from matplotlib.axis import Axis
+    from matplotlib.figure import Figure
 
 # The methods the issue asks to compare, in table order: the baseline, each base, its ablations, its MLAAN.
 DEFAULT_METHODS = (
@@ -277,8 +282,7 @@ def pyplot() -> ModuleType:
 
 def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path, title: str = "") -> None:
     """Label each ``(axes, x label, y label, title)`` panel, grid it, add its legend when it has lines, then save
-    the figure to ``path`` (PNG, 120 dpi) and close it."""
-    plt = pyplot()
+    the figure to ``path`` (:func:`save_figure`)."""
     for ax, xlabel, ylabel, panel_title in panels:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -288,6 +292,26 @@ def save_panels(fig, panels: Sequence[tuple[object, str, str, str]], path: Path,
             ax.legend(fontsize=8)
     if title:
         fig.suptitle(title)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Figure, path: Path) -> None:
+    """Lay ``fig`` out, save it to ``path`` (PNG, 120 dpi) and close it. The saved box is the drawing's own
+    (``bbox_inches="tight"``): a label longer than the layout allows is kept whole rather than cut at the edge."""
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    pyplot().close(fig)
+
+
+def whole(values: Iterable[float]) -> bool:
+    """Whether every value is a whole number (and there is one): the axis of a count, not a measure."""
+    values = list(values)
+    return bool(values) and all(float(v).is_integer() for v in values)
+
+
+def integer_ticks(axis: Axis) -> None:
+    """Ticks at integers only on ``axis`` (``ax.xaxis``): an epoch or module index of 1.25 does not exist."""
+    from matplotlib.ticker import MaxNLocator
+
+    # min_n_ticks=1: with the default (2) a lone point (a one-epoch run) would get fractional ticks around it.
+    axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import textwrap
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..runtime import format_bytes
 
@@ -23,6 +27,9 @@ from ..runtime import format_bytes
 # imported after the code was updated would meet the old versions of those already loaded (an ImportError).
 from ..training import checkpoint as ckpt_io
 from . import common
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def _find(config: object, *names: str) -> object:
@@ -69,7 +76,8 @@ def _one_per_epoch(records: list[dict]) -> list[dict]:
 
 def load_run(path: str | Path) -> dict:
     """A run folder's epochs (one record each) and final metrics; ValueError when it is not a run of
-    `mlaan train`. Epochs, steps and wall time count every resumed segment."""
+    `mlaan train`. Epochs, steps and wall time count every resumed segment. ``name`` is the folder's name;
+    :func:`write_report` replaces it by one that tells same-named folders apart (:func:`run_names`)."""
     run = Path(path)
     if not run.is_dir():
         raise ValueError(f"run folder {str(run)!r} does not exist")
@@ -127,6 +135,22 @@ def load_run(path: str | Path) -> dict:
     }
 
 
+def run_names(paths: list[str | Path]) -> list[str]:
+    """A name per run folder that tells it from the others: its folder's name, or, where another run's folder has
+    the same name, the shortest trailing part of its path that differs (``a/bp``, ``b/bp``)."""
+    # Absolute, not resolved: `.` gets its folder's name, yet a symlinked folder keeps the name it was given by.
+    parts = [Path(os.path.abspath(p)).parts for p in paths]
+    return [_tail(own, [other for j, other in enumerate(parts) if j != i]) for i, own in enumerate(parts)]
+
+
+def _tail(own: tuple[str, ...], others: list[tuple[str, ...]]) -> str:
+    """The fewest trailing parts of ``own`` that end none of ``others`` the same way (all of ``own`` if none do)."""
+    for n in range(1, len(own)):
+        if all(other[-n:] != own[-n:] for other in others):
+            return "/".join(own[-n:])
+    return str(Path(*own))
+
+
 def _checkpoint_config(path: Path) -> dict | None:
     """An unfinished run's options, from its last checkpoint."""
     try:
@@ -165,7 +189,7 @@ def group_runs(runs: list[dict]) -> list[list[dict]]:
 
 
 def describe_group(group: list[dict]) -> str:
-    """``synthetic, resnet20, batch 32, 4 steps (0.5 epochs)``: what the runs of a group share."""
+    """``synthetic, resnet20, batch 32, 4 steps (0.50 of 1 epoch)``: what the runs of a group share."""
     r = group[0]
     config = r["config"]
     parts = [str(r["dataset"] or "data set unknown"), str(r["arch"] or "arch unknown")]
@@ -174,8 +198,9 @@ def describe_group(group: list[dict]) -> str:
     if config.get("batch_size"):
         parts.append(f"batch {config['batch_size']}")
     if r["steps"] is not None:
-        parts.append(f"{r['steps']} steps" + (f" ({_fmt_epochs(r['num_epochs'])} of {config['epochs']} epochs)"
-                                               if config.get("epochs") and r["num_epochs"] is not None else ""))
+        planned = (f" ({_fmt_epochs(r['num_epochs'])} of {common.plural(config['epochs'], 'epoch')})"
+                   if config.get("epochs") and r["num_epochs"] is not None else "")
+        parts.append(f"{r['steps']} steps{planned}")
     return ", ".join(parts)
 
 
@@ -324,17 +349,30 @@ def _epoch_x(record: dict, run: dict) -> float | None:
     return record["step"] / (run["steps"] / run["num_epochs"]) if record.get("step") else epoch
 
 
+def run_label(run: dict, runs: list[dict], sep: str = " ") -> str:
+    """A run's legend entry or bar label: its method, followed (after ``sep``) by its name in brackets
+    (:func:`run_names`) when another of ``runs`` has the same method."""
+    alone = sum(other["method"] == run["method"] for other in runs) == 1
+    return run["method"] if alone else f"{run['method']}{sep}({run['name']})"
+
+
 def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
+    """Test accuracy and training loss per epoch, a line per run; the epoch axis has integer ticks unless a run
+    stopped mid-epoch (its last point sits at its share of the epoch)."""
     plt = common.pyplot()
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(13, 4.8))
+    xs: list[float] = []
     for r, (color, style) in zip(runs, _styles(runs)):
-        label = r["method"] if sum(x["method"] == r["method"] for x in runs) == 1 else f"{r['method']} ({r['name']})"
         for ax, key, scale in ((ax_acc, "test_accuracy", 100), (ax_loss, "train_loss", 1)):
             points = [(_epoch_x(e, r), e.get(key)) for e in r["epochs"]]
             points = [(x, y) for x, y in points if x is not None and y is not None]
             if points:
-                ax.plot([x for x, _ in points], [scale * y for _, y in points], style, color=color, label=label,
-                        marker="o", markersize=3)
+                ax.plot([x for x, _ in points], [scale * y for _, y in points], style, color=color,
+                        label=run_label(r, runs), marker="o", markersize=3)
+                xs += [x for x, _ in points]
+    if common.whole(xs):
+        for ax in (ax_acc, ax_loss):
+            common.integer_ticks(ax.xaxis)
     common.save_panels(fig, [
         (ax_acc, "epoch", "test accuracy (%)", "test accuracy per epoch"),
         (ax_loss, "epoch", "training loss (last module)", "training loss per epoch"),
@@ -388,6 +426,17 @@ def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str,
     rs = [(r, s) for r, s in zip(runs, _styles(runs)) if value(r)]
     if not rs:
         return False
+    if what is None:
+        kinds = {r.get("peak_memory_kind") for r, _ in rs}
+        what = "CUDA max allocated" if kinds == {"cuda_max_memory_allocated"} else (
+            "peak RSS of the process" if kinds == {"cpu_peak_rss"} else "as recorded by mlaan train")
+    common.save_figure(_memory_figure(rs, value, title, what), path)
+    return True
+
+
+def _memory_figure(rs: list[tuple[dict, tuple[str, str]]], value: Callable[[dict], int | None], title: str,
+                   what: str) -> Figure:
+    """The bar chart of :func:`plot_memory`: a bar per (run, style) of ``rs``, its height ``value(run)``."""
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(rs) + 2), 4.6))
     values = [value(r) / 2**20 for r, _ in rs]
@@ -401,21 +450,14 @@ def plot_memory(runs: list[dict], path: Path, title: str = "", memory: dict[str,
         ax.annotate(text, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_xticks(range(len(rs)))
-    unique = len({r["method"] for r, _ in rs}) == len(rs)
-    ax.set_xticklabels([r["method"] if unique else f"{r['method']}\n{r['name']}" for r, _ in rs],
-                       rotation=30, ha="right", fontsize=9)
-    if what is None:
-        kinds = {r.get("peak_memory_kind") for r, _ in rs}
-        what = "CUDA max allocated" if kinds == {"cuda_max_memory_allocated"} else (
-            "peak RSS of the process" if kinds == {"cpu_peak_rss"} else "as recorded by mlaan train")
-    ax.set_ylabel(f"peak training memory (MiB, {what})", fontsize=9)
+    ax.set_xticklabels([run_label(r, [r for r, _ in rs], "\n") for r, _ in rs], rotation=30, ha="right",
+                       fontsize=9)
+    # What was measured goes on lines of its own: in one line with the quantity it was longer than the axis.
+    ax.set_ylabel("peak training memory (MiB)\n" + textwrap.fill(what, 40), fontsize=9)
     ax.set_title(title or "peak training memory per run")
     ax.set_ylim(0, max(values) * 1.25)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return fig
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -444,7 +486,8 @@ def write_report(run_dirs: list[str | Path], output_dir: str | Path, title: str 
     :func:`memory_source` (``none`` leaves the chart out)."""
     if not run_dirs:
         raise ValueError("no run folder given")
-    runs = [load_run(d) for d in find_runs(run_dirs)]
+    folders = find_runs(run_dirs)
+    runs = [{**load_run(d), "name": name} for d, name in zip(folders, run_names(folders))]
     check_chosen(runs, bp, bases)
     source = memory_source(runs, memory)
     out = Path(output_dir)

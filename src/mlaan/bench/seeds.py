@@ -206,6 +206,8 @@ def plot(runs: list[dict], path: Path, title: str = "") -> None:
     if accuracies:
         panels.append((axes[2], "local module", "test accuracy of its main aux net (%)",
                        "per-module test accuracy (mean over seeds)"))
+    for ax in axes:  # whole epochs (epoch_band's) and module indices: no tick between two of them
+        common.integer_ticks(ax.xaxis)
     common.save_panels(fig, panels, path, title)
 
 
