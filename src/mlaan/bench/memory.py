@@ -522,9 +522,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{arch}, batch {batch} ({how})")
         ax.legend(fontsize=8, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.16))  # below: bars stay clear
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -461,9 +461,7 @@ def plot(results: list[dict], path: Path) -> None:
         ax.set_title(f"{case['arch']}, K={case['k']}, batch {case['batch']}")
         ax.legend(fontsize=8, loc="upper left")
         ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 @contextlib.contextmanager
