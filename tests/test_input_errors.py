@@ -4,11 +4,13 @@ train on, running out of memory; and defaults that fit every architecture and me
 from __future__ import annotations
 
 import json
+import re
 import urllib.error
 import urllib.request
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -271,3 +273,108 @@ def test_a_config_that_names_the_same_key_twice_is_refused(tmp_path, capsys):
     config.write_text("batch_size: 16\nbatch_size: 8\n")
     code, _, err = run_cli(capsys, "train", "--config", config, "--output-dir", tmp_path / "run")
     assert code == 2 and "key 'batch_size' appears twice" in one_error_line(err)
+
+
+# ---------------------------------------------------------- K's range, names' case, silent resizing
+@pytest.mark.parametrize("k", [0, -2, 11])
+def test_an_out_of_range_k_names_the_allowed_range_on_the_cli(tmp_path, capsys, k):
+    """`-K 0` said "local_modules must be at least 1", without the upper bound that the Python API names."""
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", k, "--output-dir", tmp_path / "run")
+    line = one_error_line(err)
+    assert code == 2 and f"local_modules={k} is out of range for resnet20: allowed 1 to 10 (9 blocks after" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_config_and_the_api_check_k_with_the_same_words():
+    from mlaan.training.config import TrainConfig
+
+    tail = "=0 is out of range for resnet20: allowed 1 to 10 (9 blocks after the stem + the stem's module)"
+    with pytest.raises(ValueError, match=re.escape(f"local_modules{tail}")):
+        TrainConfig(arch="resnet20", local_modules=0).resolve()
+    with pytest.raises(ValueError, match=re.escape(f"num_local_modules{tail}")):
+        mlaan.create_local_model("resnet20", method="dgl", num_local_modules=0)
+    with pytest.raises(ValueError, match="method 'bp' trains end to end: local_modules must be 1, got 0"):
+        TrainConfig(arch="resnet20", method="bp", local_modules=0).resolve()
+
+
+def test_print_config_refuses_an_out_of_range_k_too(capsys):
+    code, out, err = run_cli(capsys, "train", "--arch", "torchvision:resnet18", "-K", "10", "--print-config")
+    assert code == 2 and not out
+    assert "local_modules=10 is out of range for torchvision:resnet18: allowed 1 to 9" in one_error_line(err)
+
+
+def test_registered_arch_names_ignore_case_like_method_names(capsys):
+    assert models.check_arch("ResNet20") == "resnet20" and models.check_arch(" RESNET110 ") == "resnet110"
+    assert models.create("ResNet20").name == "resnet20"
+    assert models.defaults("ResNet18") == models.defaults("resnet18")
+    assert models.default_local_modules("ResNet32") == 16
+    assert len(mlaan.create_local_model("ResNet20", method="DGL", num_local_modules=2).local_modules) == 2
+    code, out, err = run_cli(capsys, "train", *SYNTH, "--arch", "ResNet20", "--method", "DGL", "-K", "2",
+                             "--print-config")
+    assert code == 0, err
+    assert "\narch: resnet20\n" in out and "\noutput_dir: runs/synthetic-resnet20-dgl-K2\n" in out
+
+
+def test_library_names_are_spelled_as_the_library_takes_them():
+    """torchvision's get_model ignores case (so does mlaan, recording its lower-case name); timm's names are
+    case-sensitive (refused, the right spelling suggested)."""
+    assert models.check_arch("TorchVision:ResNet18") == "torchvision:resnet18"
+    assert models.create("torchvision:VGG11_BN", image_size=32).name == "torchvision:vgg11_bn"
+    pytest.importorskip("timm")
+    assert models.check_arch("TIMM:resnet18") == "timm:resnet18"
+    with pytest.raises(ValueError, match=r"unknown or unsupported timm model 'ResNet18'.*closest supported: resnet18"):
+        models.check_arch("timm:ResNet18")
+
+
+def test_registering_a_name_that_differs_only_in_case_is_refused():
+    with pytest.raises(ValueError, match="architecture name 'ResNet20' clashes with the registered 'resnet20'"):
+        models.register("ResNet20", lambda **kw: models.create("resnet20", **kw))
+    assert models.check_arch("ResNet20") == "resnet20"
+
+
+def _no_resize_warning(recorded) -> None:
+    resized = [str(w.message) for w in recorded if "resized" in str(w.message)]
+    assert not resized, resized
+
+
+def test_resizing_a_batch_is_warned_of_once_per_model(recwarn):
+    net = models.create("resnet20", image_size=16).eval()
+    with pytest.warns(UserWarning, match=r"resnet20 was built for 16x16 images but got a batch of 32x24: batches "
+                                         r"are resized to 16x16 \(bilinear; warned once per model\)"):
+        net(torch.randn(2, 3, 32, 24))
+    recwarn.clear()
+    net(torch.randn(2, 3, 32, 32))  # once per model
+    net(torch.randn(2, 3, 16, 16))  # no resize
+    models.create("resnet20").eval()(torch.randn(2, 3, 24, 24))  # no image_size: any size as it comes
+    _no_resize_warning(recwarn)
+    local = mlaan.create_local_model("resnet20", method="dgl", num_local_modules=2, image_size=16)
+    with pytest.warns(UserWarning, match="resnet20 was built for 16x16 images but got a batch of 32x32"):
+        local.train_step(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+
+
+def test_the_cli_resizes_for_image_size_without_warning_and_says_so(tmp_path, capsys, recwarn):
+    """`--image-size` asks for the resize (its help says so): the banner says it, no warning; nor does `mlaan eval`
+    on the run's own data set."""
+    code, out, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
+                             "--image-size", "16", "--max-steps", "1", "--output-dir", tmp_path)
+    assert code == 0, err
+    assert "(32 train / 16 test images, from generated, resized to 16x16)" in out
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "last.pt", "--modules")
+    assert code == 0, err
+    _no_resize_warning(recwarn)
+
+
+def test_fashion_mnist_is_padded_to_32_not_resized(tmp_path, capsys, recwarn, monkeypatch):
+    """Its 28x28 images are padded to 32x32 by the data transform: the model never resizes them."""
+    from mlaan import data
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("t10k", 16)):
+        data.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        data.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path)  # found before any data root: not the real one
+    code, out, err = run_cli(capsys, "train", "--data-root", tmp_path, "--arch", "resnet20", "-K", "2", "--batch-size",
+                             "16", "--max-steps", "1", "--device", "cpu", "--output-dir", tmp_path / "r")
+    assert code == 0, err
+    assert "on fashion-mnist (32 train / 16 test images" in out and "resized" not in out
+    _no_resize_warning(recwarn)

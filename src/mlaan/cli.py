@@ -421,8 +421,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-        precise_bn_images = _precise_bn(backbone.to(device), meta, precise_bn, device, train_set) if precise_bn else 0
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
+        if dataset == meta["dataset"]:  # any resize is the run's own (mlaan train --image-size): not warned of
+            for net in (backbone, local_model.backbone if local_model is not None else None):
+                _expect_resize(net)
+        precise_bn_images = _precise_bn(backbone.to(device), meta, precise_bn, device, train_set) if precise_bn else 0
         if local_model is not None and precise_bn:  # the modules see the re-estimated backbone too
             local_model.backbone.load_state_dict(backbone.state_dict())
     except INPUT_ERRORS as err:
@@ -457,6 +460,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             shown = ", ".join("—" if a is None else f"{100 * a:.1f}" for a in accuracies)
             print(f"test accuracy % of each local module's {path} aux net (the last: the backbone): {shown}")
     return 0
+
+
+def _expect_resize(backbone: Any) -> None:
+    """No warning when ``backbone`` resizes batches (:attr:`mlaan.models.Backbone.warn_on_resize`): the data are
+    the training run's, which was built for another size on purpose (``mlaan train --image-size``)."""
+    if backbone is not None:
+        backbone.warn_on_resize = False
 
 
 def _precise_bn_batches(meta: Mapping[str, Any], given: int | None) -> int:
@@ -542,6 +552,7 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
     runtime.apply_threads(runtime.choose_threads(None))
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
     backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
+    _expect_resize(backbone)  # the run's own training set
     train_set, _, _ = build_datasets(meta["dataset"], args.data_root or meta["data_root"] or "data",
                                      **meta["data_options"])
     _precise_bn(backbone, meta, batches, torch.device("cpu"), train_set)

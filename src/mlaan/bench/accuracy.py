@@ -206,7 +206,7 @@ def check_recipe(out: Path, recipe: dict) -> None:
 def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
     methods = parse_arms(common.parse_methods(args.methods), args.arm, args.vary)
     seed_list = [args.seed] if args.seed is not None else _parse_seeds(args.seeds)
-    common.check_arch(args.arch)
+    args.arch = common.check_arch(args.arch)  # as recorded: the registered spelling
     for name, value in (("--k", args.k), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--jobs", args.jobs)):
         if value < 1:

@@ -110,10 +110,10 @@ def model_k(method: str, k: int) -> int:
 
 
 def check_arch(arch: str) -> str:
-    """``arch`` when the library takes it (registered, or ``torchvision:NAME`` / ``timm:NAME``), else the library's
-    one-line ValueError (:func:`mlaan.models.check_arch`, the one source of truth)."""
-    mlaan.models.check_arch(arch)
-    return arch
+    """``arch`` as the library spells it when it takes it (registered, in any case, or ``torchvision:NAME`` /
+    ``timm:NAME``), else the library's one-line ValueError (:func:`mlaan.models.check_arch`, the one source of
+    truth)."""
+    return mlaan.models.check_arch(arch)
 
 
 def max_modules(arch: str, in_channels: int = 3, image_size: int | None = None) -> int:

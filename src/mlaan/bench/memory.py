@@ -575,7 +575,7 @@ def parse_options(items: list[str]) -> dict:
 def _arch_ks(args: argparse.Namespace) -> dict[str, list[int]]:
     archs = {}
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
-        common.check_arch(arch)
+        arch = common.check_arch(arch)
         limit = common.max_modules(arch, image_size=getattr(args, "image_size", None))
         if args.ks is not None:
             ks = common.parse_ints(args.ks, "--ks")

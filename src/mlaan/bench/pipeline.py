@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     spec = parse_method(args.method)
     if spec.base.end_to_end:
         raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
-    common.check_arch(args.arch)
+    args.arch = common.check_arch(args.arch)
     if args.ranks < 2:
         raise ValueError(f"--ranks must be at least 2, got {args.ranks}")
     if args.cores < args.ranks:

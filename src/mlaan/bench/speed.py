@@ -55,7 +55,7 @@ def parse_cases(text: str) -> list[tuple[str, int]]:
         arch, sep, k_text = item.partition(":")
         if not sep:
             raise ValueError(f"case {item!r} must be ARCH:K, e.g. resnet32:16")
-        common.check_arch(arch)
+        arch = common.check_arch(arch)
         (k,) = common.parse_ints(k_text, f"K of case {item!r}")
         limit = common.max_modules(arch)
         if k > limit:

@@ -563,19 +563,26 @@ def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, 
 
 
 def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
-    """K against the backbone and the method, and the cascade window against K (each option's own range is
-    checked where it is declared, :mod:`mlaan.engine.options` and the methods' ``Options``)."""
-    num_units = len(backbone.blocks) - 1
+    """K against the backbone and the method, and the cascade window against K (:func:`check_split`)."""
+    check_split(spec, opts, k, len(backbone.blocks) - 1, backbone.name)
+
+
+def check_split(spec: MethodSpec, opts: LocalOptions, k: object, max_k: int, arch: str,
+                key: str = "num_local_modules") -> None:
+    """K (named ``key``: the API's ``num_local_modules``, ``mlaan train``'s ``local_modules``) against the
+    architecture ``arch`` of ``max_k`` = its blocks after the stem + 1 and the method, and the cascade window and
+    barriers against K: one ValueError naming the allowed values. Each option's own range is checked where it is
+    declared (:mod:`mlaan.engine.options` and the methods' ``Options``)."""
     if isinstance(k, bool) or not isinstance(k, int):
-        raise ValueError(f"num_local_modules must be an integer, got {k!r}")
-    if not 1 <= k <= num_units:
-        blocks = "block" if num_units == 2 else "blocks"
-        raise ValueError(
-            f"num_local_modules={k!r} is out of range for {backbone.name}: allowed 1 to {num_units} "
-            f"({num_units - 1} {blocks} after the stem + the stem's module)"
-        )
+        raise ValueError(f"{key} must be an integer, got {k!r}")
     if spec.base.end_to_end and k != 1:
-        raise ValueError(f"method {spec.name!r} trains end to end: num_local_modules must be 1, got {k}")
+        raise ValueError(f"method {spec.name!r} trains end to end: {key} must be 1, got {k}")
+    if not 1 <= k <= max_k:
+        blocks = "block" if max_k == 2 else "blocks"
+        raise ValueError(
+            f"{key}={k!r} is out of range for {arch}: allowed 1 to {max_k} "
+            f"({max_k - 1} {blocks} after the stem + the stem's module)"
+        )
     if spec.cascade and not 2 <= opts.window <= max(k, 2):
         raise ValueError(f"cascade window={opts.window} is not allowed with K={k}: allowed 2 to {max(k, 2)}")
     bad = [b for b in opts.cascade_barriers if isinstance(b, bool) or not isinstance(b, int) or not 0 <= b <= k - 2]

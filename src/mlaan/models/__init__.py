@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from .cifar_resnet import BasicBlock
 
 __all__ = ["ArchDefaults", "Backbone", "BasicBlock", "ClassifierHead", "adapt", "adapters", "available",
-           "check_arch", "create", "default_local_modules", "defaults", "library_names", "register"]
+           "check_arch", "create", "default_local_modules", "defaults", "library_names", "max_local_modules",
+           "register"]
 
 # torchvision's ImageNet normalisation (the libraries' models' default)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,11 +63,24 @@ class ArchDefaults:
     local_modules: int | None = None
 
 
+def _registered_name(name: object) -> str | None:
+    """The registered spelling of ``name`` in any case (``ResNet20`` → ``resnet20``), like method names; None for
+    an unregistered name."""
+    if not isinstance(name, str):
+        return None
+    wanted = name.strip().lower()
+    return next((key for key in _REGISTRY if key.lower() == wanted), None)
+
+
 def register(name: str, factory: Callable[..., Backbone], default_k: int | None = None,
              image_size: int = 32, mean: tuple[float, ...] = (0.0,), std: tuple[float, ...] = (1.0,)) -> None:
     """Add an architecture; ``factory(num_classes=, in_channels=, image_size=)`` returns a Backbone.
     ``default_k``: the K a local method gets when none is given (None: one module per residual block);
-    ``image_size``, ``mean``, ``std``: its defaults (:func:`defaults`)."""
+    ``image_size``, ``mean``, ``std``: its defaults (:func:`defaults`). Names are looked up case-insensitively,
+    so ValueError for one that differs from a registered name only in case."""
+    taken = _registered_name(name)
+    if taken is not None and taken != name:
+        raise ValueError(f"architecture name {name!r} clashes with the registered {taken!r} (names ignore case)")
     _REGISTRY[name] = factory
     _DEFAULT_K[name] = default_k
     _DEFAULTS[name] = ArchDefaults(image_size, tuple(mean), tuple(std), default_k)
@@ -86,8 +100,9 @@ for _name, _blocks in _IMAGENET_BLOCKS.items():
 
 
 def _split_library(name: str) -> tuple[str, str] | None:
-    library, sep, model = name.partition(":")
-    return (library, model) if sep and library in LIBRARIES else None
+    """(library, model) of ``LIBRARY:NAME`` (the prefix in any case), None for another name."""
+    library, sep, model = name.strip().partition(":")
+    return (library.lower(), model) if sep and library.lower() in LIBRARIES else None
 
 
 def library_names(library: str) -> list[str]:
@@ -104,11 +119,14 @@ def library_names(library: str) -> list[str]:
     raise ValueError(f"unknown model library {library!r}; allowed: {', '.join(LIBRARIES)}")
 
 
-def check_arch(name: str) -> None:
-    """ValueError, one line, unless ``name`` is registered or a supported ``torchvision:NAME`` / ``timm:NAME``
-    (checked against the library's own list of models)."""
-    if name in _REGISTRY:
-        return
+def check_arch(name: str) -> str:
+    """The canonical spelling of architecture ``name``, the one recorded in configs and output folders: a
+    registered name in any case as registered (``ResNet20`` → ``resnet20``), a ``torchvision:NAME`` lower-cased
+    (torchvision's ``get_model`` ignores case too), a ``timm:NAME`` as given (timm's names are case-sensitive).
+    ValueError, one line, unless it is registered or a supported library model (the library's own list)."""
+    registered = _registered_name(name)
+    if registered is not None:
+        return registered
     split = _split_library(name) if isinstance(name, str) else None
     if split is None:
         raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}, or "
@@ -119,10 +137,13 @@ def check_arch(name: str) -> None:
 
         if timm is None:
             raise ValueError(f"architecture {name!r} needs timm: pip install 'mlaan[timm]'")
+    else:
+        model = model.lower()
     names = library_names(library)
     if model not in names:
         raise ValueError(f"unknown or unsupported {library} model {model!r} in {name!r}; "
                          f"{_listing(model, names, library)}")
+    return f"{library}:{model}"
 
 
 def _listing(model: str, names: list[str], library: str, at_most: int = 80) -> str:
@@ -139,7 +160,7 @@ def _listing(model: str, names: list[str], library: str, at_most: int = 80) -> s
 
 def defaults(name: str) -> ArchDefaults:
     """The defaults of architecture ``name`` (registered or ``LIBRARY:NAME``); ValueError for an unknown one."""
-    check_arch(name)
+    name = check_arch(name)
     if name in _DEFAULTS:
         return _DEFAULTS[name]
     if name.startswith("timm:"):
@@ -153,10 +174,13 @@ def defaults(name: str) -> ArchDefaults:
 
 def default_local_modules(name: str) -> int:
     """K for a local method on architecture ``name`` when none is given (see ``register``)."""
-    check_arch(name)
+    name = check_arch(name)
     k = _DEFAULT_K.get(name)
-    if k is not None:
-        return k
+    return k if k is not None else max_local_modules(name)
+
+
+def max_local_modules(name: str) -> int:
+    """The largest K architecture ``name`` can be split into: its residual blocks + the stem's module."""
     import torch
 
     with torch.device("meta"):  # only the blocks are counted: no memory, no initialisation
@@ -181,8 +205,8 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3,
     libraries' models, 32 otherwise). Batches of another size are resized to it (bilinear, in forward) for a
     library's model, and for a registered one when ``image_size`` is given (``mlaan train --image-size``; the
     fully convolutional registered nets otherwise take any size as it comes). ValueError for an unknown name or
-    bad sizes."""
-    check_arch(name)
+    bad sizes. ``name`` is taken in any case (:func:`check_arch`)."""
+    name = check_arch(name)
     if in_channels not in (1, 3):
         raise ValueError(f"in_channels must be 1 or 3, got {in_channels}")
     if num_classes < 1:

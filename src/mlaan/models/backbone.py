@@ -7,6 +7,7 @@ ordinary model of the same architecture (keys are ``blocks.<i>.…``).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -56,12 +57,26 @@ class Backbone(nn.Module):
         # --image-size on a data set of another size (set by mlaan.models.create for torchvision:/timm: names,
         # and for a registered arch given an image_size)
         self.resize_inputs = False
+        # warn (once) when a batch is resized: silent resizing hides a wrong image_size or data set. Off where the
+        # caller asked for the resize (mlaan train --image-size; mlaan eval on the run's own data set)
+        self.warn_on_resize = True
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
-        """``images`` (B, C, H, W) resized to ``image_hw`` when :attr:`resize_inputs` and their size differs."""
+        """``images`` (B, C, H, W) resized to ``image_hw`` when :attr:`resize_inputs` and their size differs; the
+        first such batch is warned of (:attr:`warn_on_resize`)."""
         if self.resize_inputs and images.dim() == 4 and tuple(images.shape[-2:]) != self.image_hw:
+            self._warn_resize(tuple(images.shape[-2:]))
             return F.interpolate(images, size=self.image_hw, mode="bilinear", align_corners=False, antialias=True)
         return images
+
+    def _warn_resize(self, hw: tuple[int, ...]) -> None:
+        """A UserWarning naming both sizes, the first time only (a warning per batch would drown the output)."""
+        if not self.warn_on_resize:
+            return
+        self.warn_on_resize = False
+        (h, w), (th, tw) = hw, self.image_hw
+        warnings.warn(f"{self.name} was built for {th}x{tw} images but got a batch of {h}x{w}: batches are resized "
+                      f"to {th}x{tw} (bilinear; warned once per model)", UserWarning, stacklevel=3)
 
     @property
     def image_hw(self) -> tuple[int, int]:

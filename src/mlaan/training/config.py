@@ -92,23 +92,23 @@ class _RunConfig:
         is checked where it is opened (``mlaan.distributed.init_from_env``)."""
         from .. import models
         from ..data import check_dataset_name
+        from ..engine.local_model import check_split, default_num_local_modules
 
         check_dataset_name(self.dataset)
-        models.check_arch(self.arch)  # registered, or torchvision:NAME / timm:NAME from the library's own list
+        # registered (in any case, recorded as registered), or torchvision:NAME / timm:NAME from the library's list
+        arch = models.check_arch(self.arch)
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
                                             or self.image_size < 1):
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
         spec = parse_method(self.method)  # ValueError naming the allowed methods
-        cfg = dataclasses.replace(self, method=spec.name)
+        cfg = dataclasses.replace(self, arch=arch, method=spec.name)
         if cfg.local_modules is None:
-            from ..engine.local_model import default_num_local_modules
-
             cfg.local_modules = default_num_local_modules(cfg.arch, spec)
         check_finite(dataclasses.asdict(cfg))  # nan/inf would slip through the range checks
-        LocalOptions(**{name: getattr(cfg, name) for name in OPTION_NAMES})  # each option's own checks
+        options = LocalOptions(**{name: getattr(cfg, name) for name in OPTION_NAMES})  # each option's own checks
         if not 0 <= cfg.seed < 2**32:
             raise ValueError(f"seed must be in 0 to {2**32 - 1}, got {cfg.seed}")
-        for name in ("epochs", "batch_size", "local_modules"):
+        for name in ("epochs", "batch_size"):
             if getattr(cfg, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(cfg, name)}")
         check_precise_bn(cfg.precise_bn)
@@ -123,7 +123,10 @@ class _RunConfig:
                 f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0, 0 <= momentum < 1; got lr={cfg.lr}, "
                 f"weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}, momentum={cfg.momentum}"
             )
-        _check_parallel(cfg, spec)
+        _check_parallel(cfg, spec)  # first: "--parallel modules needs a local method" says more than "K must be 1"
+        # the engine's own check of K (and window) against the architecture, here so that it names the allowed
+        # range before anything is written (and for --print-config)
+        check_split(spec, options, cfg.local_modules, models.max_local_modules(cfg.arch), cfg.arch, "local_modules")
         if cfg.workers is not None and cfg.workers < 0:
             raise ValueError(f"workers must be >= 0, got {cfg.workers}")
         check_output_dir_name(cfg.output_dir)

@@ -175,10 +175,17 @@ class Trainer:
             image_size=cfg.image_size or self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
+        if self._resizes:  # asked for (--image-size, whose help says so) and said in the banner: no warning
+            self.model.backbone.warn_on_resize = False
         if self._own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
             # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
             _seed_everything(rank_seed(cfg.seed, self.ctx.rank, step=0))
+
+    @property
+    def _resizes(self) -> bool:
+        """Whether ``--image-size`` differs from the data set's side: every batch is then resized to it."""
+        return self.cfg.image_size is not None and self.cfg.image_size != self.info.image_size
 
     @property
     def _pipelined(self) -> bool:
@@ -706,7 +713,8 @@ class Trainer:
         cfg, info = self.cfg, self.info
         return (
             f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
-            f"({info.train_size} train / {info.test_size} test images, from {info.source}) | "
+            f"({info.train_size} train / {info.test_size} test images, from {info.source}"
+            f"{f', resized to {cfg.image_size}x{cfg.image_size}' if self._resizes else ''}) | "
             f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}"
             f"{f', precise BN on {cfg.precise_bn} batches' if cfg.precise_bn else ''} | "
             f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
