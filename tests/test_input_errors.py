@@ -378,3 +378,15 @@ def test_fashion_mnist_is_padded_to_32_not_resized(tmp_path, capsys, recwarn, mo
     assert code == 0, err
     assert "on fashion-mnist (32 train / 16 test images" in out and "resized" not in out
     _no_resize_warning(recwarn)
+
+
+def test_the_cli_prints_mlaan_s_own_python_warnings_as_its_warning_lines():
+    from mlaan import cli
+
+    python_format = warnings.formatwarning
+    inside = str(Path(mlaan.__file__).resolve().parent / "models" / "backbone.py")
+    with cli._warnings_as_cli_lines():
+        assert warnings.formatwarning("batches are resized", UserWarning, inside, 70) == (
+            "mlaan: warning: batches are resized\n")
+        assert "UserWarning: deprecated" in warnings.formatwarning("deprecated", UserWarning, "/elsewhere/lib.py", 3)
+    assert warnings.formatwarning is python_format

@@ -13,7 +13,9 @@ import os
 import sys
 import textwrap
 import typing
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -660,7 +662,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     try:
-        return int(args.func(args) or 0)
+        with _warnings_as_cli_lines():
+            return int(args.func(args) or 0)
     except CLIError as err:
         if os.environ.get("MLAAN_DEBUG"):
             raise
@@ -674,6 +677,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlaan: interrupted", file=sys.stderr)
         return 130
+
+
+@contextmanager
+def _warnings_as_cli_lines() -> Iterator[None]:
+    """Python warnings that mlaan's own code raises (the API's, seen from the command line) printed as the
+    command's other warnings are, ``mlaan: warning: MESSAGE``, without a source line and path; other libraries'
+    warnings keep Python's format. Only the printing changes: ``warnings.catch_warnings(record=True)`` (and
+    pytest) still record them."""
+    package = str(Path(__file__).resolve().parent)
+    python_format = warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None) -> str:
+        if str(Path(filename).resolve()).startswith(package):
+            return f"mlaan: warning: {message}\n"
+        return python_format(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+    try:
+        yield
+    finally:
+        warnings.formatwarning = python_format
 
 
 if __name__ == "__main__":
