@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,8 +59,44 @@ def test_the_same_base_on_two_branches_is_not_a_circle(tmp_path):
     assert load_yaml(write(tmp_path / "top.yaml", "base: [x.yaml, y.yaml]\n")) == {"epochs": 3, "lr": 0.2, "seed": 4}
 
 
+def test_each_file_is_read_once_however_many_branches_reach_it(tmp_path, monkeypatch):
+    from mlaan.training import config
+
+    depth = 12  # two branches a level: 2**12 reads if each were read again on every path
+    for level in range(depth):
+        for side in "ab":
+            write(tmp_path / f"{side}{level}.yaml", f"base: l{level + 1}.yaml\n")
+        write(tmp_path / f"l{level}.yaml", f"base: [a{level}.yaml, b{level}.yaml]\nseed: {level}\n")
+    write(tmp_path / f"l{depth}.yaml", "epochs: 3\n")
+    reads = []
+    read = config._read_mapping
+    monkeypatch.setattr(config, "_read_mapping", lambda path: reads.append(path.name) or read(path))
+    assert load_yaml(tmp_path / "l0.yaml") == {"seed": 0, "epochs": 3}
+    assert len(reads) == len(set(reads)) == 3 * depth + 1
+
+
+def test_bases_nested_beyond_the_limit_are_refused_naming_the_top_file(tmp_path):
+    from mlaan.training.config import MAX_BASE_DEPTH
+
+    for level in range(MAX_BASE_DEPTH + 1):
+        write(tmp_path / f"f{level}.yaml", f"base: f{level + 1}.yaml\n")
+    write(tmp_path / f"f{MAX_BASE_DEPTH + 1}.yaml", "epochs: 1\n")
+    with pytest.raises(ValueError, match=rf"f0\.yaml: its bases are nested more than {MAX_BASE_DEPTH} files deep"):
+        load_yaml(tmp_path / "f0.yaml")
+    assert load_yaml(tmp_path / "f2.yaml") == {"epochs": 1}  # within the limit
+
+
+@pytest.mark.parametrize("key", ["Base", "BASE", "_base_"])
+def test_base_spelled_otherwise_is_refused_with_the_right_spelling(tmp_path, key):
+    write(tmp_path / "b.yaml", "epochs: 1\n")
+    with pytest.raises(ValueError, match=rf"unknown key '{key}'; a file builds on others with 'base: \[FILE"):
+        load_yaml(write(tmp_path / "run.yaml", f"{key}: b.yaml\n"))
+
+
 @pytest.mark.parametrize("base,message", [
     ("missing.yaml", r"run\.yaml: its base 'missing\.yaml' does not exist"),
+    ("sub", r"run\.yaml: its base 'sub' is not a file .*; give a YAML file"),
+    ("[ok.yaml, ok.yaml]", r"base lists 'ok\.yaml' twice; keep one"),
     ("[]", "base must be a file name or a list of file names"),
     ("3", "base must be a file name or a list of file names"),
     ("[ok.yaml, 5]", "base must be a file name or a list of file names"),
@@ -65,6 +104,7 @@ def test_the_same_base_on_two_branches_is_not_a_circle(tmp_path):
 ])
 def test_a_bad_base_is_one_error_naming_the_file(tmp_path, base, message):
     write(tmp_path / "ok.yaml", "epochs: 1\n")
+    (tmp_path / "sub").mkdir()
     top = write(tmp_path / "run.yaml", f"base: {base}\n")
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         load_yaml(top)
@@ -121,3 +161,46 @@ def test_print_config_reports_a_bad_value_as_one_line(tmp_path, capsys):
     assert main(["train", "--print-config", "--epochs", "0"]) == 2
     err = capsys.readouterr().err
     assert "epochs must be at least 1" in err and "Traceback" not in err
+
+
+def test_print_config_leaves_derived_values_unset_so_another_arch_or_method_derives_its_own(tmp_path, capsys):
+    assert main(["train", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "# local_modules: 16   # unset:" in out
+    assert "\n# output_dir: runs/fashion-mnist-resnet32-dgl+mlaan-K16" in out
+    printed = write(tmp_path / "p.yaml", out)
+    assert main(["train", "--config", str(printed), "--method", "bp", "--arch", "resnet20", "--print-config"]) == 0
+    again = yaml.safe_load(capsys.readouterr().out)
+    assert again["method"] == "bp" and "local_modules" not in again  # derived again, commented again
+
+
+@pytest.mark.parametrize("method", ["dgl", "infopro", "dgl+mlaan", "infopro+mlaan", "auglocal"])
+def test_a_printed_config_read_back_warns_of_nothing(tmp_path, capsys, method):
+    assert main(["train", "--method", method, "--print-config"]) == 0
+    printed = write(tmp_path / "p.yaml", capsys.readouterr().out)
+    assert main(["train", "--config", str(printed), "--print-config"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_print_config_refuses_a_resume_that_train_would_refuse(tmp_path, capsys):
+    run = tmp_path / "run"
+    tiny = ["--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size", "16",
+            "--batch-size", "16", "--threads", "1", "--output-dir", str(run)]
+    assert main(["train", *tiny, "--arch", "resnet44", "-K", "20", "--max-steps", "1", "--epochs", "2"]) == 0
+    capsys.readouterr()
+    # -K restated for the run's own arch (resnet44 allows 20; the default resnet32 would not): taken
+    assert main(["train", "--output-dir", str(run), "--resume", "-K", "20", "--print-config"]) == 0
+    assert "arch: resnet44" in capsys.readouterr().out
+    assert main(["train", "--output-dir", str(run), "--resume", "--arch", "resnet32", "-K", "4",
+                 "--print-config"]) == 2
+    assert "is for arch='resnet44' but this run has --arch 'resnet32'" in capsys.readouterr().err
+    assert main(["train", *tiny, "--print-config"]) == 0  # a new run into a folder holding one: said
+    assert f"# note: {run} holds a run" in capsys.readouterr().out
+
+
+def test_a_closed_pipe_ends_print_config_quietly(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "mlaan", "train", "--print-config"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and "Traceback" not in err

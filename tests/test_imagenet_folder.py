@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,28 @@ def test_torchrun_two_processes_on_imagefolder(image_folder, tmp_path):
     ckpt = torch.load(out / "last.pt", weights_only=False)
     plain = mlaan.models.create("resnet18", num_classes=3)
     plain.load_state_dict({k[len("backbone.") :]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")})
+
+
+def test_eval_on_another_data_set_says_once_before_the_progress_bar_that_it_resizes(image_folder, tmp_path,
+                                                                                       capsys):
+    """A 32x32 run evaluated on the 224x224 ImageFolder: one `mlaan: warning:` line of its own, before the progress
+    bar, and no Python warning from the model in the middle of it."""
+    from mlaan.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "imagenet", "--data-root", str(image_folder), "--arch", "resnet20", "-K",
+                 "2", "--image-size", "32", "--batch-size", "4", "--max-steps", "1", "--threads", "1",
+                 "--output-dir", str(run)]) == 0
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--out", str(tmp_path / "m.pt")]) == 0
+    meta = json.loads((tmp_path / "m.json").read_text())
+    meta["dataset"] = "other"  # as if trained elsewhere: the resize is then this evaluation's, not the run's
+    (tmp_path / "m.json").write_text(json.dumps(meta))
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["eval", "--checkpoint", str(tmp_path / "m.pt"), "--dataset", "imagenet", "--data-root",
+                     str(image_folder), "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    line = "mlaan: warning: imagenet's 224x224 images are resized to 32x32, the size resnet20 was trained on\n"
+    assert err.count(line) == 1 and err.index(line) < err.index("evaluating")
+    assert not [w for w in caught if "resized" in str(w.message)]

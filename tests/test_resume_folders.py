@@ -141,13 +141,20 @@ def test_options_unused_by_a_method_are_other_methods_and_engine_parts_it_lacks(
     assert {"aux_head", "balance"} <= options_unused_by("bp")
 
 
-@pytest.mark.parametrize("method,option,value,given", [("infopro+mlaan", "temperature", 0.07, 0.5),
-                                                       ("dgl+mlm", "window", 2, 3),
-                                                       ("dgl+lam", "ema_momentum", 0.995, 0.9)])
-def test_resume_compares_only_the_options_the_runs_method_reads(method, option, value, given):
-    ckpt_io.check_resume_config({"method": "dgl", option: value}, {option: given}, "runs/x/last.pt")  # unread
-    with pytest.raises(ValueError, match=rf"{option}: {value} in the run, {given} given"):
+@pytest.mark.parametrize("method,option,value,given,reads_it_with", [
+    ("infopro+mlaan", "temperature", 0.07, 0.5, {"infopro_task": "contrastive"}),
+    ("dgl", "aux_width", 128, 64, {"aux_head": "mlp"}),
+    ("dgl+mlm", "window", 2, 3, {}),
+    ("dgl+lam", "ema_momentum", 0.995, 0.9, {}),
+])
+def test_resume_compares_only_the_options_the_run_reads(method, option, value, given, reads_it_with):
+    unread_by = "auglocal" if option == "aux_width" else "dgl"
+    ckpt_io.check_resume_config({"method": unread_by, option: value}, {option: given}, "runs/x/last.pt")
+    if reads_it_with:  # read only with another option's value: not compared without it
         ckpt_io.check_resume_config({"method": method, option: value}, {option: given}, "runs/x/last.pt")
+    with pytest.raises(ValueError, match=rf"{option}: {value} in the run, {given} given"):
+        ckpt_io.check_resume_config({"method": method, option: value, **reads_it_with}, {option: given},
+                                    "runs/x/last.pt")
 
 
 def test_overwrite_keeps_the_old_run_until_the_new_one_writes(runs, tmp_path, capsys):

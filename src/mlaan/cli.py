@@ -326,23 +326,37 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _print_config(config_file: str | None, overrides: dict, resume: str | None) -> int:
     """``mlaan train --print-config``: every option of the run as it would start, as a YAML config file that
-    ``--config`` takes back (options the method does not read are left out, and said so)."""
-    import yaml
-
-    from .engine.options import options_unused_by
+    ``--config`` takes back. Options the run ignores are left out (and named in the first line); values
+    ``resolve()`` derives from others when not given (K, the output folder) are printed as comments, so that the
+    file does not pin them when another ``--arch`` or ``--method`` is given with it."""
+    from .engine.options import options_ignored
     from .training import resolve_run
+    from .training.config import DERIVED_WHEN_UNSET, load_yaml
+    from .training.trainer import RUN_FILES
 
     try:
         config, _, path = resolve_run(config_file, overrides, resume, check_data=False)
+        given = set(overrides) | set(load_yaml(config_file) if config_file is not None else {})
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     values = config.to_dict()
-    unused = options_unused_by(config.method) & set(values)
-    values = {k: v for k, v in values.items() if k not in unused}
+    ignored = options_ignored(config.method, values) & set(values)
+    derived = set() if path is not None else set(DERIVED_WHEN_UNSET) - given  # a resumed run's are its own
     source = " + ".join(str(s) for s in (path and f"resumed {path}", config_file, overrides and "flags") if s)
-    print(f"# mlaan train: resolved options ({source or 'defaults'}); not read by {config.method}, left out: "
-          f"{', '.join(sorted(unused)) or 'none'}")
-    print(yaml.safe_dump(values, sort_keys=False, allow_unicode=True), end="")
+    lines = [f"# mlaan train: resolved options ({source or 'defaults'}); ignored by this run, left out: "
+             f"{', '.join(sorted(ignored)) or 'none'}"]
+    held = [n for n in RUN_FILES if (Path(config.output_dir) / n).exists()]
+    if held and path is None and not config.overwrite:
+        lines.append(f"# note: {config.output_dir} holds a run ({', '.join(held)}): mlaan train refuses it "
+                     "without --resume or --overwrite")
+    for name, value in values.items():
+        if name in ignored:
+            continue
+        text = yaml.safe_dump({name: value}, sort_keys=False, allow_unicode=True).rstrip("\n")
+        if name in derived:
+            text = "\n".join(f"# {line}" for line in text.splitlines()) + f"   # {DERIVED_WHEN_UNSET[name]}"
+        lines.append(text)
+    print("\n".join(lines))
     return 0
 
 
@@ -424,9 +438,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.batch_size < 1 or args.workers < 0:
             raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
         local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
-        if dataset == meta["dataset"]:  # any resize is the run's own (mlaan train --image-size): not warned of
-            for net in (backbone, local_model.backbone if local_model is not None else None):
-                _expect_resize(net)
+        # Said here, before the progress bar, rather than by the model in the middle of it; a resize of the run's
+        # own data set is the run's own (mlaan train --image-size), not worth a warning
+        if dataset != meta["dataset"] and backbone.resize_inputs and info.image_size != meta["image_size"]:
+            print(f"mlaan: warning: {dataset}'s {info.image_size}x{info.image_size} images are resized to "
+                  f"{meta['image_size']}x{meta['image_size']}, the size {meta['arch']} was trained on", file=sys.stderr)
+        for net in (backbone, local_model.backbone if local_model is not None else None):
+            _expect_resize(net)
         precise_bn_images = _precise_bn(backbone.to(device), meta, precise_bn, device, train_set) if precise_bn else 0
         if local_model is not None and precise_bn:  # the modules see the re-estimated backbone too
             local_model.backbone.load_state_dict(backbone.state_dict())
@@ -465,8 +483,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _expect_resize(backbone: Any) -> None:
-    """No warning when ``backbone`` resizes batches (:attr:`mlaan.models.Backbone.warn_on_resize`): the data are
-    the training run's, which was built for another size on purpose (``mlaan train --image-size``)."""
+    """No warning from ``backbone`` when it resizes batches (:attr:`mlaan.models.Backbone.warn_on_resize`): the
+    command says so itself, or the resize is the training run's own (``mlaan train --image-size``)."""
     if backbone is not None:
         backbone.warn_on_resize = False
 
@@ -677,6 +695,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mlaan: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # stdout closed by its reader (`mlaan train --print-config | head`): not an error here
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
+        return 141  # as a command killed by SIGPIPE
 
 
 @contextmanager

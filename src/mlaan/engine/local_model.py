@@ -24,7 +24,7 @@ from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
-from .options import HeadOptions, LocalOptions, make_options, options_ignored, who_reads
+from .options import HeadOptions, LocalOptions, make_options, options_ignored, why_ignored
 from .phases import (
     AUX_FORWARD,
     AUX_LOSS,
@@ -710,5 +710,7 @@ def _warn_unread(method: str, given: dict[str, object], options: LocalOptions) -
     unread = [name for name in sorted(set(given) & options_ignored(method, options.to_dict()))
               if getattr(options, name) != defaults[name]]
     if unread:
-        reasons = "; ".join(f"{name}={getattr(options, name)!r} ({who_reads(name)})" for name in unread)
+        values = options.to_dict()
+        reasons = "; ".join(f"{name}={getattr(options, name)!r} ({why_ignored(name, method, values)})"
+                            for name in unread)
         warnings.warn(f"method {method!r} does not read {reasons}: ignored", UserWarning, stacklevel=3)

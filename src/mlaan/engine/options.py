@@ -100,6 +100,22 @@ def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
     return options_unused_by(method) | {f.name for f in fields if condition_unmet(f)}
 
 
+def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
+    """Why a run of ``method`` with option ``values`` ignores option ``name`` (one of :func:`options_ignored`),
+    for warnings: who reads it when ``method`` never does, else the value of the other option it needs."""
+    if name in options_unused_by(method):
+        return who_reads(name)
+    field_ = {f.name: f for f in option_fields()}[name]
+    needs = [(other, allowed) for other, allowed in (field_.read_when or {}).items()
+             if values.get(other, _default(other)) not in allowed]
+    return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has "
+                     f"{other}={values.get(other, _default(other))}" for other, allowed in needs)
+
+
+def _default(name: str) -> Any:
+    return {f.name: f.default for f in option_fields()}[name]
+
+
 def who_reads(name: str) -> str:
     """Who reads option ``name``: "an option of method M", or the engine part (or the aux heads) that reads it
     (for warnings and ``--help``). KeyError for an unknown name."""

@@ -76,7 +76,7 @@ class Backbone(nn.Module):
         self.warn_on_resize = False
         (h, w), (th, tw) = hw, self.image_hw
         warnings.warn(f"{self.name} was built for {th}x{tw} images but got a batch of {h}x{w}: batches are resized "
-                      f"to {th}x{tw} (bilinear; warned once per model)", UserWarning, stacklevel=3)
+                      f"to {th}x{tw} (bilinear; said once)", UserWarning, stacklevel=3)
 
     @property
     def image_hw(self) -> tuple[int, int]:

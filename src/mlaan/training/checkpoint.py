@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from ..atomic import atomic_save, atomic_write, atomic_write_text
-from ..engine.options import options_unused_by
+from ..engine.options import options_ignored
 from .config import FIELD_NAMES, TrainConfig, coerce, merge
 from .safety import OutputWriteError
 
@@ -214,10 +214,11 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
 
 
 def _unused_options(saved: Mapping[str, Any]) -> frozenset[str]:
-    """The options the saved run's method does not read (none known when its method is missing or unknown
-    here: then everything is compared)."""
+    """The options the saved run ignores: its method's unread ones, and those read only with values of other
+    options the run does not hold (none known when its method is missing or unknown here: then everything is
+    compared)."""
     try:
-        return options_unused_by(saved["method"])
+        return options_ignored(saved["method"], dict(saved))
     except (KeyError, ValueError):
         return frozenset()
 

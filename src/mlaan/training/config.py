@@ -26,6 +26,12 @@ import yaml
 from ..engine import parse_method
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored
 
+# Options ``resolve()`` derives from others when they are not set (None), with how.
+DERIVED_WHEN_UNSET = {
+    "local_modules": "unset: the architecture's default K for the method (1 for bp)",
+    "output_dir": "unset: runs/<dataset>-<arch>-<method>-K<K>",
+}
+
 
 @dataclass
 class _RunConfig:
@@ -269,39 +275,56 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 BASE_KEY = "base"  # a config file's list of files it builds on (mmcv's ``_base_``), not an option
 
 
+MAX_BASE_DEPTH = 32  # bases of bases: deeper than any sane layout, shallow enough to say so before Python would
+
+
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """A config file's keys, checked and converted (dashes in keys are accepted for underscores).
 
-    ``base: FILE`` or ``base: [FILE, ...]`` (paths relative to this file's folder) builds on other config
-    files: their keys first, in order, later files winning, then this file's own keys over all of them, so that
-    a recipe is written once (``configs/_base/``). Bases may have bases; a file reached twice on one chain is
-    refused (ValueError naming the chain), as is a missing base (FileNotFoundError naming the file that asks
-    for it)."""
-    return _load_with_bases(Path(path), ())
+    ``base: FILE`` or ``base: [FILE, ...]`` (paths relative to the folder of this file as named, not of a
+    symlink's target) builds on other config files: their keys first, in order, later files winning, then this
+    file's own keys over all of them, so that a recipe is written once (``configs/_base/``). Bases may have
+    bases (at most :data:`MAX_BASE_DEPTH` deep), each file read once. ValueError naming the file for a file
+    reached twice on one chain (a circle), a base listed twice, or one that is not a file; FileNotFoundError for
+    a missing base."""
+    return _load_with_bases(Path(path), (), {})
 
 
-def _load_with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    raw = _read_mapping(path)
-    bases = raw.pop(BASE_KEY, None)
-    if bases is None:
-        bases = []
-    elif isinstance(bases, str):
-        bases = [bases]
-    elif not (isinstance(bases, list) and bases and all(isinstance(b, str) and b.strip() for b in bases)):
-        raise ValueError(f"config file {path}: {BASE_KEY} must be a file name or a list of file names "
-                         f"(relative to {path.parent}), got {bases!r}")
+def _load_with_bases(path: Path, chain: tuple[Path, ...], done: dict[Path, dict[str, Any]]) -> dict[str, Any]:
     here = path.resolve()
     if here in chain:
         cycle = " -> ".join(str(p) for p in (*chain, here))
         raise ValueError(f"config files build on each other in a circle: {cycle}")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ValueError(f"config file {chain[0]}: its bases are nested more than {MAX_BASE_DEPTH} files deep")
+    if here in done:  # the same base on two branches: read once (a file listing one twice would double each level)
+        return done[here]
+    raw = _read_mapping(path)
     values: dict[str, Any] = {}
-    for name in bases:
+    for name in _base_names(path, raw.pop(BASE_KEY, None)):
         base = path.parent / name
-        if not base.is_file():
+        if not base.exists():
             raise FileNotFoundError(f"config file {path}: its {BASE_KEY} {name!r} does not exist ({base})")
-        values.update(_load_with_bases(base, (*chain, here)))
+        if not base.is_file():
+            raise ValueError(f"config file {path}: its {BASE_KEY} {name!r} is not a file ({base}); give a YAML file")
+        values.update(_load_with_bases(base, (*chain, here), done))
     values.update(_converted(path, raw))
+    done[here] = values
     return values
+
+
+def _base_names(path: Path, bases: Any) -> list[str]:
+    """A file's ``base`` value as a list of file names; ValueError for anything else, or a name listed twice."""
+    if bases is None:
+        return []
+    names = [bases] if isinstance(bases, str) else bases
+    if not (isinstance(names, list) and names and all(isinstance(b, str) and b.strip() for b in names)):
+        raise ValueError(f"config file {path}: {BASE_KEY} must be a file name or a list of file names "
+                         f"(relative to {path.parent}), got {bases!r}")
+    twice = sorted({b for b in names if names.count(b) > 1})
+    if twice:
+        raise ValueError(f"config file {path}: {BASE_KEY} lists {', '.join(map(repr, twice))} twice; keep one")
+    return names
 
 
 def _read_mapping(path: Path) -> dict[Any, Any]:
@@ -332,6 +355,9 @@ def _converted(path: Path, raw: dict[Any, Any]) -> dict[str, Any]:
     spelled: dict[str, str] = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
+        if name != BASE_KEY and name.strip("_").lower() == BASE_KEY:  # Base:, _base_: (mmcv's spelling)
+            raise ValueError(f"config file {path}: unknown key {key!r}; a file builds on others with "
+                             f"'{BASE_KEY}: [FILE, ...]'")
         if name in spelled:  # batch_size and batch-size: YAML sees two keys, the run one option
             raise ValueError(f"config file {path} sets {name} twice ({spelled[name]!r} and {key!r}); keep one")
         spelled[name] = str(key)

@@ -35,7 +35,7 @@ from .. import distributed as dist
 from ..atomic import atomic_write_text, stale_temp_files
 from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
-from ..engine.options import options_ignored, who_reads
+from ..engine.options import options_ignored, why_ignored
 from . import checkpoint as ckpt_io
 from . import loop, metrics_log, safety
 from .config import TrainConfig, coerce, load_yaml, merge
@@ -686,6 +686,7 @@ class Trainer:
             "test_loss": test["loss"],
             "best_accuracy": progress.best_accuracy,
             "best_epoch": progress.best_epoch,
+            "best_step": progress.best_step,  # a --max-steps stop inside an epoch evaluates too: which one it was
             "peak_memory_bytes": mem,
             "peak_memory_kind": kind,
             "wall_time_seconds": wall,
@@ -792,6 +793,8 @@ def resolve_run(
         # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
         ckpt_io.check_resume_config(ckpt.get("config", {}), given, path)
     config = config.resolve()
+    if ckpt is not None:  # also checked where the Trainer is built; here so that --print-config refuses it too
+        ckpt_io.check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
     if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
     _warn_unused(file_values, overrides, config)
@@ -807,8 +810,19 @@ def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config:
     unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, config.to_dict()))
     if unused and os.environ.get("RANK", "0") == "0":
         named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
-        reasons = "; ".join(f"{named[name]}: {who_reads(name)}" for name in unused)
+        values = config.to_dict()
+        reasons = "; ".join(f"{named[name]}: {why_ignored(name, method, values)}" for name in unused)
         print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
+
+
+def _run_folder(file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
+    """The output folder this invocation names: ``output_dir`` when given, else the default one its options
+    resolve to. Given, it is taken as is, since the rest of the options (``-K`` restated for the run's own
+    architecture, say) can only be checked against the checkpoint in it."""
+    given = {**file_values, **overrides}.get("output_dir")
+    if given is not None and str(given).strip():
+        return Path(given)
+    return Path(merge(file_values, overrides).resolve().output_dir)
 
 
 def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
@@ -819,7 +833,7 @@ def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrid
     if not str(resume).strip():  # Path("") is the current folder
         raise ValueError("--resume '' is empty: give a checkpoint file, or --resume alone for <output-dir>/last.pt")
     auto = str(resume) == AUTO_RESUME
-    path = Path(merge(file_values, overrides).resolve().output_dir) / "last.pt" if auto else Path(resume)
+    path = _run_folder(file_values, overrides) / "last.pt" if auto else Path(resume)
     if not path.is_file():
         holder = safety.RunFolderLock.holder(path.parent) if path.parent.is_dir() else None
         if holder is not None:
