@@ -110,7 +110,7 @@ class LocalModel(nn.Module):
         opts = options or LocalOptions()
         if num_local_modules is None:
             num_local_modules = default_num_local_modules(backbone, spec)
-        _check_split(spec, opts, backbone, num_local_modules)
+        check_split(spec, opts, num_local_modules, len(backbone.blocks) - 1, backbone.name)
         self.spec, self.options, self.backbone = spec, opts, backbone
         self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: autocast every forward
         self.channels_last = False  # see set_channels_last
@@ -562,11 +562,6 @@ def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, 
     return tuple(reach)
 
 
-def _check_split(spec: MethodSpec, opts: LocalOptions, backbone: models.Backbone, k: object) -> None:
-    """K against the backbone and the method, and the cascade window against K (:func:`check_split`)."""
-    check_split(spec, opts, k, len(backbone.blocks) - 1, backbone.name)
-
-
 def check_split(spec: MethodSpec, opts: LocalOptions, k: object, max_k: int, arch: str,
                 key: str = "num_local_modules") -> None:
     """K (named ``key``: the API's ``num_local_modules``, ``mlaan train``'s ``local_modules``) against the
@@ -706,11 +701,10 @@ def _warn_unread(method: str, given: dict[str, object], options: LocalOptions) -
     """A warning naming the options given a value other than their default that ``method`` never reads (a
     ``window`` for dgl, say) or does not read with the other options given (``aux_width`` with a linear aux
     head): they change nothing, which is rarely what their caller meant."""
-    defaults = LocalOptions().to_dict()
-    unread = [name for name in sorted(set(given) & options_ignored(method, options.to_dict()))
-              if getattr(options, name) != defaults[name]]
+    defaults, values = LocalOptions().to_dict(), options.to_dict()
+    unread = [name for name in sorted(set(given) & options_ignored(method, values))
+              if values[name] != defaults[name]]
     if unread:
-        values = options.to_dict()
-        reasons = "; ".join(f"{name}={getattr(options, name)!r} ({why_ignored(name, method, values)})"
+        reasons = "; ".join(f"{name}={values[name]!r} ({why_ignored(name, method, values)})"
                             for name in unread)
         warnings.warn(f"method {method!r} does not read {reasons}: ignored", UserWarning, stacklevel=3)

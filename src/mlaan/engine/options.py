@@ -92,12 +92,7 @@ def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
     that it does not hold (``aux_width`` with ``aux_head="linear"``, ``temperature`` with
     ``infopro_task="ce"``). For warnings; ValueError for an unknown method."""
     fields = option_fields()
-    defaults = {f.name: f.default for f in fields}
-
-    def condition_unmet(f: OptionField) -> bool:
-        return any(values.get(other, defaults[other]) not in allowed for other, allowed in (f.read_when or {}).items())
-
-    return options_unused_by(method) | {f.name for f in fields if condition_unmet(f)}
+    return options_unused_by(method) | {f.name for f in fields if _unmet_conditions(f, values, fields)}
 
 
 def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
@@ -105,15 +100,22 @@ def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
     for warnings: who reads it when ``method`` never does, else the value of the other option it needs."""
     if name in options_unused_by(method):
         return who_reads(name)
-    field_ = {f.name: f for f in option_fields()}[name]
-    needs = [(other, allowed) for other, allowed in (field_.read_when or {}).items()
-             if values.get(other, _default(other)) not in allowed]
-    return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has "
-                     f"{other}={values.get(other, _default(other))}" for other, allowed in needs)
+    fields = option_fields()
+    field_ = next(f for f in fields if f.name == name)
+    return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
+                     for other, allowed, held in _unmet_conditions(field_, values, fields))
 
 
-def _default(name: str) -> Any:
-    return {f.name: f.default for f in option_fields()}[name]
+def _unmet_conditions(field_: OptionField, values: dict[str, Any],
+                      fields: list[OptionField]) -> list[tuple[str, tuple[Any, ...], Any]]:
+    """``(other option, values it must hold, value it holds)`` for each ``read_when`` condition of ``field_`` that
+    ``values`` (missing options at their defaults, from ``fields``) does not meet."""
+    unmet = []
+    for other, allowed in (field_.read_when or {}).items():
+        held = values[other] if other in values else next(f.default for f in fields if f.name == other)
+        if held not in allowed:
+            unmet.append((other, allowed, held))
+    return unmet
 
 
 def who_reads(name: str) -> str:

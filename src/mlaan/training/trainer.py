@@ -806,11 +806,10 @@ def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config:
     ignores: another method's, an engine option of a part its method does not have (``--window`` for dgl, say),
     or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
     who reads it."""
-    method = config.method
-    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, config.to_dict()))
+    method, values = config.method, config.to_dict()
+    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, values))
     if unused and os.environ.get("RANK", "0") == "0":
         named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
-        values = config.to_dict()
         reasons = "; ".join(f"{named[name]}: {why_ignored(name, method, values)}" for name in unused)
         print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
 
