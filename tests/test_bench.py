@@ -169,11 +169,17 @@ def test_phase_seconds_are_exclusive_and_kernels_go_to_the_innermost_phase():
 
 @pytest.mark.parametrize(
     "text, message",
-    [("resnet32", "ARCH:K"), ("resnet32:99", "too large"), ("vgg:4", "unknown architecture"), ("", "no ARCH:K")],
+    [("resnet32", "ARCH:K"), ("resnet32:99", "too large"), ("vgg:4", "unknown architecture"), ("", "no ARCH:K"),
+     ("torchvision:resnet18", "ARCH:K"), ("torchvision:resnet18:10", "allowed 1 to 9"), ("resnet32:x", "ARCH:K")],
 )
 def test_speed_cases_reject_bad_input(text, message):
     with pytest.raises(ValueError, match=message):
         speed.parse_cases(text)
+
+
+def test_speed_cases_take_library_architectures():
+    # K follows the last colon, so a torchvision/timm name's own colon is part of the architecture
+    assert speed.parse_cases("ResNet20:4, torchvision:resnet18:8") == [("resnet20", 4), ("torchvision:resnet18", 8)]
 
 
 # --------------------------------------------------------------------------------------------- report

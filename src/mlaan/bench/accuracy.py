@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..atomic import atomic_write_text
+from ..models import max_local_modules
 from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals, signal_when_parent_dies
 from . import common, report, seeds
 
@@ -217,7 +218,7 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.lr <= 0 or args.weight_decay < 0:
         raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
-    limit = common.max_modules(args.arch, image_size=getattr(args, "image_size", None))
+    limit = max_local_modules(args.arch)
     if args.k > limit and any(common.model_k(arm.method, args.k) > 1 for arm in methods):
         raise ValueError(f"--k {args.k} is too large for {args.arch} (allowed 1 to {limit}: its residual blocks + "
                          "the stem's module)")

@@ -116,13 +116,6 @@ def check_arch(arch: str) -> str:
     return mlaan.models.check_arch(arch)
 
 
-def max_modules(arch: str, in_channels: int = 3, image_size: int | None = None) -> int:
-    """Largest K for ``arch``: its residual blocks + the stem's module (counted on the meta device: no memory)."""
-    with torch.device("meta"):
-        backbone = mlaan.models.create(arch, num_classes=10, in_channels=in_channels, image_size=image_size)
-    return backbone.num_residual_blocks + 1
-
-
 RECOMPUTE_CHOICES = ("off", "on", "both")
 
 

@@ -46,6 +46,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from ..models import max_local_modules
 from ..runtime import apply_threads, choose_threads, format_bytes, pick_device
 from ..training.loop import optimizer_step
 from . import common
@@ -576,7 +577,7 @@ def _arch_ks(args: argparse.Namespace) -> dict[str, list[int]]:
     archs = {}
     for arch in [a.strip() for a in args.archs.split(",") if a.strip()]:
         arch = common.check_arch(arch)
-        limit = common.max_modules(arch, image_size=getattr(args, "image_size", None))
+        limit = max_local_modules(arch)
         if args.ks is not None:
             ks = common.parse_ints(args.ks, "--ks")
         else:

@@ -46,18 +46,21 @@ DEFAULT_CASES = "resnet32:16,resnet110:55"
 
 
 def parse_cases(text: str) -> list[tuple[str, int]]:
-    """``"resnet32:16,resnet110:55"`` → [("resnet32", 16), ("resnet110", 55)], K checked against the net."""
+    """``"resnet32:16,resnet110:55"`` → [("resnet32", 16), ("resnet110", 55)], K checked against the net.
+
+    K is what follows the last colon, so library architectures work too: ``"torchvision:resnet18:4"``.
+    Raises ValueError (one line) for a case without K, an unknown architecture or a K out of range."""
     cases = []
     for item in text.split(","):
         item = item.strip()
         if not item:
             continue
-        arch, sep, k_text = item.partition(":")
-        if not sep:
-            raise ValueError(f"case {item!r} must be ARCH:K, e.g. resnet32:16")
+        arch, sep, k_text = item.rpartition(":")
+        if not sep or not k_text.strip().lstrip("-").isdigit():
+            raise ValueError(f"case {item!r} must be ARCH:K, e.g. resnet32:16 or torchvision:resnet18:4")
         arch = common.check_arch(arch)
         (k,) = common.parse_ints(k_text, f"K of case {item!r}")
-        limit = common.max_modules(arch)
+        limit = mlaan.models.max_local_modules(arch)
         if k > limit:
             raise ValueError(f"case {item!r}: K={k} is too large for {arch} (allowed 1 to {limit})")
         cases.append((arch, k))
@@ -483,9 +486,11 @@ def busy_processes(n: int) -> Iterator[None]:
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cases", default=DEFAULT_CASES, help="ARCH:K list")
+    p.add_argument("--cases", default=DEFAULT_CASES,
+                   help="comma-separated ARCH:K cases; K follows the last colon (torchvision:resnet18:4)")
     p.add_argument("--methods", default=",".join(common.DEFAULT_METHODS), help="comma-separated methods")
-    p.add_argument("--batch", type=int, default=128, help="images per timed step (synthetic, CIFAR-shaped)")
+    p.add_argument("--batch", type=int, default=128,
+                   help="images per timed step (synthetic, of the model's input shape)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per method before timing")
     p.add_argument("--repeats", type=int, default=7, help="timed interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=None,
