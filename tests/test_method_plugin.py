@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -230,5 +231,8 @@ def test_make_head_reads_only_what_its_method_declares(monkeypatch):
             assert copy.deepcopy(ctx.options).aux_width == 7  # a head may keep it, and models are deep-copied
             return nn.Identity()
 
-    mlaan.create_local_model("resnet20", method="peeks", num_local_modules=2, aux_width=7)
+    with warnings.catch_warnings():
+        # its head reads aux_width whatever aux_head says (it never reads aux_head): no "read only with" warning
+        warnings.simplefilter("error")
+        mlaan.create_local_model("resnet20", method="peeks", num_local_modules=2, aux_width=7)
     assert seen == {"aux_width": 7}

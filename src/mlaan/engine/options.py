@@ -90,28 +90,35 @@ def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
     """The options a run of ``method`` with these option ``values`` (missing ones at their defaults) ignores:
     those ``method`` never reads (:func:`options_unused_by`) and those read only for values of another option
     that it does not hold (``aux_width`` with ``aux_head="linear"``, ``temperature`` with
-    ``infopro_task="ce"``). For warnings; ValueError for an unknown method."""
+    ``infopro_task="ce"``). A condition on an option ``method`` never reads does not apply: a plug-in head that
+    reads ``aux_width`` but not ``aux_head`` reads it whatever ``aux_head`` says. For warnings; ValueError for an
+    unknown method."""
     fields = option_fields()
-    return options_unused_by(method) | {f.name for f in fields if _unmet_conditions(f, values, fields)}
+    unused = options_unused_by(method)
+    return unused | {f.name for f in fields if _unmet_conditions(f, values, fields, unused)}
 
 
 def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
     """Why a run of ``method`` with option ``values`` ignores option ``name`` (one of :func:`options_ignored`),
     for warnings: who reads it when ``method`` never does, else the value of the other option it needs."""
-    if name in options_unused_by(method):
+    unused = options_unused_by(method)
+    if name in unused:
         return who_reads(name)
     fields = option_fields()
     field_ = next(f for f in fields if f.name == name)
     return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
-                     for other, allowed, held in _unmet_conditions(field_, values, fields))
+                     for other, allowed, held in _unmet_conditions(field_, values, fields, unused))
 
 
-def _unmet_conditions(field_: OptionField, values: dict[str, Any],
-                      fields: list[OptionField]) -> list[tuple[str, tuple[Any, ...], Any]]:
+def _unmet_conditions(field_: OptionField, values: dict[str, Any], fields: list[OptionField],
+                      unused: frozenset[str]) -> list[tuple[str, tuple[Any, ...], Any]]:
     """``(other option, values it must hold, value it holds)`` for each ``read_when`` condition of ``field_`` that
-    ``values`` (missing options at their defaults, from ``fields``) does not meet."""
+    ``values`` (missing options at their defaults, from ``fields``) does not meet; conditions on the ``unused``
+    options (those the method never reads) do not apply."""
     unmet = []
     for other, allowed in (field_.read_when or {}).items():
+        if other in unused:
+            continue
         held = values[other] if other in values else next(f.default for f in fields if f.name == other)
         if held not in allowed:
             unmet.append((other, allowed, held))
