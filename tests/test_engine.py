@@ -418,8 +418,8 @@ def test_wrapping_ones_own_backbone_as_a_list_of_blocks():
 @pytest.mark.parametrize(
     "kwargs,needle",
     [
-        (dict(arch="resnet33"), "unknown architecture 'resnet33'; available: resnet20"),
-        (dict(method="dgl+magic"), "unknown method 'dgl+magic'; available: bp, dgl, dgl+mlaan"),
+        (dict(arch="vgg99"), "unknown architecture 'vgg99'; available: resnet20"),
+        (dict(method="dgl+magic"), "unknown method 'dgl+magic' (did you mean 'dgl+mlaan'?); available: bp, dgl"),
         (dict(num_local_modules=17), "num_local_modules=17 is out of range for resnet32: allowed 1 to 16"),
         (dict(num_local_modules=0), "allowed 1 to 16 (15 blocks after the stem + the stem's module)"),
         (dict(num_local_modules=2.5), "num_local_modules must be an integer, got 2.5"),

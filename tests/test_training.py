@@ -77,9 +77,9 @@ def test_resolve_fills_and_checks():
     cfg = TrainConfig().resolve()
     assert (cfg.local_modules, cfg.output_dir) == (16, os.path.join("runs", "fashion-mnist-resnet32-dgl+mlaan-K16"))
     assert TrainConfig(method="BP").resolve().local_modules == 1
-    with pytest.raises(ValueError, match=r"unknown architecture 'resnet33'; available: resnet20"):
-        TrainConfig(arch="resnet33").resolve()
-    with pytest.raises(ValueError, match=r"unknown method 'dgl\+foo'; available: bp, dgl"):
+    with pytest.raises(ValueError, match=r"unknown architecture 'vgg99'; available: resnet20"):
+        TrainConfig(arch="vgg99").resolve()
+    with pytest.raises(ValueError, match=r"unknown method 'dgl\+foo' \(did you mean 'dgl'\?\); available: bp, dgl"):
         TrainConfig(method="dgl+foo").resolve()
     with pytest.raises(ValueError, match="epochs must be at least 1"):
         TrainConfig(epochs=0).resolve()

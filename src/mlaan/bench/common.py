@@ -20,6 +20,7 @@ import torch
 import mlaan
 from mlaan.engine import parse_method
 from mlaan.engine.options import options_ignored
+from mlaan.names import unknown
 from mlaan.training.loop import make_optimizer
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
@@ -69,9 +70,9 @@ def parse_methods(text: str | Sequence[str]) -> list[str]:
     if not names:
         raise ValueError("no method given; available: " + ", ".join(mlaan.available_methods()))
     known = mlaan.available_methods()
-    unknown = [m for m in names if m not in known]
-    if unknown:
-        raise ValueError(f"unknown method(s) {', '.join(unknown)}; available: {', '.join(known)}")
+    for name in names:
+        if name not in known:
+            raise ValueError(unknown("method", name, known))
     return list(dict.fromkeys(names))
 
 

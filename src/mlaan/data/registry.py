@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from ..names import unknown
+
 RootUse = Literal["required", "optional", "unused"]
 
 
@@ -117,7 +119,7 @@ def describe_datasets() -> dict[str, str]:
 def check_dataset_name(name: str) -> None:
     """ValueError naming the known data sets when ``name`` is not one of them."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown dataset {name!r}; available: {', '.join(available_datasets())}")
+        raise ValueError(unknown("dataset", name, available_datasets()))
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -7,6 +7,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..names import unknown
+
 # The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
 AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
 EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
@@ -94,7 +96,7 @@ class EngineOptions:
 
 def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
-        raise ValueError(f"unknown {name} {value!r}; allowed: {', '.join(allowed)}")
+        raise ValueError(unknown(name, value, allowed, word="allowed"))
 
 
 def _check_at_least(name: str, value: int, low: int) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..lazy import lazy_exports
+from ..names import unknown
 
 if TYPE_CHECKING:
     from .adapters import adapt, adapters
@@ -129,8 +130,7 @@ def check_arch(name: str) -> str:
         return registered
     split = _split_library(name) if isinstance(name, str) else None
     if split is None:
-        raise ValueError(f"unknown architecture {name!r}; available: {', '.join(available())}, or "
-                         "torchvision:NAME / timm:NAME")
+        raise ValueError(unknown("architecture", name, available()) + ", or torchvision:NAME / timm:NAME")
     library, model = split
     if library == "timm":
         from .timm_families import timm

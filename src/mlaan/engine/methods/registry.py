@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from ...names import unknown
 from ..engine_options import EngineOptions
 from .base import LocalMethod
 
@@ -114,7 +115,7 @@ def available_methods() -> list[str]:
 def parse_method(name: str) -> MethodSpec:
     """``"dgl+mlaan"`` → MethodSpec(base=DGL, cascade=True, leap=True); ValueError for unknown names."""
     if not isinstance(name, str) or name.strip().lower() not in available_methods():
-        raise ValueError(f"unknown method {name!r}; available: {', '.join(available_methods())}")
+        raise ValueError(unknown("method", name, available_methods()))
     base_name, _, suffix = name.strip().lower().partition("+")
     base = _METHODS[base_name]()
     return MethodSpec(
