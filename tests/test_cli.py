@@ -218,7 +218,14 @@ def test_help_lists_datasets_archs_methods(capsys, command):
         main([*command, "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in [*data.available_datasets(), *mlaan.models.available(), *mlaan.available_methods()]:
+    if command == ["download"]:  # its --dataset names what it can fetch, nothing it would refuse
+        assert "stl10" in text and "imagenet" not in text and "resnet32" not in text
+        return
+    if command == ["export"]:  # the model is the checkpoint's: no list to choose from
+        assert "imagenet" not in text and "dgl+mlaan" not in text
+        return
+    for name in [*data.available_datasets(), *mlaan.models.available(), *mlaan.available_methods(),
+                 "torchvision:NAME", "timm:NAME"]:
         assert name in text, name
 
 
@@ -303,6 +310,24 @@ def test_bad_input_is_one_line_exit_2_and_touches_nothing(trained, capsys, flags
     for word in words:
         assert word in lines[0], (word, lines[0])
     assert {p.name: p.read_bytes() for p in trained.iterdir()} == before
+
+
+@pytest.mark.parametrize(("rank", "printed"), [("0", True), ("1", False)])
+def test_bad_input_under_torchrun_is_reported_by_rank_0_alone(trained, capsys, monkeypatch, rank, printed):
+    # every rank reads the same flags, so every rank refuses them: one line in all, not one per rank
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    code, _, err = mlaan_cli(capsys, "train", *SYNTH, "--output-dir", trained, "--method", "dgl+foo")
+    assert code == 2 and ("unknown method 'dgl+foo'" in err) == printed and (err == "") != printed
+
+
+def test_other_errors_under_torchrun_name_their_rank(capsys, monkeypatch):
+    from mlaan.cli import CLIError, _print_error
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    _print_error(CLIError("loss is nan at step 7", code=1), 1)
+    assert capsys.readouterr().err == "mlaan: error: rank 1: loss is nan at step 7\n"
 
 
 def test_used_output_dir_and_bad_checkpoints(trained, tmp_path, capsys):

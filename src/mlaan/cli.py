@@ -131,7 +131,8 @@ def _catalogue() -> str:
     lines = ["data sets:"]
     lines += [f"  {name:<{width}}  {text}" for name, text in describe_datasets().items()]
     lines.append("architectures:")
-    lines += textwrap.wrap(", ".join(models.available()), 100, initial_indent="  ", subsequent_indent="  ")
+    lines += textwrap.wrap(", ".join([*models.available(), "torchvision:NAME", "timm:NAME"]), 100,
+                           initial_indent="  ", subsequent_indent="  ")
     lines.append("methods (BASE, or BASE+mlaan / +mlm / +lam; bp trains end to end with K=1):")
     lines += textwrap.wrap(", ".join(available_methods()), 100, initial_indent="  ", subsequent_indent="  ")
     return "\n".join(lines)
@@ -531,6 +532,7 @@ def _add_export(subparsers) -> None:
         "  torchvision.models.NAME(num_classes=...) / timm.create_model(NAME, num_classes=...);\n"
         "FILE.json's load_with says which.",
     )
+    p.epilog = ""  # the model is the checkpoint's: the catalogue of data sets, architectures and methods is not asked
     p.add_argument("--checkpoint", required=True, metavar="PATH", help="a training checkpoint (last.pt / best.pt)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict (e.g. model.pt)")
     p.add_argument("--precise-bn", dest="precise_bn", type=int, default=None, metavar="N",
@@ -588,7 +590,11 @@ def _add_download(subparsers) -> None:
         "Download a data set with torchvision into --data-root (what `make data` does for Fashion-MNIST "
         "when Debian's dataset-fashion-mnist cannot be installed).",
     )
-    p.add_argument("--dataset", default="fashion-mnist", help="data set to fetch (default: fashion-mnist)")
+    from .data import downloadable_datasets
+
+    p.epilog = ""  # the catalogue of data sets, architectures and methods is not this command's: --dataset says
+    p.add_argument("--dataset", default="fashion-mnist",
+                   help=f"data set to fetch: {', '.join(downloadable_datasets())} (default: fashion-mnist)")
     p.add_argument("--data-root", dest="data_root", default="data", metavar="DIR",
                    help="folder to download into (default: data)")
     p.set_defaults(func=cmd_download)
@@ -685,12 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         if os.environ.get("MLAAN_DEBUG"):
             raise
-        print(f"mlaan: error: {_one_line(err)}", file=sys.stderr)
+        _print_error(err, err.code)
         return err.code
     except INPUT_ERRORS as err:  # from contributed subcommands (ours raise CLIError)
         if os.environ.get("MLAAN_DEBUG") or args.func in _OWN_COMMANDS:
             raise
-        print(f"mlaan: error: {_one_line(err)}", file=sys.stderr)
+        _print_error(err, EXIT_USAGE)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mlaan: interrupted", file=sys.stderr)
@@ -698,6 +704,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed by its reader (`mlaan train --print-config | head`): not an error here
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush does not raise again
         return 141  # as a command killed by SIGPIPE
+
+
+def _print_error(err: BaseException, code: int) -> None:
+    """``mlaan: error: MESSAGE`` on stderr. Under torchrun, bad input (exit 2) is the same on every rank, so only
+    rank 0 reports it; another error names the rank it happened on."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    rank = os.environ.get("RANK") if world.isdigit() and int(world) > 1 else None
+    if rank is not None and rank != "0" and code == EXIT_USAGE:
+        return
+    where = f"rank {rank}: " if rank is not None and code != EXIT_USAGE else ""
+    print(f"mlaan: error: {where}{_one_line(err)}", file=sys.stderr)
 
 
 @contextmanager
