@@ -224,6 +224,20 @@ def test_bench_pipeline_writes_its_table_and_model(tmp_path, capsys):
     assert "pipeline, 2 ranks" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize(("sequential_s", "warned"), [(1.5, False), (3.0, True)])
+def test_bench_pipeline_flags_a_speed_up_beyond_its_rank_count(sequential_s, warned):
+    from mlaan.bench.pipeline import _table
+
+    result = {"seconds_per_step": {"sequential": sequential_s, "pipeline": 1.0, "bp_sequential": 1.0, "bp_1f1b": 1.0},
+              "config": {"method": "dgl", "cores": 2, "ranks": 2, "loadavg_before": 2.5, "loadavg_after": 2.1},
+              "ranges": [[0, 2], [2, 4]], "per_rank": [{"step_s": 1.0, "wait_s": 0.0}] * 2,
+              "model": {"predicted_s_per_step": 1.0, "measured_s_per_step": 1.0, "error": 0.0, "one_device_s": 2.0,
+                        "message_s": 1e-3, "predictions": {}}}
+    text = _table(result)
+    assert ("warning: a speed-up above 2 with 2 ranks cannot come from the pipeline" in text) == warned
+    assert ("load average 2.5 before, 2.1 after" in text) == warned
+
+
 def test_bench_pipeline_refuses_bad_input(capsys):
     from mlaan.cli import main
 

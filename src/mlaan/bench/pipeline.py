@@ -86,7 +86,10 @@ def run(args: argparse.Namespace) -> int:
     cfg = {"arch": args.arch, "method": args.method, "k": k, "ranks": args.ranks, "cores": args.cores,
            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "boundary": args.boundary, "partition": args.partition}
-    print(f"mlaan bench pipeline on {common.machine_description()}; code {common.code_version()}")
+    machine = common.machine_description(f"{args.cores} threads in all, {args.cores // args.ranks} a rank")
+    cfg["loadavg_before"] = os.getloadavg()[0]
+    print(f"mlaan bench pipeline on {machine}; code {common.code_version()}; load average "
+          f"{cfg['loadavg_before']:.1f} (other work on these cores skews the comparison)")
     print(json.dumps(cfg))
     with tempfile.TemporaryDirectory() as tmp:
         ctx = mp.start_processes(_rank_main, args=(args.ranks, tmp, cfg), nprocs=args.ranks, join=False,
@@ -98,7 +101,8 @@ def run(args: argparse.Namespace) -> int:
                     p.kill()
                 raise RuntimeError(f"pipeline ranks still running after {DEADLINE_S} s")
         measured = json.loads((Path(tmp) / "result.json").read_text())
-    result = {"config": cfg, "machine": common.machine_description(), "code": common.code_version(), **measured}
+    cfg["loadavg_after"] = os.getloadavg()[0]
+    result = {"config": cfg, "machine": machine, "code": common.code_version(), **measured}
     result["model"] = _model_report(measured, module_times or measured["module_times"], cfg, predict)
     common.write_json(out / "pipeline.json", result)
     print(_table(result))
@@ -339,4 +343,10 @@ def _table(result: dict) -> str:
                f"({m['error']:+.0%}); one device {m['one_device_s']:.3f} s; message {m['message_s'] * 1e3:.1f} ms")
     for p, v in m["predictions"].items():
         out.append(f"  P={p}: tick {v['tick_s']:.3f} s, {v['speedup_vs_one_device']:.2f}× one device")
+    if s["sequential"] / s["pipeline"] > cfg["ranks"]:
+        # P ranks on P cores can at most be P times faster: more means the one-process run was slowed by
+        # something else (other processes on the cores, a thread team stalled by them)
+        out.append(f"warning: a speed-up above {cfg['ranks']} with {cfg['ranks']} ranks cannot come from the "
+                   f"pipeline; the one-process run was slowed by other load (load average "
+                   f"{cfg['loadavg_before']:.1f} before, {cfg['loadavg_after']:.1f} after): measure on idle cores")
     return "\n".join(out)
