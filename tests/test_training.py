@@ -56,8 +56,12 @@ def test_layers_later_wins(tmp_path):
 def test_bad_config_files(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("epoch: 3\n")
-    with pytest.raises(ValueError, match=r"unknown config key 'epoch'; known keys: dataset"):
+    with pytest.raises(ValueError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\); known keys: "):
         load_yaml(path)
+    for key in ("resume", "print-config", "config"):  # flags of one invocation, not settings of the run
+        path.write_text(f"{key}: true\n")
+        with pytest.raises(ValueError, match=rf"'{key}' cannot be set in a config file; give --{key} on the command"):
+            load_yaml(path)
     path.write_text("epochs: many\n")
     with pytest.raises(ValueError, match=r"'epochs': 'many' is not a valid int"):
         load_yaml(path)

@@ -25,6 +25,7 @@ import yaml
 
 from ..engine import parse_method
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored
+from ..names import unknown
 
 # Options ``resolve()`` derives from others when they are not set (None), with how.
 DERIVED_WHEN_UNSET = {
@@ -205,7 +206,7 @@ _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the me
 def coerce(name: str, value: Any) -> Any:
     """Convert a value from YAML or a checkpoint to the type of field ``name`` (ValueError if impossible)."""
     if name not in _TYPES:
-        raise ValueError(f"unknown config key {name!r}; known keys: {', '.join(FIELD_NAMES)}")
+        raise ValueError(unknown("config key", name, FIELD_NAMES, word="known keys"))
     hint = _TYPES[name]
     args = typing.get_args(hint)
     optional = type(None) in args and (typing.get_origin(hint) in (typing.Union, types.UnionType))
@@ -273,6 +274,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 BASE_KEY = "base"  # a config file's list of files it builds on (mmcv's ``_base_``), not an option
+# flags of one invocation that name files or actions, not settings of the run: never read from a config file
+COMMAND_LINE_ONLY = ("config", "resume", "print_config")
 
 
 MAX_BASE_DEPTH = 32  # bases of bases: deeper than any sane layout, shallow enough to say so before Python would
@@ -358,6 +361,9 @@ def _converted(path: Path, raw: dict[Any, Any]) -> dict[str, Any]:
         if name != BASE_KEY and name.strip("_").lower() == BASE_KEY:  # Base:, _base_: (mmcv's spelling)
             raise ValueError(f"config file {path}: unknown key {key!r}; a file builds on others with "
                              f"'{BASE_KEY}: [FILE, ...]'")
+        if name in COMMAND_LINE_ONLY:
+            raise ValueError(f"config file {path}: {key!r} cannot be set in a config file; give "
+                             f"--{name.replace('_', '-')} on the command line")
         if name in spelled:  # batch_size and batch-size: YAML sees two keys, the run one option
             raise ValueError(f"config file {path} sets {name} twice ({spelled[name]!r} and {key!r}); keep one")
         spelled[name] = str(key)
