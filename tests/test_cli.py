@@ -141,6 +141,11 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     code, stdout, _ = mlaan_cli(capsys, "export", "--checkpoint", trained / "last.pt", "--out", out)
     assert code == 0 and "model.pt" in stdout
     meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["data_options"] == {"synthetic_train_size": 2048, "synthetic_test_size": 128,
+                                    "synthetic_image_size": 32}
+    table = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("`export` writes")[1]
+    table = table.split("It loads into")[0]
+    assert [key for key in meta if f"`{key}`" not in table] == []  # the README's table of the fields says each
     state = torch.load(out, weights_only=True)
     assert all(k.startswith("blocks.") for k in state)  # the plain backbone: no aux nets, no EMA twins
     net = mlaan.models.create(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
@@ -157,6 +162,21 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     assert code == 0 and json.loads(stdout)["test_accuracy"] == pytest.approx(report["test_accuracy"])
     code, stdout, _ = mlaan_cli(capsys, "eval", "--checkpoint", out)
     assert code == 0 and "accuracy" in stdout and "error" in stdout
+
+
+def test_eval_refuses_a_data_set_the_network_cannot_take_before_reading_or_downloading_it(trained, tmp_path, capsys,
+                                                                                           monkeypatch):
+    """A 10-class network with `--dataset cifar100 --download` downloaded CIFAR-100 first, then refused it."""
+    read = []
+    monkeypatch.setattr(data, "build_datasets", lambda *args, **kwargs: read.append(args))  # nothing to download
+    checkpoint = trained / "last.pt"
+    fits = "data sets it can take: cifar10, svhn, stl10, imagenet, synthetic"
+    for dataset, has in (("cifar100", "100 classes of 3-channel"), ("fashion-mnist", "10 classes of 1-channel")):
+        code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", checkpoint, "--dataset", dataset, "--download",
+                                 "--data-root", tmp_path / "dl")
+        assert code == 2 and err == (f"mlaan: error: checkpoint {checkpoint} was trained for 10 classes of 3-channel "
+                                     f"images, but {dataset} has {has} images; {fits}\n")
+    assert read == [] and not (tmp_path / "dl").exists()
 
 
 def test_eval_takes_a_thread_count(trained, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -176,6 +177,9 @@ def test_registry_entries_hold_each_data_sets_facts():
     assert data.dataset_spec("imagenet").splits == ("train", "val")
     assert data.dataset_spec("cifar10").mean == data.CIFAR10_MEAN and data.dataset_spec("stl10").image_size == 96
     assert data.data_option_keys() == ["synthetic_train_size", "synthetic_test_size", "synthetic_image_size"]
+    assert data.data_option_keys("synthetic") == data.data_option_keys() and data.data_option_keys("cifar10") == []
+    assert data.datasets_fitting(10, 1) == ["fashion-mnist"] and "cifar100" not in data.datasets_fitting(10, 3)
+    assert data.datasets_fitting(100, 3) == ["cifar100", "imagenet"]  # an ImageFolder's classes: known once read
     with pytest.raises(ValueError, match="unknown dataset 'mnist-x'; available: fashion-mnist"):
         data.dataset_spec("mnist-x")
 
@@ -220,3 +224,45 @@ def test_check_data_root_asks_the_entry(tmp_path):
     fake_fashion(tmp_path / "FashionMNIST" / "raw", n_train=2, n_test=2)
     assert data.dataset_folder("fashion-mnist", tmp_path) == tmp_path / "FashionMNIST" / "raw"
     assert data.TensorImageDataset.__module__ == "mlaan.data.tensors"
+
+
+# ----------------------------------------------------------------------------------------------- downloads
+@pytest.fixture
+def no_network(monkeypatch, tmp_path):
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+    monkeypatch.setattr(data, "SYSTEM_FASHION_MNIST", tmp_path / "no-system-copy")
+
+
+def test_a_failed_download_removes_the_empty_folders_it_made(no_network, tmp_path):
+    """`mlaan train --dataset cifar10 --download` without network left an empty data/ behind."""
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+        data.build_datasets("cifar10", tmp_path / "new" / "data", download=True)
+    assert not (tmp_path / "new").exists()
+    root = tmp_path / "mine"  # a root that was there: it stays, and so does everything it held
+    (root / "old").mkdir(parents=True)
+    (root / "notes.txt").write_text("kept")
+    with pytest.raises(FileNotFoundError, match="could not be downloaded"):
+        data.download_dataset("fashion-mnist", root)  # torchvision made root/FashionMNIST/raw before failing
+    assert sorted(p.name for p in root.iterdir()) == ["notes.txt", "old"]
+
+
+def test_a_failed_download_keeps_the_folders_it_wrote_files_in(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    def part_then_fail(root, download, **kwargs):
+        (Path(root) / "cifar-10-batches-py").mkdir(parents=True)
+        (Path(root) / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"part")
+        (Path(root) / "tmp" / "deeper").mkdir(parents=True)
+        raise ConnectionResetError("connection reset by peer")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", part_then_fail)
+    with pytest.raises(FileNotFoundError, match="ConnectionResetError"):
+        data.build_datasets("cifar10", tmp_path / "data", download=True)
+    assert [p.name for p in (tmp_path / "data").iterdir()] == ["cifar-10-batches-py"]
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "data_batch_1").read_bytes() == b"part"

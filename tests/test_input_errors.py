@@ -53,7 +53,7 @@ def test_paper_config_without_network_is_one_line(no_network, tmp_path, capsys, 
     line = one_error_line(err)
     assert code == 2
     assert dataset in line and str(root) in line and f"mlaan download --dataset {dataset}" in line
-    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists() and not root.exists()  # nor an empty data root that looks like one
 
 
 def test_download_command_without_network_is_one_line(no_network, tmp_path, capsys):

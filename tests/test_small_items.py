@@ -62,6 +62,59 @@ def test_export_says_which_epoch_and_where_the_data_were(fashion_elsewhere, tmp_
     assert "evaluating on 32 fashion-mnist test images" in capsys.readouterr().err
 
 
+@pytest.fixture
+def gray_sets(monkeypatch):
+    """Two registered 1-channel data sets besides Fashion-MNIST, recording the data root each is read from:
+    ``gray-ten`` of 10 classes, and ``gray-folder`` whose classes are known once read (3, as an ImageFolder's)."""
+    from mlaan.data import registry
+
+    roots = []
+
+    class Gray(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            return torch.zeros(1, 32, 32), i % 3
+
+    def build(spec, root, download, augment, with_train):
+        roots.append(root)
+        return Gray(), Gray(), spec.info(Gray(), Gray(), str(root), num_classes=spec.num_classes or 3)
+
+    for name, classes in (("gray-ten", 10), ("gray-folder", None)):
+        spec = registry.DatasetSpec(name, "stand-in", build, num_classes=classes, in_channels=1, image_size=32,
+                                    mean=(0.5,), std=(0.25,))
+        monkeypatch.setitem(registry._REGISTRY, name, spec)
+    return roots
+
+
+def test_eval_on_another_data_set_reads_the_runs_data_root(fashion_elsewhere, gray_sets, tmp_path, capsys):
+    """`mlaan eval --dataset OTHER` of a Fashion-MNIST run looked for OTHER in (and with --download fetched it into)
+    the folder Fashion-MNIST was found in, Debian's, not the run's --data-root; a network that cannot take OTHER
+    was refused only after reading it."""
+    run, export = tmp_path / "run", tmp_path / "m.pt"
+    assert main(["train", "--arch", "resnet20", "-K", "2", "--batch-size", "16", "--max-steps", "1", "--device", "cpu",
+                 "--output-dir", str(run)]) == 0
+    assert main(["export", "--checkpoint", str(run / "last.pt"), "--out", str(export)]) == 0
+    meta = json.loads(export.with_suffix(".json").read_text())
+    assert (meta["data_root"], meta["configured_data_root"]) == (str(fashion_elsewhere), "data")
+    assert meta["data_options"] == {}  # the synthetic data set's sizes are not Fashion-MNIST's
+    for checkpoint, flags in ((run / "last.pt", []), (export, []), (run / "last.pt", ["--data-root", "mine"])):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--dataset", "gray-ten", "--device", "cpu", *flags]) == 0
+    del meta["configured_data_root"]  # an export written before it: Fashion-MNIST's data_root is its own folder
+    export.with_suffix(".json").write_text(json.dumps(meta))
+    assert main(["eval", "--checkpoint", str(export), "--dataset", "gray-ten", "--device", "cpu"]) == 0
+    assert gray_sets == ["data", "data", "mine", "data"]
+    capsys.readouterr()
+
+    for dataset, has, fits in (("imagenet", "3-channel images", "fashion-mnist, gray-ten, gray-folder"),
+                               ("gray-folder", "3 classes of 1-channel images", "fashion-mnist, gray-ten")):
+        assert main(["eval", "--checkpoint", str(export), "--dataset", dataset, "--data-root", "nowhere"]) == 2
+        assert capsys.readouterr().err == (f"mlaan: error: checkpoint {export} was trained for 10 classes of 1-channel "
+                                           f"images, but {dataset} has {has}; data sets it can take: {fits}\n")
+    assert gray_sets[4:] == ["nowhere"]  # an ImageFolder's classes are known once read; imagenet's channels before
+
+
 @pytest.mark.parametrize("command", ["memory", "speed", "accuracy"])
 def test_bench_help_says_each_default_once_and_helps_every_option(command, capsys):
     with pytest.raises(SystemExit):

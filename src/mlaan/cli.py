@@ -379,7 +379,8 @@ def _add_eval(subparsers) -> None:
     p.add_argument("--checkpoint", required=True, metavar="PATH")
     p.add_argument("--dataset", default=None, help="data set (default: the one it was trained on)")
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
-                   help="data folder (default: the training run's)")
+                   help="data folder (default: where the training run's data set was read from; for another "
+                        "--dataset, the run's --data-root)")
     p.add_argument("--download", action="store_true", help="download the data set if missing")
     p.add_argument("--test-samples", dest="test_samples", type=int, default=None, metavar="N",
                    help="evaluate on the first N test samples only (default: the whole test split, whatever the "
@@ -402,10 +403,10 @@ def _add_eval(subparsers) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
-    from . import distributed, models, runtime
-    from .data import build_datasets
+    from . import distributed, runtime
+    from .data import build_datasets, dataset_spec
     from .training import evaluate_backbone, evaluate_modules
-    from .training.checkpoint import load_backbone
+    from .training.checkpoint import default_data_root, load_backbone
 
     try:
         ctx = distributed.init_from_env(args.device)
@@ -415,30 +416,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime.apply_threads(runtime.choose_threads(args.threads))
         state, meta = load_backbone(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
-        root = args.data_root or meta.get("data_root") or "data"
+        spec = dataset_spec(dataset)
+        # everything that can refuse without the data does so before they are read, or downloaded
+        _check_fits(meta, args.checkpoint, dataset, spec.num_classes, spec.in_channels)
+        if args.batch_size < 1 or args.workers < 0:
+            raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+        backbone = _backbone_for_eval(meta, state, args.checkpoint)
+        local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
         options = meta.get("data_options", {}) if dataset == meta["dataset"] else {}
         precise_bn = _precise_bn_batches(meta, args.precise_bn)
         train_set, test_set, info = build_datasets(
-            dataset, root, download=args.download, test_samples=args.test_samples, with_train=precise_bn > 0,
-            **options
+            dataset, args.data_root or default_data_root(meta, dataset), download=args.download,
+            test_samples=args.test_samples, with_train=precise_bn > 0, **options
         )
-        if (info.num_classes, info.in_channels) != (meta["num_classes"], meta["in_channels"]):
-            raise ValueError(
-                f"checkpoint {args.checkpoint} was trained for {meta['num_classes']} classes of "
-                f"{meta['in_channels']}-channel images, but {dataset} has {info.num_classes} classes of "
-                f"{info.in_channels}-channel images"
-            )
-        backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
-        try:
-            if backbone.source is not None and not any(k.startswith("blocks.") for k in state):
-                backbone.source.load_state_dict(state)  # an export of a torchvision:/timm: model: its class's keys
-            else:
-                backbone.load_state_dict(state)
-        except RuntimeError as err:
-            raise ValueError(f"{args.checkpoint}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
-        if args.batch_size < 1 or args.workers < 0:
-            raise ValueError(f"need --batch-size >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-        local_model = _local_model_for_eval(args.checkpoint) if args.modules else None
+        _check_fits(meta, args.checkpoint, dataset, info.num_classes, info.in_channels)  # an ImageFolder's classes
         # Said here, before the progress bar, rather than by the model in the middle of it; a resize of the run's
         # own data set is the run's own (mlaan train --image-size), not worth a warning
         if dataset != meta["dataset"] and backbone.resize_inputs and info.image_size != meta["image_size"]:
@@ -481,6 +472,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
             shown = ", ".join("—" if a is None else f"{100 * a:.1f}" for a in accuracies)
             print(f"test accuracy % of each local module's {path} aux net (the last: the backbone): {shown}")
     return 0
+
+
+def _check_fits(meta: Mapping[str, Any], path: str, dataset: str, classes: int | None, channels: int) -> None:
+    """ValueError (one line) when the network of checkpoint ``path`` (described by ``meta``) cannot take data set
+    ``dataset``'s ``channels``-channel images or its ``classes`` classes (None: known only once the data are read,
+    not compared), naming the data sets it can take."""
+    from .data import datasets_fitting
+
+    if channels == meta["in_channels"] and classes in (None, meta["num_classes"]):
+        return
+    has = f"{classes} classes of " if classes is not None else ""
+    # an ImageFolder's data set fits until read: after, it is not one of those it can take
+    fitting = ", ".join(n for n in datasets_fitting(meta["num_classes"], meta["in_channels"]) if n != dataset)
+    raise ValueError(
+        f"checkpoint {path} was trained for {meta['num_classes']} classes of {meta['in_channels']}-channel images, "
+        f"but {dataset} has {has}{channels}-channel images; data sets it can take: {fitting or 'none registered'}"
+    )
+
+
+def _backbone_for_eval(meta: Mapping[str, Any], state: Mapping[str, Any], path: str) -> Any:
+    """The plain backbone ``meta`` describes, holding ``state`` (a training checkpoint's backbone, or an export's);
+    ValueError naming ``path`` when the weights do not fit."""
+    from . import models
+
+    backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    try:
+        if backbone.source is not None and not any(k.startswith("blocks.") for k in state):
+            backbone.source.load_state_dict(state)  # an export of a torchvision:/timm: model: its class's keys
+        else:
+            backbone.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit {meta['arch']}: {_one_line(err)[:300]}") from err
+    return backbone
 
 
 def _expect_resize(backbone: Any) -> None:
@@ -575,8 +599,8 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
     backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
     _expect_resize(backbone)  # the run's own training set
-    train_set, _, _ = build_datasets(meta["dataset"], args.data_root or meta["data_root"] or "data",
-                                     **meta["data_options"])
+    root = args.data_root or ckpt_io.default_data_root(meta, meta["dataset"])
+    train_set, _, _ = build_datasets(meta["dataset"], root, **meta["data_options"])
     _precise_bn(backbone, meta, batches, torch.device("cpu"), train_set)
     ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,8 @@ def build_datasets(
         raise ValueError(f"dataset {name!r} needs --data-root ({spec.root_hint})")
     if download and not spec.downloadable:
         raise ValueError(f"dataset {name!r} cannot be downloaded; {spec.obtain}")
-    train_set, test_set, info = spec.builder(spec, root, download, augment, with_train, **own)
+    with _removing_new_empty_folders(root) if download and root is not None else nullcontext():
+        train_set, test_set, info = spec.builder(spec, root, download, augment, with_train, **own)
     train_set = _first(train_set, train_samples) if train_set is not None else None
     test_set = _first(test_set, test_samples)
     train_size = len(train_set) if train_set is not None else 0
@@ -58,6 +61,34 @@ def download_dataset(name: str, root: str | os.PathLike) -> Path:
         raise ValueError(f"dataset {name!r} cannot be downloaded; downloadable: {', '.join(downloadable_datasets())}")
     build_datasets(name, root, download=True)
     return Path(root)
+
+
+@contextmanager
+def _removing_new_empty_folders(root: str | os.PathLike) -> Iterator[None]:
+    """When the block fails (a download without network), remove the folders it created in ``root`` and up to it
+    that are still empty, so that no empty ``data/`` is left behind to pass for a data root. Folders that existed
+    before, and any that hold a file, stay."""
+    root = Path(root).absolute()
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # deepest first
+    before = set(os.listdir(root)) if root.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        new = sorted(set(os.listdir(root)) - before) if root.is_dir() else []
+        for top in (root / name for name in new if not (root / name).is_symlink()):  # a link's target is not new
+            for folder, _, _ in os.walk(top, topdown=False):  # inner folders first
+                _remove_if_empty(Path(folder))
+        for folder in missing:
+            _remove_if_empty(folder)
+        raise
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """``rmdir`` ``folder``; one that is not empty (or not a folder) is left as it is."""
+    try:
+        folder.rmdir()
+    except OSError:
+        pass
 
 
 def _first(dataset: Any, n: int | None) -> Any:

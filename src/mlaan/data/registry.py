@@ -133,9 +133,19 @@ def downloadable_datasets() -> list[str]:
     return [name for name, spec in _REGISTRY.items() if spec.downloadable]
 
 
-def data_option_keys() -> list[str]:
-    """Every data set's own options as keywords / config keys (``synthetic_train_size``, ...)."""
-    return [spec.option_key(option) for spec in _REGISTRY.values() for option in spec.options]
+def data_option_keys(name: str | None = None) -> list[str]:
+    """Every data set's own options as keywords / config keys (``synthetic_train_size``, ...); with ``name``, only
+    those data set ``name`` reads (none when no entry has that name: a run of a data set that only a script
+    registered reads no option of ``mlaan train``'s)."""
+    specs = _REGISTRY.values() if name is None else [_REGISTRY[name]] if name in _REGISTRY else []
+    return [spec.option_key(option) for spec in specs for option in spec.options]
+
+
+def datasets_fitting(num_classes: int, in_channels: int) -> list[str]:
+    """Names of the data sets whose images have ``in_channels`` channels and whose class count is ``num_classes``
+    or known only once read (ImageFolders): those a network built for them can be evaluated on."""
+    return [name for name, spec in _REGISTRY.items()
+            if spec.in_channels == in_channels and spec.num_classes in (None, num_classes)]
 
 
 def dataset_options(name: str, values: Mapping[str, Any]) -> dict[str, Any]:

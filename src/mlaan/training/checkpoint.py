@@ -631,7 +631,39 @@ def data_root_of(ckpt: Mapping[str, Any]) -> str | None:
     source = ckpt.get("data_source")
     if source and Path(source).is_dir():
         return str(source)
+    return configured_data_root(ckpt)
+
+
+def configured_data_root(ckpt: Mapping[str, Any]) -> str | None:
+    """The data root a run was configured with (its ``data_root`` option; None when it had none)."""
     return ckpt.get("config", {}).get("data_root")
+
+
+def default_data_root(meta: Mapping[str, Any], dataset: str) -> str:
+    """The data folder ``mlaan eval``/``export`` read ``dataset`` from when not given ``--data-root``, for a
+    checkpoint or export described by ``meta`` (:func:`load_backbone`): for the run's own data set, where its files
+    were found (``data_root``); for another, the data root the run was configured with (``configured_data_root``),
+    never the folder the run's own data set was found in (Debian's Fashion-MNIST folder, say). ``data`` when the
+    run had none."""
+    if dataset == meta["dataset"]:
+        return meta.get("data_root") or "data"
+    if "configured_data_root" in meta:
+        return meta["configured_data_root"] or "data"
+    # an export written before configured_data_root: its data_root is the configured one unless the run's data set
+    # locates its files elsewhere
+    from ..data import available_datasets, dataset_spec
+
+    located = meta["dataset"] in available_datasets() and dataset_spec(meta["dataset"]).locate is not None
+    return (None if located else meta.get("data_root")) or "data"
+
+
+def data_options_of(ckpt: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of its own data set that a run read (``synthetic_train_size``, ...; none for most data sets),
+    as its checkpoint's config saved them or, for one saved before the option existed, the default."""
+    from ..data import data_option_keys
+
+    config = merge(saved_config(ckpt))
+    return {key: getattr(config, key) for key in data_option_keys(ckpt["dataset"])}
 
 
 def local_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike) -> Any:
@@ -667,9 +699,10 @@ def backbone_state(ckpt: Mapping[str, Any]) -> dict[str, torch.Tensor]:
 def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(backbone state_dict, description) from a training checkpoint, or from an export and the ``.json`` beside it
     (what ``mlaan eval`` evaluates). The description has ``arch``, ``num_classes``, ``in_channels``,
-    ``image_size``, ``dataset``, ``data_root`` and ``data_options``, and for a training checkpoint the run's
-    ``precise_bn``, ``batch_size``, ``seed`` and ``step`` (how its evaluation was made). FileNotFoundError /
-    ValueError (one line, naming the file) when it is neither, or damaged."""
+    ``image_size``, ``dataset``, ``data_root``, ``configured_data_root`` (missing in exports written before it)
+    and ``data_options``, and for a training checkpoint the run's ``precise_bn``, ``batch_size``, ``seed`` and
+    ``step`` (how its evaluation was made). FileNotFoundError / ValueError (one line, naming the file) when it is
+    neither, or damaged."""
     obj = load(path)
     if is_training_checkpoint(obj):
         check_training_checkpoint(obj, path)  # every field there and of the right kind
@@ -686,13 +719,12 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
 def describe_training_checkpoint(ckpt: Mapping[str, Any]) -> dict[str, Any]:
     """What :func:`load_backbone` says of a (checked) training checkpoint: how to build its backbone, its data set,
     and how its evaluation was made."""
-    from ..data import data_option_keys
-
     meta = {k: ckpt[k] for k in ("arch", "num_classes", "in_channels", "image_size", "dataset", "method",
                                  "local_modules", "step")}
     config = merge(saved_config(ckpt))
-    meta.update(data_root=data_root_of(ckpt), precise_bn=config.precise_bn, batch_size=config.batch_size,
-                seed=config.seed, data_options={k: getattr(config, k) for k in data_option_keys()})
+    meta.update(data_root=data_root_of(ckpt), configured_data_root=configured_data_root(ckpt),
+                data_options=data_options_of(ckpt), precise_bn=config.precise_bn, batch_size=config.batch_size,
+                seed=config.seed)
     return meta
 
 
@@ -732,8 +764,6 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
     both paths. ValueError when the checkpoint holds no backbone, or ``out`` or ``out.json`` is a file other than
     an earlier export (a training checkpoint, a run's metrics.json); FileNotFoundError when ``out``'s folder does
     not exist."""
-    from ..data import data_option_keys
-
     state = {k: v.detach().clone() for k, v in backbone_state(ckpt).items()}
     if not state:
         raise ValueError("checkpoint holds no backbone weights (no 'backbone.' keys in its model state)")
@@ -761,7 +791,8 @@ def export_backbone(ckpt: Mapping[str, Any], out: str | os.PathLike) -> tuple[Pa
         "std": list(ckpt["std"]),
         "dataset": ckpt["dataset"],
         "data_root": data_root_of(ckpt),
-        "data_options": {k: v for k, v in ckpt.get("config", {}).items() if k in data_option_keys()},
+        "configured_data_root": configured_data_root(ckpt),
+        "data_options": data_options_of(ckpt),
         "trained_with": {"method": ckpt["method"], "local_modules": ckpt["local_modules"]},
         "epoch": ckpt.get("epoch"),  # epochs completed when these weights were saved
         "step": ckpt.get("step"),
