@@ -179,6 +179,15 @@ def test_eval_refuses_a_data_set_the_network_cannot_take_before_reading_or_downl
     assert read == [] and not (tmp_path / "dl").exists()
 
 
+def test_eval_and_export_take_a_run_folder_for_its_last_pt(trained, tmp_path, capsys):
+    code, stdout, err = mlaan_cli(capsys, "eval", "--checkpoint", trained, "--json")
+    assert code == 0 and f"mlaan: using {trained / 'last.pt'}\n" in err
+    assert json.loads(stdout)["checkpoint"] == str(trained / "last.pt")  # stdout is the JSON alone
+    code, stdout, err = mlaan_cli(capsys, "export", "--checkpoint", trained, "--out", tmp_path / "model.pt")
+    assert code == 0 and err == f"mlaan: using {trained / 'last.pt'}\n", err
+    assert json.loads((tmp_path / "model.json").read_text())["step"] == 3  # last.pt's
+
+
 def test_eval_takes_a_thread_count(trained, capsys):
     threads = torch.get_num_threads()
     try:

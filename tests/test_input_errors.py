@@ -192,11 +192,12 @@ def test_a_config_that_names_an_option_twice_or_is_a_folder_is_refused(tmp_path,
 
 
 def test_a_checkpoint_folder_and_torchs_weights_only_advice(tmp_path, capsys):
-    """A folder was "does not exist"; a damaged file quoted torch's advice to load it with weights_only=False."""
+    """A folder was "does not exist"; a damaged file quoted torch's advice to load it with weights_only=False.
+    (A folder holding last.pt stands for that file: test_cli.)"""
     (tmp_path / "run").mkdir()
-    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    (tmp_path / "run" / "best.pt").write_bytes(b"")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run")
-    inside = tmp_path / "run" / "last.pt"
+    inside = tmp_path / "run" / "best.pt"
     assert code == 2 and f"is a folder, not a checkpoint file: give a file in it ({inside})" in err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(bytes(range(256)) * 8)
@@ -209,6 +210,16 @@ def test_a_warm_up_longer_than_the_run_is_warned_of(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
                            "--epochs", "1", "--warmup-epochs", "3", "--max-steps", "1", "--output-dir", tmp_path / "r")
     assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1" in err
+
+
+@pytest.mark.parametrize("epochs,warned", [(1, True), (2, False)])
+def test_a_warm_up_as_long_as_the_run_is_warned_of_once(tmp_path, capsys, epochs, warned):
+    """`--epochs 1` with the default --warmup-epochs 1 ends at the peak learning rate: the decay never runs."""
+    code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
+                           "--epochs", epochs, "--max-steps", "1", "--output-dir", tmp_path / "r")
+    line = ("mlaan: warning: warmup_epochs=1 is as long as epochs=1: the learning rate reaches --lr 0.1 at the last "
+            "step and the cosine decay never runs (lower --warmup-epochs)\n")
+    assert code == 0 and err.count("warmup_epochs") == int(warned) and (line in err) == warned, err
 
 
 def test_precise_bn_on_more_images_than_the_training_set_says_how_many_it_used(tmp_path, capsys):

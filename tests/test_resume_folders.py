@@ -167,3 +167,56 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_writes(runs, tmp_path, ca
     assert_one_line_error(code, err, ["non-finite", "the run --overwrite was to replace is left as it was"],
                           exit_code=1)
     assert snapshot(old) == before
+
+
+def test_a_resume_with_nothing_to_train_says_so_and_leaves_the_run_alone(runs, tmp_path, capsys):
+    """A finished run resumed in its folder, or a run resumed with --max-steps at or below its step, rewrote
+    metrics.json with the figures of an evaluation-only process: now one line, every file as it was, exit 0."""
+    done = tmp_path / "done"
+    shutil.copytree(runs["finished"], done)
+    before = snapshot(done)
+    for extra in ([], ["--max-steps", "1"]):
+        code, out, err = cli(capsys, "train", "--output-dir", done, "--resume", *extra)
+        assert code == 0, err
+        assert out.strip() == (f"mlaan train: {done / 'last.pt'} is already at step 2 of 2: nothing to train; {done} "
+                               f"is left as it was (evaluate with: mlaan eval --checkpoint {done / 'last.pt'})")
+        assert snapshot(done) == before
+    stopped = tmp_path / "stopped"
+    assert cli(capsys, "train", *TINY, "--threads", "1", "--epochs", "2", "--max-steps", "2",
+               "--output-dir", stopped)[0] == 0
+    before = snapshot(stopped)
+    for max_steps, why in (("1", "past --max-steps 1"), ("2", "at --max-steps 2")):
+        code, out, err = cli(capsys, "train", "--output-dir", stopped, "--resume", "--max-steps", max_steps)
+        assert code == 0 and f"{stopped / 'last.pt'} is already at step 2, {why}: nothing to train" in out, err
+        assert len(out.strip().splitlines()) == 1 and snapshot(stopped) == before
+
+
+def test_a_run_stopped_before_writing_its_metrics_json_gets_it_from_a_resume(runs, tmp_path, capsys):
+    """Killed after its last save but before its metrics.json (what the accuracy harness resumes): evaluated then,
+    its checkpoints and log kept."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["finished"], run)
+    (run / "metrics.json").unlink()
+    before = snapshot(run)
+    code, out, err = cli(capsys, "train", "--output-dir", run, "--resume")
+    assert code == 0 and "nothing to train" not in out, err
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+    assert {name: data for name, data in snapshot(run).items() if name != "metrics.json"} == before
+
+
+def test_a_run_folder_given_to_resume_is_its_last_pt_and_the_banner_says_where_it_resumed(
+        runs, tmp_path, capsys, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(runs["stopped"], run)
+    monkeypatch.chdir(tmp_path)
+    code, out, err = cli(capsys, "train", "--resume", "run")  # no --output-dir: the run's own folder, as for a file
+    assert code == 0, err
+    assert "mlaan: using run/last.pt\n" in err
+    banner = next(line for line in out.splitlines() if line.startswith("mlaan train: "))
+    assert " | 1 epoch x 2 steps, batch 32," in banner  # was "1 epochs x 2 steps"
+    assert banner.endswith(" | output run | resumed from run/last.pt at step 1 (epoch 1, 1/2 steps)"), banner
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written anywhere else
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["steps"] == 2 and summary["resumed_from"] == "run/last.pt"
+    code, _, err = cli(capsys, "train", "--resume", tmp_path)  # a folder without last.pt: refused as before
+    assert_one_line_error(code, err, [f"checkpoint {tmp_path} is a folder, not a checkpoint file"])

@@ -7,12 +7,13 @@ import json
 import math
 import os
 import random
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from mlaan import atomic
+from mlaan import atomic, runtime
 from mlaan.training import checkpoint as ckpt_io
 from mlaan.training import make_trainer
 from mlaan.training.config import TrainConfig, coerce, load_yaml, merge
@@ -181,6 +182,39 @@ def test_resume_continues_exactly(tmp_path):
     whole = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["train_loss"], r["train_accuracy"]) for r in lines] == [
         (r["train_loss"], r["train_accuracy"]) for r in whole]
+
+
+def test_peak_memory_is_the_largest_of_the_runs_invocations(tmp_path, monkeypatch):
+    """metrics.json held the last process's peak only: a resume that used less hid the run's real peak."""
+    def peak(count, kind="cpu_peak_rss"):
+        monkeypatch.setattr(runtime, "peak_memory", lambda device: (count, kind))
+
+    peak(5000)
+    run(tmp_path, max_steps=1)
+    assert ckpt_io.load_training_checkpoint(tmp_path / "run" / "last.pt")["peak_memory_bytes"] == 5000
+    shutil.copytree(tmp_path / "run", tmp_path / "older")
+    peak(3000)
+    _, summary = run(tmp_path, resume="auto", max_steps=2)
+    assert (summary["peak_memory_bytes"], summary["peak_memory_kind"]) == (5000, "cpu_peak_rss")
+    last_line = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last_line["peak_memory_bytes"] == 5000
+    assert ckpt_io.load_training_checkpoint(tmp_path / "run" / "last.pt")["peak_memory_bytes"] == 5000
+
+    # a checkpoint written before the run's peak was saved still resumes: the peak is then this process's
+    older = tmp_path / "older" / "last.pt"
+    ckpt = torch.load(older, weights_only=True)
+    del ckpt["peak_memory_bytes"], ckpt["peak_memory_kind"]
+    torch.save(ckpt, older)
+    _, summary = run(tmp_path, "older", resume="auto", max_steps=2)
+    assert summary["peak_memory_bytes"] == 3000
+    with pytest.raises(ValueError, match="field 'peak_memory_bytes' should be an integer >= 0, got a float"):
+        ckpt_io.check_checkpoint_fields({**ckpt, "peak_memory_bytes": 1.5}, older)
+
+
+def test_a_peak_measured_another_way_is_not_compared():
+    progress = ckpt_io.Progress(peak_memory_bytes=5000, peak_memory_kind="cuda_max_memory_allocated")
+    assert progress.run_peak_memory((3000, "cpu_peak_rss")) == (3000, "cpu_peak_rss")
+    assert progress.run_peak_memory((7000, "cuda_max_memory_allocated")) == (7000, "cuda_max_memory_allocated")
 
 
 def test_resume_refuses_another_model(tmp_path):

@@ -244,7 +244,8 @@ def _add_train(subparsers) -> None:
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
                    help="replace a finished or stopped run in the output folder")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
-                   help="continue from PATH, or from <output-dir>/last.pt when no PATH is given")
+                   help="continue from PATH (a checkpoint, or a run folder: its last.pt), or from "
+                        "<output-dir>/last.pt when no PATH is given")
     g = p.add_argument_group("parallelism (under torchrun; docs/PARALLELISM.md)")
     g.add_argument("--parallel", choices=PARALLEL_MODES, default=S,
                    help="what torchrun's processes split: 'data' (each its share of every batch) or 'modules' (each "
@@ -294,8 +295,11 @@ _NOT_CONFIG = ("config", "resume", "print_config", "func", "command")
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
     from .training.safety import OutputWriteError, RunFolderInUse, RunStopped
+    from .training.trainer import AUTO_RESUME
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    if args.resume not in (None, AUTO_RESUME):
+        args.resume = _checkpoint_file(args.resume)
     if args.print_config:
         return _print_config(args.config, overrides, args.resume)
     try:
@@ -323,6 +327,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+def _checkpoint_file(given: str) -> str:
+    """The checkpoint a ``--resume``/``--checkpoint`` path names: a run folder holding ``last.pt`` means that file,
+    said on stderr (stdout may be YAML or JSON); anything else as given, for the command to check."""
+    from .training.checkpoint import checkpoint_file
+
+    path = checkpoint_file(given)
+    if path == Path(given):
+        return given
+    print(f"mlaan: using {path}", file=sys.stderr)
+    return str(path)
 
 
 def _print_config(config_file: str | None, overrides: dict, resume: str | None) -> int:
@@ -376,7 +392,8 @@ def _add_eval(subparsers) -> None:
         "Evaluate the plain backbone of a training checkpoint (last.pt / best.pt) or of an export "
         "(with its .json beside it) on a data set's test split.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="PATH")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a training checkpoint (last.pt / best.pt; a run folder means its last.pt) or an export")
     p.add_argument("--dataset", default=None, help="data set (default: the one it was trained on)")
     p.add_argument("--data-root", dest="data_root", default=None, metavar="DIR",
                    help="data folder (default: where the training run's data set was read from; for another "
@@ -414,6 +431,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device = ctx.device
         if device.type == "cpu":  # a team larger than the idle cores stalls (BENCHMARKS.md "CPU fast path")
             runtime.apply_threads(runtime.choose_threads(args.threads))
+        args.checkpoint = _checkpoint_file(args.checkpoint)
         state, meta = load_backbone(args.checkpoint)
         dataset = args.dataset or meta["dataset"]
         spec = dataset_spec(dataset)
@@ -557,7 +575,8 @@ def _add_export(subparsers) -> None:
         "FILE.json's load_with says which.",
     )
     p.epilog = ""  # the model is the checkpoint's: the catalogue of data sets, architectures and methods is not asked
-    p.add_argument("--checkpoint", required=True, metavar="PATH", help="a training checkpoint (last.pt / best.pt)")
+    p.add_argument("--checkpoint", required=True, metavar="PATH",
+                   help="a training checkpoint (last.pt / best.pt; a run folder means its last.pt)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the state_dict (e.g. model.pt)")
     p.add_argument("--precise-bn", dest="precise_bn", type=int, default=None, metavar="N",
                    help="write BatchNorm statistics re-estimated on N training batches, as `mlaan eval --precise-bn`"
@@ -574,6 +593,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         if not args.out.strip():  # Path("") is the current folder
             raise ValueError("--out is empty: give a file name, e.g. --out model.pt")
+        args.checkpoint = _checkpoint_file(args.checkpoint)
         ckpt = ckpt_io.load_training_checkpoint(args.checkpoint)
         _replace_with_precise_bn(ckpt, args)
         out, meta = ckpt_io.export_backbone(ckpt, args.out)

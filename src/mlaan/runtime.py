@@ -224,6 +224,11 @@ def format_bytes(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+def plural(count: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``: a count with its noun, for lines people read."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _cpu_flags() -> set[str]:
     try:

@@ -21,6 +21,7 @@ import mlaan
 from mlaan.engine import parse_method
 from mlaan.engine.options import options_ignored
 from mlaan.names import unknown
+from mlaan.runtime import plural  # one helper for every count people read (mlaan train's banner too)
 from mlaan.training.loop import make_optimizer
 
 if TYPE_CHECKING:  # matplotlib is an optional extra
@@ -199,11 +200,6 @@ def machine_description(threads: str | None = None) -> str:
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name(0)}; host {cpu}"
     return f"{cpu}, no GPU"
-
-
-def plural(count: int, noun: str) -> str:
-    """``"1 thread"``, ``"2 threads"``."""
-    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def code_version() -> str:

@@ -10,6 +10,7 @@ A training checkpoint (``last.pt``/``best.pt``) is a dict::
      "model": LocalModel.state_dict() (backbone, aux nets, EMA twins), "optimizer", "scheduler",
      "epoch": completed epochs, "epoch_step": steps done in the epoch after those, "step": optimizer steps,
      "best_accuracy", "best_epoch", "best_step", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
+     "peak_memory_bytes", "peak_memory_kind": the run's peak memory up to this save, over all its invocations,
      "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter),
      "pipeline": (a module-parallel run only) {"ranks", "ranges", "boundary"}}
 
@@ -85,6 +86,16 @@ _PER_INVOCATION = ("overwrite", "max_steps")
 
 
 # ------------------------------------------------------------------------------------------------- reading
+def checkpoint_file(path: str | os.PathLike) -> Path:
+    """The checkpoint file ``path`` names: a run folder holding ``last.pt`` stands for that file, as a user who
+    names a run means its latest state; any other path is returned as it is (a folder without ``last.pt`` is then
+    refused by :func:`load`, which lists the checkpoints in it)."""
+    if not str(path).strip():  # "" (an unset variable) would be Path("."): never taken for the current folder's run
+        return Path(path)
+    path = Path(path)
+    return path / "last.pt" if path.is_dir() and (path / "last.pt").is_file() else path
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of any checkpoint or export, after checking its zip archive's CRCs.
 
@@ -293,6 +304,9 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "data_source": ("a path", lambda v: isinstance(v, str)),
     "version": ("an integer", _is_int),
     "best_step": ("an integer >= -1", lambda v: _is_int(v) and v >= -1),  # absent from checkpoints before it
+    # absent from checkpoints before them: a run resumed from one reports the peak of its later invocations only
+    "peak_memory_bytes": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
+    "peak_memory_kind": ("a name", lambda v: isinstance(v, str)),
 }
 
 
@@ -318,7 +332,9 @@ class Progress:
     ``epoch`` epochs completed, then ``epoch_step`` steps of the next; ``step`` optimizer steps in all; the best
     test accuracy so far, the epoch (counted from 1) and the step whose evaluation reached it (-1.0, 0 and -1
     before the first evaluation; the step tells an evaluation at a ``--max-steps`` stop inside an epoch from the
-    one at that epoch's end); ``wall_time``: seconds trained by the run's earlier invocations."""
+    one at that epoch's end); ``wall_time``: seconds trained by the run's earlier invocations;
+    ``peak_memory_bytes``/``peak_memory_kind``: their peak memory (:func:`mlaan.runtime.peak_memory`; 0 and ""
+    when none is known)."""
 
     epoch: int = 0
     epoch_step: int = 0
@@ -327,6 +343,17 @@ class Progress:
     best_epoch: int = 0
     best_step: int = -1
     wall_time: float = 0.0
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+    def run_peak_memory(self, now: tuple[int, str]) -> tuple[int, str]:
+        """The run's peak memory: the larger of ``now`` (this process's peak, as
+        :func:`mlaan.runtime.peak_memory` gives it) and the earlier invocations' when measured the same way. A run
+        resumed on another kind of device gets ``now`` alone: a CUDA peak and a process's RSS do not compare."""
+        count, kind = now
+        if kind == self.peak_memory_kind:
+            return max(count, self.peak_memory_bytes), kind
+        return count, kind
 
     def new_best(self, accuracy: float, epoch: int) -> None:
         """Record ``accuracy``, evaluated now (at ``step``, in ``epoch`` counted from 1), as the run's best."""
@@ -342,13 +369,16 @@ def training_state(
     progress: Progress,
     epoch_partial: Mapping[str, Any],
     seconds: float,
+    peak_memory: tuple[int, str],
     merged: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a run at a step boundary (the dict of the module docstring), ready for
     :func:`~mlaan.atomic.atomic_save`. ``model``: the unwrapped LocalModel; ``epoch_partial``: the sums of the
-    epoch in progress; ``seconds``: trained in this invocation; ``merged``: a module-parallel run's
-    (:func:`merge_shards`): its ``model``, ``optimizer`` and ``pipeline`` replace this process's. Takes the RNG
-    states now, so nothing may draw a random number between this call and the step it describes."""
+    epoch in progress; ``seconds``: trained in this invocation; ``peak_memory``: this process's peak memory
+    (:func:`mlaan.runtime.peak_memory`), saved as the run's with the earlier invocations'; ``merged``: a
+    module-parallel run's (:func:`merge_shards`): its ``model``, ``optimizer`` and ``pipeline`` replace this
+    process's. Takes the RNG states now, so nothing may draw a random number between this call and the step it
+    describes."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -376,6 +406,7 @@ def training_state(
         "rng": rng_state(),
         "epoch_partial": dict(epoch_partial),
     }
+    state["peak_memory_bytes"], state["peak_memory_kind"] = progress.run_peak_memory(peak_memory)
     if merged is not None:
         state.update(merged)
     return state
@@ -536,6 +567,7 @@ def restore_training(
         epoch=int(ckpt["epoch"]), epoch_step=int(ckpt["epoch_step"]), step=int(ckpt["step"]),
         best_accuracy=float(ckpt["best_accuracy"]), best_epoch=int(ckpt["best_epoch"]),
         best_step=int(ckpt.get("best_step", -1)), wall_time=float(ckpt.get("wall_time", 0.0)),
+        peak_memory_bytes=int(ckpt.get("peak_memory_bytes", 0)), peak_memory_kind=str(ckpt.get("peak_memory_kind", "")),
     )
 
 

@@ -1,4 +1,5 @@
-"""``metrics.jsonl``: one JSON line per epoch, appended durably; a resumed run keeps the lines up to its checkpoint."""
+"""``metrics.jsonl``: one JSON line per epoch, appended durably; a resumed run keeps the lines up to its checkpoint.
+``metrics.json``, written at a run's end, is read back by :func:`read_summary`."""
 
 from __future__ import annotations
 
@@ -49,6 +50,16 @@ def read_metrics_lines(path: str | os.PathLike, up_to_step: int) -> list[str]:
         if isinstance(record, dict) and record.get("step", 0) <= up_to_step:
             kept.append(line)
     return kept
+
+
+def read_summary(path: str | os.PathLike) -> dict[str, Any] | None:
+    """A run's ``metrics.json`` (written at its end), or None when there is none or it cannot be read as a JSON
+    object."""
+    try:
+        summary = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None
 
 
 def _append_line(path: Path, line: str) -> None:

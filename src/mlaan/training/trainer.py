@@ -258,16 +258,29 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.warmup_epochs > cfg.epochs and self.ctx.is_main:  # e.g. a paper config's 10 with --epochs 2
-            print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} is longer than epochs={cfg.epochs}: the "
-                  f"learning rate never reaches --lr {cfg.lr:g} (lower --warmup-epochs)", file=sys.stderr)
+        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        self._warn_of_warmup(warmup_steps)
         if cfg.precise_bn * cfg.batch_size > len(self.train_set) and self.ctx.is_main:
             print(f"mlaan: warning: --precise-bn {cfg.precise_bn} asks for {cfg.precise_bn * cfg.batch_size} "
                   f"training images; the training set has {len(self.train_set)}, and precise BN uses them all",
                   file=sys.stderr)
         self.optimizer = loop.make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
-        self.scheduler = loop.make_scheduler(self.optimizer, round(cfg.warmup_epochs * self.steps_per_epoch),
-                                             self.total_steps)
+        self.scheduler = loop.make_scheduler(self.optimizer, warmup_steps, self.total_steps)
+
+    def _warn_of_warmup(self, warmup_steps: int) -> None:
+        """Warn when the warm-up leaves no step to the cosine decay: ``--epochs 1`` with the default
+        ``--warmup-epochs 1``, or a paper config's 10 with ``--epochs 2``. Decided on the schedule's steps, which
+        span ``--epochs`` whatever ``--max-steps`` says; only when the run starts, since a resume cannot change
+        it."""
+        cfg = self.cfg
+        if warmup_steps < self.total_steps or self.resume_path is not None or not self.ctx.is_main:
+            return
+        if warmup_steps > self.total_steps:
+            what = f"is longer than epochs={cfg.epochs}: the learning rate never reaches --lr {cfg.lr:g}"
+        else:
+            what = (f"is as long as epochs={cfg.epochs}: the learning rate reaches --lr {cfg.lr:g} at the last "
+                    "step and the cosine decay never runs")
+        print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} {what} (lower --warmup-epochs)", file=sys.stderr)
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -396,11 +409,15 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, Any]:
-        """Train to ``epochs`` (or ``max_steps``); returns what is written to ``metrics.json``. RunStopped on a
+        """Train to ``epochs`` (or ``max_steps``); returns what is written to ``metrics.json`` (rank 0: the run's
+        own, left as it was, when a resume finds nothing to train, :meth:`_finished_run`). RunStopped on a
         stop signal (after saving), OutputWriteError when an output cannot be written, RunFolderInUse when another
         run holds the folder, FloatingPointError for a non-finite loss (the last checkpoint is kept)."""
         cfg, progress = self.cfg, self.progress
         start = self._fit_start = time.perf_counter()
+        finished = self._finished_run()
+        if finished is not None:
+            return finished
         self._own_output_dir()
         if self.ctx.is_main:
             self.checkpoints.guard(self._prepare_output_dir, self.out)
@@ -420,11 +437,11 @@ class Trainer:
         last_eval: dict[str, float] | None = None
         self._stop.__enter__()
         try:
-            while progress.epoch < cfg.epochs and not self._max_steps_reached():
+            while self._steps_left:
                 if self._stop_requested():  # a signal during the last evaluation or save
                     self._stop_now()
                 last_eval = self._run_epoch(progress.epoch)
-            if last_eval is None:  # nothing left to train (finished or max_steps already reached): evaluate
+            if last_eval is None:  # nothing left to train, but no metrics.json yet (_finished_run): evaluate
                 last_eval = self.evaluate()
                 if progress.best_accuracy < 0:
                     progress.new_best(last_eval["accuracy"], progress.epoch)
@@ -442,6 +459,32 @@ class Trainer:
             self._lock.release()  # after the last write
         self.ctx.barrier()
         return summary
+
+    @property
+    def _steps_left(self) -> bool:
+        """Whether a training step is left to this invocation: epochs to go and ``max_steps`` not reached."""
+        return self.progress.epoch < self.cfg.epochs and not self._max_steps_reached()
+
+    def _finished_run(self) -> dict[str, Any] | None:
+        """A resume in the run's own folder with no step left to train and the run's metrics.json there: say so in
+        one line and return that metrics.json, leaving every file as it was (evaluating again would replace the
+        run's figures with those of an evaluation-only process; ``mlaan eval`` evaluates a checkpoint). None
+        otherwise: a run that stopped after its last save but before writing metrics.json, or one resumed into
+        another folder, is evaluated and gets its metrics.json. Rank 0 decides for every rank."""
+        if self._steps_left or not self._resuming_in_place:
+            return None
+        summary = metrics_log.read_summary(self.out / "metrics.json") if self.ctx.is_main else None
+        if self._reduce({"finished_count": float(summary is not None)})["finished_count"] == 0:
+            return None
+        self.log(f"mlaan train: {self.resume_path} is {self._why_nothing_to_train()}: nothing to train; "
+                 f"{self.out} is left as it was (evaluate with: mlaan eval --checkpoint {self.resume_path})")
+        return summary or {}
+
+    def _why_nothing_to_train(self) -> str:
+        step, max_steps = self.progress.step, self.cfg.max_steps
+        if self.progress.epoch >= self.cfg.epochs:
+            return f"already at step {step} of {self.total_steps}"
+        return f"already at step {step}, {'past' if step > max_steps else 'at'} --max-steps {max_steps}"
 
     def _run_epoch(self, epoch: int) -> dict[str, float]:
         """Train (the rest of) ``epoch``, evaluate, log and save; returns the evaluation."""
@@ -528,7 +571,8 @@ class Trainer:
         """The run's checkpoint now (:func:`~mlaan.training.checkpoint.training_state`); ``wall_time``: seconds
         trained in this invocation; ``merged``: a module-parallel run's merged shards."""
         return ckpt_io.training_state(self.cfg, self.info, self.local_model, self.optimizer, self.scheduler,
-                                      self.progress, self.meter.state_dict(), wall_time, merged)
+                                      self.progress, self.meter.state_dict(), wall_time,
+                                      runtime.peak_memory(self.device), merged)
 
     def _save_last(self, best: bool = False) -> None:
         """Write ``last.pt`` (and ``best.pt``). Collective: under module parallelism every rank writes its shard
@@ -585,13 +629,17 @@ class Trainer:
         """Save at this step boundary and raise RunStopped, saying how to resume."""
         self._save_last()
         name = safety.StopSignals.name(self._stop.received or 15)
-        progress = self.progress
         raise safety.RunStopped(
-            f"stopped by {name} at step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/"
-            f"{self.steps_per_epoch} steps); saved {self.out / 'last.pt'}; resume with: "
+            f"stopped by {name} at {self._position()}; saved {self.out / 'last.pt'}; resume with: "
             f"mlaan train --output-dir {self.out} --resume",
             self._stop.received or 15,
         )
+
+    def _position(self) -> str:
+        """Where the run stands, e.g. "step 250 (epoch 1, 250/469 steps)" (the epoch in progress, from 1)."""
+        progress = self.progress
+        return (f"step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/{self.steps_per_epoch} "
+                "steps)")
 
     def _own_output_dir(self) -> None:
         """Take the output folder's lock before anything is written (rank 0; every rank learns whether it got
@@ -653,8 +701,13 @@ class Trainer:
         self.checkpoints.guard(remove, self.out)
 
     # ------------------------------------------------------------------------------------ bookkeeping
+    def _peak_memory(self) -> tuple[int, str]:
+        """(bytes, kind) of the run's peak memory so far: this process's, or an earlier invocation's when larger
+        (:meth:`~mlaan.training.checkpoint.Progress.run_peak_memory`)."""
+        return self.progress.run_peak_memory(runtime.peak_memory(self.device))
+
     def _record(self, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
-        mem, kind = runtime.peak_memory(self.device)
+        mem, kind = self._peak_memory()
         return {
             "epoch": epoch + 1,
             "step": self.progress.step,
@@ -675,7 +728,7 @@ class Trainer:
         }
 
     def _summary(self, test: dict[str, float], start: float) -> dict[str, Any]:
-        mem, kind = runtime.peak_memory(self.device)
+        mem, kind = self._peak_memory()
         backbone_params = sum(p.numel() for p in self.local_model.backbone.parameters())
         all_params = sum(p.numel() for p in self.local_model.parameters())
         wall = time.perf_counter() - start
@@ -712,16 +765,18 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, info = self.cfg, self.info
+        resumed = f" | resumed from {self.resume_path} at {self._position()}" if self.resume_path is not None else ""
         return (
             f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
             f"({info.train_size} train / {info.test_size} test images, from {info.source}"
             f"{f', resized to {cfg.image_size}x{cfg.image_size}' if self._resizes else ''}) | "
-            f"{cfg.epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr}"
+            f"{runtime.plural(cfg.epochs, 'epoch')} x {runtime.plural(self.steps_per_epoch, 'step')}, "
+            f"batch {cfg.batch_size}, lr {cfg.lr}"
             f"{f', precise BN on {cfg.precise_bn} batches' if cfg.precise_bn else ''} | "
             f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
             f"{self._parallel_text()} "
             f"({self.fast_path.describe()}{', data on device' if cfg.data_on_device else ''}) | "
-            f"output {self.out}"
+            f"output {self.out}{resumed}"
         )
 
     def _parallel_text(self) -> str:
@@ -733,12 +788,16 @@ class Trainer:
     def _print_summary(self, s: dict[str, Any]) -> None:
         cuda = s["peak_memory_kind"] == "cuda_max_memory_allocated"
         what = "CUDA peak allocated" if cuda else "peak RSS of the process"
+        # a resumed run's total time covers its earlier invocations, and so does its peak if measured the same way
+        in_all = f" ({s['total_wall_time_seconds']:.0f}s in all)" if self.resume_path is not None else ""
+        earlier = self.progress.peak_memory_kind == s["peak_memory_kind"]
+        over = ", the largest of the run's invocations" if earlier else ""
         self.log(
             f"done: test accuracy {100 * s['test_accuracy']:.2f}% (error {100 * s['test_error']:.2f}%), "
-            f"best {100 * s['best_accuracy']:.2f}% at epoch {s['best_epoch']}, {s['steps']} steps, "
-            f"{s['wall_time_seconds']:.0f}s"
+            f"best {100 * s['best_accuracy']:.2f}% at epoch {s['best_epoch']}, {runtime.plural(s['steps'], 'step')}, "
+            f"{s['wall_time_seconds']:.0f}s{in_all}"
         )
-        self.log(f"peak memory: {runtime.format_bytes(s['peak_memory_bytes'])} ({what})")
+        self.log(f"peak memory: {runtime.format_bytes(s['peak_memory_bytes'])} ({what}{over})")
         present = [n for n in RUN_FILES if (self.out / n).exists()]
         self.log(f"outputs: {self.out}/ ({', '.join(present)})")
 
