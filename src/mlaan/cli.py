@@ -30,11 +30,13 @@ INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryE
 
 
 class CLIError(Exception):
-    """A message for the user and the exit code to leave with."""
+    """A message for the user and the exit code to leave with. ``per_rank``: under torchrun, an error of this
+    process alone (a shard it could not write), not one of the flags and files every process of a node reads."""
 
-    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+    def __init__(self, message: str, code: int = EXIT_USAGE, per_rank: bool = False) -> None:
         super().__init__(message)
         self.code = code
+        self.per_rank = per_rank or code != EXIT_USAGE
 
 
 class Parser(argparse.ArgumentParser):
@@ -314,9 +316,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"mlaan: {err}", file=sys.stderr)
         return err.code
     except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
-        raise CLIError(str(err)) from err
+        raise CLIError(str(err), per_rank=True) from err
     except RunFolderInUse as err:  # another run holds the folder (or wrote a run there since the build)
-        raise CLIError(str(err)) from err
+        raise CLIError(str(err), per_rank=True) from err
     except (MemoryError, RuntimeError) as err:
         if not _out_of_memory(err):
             raise
@@ -337,7 +339,8 @@ def _checkpoint_file(given: str) -> str:
     path = checkpoint_file(given)
     if path == Path(given):
         return given
-    print(f"mlaan: using {path}", file=sys.stderr)
+    if _first_on_node():
+        print(f"mlaan: using {path}", file=sys.stderr)
     return str(path)
 
 
@@ -735,12 +738,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         if os.environ.get("MLAAN_DEBUG"):
             raise
-        _print_error(err, err.code)
+        _print_error(err, err.per_rank)
         return err.code
     except INPUT_ERRORS as err:  # from contributed subcommands (ours raise CLIError)
         if os.environ.get("MLAAN_DEBUG") or args.func in _OWN_COMMANDS:
             raise
-        _print_error(err, EXIT_USAGE)
+        _print_error(err, per_rank=False)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("mlaan: interrupted", file=sys.stderr)
@@ -750,15 +753,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 141  # as a command killed by SIGPIPE
 
 
-def _print_error(err: BaseException, code: int) -> None:
-    """``mlaan: error: MESSAGE`` on stderr. Under torchrun, bad input (exit 2) is the same on every rank, so only
-    rank 0 reports it; another error names the rank it happened on."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    rank = os.environ.get("RANK") if world.isdigit() and int(world) > 1 else None
-    if rank is not None and rank != "0" and code == EXIT_USAGE:
+def _print_error(err: BaseException, per_rank: bool) -> None:
+    """``mlaan: error: MESSAGE`` on stderr. Under torchrun, an error in the flags and files (``per_rank`` False) is
+    the same for every process of a node, so the node's first process alone reports it; an error of one process
+    (``per_rank``) is reported by that process. Each names its rank, but for bad input on rank 0."""
+    if not _under_torchrun():
+        print(f"mlaan: error: {_one_line(err)}", file=sys.stderr)
         return
-    where = f"rank {rank}: " if rank is not None and code != EXIT_USAGE else ""
+    if not per_rank and not _first_on_node():
+        return
+    rank = os.environ.get("RANK", "0")
+    where = f"rank {rank}: " if per_rank or rank != "0" else ""
     print(f"mlaan: error: {where}{_one_line(err)}", file=sys.stderr)
+
+
+def _under_torchrun() -> bool:
+    """Whether this process is one of several that torchrun started."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    return world.isdigit() and int(world) > 1
+
+
+def _first_on_node() -> bool:
+    """Whether this process is the first torchrun started on this machine (or not under torchrun): the one that
+    says what every process of the machine would say alike."""
+    return not _under_torchrun() or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 @contextmanager
