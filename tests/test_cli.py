@@ -381,6 +381,9 @@ def test_used_output_dir_and_bad_checkpoints(trained, tmp_path, capsys):
     assert code == 2 and "local_modules=4" in err and "--local-modules 2" in err
     code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", tmp_path / "none.pt")
     assert code == 2 and err.count("\n") == 1 and "none.pt does not exist" in err
+    code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", "")  # an unset variable: not "checkpoint . is a folder"
+    assert code == 2 and err == "mlaan: error: the checkpoint path is empty: give a checkpoint file (last.pt, " \
+                                "best.pt) or a run folder\n"
     code, _, err = mlaan_cli(capsys, "export", "--checkpoint", trained / "metrics.json", "--out", tmp_path / "m.pt")
     assert code == 2 and "not a readable checkpoint" in err
     code, _, err = mlaan_cli(capsys, "eval", "--checkpoint", trained / "last.pt", "--dataset", "cifar100",

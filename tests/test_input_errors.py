@@ -209,7 +209,7 @@ def test_a_checkpoint_folder_and_torchs_weights_only_advice(tmp_path, capsys):
 def test_a_warm_up_longer_than_the_run_is_warned_of(tmp_path, capsys):
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
                            "--epochs", "1", "--warmup-epochs", "3", "--max-steps", "1", "--output-dir", tmp_path / "r")
-    assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1" in err
+    assert code == 0 and "warning: warmup_epochs=3 is longer than epochs=1 (6 of 2 steps)" in err
 
 
 @pytest.mark.parametrize("epochs,warned", [(1, True), (2, False)])
@@ -217,8 +217,8 @@ def test_a_warm_up_as_long_as_the_run_is_warned_of_once(tmp_path, capsys, epochs
     """`--epochs 1` with the default --warmup-epochs 1 ends at the peak learning rate: the decay never runs."""
     code, _, err = run_cli(capsys, "train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16",
                            "--epochs", epochs, "--max-steps", "1", "--output-dir", tmp_path / "r")
-    line = ("mlaan: warning: warmup_epochs=1 is as long as epochs=1: the learning rate reaches --lr 0.1 at the last "
-            "step and the cosine decay never runs (lower --warmup-epochs)\n")
+    line = ("mlaan: warning: warmup_epochs=1 is as long as epochs=1 (2 of 2 steps): the learning rate reaches --lr 0.1 "
+            "at the last step and the cosine decay never runs (lower --warmup-epochs)\n")
     assert code == 0 and err.count("warmup_epochs") == int(warned) and (line in err) == warned, err
 
 

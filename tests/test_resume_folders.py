@@ -178,7 +178,8 @@ def test_a_resume_with_nothing_to_train_says_so_and_leaves_the_run_alone(runs, t
     for extra in ([], ["--max-steps", "1"]):
         code, out, err = cli(capsys, "train", "--output-dir", done, "--resume", *extra)
         assert code == 0, err
-        assert out.strip() == (f"mlaan train: {done / 'last.pt'} is already at step 2 of 2: nothing to train; {done} "
+        assert out.strip() == (f"mlaan train: {done / 'last.pt'} is already at the end of epoch 1, the run's last "
+                               f"(step 2): nothing to train; {done} "
                                f"is left as it was (evaluate with: mlaan eval --checkpoint {done / 'last.pt'})")
         assert snapshot(done) == before
     stopped = tmp_path / "stopped"
@@ -194,14 +195,20 @@ def test_a_resume_with_nothing_to_train_says_so_and_leaves_the_run_alone(runs, t
 def test_a_run_stopped_before_writing_its_metrics_json_gets_it_from_a_resume(runs, tmp_path, capsys):
     """Killed after its last save but before its metrics.json (what the accuracy harness resumes): evaluated then,
     its checkpoints and log kept."""
-    run = tmp_path / "run"
-    shutil.copytree(runs["finished"], run)
-    (run / "metrics.json").unlink()
-    before = snapshot(run)
-    code, out, err = cli(capsys, "train", "--output-dir", run, "--resume")
-    assert code == 0 and "nothing to train" not in out, err
-    assert json.loads((run / "metrics.json").read_text())["steps"] == 2
-    assert {name: data for name, data in snapshot(run).items() if name != "metrics.json"} == before
+    for summary in (None, "{}"):  # none, or one without a finished run's figures (a breaker's test)
+        run = tmp_path / f"run-{summary}"
+        shutil.copytree(runs["finished"], run)
+        if summary is None:
+            (run / "metrics.json").unlink()
+        else:
+            (run / "metrics.json").write_text(summary)
+        before = {name: data for name, data in snapshot(run).items() if name != "metrics.json"}
+        code, out, err = cli(capsys, "train", "--output-dir", run, "--resume")
+        assert code == 0 and "nothing to train" not in out, err
+        assert "resumed from" in out and "at step 2 (end of epoch 1) | " not in out  # the banner's last part
+        assert out.splitlines()[0].endswith("at step 2 (end of epoch 1)"), out  # not "epoch 2, 0/2 steps"
+        assert json.loads((run / "metrics.json").read_text())["steps"] == 2
+        assert {name: data for name, data in snapshot(run).items() if name != "metrics.json"} == before
 
 
 def test_a_run_folder_given_to_resume_is_its_last_pt_and_the_banner_says_where_it_resumed(

@@ -59,10 +59,14 @@ def test_bad_config_files(tmp_path):
     path.write_text("epoch: 3\n")
     with pytest.raises(ValueError, match=r"unknown config key 'epoch' \(did you mean 'epochs'\?\); known keys: "):
         load_yaml(path)
-    for key in ("resume", "print-config", "config"):  # flags of one invocation, not settings of the run
+    for key in ("resume", "print-config", "config", "Resume"):  # flags of one invocation, not settings of the run
         path.write_text(f"{key}: true\n")
-        with pytest.raises(ValueError, match=rf"'{key}' cannot be set in a config file; give --{key} on the command"):
+        flag = key.lower()
+        with pytest.raises(ValueError, match=rf"'{key}' cannot be set in a config file; give --{flag} on the command"):
             load_yaml(path)
+    path.write_text("? [a, b]\n: 1\n")  # YAML's complex key: a TypeError and a traceback before
+    with pytest.raises(ValueError, match="not valid YAML: a key must be a name, got a list"):
+        load_yaml(path)
     path.write_text("epochs: many\n")
     with pytest.raises(ValueError, match=r"'epochs': 'many' is not a valid int"):
         load_yaml(path)
@@ -207,8 +211,9 @@ def test_peak_memory_is_the_largest_of_the_runs_invocations(tmp_path, monkeypatc
     torch.save(ckpt, older)
     _, summary = run(tmp_path, "older", resume="auto", max_steps=2)
     assert summary["peak_memory_bytes"] == 3000
-    with pytest.raises(ValueError, match="field 'peak_memory_bytes' should be an integer >= 0, got a float"):
-        ckpt_io.check_checkpoint_fields({**ckpt, "peak_memory_bytes": 1.5}, older)
+    for value, shown in ((1.5, "1.5"), (-5, "-5"), ({"a": 1}, "a dict")):  # a value is shown, not "a int"
+        with pytest.raises(ValueError, match=f"field 'peak_memory_bytes' should be an integer >= 0, got {shown}$"):
+            ckpt_io.check_checkpoint_fields({**ckpt, "peak_memory_bytes": value}, older)
 
 
 def test_a_peak_measured_another_way_is_not_compared():

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import zipfile
 from collections.abc import Callable, Mapping
@@ -101,6 +102,9 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
 
     FileNotFoundError when ``path`` is not a file; ValueError (naming the path) when it is damaged, not a
     checkpoint, or holds a pickled callable or class (refused, never called)."""
+    if not str(path).strip():  # Path("") is the current folder: an unset shell variable, say so
+        raise FileNotFoundError("the checkpoint path is empty: give a checkpoint file (last.pt, best.pt) or a run "
+                                "folder")
     path = Path(path)
     if path.is_dir():
         inside = [name for name in ("last.pt", "best.pt") if (path / name).is_file()]
@@ -320,8 +324,11 @@ def check_checkpoint_fields(ckpt: Mapping[str, Any], path: str | os.PathLike) ->
                     raise ValueError(f"checkpoint {path} has no {key!r} field: not a complete mlaan checkpoint")
                 continue
             if not ok(ckpt[key]):
-                shown = type(ckpt[key]).__name__
-                raise ValueError(f"checkpoint {path}: field {key!r} should be {kind}, got a {shown}")
+                value = ckpt[key]
+                # a plain value is shown (-5 for "an integer >= 0"), anything else by its type (a dict, a tensor)
+                shown = repr(value) if isinstance(value, (bool, int, float, str, type(None))) and len(
+                    repr(value)) <= 40 else f"a {type(value).__name__}"
+                raise ValueError(f"checkpoint {path}: field {key!r} should be {kind}, got {shown}")
 
 
 # ------------------------------------------------------------------------------------------------- writing
@@ -519,8 +526,8 @@ class CheckpointSaver:
         except OSError as err:
             if isinstance(err, OutputWriteError):
                 raise
-            hint = f"; fix that, then resume with: mlaan train --output-dir {self.folder} --resume" if (
-                self.saved_step is not None) else ""
+            resume = f"mlaan train --output-dir {shlex.quote(str(self.folder))} --resume"
+            hint = f"; fix that, then resume with: {resume}" if self.saved_step is not None else ""
             raise OutputWriteError(f"could not write {path}: {err.strerror or err}; {self.kept()}{hint}") from err
 
     def kept(self) -> str:

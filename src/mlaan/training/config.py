@@ -266,6 +266,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:  # YAML's "? [a, b]" complex key: a list, not an option name
+                what = f"a key must be a name, got a {type(key).__name__}"
+                raise yaml.constructor.ConstructorError(None, None, what, key_node.start_mark) from None
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice; keep one",
                                                         key_node.start_mark)
@@ -361,9 +366,9 @@ def _converted(path: Path, raw: dict[Any, Any]) -> dict[str, Any]:
         if name != BASE_KEY and name.strip("_").lower() == BASE_KEY:  # Base:, _base_: (mmcv's spelling)
             raise ValueError(f"config file {path}: unknown key {key!r}; a file builds on others with "
                              f"'{BASE_KEY}: [FILE, ...]'")
-        if name in COMMAND_LINE_ONLY:
+        if name.lower() in COMMAND_LINE_ONLY:  # Resume: too, rather than "unknown key"
             raise ValueError(f"config file {path}: {key!r} cannot be set in a config file; give "
-                             f"--{name.replace('_', '-')} on the command line")
+                             f"--{name.lower().replace('_', '-')} on the command line")
         if name in spelled:  # batch_size and batch-size: YAML sees two keys, the run one option
             raise ValueError(f"config file {path} sets {name} twice ({spelled[name]!r} and {key!r}); keep one")
         spelled[name] = str(key)

@@ -53,13 +53,13 @@ def read_metrics_lines(path: str | os.PathLike, up_to_step: int) -> list[str]:
 
 
 def read_summary(path: str | os.PathLike) -> dict[str, Any] | None:
-    """A run's ``metrics.json`` (written at its end), or None when there is none or it cannot be read as a JSON
-    object."""
+    """A run's ``metrics.json`` (written at its end), or None when there is none, it cannot be read as a JSON
+    object, or it lacks the figures every finished run writes (``test_accuracy``, ``steps``)."""
     try:
         summary = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
-    return summary if isinstance(summary, dict) else None
+    return summary if isinstance(summary, dict) and {"test_accuracy", "steps"} <= summary.keys() else None
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -19,6 +19,7 @@ import copy
 import json
 import os
 import random
+import shlex
 import shutil
 import sys
 import time
@@ -275,11 +276,13 @@ class Trainer:
         cfg = self.cfg
         if warmup_steps < self.total_steps or self.resume_path is not None or not self.ctx.is_main:
             return
+        # said in steps too: the schedule counts whole steps, so 1.9 warm-up epochs of 4 steps are all 8 of 2 epochs
+        steps = f"({warmup_steps} of {self.total_steps} steps)"
         if warmup_steps > self.total_steps:
-            what = f"is longer than epochs={cfg.epochs}: the learning rate never reaches --lr {cfg.lr:g}"
+            what = f"is longer than epochs={cfg.epochs} {steps}: the learning rate never reaches --lr {cfg.lr:g}"
         else:
-            what = (f"is as long as epochs={cfg.epochs}: the learning rate reaches --lr {cfg.lr:g} at the last "
-                    "step and the cosine decay never runs")
+            what = (f"is as long as epochs={cfg.epochs} {steps}: the learning rate reaches --lr {cfg.lr:g} at the "
+                    "last step and the cosine decay never runs")
         print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} {what} (lower --warmup-epochs)", file=sys.stderr)
 
     def _restore(self, ckpt: dict) -> None:
@@ -477,13 +480,14 @@ class Trainer:
         if self._reduce({"finished_count": float(summary is not None)})["finished_count"] == 0:
             return None
         self.log(f"mlaan train: {self.resume_path} is {self._why_nothing_to_train()}: nothing to train; "
-                 f"{self.out} is left as it was (evaluate with: mlaan eval --checkpoint {self.resume_path})")
+                 f"{self.out} is left as it was (evaluate with: mlaan eval --checkpoint "
+                 f"{shlex.quote(str(self.resume_path))})")
         return summary or {}
 
     def _why_nothing_to_train(self) -> str:
         step, max_steps = self.progress.step, self.cfg.max_steps
-        if self.progress.epoch >= self.cfg.epochs:
-            return f"already at step {step} of {self.total_steps}"
+        if self.progress.epoch >= self.cfg.epochs:  # its step count may be another schedule's (other rank count)
+            return f"already at the end of epoch {self.cfg.epochs}, the run's last (step {step})"
         return f"already at step {step}, {'past' if step > max_steps else 'at'} --max-steps {max_steps}"
 
     def _run_epoch(self, epoch: int) -> dict[str, float]:
@@ -631,13 +635,16 @@ class Trainer:
         name = safety.StopSignals.name(self._stop.received or 15)
         raise safety.RunStopped(
             f"stopped by {name} at {self._position()}; saved {self.out / 'last.pt'}; resume with: "
-            f"mlaan train --output-dir {self.out} --resume",
+            f"mlaan train --output-dir {shlex.quote(str(self.out))} --resume",
             self._stop.received or 15,
         )
 
     def _position(self) -> str:
-        """Where the run stands, e.g. "step 250 (epoch 1, 250/469 steps)" (the epoch in progress, from 1)."""
+        """Where the run stands, e.g. "step 250 (epoch 1, 250/469 steps)" (the epoch in progress, from 1), or
+        "step 938 (end of epoch 2)" between epochs (a finished run's next epoch does not exist)."""
         progress = self.progress
+        if progress.epoch_step == 0 and progress.epoch > 0:
+            return f"step {progress.step} (end of epoch {progress.epoch})"
         return (f"step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/{self.steps_per_epoch} "
                 "steps)")
 
