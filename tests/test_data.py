@@ -180,6 +180,19 @@ def test_registry_entries_hold_each_data_sets_facts():
     assert data.data_option_keys("synthetic") == data.data_option_keys() and data.data_option_keys("cifar10") == []
     assert data.datasets_fitting(10, 1) == ["fashion-mnist"] and "cifar100" not in data.datasets_fitting(10, 3)
     assert data.datasets_fitting(100, 3) == ["cifar100", "imagenet"]  # an ImageFolder's classes: known once read
+
+
+def test_a_data_set_is_taken_in_any_case_and_recorded_as_registered():
+    # torchvision names its classes CIFAR10, SVHN, STL10: the run records (and names its folder by) ours
+    from mlaan.training.config import TrainConfig
+
+    assert data.check_dataset_name("CIFAR10") == "cifar10"
+    assert data.check_dataset_name(" Fashion-MNIST") == "fashion-mnist"
+    assert data.dataset_spec("SVHN").name == "svhn"
+    cfg = TrainConfig(dataset="STL10", arch="resnet20").resolve()
+    assert cfg.dataset == "stl10" and cfg.output_dir.startswith(str(Path("runs") / "stl10-"))
+    with pytest.raises(ValueError, match=r"unknown dataset 'cifar-10' \(did you mean 'cifar10'\?\)"):
+        data.check_dataset_name("cifar-10")
     with pytest.raises(ValueError, match="unknown dataset 'mnist-x'; available: fashion-mnist"):
         data.dataset_spec("mnist-x")
 

@@ -362,7 +362,7 @@ BAD_INPUTS = [
     ("unknown method", ["--method", "dgl+xyz"], ["'dgl+xyz'", "available: bp, dgl", "infopro+mlaan"]),
     # the spelling of config files and bench folders, and torchvision's class name: the close name is suggested
     ("method as a folder spells it", ["--method", "dgl_mlaan"], ["'dgl_mlaan' (did you mean 'dgl+mlaan'?)"]),
-    ("dataset as torchvision spells it", ["--dataset", "CIFAR10"], ["'CIFAR10' (did you mean 'cifar10'?)"]),
+    ("dataset misspelt", ["--dataset", "fashion_mnist"], ["'fashion_mnist' (did you mean 'fashion-mnist'?)"]),
     ("K above range", ["-K", "11"], ["local_modules=11", "allowed 1 to 10"]),
     ("K zero", ["-K", "0"], ["local_modules=0", "allowed 1 to 10"]),
     ("K negative", ["-K", "-2"], ["local_modules=-2", "allowed 1 to 10"]),

@@ -424,7 +424,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from torch.utils.data import DataLoader
 
     from . import distributed, runtime
-    from .data import build_datasets, dataset_spec
+    from .data import build_datasets, check_dataset_name, dataset_spec
     from .training import evaluate_backbone, evaluate_modules
     from .training.checkpoint import default_data_root, load_backbone
 
@@ -436,7 +436,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             runtime.apply_threads(runtime.choose_threads(args.threads))
         args.checkpoint = _checkpoint_file(args.checkpoint)
         state, meta = load_backbone(args.checkpoint)
-        dataset = args.dataset or meta["dataset"]
+        dataset = check_dataset_name(args.dataset or meta["dataset"])  # in any case
         spec = dataset_spec(dataset)
         # everything that can refuse without the data does so before they are read, or downloaded
         _check_fits(meta, args.checkpoint, dataset, spec.num_classes, spec.in_channels)
@@ -648,9 +648,10 @@ def _add_download(subparsers) -> None:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from .data import dataset_folder, download_dataset
+    from .data import check_dataset_name, dataset_folder, download_dataset
 
     try:
+        args.dataset = check_dataset_name(args.dataset)  # in any case
         root = download_dataset(args.dataset, args.data_root)
     except (*INPUT_ERRORS, OSError) as err:
         raise CLIError(str(err)) from err

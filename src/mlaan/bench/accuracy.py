@@ -33,6 +33,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..atomic import atomic_write_text
+from ..data import check_dataset_name
 from ..models import max_local_modules
 from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals, signal_when_parent_dies
 from . import common, report, seeds
@@ -208,6 +209,7 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
     methods = parse_arms(common.parse_methods(args.methods), args.arm, args.vary)
     seed_list = [args.seed] if args.seed is not None else _parse_seeds(args.seeds)
     args.arch = common.check_arch(args.arch)  # as recorded: the registered spelling
+    args.dataset = check_dataset_name(args.dataset)  # likewise
     for name, value in (("--k", args.k), ("--epochs", args.epochs), ("--batch-size", args.batch_size),
                         ("--jobs", args.jobs)):
         if value < 1:

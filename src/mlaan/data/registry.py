@@ -116,16 +116,20 @@ def describe_datasets() -> dict[str, str]:
     return {name: spec.description for name, spec in _REGISTRY.items()}
 
 
-def check_dataset_name(name: str) -> None:
-    """ValueError naming the known data sets when ``name`` is not one of them."""
-    if name not in _REGISTRY:
-        raise ValueError(unknown("dataset", name, available_datasets()))
+def check_dataset_name(name: str) -> str:
+    """The registered spelling of data set ``name``, given in any case (``CIFAR10``, as torchvision's class is
+    named, → ``cifar10``); ValueError naming the known data sets (and the closest) when it is none of them."""
+    if name in _REGISTRY:
+        return name
+    same = [known for known in _REGISTRY if isinstance(name, str) and known.lower() == name.strip().lower()]
+    if len(same) == 1:
+        return same[0]
+    raise ValueError(unknown("dataset", name, available_datasets()))
 
 
 def dataset_spec(name: str) -> DatasetSpec:
-    """The registry entry of ``name`` (ValueError for unknown names, as :func:`check_dataset_name`)."""
-    check_dataset_name(name)
-    return _REGISTRY[name]
+    """The registry entry of ``name``, in any case (ValueError for unknown names, as :func:`check_dataset_name`)."""
+    return _REGISTRY[check_dataset_name(name)]
 
 
 def downloadable_datasets() -> list[str]:

@@ -101,14 +101,14 @@ class _RunConfig:
         from ..data import check_dataset_name
         from ..engine.local_model import check_split, default_num_local_modules
 
-        check_dataset_name(self.dataset)
+        dataset = check_dataset_name(self.dataset)  # in any case, recorded as registered
         # registered (in any case, recorded as registered), or torchvision:NAME / timm:NAME from the library's list
         arch = models.check_arch(self.arch)
         if self.image_size is not None and (isinstance(self.image_size, bool) or not isinstance(self.image_size, int)
                                             or self.image_size < 1):
             raise ValueError(f"image_size must be a positive integer, got {self.image_size!r}")
         spec = parse_method(self.method)  # ValueError naming the allowed methods
-        cfg = dataclasses.replace(self, arch=arch, method=spec.name)
+        cfg = dataclasses.replace(self, dataset=dataset, arch=arch, method=spec.name)
         if cfg.local_modules is None:
             cfg.local_modules = default_num_local_modules(cfg.arch, spec)
         check_finite(dataclasses.asdict(cfg))  # nan/inf would slip through the range checks
