@@ -355,6 +355,16 @@ def test_bad_input_under_torchrun_is_said_once_a_machine(trained, capsys, monkey
     assert err.startswith(line) if line else err == ""
 
 
+@pytest.mark.parametrize(("local_rank", "said"), [("0", True), ("1", False)])
+def test_a_flag_argparse_refuses_under_torchrun_is_said_once_a_machine(capsys, monkeypatch, local_rank, said):
+    for name, value in {"WORLD_SIZE": "2", "RANK": local_rank, "LOCAL_RANK": local_rank}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--epochs", "many"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and ("invalid int value: 'many'" in err) == said and (err == "") != said
+
+
 def test_an_error_of_one_process_under_torchrun_is_said_by_it(capsys, monkeypatch):
     """A rank that alone fails to write its shard was silent while rank 0 died of the lost connection."""
     import mlaan.training

@@ -43,7 +43,9 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit 2), like every other bad input."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+        # every torchrun process of a machine parses the same flags: its first one says what is wrong
+        line = f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n"
+        self.exit(EXIT_USAGE, line if _first_on_node() else None)
 
 
 def _one_line(message: object) -> str:
