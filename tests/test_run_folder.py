@@ -126,8 +126,8 @@ def test_torchrun_ranks_are_refused_together_when_rank0_cannot_take_the_folder(h
     folder, proc = holder
     result = _torchrun(tmp_path, folder)
     assert result.returncode != 0
-    # each rank says why in one line (the two may interleave on the shared stderr; torchrun then reports the
-    # failed workers in its own words)
-    assert f"mlaan: error: output dir {folder} is in use by another run (process {proc.pid}" in result.stderr
+    # each rank says why in one line, naming itself (the two may interleave on the shared stderr; torchrun then
+    # reports the failed workers in its own words)
+    assert f"mlaan: error: rank 0: output dir {folder} is in use by another run (process {proc.pid}" in result.stderr
     assert "rank 0 could not take it" in result.stderr or result.stderr.count("mlaan: error:") == 1
     assert not (folder / "metrics.jsonl").exists()
