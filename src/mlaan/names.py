@@ -9,6 +9,18 @@ import difflib
 from collections.abc import Iterable
 
 
+def registered_spelling(name: object, known: Iterable[str]) -> str | None:
+    """``name`` as ``known`` spells it, given in any case and with spaces around (``ResNet20`` → ``resnet20``,
+    ``CIFAR10`` → ``cifar10``): the exact name first, else the first that differs only in case; None when none."""
+    if not isinstance(name, str):
+        return None
+    known = list(known)
+    if name in known:
+        return name
+    wanted = name.strip().lower()
+    return next((key for key in known if key.lower() == wanted), None)
+
+
 def closest(value: object, allowed: Iterable[str]) -> str | None:
     """The allowed name closest to ``value`` (ignoring case), or None when none is close (difflib ratio < 0.6)."""
     if not isinstance(value, str):

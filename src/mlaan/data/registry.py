@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..names import unknown
+from ..names import registered_spelling, unknown
 
 RootUse = Literal["required", "optional", "unused"]
 
@@ -119,12 +119,10 @@ def describe_datasets() -> dict[str, str]:
 def check_dataset_name(name: str) -> str:
     """The registered spelling of data set ``name``, given in any case (``CIFAR10``, as torchvision's class is
     named, → ``cifar10``); ValueError naming the known data sets (and the closest) when it is none of them."""
-    if name in _REGISTRY:
-        return name
-    same = [known for known in _REGISTRY if isinstance(name, str) and known.lower() == name.strip().lower()]
-    if len(same) == 1:
-        return same[0]
-    raise ValueError(unknown("dataset", name, available_datasets()))
+    registered = registered_spelling(name, _REGISTRY)
+    if registered is None:
+        raise ValueError(unknown("dataset", name, available_datasets()))
+    return registered
 
 
 def dataset_spec(name: str) -> DatasetSpec:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from ..lazy import lazy_exports
-from ..names import unknown
+from ..names import registered_spelling, unknown
 
 if TYPE_CHECKING:
     from .adapters import adapt, adapters
@@ -67,10 +67,7 @@ class ArchDefaults:
 def _registered_name(name: object) -> str | None:
     """The registered spelling of ``name`` in any case (``ResNet20`` → ``resnet20``), like method names; None for
     an unregistered name."""
-    if not isinstance(name, str):
-        return None
-    wanted = name.strip().lower()
-    return next((key for key in _REGISTRY if key.lower() == wanted), None)
+    return registered_spelling(name, _REGISTRY)
 
 
 def register(name: str, factory: Callable[..., Backbone], default_k: int | None = None,
