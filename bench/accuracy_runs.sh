@@ -8,6 +8,8 @@
 #
 # FLAGS go on to `mlaan bench accuracy`: e.g. `bench/accuracy_runs.sh full --report-only` prints the comparison's
 # table so far and trains nothing.
+# On a machine without the runs folder, `bench/accuracy_runs.sh full --merge bench/results/accuracy-full` takes the
+# finished runs of the committed report and trains only the rest.
 #
 #   full    Fashion-MNIST 60k/10k, ResNet-32 K=16, 15 epochs: bp, dgl+mlaan, dgl with seeds 0 and 1, one run at a
 #           time (~12 core-hours on this project's 2-core CPU), then dgl+lam seed 0 (~4), then a third seed of bp

@@ -493,3 +493,64 @@ def test_epochs_and_modules_are_ticked_at_whole_numbers(tmp_path, saved_figures)
     for ax in fig.axes:  # epochs 1, 2; modules 1 to 3: matplotlib's own ticks would fall at 1.25, 1.5, …
         ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
         assert ticks and all(float(t).is_integer() for t in ticks), (ax.get_title(), ticks)
+
+
+def test_merge_reports_an_earlier_reports_runs_and_trains_only_what_it_lacks(tmp_path, fake_train, capsys):
+    earlier = tmp_path / "earlier"
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl", "--output-dir", str(earlier))) == 0
+    fake_train.clear()
+    capsys.readouterr()
+    args = _args(tmp_path, "--methods", "bp,dgl,dgl+mlaan", "--merge", str(earlier))  # a folder: its accuracy.json
+    assert accuracy.run(args) == 0
+    assert [c[c.index("--method") + 1] for c in fake_train] == ["dgl+mlaan"]
+    assert f"bp seed 0: finished in {earlier / 'accuracy.json'} (--merge), kept" in capsys.readouterr().out
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [r["label"] for r in report["summary"]] == ["bp", "dgl", "dgl+mlaan"]
+    mlaan = next(r for r in report["summary"] if r["label"] == "dgl+mlaan")
+    assert mlaan["vs_bp"]["mean"] == pytest.approx(0.0) and mlaan["vs_base"]["seeds"] == [0]  # paired across
+    (source,) = report["merged"]
+    assert source["runs"] == ["bp s0", "dgl s0"] and "thread" in source["machine"]
+    assert {r["label"]: r.get("source") for r in report["runs"]} == {
+        "bp": str(earlier / "accuracy.json"), "dgl": str(earlier / "accuracy.json"), "dgl+mlaan": None}
+    md = (tmp_path / "out" / "accuracy.md").read_text()
+    assert f"Merged from {earlier / 'accuracy.json'} (bp s0, dgl s0), machine: " in md
+
+
+def test_a_run_of_the_output_folder_wins_over_a_merged_one(tmp_path, fake_train):
+    earlier = tmp_path / "earlier"
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl", "--output-dir", str(earlier))) == 0
+    data = json.loads((earlier / "accuracy.json").read_text())
+    data["runs"][0]["test_error"] = 0.5  # tell the two apart
+    (earlier / "accuracy.json").write_text(json.dumps(data))
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl")) == 0
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl", "--merge", str(earlier / "accuracy.json"))) == 0
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [r["test_error"] for r in report["runs"]] == [pytest.approx(0.1)] and report["merged"] == []
+
+
+def test_merge_refuses_a_report_of_another_recipe_or_none(tmp_path, fake_train, capsys):
+    from mlaan.cli import main
+
+    earlier = tmp_path / "earlier"
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl", "--output-dir", str(earlier))) == 0
+    with pytest.raises(ValueError, match=r"--merge .*another recipe \(epochs: 1 there, 2 now\)"):
+        accuracy.run(_args(tmp_path, "--methods", "dgl", "--merge", str(earlier), "--epochs", "2"))
+    capsys.readouterr()
+    assert main(["bench", "accuracy", "--methods", "dgl", "--merge", str(tmp_path / "nowhere.json"),
+                 "--output-dir", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere.json: no such report" in err
+    assert len(fake_train) == 1 and not (tmp_path / "x").exists()  # refused before training or writing anything
+
+
+def test_a_merged_report_that_merged_others_keeps_their_machines(tmp_path, fake_train):
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert accuracy.run(_args(tmp_path, "--methods", "bp", "--output-dir", str(first))) == 0
+    data = json.loads((first / "accuracy.json").read_text())
+    data["machine"] = "machine A"
+    (first / "accuracy.json").write_text(json.dumps(data))
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl", "--output-dir", str(second), "--merge", str(first))) == 0
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl", "--merge", str(second), "--report-only")) == 0
+    (source,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())["merged"]
+    assert source["runs"] == ["bp s0", "dgl s0"]
+    assert source["machine"].endswith(f"; bp s0 from {first / 'accuracy.json'}, machine: machine A")

@@ -1,15 +1,16 @@
 """`mlaan bench accuracy`: train every method with every seed on one recipe, report mean ± std and paired gaps.
 
-Each (method, seed) is one `mlaan train` subprocess writing to ``OUT/<method>/seed<N>/`` (``+`` spelled ``_``),
-its log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe.json``: arch, K, data, epochs,
+Each (method, seed) is one `mlaan train` subprocess writing to ``OUT/<method>/seed<N>/`` (``+`` spelled ``_``), its
+log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe.json``: arch, K, data, epochs,
 optimiser, extra train flags); a later invocation with another recipe is refused, one with other methods or seeds
-adds to it. Runs found finished are reused, runs found unfinished (a ``last.pt`` without ``metrics.json``) are
-continued with ``--resume`` — so a comparison longer than one sitting is completed by running the same command
-again. ``--jobs N`` trains N runs at once (one thread each unless ``--threads``); a run that another process is
-training is left to it (each harness claims a run's folder before starting it, :class:`HarnessClaim`, and a plain
-`mlaan train` holds the folder's own lock), so several invocations of one command on one folder share the work;
-an invocation that ends with such a run still unfinished exits with 75 (sysexits' EX_TEMPFAIL), not 0, so that a
-script does not take its report for the whole comparison.
+adds to it. Runs found finished are reused (so are the finished runs of an earlier report of the same recipe given
+with ``--merge``: a comparison moved to another machine trains only what it lacks), runs found unfinished (a
+``last.pt`` without ``metrics.json``) are continued with ``--resume`` — so a comparison longer than one sitting is
+completed by running the same command again. ``--jobs N`` trains N runs at once (one thread each unless
+``--threads``); a run that another process is training is left to it (each harness claims a run's folder before
+starting it, :class:`HarnessClaim`, and a plain `mlaan train` holds the folder's own lock), so several invocations
+of one command on one folder share the work; an invocation that ends with such a run still unfinished exits with 75
+(sysexits' EX_TEMPFAIL), not 0, so that a script does not take its report for the whole comparison.
 SIGINT, SIGTERM or SIGHUP to the harness (or a run stopped by a signal) stops the comparison: every running run is
 passed the signal at once, saves its checkpoint at a step boundary and exits, no further run starts, and the
 harness waits for its runs, then exits with 128 + the signal number; the runs sit in their own process group, so
@@ -180,6 +181,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also the test accuracy of each local module's aux net, for every finished run (`mlaan "
                         "eval --modules` of its last.pt, measured once and kept as modules.json in the run's "
                         "folder): a table and a panel of curves.png, to see which modules lag")
+    p.add_argument("--merge", action="append", default=[], metavar="REPORT",
+                   help="also report the finished runs of an earlier report of the same recipe (its "
+                        "accuracy.json, or the folder holding it), e.g. runs trained on another machine or in a "
+                        "folder since lost (repeatable); a run of the output folder wins over a merged one with "
+                        "the same method and seed")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
 
@@ -439,6 +445,72 @@ def measure_modules(out: Path, args: argparse.Namespace) -> list[str]:
     return failures
 
 
+REPORT_RUN_KEYS = ("label", "method", "variant", "seed", "path", "finished", "test_error", "test_accuracy",
+                   "best_accuracy", "wall_time", "steps", "epochs", "module_accuracies")
+
+
+def load_merged(paths: list[str], recipe: dict) -> list[dict]:
+    """``--merge``: each earlier report (``accuracy.json``, or a folder holding one) as ``{"report": path,
+    "machine": its machine line, "runs": its finished runs}``; ValueError for a missing or unreadable file, or a
+    report of another recipe (the keys of :data:`RECIPE_KEYS` that differ are named)."""
+    merged = []
+    for text in paths:
+        path = Path(text)
+        path = path / "accuracy.json" if path.is_dir() else path
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"--merge {text}: no such report (give an accuracy.json written by `mlaan bench "
+                             "accuracy`, or the folder holding one)") from None
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--merge {text}: cannot read it as a report ({err})") from None
+        if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "recipe" not in data:
+            raise ValueError(f"--merge {text}: not an accuracy.json of `mlaan bench accuracy` (no recipe and runs)")
+        theirs = dict(data["recipe"])
+        theirs.setdefault("image_size", None)
+        ours = {k: recipe.get(k) for k in RECIPE_KEYS}
+        differ = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in RECIPE_KEYS if theirs.get(k) != ours[k]]
+        if differ:
+            raise ValueError(f"--merge {text}: a report of another recipe ({'; '.join(differ)}); only runs of the "
+                             "same recipe can be compared")
+        runs = [dict(run, source=str(path)) for run in data["runs"] if run.get("finished")]
+        machine = data.get("machine", "not recorded")
+        # a report that merged others: where its merged runs were trained goes with them
+        machine += "".join(f"; {', '.join(m['runs'])} from {m['report']}, machine: {m['machine']}"
+                           for m in data.get("merged") or [])
+        merged.append({"report": str(path), "machine": machine, "runs": runs})
+    return merged
+
+
+def _merge_runs(own: list[dict], merged: list[dict]) -> list[dict]:
+    """The report's runs: the output folder's finished runs, then each merged report's runs of a method and seed
+    that none before it has, then the folder's unfinished runs of the rest; in the comparison's order."""
+    runs = [r for r in own if r["finished"]]
+    seen = {(r["label"], int(r["seed"])) for r in runs}
+    for earlier in merged:
+        for run in earlier["runs"]:
+            key = (run.get("label", run["method"]), int(run["seed"]))
+            if key not in seen:
+                seen.add(key)
+                runs.append(run)
+    runs += [r for r in own if not r["finished"] and (r["label"], int(r["seed"])) not in seen]
+    return _in_order(runs)
+
+
+def merged_finished(merged: list[dict], arm: Arm, seed: int) -> str | None:
+    """The merged report that holds a finished run of ``arm`` with ``seed``, if any."""
+    for earlier in merged:
+        if any(r.get("label", r["method"]) == arm.label and int(r["seed"]) == seed for r in earlier["runs"]):
+            return earlier["report"]
+    return None
+
+
+def _in_order(runs: list[dict]) -> list[dict]:
+    order = {m: i for i, m in enumerate(ACCURACY_METHODS)}
+    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r.get("variant", ""),
+                                       int(r["seed"])))
+
+
 def collect_runs(out: Path) -> list[dict]:
     """Every run folder under ``out`` (``<method>/seed<N>``), loaded, with its seed."""
     runs = []
@@ -454,14 +526,15 @@ def collect_runs(out: Path) -> list[dict]:
             run["module_accuracies"] = (json.loads(measured.read_text()).get("module_accuracies")
                                         if measured.exists() else None)
             runs.append(run)
-    order = {m: i for i, m in enumerate(ACCURACY_METHODS)}
-    return sorted(runs, key=lambda r: (order.get(r["method"], len(order)), r["method"], r["variant"], r["seed"]))
+    return _in_order(runs)
 
 
-def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
-    """accuracy.md, accuracy.json and curves.png over every run in ``out`` (no curves.png without matplotlib, an
+def write_report(out: Path, title: str, machine: str, recipe: dict, merged: list[dict] | None = None) -> dict:
+    """accuracy.md, accuracy.json and curves.png over every run in ``out`` and the finished runs of the
+    ``merged`` reports (:func:`load_merged`) that ``out`` has no run of (no curves.png without matplotlib, an
     optional extra: one line on stderr says so)."""
-    runs = collect_runs(out)
+    merged = merged or []
+    runs = _merge_runs(collect_runs(out), merged)
     finished = [r for r in runs if r["finished"]]
     summary = seeds.summarise(finished)
     md = seeds.table(summary)
@@ -471,7 +544,10 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
     plots = common.plots_or_note()
     if plots:
         seeds.plot(finished or runs, out / "curves.png", title)
-    lines = [f"# {title}", "", f"Machine: {machine}.", "", md, "",
+    lines = [f"# {title}", "", f"Machine: {machine}.", ""]
+    for source in _merged_sources(runs, merged):
+        lines += [f"Merged from {source['report']} ({', '.join(source['runs'])}), machine: {source['machine']}.", ""]
+    lines += [md, "",
              "Test error at the end of training, in %; Δ in percentage points, negative is better, the mean ± "
              "sample std of per-seed differences over the seeds both methods finished (n).", ""]
     if unfinished:
@@ -490,19 +566,30 @@ def write_report(out: Path, title: str, machine: str, recipe: dict) -> dict:
         "recipe": recipe,
         "summary": summary,
         "unfinished": unfinished,
-        "runs": [{k: r[k] for k in ("label", "method", "variant", "seed", "path", "finished", "test_error",
-                                    "test_accuracy", "best_accuracy", "wall_time", "steps", "epochs",
-                                    "module_accuracies")} for r in runs],
+        "merged": _merged_sources(runs, merged),
+        "runs": [{k: r.get(k) for k in REPORT_RUN_KEYS} | ({"source": r["source"]} if "source" in r else {})
+                 for r in runs],
     }
     common.write_json(out / "accuracy.json", data)
     names = ("accuracy.md", "accuracy.json") + (("curves.png",) if plots else ())
     return {"table": md, "files": [str(out / n) for n in names]}
 
 
+def _merged_sources(runs: list[dict], merged: list[dict]) -> list[dict]:
+    """Each merged report that gave the report a run: its path, machine line and the runs it gave."""
+    sources = []
+    for earlier in merged:
+        given = [f"{r['label']} s{r['seed']}" for r in runs if r.get("source") == earlier["report"]]
+        if given:
+            sources.append({"report": earlier["report"], "machine": earlier["machine"], "runs": given})
+    return sources
+
+
 def run(args: argparse.Namespace) -> int:
     arms, seed_list = _check(args)
-    out = common.output_dir(args.output_dir, "accuracy")
     recipe = _recipe(args)
+    merged = load_merged(args.merge, recipe)
+    out = common.output_dir(args.output_dir, "accuracy")
     check_recipe(out, recipe)
     threads = run_threads(args)
     per_run = (f"{common.plural(threads, 'thread')} per run" if threads is not None
@@ -517,8 +604,12 @@ def run(args: argparse.Namespace) -> int:
     plan = []
     for seed in seed_list:  # seed-major: every method's first seed is done before any second seed
         for arm in arms:
-            if _state(run_dir(out, arm, seed)) == "finished" and not args.force:
+            if args.force:
+                plan.append((arm, seed))
+            elif _state(run_dir(out, arm, seed)) == "finished":
                 print(f"  {arm.label} seed {seed}: finished earlier, kept", flush=True)
+            elif source := merged_finished(merged, arm, seed):
+                print(f"  {arm.label} seed {seed}: finished in {source} (--merge), kept", flush=True)
             else:
                 plan.append((arm, seed))
     if args.report_only:
@@ -529,7 +620,7 @@ def run(args: argparse.Namespace) -> int:
         failures += measure_modules(out, args)
     # What is still unfinished after training, without a failure or a stop, another process is training.
     left = [] if args.report_only else [(a, s) for a, s in plan if _state(run_dir(out, a, s)) != "finished"]
-    if not collect_runs(out):
+    if not collect_runs(out) and not any(m["runs"] for m in merged):
         if args.report_only:
             raise ValueError(f"--report-only: {out} holds no run with metrics yet; run the same command without "
                              "--report-only first")
@@ -539,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
             return _stopped(stopped)
         print(f"mlaan bench accuracy: no run has produced metrics; see the logs in {out / 'logs'}", file=sys.stderr)
         return 1
-    result = write_report(out, report_title(args), machine, recipe)
+    result = write_report(out, report_title(args), machine, recipe, merged)
     print("\n" + result["table"], flush=True)
     print(f"\nwrote {', '.join(result['files'])}", flush=True)
     if stopped is not None:
