@@ -198,7 +198,7 @@ def test_a_checkpoint_folder_and_torchs_weights_only_advice(tmp_path, capsys):
     (tmp_path / "run" / "best.pt").write_bytes(b"")
     code, _, err = run_cli(capsys, "eval", "--checkpoint", tmp_path / "run")
     inside = tmp_path / "run" / "best.pt"
-    assert code == 2 and f"is a folder, not a checkpoint file: give a file in it ({inside})" in err
+    assert code == 2 and f"{tmp_path / 'run'} holds no last.pt: give a checkpoint in it ({inside})" in err
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(bytes(range(256)) * 8)
     code, _, err = run_cli(capsys, "eval", "--checkpoint", garbage)

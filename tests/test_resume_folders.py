@@ -108,6 +108,17 @@ def test_a_run_loads_back_as_its_whole_local_model(runs):
     assert all(torch.equal(value, ckpt["model"][key]) for key, value in model.state_dict().items())
     with pytest.raises(ValueError, match="metrics.json"):
         mlaan.load_local_model(runs["finished"] / "metrics.json")
+    from_folder = mlaan.load_local_model(runs["finished"])  # a run folder is its last.pt, as on the command line
+    assert all(torch.equal(value, ckpt["model"][key]) for key, value in from_folder.state_dict().items())
+    state, about = ckpt_io.load_backbone(runs["finished"])
+    assert about["step"] == ckpt["step"] and state.keys() == ckpt_io.backbone_state(ckpt).keys()
+
+
+def test_the_library_resumes_from_a_run_folder(runs, tmp_path):
+    from mlaan.training.trainer import resolve_run
+
+    _, ckpt, path = resolve_run(resume=runs["stopped"])
+    assert path == runs["stopped"] / "last.pt" and ckpt["step"] == 1
 
 
 def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
@@ -118,13 +129,13 @@ def test_an_empty_output_dir_is_refused(tmp_path, capsys, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("explicit", [False, True], ids=["auto", "path"])
-def test_resume_of_a_folder_in_use_says_by_whom(tmp_path, capsys, explicit):
+@pytest.mark.parametrize("given", ["auto", "file", "folder"])
+def test_resume_of_a_folder_in_use_says_by_whom(tmp_path, capsys, given):
     busy = tmp_path / "busy"
     lock = safety.RunFolderLock(busy)
     lock.acquire()  # another run, started and not saved yet
     try:
-        resume = ["--resume", busy / "last.pt"] if explicit else ["--resume"]
+        resume = {"auto": ["--resume"], "file": ["--resume", busy / "last.pt"], "folder": ["--resume", busy]}[given]
         code, _, err = cli(capsys, "train", *RUN, "--output-dir", busy, *resume)
     finally:
         lock.release()
@@ -226,4 +237,4 @@ def test_a_run_folder_given_to_resume_is_its_last_pt_and_the_banner_says_where_i
     summary = json.loads((run / "metrics.json").read_text())
     assert summary["steps"] == 2 and summary["resumed_from"] == "run/last.pt"
     code, _, err = cli(capsys, "train", "--resume", tmp_path)  # a folder without last.pt: refused as before
-    assert_one_line_error(code, err, [f"checkpoint {tmp_path} is a folder, not a checkpoint file"])
+    assert_one_line_error(code, err, [f"checkpoint {tmp_path} is a folder holding no checkpoint (last.pt, best.pt)"])

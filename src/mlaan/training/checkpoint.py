@@ -98,18 +98,21 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` of any checkpoint or export, after checking its zip archive's CRCs.
+    """``torch.load(weights_only=True)`` of any checkpoint or export, after checking its zip archive's CRCs; a run
+    folder stands for its ``last.pt`` (:func:`checkpoint_file`).
 
-    FileNotFoundError when ``path`` is not a file; ValueError (naming the path) when it is damaged, not a
-    checkpoint, or holds a pickled callable or class (refused, never called)."""
+    FileNotFoundError when ``path`` is not a file (IsADirectoryError: a folder without ``last.pt``); ValueError
+    (naming the path) when it is damaged, not a checkpoint, or holds a pickled callable or class (refused, never
+    called)."""
     if not str(path).strip():  # Path("") is the current folder: an unset shell variable, say so
         raise FileNotFoundError("the checkpoint path is empty: give a checkpoint file (last.pt, best.pt) or a run "
                                 "folder")
-    path = Path(path)
-    if path.is_dir():
-        inside = [name for name in ("last.pt", "best.pt") if (path / name).is_file()]
-        hint = f": give a file in it ({', '.join(str(path / n) for n in inside)})" if inside else ""
-        raise IsADirectoryError(f"checkpoint {path} is a folder, not a checkpoint file{hint}")
+    path = checkpoint_file(path)
+    if path.is_dir():  # a folder without last.pt
+        inside = [str(path / name) for name in ("best.pt",) if (path / name).is_file()]
+        what = f"holds no last.pt: give a checkpoint in it ({', '.join(inside)})" if inside else (
+            "is a folder holding no checkpoint (last.pt, best.pt), not a checkpoint file")
+        raise IsADirectoryError(f"checkpoint {path} {what}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     _check_archive(path)
@@ -156,6 +159,7 @@ def is_training_checkpoint(obj: Any) -> bool:
 def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """:func:`load` a training checkpoint and check every field (:func:`check_training_checkpoint`).
     FileNotFoundError / ValueError as there, or when the file is an export rather than a training checkpoint."""
+    path = checkpoint_file(path)
     obj = load(path, map_location)
     if not is_training_checkpoint(obj):
         raise ValueError(f"{path} is not an mlaan training checkpoint (last.pt / best.pt written by mlaan train)")
@@ -721,10 +725,12 @@ def local_model_from_checkpoint(ckpt: Mapping[str, Any], path: str | os.PathLike
 
 
 def load_local_model(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
-    """The whole :class:`~mlaan.LocalModel` of a ``mlaan train`` checkpoint (``last.pt`` / ``best.pt``): backbone,
+    """The whole :class:`~mlaan.LocalModel` of a ``mlaan train`` checkpoint (``last.pt`` / ``best.pt``, or a run
+    folder for its ``last.pt``): backbone,
     aux nets and EMA twins, built with the run's options and holding its weights, on ``map_location``, in
     train mode. ValueError (one line) for a file that is not a training checkpoint (an export holds the backbone
     alone: load it with ``mlaan.models.create``) or whose weights do not fit."""
+    path = checkpoint_file(path)
     ckpt = load_training_checkpoint(path, map_location)
     return local_model_from_checkpoint(ckpt, path).to(map_location)
 
@@ -741,7 +747,8 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     ``image_size``, ``dataset``, ``data_root``, ``configured_data_root`` (missing in exports written before it)
     and ``data_options``, and for a training checkpoint the run's ``precise_bn``, ``batch_size``, ``seed`` and
     ``step`` (how its evaluation was made). FileNotFoundError / ValueError (one line, naming the file) when it is
-    neither, or damaged."""
+    neither, or damaged. A run folder stands for its ``last.pt``."""
+    path = checkpoint_file(path)
     obj = load(path)
     if is_training_checkpoint(obj):
         check_training_checkpoint(obj, path)  # every field there and of the right kind

@@ -842,9 +842,9 @@ def resolve_run(
     for a new run). Reads files, writes nothing: ``mlaan train --print-config`` shows what this returns.
 
     Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` (with its ``base`` files) <
-    ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path, or ``"auto"`` for
-    ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each) for bad input;
-    a ``data_root`` given explicitly must exist unless ``check_data`` is False.
+    ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path (a run folder: its ``last.pt``), or
+    ``"auto"`` for ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each)
+    for bad input; a ``data_root`` given explicitly must exist unless ``check_data`` is False.
     """
     file_values = load_yaml(config_file) if config_file is not None else {}
     overrides = dict(overrides or {})
@@ -898,12 +898,13 @@ def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrid
     if not str(resume).strip():  # Path("") is the current folder
         raise ValueError("--resume '' is empty: give a checkpoint file, or --resume alone for <output-dir>/last.pt")
     auto = str(resume) == AUTO_RESUME
-    path = _run_folder(file_values, overrides) / "last.pt" if auto else Path(resume)
+    path = _run_folder(file_values, overrides) / "last.pt" if auto else ckpt_io.checkpoint_file(resume)
     if not path.is_file():
-        holder = safety.RunFolderLock.holder(path.parent) if path.parent.is_dir() else None
+        folder = path if path.is_dir() else path.parent  # a run folder without last.pt yet, or a file's folder
+        holder = safety.RunFolderLock.holder(folder) if folder.is_dir() else None
         if holder is not None:
             raise safety.RunFolderInUse(
-                f"--resume: {path} does not exist yet: {path.parent} is in use by another run ({holder}); wait "
+                f"--resume: {path} does not exist yet: {folder} is in use by another run ({holder}); wait "
                 "for it to save or finish, or stop it, then resume"
             )
         if auto:
