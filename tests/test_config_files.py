@@ -204,3 +204,27 @@ def test_a_closed_pipe_ends_print_config_quietly(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141 and "Traceback" not in err
+
+
+def test_option_choices_are_taken_in_any_case_and_recorded_as_spelled(capsys):
+    """``--aux-head MLP`` was refused ("did you mean 'mlp'?"), while methods and data sets took any case."""
+    assert main(["train", "--aux-head", "MLP", "--aux-width", "64", "--ema-update", "Last", "--balance", "MEMORY",
+                 "--print-config"]) == 0
+    out, err = capsys.readouterr()
+    printed = yaml.safe_load(out)
+    assert (printed["aux_head"], printed["ema_update"], printed["balance"]) == ("mlp", "last", "memory")
+    assert printed["aux_width"] == 64 and "aux_width" not in err  # read with aux_head=mlp: no "not read" warning
+    assert main(["train", "--aux-head", "big", "--print-config"]) == 2
+    assert "unknown aux_head 'big'; allowed: mlp, linear" in capsys.readouterr().err
+
+
+def test_a_choice_in_another_case_is_the_same_value_for_the_api_and_for_resume():
+    from mlaan.engine.options import LocalOptions
+    from mlaan.training.checkpoint import check_resume_config
+    from mlaan.training.config import coerce
+
+    assert LocalOptions(infopro_task="Contrastive", aux_head="MLP").infopro_task == "contrastive"
+    assert coerce("aux_head", "MLP") == "mlp" and coerce("aux_head", "big") == "big"  # the option's check names it
+    check_resume_config({"method": "dgl+mlaan", "aux_head": "mlp"}, {"aux_head": coerce("aux_head", "MLP")}, "r/x.pt")
+    with pytest.raises(ValueError, match='aux_head: "mlp" in the run, "linear" given'):
+        check_resume_config({"method": "dgl+mlaan", "aux_head": "mlp"}, {"aux_head": "linear"}, "r/x.pt")

@@ -4,10 +4,11 @@ engine options a method reads without importing :mod:`mlaan.engine.options`, whi
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..names import unknown
+from ..names import registered_spelling, unknown
 
 # The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
 AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
@@ -30,7 +31,8 @@ READERS = {
 
 def _option(default: Any, read_by: str, help: str, **metadata: Any) -> Any:
     """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help;
-    ``read_when={"other_option": (values...)}`` when that part reads it only for those values of another."""
+    ``read_when={"other_option": (values...)}`` when that part reads it only for those values of another;
+    ``choices=(...)`` for a name taken from a fixed set (:func:`check_choices`)."""
     return field(default=default, metadata={"read_by": read_by, "help": help, **metadata})
 
 
@@ -44,7 +46,7 @@ class EngineOptions:
     w_casc: float = _option(0.999, "mlm", "weight of the cascaded aux loss under MLM")
     ema_momentum: float = _option(0.995, "lam", "LAM EMA momentum m in twin <- m*twin + (1-m)*block, in [0, 1)")
     ema_update: str = _option("all", "lam", "which EMA twins follow their block after each step: 'all', or 'last' "
-                                            "(the official CIFAR code's behaviour)")
+                                            "(the official CIFAR code's behaviour)", choices=EMA_UPDATE_MODES)
     # A twin whose block is trained on another rank (module parallelism) can only see that block as it was one
     # step earlier without stalling the pipeline; the one-process engine can reproduce that lag exactly.
     ema_lag: int = _option(0, "lam", "LAM EMA twins follow their block as it was after the previous step (1) or "
@@ -54,10 +56,11 @@ class EngineOptions:
     depth_shrink: float = _option(0.5, "head", "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)")
     # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)
     # cost dgl+mlaan at K=16 about one BP step more per step (BENCHMARKS.md).
-    aux_head: str = _option("linear", "head", f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}")
+    aux_head: str = _option("linear", "head", f"classifier shape of the aux nets: {' or '.join(AUX_HEAD_SHAPES)}",
+                            choices=AUX_HEAD_SHAPES)
     aux_width: int = _option(128, "head", "hidden width of the 'mlp' aux classifier", read_when={"aux_head": ("mlp",)})
     balance: str = _option("blocks", "split", "split by 'blocks' (counts differ by at most one) or 'memory' "
-                                              "(InfoPro*: even step memory)")
+                                              "(InfoPro*: even step memory)", choices=BALANCE_MODES)
     balance_batch_size: int = _option(128, "split", "the training batch whose step memory balance='memory' evens out",
                                       derived="mlaan train sets it to --batch-size")
     # Less peak memory for about one more forward of the recomputed blocks (two for the window's modules);
@@ -77,11 +80,9 @@ class EngineOptions:
     def __post_init__(self) -> None:
         if not 0.0 <= self.ema_momentum < 1.0:
             raise ValueError(f"ema_momentum must be in [0, 1), got {self.ema_momentum}")
-        _check_choice("ema_update", self.ema_update, EMA_UPDATE_MODES)
+        check_choices(self)
         if self.ema_lag not in (0, 1):
             raise ValueError(f"ema_lag must be 0 or 1, got {self.ema_lag}")
-        _check_choice("aux_head", self.aux_head, AUX_HEAD_SHAPES)
-        _check_choice("balance", self.balance, BALANCE_MODES)
         for name in ("lam_depth", "balance_batch_size"):
             _check_at_least(name, getattr(self, name), 1)
         if self.aux_width < 1:
@@ -94,9 +95,22 @@ class EngineOptions:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")
 
 
-def _check_choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
+def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """``value`` as ``allowed`` spells it, given in any case (``MLP`` → ``mlp``), as method and data set names
+    are; ValueError naming the allowed values otherwise."""
+    spelled = registered_spelling(value, allowed)
+    if spelled is None:
         raise ValueError(unknown(name, value, allowed, word="allowed"))
+    return spelled
+
+
+def check_choices(options: Any) -> None:
+    """Every field of the options dataclass ``options`` declared with ``choices`` (its metadata) set to the
+    allowed spelling of its value, given in any case; ValueError (:func:`choice`) for a value not allowed. For
+    the ``__post_init__`` of the engine's options and of a method's."""
+    for f in dataclasses.fields(options):
+        if "choices" in f.metadata:
+            setattr(options, f.name, choice(f.name, getattr(options, f.name), f.metadata["choices"]))
 
 
 def _check_at_least(name: str, value: int, low: int) -> None:

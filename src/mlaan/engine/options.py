@@ -44,6 +44,7 @@ class OptionField:
     derived: bool
     metavar: str | tuple[str, ...] | None = None  # how ``--help`` names the value(s)
     read_when: dict[str, tuple[Any, ...]] | None = None  # read only while these options hold one of these values
+    choices: tuple[str, ...] | None = None  # the allowed names, taken in any case (engine_options.check_choices)
 
 
 def option_classes() -> list[tuple[str, type]]:
@@ -70,7 +71,8 @@ def option_fields(include_derived: bool = True) -> list[OptionField]:
             if derived and not include_derived:
                 continue
             result.append(OptionField(f.name, hints[f.name], f.default, f.metadata.get("help", ""), owner, derived,
-                                      f.metadata.get("metavar"), f.metadata.get("read_when")))
+                                      f.metadata.get("metavar"), f.metadata.get("read_when"),
+                                      f.metadata.get("choices")))
     return result
 
 

@@ -25,7 +25,7 @@ import yaml
 
 from ..engine import parse_method
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored
-from ..names import unknown
+from ..names import registered_spelling, unknown
 
 # Options ``resolve()`` derives from others when they are not set (None), with how.
 DERIVED_WHEN_UNSET = {
@@ -201,6 +201,7 @@ TrainConfig = dataclasses.make_dataclass(
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
+_CHOICES = {f.name: f.choices for f in OPTION_FIELDS if f.choices}  # names from a fixed set, any case
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -235,7 +236,9 @@ def coerce(name: str, value: Any) -> Any:
         if hint is str:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
-            return str(value)
+            # a choice in any case is recorded as the option spells it (MLP -> mlp); a wrong one is left for the
+            # option's own check, which names the allowed values
+            return registered_spelling(str(value), _CHOICES.get(name, ())) or str(value)
         if origin is tuple:
             if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
                 raise TypeError

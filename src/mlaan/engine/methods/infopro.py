@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..engine_options import check_choices
 from .base import AuxContext, LocalMethod
 from .registry import register
 
@@ -27,7 +28,8 @@ class InfoProOptions:
     """InfoPro's options; the λ defaults are the paper's CIFAR values (docs/METHOD.md#auxiliary-heads)."""
 
     infopro_task: str = field(default="ce", metadata={
-        "help": "InfoPro's task loss: 'ce' (aux classifier) or 'contrastive' (supervised contrastive)"})
+        "help": "InfoPro's task loss: 'ce' (aux classifier) or 'contrastive' (supervised contrastive)",
+        "choices": INFOPRO_TASKS})
     infopro_lambda_recon: tuple[float, float] = field(default=(5.0, 0.0), metadata={
         "help": "InfoPro λ1 (reconstruction weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
     infopro_lambda_task: tuple[float, float] = field(default=(0.5, 0.0), metadata={
@@ -37,8 +39,7 @@ class InfoProOptions:
         "read_when": {"infopro_task": ("contrastive",)}})
 
     def __post_init__(self) -> None:
-        if self.infopro_task not in INFOPRO_TASKS:
-            raise ValueError(f"unknown infopro_task {self.infopro_task!r}; allowed: {', '.join(INFOPRO_TASKS)}")
+        check_choices(self)  # infopro_task, in any case
         if not self.temperature > 0:  # a zero temperature divides by zero in the first step
             raise ValueError(f"need temperature > 0, got {self.temperature}")
         for name in ("infopro_lambda_recon", "infopro_lambda_task"):
