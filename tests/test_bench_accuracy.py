@@ -554,3 +554,36 @@ def test_a_merged_report_that_merged_others_keeps_their_machines(tmp_path, fake_
     (source,) = json.loads((tmp_path / "out" / "accuracy.json").read_text())["merged"]
     assert source["runs"] == ["bp s0", "dgl s0"]
     assert source["machine"].endswith(f"; bp s0 from {first / 'accuracy.json'}, machine: machine A")
+
+
+@pytest.mark.parametrize("report, why", [
+    ({"recipe": None, "runs": []}, "not an accuracy.json of `mlaan bench accuracy`"),
+    ({"recipe": {}, "runs": []}, "a report of another recipe (arch: None there, 'resnet20' now;"),
+    ({"runs": [{"finished": True, "method": "dgl", "seed": "s1", "test_error": 0.1}]}, "seed 's1' (expected"),
+    ({"runs": [{"finished": True, "method": "dgl", "seed": 0}]}, "dgl seed 0 has no test_error"),
+])
+def test_merge_refuses_a_malformed_report_in_one_line(tmp_path, fake_train, report, why):
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl", "--output-dir", str(tmp_path / "earlier"))) == 0
+    recorded = json.loads((tmp_path / "earlier" / "accuracy.json").read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"recipe": recorded["recipe"], **report}))
+    with pytest.raises(ValueError, match=re.escape(f"--merge {bad}: ") + ".*" + re.escape(why)):
+        accuracy.run(_args(tmp_path, "--methods", "dgl", "--merge", str(bad)))
+
+
+def test_a_merged_runs_seed_written_as_text_pairs_and_is_stored_as_a_number(tmp_path, fake_train):
+    earlier = tmp_path / "earlier"
+    assert accuracy.run(_args(tmp_path, "--methods", "bp", "--output-dir", str(earlier))) == 0
+    data = json.loads((earlier / "accuracy.json").read_text())
+    data["runs"][0].update(seed="0", variant=None, label=None)
+    (earlier / "accuracy.json").write_text(json.dumps(data))
+    assert accuracy.run(_args(tmp_path, "--methods", "bp,dgl", "--merge", str(earlier))) == 0
+    report = json.loads((tmp_path / "out" / "accuracy.json").read_text())
+    assert [(r["label"], r["seed"], r["variant"]) for r in report["runs"]] == [("bp", 0, ""), ("dgl", 0, "")]
+    assert next(r for r in report["summary"] if r["label"] == "dgl")["vs_bp"]["seeds"] == [0]
+
+
+def test_vary_labels_a_choice_as_the_option_spells_it():
+    arms = accuracy.parse_arms(["dgl"], [], ["aux_head=MLP", "ema_momentum=0.990"])
+    assert [a.label for a in arms] == ["dgl", "dgl aux_head=mlp"]  # dgl has no EMA twins: not varied
+    assert accuracy.parse_arms(["dgl+mlaan"], [], ["ema_momentum=0.990"])[1].label == "dgl+mlaan ema_momentum=0.990"

@@ -228,3 +228,31 @@ def test_a_choice_in_another_case_is_the_same_value_for_the_api_and_for_resume()
     check_resume_config({"method": "dgl+mlaan", "aux_head": "mlp"}, {"aux_head": coerce("aux_head", "MLP")}, "r/x.pt")
     with pytest.raises(ValueError, match='aux_head: "mlp" in the run, "linear" given'):
         check_resume_config({"method": "dgl+mlaan", "aux_head": "mlp"}, {"aux_head": "linear"}, "r/x.pt")
+
+
+def test_a_choice_in_another_case_reaches_the_options_it_conditions():
+    from mlaan.bench.memory import parse_options
+    from mlaan.training.config import TrainConfig
+
+    cfg = TrainConfig(method="dgl", aux_head="MLP", aux_width=64).resolve()  # the API, not through coerce
+    assert cfg.aux_head == "mlp" and cfg.engine_options((0.0,), (1.0,))["aux_width"] == 64
+    assert parse_options(["aux_head=MLP", "aux_width=64"]) == {"aux_head": "mlp", "aux_width": 64}
+
+
+def test_a_plugin_options_class_that_declares_choices_is_checked_without_calling_check_choices():
+    import dataclasses
+
+    from mlaan.engine.options import LocalOptions
+
+    @dataclasses.dataclass(frozen=True)
+    class Frozen:
+        mode: str = dataclasses.field(default="a", metadata={"choices": ("a", "b")})
+
+    from mlaan.engine.engine_options import check_choices
+
+    spelled = Frozen(mode="B")
+    check_choices(spelled)  # a frozen class too
+    assert spelled.mode == "b"
+    with pytest.raises(ValueError, match="unknown mode 'c'; allowed: a, b"):
+        check_choices(Frozen(mode="c"))
+    assert LocalOptions(aux_head="Linear").aux_head == "linear"

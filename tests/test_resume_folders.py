@@ -114,6 +114,13 @@ def test_a_run_loads_back_as_its_whole_local_model(runs):
     assert about["step"] == ckpt["step"] and state.keys() == ckpt_io.backbone_state(ckpt).keys()
 
 
+def test_an_empty_path_is_never_the_current_folders_run(runs, monkeypatch):
+    monkeypatch.chdir(runs["finished"])  # it holds last.pt: "" would be "." and "." that file
+    for load in (mlaan.load_local_model, ckpt_io.load_backbone, ckpt_io.load_training_checkpoint):
+        with pytest.raises(FileNotFoundError, match="the checkpoint path is empty"):
+            load("")
+
+
 def test_the_library_resumes_from_a_run_folder(runs, tmp_path):
     from mlaan.training.trainer import resolve_run
 
@@ -139,7 +146,8 @@ def test_resume_of_a_folder_in_use_says_by_whom(tmp_path, capsys, given):
         code, _, err = cli(capsys, "train", *RUN, "--output-dir", busy, *resume)
     finally:
         lock.release()
-    assert_one_line_error(code, err, ["in use by another run", f"process {os.getpid()} on "])
+    assert_one_line_error(code, err, [f"{busy / 'last.pt'} does not exist yet: {busy} is in use by another run",
+                                      f"process {os.getpid()} on "])
 
 
 def test_options_unused_by_a_method_are_other_methods_and_engine_parts_it_lacks():

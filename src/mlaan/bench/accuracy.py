@@ -95,7 +95,8 @@ def parse_arms(methods: list[str], arm_texts: list[str], vary_texts: list[str]) 
             if coerce(name, value) == getattr(defaults, name):
                 continue
             flag = "--" + name.replace("_", "-")
-            variants.append((f"{name}={value}", _flag(flag, coerce(name, value)), name))
+            shown = coerce(name, value) if isinstance(coerce(name, value), str) else value  # MLP -> mlp, 0.990 kept
+            variants.append((f"{name}={shown}", _flag(flag, coerce(name, value)), name))
     return [Arm(m) for m in methods] + [Arm(m, label, flags) for m in methods for label, flags, option in variants
                                         if option not in options_unused_by(m)]
 
@@ -184,8 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="append", default=[], metavar="REPORT",
                    help="also report the finished runs of an earlier report of the same recipe (its "
                         "accuracy.json, or the folder holding it), e.g. runs trained on another machine or in a "
-                        "folder since lost (repeatable); a run of the output folder wins over a merged one with "
-                        "the same method and seed")
+                        "folder since lost (repeatable); a finished run of the output folder wins over a merged "
+                        "one with the same method and seed, and a merged one over an unfinished run there")
     p.add_argument("--output-dir", default=None, help="(default: runs/bench-accuracy)")
 
 
@@ -203,12 +204,16 @@ def check_recipe(out: Path, recipe: dict) -> None:
     if not path.exists() or not any(_state(folder) != "new" for folder in out.glob("*/seed*")):
         common.write_json(path, recipe)
         return
-    recorded = json.loads(path.read_text())
-    differ = [f"{k}: {recorded.get(k)!r} there, {recipe.get(k)!r} now" for k in RECIPE_KEYS
-              if recorded.get(k) != recipe.get(k)]
+    differ = recipe_differences(json.loads(path.read_text()), recipe)
     if differ:
         raise ValueError(f"{out} holds runs of another recipe ({'; '.join(differ)}): use the same settings to add "
                          "to it, or another --output-dir")
+
+
+def recipe_differences(recorded: dict, recipe: dict) -> list[str]:
+    """``"epochs: 15 there, 3 now"`` for each recipe key whose value differs (a key missing: None)."""
+    return [f"{k}: {recorded.get(k)!r} there, {recipe.get(k)!r} now" for k in RECIPE_KEYS
+            if recorded.get(k) != recipe.get(k)]
 
 
 def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
@@ -451,8 +456,9 @@ REPORT_RUN_KEYS = ("label", "method", "variant", "seed", "path", "finished", "te
 
 def load_merged(paths: list[str], recipe: dict) -> list[dict]:
     """``--merge``: each earlier report (``accuracy.json``, or a folder holding one) as ``{"report": path,
-    "machine": its machine line, "runs": its finished runs}``; ValueError for a missing or unreadable file, or a
-    report of another recipe (the keys of :data:`RECIPE_KEYS` that differ are named)."""
+    "machine": its machine line, "runs": its finished runs}``; ValueError (one line, naming the report) for a
+    missing or unreadable file, one that is not such a report, or a report of another recipe (the keys of
+    :data:`RECIPE_KEYS` that differ are named)."""
     merged = []
     for text in paths:
         path = Path(text)
@@ -462,24 +468,36 @@ def load_merged(paths: list[str], recipe: dict) -> list[dict]:
         except FileNotFoundError:
             raise ValueError(f"--merge {text}: no such report (give an accuracy.json written by `mlaan bench "
                              "accuracy`, or the folder holding one)") from None
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ValueError(f"--merge {text}: cannot read it as a report ({err})") from None
-        if not isinstance(data, dict) or not isinstance(data.get("runs"), list) or "recipe" not in data:
+        if not isinstance(data, dict) or not isinstance(data.get("recipe"), dict) or not isinstance(
+                data.get("runs"), list):
             raise ValueError(f"--merge {text}: not an accuracy.json of `mlaan bench accuracy` (no recipe and runs)")
-        theirs = dict(data["recipe"])
-        theirs.setdefault("image_size", None)
-        ours = {k: recipe.get(k) for k in RECIPE_KEYS}
-        differ = [f"{k}: {theirs.get(k)!r} there, {ours[k]!r} now" for k in RECIPE_KEYS if theirs.get(k) != ours[k]]
+        differ = recipe_differences(data["recipe"], recipe)
         if differ:
             raise ValueError(f"--merge {text}: a report of another recipe ({'; '.join(differ)}); only runs of the "
                              "same recipe can be compared")
-        runs = [dict(run, source=str(path)) for run in data["runs"] if run.get("finished")]
-        machine = data.get("machine", "not recorded")
+        runs = [_merged_run(run, text, path) for run in data["runs"] if isinstance(run, dict) and run.get("finished")]
+        machine = str(data.get("machine") or "not recorded")
         # a report that merged others: where its merged runs were trained goes with them
-        machine += "".join(f"; {', '.join(m['runs'])} from {m['report']}, machine: {m['machine']}"
-                           for m in data.get("merged") or [])
+        machine += "".join(f"; {', '.join(map(str, m.get('runs', [])))} from {m.get('report')}, machine: "
+                           f"{m.get('machine')}" for m in data.get("merged") or [] if isinstance(m, dict))
         merged.append({"report": str(path), "machine": machine, "runs": runs})
     return merged
+
+
+def _merged_run(run: dict, text: str, path: Path) -> dict:
+    """One finished run of a merged report, its keys checked (ValueError naming the report and the value) and
+    completed as the report's own runs have them (an int seed, a label, a variant), with its ``source``."""
+    method, seed = run.get("method"), run.get("seed")
+    if not isinstance(method, str) or not str(seed).isdigit() or isinstance(seed, bool):
+        raise ValueError(f"--merge {text}: a run with method {method!r} and seed {seed!r} (expected a method name "
+                         "and a non-negative integer seed)")
+    if not isinstance(run.get("test_error"), (int, float)) or not isinstance(run.get("epochs", []), list):
+        raise ValueError(f"--merge {text}: {method} seed {seed} has no test_error, or epochs that are not a list")
+    variant = run.get("variant") or ""
+    return dict(run, seed=int(seed), variant=variant, label=run.get("label") or f"{method} {variant}".strip(),
+                epochs=run.get("epochs", []), source=str(path))
 
 
 def _merge_runs(own: list[dict], merged: list[dict]) -> list[dict]:
@@ -579,7 +597,7 @@ def _merged_sources(runs: list[dict], merged: list[dict]) -> list[dict]:
     """Each merged report that gave the report a run: its path, machine line and the runs it gave."""
     sources = []
     for earlier in merged:
-        given = [f"{r['label']} s{r['seed']}" for r in runs if r.get("source") == earlier["report"]]
+        given = [f"{r['label']} s{r['seed']}" for r in runs if r.get("source") == earlier["report"]]  # labelled
         if given:
             sources.append({"report": earlier["report"], "machine": earlier["machine"], "runs": given})
     return sources

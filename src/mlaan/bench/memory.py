@@ -561,7 +561,7 @@ def parse_options(items: list[str]) -> dict:
     """``["lam_depth=2", "aux_head=linear"]`` → {"lam_depth": 2, "aux_head": "linear"} (checked by the engine)."""
     import yaml
 
-    from ..engine.options import make_options
+    from ..engine.options import make_options, spelled
 
     options = {}
     for item in items:
@@ -570,7 +570,7 @@ def parse_options(items: list[str]) -> dict:
             raise ValueError(f"--option {item!r} must be KEY=VALUE, e.g. lam_depth=2")
         options[key.strip()] = yaml.safe_load(value)
     make_options(**options)  # ValueError naming the known options
-    return options
+    return spelled(options)  # aux_head=MLP as the option spells it, so that aux_width=64 is read with it
 
 
 def _arch_ks(args: argparse.Namespace) -> dict[str, list[int]]:

@@ -109,8 +109,8 @@ def check_choices(options: Any) -> None:
     allowed spelling of its value, given in any case; ValueError (:func:`choice`) for a value not allowed. For
     the ``__post_init__`` of the engine's options and of a method's."""
     for f in dataclasses.fields(options):
-        if "choices" in f.metadata:
-            setattr(options, f.name, choice(f.name, getattr(options, f.name), f.metadata["choices"]))
+        if "choices" in f.metadata:  # object.__setattr__: a frozen dataclass too
+            object.__setattr__(options, f.name, choice(f.name, getattr(options, f.name), f.metadata["choices"]))
 
 
 def _check_at_least(name: str, value: int, low: int) -> None:

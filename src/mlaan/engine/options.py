@@ -21,12 +21,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from ..names import registered_spelling
 from .engine_options import (  # noqa: F401  (re-exported: the engine's options are part of every option)
     AUX_HEAD_SHAPES,
     BALANCE_MODES,
     EMA_UPDATE_MODES,
     READERS,
     EngineOptions,
+    check_choices,
 )
 
 
@@ -88,6 +90,13 @@ def options_unused_by(method: str) -> frozenset[str]:
                      if (f.name not in spec.engine_options if f.owner == "engine" else f.owner != spec.base.name))
 
 
+def spelled(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with each option declared with ``choices`` as the option spells it, given in any case (``MLP``
+    → ``mlp``); every other value, and a choice that is not allowed (for the option's own check), as it is."""
+    choices = {f.name: f.choices for f in option_fields() if f.choices}
+    return {k: registered_spelling(v, choices[k]) or v if k in choices else v for k, v in values.items()}
+
+
 def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
     """The options a run of ``method`` with these option ``values`` (missing ones at their defaults) ignores:
     those ``method`` never reads (:func:`options_unused_by`) and those read only for values of another option
@@ -97,6 +106,7 @@ def options_ignored(method: str, values: dict[str, Any]) -> frozenset[str]:
     unknown method."""
     fields = option_fields()
     unused = options_unused_by(method)
+    values = spelled(values)
     return unused | {f.name for f in fields if _unmet_conditions(f, values, fields, unused)}
 
 
@@ -108,6 +118,7 @@ def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
         return who_reads(name)
     fields = option_fields()
     field_ = next(f for f in fields if f.name == name)
+    values = spelled(values)
     return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
                      for other, allowed, held in _unmet_conditions(field_, values, fields, unused))
 
@@ -159,12 +170,13 @@ class LocalOptions:
         if unknown:
             raise ValueError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         hints = {name: hint for _, cls in classes for name, hint in typing.get_type_hints(cls).items()}
-        values = {k: checked_type(k, v, hints[k]) for k, v in values.items()}
+        values = spelled({k: checked_type(k, v, hints[k]) for k, v in values.items()})
         check_finite(values)
         parts = []
         for _, cls in classes:
             names = {f.name for f in dataclasses.fields(cls)}
             parts.append(cls(**{k: v for k, v in values.items() if k in names}))
+            check_choices(parts[-1])  # what a class declares with choices is checked, whatever its __post_init__
         object.__setattr__(self, "_parts", parts)
 
     def _owner(self, name: str) -> object | None:

@@ -97,6 +97,12 @@ def checkpoint_file(path: str | os.PathLike) -> Path:
     return path / "last.pt" if path.is_dir() and (path / "last.pt").is_file() else path
 
 
+def _named_file(path: str | os.PathLike) -> str | os.PathLike:
+    """:func:`checkpoint_file` of a non-empty path; an empty one as it is, for :func:`load` to say it is empty
+    (``Path("")`` would be the current folder, and its ``last.pt`` taken)."""
+    return checkpoint_file(path) if str(path).strip() else path
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(weights_only=True)`` of any checkpoint or export, after checking its zip archive's CRCs; a run
     folder stands for its ``last.pt`` (:func:`checkpoint_file`).
@@ -107,7 +113,7 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> A
     if not str(path).strip():  # Path("") is the current folder: an unset shell variable, say so
         raise FileNotFoundError("the checkpoint path is empty: give a checkpoint file (last.pt, best.pt) or a run "
                                 "folder")
-    path = checkpoint_file(path)
+    path = _named_file(path)
     if path.is_dir():  # a folder without last.pt
         inside = [str(path / name) for name in ("best.pt",) if (path / name).is_file()]
         what = f"holds no last.pt: give a checkpoint in it ({', '.join(inside)})" if inside else (
@@ -159,7 +165,7 @@ def is_training_checkpoint(obj: Any) -> bool:
 def load_training_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """:func:`load` a training checkpoint and check every field (:func:`check_training_checkpoint`).
     FileNotFoundError / ValueError as there, or when the file is an export rather than a training checkpoint."""
-    path = checkpoint_file(path)
+    path = _named_file(path)
     obj = load(path, map_location)
     if not is_training_checkpoint(obj):
         raise ValueError(f"{path} is not an mlaan training checkpoint (last.pt / best.pt written by mlaan train)")
@@ -730,7 +736,7 @@ def load_local_model(path: str | os.PathLike, map_location: str | torch.device =
     aux nets and EMA twins, built with the run's options and holding its weights, on ``map_location``, in
     train mode. ValueError (one line) for a file that is not a training checkpoint (an export holds the backbone
     alone: load it with ``mlaan.models.create``) or whose weights do not fit."""
-    path = checkpoint_file(path)
+    path = _named_file(path)
     ckpt = load_training_checkpoint(path, map_location)
     return local_model_from_checkpoint(ckpt, path).to(map_location)
 
@@ -748,7 +754,7 @@ def load_backbone(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dic
     and ``data_options``, and for a training checkpoint the run's ``precise_bn``, ``batch_size``, ``seed`` and
     ``step`` (how its evaluation was made). FileNotFoundError / ValueError (one line, naming the file) when it is
     neither, or damaged. A run folder stands for its ``last.pt``."""
-    path = checkpoint_file(path)
+    path = _named_file(path)
     obj = load(path)
     if is_training_checkpoint(obj):
         check_training_checkpoint(obj, path)  # every field there and of the right kind

@@ -24,8 +24,8 @@ from typing import Any
 import yaml
 
 from ..engine import parse_method
-from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored
-from ..names import registered_spelling, unknown
+from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled
+from ..names import unknown
 
 # Options ``resolve()`` derives from others when they are not set (None), with how.
 DERIVED_WHEN_UNSET = {
@@ -113,6 +113,8 @@ class _RunConfig:
             cfg.local_modules = default_num_local_modules(cfg.arch, spec)
         check_finite(dataclasses.asdict(cfg))  # nan/inf would slip through the range checks
         options = LocalOptions(**{name: getattr(cfg, name) for name in OPTION_NAMES})  # each option's own checks
+        for name, value in spelled({name: getattr(cfg, name) for name in OPTION_NAMES}).items():
+            setattr(cfg, name, value)  # a choice in any case, recorded as the option spells it (MLP -> mlp)
         if not 0 <= cfg.seed < 2**32:
             raise ValueError(f"seed must be in 0 to {2**32 - 1}, got {cfg.seed}")
         for name in ("epochs", "batch_size"):
@@ -201,7 +203,6 @@ TrainConfig = dataclasses.make_dataclass(
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 _TYPES = typing.get_type_hints(TrainConfig)
 _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
-_CHOICES = {f.name: f.choices for f in OPTION_FIELDS if f.choices}  # names from a fixed set, any case
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -238,7 +239,7 @@ def coerce(name: str, value: Any) -> Any:
                 raise TypeError
             # a choice in any case is recorded as the option spells it (MLP -> mlp); a wrong one is left for the
             # option's own check, which names the allowed values
-            return registered_spelling(str(value), _CHOICES.get(name, ())) or str(value)
+            return spelled({name: str(value)})[name]
         if origin is tuple:
             if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
                 raise TypeError

@@ -900,11 +900,12 @@ def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrid
     auto = str(resume) == AUTO_RESUME
     path = _run_folder(file_values, overrides) / "last.pt" if auto else ckpt_io.checkpoint_file(resume)
     if not path.is_file():
-        folder = path if path.is_dir() else path.parent  # a run folder without last.pt yet, or a file's folder
+        # a run folder without last.pt yet, or a file's folder
+        folder, missing = (path, path / "last.pt") if path.is_dir() else (path.parent, path)
         holder = safety.RunFolderLock.holder(folder) if folder.is_dir() else None
         if holder is not None:
             raise safety.RunFolderInUse(
-                f"--resume: {path} does not exist yet: {folder} is in use by another run ({holder}); wait "
+                f"--resume: {missing} does not exist yet: {folder} is in use by another run ({holder}); wait "
                 "for it to save or finish, or stop it, then resume"
             )
         if auto:
