@@ -106,8 +106,9 @@ def choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
 
 def check_choices(options: Any) -> None:
     """Every field of the options dataclass ``options`` declared with ``choices`` (its metadata) set to the
-    allowed spelling of its value, given in any case; ValueError (:func:`choice`) for a value not allowed. For
-    the ``__post_init__`` of the engine's options and of a method's."""
+    allowed spelling of its value, given in any case; ValueError (:func:`choice`) for a value not allowed.
+    :class:`~mlaan.engine.options.LocalOptions` applies it to every options class it builds, a plug-in's included;
+    a ``__post_init__`` calls it to check the class built on its own, as the engine's and InfoPro's do."""
     for f in dataclasses.fields(options):
         if "choices" in f.metadata:  # object.__setattr__: a frozen dataclass too
             object.__setattr__(options, f.name, choice(f.name, getattr(options, f.name), f.metadata["choices"]))
