@@ -122,24 +122,37 @@ RECOMPUTE_CHOICES = ("off", "on", "both")
 
 
 def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: str) -> list[tuple[str, str, int, dict]]:
-    """Each case with its engine options; methods with something to recompute (LAM, MLM, AugLocal) run without
-    ``grad_checkpointing`` ("off"), with it ("on"), or both ways, one after the other ("both")."""
+    """Each case with its engine options; methods with something to recompute (LAM, MLM, AugLocal, and BP's
+    backbone: activation checkpointing) run without ``grad_checkpointing`` ("off"), with it ("on"), or both ways,
+    one after the other ("both"). BP always runs plain too, first: it is what every figure is relative to."""
     if recompute not in RECOMPUTE_CHOICES:
         raise ValueError(f"unknown --grad-checkpointing {recompute!r}; allowed: {', '.join(RECOMPUTE_CHOICES)}")
     flags = {"off": [False], "on": [True], "both": [False, True]}[recompute]
     planned = []
     for arch, method, k in cases:
-        if not parse_method(method).can_recompute:
+        spec = parse_method(method)
+        if not spec.can_recompute:
             planned.append((arch, method, k, dict(options)))
             continue
-        planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in flags)
+        own = [False, *(f for f in flags if f)] if spec.end_to_end else flags
+        planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in own)
     return planned
 
 
 def label(result: dict) -> str:
-    """The method's name, marked when it ran with ``grad_checkpointing``."""
-    recomputed = (result.get("options") or {}).get("grad_checkpointing")
-    return result["method"] + (" +ckpt" if recomputed else "")
+    """The method's name, marked when it ran with ``grad_checkpointing`` (``bp +ckpt``: BP with activation
+    checkpointing of every block; ``bp +ckpt seg=3``: of segments of 3 blocks)."""
+    options = result.get("options") or {}
+    if not options.get("grad_checkpointing"):
+        return result["method"]
+    segment = options.get("checkpoint_segment", 1)
+    return result["method"] + " +ckpt" + (f" seg={segment}" if end_to_end(result["method"]) and segment != 1 else "")
+
+
+def is_reference(result: dict) -> bool:
+    """Whether a result is plain BP's (an end-to-end method without activation checkpointing): the reference every
+    ratio and percentage is taken to."""
+    return end_to_end(result["method"]) and not (result.get("options") or {}).get("grad_checkpointing")
 
 
 def build(

@@ -442,11 +442,11 @@ def _scale_breakdown(p1: dict, p2: dict, batch: int) -> dict | None:
 
 
 def add_percentages(results: list[dict]) -> None:
-    """``pct_of_bp``: each peak as a share of BP's (the first end-to-end method's) on the same architecture and
-    batch."""
+    """``pct_of_bp``: each peak as a share of plain BP's (the first end-to-end method's without activation
+    checkpointing) on the same architecture and batch."""
     bp: dict[tuple, int] = {}
     for r in results:
-        if common.end_to_end(r["method"]) and "error" not in r:
+        if common.is_reference(r) and "error" not in r:
             bp.setdefault((r["arch"], r["batch"]), r["peak_bytes"])
     for r in results:
         base = bp.get((r["arch"], r["batch"]))
@@ -494,7 +494,8 @@ def plot(results: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(archs), 1, figsize=(11, 4.6 * len(archs)), squeeze=False)
     for ax, arch in zip(axes[:, 0], archs):
         rs = [r for r in results if r["arch"] == arch and "error" not in r]
-        bp = next((r for r in rs if common.end_to_end(r["method"])), None)
+        bp = next((r for r in rs if common.is_reference(r)), None)
+        checkpointed_bp = [r for r in rs if common.end_to_end(r["method"]) and not common.is_reference(r)]
         methods = list(dict.fromkeys(label(r) for r in rs if not common.end_to_end(r["method"])))
         ks = sorted({r["k"] for r in rs if not common.end_to_end(r["method"])})
         width = 0.8 / max(len(methods), 1)
@@ -514,6 +515,9 @@ def plot(results: list[dict], path: Path) -> None:
                        label=f"{bp['method']} (K=1): {gib:.2f} GiB")
             ax.secondary_yaxis("right", functions=(lambda y, g=gib: 100 * y / g, lambda p, g=gib: p * g / 100)
                                ).set_ylabel("% of BP's peak")
+        for style, r in zip((":", "-.", (0, (5, 1)), (0, (1, 3))) * 4, checkpointed_bp):  # BP's own checkpointing
+            ax.axhline(r["peak_bytes"] / 2**30, color=common.method_color(r["method"]), linestyle=style,
+                       linewidth=1.2, label=f"{label(r)}: {r['peak_bytes'] / 2**30:.2f} GiB")
         ax.set_xticks(range(len(ks)))
         ax.set_xticklabels([f"K={k}" for k in ks])
         ax.set_xlabel("local modules K")

@@ -88,6 +88,31 @@ def _timed_step(model, optimizer, images, targets) -> tuple[float, float, float]
     return t2 - t0, t1 - t0, c2 - c0
 
 
+def interleaved_times(
+    steps: dict[str, tuple], warmup: int, repeats: int, log: Callable[[str], None] = print
+) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
+    """Time one full training step of each entry, ``name -> (model, optimizer, images, targets)``: ``warmup``
+    untimed steps each, then ``repeats`` rounds that time every entry once, the order rotating from round to
+    round (a load change on the machine hits all alike). Returns the wall seconds of each step, of its
+    ``train_step`` part and its CPU seconds, per name (:func:`_timed_step`)."""
+    names = list(steps)
+    for name in names:
+        for _ in range(warmup):
+            _timed_step(*steps[name])
+    times: dict[str, list[float]] = defaultdict(list)
+    step_only: dict[str, list[float]] = defaultdict(list)
+    cpu: dict[str, list[float]] = defaultdict(list)
+    for r in range(repeats):
+        order = names[r % len(names):] + names[: r % len(names)]
+        for name in order:
+            total, train_part, cpu_s = _timed_step(*steps[name])
+            times[name].append(total)
+            step_only[name].append(train_part)
+            cpu[name].append(cpu_s)
+        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.2f}s" for n in names))
+    return times, step_only, cpu
+
+
 # Numeric formats a step can run in: autocast dtype and memory format (``--formats``).
 FORMATS = {
     "fp32": (None, False),
@@ -151,20 +176,7 @@ def bench_case(
         log(f"  built {arch} {base_name} (K={common.model_k(m, k)}) in {', '.join(formats)}: "
             f"{flops['measured'] / 1e9:.1f} GFLOP/step measured")
     methods = list(models)
-    for m in methods:
-        for _ in range(warmup):
-            _timed_step(*models[m][:4])
-    times: dict[str, list[float]] = defaultdict(list)
-    step_only: dict[str, list[float]] = defaultdict(list)
-    cpu: dict[str, list[float]] = defaultdict(list)
-    for r in range(repeats):
-        order = methods[r % len(methods):] + methods[: r % len(methods)]
-        for m in order:
-            total, train_part, cpu_s = _timed_step(*models[m][:4])
-            times[m].append(total)
-            step_only[m].append(train_part)
-            cpu[m].append(cpu_s)
-        log(f"  round {r + 1}/{repeats}: " + ", ".join(f"{m} {times[m][-1]:.2f}s" for m in methods))
+    times, step_only, cpu = interleaved_times({m: models[m][:4] for m in methods}, warmup, repeats, log)
     bp_time = statistics.median(times[bp])
     bp_cpu = statistics.median(cpu[bp])
     bp_flops = models[bp][4]

@@ -25,7 +25,8 @@ READERS = {
     "lam": "LAM's aux nets (+lam, +mlaan)",
     "head": "the aux heads of the base methods that declare it (LocalMethod.head_options)",
     "split": "the split into local modules (every method but bp)",
-    "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal)",
+    "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal; bp: its backbone's blocks)",
+    "e2e_recompute": "the checkpointed backbone of an end-to-end method (bp)",
 }
 
 
@@ -66,8 +67,15 @@ class EngineOptions:
     # Less peak memory for about one more forward of the recomputed blocks (two for the window's modules);
     # results are unchanged.
     grad_checkpointing: bool = _option(False, "recompute", "recompute aux blocks (LAM trunks, EMA twins, AugLocal "
-                                       "blocks) and the cascade window's module graphs in backward: less peak "
-                                       "memory for more forward compute, identical results")
+                                       "blocks) and the cascade window's module graphs in backward (bp: every "
+                                       "backbone block, activation checkpointing): less peak memory for more "
+                                       "forward compute, identical results")
+    # BP's checkpointed segments (torch.utils.checkpoint.checkpoint_sequential's trade-off): n/s saved segment
+    # inputs plus one segment's activations at a time; about sqrt(n) blocks per segment makes the sum smallest.
+    checkpoint_segment: int = _option(1, "e2e_recompute", "bp with grad_checkpointing: consecutive backbone blocks "
+                                      "checkpointed as one segment (1: every block on its own; about the square "
+                                      "root of the block count gives the least memory)",
+                                      read_when={"grad_checkpointing": (True,)})
     cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "
                                                 "cascaded gradient flows into them from later modules)",
                                                 derived="mlaan train sets it to the rank boundaries of --parallel "
@@ -83,7 +91,7 @@ class EngineOptions:
         check_choices(self)
         if self.ema_lag not in (0, 1):
             raise ValueError(f"ema_lag must be 0 or 1, got {self.ema_lag}")
-        for name in ("lam_depth", "balance_batch_size"):
+        for name in ("lam_depth", "balance_batch_size", "checkpoint_segment"):
             _check_at_least(name, getattr(self, name), 1)
         if self.aux_width < 1:
             raise ValueError(f"need aux_width >= 1, {self.aux_width} given")

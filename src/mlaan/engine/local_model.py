@@ -235,7 +235,8 @@ class LocalModel(nn.Module):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute in backward instead of keeping activations (timm's name): every LAM trunk / AugLocal aux
-        block, and each backbone module whose graph the cascade window keeps alive (MLM).
+        block, and each backbone module whose graph the cascade window keeps alive (MLM); for BP, every backbone
+        block (or segments of ``options.checkpoint_segment`` blocks): activation checkpointing.
 
         Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one more
         forward of every aux block and up to two of each module per step (its input gradient, then its weights)."""
@@ -449,8 +450,10 @@ class LocalStep:
         self.model, self.images, self.targets = model, images, targets
         self.window = model.options.window if model.spec.cascade else 1
         self.barriers = frozenset(model.options.cascade_barriers)
-        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward
-        self.recompute = model.options.grad_checkpointing and self.window >= 2
+        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward;
+        # so does BP's one module (activation checkpointing, every block or segments of checkpoint_segment blocks)
+        self.recompute = model.options.grad_checkpointing and (self.window >= 2 or model.spec.end_to_end)
+        self.segment = model.options.checkpoint_segment if model.spec.end_to_end else 1
         self.pending: list[_Pending] = []
         self.losses: dict[int, _Losses] = {}
         self.outbox: list[tuple[int, torch.Tensor]] = []
@@ -466,7 +469,7 @@ class LocalStep:
             inputs.requires_grad_()
         with model._autocast(), mark(MODULE_FORWARD):
             module = model.local_modules[j]
-            output = run_blocks(module, inputs, True) if self.recompute else module(inputs)
+            output = run_blocks(module, inputs, True, self.segment) if self.recompute else module(inputs)
         grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets)
         self.losses[j] = losses
         self.pending.append(_Pending(j, inputs, output, grad_total))

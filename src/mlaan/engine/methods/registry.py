@@ -87,18 +87,20 @@ class MethodSpec:
     def engine_options(self) -> frozenset[str]:
         """The engine options (:class:`~mlaan.engine.options.EngineOptions`) this method reads: those of each
         engine part it has (a field's ``"read_by"``: the split for every local method, MLM's cascade under
-        +mlm/+mlaan, LAM's aux nets under +lam/+mlaan, recomputation where there is something to recompute) and
+        +mlm/+mlaan, LAM's aux nets under +lam/+mlaan, recomputation where there is something to recompute, BP's
+        checkpointed segments for an end-to-end method) and
         the aux-head options its base method lists in ``head_options``. The others change nothing in its run."""
         has = {"split": not self.end_to_end, "mlm": self.cascade, "lam": self.leap, "recompute": self.can_recompute,
-               "head": False}
+               "e2e_recompute": self.end_to_end, "head": False}
         by_part = {f.name for f in dataclasses.fields(EngineOptions) if has[f.metadata["read_by"]]}
         return frozenset(by_part | set(self.base.head_options))
 
     @property
     def can_recompute(self) -> bool:
         """Whether ``grad_checkpointing`` has anything to recompute: aux nets made of backbone-like blocks (LAM,
-        AugLocal) or module graphs kept alive for a cascade window (MLM)."""
-        return self.leap or self.cascade or self.base.aux_blocks
+        AugLocal), module graphs kept alive for a cascade window (MLM), or an end-to-end method's (BP's) backbone
+        (activation checkpointing, the baseline for memory)."""
+        return self.leap or self.cascade or self.base.aux_blocks or self.end_to_end
 
 
 def available_methods() -> list[str]:
