@@ -1,4 +1,5 @@
-"""Command-line entry points of the benchmarks: ``mlaan bench memory|speed|accuracy`` and ``mlaan report``.
+"""Command-line entry points of the benchmarks: ``mlaan bench memory|speed|accuracy|pipeline|frontier`` and
+``mlaan report``.
 
 The main CLI (``mlaan.cli``) calls :func:`register` on its subparsers; ``python -m mlaan.bench.cli ...`` runs
 the same commands on their own. Every parser sets ``func(args) -> int``; bad input raises ``ValueError``.
@@ -60,15 +61,15 @@ COMMANDS = {
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bench`` (memory, speed, accuracy, pipeline) and ``report`` to a CLI's subparsers."""
-    from . import accuracy, memory, pipeline, report, speed
+    """Add ``bench`` (memory, speed, accuracy, pipeline, frontier) and ``report`` to a CLI's subparsers."""
+    from . import accuracy, frontier, memory, pipeline, report, speed
 
     fmt = DefaultsOnceFormatter
     bench = subparsers.add_parser(
         "bench", help=COMMANDS["bench"],
         description="Benchmarks of what MLAAN promises: memory, speed, accuracy (see BENCHMARKS.md).",
     )
-    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy,pipeline}")
+    bench_sub = bench.add_subparsers(dest="bench_command", metavar="{memory,speed,accuracy,pipeline,frontier}")
     bench_sub.required = True
 
     commands = (
@@ -76,6 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         (speed, "speed", "step time vs BP beside FLOP floors"),
         (accuracy, "accuracy", "train every method, compare test error"),
         (pipeline, "pipeline", "module parallelism's step time vs one process and BP's 1F1B pipeline"),
+        (frontier, "frontier", "every method × K × recompute setting: memory vs time vs BP, Pareto set marked"),
     )
     for module, name, summary in commands:
         p = bench_sub.add_parser(name, formatter_class=fmt, help=summary, description=module.__doc__.splitlines()[0])

@@ -1,0 +1,315 @@
+"""`mlaan bench frontier`: the memory–time frontier of one architecture and batch, every setting a point.
+
+Every method × K × recompute setting (``grad_checkpointing`` off/on; BP's activation checkpointing of every block
+and of segments of ``checkpoint_segment`` blocks) is one point: its peak training memory as a share of plain BP's
+by the exact accountant (:func:`mlaan.bench.memory.measure_case`, each point in its own process), and its step time
+as a multiple of plain BP's, from one interleaved timing run of all points together
+(:func:`mlaan.bench.speed.interleaved_times`: the order rotates every round, so a load change hits all alike).
+The Pareto set (no other point needs less memory and less time, one of them strictly) is marked; where an
+accuracy report (``mlaan bench accuracy``'s accuracy.json) has the same architecture, K and method, its test
+error is written beside the point (and a second Pareto set over memory, time and error is marked among the
+points that have one). A setting that only recomputes (``grad_checkpointing``, ``checkpoint_segment``) computes
+bit-identical steps (tests/test_bp_checkpointing.py, tests/test_engine.py), so it shares its plain method's error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .. import runtime
+from ..models import max_local_modules
+from . import common, memory, speed
+from .common import RECOMPUTE_CHOICES, label
+
+DEFAULT_METHODS = "bp,dgl,dgl+lam,dgl+mlaan,infopro+mlaan"
+DEFAULT_ACCURACY = Path("bench/results/accuracy-full/accuracy.json")
+# Options that change how a step is computed (memory, time), never what it computes.
+RECOMPUTE_OPTIONS = ("grad_checkpointing", "checkpoint_segment")
+
+
+# ------------------------------------------------------------------------------------------------ plan
+def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: Sequence[int] = (1,),
+                recompute: str = "both") -> list[dict]:
+    """The points: plain BP first (the reference), then BP checkpointed with each of ``segments`` blocks per
+    segment, then every local method at every K ≥ 2 (:func:`mlaan.bench.memory.plan_cases`), without and/or with
+    ``grad_checkpointing`` (``recompute``, :func:`mlaan.bench.common.plan_variants`). Each point is
+    ``{"label", "method", "k", "options"}``."""
+    points = []
+    for _, method, k, options in common.plan_variants(memory.plan_cases({arch: list(ks)}, list(methods)), {},
+                                                      recompute):
+        if common.end_to_end(method) and options.get("grad_checkpointing"):
+            variants = [{**options, "checkpoint_segment": s} for s in segments]
+        else:
+            variants = [options]
+        for opts in variants:
+            point = {"method": method, "k": common.model_k(method, k), "options": opts}
+            points.append({"label": label(point), **point})
+    if not any(common.is_reference(p) for p in points):
+        raise ValueError("the frontier needs bp among --methods: every figure is relative to it")
+    return points
+
+
+# ---------------------------------------------------------------------------------------------- measure
+def measure_memory(arch: str, points: list[dict], batch: int, isolate: bool = True,
+                   log: Callable[[str], None] = print) -> None:
+    """Each point's accounted peak (``peak_bytes``, ``pct_of_bp``), in place: one training step under the exact
+    accountant, each point in a fresh process unless ``isolate`` is False."""
+    for p in points:
+        case = {"arch": arch, "method": p["method"], "k": p["k"], "batch": batch, "device": "cpu",
+                "mode": "account", "steps": 1, "warmup": 0, "options": p["options"]}
+        r = memory.measure_in_subprocess(case) if isolate else memory.measure_case(**case)
+        if "error" in r:
+            raise RuntimeError(f"memory of {p['label']} K={p['k']}: {r['error']}")
+        p["peak_bytes"] = r["peak_bytes"]
+        p["memory_breakdown"] = r.get("breakdown")
+        log(f"  memory {p['label']} K={p['k']}: {runtime.format_bytes(r['peak_bytes'])}")
+    results = [{"arch": arch, "batch": batch, **p} for p in points]
+    memory.add_percentages(results)
+    for p, r in zip(points, results):
+        p["pct_of_bp"] = r["pct_of_bp"]
+
+
+def measure_time(arch: str, points: list[dict], batch: int, fmt: str = "fp32+cl", warmup: int = 1,
+                 repeats: int = 5, seed: int = 0, log: Callable[[str], None] = print) -> None:
+    """Each point's median step time (``median_step_s``) and its ratio to plain BP's (``time_ratio``), in place:
+    all points built up front and timed in one interleaved run in the numeric format ``fmt``
+    (:data:`mlaan.bench.speed.FORMATS`)."""
+    dtype, channels_last = speed.FORMATS[fmt]
+    steps = {}
+    for p in points:
+        model, optimizer = common.build(arch, p["method"], p["k"], seed=seed, **p["options"])
+        model.set_channels_last(channels_last)
+        model.autocast_dtype = dtype
+        images, targets = common.synthetic_batch(model, batch, seed=seed)
+        steps[_key(p)] = (model, optimizer, images, targets)
+    times, _, _ = speed.interleaved_times(steps, warmup, repeats, log)
+    reference = next(p for p in points if common.is_reference(p))
+    bp_time = statistics.median(times[_key(reference)])
+    for p in points:
+        p["step_times_s"] = times[_key(p)]
+        p["median_step_s"] = statistics.median(times[_key(p)])
+        p["time_ratio"] = p["median_step_s"] / bp_time
+
+
+def _key(point: dict) -> str:
+    return point["label"] if common.end_to_end(point["method"]) else f"{point['label']} K={point['k']}"
+
+
+# --------------------------------------------------------------------------------------------- accuracy
+def load_accuracy(path: Path) -> dict | None:
+    """An accuracy report (``mlaan bench accuracy``'s accuracy.json), None when there is none at ``path``."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source: str = "") -> None:
+    """``test_error`` (mean over seeds, a fraction), ``test_error_std``, ``seeds`` and ``accuracy_source`` on each
+    point whose setting the report has: same architecture, same K (any K for an end-to-end method), same method,
+    and no variant but recomputation (which changes no result)."""
+    if not report:
+        return
+    recipe = report.get("recipe") or {}
+    try:
+        same_arch = bool(recipe.get("arch")) and common.check_arch(str(recipe["arch"])) == arch
+    except ValueError:  # a report of an architecture this installation does not have
+        same_arch = False
+    if not same_arch:
+        return
+    by_method = {}
+    for s in report.get("summary", []):
+        if not s.get("variant") and s.get("mean") is not None:
+            by_method[s["method"]] = s
+    where = f"{recipe.get('dataset', '?')}, {recipe.get('epochs', '?')} epochs" + (f", {source}" if source else "")
+    for p in points:
+        s = by_method.get(p["method"])
+        if s is None or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
+            continue
+        p["test_error"] = s["mean"]
+        p["test_error_std"] = s.get("std")
+        p["seeds"] = list(s.get("seeds", []))
+        p["accuracy_source"] = where
+        if any(p["options"].get(o) for o in RECOMPUTE_OPTIONS):
+            p["accuracy_note"] = f"= {p['method']}'s: recomputation changes no result"
+
+
+# ----------------------------------------------------------------------------------------------- Pareto
+def pareto(points: Sequence[dict], keys: Sequence[str]) -> list[bool]:
+    """For each point, whether no other point is at least as good in every one of ``keys`` (smaller is better)
+    and strictly better in one; a point missing a key is never on the set."""
+    def ok(p: dict) -> bool:
+        return all(p.get(k) is not None for k in keys)
+
+    marks = []
+    for p in points:
+        if not ok(p):
+            marks.append(False)
+            continue
+        dominated = any(ok(q) and q is not p and all(q[k] <= p[k] for k in keys) and any(q[k] < p[k] for k in keys)
+                        for q in points)
+        marks.append(not dominated)
+    return marks
+
+
+def mark_pareto(points: list[dict]) -> None:
+    """``pareto`` (memory and time) and ``pareto_with_error`` (memory, time and test error, among the points
+    with an error) on each point, in place."""
+    for p, on in zip(points, pareto(points, ("pct_of_bp", "time_ratio"))):
+        p["pareto"] = on
+    for p, on in zip(points, pareto(points, ("pct_of_bp", "time_ratio", "test_error"))):
+        p["pareto_with_error"] = on
+
+
+# ----------------------------------------------------------------------------------------------- output
+def render(result: dict) -> str:
+    points = sorted(result["points"], key=lambda p: (p.get("pct_of_bp") or 0, p.get("time_ratio") or 0))
+    rows = []
+    for p in points:
+        err = "—"
+        if p.get("test_error") is not None:
+            std = p.get("test_error_std")
+            err = f"{100 * p['test_error']:.2f}" + (f" ± {100 * std:.2f}" if std is not None else "") + (
+                f" ({len(p['seeds'])} seed{'s' if len(p['seeds']) != 1 else ''})")
+        rows.append([
+            p["label"],
+            p["k"],
+            runtime.format_bytes(p.get("peak_bytes")),
+            "—" if p.get("pct_of_bp") is None else f"{p['pct_of_bp']:.1f}%",
+            "—" if p.get("median_step_s") is None else f"{1000 * p['median_step_s']:.0f}",
+            "—" if p.get("time_ratio") is None else f"{p['time_ratio']:.2f}×",
+            "**yes**" if p.get("pareto") else "",
+            err,
+            "**yes**" if p.get("pareto_with_error") else "",
+        ])
+    source = next((p["accuracy_source"] for p in points if p.get("accuracy_source")), None)
+    head = (f"{result['arch']}: peak memory at batch {result['batch']} (exact accounting, one SGD step), step time "
+            f"at batch {result['time_batch']} ({result['format']}, median of {result['repeats']} interleaved rounds "
+            f"after {result['warmup']} warm-up, {runtime.plural(result['threads'], 'thread')}); "
+            f"machine: {result['machine']}")
+    table = common.format_table(
+        ["setting", "K", "peak", "% of BP", "step ms", "time × BP", "Pareto (memory, time)", "test error %",
+         "Pareto (+ error)"], rows)
+    notes = "Pareto: no other point needs less memory and less time (one strictly). " + (
+        f"Test error from the accuracy report ({source}), mean ± std over seeds; a recomputing setting has its "
+        "plain method's (bit-identical steps)." if source else "No accuracy report of this architecture and K.")
+    return f"{head}\n\n{table}\n\n{notes}"
+
+
+def plot(result: dict, path: Path) -> None:
+    """Step time × BP (x) against peak memory % of BP (y), a marker per point, the Pareto set joined."""
+    plt = common.pyplot()
+    fig, ax = plt.subplots(figsize=(9, 6))
+    points = result["points"]
+    for i, p in enumerate(points):
+        method = p["method"]
+        recomputed = bool(p["options"].get("grad_checkpointing"))
+        marker = ("D" if recomputed else "s") if common.end_to_end(method) else ("^" if recomputed else "o")
+        ax.scatter(p["time_ratio"], p["pct_of_bp"], marker=marker, s=70, color=common.method_color(method, i),
+                   edgecolors="red" if p.get("pareto") else "white", linewidths=1.8, zorder=3)
+        text = p["label"] + ("" if common.end_to_end(method) else f" K={p['k']}")
+        if p.get("test_error") is not None:
+            text += f"\n{100 * p['test_error']:.2f}% err"
+        ax.annotate(text, (p["time_ratio"], p["pct_of_bp"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=7)
+    front = sorted((p for p in points if p.get("pareto")), key=lambda p: p["time_ratio"])
+    if front:
+        ax.step([p["time_ratio"] for p in front], [p["pct_of_bp"] for p in front], where="post", color="grey",
+                linestyle="--", linewidth=1, zorder=2, label="Pareto set (memory, time)")
+        ax.legend(fontsize=8)
+    ax.axhline(100, color="black", linewidth=0.6, linestyle=":")
+    ax.axvline(1, color="black", linewidth=0.6, linestyle=":")
+    ax.set_xlabel(f"step time × BP (batch {result['time_batch']}, {result['format']})")
+    ax.set_ylabel(f"peak training memory, % of BP (batch {result['batch']}, exact accounting)")
+    ax.set_title(f"{result['arch']}: memory–time frontier (square: BP, diamond: checkpointed BP, triangle: "
+                 f"recomputed local method, red edge: Pareto)", fontsize=10)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    common.save_figure(fig, path)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), with its widest vector extension: what a time was measured on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    vector = next((v for f, v in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), None)
+    return f"{name}, {vector}" if vector else name
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="resnet32", help="architecture")
+    p.add_argument("--ks", default="4,16", help="K values of the local methods (BP: K=1)")
+    p.add_argument("--methods", default=DEFAULT_METHODS, help="comma-separated methods (bp is the reference)")
+    p.add_argument("--segments", default="1,2,4",
+                   help="BP checkpointed with this many blocks per segment (checkpoint_segment), each a point")
+    p.add_argument("--grad-checkpointing", default="both", choices=RECOMPUTE_CHOICES,
+                   help="methods with something to recompute: points without grad_checkpointing, with it, or both")
+    p.add_argument("--batch", type=int, default=32, help="batch of the memory accounting")
+    p.add_argument("--time-batch", type=int, default=None, help="batch of the timed steps (default: --batch)")
+    p.add_argument("--format", default="fp32+cl", choices=tuple(speed.FORMATS),
+                   help="numeric format of the timed steps (cl: channels-last); memory is accounted in fp32")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per point before timing")
+    p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (the median is reported)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads, here and in each memory process (default: the idle cores)")
+    p.add_argument("--accuracy", default=str(DEFAULT_ACCURACY), metavar="JSON",
+                   help="accuracy report whose test errors annotate the points of the same arch, K and method "
+                        "('none': no annotation)")
+    p.add_argument("--no-isolate", action="store_true", help="account every point in this process")
+    p.add_argument("--output-dir", default=None, help="(default: runs/bench-frontier)")
+
+
+def run(args: argparse.Namespace) -> int:
+    arch = common.check_arch(args.arch)
+    ks = common.parse_ints(args.ks, "--ks")
+    bad = [k for k in ks if k > max_local_modules(arch)]
+    if bad:
+        raise ValueError(f"--ks: K={bad[0]} is too large for {arch} (allowed 1 to {max_local_modules(arch)})")
+    methods = common.parse_methods(args.methods)
+    segments = common.parse_ints(args.segments, "--segments")
+    time_batch = args.time_batch or args.batch
+    for name, value in (("--batch", args.batch), ("--time-batch", time_batch), ("--repeats", args.repeats)):
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing)
+    runtime.apply_threads(runtime.choose_threads(args.threads))
+    out = common.output_dir(args.output_dir, "frontier")
+    machine = f"{cpu_name()}; " + common.machine_description() + f"; code {common.code_version()}"
+    result = {"machine": machine, "arch": arch, "batch": args.batch, "time_batch": time_batch,
+              "format": args.format, "warmup": args.warmup, "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "points": points}
+    print(f"mlaan bench frontier on {machine}: {arch}, {len(points)} points", flush=True)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    measure_memory(arch, points, args.batch, isolate=not args.no_isolate, log=log)
+    common.write_json(out / "frontier.json", result)
+    measure_time(arch, points, time_batch, args.format, args.warmup, args.repeats, log=log)
+    if args.accuracy.lower() != "none":
+        annotate_accuracy(points, arch, load_accuracy(Path(args.accuracy)), source=args.accuracy)
+    mark_pareto(points)
+    table = render(result)
+    print("\n" + table, flush=True)
+    (out / "frontier.md").write_text(table + "\n")
+    common.write_json(out / "frontier.json", result)
+    files = [out / "frontier.json", out / "frontier.md"]
+    if common.plots_or_note():
+        plot(result, out / "frontier.png")
+        files.append(out / "frontier.png")
+    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
+    return 0

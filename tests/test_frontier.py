@@ -1,0 +1,75 @@
+"""`mlaan bench frontier`: its points, its Pareto marking, its accuracy annotation and one tiny run end to end.
+No timing is asserted: only that every point has a time and a memory, relative to plain BP."""
+
+from __future__ import annotations
+
+import json
+
+from mlaan.bench import frontier
+from mlaan.cli import main
+
+
+def test_pareto_marks_the_points_no_other_beats_in_both():
+    points = [
+        {"name": "bp", "pct_of_bp": 100.0, "time_ratio": 1.0},
+        {"name": "ckpt", "pct_of_bp": 30.0, "time_ratio": 1.3},
+        {"name": "fast-small", "pct_of_bp": 20.0, "time_ratio": 0.9},  # beats bp and ckpt in both
+        {"name": "smallest", "pct_of_bp": 10.0, "time_ratio": 4.0},
+        {"name": "tie", "pct_of_bp": 20.0, "time_ratio": 0.9},  # equal to another: neither beats the other
+        {"name": "dominated", "pct_of_bp": 50.0, "time_ratio": 5.0},
+        {"name": "unmeasured", "pct_of_bp": None, "time_ratio": 0.1},
+    ]
+    marks = dict(zip([p["name"] for p in points], frontier.pareto(points, ("pct_of_bp", "time_ratio"))))
+    assert marks == {"bp": False, "ckpt": False, "fast-small": True, "smallest": True, "tie": True,
+                     "dominated": False, "unmeasured": False}
+
+
+def test_pareto_with_error_keeps_a_slower_point_that_is_more_accurate():
+    points = [{"pct_of_bp": 20.0, "time_ratio": 1.0, "test_error": 0.10},
+              {"pct_of_bp": 30.0, "time_ratio": 4.0, "test_error": 0.06},
+              {"pct_of_bp": 30.0, "time_ratio": 5.0, "test_error": 0.06},
+              {"pct_of_bp": 5.0, "time_ratio": 0.5}]  # no error: off the set with error, on the other
+    frontier.mark_pareto(points)
+    assert [p["pareto"] for p in points] == [False, False, False, True]
+    assert [p["pareto_with_error"] for p in points] == [True, True, False, False]
+
+
+def test_plan_has_plain_bp_first_each_segment_and_each_recompute_setting():
+    points = frontier.plan_points("resnet20", [1, 4], ["dgl+mlaan", "bp", "dgl"], segments=[1, 3])
+    assert [(p["label"], p["k"]) for p in points] == [
+        ("bp", 1), ("bp +ckpt", 1), ("bp +ckpt seg=3", 1), ("dgl+mlaan", 4), ("dgl+mlaan +ckpt", 4), ("dgl", 4)]
+    assert points[2]["options"] == {"grad_checkpointing": True, "checkpoint_segment": 3}
+
+
+def test_accuracy_annotates_the_same_setting_only():
+    points = frontier.plan_points("resnet20", [2, 4], ["bp", "dgl"], segments=[2])
+    report = {"recipe": {"arch": "resnet20", "k": 4, "dataset": "fashion-mnist", "epochs": 3},
+              "summary": [{"method": "bp", "variant": "", "mean": 0.06, "std": 0.001, "seeds": [0, 1]},
+                          {"method": "dgl", "variant": "", "mean": 0.1, "std": None, "seeds": [0]},
+                          {"method": "dgl", "variant": "window=3", "mean": 0.5, "seeds": [0]}]}
+    frontier.annotate_accuracy(points, "resnet20", report)
+    errors = {(p["label"], p["k"]): p.get("test_error") for p in points}
+    assert errors == {("bp", 1): 0.06, ("bp +ckpt seg=2", 1): 0.06, ("dgl", 2): None, ("dgl", 4): 0.1}
+    other = frontier.plan_points("resnet32", [4], ["bp"])
+    frontier.annotate_accuracy(other, "resnet32", report)  # another architecture's report: nothing
+    assert all("test_error" not in p for p in other)
+
+
+def test_bench_frontier_end_to_end(tmp_path):
+    accuracy = tmp_path / "accuracy.json"
+    accuracy.write_text(json.dumps({"recipe": {"arch": "resnet20", "k": 2, "dataset": "synthetic"}, "summary": [
+        {"method": "bp", "variant": "", "mean": 0.2, "std": 0.01, "seeds": [0, 1]}]}))
+    out = tmp_path / "out"
+    assert main(["bench", "frontier", "--arch", "resnet20", "--ks", "2", "--methods", "bp,dgl", "--segments", "1,5",
+                 "--batch", "4", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-isolate",
+                 "--accuracy", str(accuracy), "--output-dir", str(out)]) == 0
+    result = json.loads((out / "frontier.json").read_text())
+    points = {p["label"]: p for p in result["points"]}
+    assert list(points) == ["bp", "bp +ckpt", "bp +ckpt seg=5", "dgl"]
+    assert points["bp"]["pct_of_bp"] == 100.0 and points["bp"]["time_ratio"] == 1.0
+    # BP checkpointed holds less memory by the accountant, whatever the times
+    assert points["bp +ckpt"]["pct_of_bp"] < 100.0 and points["bp +ckpt seg=5"]["pct_of_bp"] < 100.0
+    assert all(p["median_step_s"] > 0 and isinstance(p["pareto"], bool) for p in points.values())
+    assert points["bp +ckpt"]["test_error"] == 0.2 and "test_error" not in points["dgl"]
+    table = (out / "frontier.md").read_text()
+    assert "| bp +ckpt seg=5" in table and "Pareto" in table and "20.00 ± 1.00 (2 seeds)" in table
