@@ -89,15 +89,20 @@ def test_free_cores_counts_mostly_idle_cores(monkeypatch):
 # ------------------------------------------------------------------------------------- the engine under them
 @pytest.mark.parametrize("method", ["bp", "dgl+mlaan", "infopro+mlaan"])
 def test_channels_last_changes_results_only_by_rounding(method):
+    """Channels-last is a memory layout: a layout error moves losses and gradients by O(1), rounding by little.
+    The tolerances are about ten times the spread measured between the two layouts (one step, 2 threads): module
+    losses differ by at most 1.1e-4 (absolute, AMD EPYC AVX2; 1e-7 relative on an AMD EPYC Zen 4), a weight
+    gradient by at most 2.2e-3 in norm relative to its own (infopro+mlaan's decoder, Zen 4; 3e-4 for dgl), the
+    eval-mode logits by at most 7e-7."""
     plain = _model(method, 1 if method == "bp" else 4)
     nhwc = copy.deepcopy(plain).set_channels_last()
     conv = next(m for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     x, y = batch()
     a, b = step(plain, x, y), step(nhwc, x, y)
-    torch.testing.assert_close(a["module_losses"], b["module_losses"], rtol=1e-5, atol=1e-5)
-    for g, h in zip(_grads(plain), _grads(nhwc)):
-        torch.testing.assert_close(g, h, rtol=1e-3, atol=1e-5)
+    torch.testing.assert_close(a["module_losses"], b["module_losses"], rtol=0, atol=1e-3)
+    for g, h in zip(_grads(plain), _grads(nhwc), strict=True):
+        assert float((g - h).norm() / h.norm().clamp_min(1e-12)) < 2e-2
     plain.eval(), nhwc.eval()
     torch.testing.assert_close(plain(x), nhwc(x), rtol=1e-4, atol=1e-5)
 

@@ -1,13 +1,22 @@
-"""Pin: a short CPU training run gives bit for bit the numbers it gave before issue 13's refactor.
+"""Pin: a short CPU training run gives the numbers it gave before issue 13's refactor.
 
-The expected values were measured on commit 91d4a6becd7a5fc9636f02267d49f6fa64451d00 (the commit before issue 13's
-work), CPU, 2 threads, seed 3. They are hard-coded on purpose: a change that moves any of them changed what the
-engine or the loop computes (the order of the step, the optimizer recipe, the EMA twins, the options reaching
-the aux nets), which a refactor must not do.
+A change that moves them changed what the engine or the loop computes (the order of the step, the optimizer recipe,
+the EMA twins, the options reaching the aux nets), which a refactor must not do. The pin must hold on every x86 CPU
+the project meets, whose kernels round float32 differently, so the run is pinned twice:
+
+- **in float64** (the model built in float64, the data cast up), compared to ``rtol=1e-9``. Measured: the float64
+  values agree to 3e-16 (relative) across 1 and 2 threads, channels-last on and off and oneDNN on and off (each a
+  different summation order, as another CPU's kernels are); any change to the arithmetic itself moves them by
+  1e-7 or more. Values measured on commit 4643a19 (which passed the float32 pin below bit for bit on the Xeons).
+- **in float32**, the path users run, against values measured on commit 91d4a6b (Intel Xeon, AVX512-BF16), with
+  tolerances ten times the spread measured across three CPUs: an AMD EPYC with AVX2 only and an AMD EPYC (Zen 4,
+  AVX-512) differ from the Xeon by at most 3.9e-4 (relative) in the test loss (the evaluation after 3 steps) and
+  5e-6 in the training losses and checksums.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -20,6 +29,9 @@ RUN = {
     "local_modules": 3, "batch_size": 32, "epochs": 1, "lr": 0.05, "warmup_epochs": 1, "seed": 3,
     "threads": 2, "device": "cpu",
 }
+FLOAT32_RTOL = {"test_loss": 4e-3}  # ten times the measured cross-CPU spread (module docstring)
+FLOAT32_RTOL_REST = 5e-5
+FLOAT64_RTOL = 1e-9
 
 
 def _checksums(model: torch.nn.Module) -> dict[str, float]:
@@ -43,6 +55,35 @@ def _run(tmp_path, method: str) -> tuple[dict, dict[str, float]]:
     return record, _checksums(trainer.local_model)
 
 
+@contextlib.contextmanager
+def _float64():
+    """Models built in float64 and every float32 tensor a module receives (the data's images) cast up."""
+    def cast_up(module, args):
+        return tuple(a.double() if torch.is_tensor(a) and a.dtype == torch.float32 else a for a in args)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(cast_up)
+    try:
+        yield
+    finally:
+        hook.remove()
+        torch.set_default_dtype(previous)
+
+
+def _assert_close(record: dict, sums: dict[str, float], expected: tuple[dict, dict], rtol_of) -> None:
+    """Every pinned loss and checksum within its relative tolerance (``None`` entries must stay ``None``)."""
+    expected_record, expected_sums = expected
+    got = {**{k: record[k] for k in expected_record}, **sums}
+    for key, want in {**expected_record, **expected_sums}.items():
+        values, wants = (got[key], want) if isinstance(want, list) else ([got[key]], [want])
+        assert [v is None for v in values] == [w is None for w in wants], (key, got[key], want)
+        for value, pinned in zip(values, wants):
+            if pinned is not None:
+                assert value == pytest.approx(pinned, rel=rtol_of(key), abs=0), (key, got[key], want)
+    assert set(sums) == set(expected_sums)
+
+
 PINNED = {
     "dgl+mlaan": (
         {"train_loss": 2.3864854176839194, "test_loss": 3.106356620788574,
@@ -60,14 +101,51 @@ PINNED = {
 }
 
 
+PINNED_FLOAT64 = {
+    "dgl+mlaan": (
+        {"train_loss": 2.3631778558095298, "test_loss": 2.765753984451294,
+         "train_independent_losses": [2.4583144982655845, 2.414158900578817, 2.3631778558095298],
+         "train_cascaded_losses": [None, 2.401567538579305, 2.3631778558095298]},
+        {"backbone": 1668.5269643588538, "local_modules": 1668.5269643588538, "independent_heads": -2.802098389314605,
+         "cascade_heads": 418.27436639934416, "twin": 408.92004679635806},
+    ),
+    "infopro": (
+        {"train_loss": 2.375014623006185, "test_loss": 2.598703384399414,
+         "train_independent_losses": [4.685350735982259, 2.433549086252848, 2.375014623006185],
+         "train_cascaded_losses": [None, None, None]},
+        {"backbone": 1665.0589884375095, "local_modules": 1665.0589884375095, "independent_heads": 41.36976596973477},
+    ),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PINNED_FLOAT64))
+def test_short_cpu_run_is_pinned_in_float64(tmp_path, method):
+    """Losses of the epoch (metrics.jsonl) and checksums of backbone, aux nets and EMA twins (the twins move only
+    if ``after_optimizer_step`` runs after each optimizer step), to 1e-9: exact up to summation order."""
+    with _float64():
+        record, sums = _run(tmp_path, method)
+    _assert_close(record, sums, PINNED_FLOAT64[method], lambda key: FLOAT64_RTOL)
+
+
 @pytest.mark.parametrize("method", sorted(PINNED))
 def test_short_cpu_run_is_pinned(tmp_path, method):
-    """Losses of the epoch (metrics.jsonl) and checksums of backbone, aux nets and EMA twins (the twins move only
-    if ``after_optimizer_step`` runs after each optimizer step), compared exactly."""
+    """The same run in float32, as users run it, within ten times the measured cross-CPU spread."""
     record, sums = _run(tmp_path, method)
-    expected_record, expected_sums = PINNED[method]
-    assert {k: record[k] for k in expected_record} == expected_record
-    assert sums == expected_sums
+    _assert_close(record, sums, PINNED[method], lambda key: FLOAT32_RTOL.get(key, FLOAT32_RTOL_REST))
+
+
+def test_the_pins_tolerance_catches_a_change_of_the_arithmetic():
+    """A pinned value moved by 1e-7 (relative; a change of the step's arithmetic moves it by more) fails the float64
+    comparison; the float32 tolerance catches a change of 1e-4 in a checksum."""
+    record, sums = PINNED_FLOAT64["infopro"]
+    moved = {**record, "train_loss": record["train_loss"] * (1 + 1e-7)}
+    with pytest.raises(AssertionError):
+        _assert_close(moved, sums, PINNED_FLOAT64["infopro"], lambda key: FLOAT64_RTOL)
+    record, sums = PINNED["infopro"]
+    moved_sums = {**sums, "backbone": sums["backbone"] * 1.0001}
+    with pytest.raises(AssertionError):
+        _assert_close(record, moved_sums, PINNED["infopro"], lambda key: FLOAT32_RTOL.get(key, FLOAT32_RTOL_REST))
+    _assert_close(record, sums, PINNED["infopro"], lambda key: FLOAT32_RTOL.get(key, FLOAT32_RTOL_REST))
 
 
 def test_optimizer_step_runs_the_step_in_order_and_moves_the_ema_twins():
