@@ -227,3 +227,20 @@ def test_eval_modules_reports_each_aux_nets_accuracy(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(tmp_path / "w.pt"), "--modules"]) == 2
     err = capsys.readouterr().err
     assert "--modules needs a training checkpoint" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(("flags", "bf16_timed"), [("fpu avx2", False), ("fpu avx512f avx512_bf16", True),
+                                                   ("fpu avx512_bf16 amx_bf16", True)])
+def test_bench_speed_times_bf16_by_default_only_where_the_cpu_has_it(monkeypatch, flags, bf16_timed):
+    """On a CPU without bf16 instructions the default `bench speed` timed emulated bf16, 8-13x slower than fp32."""
+    from mlaan.bench import speed
+
+    monkeypatch.setattr(runtime, "_cpu_flags", lambda: set(flags.split()))
+    formats, why = speed.default_formats()
+    assert formats[:2] == ["fp32", "fp32+cl"] and ("bf16+cl" in formats) == bf16_timed
+    assert ("neither AVX512-BF16 nor AMX-BF16" in why) != bf16_timed
+    warning = speed.emulated_bf16_warning(["fp32", "bf16+cl"])
+    assert (warning is None) == bf16_timed
+    if warning:
+        assert "--formats bf16+cl" in warning and "emulated" in warning
+    assert speed.emulated_bf16_warning(["fp32", "fp32+cl"]) is None
