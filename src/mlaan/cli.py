@@ -213,6 +213,21 @@ def _add_train(subparsers) -> None:
     g.add_argument("--weight-decay", dest="weight_decay", type=float, default=S, help=f"(default: {d.weight_decay})")
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=float, default=S,
                    help=f"linear warm-up, then cosine decay per step (default: {d.warmup_epochs})")
+    g.add_argument("--opt", default=S, help=f"optimizer: sgd (the paper's, Nesterov) or adamw (use a smaller "
+                                            f"--lr, e.g. 1e-3) (default: {d.opt})")
+    g.add_argument("--betas", type=float, nargs=2, default=S, metavar=("B1", "B2"),
+                   help=f"--opt adamw: its betas (default: {d.betas[0]} {d.betas[1]})")
+    g.add_argument("--filter-bias-and-bn", dest="filter_bias_and_bn", action=argparse.BooleanOptionalAction,
+                   default=S, help="no weight decay on norms, biases and the model's no_weight_decay() names "
+                                   "(timm's convention) (default: on for adamw, off for sgd)")
+    g.add_argument("--clip-grad", dest="clip_grad", type=float, default=S, metavar="NORM",
+                   help="clip each local module's gradient norm (its blocks and aux nets together, so that no "
+                        "module is scaled by another's gradient) to NORM; bp: one global norm (default: off)")
+    g.add_argument("--mixup", type=float, default=S, metavar="ALPHA",
+                   help="timm's Mixup on training batches, Beta(ALPHA, ALPHA) (default: 0, off; needs timm)")
+    g.add_argument("--cutmix", type=float, default=S, metavar="ALPHA",
+                   help="timm's CutMix on training batches; with --mixup, one of the two per batch (default: 0, "
+                        "off; needs timm)")
     g.add_argument("--max-steps", dest="max_steps", type=int, default=S, metavar="N",
                    help="stop after N optimizer steps in all (the schedule still spans --epochs; "
                         "not carried over by --resume)")

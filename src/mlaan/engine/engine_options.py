@@ -27,6 +27,7 @@ READERS = {
     "split": "the split into local modules (every method but bp)",
     "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal; bp: its backbone's blocks)",
     "e2e_recompute": "the checkpointed backbone of an end-to-end method (bp)",
+    "loss": "the cross-entropy losses of every method (the output's, and the aux classifiers' the methods build)",
 }
 
 
@@ -80,6 +81,9 @@ class EngineOptions:
                                                 "cascaded gradient flows into them from later modules)",
                                                 derived="mlaan train sets it to the rank boundaries of --parallel "
                                                         "modules --boundary cut")
+    label_smoothing: float = _option(0.0, "loss", "label smoothing eps in [0, 1) of every cross-entropy (output and "
+                                     "aux classifiers) on class-index targets; probability targets are used as "
+                                     "given (timm's Mixup smooths its own)")
     image_mean: tuple[float, ...] = _option((0.0,), "head", "the data set's per-channel mean (InfoPro un-normalises "
                                             "images with it)", derived="mlaan train sets it from the data set")
     image_std: tuple[float, ...] = _option((1.0,), "head", "the data set's per-channel std",
@@ -98,6 +102,8 @@ class EngineOptions:
         for name in ("lam_shrink", "depth_shrink"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("w_ind", "w_casc"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}")

@@ -101,15 +101,26 @@ class _SpatialAverage(nn.Module):
         return F.adaptive_avg_pool2d(x, (min(x.shape[-2], self.max_size), min(x.shape[-1], self.max_size)))
 
 
-class ClassifierLoss(nn.Module):
-    """Cross-entropy of an auxiliary classifier (DGL's local loss)."""
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """The cross-entropy every built-in loss uses: ``targets`` are class indices (B,), smoothed by
+    ``label_smoothing``, or probabilities (B, C) (timm's Mixup/CutMix targets), used as given and in fp32 (they
+    carry their own smoothing)."""
+    if targets.dim() == 1:
+        return F.cross_entropy(logits, targets, label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), targets.float())
 
-    def __init__(self, classifier: nn.Module) -> None:
+
+class ClassifierLoss(nn.Module):
+    """Cross-entropy of an auxiliary classifier (DGL's local loss), :func:`cross_entropy` with
+    ``label_smoothing``."""
+
+    def __init__(self, classifier: nn.Module, label_smoothing: float = 0.0) -> None:
         super().__init__()
         self.classifier = classifier
+        self.label_smoothing = label_smoothing
 
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self.classifier(features), targets)
+        return cross_entropy(self.classifier(features), targets, self.label_smoothing)
 
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         """Class scores (B, num_classes) of the features: what this aux net predicts."""

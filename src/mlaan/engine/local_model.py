@@ -10,18 +10,19 @@ With ``grad_checkpointing`` those graphs hold only their blocks' inputs and are 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
+import numbers
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import models
 from .features import FeatureKind, classify
-from .heads import StackedLoss, aux_logits
+from .heads import StackedLoss, aux_logits, cross_entropy
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import HeadOptions, LocalOptions, make_options, options_ignored, why_ignored
@@ -182,6 +183,7 @@ class LocalModel(nn.Module):
             options=HeadOptions(self.options, type(self.spec.base)),
             later_blocks=later_blocks,
             kind_of=self._kind_of,
+            label_smoothing=self.options.label_smoothing,
         )
 
     # ---------------------------------------------------------------------------------------- inference
@@ -313,56 +315,146 @@ class LocalModel(nn.Module):
             ))
         return plan
 
-    def train_step(self, images: torch.Tensor, targets: torch.Tensor) -> dict:
+    def train_step(self, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0) -> dict:
         """Forward every module once and run every local backward; gradients accumulate in ``.grad``.
 
-        ``images`` (B, C, H, W), ``targets`` (B,) class indices. Returns ``{"loss": last module's cross-entropy,
-        "accuracy": batch top-1, "module_losses": [...], "independent_losses": [...], "cascaded_losses": [...]}``,
+        ``images`` (B, C, H, W); ``targets`` class indices (B,) or class probabilities (B, num_classes) (timm's
+        Mixup/CutMix targets), checked before any backward runs (ValueError). ``label_smoothing`` (an option)
+        smooths class indices only. ``loss_scale`` multiplies every gradient of the step (not the losses
+        reported): for gradient accumulation over n micro-batches, n ``train_step``s with ``loss_scale=1/n`` before
+        one optimizer step. Returns ``{"loss": last module's cross-entropy,
+        "accuracy": batch top-1 (against the argmax of probability targets), "module_losses": [...],
+        "independent_losses": [...], "cascaded_losses": [...]}``,
         one value per local module: ``module_losses`` as weighted into the gradient (under MLM mostly the cascaded
         loss), ``independent_losses`` each module's own aux loss unweighted (the last module: its cross-entropy),
         ``cascaded_losses`` the cascaded aux net's loss unweighted (None where a module has none).
         Raises FloatingPointError (before any optimizer step) when a local loss is not finite; warns
         (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should.
         """
-        step = self.begin_step(images, targets)
+        step = self.begin_step(images, targets, loss_scale=loss_scale)
         x = step.images
         for j in step.modules:
             x = step.run_module(j, x)
         return step.statistics()
 
-    def begin_step(self, images: torch.Tensor, targets: torch.Tensor, modules: range | None = None) -> LocalStep:
+    def begin_step(self, images: torch.Tensor, targets: torch.Tensor, modules: range | None = None,
+                   loss_scale: float = 1.0) -> LocalStep:
         """A training step over the local modules ``modules`` (a contiguous range; default all K), to be driven
         module by module (:class:`LocalStep`): what ``train_step`` does in one call, and what a module-parallel
-        rank does for the modules it owns. ``images`` (B, C, H, W), ``targets`` (B,)."""
+        rank does for the modules it owns. ``images`` (B, C, H, W), ``targets`` (B,) or (B, num_classes), and
+        ``loss_scale`` as for ``train_step`` (both checked here, before any backward)."""
+        targets = self.check_targets(targets, len(images))
+        if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not (
+                math.isfinite(loss_scale) and loss_scale > 0):
+            raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
         if not self.training and not self._probing:
             # BatchNorm would normalise with its running statistics and leave them as they are: a step that trains
             # every weight but not as the run means to (a model.eval() for a test pass, then no model.train())
             warnings.warn("training step on a LocalModel in eval mode: BatchNorm uses and keeps its running "
                           "statistics; call model.train() before training", RuntimeWarning, stacklevel=3)
-        return LocalStep(self, self.prepare_inputs(images), targets, modules)
+        return LocalStep(self, self.prepare_inputs(images), targets, modules, float(loss_scale))
+
+    def check_targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:
+        """``targets`` for a batch of ``batch`` images as the losses take them: class indices (B,) of any integer
+        dtype (as int64), or probabilities (B, num_classes) of a float dtype. ValueError naming what was given
+        otherwise, or for probabilities when an aux net needs class indices (InfoPro's contrastive task). The
+        shape and dtype only: the values are not read (that would wait for the device every step)."""
+        if not isinstance(targets, torch.Tensor):
+            raise ValueError(f"targets must be a tensor of class indices (B,) or probabilities (B, num_classes), "
+                             f"got {type(targets).__name__}")
+        shape, c = tuple(targets.shape), self.num_classes
+        if targets.dim() == 1 and len(targets) == batch:
+            if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+                raise ValueError(f"targets of shape {shape} must be class indices (an integer tensor), got "
+                                 f"{targets.dtype}; class probabilities have shape ({batch}, {c})")
+            return targets if targets.dtype == torch.long else targets.long()
+        if targets.dim() == 2 and shape == (batch, c):
+            if not targets.is_floating_point():
+                raise ValueError(f"targets of shape {shape} are class probabilities and must be a float tensor, "
+                                 f"got {targets.dtype}")
+            needs = [type(m).__name__ for m in self.modules() if getattr(m, "needs_class_indices", False)]
+            if needs:
+                raise ValueError(f"probability targets {shape} given, but the aux net {needs[0]} needs class "
+                                 "indices (B,) (InfoPro's contrastive task pairs images by class)")
+            return targets
+        raise ValueError(f"targets of shape {shape} do not fit a batch of {batch} images: pass class indices "
+                         f"({batch},) or class probabilities ({batch}, {c})")
+
+    # ------------------------------------------------------------------------------- optimiser helpers
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """The backbone's trainable parameters (the model kept after training; the local modules are views of
+        it)."""
+        return (p for p in self.backbone.parameters() if p.requires_grad)
+
+    def aux_parameters(self) -> Iterator[nn.Parameter]:
+        """The aux nets' trainable parameters (independent and cascaded heads, LAM trunk copies); EMA twins are
+        frozen and left out. Training only: the exported model does not hold them."""
+        seen: set[int] = set()
+        for heads in (self.independent_heads, self.cascade_heads):
+            for p in heads.parameters():
+                if p.requires_grad and id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as ``self.named_parameters()`` gives them) of the parameters the user's model lists in its own
+        ``no_weight_decay()`` (timm's convention: a ViT's ``cls_token``, ``pos_embed``), so that
+        ``timm.optim.create_optimizer_v2(local_model, ...)`` leaves them undecayed; empty when the backbone's model
+        has no such method."""
+        source = self.backbone.source if self.backbone.source is not None else self.backbone
+        listed = getattr(source, "no_weight_decay", None)
+        if not callable(listed):
+            return set()
+        patterns = set(listed())
+        wanted = {id(p) for name, p in source.named_parameters()
+                  if any(name == pattern or fnmatch.fnmatch(name, pattern) for pattern in patterns)}
+        return {name for name, p in self.named_parameters() if id(p) in wanted}
+
+    def param_groups(self, weight_decay: float = 1e-4) -> list[dict]:
+        """Optimizer parameter groups in timm's convention: ``weight_decay`` on the weights, none on norms'
+        parameters and biases (every parameter of one dimension or less, or named ``*.bias``) and on what
+        :meth:`no_weight_decay` names. Backbone and aux nets alike; frozen parameters (EMA twins) are left out.
+        ``torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)``."""
+        return weight_decay_groups(self.named_parameters(), weight_decay, self.no_weight_decay())
+
+    @torch.no_grad()
+    def clip_grad_norm_(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Per-module gradient clipping: ``torch.nn.utils.clip_grad_norm_`` over each local module's own
+        parameters and its aux nets (:meth:`module_parts`), so that no module's gradient is scaled by another's
+        (one global norm would couple the gradient-isolated modules); bp, one module, gets one global norm.
+        Call after ``train_step`` (and a data-parallel all-reduce), before ``optimizer.step()``. Returns each
+        module's total norm before clipping, a tensor (K,)."""
+        norms = []
+        device = next(self.backbone.parameters()).device
+        for j in range(len(self.local_modules)):
+            params = [p for part in self.module_parts(j) for p in part.parameters() if p.grad is not None]
+            norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type) if params
+                         else torch.zeros((), device=device))
+        return torch.stack(norms)
 
     def _local_gradients(
-        self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor
+        self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
     ) -> tuple[torch.Tensor, torch.Tensor | None, _Losses]:
         """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
-        the cascaded part of it that continues into earlier modules, the module's loss values)."""
+        the cascaded part of it that continues into earlier modules, the module's loss values). Every gradient
+        is multiplied by ``loss_scale``; the values are not."""
         is_last = j == len(self.local_modules) - 1
         cascade = self.spec.cascade and self.options.window >= 2
         none = torch.full((), float("nan"), device=output.device)
         if is_last:
             with mark(OUTPUT_LOSS):
                 leaf = output.detach().requires_grad_()
-                loss = F.cross_entropy(leaf.float(), targets)
+                loss = cross_entropy(leaf.float(), targets, self.options.label_smoothing)
                 loss.backward()
             g, value = leaf.grad, loss.detach()
             if not cascade or j == 0:
-                scale = self.options.w_ind + self.options.w_casc if cascade else 1.0
+                scale = (self.options.w_ind + self.options.w_casc if cascade else 1.0) * loss_scale
                 return g * scale, None, _Losses(value, value, none)
             # the real head is both paths of the last module (MLM): its cross-entropy is also its cascaded loss
-            scale = self.options.w_ind + self.options.w_casc
-            return g * scale, g * self.options.w_casc, _Losses(value, value, value)
+            scale = (self.options.w_ind + self.options.w_casc) * loss_scale
+            return g * scale, g * (self.options.w_casc * loss_scale), _Losses(value, value, value)
 
-        w_ind = self.options.w_ind if cascade else 1.0
+        w_ind = (self.options.w_ind if cascade else 1.0) * loss_scale
         head = self.independent_heads[j]
         if str(j) not in self.cascade_heads:
             g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
@@ -370,9 +462,10 @@ class LocalModel(nn.Module):
         # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
         # head's gradient is held through it.
         casc_head = self.cascade_heads[str(j)]
-        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets, self.options.w_casc, "cascaded")
+        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets,
+                                                 self.options.w_casc * loss_scale, "cascaded")
         g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
-        weighted = w_ind * value + self.options.w_casc * casc_value
+        weighted = (self.options.w_ind if cascade else 1.0) * value + self.options.w_casc * casc_value
         return g_ind.add_(g_casc), g_casc, _Losses(weighted, value, casc_value)
 
     def _head_gradient(
@@ -442,12 +535,13 @@ class LocalStep:
     """
 
     def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor,
-                 modules: range | None = None) -> None:
+                 modules: range | None = None, loss_scale: float = 1.0) -> None:
         num_modules = len(model.local_modules)
         self.modules = range(num_modules) if modules is None else modules
         if self.modules.step != 1 or not 0 <= self.modules.start < self.modules.stop <= num_modules:
             raise ValueError(f"modules must be a contiguous range within 0..{num_modules - 1}, got {modules}")
         self.model, self.images, self.targets = model, images, targets
+        self.loss_scale = loss_scale  # multiplies every gradient of the step (train_step's loss_scale)
         self.window = model.options.window if model.spec.cascade else 1
         self.barriers = frozenset(model.options.cascade_barriers)
         # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward;
@@ -470,7 +564,8 @@ class LocalStep:
         with model._autocast(), mark(MODULE_FORWARD):
             module = model.local_modules[j]
             output = run_blocks(module, inputs, True, self.segment) if self.recompute else module(inputs)
-        grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets)
+        grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets,
+                                                                 self.loss_scale)
         self.losses[j] = losses
         self.pending.append(_Pending(j, inputs, output, grad_total))
         self._carry(j, grad_cascade, j)
@@ -507,7 +602,8 @@ class LocalStep:
         n = len(self.modules)
         losses = [self.losses[j] for j in self.modules]
         if self.is_last_range:
-            accuracy = (self.output.detach().argmax(1) == self.targets).float().mean()
+            labels = self.targets if self.targets.dim() == 1 else self.targets.argmax(1)  # probabilities: argmax
+            accuracy = (self.output.detach().argmax(1) == labels).float().mean()
         else:
             accuracy = torch.full((), float("nan"), device=self.images.device)
         # One host sync per step (not one per head): losses and accuracy come back together.
@@ -554,6 +650,20 @@ class LocalStep:
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float,
+                        skip: set[str] | frozenset[str] = frozenset()) -> list[dict]:
+    """Two optimizer groups of the trainable parameters (timm's convention): ``{"params": weights,
+    "weight_decay": weight_decay}`` and ``{"params": norms, biases and the names in skip, "weight_decay": 0.0}``
+    (an empty group is left out)."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in named_parameters:
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, ...]:
     """The modules module j's cascaded gradient is carried back through (j, j−1, …, j−window+2), stopping before
     module 0 and at a cascade barrier."""

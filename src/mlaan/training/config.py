@@ -31,7 +31,9 @@ from ..names import unknown
 DERIVED_WHEN_UNSET = {
     "local_modules": "unset: the architecture's default K for the method (1 for bp)",
     "output_dir": "unset: runs/<dataset>-<arch>-<method>-K<K>",
+    "filter_bias_and_bn": "unset: on for --opt adamw, off for sgd (the paper decays every parameter)",
 }
+OPTIMIZERS = ("sgd", "adamw")  # --opt (mlaan.training.loop.make_optimizer)
 
 
 @dataclass
@@ -60,6 +62,12 @@ class _RunConfig:
     nesterov: bool = True
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
+    opt: str = "sgd"  # sgd (the paper's recipe) or adamw
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas (--opt adamw)
+    filter_bias_and_bn: bool | None = None  # no decay on norms, biases, no_weight_decay(); None: on for adamw only
+    clip_grad: float | None = None  # clip each local module's gradient norm (with its aux nets) to this; bp: global
+    mixup: float = 0.0  # timm Mixup's alpha on training batches (0: off; needs timm)
+    cutmix: float = 0.0  # timm CutMix's alpha on training batches (0: off; needs timm)
     max_steps: int | None = None  # stop after this many optimizer steps (counted over the whole run)
     save_every: int | None = None  # also write last.pt every N optimizer steps (besides each epoch's end)
     # run
@@ -132,6 +140,7 @@ class _RunConfig:
                 f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0, 0 <= momentum < 1; got lr={cfg.lr}, "
                 f"weight_decay={cfg.weight_decay}, warmup_epochs={cfg.warmup_epochs}, momentum={cfg.momentum}"
             )
+        _check_recipe(cfg)
         _check_parallel(cfg, spec)  # first: "--parallel modules needs a local method" says more than "K must be 1"
         # the engine's own check of K (and window) against the architecture, here so that it names the allowed
         # range before anything is written (and for --print-config)
@@ -169,6 +178,33 @@ def check_output_dir_name(output_dir: str | None) -> None:
     if output_dir is not None and not str(output_dir).strip():
         raise ValueError(f"output_dir {output_dir!r} is empty: name a folder (--output-dir DIR; an unset shell "
                          "variable?), or leave it out for runs/<dataset>-<arch>-<method>-K<K>")
+
+
+def _check_recipe(cfg: _RunConfig) -> None:
+    """The user's-recipe options (optimizer, clipping, mixup) checked, ``filter_bias_and_bn`` filled in (on for
+    adamw, off for sgd); ValueError in one line, naming the extra to install when --mixup/--cutmix lack timm."""
+    import importlib.util
+
+    if cfg.opt not in OPTIMIZERS:
+        raise ValueError(unknown("opt", cfg.opt, OPTIMIZERS, word="allowed"))
+    if len(cfg.betas) != 2 or not all(0.0 <= b < 1.0 for b in cfg.betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {tuple(cfg.betas)}")
+    if cfg.filter_bias_and_bn is None:
+        cfg.filter_bias_and_bn = cfg.opt != "sgd"
+    if cfg.clip_grad is not None and not cfg.clip_grad > 0:
+        raise ValueError(f"clip_grad must be a gradient norm > 0, got {cfg.clip_grad}")
+    for name in ("mixup", "cutmix"):
+        if not getattr(cfg, name) >= 0:
+            raise ValueError(f"{name} must be an alpha >= 0 (0: off), got {getattr(cfg, name)}")
+    if cfg.mixup > 0 or cfg.cutmix > 0:
+        if importlib.util.find_spec("timm") is None:
+            raise ValueError("--mixup/--cutmix use timm's Mixup, which is not installed: pip install -e '.[timm]'")
+    if cfg.parallel == "modules":
+        given = [f"--{n.replace('_', '-')}" for n in ("mixup", "cutmix") if getattr(cfg, n) > 0]
+        given += ["--clip-grad"] if cfg.clip_grad is not None else []
+        if given:
+            raise ValueError(f"{' and '.join(given)} are not supported with --parallel modules yet (use "
+                             "--parallel data)")
 
 
 def _check_parallel(cfg: _RunConfig, spec: Any) -> None:

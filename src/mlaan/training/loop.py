@@ -4,7 +4,8 @@ and evaluation (:func:`evaluate`). :class:`~mlaan.training.trainer.Trainer` adds
 resume, checkpoints, signals, logs.
 
 Recipe (docs/METHOD.md#training-recipe): SGD with Nesterov momentum 0.9 and weight decay 1e-4, a linear warm-up
-then a cosine decay to 0, both per optimizer step.
+then a cosine decay to 0, both per optimizer step. ``--opt adamw``, ``--clip-grad`` (per local module),
+``--mixup``/``--cutmix`` (timm's ``Mixup``) and ``--label-smoothing`` are the options of a user's own recipe.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from ..engine.local_model import MODULE_PATHS
+from .config import OPTIMIZERS
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -29,13 +31,77 @@ if TYPE_CHECKING:
 
 # ---------------------------------------------------------------------------------------------- recipe
 def make_optimizer(
-    model: torch.nn.Module, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4
-) -> torch.optim.SGD:
-    """SGD over ``model``'s trainable parameters (backbone and aux nets; EMA twins are buffers-only copies and
-    have none), Nesterov only where there is momentum (PyTorch refuses it without). Defaults: the paper's."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    model: torch.nn.Module, lr: float = 0.1, momentum: float = 0.9, nesterov: bool = True, weight_decay: float = 1e-4,
+    opt: str = "sgd", betas: tuple[float, float] = (0.9, 0.999), filter_bias_and_bn: bool | None = None,
+) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s trainable parameters: backbone and aux nets (LAM's copies included); the EMA
+    twins' parameters are frozen (``requires_grad=False``, moved by ``after_optimizer_step``) and left out.
+
+    ``opt="sgd"`` (the paper's): Nesterov only where there is momentum (PyTorch refuses it without);
+    ``"adamw"``: ``torch.optim.AdamW`` with ``betas`` (``momentum``/``nesterov`` unread). ``filter_bias_and_bn``
+    (timm's name): True puts no weight decay on norms, biases and what the model's ``no_weight_decay()`` names
+    (``LocalModel.param_groups``); None: off for sgd (the paper decays every parameter), on for adamw. Defaults:
+    the paper's."""
+    if opt not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {opt!r}; allowed: {', '.join(OPTIMIZERS)}")
+    if filter_bias_and_bn is None:
+        filter_bias_and_bn = opt != "sgd"
+    if filter_bias_and_bn:
+        groups = getattr(model, "param_groups", None)
+        if callable(groups):
+            params: list = groups(weight_decay)
+        else:
+            from ..engine.local_model import weight_decay_groups
+
+            listed = getattr(model, "no_weight_decay", None)
+            params = weight_decay_groups(model.named_parameters(), weight_decay,
+                                         set(listed()) if callable(listed) else set())
+    else:
+        params = [p for p in model.parameters() if p.requires_grad]
+    if opt == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
                            weight_decay=weight_decay)
+
+
+def make_mixup(mixup: float, cutmix: float, label_smoothing: float, num_classes: int
+               ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None:
+    """timm's ``Mixup`` for training batches (``mixup``/``cutmix``: the Beta distributions' alphas, 0: off; one of
+    the two chosen per batch when both are on), returning probability targets (B, num_classes) smoothed by
+    ``label_smoothing``; None when both are 0. Batches of an odd size mix all but their last image (timm's
+    ``Mixup`` pairs the batch with its reverse), which keeps its smoothed one-hot target. ImportError naming the
+    extra when timm is not installed. Its random draws come from numpy's global generator, which checkpoints
+    save."""
+    if not (mixup > 0 or cutmix > 0):
+        return None
+    try:
+        from timm.data import Mixup
+    except ImportError as err:
+        raise ImportError("--mixup/--cutmix use timm's Mixup: pip install -e '.[timm]'") from err
+    mix = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing, num_classes=num_classes)
+
+    def apply(images: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if len(images) % 2 == 0:
+            return mix(images, targets)
+        head, head_targets = mix(images[:-1], targets[:-1]) if len(images) > 1 else (images[:0], None)
+        off = label_smoothing / num_classes
+        last = torch.full((1, num_classes), off, device=images.device)
+        last[0, targets[-1]] += 1.0 - label_smoothing
+        soft = last if head_targets is None else torch.cat([head_targets, last.to(head_targets.dtype)])
+        return torch.cat([head, images[-1:]]), soft
+
+    return apply
+
+
+def clip_gradients(model: Any, max_norm: float | None) -> torch.Tensor | None:
+    """Per-module gradient clipping of a :class:`~mlaan.LocalModel` (``model.clip_grad_norm_``: each local module
+    with its aux nets on its own; bp: one global norm); a plain module gets one global norm. Nothing for None."""
+    if max_norm is None:
+        return None
+    clip = getattr(model, "clip_grad_norm_", None)
+    if callable(clip):
+        return clip(max_norm)
+    return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
 
 
 def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]:
@@ -65,10 +131,12 @@ def optimizer_step(
     targets: torch.Tensor,
     wait_for_gradients: Callable[[], None] | None = None,
     after_train_step: Callable[[], None] | None = None,
+    clip_grad: float | None = None,
 ) -> dict:
     """One training step of a :class:`~mlaan.LocalModel`, in the one order every caller needs:
     ``optimizer.zero_grad`` → ``model.train_step`` (forward, every local backward) → ``wait_for_gradients()``
-    (a distributed run's all-reduce, ``GradientAverager.wait``) → ``optimizer.step`` →
+    (a distributed run's all-reduce, ``GradientAverager.wait``) → per-module gradient clipping at ``clip_grad``
+    (:func:`clip_gradients`; None: none) → ``optimizer.step`` →
     ``model.after_optimizer_step`` (the EMA twins follow their blocks; forgetting it freezes every twin).
 
     ``images`` (B, C, H, W) and ``targets`` (B,) on the model's device. ``after_train_step()`` is called right
@@ -81,6 +149,7 @@ def optimizer_step(
         after_train_step()
     if wait_for_gradients is not None:
         wait_for_gradients()
+    clip_gradients(model, clip_grad)
     optimizer.step()
     model.after_optimizer_step()
     return stats
@@ -98,6 +167,8 @@ def train_one_epoch(
     after_step: Callable[[dict, float], bool] | None = None,
     progress: str | None = None,
     world_size: int = 1,
+    batch_transform: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    clip_grad: float | None = None,
 ) -> None:
     """Train ``model`` (a :class:`~mlaan.LocalModel`) for one pass over ``loader``'s ``(images (B, C, H, W),
     targets (B,))`` batches: per batch :func:`optimizer_step` (zero_grad → train_step → ``wait_for_gradients`` →
@@ -108,7 +179,9 @@ def train_one_epoch(
     the step used) does the caller's per-step work (counting steps, periodic checkpoints, stop signals, logs) and
     returns True to end the epoch early. ``progress``: the label of a progress bar on stderr (none when None);
     ``world_size`` scales its images/s. A FloatingPointError from ``train_step`` (non-finite loss) propagates
-    before the step changed any parameter.
+    before the step changed any parameter. ``batch_transform(images, targets)``, applied to each training batch on
+    the device (:func:`make_mixup`: targets become probabilities), and ``clip_grad`` (:func:`optimizer_step`) are
+    the user's recipe; the meter counts a batch's images whatever its targets.
     """
     model.train()
     meter.start()
@@ -117,7 +190,9 @@ def train_one_epoch(
     for images, targets in loader if bar is None else bar:
         images = images.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
-        stats = optimizer_step(model, optimizer, images, targets, wait_for_gradients)
+        if batch_transform is not None:
+            images, targets = batch_transform(images, targets)
+        stats = optimizer_step(model, optimizer, images, targets, wait_for_gradients, clip_grad=clip_grad)
         lr = optimizer.param_groups[0]["lr"]  # the rate this step used, before the schedule moves on
         scheduler.step()
         meter.update(stats, len(targets))

@@ -265,7 +265,10 @@ class Trainer:
             print(f"mlaan: warning: --precise-bn {cfg.precise_bn} asks for {cfg.precise_bn * cfg.batch_size} "
                   f"training images; the training set has {len(self.train_set)}, and precise BN uses them all",
                   file=sys.stderr)
-        self.optimizer = loop.make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay)
+        self.optimizer = loop.make_optimizer(self.model, cfg.lr, cfg.momentum, cfg.nesterov, cfg.weight_decay,
+                                             cfg.opt, cfg.betas, cfg.filter_bias_and_bn)
+        # timm's Mixup/CutMix on training batches (None: off); probability targets reach train_step
+        self.mix = loop.make_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, self.info.num_classes)
         self.scheduler = loop.make_scheduler(self.optimizer, warmup_steps, self.total_steps)
 
     def _warn_of_warmup(self, warmup_steps: int) -> None:
@@ -519,6 +522,7 @@ class Trainer:
                 wait_for_gradients=self.averager.wait if self.averager else None, after_step=self._after_step,
                 progress=f"epoch {epoch + 1}/{cfg.epochs}" if self._shows_progress else None,
                 world_size=1 if self.pipeline else self.ctx.world_size,
+                batch_transform=self.mix, clip_grad=cfg.clip_grad,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
             replaced = "; the run --overwrite was to replace is left as it was" if self._replaced else ""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..features import FeatureKind, ToMap
-from ..heads import make_feature_classifier
+from ..heads import cross_entropy, make_feature_classifier
 
 
 def supervised_contrastive_loss(
@@ -59,12 +59,16 @@ class InfoProLoss(nn.Module):
         image_mean: tuple[float, ...] = (0.0,),
         image_std: tuple[float, ...] = (1.0,),
         kind: FeatureKind | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         image_channels, height, width_px = image_shape
         self.image_size = (height, width_px)
         self.lambda_recon, self.lambda_task = lambda_recon, lambda_task
         self.task, self.temperature = task, temperature
+        self.label_smoothing = label_smoothing
+        # the contrastive task pairs images by class index: probability targets (mixup) cannot say which pair
+        self.needs_class_indices = task != "ce"
         kind = kind or FeatureKind("map", (channels, height, width_px))
         hidden = 12
         map_channels = channels
@@ -96,7 +100,7 @@ class InfoProLoss(nn.Module):
         recon = F.binary_cross_entropy_with_logits(recon_logits.float(), pixels.float())
         task_out = self.task_head(features)
         if self.task == "ce":
-            task_loss = F.cross_entropy(task_out, targets)
+            task_loss = cross_entropy(task_out, targets, self.label_smoothing)
         else:
             task_loss = supervised_contrastive_loss(task_out, targets, self.temperature)
         return self.lambda_recon * recon + self.lambda_task * task_loss

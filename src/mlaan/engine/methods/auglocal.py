@@ -39,5 +39,6 @@ class AugLocal(LocalMethod):
         from ..heads import ClassifierLoss, StackedLoss, make_feature_classifier
 
         blocks, out_shape = ctx.later_blocks(ctx.depth(ctx.options.auglocal_depth))
-        probe = ClassifierLoss(make_feature_classifier(ctx.classify(out_shape), ctx.num_classes, "linear"))
+        probe = ClassifierLoss(make_feature_classifier(ctx.classify(out_shape), ctx.num_classes, "linear"),
+                               ctx.label_smoothing)
         return StackedLoss(nn.Sequential(*blocks), probe)

@@ -36,6 +36,10 @@ class AuxContext:
     # The feature kind of a shape (the backbone's declared layout and prefix tokens applied); None: inferred from
     # the shape and the image size alone (mlaan.engine.features.classify).
     kind_of: Callable[[tuple[int, ...]], FeatureKind] | None = None
+    # The engine option ``label_smoothing``: what a head's cross-entropy on class-index targets smooths by (pass it
+    # to mlaan.engine.heads.cross_entropy, as the built-in heads do). Targets reach a head as the user passed them:
+    # class indices (B,) or probabilities (B, num_classes).
+    label_smoothing: float = 0.0
 
     @property
     def feature_kind(self) -> FeatureKind:

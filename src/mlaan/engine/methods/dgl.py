@@ -22,4 +22,5 @@ class DGL(LocalMethod):
         from ..heads import ClassifierLoss, make_feature_classifier
 
         opts = ctx.options
-        return ClassifierLoss(make_feature_classifier(ctx.feature_kind, ctx.num_classes, opts.aux_head, opts.aux_width))
+        return ClassifierLoss(make_feature_classifier(ctx.feature_kind, ctx.num_classes, opts.aux_head, opts.aux_width),
+                              ctx.label_smoothing)

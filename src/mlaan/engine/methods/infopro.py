@@ -76,6 +76,7 @@ class InfoPro(LocalMethod):
             image_mean=opts.image_mean,
             image_std=opts.image_std,
             kind=ctx.feature_kind,
+            label_smoothing=ctx.label_smoothing,
         )
 
 
