@@ -72,6 +72,28 @@ def recommended_amp(device: torch.device) -> bool:
     return support == "CUDA" or support == "AMX-BF16"
 
 
+_BF16_CHECKED = False  # warn_slow_bf16 looks (and warns) once per process
+
+
+def warn_slow_bf16(device_type: str, model_dtype: torch.dtype | None = None) -> None:
+    """Warn once per process (RuntimeWarning) when a training step on ``device_type`` runs under bf16 autocast —
+    the caller's own ``torch.autocast("cpu", torch.bfloat16)``, or ``model_dtype`` (a model's ``autocast_dtype``)
+    — on a CPU without AVX512-BF16 or AMX-BF16 (:func:`cpu_bf16`): bf16 is emulated there, about 10x slower than
+    fp32 (an AVX2-only AMD EPYC, issue 28). ``--amp`` is turned off on such a CPU with its own warning
+    (:func:`resolve_fast_path`); this covers autocast that mlaan did not choose. Cheap after the first look."""
+    global _BF16_CHECKED
+    if _BF16_CHECKED or device_type != "cpu":
+        return
+    if model_dtype != torch.bfloat16 and not (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
+        return
+    _BF16_CHECKED = True
+    if cpu_bf16() is None:
+        warnings.warn("bf16 autocast on a CPU without AVX512-BF16 or AMX-BF16 instructions: bf16 is emulated "
+                      "here, about 10x slower than fp32; train in fp32 (mlaan.runtime.recommended_amp(device) "
+                      "says where bf16 pays off)", RuntimeWarning, stacklevel=4)
+
+
 def fast_path_flags(device: torch.device) -> tuple[list[str], str]:
     """The ``mlaan train`` flags of the fastest measured path on ``device``, and why (one line for a log).
 

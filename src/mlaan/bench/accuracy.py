@@ -5,8 +5,11 @@ log appended to ``OUT/logs/``. The folder remembers its recipe (``OUT/recipe.jso
 optimiser, extra train flags); a later invocation with another recipe is refused, one with other methods or seeds
 adds to it. Runs found finished are reused (so are the finished runs of an earlier report of the same recipe given
 with ``--merge``: a comparison moved to another machine trains only what it lacks), runs found unfinished (a
-``last.pt`` without ``metrics.json``) are continued with ``--resume`` — so a comparison longer than one sitting is
-completed by running the same command again. ``--jobs N`` trains N runs at once (one thread each unless
+``last.pt`` without ``metrics.json``) or stopped (a ``metrics.json`` of a run that ended on ``--max-steps`` before
+its schedule's end) are continued with ``--resume`` — so a comparison longer than one sitting is completed by
+running the same command again. "Finished" is :func:`mlaan.training.metrics_log.run_state`'s, the one definition
+`mlaan report` and a resume use too: only finished runs enter the tables; ``--max-steps`` is refused among the
+flags of a run (``--train-arg``, ``--arm``). ``--jobs N`` trains N runs at once (one thread each unless
 ``--threads``); a run that another process is training is left to it (each harness claims a run's folder before
 starting it, :class:`HarnessClaim`, and a plain `mlaan train` holds the folder's own lock), so several invocations
 of one command on one folder share the work; an invocation that ends with such a run still unfinished exits with 75
@@ -36,6 +39,7 @@ from .. import runtime
 from ..atomic import atomic_write_text
 from ..data import check_dataset_name
 from ..models import max_local_modules
+from ..training import metrics_log
 from ..training.safety import STOP_SIGNALS, HarnessClaim, RunFolderLock, StopSignals, signal_when_parent_dies
 from . import common, report, seeds
 
@@ -231,6 +235,10 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     if args.lr <= 0 or args.weight_decay < 0:
         raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
+    for extra in args.train_arg or []:
+        _check_no_max_steps(extra.split(), f"--train-arg {extra!r}")
+    for arm in methods:
+        _check_no_max_steps(list(arm.flags), f"--arm/--vary {arm.variant!r}")
     limit = max_local_modules(args.arch)
     if args.k > limit and any(common.model_k(arm.method, args.k) > 1 for arm in methods):
         raise ValueError(f"--k {args.k} is too large for {args.arch} (allowed 1 to {limit}: its residual blocks + "
@@ -253,9 +261,17 @@ def _parse_seeds(text: str) -> list[int]:
 
 
 def _state(folder: Path) -> str:
-    if (folder / "metrics.json").exists():
-        return "finished"
-    return "unfinished" if (folder / "last.pt").exists() else "new"
+    """``"finished"``, ``"stopped"``, ``"unfinished"`` or ``"new"``: :func:`mlaan.training.metrics_log.run_state`."""
+    return metrics_log.run_state(folder)
+
+
+def _check_no_max_steps(flags: list[str], where: str) -> None:
+    """ValueError for ``--max-steps`` among a run's flags: every run trains its whole schedule (a run stopped early
+    is not finished, and would be continued by every invocation without ever finishing)."""
+    if any(flag == "--max-steps" or flag.startswith("--max-steps=") for flag in flags):
+        raise ValueError(f"{where}: --max-steps is not allowed in `bench accuracy`, whose runs each train their "
+                         "whole schedule (a run stopped early is not compared); shorten the recipe with --epochs "
+                         "or --train-samples")
 
 
 def _progress(folder: Path, epochs: int) -> str:
@@ -264,10 +280,11 @@ def _progress(folder: Path, epochs: int) -> str:
     holder = (HarnessClaim.holder(folder) or RunFolderLock.holder(folder)) if folder.exists() else None
     running = f", being trained by {holder}" if holder else ""
     if not lines:
-        started = _state(folder) == "unfinished" or holder
+        started = _state(folder) in ("unfinished", "stopped") or holder
         return ("unfinished, no epoch logged yet" if started else "not started") + running
     last = json.loads(lines[-1])
-    return (f"unfinished, {last['epoch'] - (0 if last.get('complete', True) else 1)} of "
+    state = "stopped by --max-steps" if _state(folder) == "stopped" else "unfinished"
+    return (f"{state}, {last['epoch'] - (0 if last.get('complete', True) else 1)} of "
             f"{common.plural(epochs, 'epoch')} "
             f"(step {last.get('step', '?')}), test accuracy {100 * last['test_accuracy']:.2f}% so far{running}")
 
@@ -390,9 +407,10 @@ def _start(args: argparse.Namespace, arm: Arm, seed: int, out: Path, threads: in
         print(f"  {arm.label} seed {seed}: finished meanwhile, kept", flush=True)
         return None
     cmd = train_command(args, arm, seed, folder, threads)
-    cmd += ["--resume"] if state == "unfinished" else (["--overwrite"] if args.force else [])
+    resume = state in ("unfinished", "stopped")  # stopped: ended on --max-steps before its end, trains on
+    cmd += ["--resume"] if resume else (["--overwrite"] if args.force else [])
     (folder / MODULES_FILE).unlink(missing_ok=True)  # measured on the run being replaced
-    print(f"  {arm.label} seed {seed}: {'continuing' if state == 'unfinished' else 'starting'}: "
+    print(f"  {arm.label} seed {seed}: {'continuing' if resume else 'starting'}: "
           f"{' '.join(cmd[3:])}", flush=True)
     common.write_json(folder.parent / "arm.json", asdict(arm) | {"label": arm.label})
     return _Job(arm, seed, cmd, logs / f"{arm.folder_name}-seed{seed}.log", claim)
@@ -413,7 +431,13 @@ def _finished(job: _Job, out: Path) -> list[str]:
         tail = job.log_path.read_text().strip().splitlines()[-3:]
         print(f"  {job.name}: FAILED (exit {code}): {' | '.join(tail)}", flush=True)
         return [job.name]
-    accuracy = json.loads(final.read_text())["test_accuracy"]
+    summary = json.loads(final.read_text())
+    if not metrics_log.summary_finished(summary):  # ended on a --max-steps that came in some other way
+        steps, planned = metrics_log.stopped_early(summary) or (None, None)
+        print(f"  {job.name}: FAILED: ended at step {steps} of {planned}, before the end of its schedule "
+              "(--max-steps?); not compared", flush=True)
+        return [job.name]
+    accuracy = summary["test_accuracy"]
     print(f"  {job.name}: test accuracy {100 * accuracy:.2f}% ({seconds:.0f}s)", flush=True)
     return []
 
@@ -557,8 +581,9 @@ def write_report(out: Path, title: str, machine: str, recipe: dict, merged: list
     summary = seeds.summarise(finished)
     md = seeds.table(summary)
     modules_md = seeds.module_table(finished)
-    unfinished = [f"{r['label']} seed {r['seed']} (epoch {len(r['epochs'])}/{recipe['epochs']})"
-                  for r in runs if not r["finished"]]
+    unfinished = [f"{r['label']} seed {r['seed']} (" + (
+        f"stopped by --max-steps at step {r['steps']} of {r.get('planned_steps') or '?'}" if r.get("stopped")
+        else f"epoch {len(r['epochs'])}/{recipe['epochs']}") + ")" for r in runs if not r["finished"]]
     plots = common.plots_or_note()
     if plots:
         seeds.plot(finished or runs, out / "curves.png", title)

@@ -26,6 +26,7 @@ from ..runtime import format_bytes
 # Imported now, not when first needed: `bench accuracy` keeps a process running for days, and a module first
 # imported after the code was updated would meet the old versions of those already loaded (an ImportError).
 from ..training import checkpoint as ckpt_io
+from ..training import metrics_log
 from . import common
 
 if TYPE_CHECKING:
@@ -122,7 +123,10 @@ def load_run(path: str | Path) -> dict:
         "image_size": data.get("image_size") or config.get("synthetic_image_size"),
         "epochs": epochs,
         "num_epochs": _epochs_done(final, epochs, steps),
-        "finished": bool(final),
+        # one definition of finished (metrics_log.summary_finished): the whole schedule trained; a metrics.json of
+        # a run that ended on --max-steps before it is "stopped"
+        "finished": bool(final) and metrics_log.summary_finished(final),
+        "stopped": bool(final) and not metrics_log.summary_finished(final),
         "steps": steps,
         "planned_steps": _planned_steps(final, config),
         "test_accuracy": accuracy,
@@ -320,13 +324,13 @@ def _planned_steps(final: dict, config: dict) -> int | None:
 
 def _finished_text(run: dict) -> str:
     """"yes" for a run that trained its whole schedule; a run that ended early on ``--max-steps`` says so (it
-    finished its budget, not its schedule)."""
-    if not run["finished"]:
+    finished its budget, not its schedule: not finished, :func:`mlaan.training.metrics_log.summary_finished`)."""
+    if run["finished"]:
+        return "yes"
+    if not run.get("stopped"):
         return "no"
     planned, steps = run.get("planned_steps"), run["steps"]
-    if planned is not None and steps is not None and steps < planned:
-        return f"--max-steps ({steps} of {planned})"
-    return "yes"
+    return f"--max-steps ({steps} of {planned})" if planned is not None and steps is not None else "--max-steps"
 
 
 def _styles(runs: list[dict]) -> list[tuple[str, str]]:

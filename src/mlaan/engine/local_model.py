@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .. import models
+from .. import models, runtime
 from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits, cross_entropy
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
@@ -37,7 +37,7 @@ from .phases import (
     mark,
 )
 from .recompute import run_blocks
-from .split import check_blocks, compute_split, profile_blocks
+from .split import check_blocks, check_shared_state, compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
@@ -130,6 +130,7 @@ class LocalModel(nn.Module):
         views[-1].append(backbone.blocks[-1])
         self.local_modules = nn.ModuleList(views)
 
+        check_shared_state(self.profile, self.split, set(), spec.name, backbone.blocks)  # before any copy
         self.independent_heads = nn.ModuleList()
         self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
         for j in range(num_local_modules - 1):
@@ -148,6 +149,7 @@ class LocalModel(nn.Module):
             return self.spec.base.make_head(self._context(j, feature_shape, last_unit))
         depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth, self.options.lam_shrink)
         picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
+        check_shared_state(self.profile, self.split, set(picks), self.spec.name, self.backbone.blocks)
         trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum,
                           self.options.ema_lag)
         trunk_shape = self.profile.out_shapes[picks[-1]]
@@ -171,6 +173,7 @@ class LocalModel(nn.Module):
 
         def later_blocks(depth: int) -> tuple[list[nn.Module], tuple[int, ...]]:
             picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
+            check_shared_state(self.profile, self.split, set(picks), self.spec.name, self.backbone.blocks)
             blocks = [reinitialised_copy(self.backbone.blocks[i]) for i in picks]
             return blocks, (self.profile.out_shapes[picks[-1]] if picks else feature_shape)
 
@@ -329,7 +332,8 @@ class LocalModel(nn.Module):
         loss), ``independent_losses`` each module's own aux loss unweighted (the last module: its cross-entropy),
         ``cascaded_losses`` the cascaded aux net's loss unweighted (None where a module has none).
         Raises FloatingPointError (before any optimizer step) when a local loss is not finite; warns
-        (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should.
+        (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should, and once
+        per process under bf16 autocast on a CPU without bf16 instructions (emulated, ~10x slower than fp32).
         """
         step = self.begin_step(images, targets, loss_scale=loss_scale)
         x = step.images
@@ -352,6 +356,7 @@ class LocalModel(nn.Module):
             # every weight but not as the run means to (a model.eval() for a test pass, then no model.train())
             warnings.warn("training step on a LocalModel in eval mode: BatchNorm uses and keeps its running "
                           "statistics; call model.train() before training", RuntimeWarning, stacklevel=3)
+        runtime.warn_slow_bf16(images.device.type, self.autocast_dtype)  # once per process, on a CPU without bf16
         return LocalStep(self, self.prepare_inputs(images), targets, modules, float(loss_scale))
 
     def check_targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:

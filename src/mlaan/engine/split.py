@@ -29,6 +29,9 @@ class BlockProfile:
     out_shapes: list[tuple[int, ...]]
     sample_bytes: list[int]
     fixed_bytes: list[int]
+    # (i, j): block j's output depends on a tensor that block i computed, not through j's input (state shared
+    # across blocks, a UNet-style skip kept in a dict or list): see check_shared_state
+    reads_from: tuple[tuple[int, int], ...] = ()
 
     def changes_shape(self, index: int) -> bool:
         return self.in_shapes[index] != self.out_shapes[index]
@@ -115,8 +118,25 @@ def _saved_bytes(block: nn.Module, x: torch.Tensor, params: set[int]) -> tuple[t
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        y = block(x.detach().requires_grad_())
+        y = block(x)
     return y, sum(storages.values())
+
+
+def _inputs_reached(y: torch.Tensor, leaves: dict[int, int]) -> set[int]:
+    """The blocks whose input leaf (``leaves``: id of the leaf → block index) ``y``'s autograd graph reaches."""
+    found: set[int] = set()
+    seen: set[int] = set()
+    stack = [y.grad_fn] if isinstance(y, torch.Tensor) and y.grad_fn is not None else []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        variable = getattr(fn, "variable", None)  # an AccumulateGrad node: a leaf
+        if variable is not None and id(variable) in leaves:
+            found.add(leaves[id(variable)])
+        stack.extend(next_fn for next_fn, _ in fn.next_functions)
+    return found
 
 
 def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> BlockProfile:
@@ -130,13 +150,23 @@ def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> 
     x1 = torch.zeros(1, *input_shape, device=device, dtype=dtype)
     x2 = torch.zeros(2, *input_shape, device=device, dtype=dtype)
     in_shapes, out_shapes, per_image, fixed = [], [], [], []
+    # each block's input is a leaf of its own: a block output whose graph reaches another block's input leaf
+    # depends on what that block computed (the leaves are kept, so that their ids stay theirs)
+    leaves: dict[int, int] = {}
+    kept: list[torch.Tensor] = []
+    reads_from: set[tuple[int, int]] = set()
     try:
-        for block in blocks:
+        for index, block in enumerate(blocks):
             held = [*block.parameters(), *block.buffers()]  # in memory anyway, saved for backward or not
             params = {t.untyped_storage().data_ptr() for t in held}
             grads = sum(p.numel() * p.element_size() for p in block.parameters() if p.requires_grad)
+            x1, x2 = x1.detach().requires_grad_(), x2.detach().requires_grad_()
+            kept += [x1, x2]
+            leaves[id(x1)] = leaves[id(x2)] = index
             y1, saved1 = _saved_bytes(block, x1, params)
             y2, saved2 = _saved_bytes(block, x2, params)
+            reads_from.update((i, index) for i in _inputs_reached(y1, leaves) | _inputs_reached(y2, leaves)
+                              if i != index)
             in_shapes.append(tuple(x1.shape[1:]))
             out_shapes.append(tuple(y1.shape[1:]))
             per_image.append(saved2 - saved1)
@@ -145,7 +175,31 @@ def profile_blocks(blocks: nn.ModuleList, input_shape: tuple[int, int, int]) -> 
     finally:
         for module, mode in zip(blocks, was_training):
             module.train(mode)
-    return BlockProfile(in_shapes, out_shapes, per_image, fixed)
+    return BlockProfile(in_shapes, out_shapes, per_image, fixed, tuple(sorted(reads_from)))
+
+
+def check_shared_state(profile: BlockProfile, split: list[range], copied: set[int], method: str,
+                       blocks: nn.ModuleList) -> None:
+    """Refuse (ValueError, one line) a block that reads a tensor an earlier block computed outside its input —
+    state shared across blocks, such as a UNet-style skip connection kept in a dict or list that block i fills
+    and block j reads — when block i and block j fall in different local modules (no gradient crosses a local
+    module, and the later module's backward would run into the earlier one's freed graph: autograd's "Trying to
+    backward through the graph a second time"), or when the method's aux nets run copies of either block (a
+    LAM trunk's or AugLocal's copy reads and writes that state too)."""
+    module_of = {unit: m for m, units in enumerate(split) for unit in units}
+    for i, j in profile.reads_from:
+        if module_of.get(i) != module_of.get(j):
+            why = (f"under {method} with K={len(split)} they fall in local modules {module_of.get(i)} and "
+                   f"{module_of.get(j)}, and no gradient crosses a local module")
+        elif i in copied or j in copied:
+            why = f"the aux nets of {method} run copies of block {i if i in copied else j}, which share that state"
+        else:
+            continue
+        raise ValueError(
+            f"{_describe(j, blocks[j], len(blocks))} uses a tensor computed by {_describe(i, blocks[i], len(blocks))}"
+            f" that is not its input (a skip connection across blocks kept in shared state, UNet-style): {why}; "
+            f"make blocks {i} to {j} one block (e.g. one nn.Module running them, the skip inside it), or train "
+            "end to end (method bp)")
 
 
 def split_sizes(costs: list[float], num_modules: int, min_size: int = 1) -> list[int]:

@@ -1,5 +1,9 @@
 """``metrics.jsonl``: one JSON line per epoch, appended durably; a resumed run keeps the lines up to its checkpoint.
-``metrics.json``, written at a run's end, is read back by :func:`read_summary`."""
+``metrics.json``, written at a run's end, is read back by :func:`read_summary`.
+
+What a *finished* run is, once for every reader (``mlaan bench accuracy``, ``mlaan report``, a resume): one that
+trained its whole schedule, every epoch of ``--epochs`` (:func:`schedule_finished`). A run that ended on
+``--max-steps`` before that wrote a ``metrics.json`` too, but is *stopped*, not finished (:func:`run_state`)."""
 
 from __future__ import annotations
 
@@ -60,6 +64,56 @@ def read_summary(path: str | os.PathLike) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     return summary if isinstance(summary, dict) and {"test_accuracy", "steps"} <= summary.keys() else None
+
+
+FINISHED, STOPPED, UNFINISHED, NEW = "finished", "stopped", "unfinished", "new"
+
+
+def schedule_finished(epochs_completed: int, epochs: int) -> bool:
+    """Whether a run that has completed ``epochs_completed`` epochs of its ``--epochs`` schedule is finished: the
+    one definition (a run stopped by ``--max-steps`` inside or before its last epoch is not)."""
+    return epochs_completed >= epochs
+
+
+def stopped_early(summary: dict[str, Any]) -> tuple[int | None, int | None] | None:
+    """``(steps trained, steps of the whole schedule)`` when the run whose ``metrics.json`` is ``summary`` ended
+    before its schedule's end (``--max-steps``); None when it finished it, or when the summary does not say (none
+    written by `mlaan train` lacks ``epochs_completed`` and the config's ``epochs``)."""
+    config = summary.get("config") if isinstance(summary.get("config"), dict) else {}
+    epochs, done = config.get("epochs"), summary.get("epochs_completed")
+    if not _count(epochs) or not _count(done) or schedule_finished(done, epochs):
+        return None
+    steps, per_epoch = summary.get("steps"), summary.get("steps_per_epoch")
+    planned = per_epoch * epochs if _count(per_epoch) else None
+    return (steps if _count(steps) else None), planned
+
+
+def summary_finished(summary: dict[str, Any]) -> bool:
+    """Whether ``metrics.json`` (``summary``) is a finished run's: see :func:`schedule_finished`."""
+    return stopped_early(summary) is None
+
+
+def run_state(folder: str | os.PathLike) -> str:
+    """A run folder's state: ``"finished"`` (a ``metrics.json`` of the whole schedule), ``"stopped"`` (a
+    ``metrics.json`` of a run that ended before it: ``--max-steps``; resumed, it trains on), ``"unfinished"`` (a
+    ``last.pt`` without ``metrics.json``: interrupted, killed, or one that cannot be read back, which a resume
+    rewrites) or ``"new"`` (neither)."""
+    folder = Path(folder)
+    has_checkpoint = (folder / "last.pt").exists()
+    final = folder / "metrics.json"
+    if not final.exists():
+        return UNFINISHED if has_checkpoint else NEW
+    try:
+        summary = json.loads(final.read_text())
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        return UNFINISHED if has_checkpoint else FINISHED  # nothing to resume: the report says what is wrong
+    return FINISHED if summary_finished(summary) else STOPPED
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _append_line(path: Path, line: str) -> None:

@@ -469,7 +469,8 @@ class Trainer:
     @property
     def _steps_left(self) -> bool:
         """Whether a training step is left to this invocation: epochs to go and ``max_steps`` not reached."""
-        return self.progress.epoch < self.cfg.epochs and not self._max_steps_reached()
+        finished = metrics_log.schedule_finished(self.progress.epoch, self.cfg.epochs)  # bench/report's "finished"
+        return not finished and not self._max_steps_reached()
 
     def _finished_run(self) -> dict[str, Any] | None:
         """A resume in the run's own folder with no step left to train and the run's metrics.json there: say so in
@@ -489,7 +490,8 @@ class Trainer:
 
     def _why_nothing_to_train(self) -> str:
         step, max_steps = self.progress.step, self.cfg.max_steps
-        if self.progress.epoch >= self.cfg.epochs:  # its step count may be another schedule's (other rank count)
+        # finished as bench accuracy and mlaan report say; its step count may be another schedule's (other ranks)
+        if metrics_log.schedule_finished(self.progress.epoch, self.cfg.epochs):
             return f"already at the end of epoch {self.cfg.epochs}, the run's last (step {step})"
         return f"already at step {step}, {'past' if step > max_steps else 'at'} --max-steps {max_steps}"
 
