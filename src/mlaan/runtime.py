@@ -1,12 +1,13 @@
 """How a run uses the machine: which device, bf16 autocast, channels-last memory format, the CPU thread count,
 and its peak memory (measured and shown).
 
-Measured on the 2-core Xeon this project is developed on (BENCHMARKS.md, "CPU fast path"): channels-last makes a
-ResNet-32 training step on one thread about 0.75× as long; bf16 autocast pays off only where the CPU has AMX
-tiles (the issue's measurement: 0.46× with channels-last), and is a little *slower* with AVX512-BF16 alone. So
-``--amp`` on a CPU is honoured wherever bf16 instructions exist, and :func:`recommended_amp` says whether it is
-worth turning on. A multi-threaded OpenMP team stalls when another process holds one of its cores, so the
-default thread count is the number of cores that are actually idle when the run starts.
+Measured on the 2-core machines this project is developed on (BENCHMARKS.md, "CPU fast path"): channels-last
+makes a ResNet-32 training step on one thread 0.80-0.86× as long (an Intel Xeon and an AMD EPYC); bf16 autocast
+pays off only where the CPU has AMX tiles (the issue's measurement: 0.46× with channels-last), and is a little
+*slower* with AVX512-BF16 alone. So ``--amp`` on a CPU is honoured wherever bf16 instructions exist, and
+:func:`recommended_amp` says whether it is worth turning on. A multi-threaded OpenMP team stalls when another
+process holds one of its cores, so the default thread count is the number of cores that are actually idle when the
+run starts.
 """
 
 from __future__ import annotations

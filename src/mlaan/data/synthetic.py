@@ -46,7 +46,8 @@ def _build(
 
 
 register(DatasetSpec(
-    "synthetic", "random 3×32×32 images, 10 classes, for smoke and memory runs (--synthetic-* sizes)", _build,
+    "synthetic", "generated 3×32×32 images, 10 classes (a coarse pattern per class plus per-pixel noise: "
+                 "learnable), for smoke and memory runs (--synthetic-* sizes)", _build,
     num_classes=10, in_channels=3, image_size=32, mean=SYNTHETIC_MEAN, std=SYNTHETIC_STD, root="unused",
     options=(
         DatasetOption("train_size", 2048, "training images"),

@@ -810,7 +810,12 @@ def create_local_model(
         )
     if num_local_modules is None:
         num_local_modules = default_num_local_modules(backbone, method)
-    model = LocalModel(backbone, method, num_local_modules, num_classes, make_options(**options))
+    channels, per_channel = _infer_in_channels(backbone), dict(options)
+    for stat in ("image_mean", "image_std"):  # a one-value default is every channel's: say so per channel
+        value = options.get(stat, LocalOptions().to_dict()[stat])
+        if isinstance(value, (tuple, list)) and len(value) == 1 and channels > 1:
+            per_channel[stat] = tuple(value) * channels
+    model = LocalModel(backbone, method, num_local_modules, num_classes, make_options(**per_channel))
     _warn_unread(model.spec.name, options, model.options)
     return model
 
