@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
@@ -192,8 +193,9 @@ def render(result: dict) -> str:
     source = next((p["accuracy_source"] for p in points if p.get("accuracy_source")), None)
     head = (f"{result['arch']}: peak memory at batch {result['batch']} (exact accounting, one SGD step), step time "
             f"at batch {result['time_batch']} ({result['format']}, median of {result['repeats']} interleaved rounds "
-            f"after {result['warmup']} warm-up, {runtime.plural(result['threads'], 'thread')}); "
-            f"machine: {result['machine']}")
+            f"after {result['warmup']} warm-up, {runtime.plural(result['threads'], 'thread')}"
+            + (f", load average {result['loadavg_after'][0]:.1f} after" if result.get("loadavg_after") else "")
+            + f"); machine: {result['machine']}")
     table = common.format_table(
         ["setting", "K", "peak", "% of BP", "step ms", "time × BP", "Pareto (memory, time)", "test error %",
          "Pareto (+ error)"], rows)
@@ -220,9 +222,15 @@ def plot(result: dict, path: Path) -> None:
         ax.annotate(text, (p["time_ratio"], p["pct_of_bp"]), textcoords="offset points", xytext=(6, 4),
                     fontsize=7)
     front = sorted((p for p in points if p.get("pareto")), key=lambda p: p["time_ratio"])
-    if front:
+    if len(front) > 1:
         ax.step([p["time_ratio"] for p in front], [p["pct_of_bp"] for p in front], where="post", color="grey",
                 linestyle="--", linewidth=1, zorder=2, label="Pareto set (memory, time)")
+    with_error = [p for p in points if p.get("pareto_with_error")]
+    if with_error:
+        ax.scatter([p["time_ratio"] for p in with_error], [p["pct_of_bp"] for p in with_error], s=260,
+                   facecolors="none", edgecolors="grey", linewidths=1.2, zorder=2,
+                   label="Pareto set with test error (memory, time, error)")
+    if ax.lines or with_error:
         ax.legend(fontsize=8)
     ax.axhline(100, color="black", linewidth=0.6, linestyle=":")
     ax.axvline(1, color="black", linewidth=0.6, linestyle=":")
@@ -303,6 +311,7 @@ def run(args: argparse.Namespace) -> int:
     if args.accuracy.lower() != "none":
         annotate_accuracy(points, arch, load_accuracy(Path(args.accuracy)), source=args.accuracy)
     mark_pareto(points)
+    result["loadavg_after"] = list(os.getloadavg())  # other jobs on the machine slow every point alike
     table = render(result)
     print("\n" + table, flush=True)
     (out / "frontier.md").write_text(table + "\n")
