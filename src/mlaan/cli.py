@@ -262,6 +262,9 @@ def _add_train(subparsers) -> None:
                    help="also write TensorBoard logs to <output-dir>/tensorboard")
     g.add_argument("--overwrite", action=argparse.BooleanOptionalAction, default=S,
                    help="replace a finished or stopped run in the output folder")
+    g.add_argument("--rescale-schedule", dest="rescale_schedule", action=argparse.BooleanOptionalAction, default=S,
+                   help="--resume on another number of processes or global batch: go on with the learning-rate "
+                        "schedule rescaled to the new steps per epoch (refused without it)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from PATH (a checkpoint, or a run folder: its last.pt), or from "
                         "<output-dir>/last.pt when no PATH is given")
@@ -329,8 +332,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer.fit()
     except FloatingPointError as err:
         raise CLIError(f"{err}; training stopped (try a lower --lr)", code=1) from err
-    except RunStopped as err:  # SIGINT/SIGTERM: saved at a step boundary
-        print(f"mlaan: {err}", file=sys.stderr)
+    except RunStopped as err:  # SIGINT/SIGTERM: saved at a step boundary; every rank stops at the same step
+        if _first_on_node():  # and would say the same: once per machine, like an error in the flags
+            print(f"mlaan: {err}", file=sys.stderr)
         return err.code
     except OutputWriteError as err:  # disk full, folder made read-only: the last checkpoint is intact
         raise CLIError(str(err), per_rank=True) from err

@@ -42,7 +42,7 @@ from .modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 
 if TYPE_CHECKING:
     from .batchnorm import SyncBatchNorm, average_batchnorm_buffers, convert_sync_batchnorm
-    from .context import DistContext, cleanup, init_from_env
+    from .context import DistContext, all_gather_objects, cleanup, init_from_env
     from .gradients import GradientAverager
     from .metrics import is_count_key, reduce_metrics
     from .pipeline import ModulePipeline
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
 # imported on first use: the choices above are read by ``mlaan --help``, which must not pull in torch
 _WHERE = {
     "SyncBatchNorm": "batchnorm", "average_batchnorm_buffers": "batchnorm", "convert_sync_batchnorm": "batchnorm",
-    "DistContext": "context", "cleanup": "context", "init_from_env": "context",
+    "DistContext": "context", "all_gather_objects": "context", "cleanup": "context", "init_from_env": "context",
     "GradientAverager": "gradients",
     "is_count_key": "metrics", "reduce_metrics": "metrics",
     "ModulePipeline": "pipeline",
@@ -69,6 +69,7 @@ __all__ = [
     "ModulePipeline",
     "ShardSampler",
     "SyncBatchNorm",
+    "all_gather_objects",
     "average_batchnorm_buffers",
     "cleanup",
     "convert_sync_batchnorm",

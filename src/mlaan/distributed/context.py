@@ -76,6 +76,16 @@ def init_from_env(device_arg: str = "auto", timeout_s: float | None = None) -> D
     return DistContext(rank, world_size, local_rank, device, True, backend)
 
 
+def all_gather_objects(obj: object, ctx: DistContext) -> list:
+    """Every rank's ``obj`` (picklable: tensors, plain data), rank by rank; ``[obj]`` without other ranks. A
+    collective: every rank calls it at the same point."""
+    if not ctx.synchronising:
+        return [obj]
+    gathered: list = [None] * ctx.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def cleanup(ctx: DistContext) -> None:
     """Leave the process group (no-op in a single process)."""
     if ctx.enabled and dist.is_initialized():

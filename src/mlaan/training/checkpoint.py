@@ -12,6 +12,11 @@ A training checkpoint (``last.pt``/``best.pt``) is a dict::
      "best_accuracy", "best_epoch", "best_step", "wall_time", "config": TrainConfig.to_dict(), "rng": {...tensors...},
      "peak_memory_bytes", "peak_memory_kind": the run's peak memory up to this save, over all its invocations,
      "epoch_partial": the sums of the epoch in progress (mlaan.training.loop.EpochMeter),
+     "schedule": the run's shape {"world_size", "parallel", "global_batch", "steps_per_epoch", "warmup_steps",
+                 "total_steps"} (a resume with another global batch is refused unless --rescale-schedule),
+     "cascade_barriers": the local modules after which MLM cascades stop ([] but under --boundary cut): part of
+                         the algorithm, carried over by every resume,
+     "rng_ranks": (data parallelism) every rank's RNG states, rank by rank,
      "pipeline": (a module-parallel run only) {"ranks", "ranges", "boundary"}}
 
 A module-parallel run (``--parallel modules``) writes the same file: each rank first writes its shard
@@ -81,10 +86,11 @@ RESUME_FREE = frozenset(
         "parallel",  # a module-parallel run resumes in one process or with another number of ranks, and back
         "partition",
         "dist_timeout",
+        "rescale_schedule",  # asks to go on with another global batch (check_schedule), per invocation
     }
 )
 # options of one invocation that a resumed run does not inherit (it goes on to --epochs unless told otherwise)
-_PER_INVOCATION = ("overwrite", "max_steps")
+_PER_INVOCATION = ("overwrite", "max_steps", "rescale_schedule")
 
 
 # ------------------------------------------------------------------------------------------------- reading
@@ -279,6 +285,11 @@ def _rng_states(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and ok(x) for k, x in v.items())
 
 
+def _schedule(value: Any) -> bool:
+    return (isinstance(value, dict) and all(_is_int(value.get(k)) and value[k] >= 0 for k in SCHEDULE_NUMBERS)
+            and isinstance(value.get("parallel"), str))
+
+
 def _epoch_partial(value: Any) -> bool:
     """The sums of an epoch in progress: numbers, and ``module_loss_sums``: {kind: [number or None, ...]}."""
     if not isinstance(value, dict):
@@ -322,6 +333,11 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     # absent from checkpoints before them: a run resumed from one reports the peak of its later invocations only
     "peak_memory_bytes": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "peak_memory_kind": ("a name", lambda v: isinstance(v, str)),
+    # absent from checkpoints before them (see check_schedule, saved_barriers, the trainer's RNG restore)
+    "schedule": ("a mapping of the run's shape (integers and the parallel mode)", lambda v: _schedule(v)),
+    "cascade_barriers": ("a list of module indices", lambda v: isinstance(v, list) and all(_is_int(b) and b >= 0
+                                                                                          for b in v)),
+    "rng_ranks": ("a list of every rank's RNG states", lambda v: isinstance(v, list) and all(map(_rng_states, v))),
 }
 
 
@@ -389,14 +405,17 @@ def training_state(
     seconds: float,
     peak_memory: tuple[int, str],
     merged: Mapping[str, Any] | None = None,
+    schedule: Mapping[str, Any] | None = None,
+    rng_ranks: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The checkpoint of a run at a step boundary (the dict of the module docstring), ready for
     :func:`~mlaan.atomic.atomic_save`. ``model``: the unwrapped LocalModel; ``epoch_partial``: the sums of the
     epoch in progress; ``seconds``: trained in this invocation; ``peak_memory``: this process's peak memory
     (:func:`mlaan.runtime.peak_memory`), saved as the run's with the earlier invocations'; ``merged``: a
     module-parallel run's (:func:`merge_shards`): its ``model``, ``optimizer`` and ``pipeline`` replace this
-    process's. Takes the RNG states now, so nothing may draw a random number between this call and the step it
-    describes."""
+    process's; ``schedule``: the run's shape (:func:`schedule_shape`); ``rng_ranks``: every rank's RNG states
+    (data parallelism). Takes the RNG states now, so nothing may draw a random number between this call and the
+    step it describes."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -423,7 +442,13 @@ def training_state(
         "config": cfg.to_dict(),
         "rng": rng_state(),
         "epoch_partial": dict(epoch_partial),
+        # the cut cascades of --boundary cut are the algorithm: saved whoever trains the run next
+        "cascade_barriers": sorted(model.options.cascade_barriers) if model.spec.cascade else [],
     }
+    if schedule is not None:
+        state["schedule"] = dict(schedule)
+    if rng_ranks is not None:
+        state["rng_ranks"] = list(rng_ranks)
     state["peak_memory_bytes"], state["peak_memory_kind"] = progress.run_peak_memory(peak_memory)
     if merged is not None:
         state.update(merged)
@@ -638,6 +663,92 @@ def check_position(ckpt: Mapping[str, Any], steps_per_epoch: int, path: str | os
             f"checkpoint {path} stopped after step {ckpt['epoch_step']} of an epoch, but an epoch of this run has "
             f"{steps_per_epoch} steps: the data or the batch size differ from the run's"
         )
+
+
+# ------------------------------------------------------------------------------------------ the run's shape
+SCHEDULE_NUMBERS = ("world_size", "global_batch", "steps_per_epoch", "warmup_steps", "total_steps")
+
+
+def schedule_shape(world_size: int, parallel: str, global_batch: int, steps_per_epoch: int, warmup_steps: int,
+                   total_steps: int) -> dict[str, Any]:
+    """What a checkpoint records of the run's shape (``schedule``): its processes, how they split the work
+    (``parallel``: "data", "modules", or "none" for one process), the images per optimizer step over all of them
+    and the schedule's steps."""
+    return {"world_size": world_size, "parallel": parallel, "global_batch": global_batch,
+            "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps, "total_steps": total_steps}
+
+
+def saved_shape(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The shape of the run a checkpoint holds (:func:`schedule_shape`); for a checkpoint written before it was
+    recorded, its steps per epoch alone when they can be told from its counters (an epoch completed); else None."""
+    if "schedule" in ckpt:
+        return dict(ckpt["schedule"])
+    epoch, done = ckpt.get("epoch", 0), ckpt.get("step", 0) - ckpt.get("epoch_step", 0)
+    if epoch > 0 and done > 0 and done % epoch == 0:
+        return {"steps_per_epoch": done // epoch}
+    return None
+
+
+def describe_shape(shape: Mapping[str, Any]) -> str:
+    """E.g. "2 processes (--parallel data), a global batch of 32 (4 steps per epoch)"."""
+    steps = f"{shape['steps_per_epoch']} steps per epoch"
+    if "world_size" not in shape:
+        return steps
+    ranks = shape["world_size"]
+    parallel = "" if shape["parallel"] == "none" else f" (--parallel {shape['parallel']})"
+    return (f"{ranks} process{'es' if ranks != 1 else ''}{parallel}, a global batch of {shape['global_batch']} "
+            f"({steps})")
+
+
+def check_schedule(ckpt: Mapping[str, Any], now: Mapping[str, Any], rescale: bool,
+                   path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """Whether a resume keeps the run's shape: None when it does (or the checkpoint does not say), the saved shape
+    when the global batch or the steps per epoch change and ``rescale`` (``--rescale-schedule``) allows it;
+    ValueError (one line, naming both shapes and the flag) when they change without it. ``now``: this run's
+    :func:`schedule_shape`."""
+    saved = saved_shape(ckpt)
+    if saved is None:
+        return None
+    same_batch = saved.get("global_batch", now["global_batch"]) == now["global_batch"]
+    if same_batch and saved["steps_per_epoch"] == now["steps_per_epoch"]:
+        return None
+    if rescale:
+        return saved
+    if saved.get("parallel") == "data" and saved["world_size"] > 1:
+        keep = f"resume on {saved['world_size']} processes with --parallel data"
+    elif "world_size" in saved:
+        keep = "resume in one process or with --parallel modules (any number of processes)"
+    else:
+        keep = "resume with the run's number of processes"
+    raise ValueError(
+        f"checkpoint {path} was trained with {describe_shape(saved)}, this run has {describe_shape(now)}: the "
+        f"learning-rate schedule would no longer fit; {keep}, or pass --rescale-schedule to go on with the "
+        "schedule rescaled to the new steps per epoch (same epochs and warm-up, lr 0 at the last step; not "
+        "bit-identical to an uninterrupted run)"
+    )
+
+
+def rescaled_epoch_step(epoch_step: int, saved: Mapping[str, Any], now: Mapping[str, Any]) -> int:
+    """The place in the epoch in progress, in this run's steps, of a run saved after ``epoch_step`` steps of its
+    own shape ``saved``: the same number of images read (rounded down, so no image of the epoch is skipped), or
+    the same fraction of the epoch when the saved global batch is not known."""
+    if "global_batch" in saved:
+        step = epoch_step * saved["global_batch"] // now["global_batch"]
+    else:
+        step = epoch_step * now["steps_per_epoch"] // saved["steps_per_epoch"]
+    return min(step, now["steps_per_epoch"])
+
+
+def saved_barriers(ckpt: Mapping[str, Any]) -> tuple[int, ...]:
+    """The local modules after which the run's MLM cascades stop (``--boundary cut``: part of the algorithm); for
+    a checkpoint written before they were recorded, the rank boundaries of its module-parallel partition when it
+    cut there, else none."""
+    if "cascade_barriers" in ckpt:
+        return tuple(ckpt["cascade_barriers"])
+    pipeline = ckpt.get("pipeline")
+    if isinstance(pipeline, dict) and pipeline.get("boundary") == "cut":
+        return tuple(stop - 1 for _, stop in pipeline["ranges"][:-1])
+    return ()
 
 
 # ---------------------------------------------------------------------------------------------- RNG states

@@ -87,6 +87,7 @@ class _RunConfig:
     output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
     tensorboard: bool = False
     overwrite: bool = False
+    rescale_schedule: bool = False  # --resume with another global batch: rescale the lr schedule (else refused)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
 
     # ------------------------------------------------------------------------------------------------

@@ -116,11 +116,14 @@ def warmup_cosine(warmup_steps: int, total_steps: int) -> Callable[[int], float]
     return factor
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, start: int = 0
                    ) -> torch.optim.lr_scheduler.LambdaLR:
     """The per-step schedule of the recipe: :func:`warmup_cosine` as a ``LambdaLR`` (step it after each optimizer
-    step)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup_steps, total_steps))
+    step). ``start``: the schedule's step the next optimizer step takes (a resume that rescales the schedule);
+    the optimizer's groups then need their ``initial_lr`` (an earlier scheduler's, restored from a checkpoint),
+    and their ``lr`` is set to that step's."""
+    factor = warmup_cosine(warmup_steps, total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
 
 
 # -------------------------------------------------------------------------------------------------- step

@@ -122,13 +122,17 @@ class Trainer:
         self.meter = loop.EpochMeter()  # the epoch in progress, not yet logged (restored from mid-epoch saves)
         self.checkpoints = ckpt_io.CheckpointSaver(self.out, writes=self.ctx.is_main)
         self._rng_to_restore = None
+        self._rank_rng = None  # data parallelism: this rank's own RNG states in the checkpoint (same world size)
+        self._rescaled: dict[str, Any] | None = None  # the saved run's shape, when --rescale-schedule changed it
         self._replaced: list[str] = []  # --overwrite: the old run's files, removed when the new run first writes
         self._stop = safety.StopSignals()  # entered by fit(): SIGINT/SIGTERM stop at a step boundary
         self._writer = None  # TensorBoard, opened by fit()
         self._fit_start = time.perf_counter()
+        self._barriers: tuple[int, ...] | None = None  # a resumed run's cut cascades (the algorithm), or None
         if ckpt is not None:
             ckpt_io.check_compatible(ckpt, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             ckpt_io.load_model_state(self.model, ckpt["model"], self.resume_path)
+            self._carry_barriers(ckpt)
         self._use_fast_path()
         self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
         if self._pipelined:
@@ -199,23 +203,50 @@ class Trainer:
         batches in the same order, so all keep the same streams."""
         return self.ctx.world_size > 1 and not self._pipelined
 
+    def _carry_barriers(self, ckpt: dict) -> None:
+        """The resumed run's cut cascades (``--boundary cut``), which are its algorithm: the model gets them
+        whoever trains it now (one process, data parallelism, or the pipeline, which checks its ranks against
+        them in :meth:`_build_pipeline`)."""
+        model = self.local_model
+        if not model.spec.cascade:
+            return
+        barriers = ckpt_io.saved_barriers(ckpt)
+        k = len(model.local_modules)
+        if list(barriers) != sorted(set(barriers)) or any(not 0 <= b <= k - 2 for b in barriers):
+            raise ValueError(f"checkpoint {self.resume_path}: its cascade_barriers {list(barriers)} are not "
+                             f"increasing local modules in 0 to {k - 2} (K={k})")
+        self._barriers = barriers
+        model.options.cascade_barriers = barriers
+
+    def _cut_ranges(self, world: int) -> list[range]:
+        """The partition a resumed ``--boundary cut`` run must keep: its ranks end where its cascades were cut, so
+        that the algorithm stays the one trained so far (ValueError, one line, on any other number of ranks)."""
+        cuts = self._barriers or ()
+        if len(cuts) != world - 1:
+            had = (f"cuts its MLM cascades after local module{'s' if len(cuts) > 1 else ''} "
+                   f"{', '.join(map(str, cuts))}, the rank boundaries of {len(cuts) + 1} processes"
+                   if cuts else "never cut its MLM cascades (it trained in one process)")
+            keep = f"resume it on {len(cuts) + 1} processes or in one process" if cuts else "resume it in one process"
+            raise ValueError(f"checkpoint {self.resume_path}: this run {had} (--boundary cut); on {world} "
+                             f"processes they would be cut elsewhere, another algorithm: {keep}")
+        edges = [0, *(b + 1 for b in cuts), len(self.local_model.local_modules)]
+        return [range(a, b) for a, b in zip(edges, edges[1:])]
+
     def _build_pipeline(self, ckpt: dict | None):
         """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
         time``), broadcast, or the checkpoint's when resuming with as many ranks; ``--boundary cut`` puts cascade
-        barriers at its boundaries."""
+        barriers at its boundaries, and a resumed cut run keeps the ones it was trained with."""
         import torch.distributed as tdist
 
         from ..distributed import pipeline as pp
 
         cfg, model, world = self.cfg, self.local_model, self.ctx.world_size
         saved = (ckpt or {}).get("pipeline")
-        if saved is not None and saved.get("ranks") == world:
+        if ckpt is not None and cfg.boundary == "cut" and model.spec.cascade:
+            ranges = self._cut_ranges(world)
+        elif saved is not None and saved.get("ranks") == world:
             ranges = [range(a, b) for a, b in saved["ranges"]]
         else:
-            if saved is not None and cfg.boundary == "cut" and model.spec.cascade:
-                raise ValueError(f"this run cut its cascades at the boundaries of {saved['ranks']} ranks; resuming "
-                                 f"it on {world} would change the algorithm (--boundary cut): use "
-                                 f"{saved['ranks']} ranks")
             low = pp.min_modules_per_rank(model, cfg.boundary)
             pp.check_split(len(model.local_modules), world, low)  # on every rank, before the broadcast
             shared: list[Any] = [None]
@@ -259,7 +290,7 @@ class Trainer:
         self.steps_per_epoch = len(self._train_loader(0))
         self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
-        warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
+        warmup_steps = self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         self._warn_of_warmup(warmup_steps)
         if cfg.precise_bn * cfg.batch_size > len(self.train_set) and self.ctx.is_main:
             print(f"mlaan: warning: --precise-bn {cfg.precise_bn} asks for {cfg.precise_bn * cfg.batch_size} "
@@ -270,6 +301,16 @@ class Trainer:
         # timm's Mixup/CutMix on training batches (None: off); probability targets reach train_step
         self.mix = loop.make_mixup(cfg.mixup, cfg.cutmix, cfg.label_smoothing, self.info.num_classes)
         self.scheduler = loop.make_scheduler(self.optimizer, warmup_steps, self.total_steps)
+
+    @property
+    def shape(self) -> dict[str, Any]:
+        """The run's shape as its checkpoint records it (:func:`~mlaan.training.checkpoint.schedule_shape`): a
+        resume that changes its global batch changes its schedule (refused unless ``--rescale-schedule``)."""
+        world = self.ctx.world_size
+        parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
+        batch = self.cfg.batch_size * (world if parallel == "data" else 1)  # every pipeline rank reads the batch
+        return ckpt_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
+                                      self.total_steps)
 
     def _warn_of_warmup(self, warmup_steps: int) -> None:
         """Warn when the warm-up leaves no step to the cosine decay: ``--epochs 1`` with the default
@@ -290,10 +331,25 @@ class Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
+        shape = self.shape
+        saved = ckpt_io.check_schedule(ckpt, shape, self.cfg.rescale_schedule, self.resume_path)
+        if saved is not None:  # --rescale-schedule: the same place in the epoch, in this run's steps
+            ckpt = {**ckpt, "epoch_step": ckpt_io.rescaled_epoch_step(ckpt["epoch_step"], saved, shape)}
         self.progress = ckpt_io.restore_training(ckpt, self.optimizer, self.scheduler, self.steps_per_epoch,
                                                  self.resume_path)
+        if saved is not None:
+            # the schedule of this run's shape, from the same place in it: the same epochs and warm-up (in this
+            # run's steps), lr 0 at the last step; the step count (--max-steps, the logs) goes on as it was
+            self._rescaled = saved
+            position = self.progress.epoch * self.steps_per_epoch + self.progress.epoch_step
+            self.scheduler = loop.make_scheduler(self.optimizer, self.warmup_steps, self.total_steps, start=position)
         self.meter = loop.EpochMeter.from_state(ckpt.get("epoch_partial"))
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
+        ranks = ckpt.get("rng_ranks")
+        if self._own_random_streams and saved is None and isinstance(ranks, list) and len(ranks) == shape[
+                "world_size"]:
+            self._rank_rng = ranks[self.ctx.rank]  # each rank goes on with its own streams, exactly
+            ckpt_io.check_rng_state(self._rank_rng, self.resume_path)
         self.checkpoints.saved_step = self.progress.step
 
     @property
@@ -434,11 +490,18 @@ class Trainer:
         self.ctx.barrier()
         if self._rng_to_restore is not None:
             ckpt_io.set_rng_state(self._rng_to_restore)
-            if self._own_random_streams:  # the checkpoint holds rank 0's streams: give each rank its own again
+            if self._rank_rng is not None:  # data parallelism on as many ranks: each rank's own streams
+                ckpt_io.set_rng_state(self._rank_rng)
+            elif self._own_random_streams:  # another world size (or an older checkpoint): new streams per rank
                 _seed_everything(rank_seed(cfg.seed, self.ctx.rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(self._banner())
+        if self._rescaled is not None:
+            self.log(f"mlaan train: --rescale-schedule: the run trained with {ckpt_io.describe_shape(self._rescaled)}"
+                     f" goes on with {ckpt_io.describe_shape(self.shape)} from {self._position()}, lr "
+                     f"{self.optimizer.param_groups[0]['lr']:.4g} ({self.warmup_steps} warm-up steps, lr 0 after "
+                     f"step {self.total_steps} of the schedule)")
 
         last_eval: dict[str, float] | None = None
         self._stop.__enter__()
@@ -577,18 +640,23 @@ class Trainer:
                                       reduce=self._reduce, channels_last=model.channels_last)
 
     # ------------------------------------------------------------------------ saves, signals, failures
-    def checkpoint_state(self, wall_time: float, merged: dict[str, Any] | None = None) -> dict[str, Any]:
+    def checkpoint_state(self, wall_time: float, merged: dict[str, Any] | None = None,
+                         rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
         """The run's checkpoint now (:func:`~mlaan.training.checkpoint.training_state`); ``wall_time``: seconds
-        trained in this invocation; ``merged``: a module-parallel run's merged shards."""
+        trained in this invocation; ``merged``: a module-parallel run's merged shards; ``rng_ranks``: every rank's
+        RNG states (data parallelism)."""
         return ckpt_io.training_state(self.cfg, self.info, self.local_model, self.optimizer, self.scheduler,
                                       self.progress, self.meter.state_dict(), wall_time,
-                                      runtime.peak_memory(self.device), merged)
+                                      runtime.peak_memory(self.device), merged, schedule=self.shape,
+                                      rng_ranks=rng_ranks)
 
     def _save_last(self, best: bool = False) -> None:
         """Write ``last.pt`` (and ``best.pt``). Collective: under module parallelism every rank writes its shard
         first, rank 0 merges them and writes the manifest last."""
         merged = None
         self._clear_replaced_run()
+        # data parallelism: each rank's random streams are its own (its crops and flips), and so is their state
+        rng_ranks = dist.all_gather_objects(ckpt_io.rng_state(), self.ctx) if self._own_random_streams else None
         if self.pipeline is not None:
             self.pipeline.drain()
             shard = self.pipeline.shard_state(self.optimizer)
@@ -597,7 +665,7 @@ class Trainer:
             if self.ctx.is_main:
                 merged = {**ckpt_io.merge_shards(self.out, self.local_model, self.ctx.world_size),
                           "pipeline": self.pipeline.description()}
-        self.checkpoints.save(lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged),
+        self.checkpoints.save(lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged, rng_ranks),
                               self.progress.step, best=best)
         if self.pipeline is not None:
             if self.ctx.is_main:
