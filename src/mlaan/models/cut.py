@@ -34,6 +34,7 @@ class Adapter:
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
     layouts: tuple[str, ...] = field(default=("map",))  # the feature kinds its blocks output (documentation)
+    cls: type | None = None  # the family's class: a subclass with its own forward is cut by its graph instead
 
 
 _ADAPTERS: list[Adapter] = []

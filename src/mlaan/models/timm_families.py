@@ -119,7 +119,7 @@ def _adapter(module: str) -> Adapter:
     cls, body, post, layout = _FAMILIES[module]
     return Adapter(f"timm {cls.__name__} ({module})", lambda m: isinstance(m, cls),
                    lambda m: _cut(m, body, post, layout), library="timm",
-                   layouts=(layout,) if layout else ("tokens",))
+                   layouts=(layout,) if layout else ("tokens",), cls=cls)
 
 
 for _module in _FAMILIES:

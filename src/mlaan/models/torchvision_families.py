@@ -48,7 +48,7 @@ def _stage_blocks(stages: list[nn.Module], is_stage: type | tuple[type, ...]) ->
 
 def _register(family: str, cls: type, cut, layouts: tuple[str, ...] = ("map",), image_size: int = 224) -> None:
     register_adapter(Adapter(family, lambda m: isinstance(m, cls), cut, library="torchvision",
-                             image_size=image_size, layouts=layouts))
+                             image_size=image_size, layouts=layouts, cls=cls))
 
 
 # ------------------------------------------------------------------------------------ ResNet / ResNeXt / WRN
