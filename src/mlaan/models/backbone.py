@@ -8,6 +8,7 @@ ordinary model of the same architecture (keys are ``blocks.<i>.…``).
 from __future__ import annotations
 
 import warnings
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
@@ -95,11 +96,14 @@ class Backbone(nn.Module):
         if self.source is None:
             return {k: v.detach() for k, v in own.items()} if state is None else dict(state)
         by_id = {id(v): k for k, v in own.items()}
-        out = {}
-        for key, value in self.source.state_dict(keep_vars=True).items():
+        source = self.source.state_dict(keep_vars=True)
+        out = OrderedDict()
+        for key, value in source.items():
             if id(value) not in by_id:
                 raise ValueError(f"{self.name}: {key} of the source model is in none of the backbone's blocks")
             out[key] = value.detach() if state is None else state[by_id[id(value)]]
+        if hasattr(source, "_metadata"):  # versions some classes' loading reads (torchvision MNASNet's)
+            out._metadata = source._metadata
         return out
 
     @property

@@ -201,13 +201,15 @@ def cut_points(graph: fx.Graph) -> list[int]:
             index[pos[n]] += pos[n]
             index[last] -= pos[n]
     points: dict[fx.Node, int] = {}
+    result = nodes[-1].args[0] if nodes[-1].args else None  # a point before the output alone cuts nothing
     live = at = 0
     for i in range(len(nodes) - 1):
         live += count[i]
         at += index[i]
         if live == 1:
             value = nodes[at]
-            if value.op != "placeholder" and isinstance(value.meta.get("tensor_meta"), TensorMetadata):
+            if value.op != "placeholder" and value is not result and \
+                    isinstance(value.meta.get("tensor_meta"), TensorMetadata):
                 points[value] = i
     return sorted(points.values())
 
