@@ -88,9 +88,10 @@ def adapt(model: nn.Module, image_size: int | tuple[int, int] | None = None, in_
             cut = graph_cut(model, hw, in_channels, prefer)
         except GraphCutError as error:
             families = ", ".join(sorted({a.family for a in adapters()}))
-            raise ValueError(f"cannot cut a {type(model).__module__}.{type(model).__name__} into blocks: {error}; "
-                             f"supported are {families}, and any model whose forward torch.fx traces with a single "
-                             f"tensor between blocks; or pass your blocks as a list [stem, block, …, head]") from None
+            raise ValueError(f"cannot cut a {type(model).__module__}.{type(model).__name__} into blocks: supported "
+                             f"are {families}, and any model whose forward torch.fx traces with a single tensor "
+                             f"between blocks, but {error}; or pass your blocks as a list [stem, block, …, head]"
+                             ) from None
         family = "graph"
     library = adapter.library if adapter is not None else "torch"
     prefix = f"{library}:" if library != "torch" else ""

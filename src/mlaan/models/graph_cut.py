@@ -1,14 +1,17 @@
 """Any model cut by its own forward: the traced graph split at single-tensor cut points.
 
-The algorithm (the one PyTorch uses to split a model for pipelining: ``torch.distributed.pipelining``'s split
-points, formerly PiPPy, on a ``torch.fx`` graph; https://pytorch.org/docs/stable/fx.html):
+The algorithm follows how PyTorch splits a model into pipeline stages (``torch.distributed.pipelining``, formerly
+PiPPy: the forward traced into a graph, split at split points into consecutive stage submodules that hold the
+model's own parameters, as ``torch.fx.passes.split_module`` does; https://pytorch.org/docs/stable/fx.html and
+https://pytorch.org/docs/stable/distributed.pipelining.html), with the split points chosen here, not by hand:
 
 1. **Trace.** The model's ``forward`` (the user's own, overrides included) is traced with ``torch.fx`` symbolic
    tracing. ``torch.nn``'s layers are leaves (``call_module`` nodes); a submodule whose forward does not trace
    (Python control flow on a tensor, ``isinstance`` on its input) is made a leaf and the trace goes on, like
    ``torchvision.models.feature_extraction``'s leaf modules. The model is traced in ``train()`` and in ``eval()``
    mode: a submodule whose graph differs between them (``F.dropout(training=self.training)``) is made a leaf too,
-   so each mode runs its own code. Data-dependent control flow in the top-level forward does not trace: refused.
+   with every instance of its class, so each mode runs its own code. Data-dependent control flow in the top-level
+   forward does not trace: refused.
 2. **Cut points.** A point between two nodes (in the graph's order) is a *single-tensor cut point* when exactly one
    value computed from the input before it is used after it, and that value is a tensor (shapes from one forward
    of a one-image batch, ``torch.fx.passes.shape_prop``). Parameters, buffers and anything not computed from the
@@ -170,6 +173,9 @@ def trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
                 raise GraphCutError("its forward computes differently in train() and eval() "
                                     "outside its submodules")
             leaves.add(culprit)
+            kind = type(model.get_submodule(culprit))
+            if not _is_container(model.get_submodule(culprit)):  # its class's other instances branch alike
+                leaves.update(path for path, m in model.named_modules() if type(m) is kind)
         raise GraphCutError(f"its train() and eval() graphs still differ after "
                             f"{_MAX_RETRACES} retraces")
     finally:
