@@ -86,7 +86,7 @@ MODELS = {
     "googlenet": (lambda: torchvision.models.googlenet(num_classes=10, aux_logits=False, init_weights=False), 32,
                   0.02, False),
     "squeezenet1_1": (lambda: torchvision.models.squeezenet1_1(num_classes=10), 32, 0.005, False),
-    "mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(num_classes=10), 32, 0.01, False),
+    "mnasnet0_5": (lambda: torchvision.models.mnasnet0_5(num_classes=10), 64, 0.005, False),  # 32 px: 1x1 maps
     "resnetv2": (tiny_resnetv2, 32, 0.05, True),
     "poolformer": (tiny_poolformer, 32, 0.05, True),
     "mixer": (tiny_mixer, 32, 0.05, True),
@@ -156,23 +156,7 @@ def test_subclass_trains_with_every_method(method):
 
 # --------------------------------------------------------------------------- part 2: the models refused before
 @pytest.mark.parametrize("method", METHODS)
-def test_densenet_trains_with_every_method(method):
-    check_trains("densenet", method)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_mixer_trains_with_every_method(method):
-    check_trains("mixer", method)
-
-
-@pytest.mark.parametrize("name,method", [
-    ("googlenet", "dgl+mlaan"),
-    ("squeezenet1_1", "infopro+mlaan"),
-    ("mnasnet0_5", "dgl"),
-    ("resnetv2", "dgl+mlaan"),
-    ("poolformer", "infopro+mlaan"),
-    ("levit", "dgl"),
-])
+@pytest.mark.parametrize("name", [n for n in MODELS if n != "cifar_resnet18_subclass"])
 def test_named_model_trains(name, method):
     check_trains(name, method)
 
