@@ -149,6 +149,23 @@ def test_subclass_of_a_family_keeps_the_family_cut_when_its_forward_is_the_famil
     assert not any(type(b).__name__ == "GraphBlock" for b in model.backbone.blocks)
 
 
+def test_timm_subclass_with_its_own_forward():
+    timm = pytest.importorskip("timm")
+
+    class Scaled(timm.models.resnet.ResNet):
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x * 2.0))
+
+    base = timm.create_model("test_resnet", num_classes=10)
+    base.__class__ = Scaled  # the same instance, now with its own forward
+    model = mlaan.create_local_model(base, method="dgl+mlaan", num_local_modules=3, image_size=32)
+    assert all(type(b).__name__ == "GraphBlock" for b in model.backbone.blocks)
+    x, _ = data(size=(32, 32))
+    base.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), base(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_subclass_trains_with_every_method(method):
     check_trains("cifar_resnet18_subclass", method)
@@ -237,7 +254,7 @@ def test_cut_points_are_single_tensor_points():
      "no point of its forward is crossed by a single tensor"),
     (lambda self, x: self.fc(self.conv(x).mean((2, 3))) if x.sum() > 0 else x,
      "its forward does not trace with torch.fx"),
-    (lambda self, x: (self.fc(self.conv(x).mean((2, 3))), x), "its forward returns tuple"),
+    (lambda self, x: (self.fc(self.conv(x).mean((2, 3))), x), "its forward returns a tuple"),
 ])
 def test_models_without_a_usable_cut_are_refused_in_one_line(forward, why):
     class NoCut(nn.Module):
@@ -249,6 +266,12 @@ def test_models_without_a_usable_cut_are_refused_in_one_line(forward, why):
     with pytest.raises(ValueError, match=r"^cannot cut a .*NoCut into blocks: supported are .*, but " + why) as error:
         mlaan.create_local_model(NoCut(), method="dgl", image_size=16)
     assert "pass your blocks as a list" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_auxiliary_outputs_in_training_are_refused_naming_the_fix():
+    net = torchvision.models.googlenet(num_classes=10, init_weights=False)  # aux_logits=True: a tuple in train()
+    with pytest.raises(ValueError, match=r"in train\(\) its forward returns a GoogLeNetOutputs .*aux_logits=False"):
+        mlaan.create_local_model(net, method="dgl", image_size=32)
 
 
 # --------------------------------------------------------------------------- the named builders at full width

@@ -145,6 +145,18 @@ def _scrub_proxies(model: nn.Module) -> None:
                     del value[k]
 
 
+def _container_returned(graph: fx.Graph) -> str | None:
+    """The name of the container type the graph returns (a tuple, a namedtuple it builds, a dict), None when it
+    returns one value."""
+    returned = list(graph.nodes)[-1].args[0]
+    if not isinstance(returned, fx.Node):
+        return type(returned).__name__
+    target = returned.target
+    if returned.op == "call_function" and isinstance(target, type) and issubclass(target, (tuple, list, dict)):
+        return target.__name__
+    return None
+
+
 def trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
     """The forward's graph (traced in train mode) and the submodules made leaves. Retraced with one more leaf
     until train and eval mode give the same graph. GraphCutError when the top-level forward does not trace or
@@ -169,6 +181,10 @@ def trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
             sb = list(evaluate.nodes)[i].meta.get("mlaan_stack", ())
             common = [p for p, q in zip(sa, sb) if p == q]
             culprit = common[-1] if common else (sa or sb or (None,))[0]
+            returned = _container_returned(train)
+            if returned:
+                raise GraphCutError(f"in train() its forward returns a {returned} (auxiliary outputs: build the "
+                                    f"model without them, e.g. aux_logits=False)")
             if culprit is None or culprit in leaves:
                 raise GraphCutError("its forward computes differently in train() and eval() "
                                     "outside its submodules")
@@ -408,10 +424,9 @@ def _run(model: nn.Module, run: Callable[[], object]) -> object:
 def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int | None,
                prefer: list[nn.Module] | None) -> Cut:
     graph, _ = trace(model)
-    out = list(graph.nodes)[-1]
-    if not isinstance(out.args[0], fx.Node):
-        raise GraphCutError(f"its forward returns {type(out.args[0]).__name__}, not one tensor of "
-                            f"class scores")
+    returned = _container_returned(graph)
+    if returned:
+        raise GraphCutError(f"its forward returns a {returned}, not one tensor of class scores")
     whole = fx.GraphModule(model, graph)
     channels = in_channels if in_channels is not None else _in_channels(model, graph)
     probe = torch.randn(1, channels, *image_size, generator=torch.Generator().manual_seed(0))
