@@ -90,13 +90,13 @@ class _Tracer(fx.Tracer):
         try:
             if self.is_leaf_module(m, name):
                 return super().call_module(m, forward, args, kwargs)
-            last = self.graph._root.prev  # the graph's last node before this call
+            last = next(reversed(self.graph.nodes))  # the graph's last node before this call
             module_stack, num_calls = OrderedDict(self.module_stack), dict(self.num_calls)
             try:
                 return super().call_module(m, forward, args, kwargs)
             except Exception:  # its forward does not trace: it runs as one node
-                while self.graph._root.prev is not last:
-                    self.graph.erase_node(self.graph._root.prev)
+                while (node := next(reversed(self.graph.nodes))) is not last:
+                    self.graph.erase_node(node)
                 self.module_stack, self.num_calls = module_stack, num_calls
                 self.leaves.add(name)
                 return super().call_module(m, forward, args, kwargs)
@@ -203,8 +203,9 @@ def trace(model: nn.Module) -> tuple[fx.Graph, set[str]]:
 # ------------------------------------------------------------------------------------------------ cut points
 def _depends_on_input(graph: fx.Graph) -> dict[fx.Node, bool]:
     dep: dict[fx.Node, bool] = {}
+    images = next(n for n in graph.nodes if n.op == "placeholder")  # the others: arguments fixed at defaults
     for n in graph.nodes:
-        dep[n] = n.op == "placeholder" or any(dep[a] for a in n.all_input_nodes)
+        dep[n] = n is images or any(dep[a] for a in n.all_input_nodes)
     return dep
 
 
