@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
-from test_own_models import data, train
+from test_own_models import data, isolated, train
 from torch import nn
 from torchvision.models import resnet
 
@@ -114,6 +114,8 @@ def check_trains(name: str, method: str, steps: int = 4, k: int = 3) -> mlaan.Lo
     with torch.no_grad():
         torch.testing.assert_close(model(x), net(x), rtol=1e-5, atol=1e-5)
     model.train()
+    if method == "dgl":  # no gradient crosses a cut: module 0's are those of its own loss alone
+        assert isolated(model, x, y), name
     losses = train(model, x, y, steps=steps, lr=lr)
     assert all(torch.isfinite(torch.tensor(losses))), losses
     assert losses[-1] < losses[0], (name, method, losses)
@@ -233,6 +235,13 @@ def test_a_hand_written_model_is_cut_at_its_childrens_boundaries():
     fresh = Plain()
     fresh.load_state_dict(model.backbone.export_state_dict())  # the unused Linear too
     assert not hasattr(net, "_tensor_constant0")
+
+
+def test_a_model_on_the_meta_device_or_in_bfloat16_is_probed_on_its_own():
+    with torch.device("meta"):
+        on_meta = Plain()
+    assert len(mlaan.models.adapt(on_meta, image_size=16).blocks) == 4
+    assert len(mlaan.models.adapt(Plain().to(torch.bfloat16), image_size=16).blocks) == 4
 
 
 def test_cut_points_are_single_tensor_points():

@@ -430,7 +430,9 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
         raise GraphCutError(f"its forward returns a {returned}, not one tensor of class scores")
     whole = fx.GraphModule(model, graph)
     channels = in_channels if in_channels is not None else _in_channels(model, graph)
-    probe = torch.randn(1, channels, *image_size, generator=torch.Generator().manual_seed(0))
+    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    device, dtype = (like.device, like.dtype) if like is not None else (torch.device("cpu"), torch.float32)
+    probe = torch.randn(1, channels, *image_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     try:
         expected = _run(model, lambda: (ShapeProp(whole).propagate(probe), model(probe))[1])
     except Exception as error:
@@ -457,8 +459,9 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
         return x
 
     got = _run(model, composed)
+    tolerance = 1e-4 if dtype in (torch.float32, torch.float64) else 1e-2
     if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor) and got.shape == expected.shape
-            and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)):
+            and (device.type == "meta" or torch.allclose(got, expected, rtol=tolerance, atol=tolerance / 10))):
         raise GraphCutError("its traced blocks do not reproduce its output")
     return Cut(list(blocks), image_size=image_size)
 
