@@ -324,7 +324,7 @@ def _group(root: nn.Module, nodes: list[fx.Node], points: list[int]) -> list[int
             pending = start
     if not starts:
         return []
-    return [s for s in starts[1:]]
+    return starts[1:]
 
 
 def _attr(root: nn.Module, target: str) -> object:
