@@ -8,6 +8,7 @@ exports into the original class. The failing inputs of the issue are regression 
 from __future__ import annotations
 
 import copy
+import importlib.util
 
 import pytest
 import torch
@@ -345,8 +346,9 @@ def test_cli_trains_exports_and_evaluates_a_torchvision_arch(tmp_path, capsys):
 
 @pytest.mark.parametrize("arch,message", [
     ("torchvision:nope", "unknown or unsupported torchvision model 'nope'"),
-    ("torchvision:densenet121", "unknown or unsupported torchvision model 'densenet121'"),
-    ("torchvision:googlenet", "; supported: convnext_base, "),  # the names themselves, not where to look them up
+    ("torchvision:nope", "; supported: alexnet, convnext_base, "),  # the names themselves, not where to look them up
+    # a name of the library's that really has no cut (its forward does not trace): refused when the model is built
+    ("timm:crossvit_tiny_240", "cannot cut a timm.models.crossvit.CrossVit into blocks: "),
     ("timm:not_a_model", "timm"),
     ("timm:vit_tiny_patch16_22", "closest supported: vit_tiny_patch16_224, "),
     ("timm:zzzz", "in all (mlaan.models.library_names('timm') lists them)"),
@@ -355,13 +357,45 @@ def test_cli_trains_exports_and_evaluates_a_torchvision_arch(tmp_path, capsys):
 def test_cli_refuses_unknown_library_names_in_one_line(tmp_path, capsys, arch, message):
     from mlaan.cli import main
 
-    if arch.startswith("timm:") and "closest" in message:
+    if arch.startswith("timm:") and ("closest" in message or "cannot cut" in message):
         pytest.importorskip("timm")
 
     code = main(["train", "--dataset", "synthetic", "--arch", arch, "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("arch", ["torchvision:densenet121", "timm:poolformer_s12"])
+def test_cli_trains_and_exports_a_graph_cut_library_arch(tmp_path, arch):
+    """Every classification builder of torchvision and every timm model is a name: a model no family adapter
+    takes is cut by its graph (here DenseNet and PoolFormer), trains, and exports its class's own keys."""
+    from mlaan.cli import main
+
+    library, _, name = arch.partition(":")
+    if library == "timm":
+        timm = pytest.importorskip("timm")
+        net = timm.create_model(name, num_classes=10)
+    else:
+        import torchvision
+
+        net = torchvision.models.get_model(name, num_classes=10)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--synthetic-train-size", "16", "--synthetic-test-size", "8",
+                 "--synthetic-image-size", "16", "--batch-size", "8", "--max-steps", "1", "--epochs", "1",
+                 "--arch", arch, "--image-size", "32", "--method", "dgl+mlaan", "-K", "3",
+                 "--output-dir", str(out)]) == 0
+    assert main(["export", "--checkpoint", str(out / "last.pt"), "--out", str(tmp_path / "net.pt")]) == 0
+    net.load_state_dict(torch.load(tmp_path / "net.pt", weights_only=True))  # strict: the class's own keys
+
+
+def test_library_names_are_the_libraries_classification_models():
+    for arch in ("torchvision:densenet121", "torchvision:googlenet", "torchvision:squeezenet1_1",
+                 "torchvision:mnasnet0_5"):
+        assert mlaan.models.check_arch(arch) == arch
+    if importlib.util.find_spec("timm") is not None:
+        for arch in ("timm:resnetv2_50", "timm:poolformer_s12", "timm:mixer_b16_224", "timm:levit_128s"):
+            assert mlaan.models.check_arch(arch) == arch
 
 
 def test_library_entries_carry_their_defaults():

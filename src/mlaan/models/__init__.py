@@ -180,7 +180,10 @@ def max_local_modules(name: str) -> int:
     """The largest K architecture ``name`` can be split into: its residual blocks + the stem's module."""
     import torch
 
-    with torch.device("meta"):  # only the blocks are counted: no memory, no initialisation
+    try:
+        with torch.device("meta"):  # only the blocks are counted: no memory, no initialisation
+            return create(name).num_residual_blocks + 1
+    except NotImplementedError:  # a builder that reads tensor values (torchvision RegNet's widths): built for real
         return create(name).num_residual_blocks + 1
 
 

@@ -38,10 +38,12 @@ if timm is not None:
 
 
 def timm_names() -> list[str]:
-    """timm model names whose models can be cut here (``timm:NAME``); empty without timm."""
+    """timm's model names (``timm:NAME``); empty without timm. A family's model here is cut through its blocks,
+    any other by its traced graph (:mod:`mlaan.models.graph_cut`) when the model is built, which refuses one with
+    no cut in one line."""
     if timm is None:
         return []
-    return sorted({n for module in _FAMILIES for n in timm.list_models(module=module)})
+    return sorted(timm.list_models())
 
 
 def _shell(model: nn.Module, identity: set[str], keep_tensors: bool) -> nn.Module:
@@ -129,14 +131,18 @@ for _module in _FAMILIES:
 
 def build(name: str, num_classes: int, in_channels: int, image_size: int | tuple[int, int] | None) -> nn.Module:
     """timm's ``name`` (random init) for ``num_classes`` and ``in_channels``; transformers built for
-    ``image_size``. ValueError without timm or for a name :func:`timm_names` does not list."""
+    ``image_size`` where the model takes an ``img_size``. ValueError without timm or for a name :func:`timm_names`
+    does not list."""
     if timm is None:
         raise ValueError("timm:NAME models need timm: pip install 'mlaan[timm]'")
     if name not in timm_names():
-        raise ValueError(f"unknown or unsupported timm model {name!r}; supported are the models of timm's "
-                         f"{', '.join(_FAMILIES)} modules (timm.list_models(module=...))")
+        raise ValueError(f"unknown timm model {name!r}; timm.list_models() lists them")
     kwargs: dict = {"pretrained": False, "num_classes": num_classes, "in_chans": in_channels}
-    if image_size is not None and any(name in timm.list_models(module=m) for m in
-                                      ("vision_transformer", "deit", "swin_transformer")):
-        kwargs["img_size"] = image_size
-    return timm.create_model(name, **kwargs)
+    if image_size is None:
+        return timm.create_model(name, **kwargs)
+    try:  # built for image_size where the model takes one (transformers, MLP-Mixer, LeViT, ...)
+        return timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+    return timm.create_model(name, **kwargs)  # a convolutional net: any size

@@ -14,14 +14,11 @@ from torchvision.models import vision_transformer as vit
 
 from .cut import Adapter, Cut, register_adapter
 
-# name prefixes of the torchvision builders whose models a family here takes (``torchvision:NAME``)
-NAME_PREFIXES = ("resnet", "resnext", "wide_resnet", "vgg", "mobilenet_v2", "mobilenet_v3", "efficientnet",
-                 "regnet", "convnext", "vit_", "swin_")
-
-
 def torchvision_names() -> list[str]:
-    """torchvision classification builders whose models can be cut here (``torchvision:NAME``)."""
-    return [n for n in tvm.list_models(module=tvm) if n.startswith(NAME_PREFIXES)]
+    """torchvision's classification builders (``torchvision:NAME``): a family's model is cut by its adapter, any
+    other by its traced graph (:mod:`mlaan.models.graph_cut`) when the model is built, which refuses one with no
+    cut in one line."""
+    return list(tvm.list_models(module=tvm))
 
 
 def _one(items: list[nn.Module]) -> nn.Module:
@@ -188,6 +185,10 @@ def build(name: str, num_classes: int, in_channels: int, image_size: int | tuple
         if not isinstance(image_size, int) and image_size[0] != image_size[1]:
             raise ValueError(f"torchvision's {name} takes square images only, got image_size={tuple(image_size)}")
         kwargs["image_size"] = side
+    elif name.startswith("maxvit_"):  # built for its input size
+        kwargs["input_size"] = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    elif name in ("googlenet", "inception_v3"):  # one output in train() (no auxiliary logits), torchvision's init
+        kwargs.update(aux_logits=False, init_weights=True)
     model = tvm.get_model(name, **kwargs)
     if in_channels != 3:
         replace_first_conv(model, in_channels)
