@@ -141,12 +141,15 @@ def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: s
 
 def label(result: dict) -> str:
     """The method's name, marked when it ran with ``grad_checkpointing`` (``bp +ckpt``: BP with activation
-    checkpointing of every block; ``bp +ckpt seg=3``: of segments of 3 blocks)."""
+    checkpointing of every block; ``bp +ckpt seg=3``: of segments of 3 blocks; ``dgl+mlaan +ckpt first=8``:
+    recomputing in the first 8 local modules only)."""
     options = result.get("options") or {}
     if not options.get("grad_checkpointing"):
         return result["method"]
-    segment = options.get("checkpoint_segment", 1)
-    return result["method"] + " +ckpt" + (f" seg={segment}" if end_to_end(result["method"]) and segment != 1 else "")
+    segment, first = options.get("checkpoint_segment", 1), options.get("checkpoint_modules", 0)
+    if end_to_end(result["method"]):
+        return result["method"] + " +ckpt" + (f" seg={segment}" if segment != 1 else "")
+    return result["method"] + " +ckpt" + (f" first={first}" if first else "")
 
 
 def is_reference(result: dict) -> bool:

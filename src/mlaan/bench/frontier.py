@@ -37,18 +37,19 @@ RECOMPUTE_OPTIONS = ("grad_checkpointing", "checkpoint_segment")
 
 # ------------------------------------------------------------------------------------------------ plan
 def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: Sequence[int] = (1,),
-                recompute: str = "both") -> list[dict]:
+                recompute: str = "both", options: dict | None = None) -> list[dict]:
     """The points: plain BP first (the reference), then BP checkpointed with each of ``segments`` blocks per
     segment, then every local method at every K ≥ 2 (:func:`mlaan.bench.memory.plan_cases`), without and/or with
-    ``grad_checkpointing`` (``recompute``, :func:`mlaan.bench.common.plan_variants`). Each point is
+    ``grad_checkpointing`` (``recompute``, :func:`mlaan.bench.common.plan_variants`), every one with the engine
+    ``options`` (a method that does not read one is built without it). Each point is
     ``{"label", "method", "k", "options"}``."""
     points = []
-    for _, method, k, options in common.plan_variants(memory.plan_cases({arch: list(ks)}, list(methods)), {},
-                                                      recompute):
-        if common.end_to_end(method) and options.get("grad_checkpointing"):
-            variants = [{**options, "checkpoint_segment": s} for s in segments]
+    cases = memory.plan_cases({arch: list(ks)}, list(methods))
+    for _, method, k, planned in common.plan_variants(cases, dict(options or {}), recompute):
+        if common.end_to_end(method) and planned.get("grad_checkpointing"):
+            variants = [{**planned, "checkpoint_segment": s} for s in segments]
         else:
-            variants = [options]
+            variants = [planned]
         for opts in variants:
             point = {"method": method, "k": common.model_k(method, k), "options": opts}
             points.append({"label": label(point), **point})
@@ -273,6 +274,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3, help="timed interleaved rounds (the median is reported)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads, here and in each memory process (default: the idle cores)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option for every method that reads it, e.g. checkpoint_modules=8 (repeatable)")
     p.add_argument("--accuracy", default=str(DEFAULT_ACCURACY), metavar="JSON",
                    help="accuracy report whose test errors annotate the points of the same arch, K and method "
                         "('none': no annotation)")
@@ -296,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
-    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing)
+    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, memory.parse_options(args.option))
     runtime.apply_threads(runtime.choose_threads(args.threads))
     out = common.output_dir(args.output_dir, "frontier")
     machine = f"{cpu_name()}; " + common.machine_description() + f"; code {common.code_version()}"

@@ -77,6 +77,11 @@ class EngineOptions:
                                       "checkpointed as one segment (1: every block on its own; about the square "
                                       "root of the block count gives the least memory)",
                                       read_when={"grad_checkpointing": (True,)})
+    # Selective recomputation: the peak of a recomputing dgl+mlaan step is made by the high-resolution modules
+    # (their LAM trunks and the window's graphs); later modules' recomputation costs time and saves no peak.
+    checkpoint_modules: int = _option(0, "recompute", "with grad_checkpointing, recompute only in the first N "
+                                      "local modules (their aux nets and cascade-window graphs); 0: in all",
+                                      read_when={"grad_checkpointing": (True,)})
     cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "
                                                 "cascaded gradient flows into them from later modules)",
                                                 derived="mlaan train sets it to the rank boundaries of --parallel "
@@ -97,6 +102,8 @@ class EngineOptions:
             raise ValueError(f"ema_lag must be 0 or 1, got {self.ema_lag}")
         for name in ("lam_depth", "balance_batch_size", "checkpoint_segment"):
             _check_at_least(name, getattr(self, name), 1)
+        if self.checkpoint_modules < 0:
+            raise ValueError(f"checkpoint_modules must be 0 (all) or more, got {self.checkpoint_modules}")
         if self.aux_width < 1:
             raise ValueError(f"need aux_width >= 1, {self.aux_width} given")
         for name in ("lam_shrink", "depth_shrink"):

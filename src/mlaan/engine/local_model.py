@@ -244,11 +244,20 @@ class LocalModel(nn.Module):
         block (or segments of ``options.checkpoint_segment`` blocks): activation checkpointing.
 
         Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one more
-        forward of every aux block and up to two of each module per step (its input gradient, then its weights)."""
+        forward of every aux block and up to two of each module per step (its input gradient, then its weights).
+        ``options.checkpoint_modules`` = N > 0 recomputes only in the first N local modules (selective)."""
         self.options.grad_checkpointing = bool(enable)
-        for module in self.modules():
-            if isinstance(module, StackedLoss):
-                module.set_grad_checkpointing(bool(enable))
+        heads = [*enumerate(self.independent_heads), *((int(j), h) for j, h in self.cascade_heads.items())]
+        for j, head in heads:
+            for module in head.modules():
+                if isinstance(module, StackedLoss):
+                    module.set_grad_checkpointing(bool(enable) and self.recomputes_module(j))
+
+    def recomputes_module(self, j: int) -> bool:
+        """Whether local module j's aux nets and cascade-window graph are recomputed (``grad_checkpointing``,
+        within the first ``checkpoint_modules`` modules when that is not 0)."""
+        n = self.options.checkpoint_modules
+        return self.options.grad_checkpointing and (n == 0 or j < n)
 
     def single_value_batchnorms(self) -> list[str]:
         """Names of the BatchNorm layers (backbone and aux nets) that see a 1×1 map in a training step.
@@ -568,7 +577,8 @@ class LocalStep:
             inputs.requires_grad_()
         with model._autocast(), mark(MODULE_FORWARD):
             module = model.local_modules[j]
-            output = run_blocks(module, inputs, True, self.segment) if self.recompute else module(inputs)
+            recompute = self.recompute and model.recomputes_module(j)
+            output = run_blocks(module, inputs, True, self.segment) if recompute else module(inputs)
         grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets,
                                                                  self.loss_scale)
         self.losses[j] = losses

@@ -78,7 +78,8 @@ RESUME_FREE = frozenset(
         "precise_bn",  # evaluation only: it re-estimates BatchNorm statistics on a copy (training is unchanged)
         "save_every",
         "grad_checkpointing",
-        "checkpoint_segment",  # how BP's checkpointing is cut changes memory and time, not what a step computes
+        "checkpoint_segment",
+        "checkpoint_modules",  # how BP's checkpointing is cut changes memory and time, not what a step computes
         "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
         "channels_last",
         "threads",
