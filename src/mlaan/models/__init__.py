@@ -95,6 +95,9 @@ for _name, _blocks in _IMAGENET_BLOCKS.items():
     register(_name, _lazy("imagenet_resnet", "imagenet_resnet", _name), _PAPER_K.get(_name, _blocks + 1),
              image_size=224,
              mean=IMAGENET_MEAN, std=IMAGENET_STD)
+# Small ViTs for 32-pixel images (timm's VisionTransformer, needs timm; their facts: mlaan.models.vit.VIT_SPECS)
+for _name, _k in (("vit_tiny_patch4_32", 4), ("vit_tiny6_patch4_32", 3)):
+    register(_name, _lazy("vit", "small_vit", _name), _k, image_size=32)
 
 
 def _split_library(name: str) -> tuple[str, str] | None:
