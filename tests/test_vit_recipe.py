@@ -44,8 +44,9 @@ def test_the_registered_small_vit_is_timm_vit_tiny_at_4_pixel_patches():
 
 
 def test_position_embedding_class_token_norms_and_biases_are_not_decayed():
-    model = mlaan.create_local_model("vit_tiny_patch4_32", "dgl+mlaan", num_local_modules=4, in_channels=1,
-                                     lam_depth=2)
+    with torch.device("meta"):  # shapes and names only: no memory, no initialisation
+        model = mlaan.create_local_model("vit_tiny_patch4_32", "dgl+mlaan", num_local_modules=4, in_channels=1,
+                                         lam_depth=2)
     assert model.no_weight_decay() == {"backbone.blocks.0.shell.cls_token", "backbone.blocks.0.shell.pos_embed"}
     decay, no_decay = model.param_groups(0.05)
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
@@ -89,8 +90,10 @@ def test_each_config_trains_a_step_on_synthetic_data(method, tmp_path):
 
 @pytest.mark.parametrize("k", [4, 13])
 def test_lam_depth_2_bounds_each_trunk_to_two_learnable_blocks_and_one_ema_twin(k):
-    model = mlaan.create_local_model("vit_tiny6_patch4_32" if k == 4 else "vit_tiny_patch4_32", "dgl+mlaan",
-                                     num_local_modules=k, in_channels=1, lam_depth=2)
+    with torch.device("meta"):  # shapes only
+        model = mlaan.create_local_model("vit_tiny_patch4_32", "dgl+mlaan", num_local_modules=k, in_channels=1,
+                                         lam_depth=2)
+        default = mlaan.create_local_model("vit_tiny_patch4_32", "dgl+mlaan", num_local_modules=k, in_channels=1)
     trunks = [m for m in model.modules() if isinstance(m, LeapTrunk)]
     assert len(trunks) == k - 2  # a cascaded aux net for modules 1 to K-2 (module 0: none; the last: the head)
     block_params = sum(p.numel() for p in model.backbone.blocks[1].parameters())
@@ -98,6 +101,5 @@ def test_lam_depth_2_bounds_each_trunk_to_two_learnable_blocks_and_one_ema_twin(
         assert 1 <= len(trunk.copies) <= 2
         assert sum(p.numel() for p in trunk.twin.module.parameters()) == block_params  # one EMA twin
         assert not any(p.requires_grad for p in trunk.twin.parameters())
-    default = mlaan.create_local_model("vit_tiny_patch4_32", "dgl+mlaan", num_local_modules=13, in_channels=1)
-    if k == 13:  # the default (lam_depth 4) copies up to four blocks a module, so aux parameters grow with K
-        assert max(len(t.copies) for t in default.modules() if isinstance(t, LeapTrunk)) == 4
+    # the default (lam_depth 4) copies more (K=13: four blocks early on, K=4: three in module 1)
+    assert max(len(t.copies) for t in default.modules() if isinstance(t, LeapTrunk)) > 2
