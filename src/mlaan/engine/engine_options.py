@@ -28,6 +28,7 @@ READERS = {
     "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal; bp: its backbone's blocks)",
     "e2e_recompute": "the checkpointed backbone of an end-to-end method (bp)",
     "loss": "the cross-entropy losses of every method (the output's, and the aux classifiers' the methods build)",
+    "step": "every method's training step (its local modules and aux nets)",
 }
 
 
@@ -86,6 +87,9 @@ class EngineOptions:
                                                 "cascaded gradient flows into them from later modules)",
                                                 derived="mlaan train sets it to the rank boundaries of --parallel "
                                                         "modules --boundary cut")
+    # mlaan.engine.compile: each part a step calls compiled in place (no _orig_mod. keys); results to float rounding
+    compile: bool = _option(False, "step", "torch.compile (inductor) each local module and aux net that a training "
+                            "step runs; state_dict keys unchanged, inference stays eager")
     label_smoothing: float = _option(0.0, "loss", "label smoothing eps in [0, 1) of every cross-entropy (output and "
                                      "aux classifiers) on class-index targets; probability targets are used as "
                                      "given (timm's Mixup smooths its own)")

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import models, runtime
+from .compile import compile_step_parts, retained_backward
 from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits, cross_entropy
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
@@ -138,6 +139,8 @@ class LocalModel(nn.Module):
             if spec.cascade and j >= 1 and opts.window >= 2:
                 self.cascade_heads[str(j)] = self._build_head(j, leap=spec.leap)
         self.set_grad_checkpointing(opts.grad_checkpointing)
+        if opts.compile:  # torch.compile of each local module and aux net, in place (mlaan.engine.compile)
+            compile_step_parts(self)
 
     # ----------------------------------------------------------------------------------------- building
     def _build_head(self, j: int, leap: bool) -> nn.Module:
@@ -652,7 +655,8 @@ class LocalStep:
                 if k > i:  # already carried through on the rank that owns module k
                     continue
                 entry = by_index[k]
-                (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+                with retained_backward(self.model):  # compiled modules: no donated buffers (mlaan.engine.compile)
+                    (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
                 if k == self.modules.start:
                     self.outbox.append((j, grad))
                     return

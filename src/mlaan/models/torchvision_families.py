@@ -14,6 +14,7 @@ from torchvision.models import vision_transformer as vit
 
 from .cut import Adapter, Cut, register_adapter
 
+
 def torchvision_names() -> list[str]:
     """torchvision's classification builders (``torchvision:NAME``): a family's model is cut by its adapter, any
     other by its traced graph (:mod:`mlaan.models.graph_cut`) when the model is built, which refuses one with no

@@ -82,6 +82,7 @@ RESUME_FREE = frozenset(
         "checkpoint_modules",  # how BP's checkpointing is cut changes memory and time, not what a step computes
         "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
         "channels_last",
+        "compile",  # torch.compile: the same step to float rounding, the same state_dict keys
         "threads",
         "extra",
         "parallel",  # a module-parallel run resumes in one process or with another number of ranks, and back
