@@ -38,7 +38,8 @@ STEP_PHASES = {
 
 def mark(name: str) -> contextlib.AbstractContextManager:
     """``record_function(name)`` while a profiler records, else a no-op context (entering a ``record_function``
-    costs several µs even when nothing records it; the check costs ~0.1 µs)."""
-    if torch.autograd._profiler_enabled():
+    costs several µs even when nothing records it; the check costs ~0.1 µs). Nothing inside a ``torch.compile``d
+    part (``compile``: the profiler query would break its graph)."""
+    if not torch.compiler.is_compiling() and torch.autograd._profiler_enabled():
         return record_function(name)
     return contextlib.nullcontext()
