@@ -466,8 +466,9 @@ class Trainer:
             self._log(message)
 
     def _reduce(self, values: dict[str, float]) -> dict[str, float]:
-        """Sums across ranks (the keys are counts and sums, which ``reduce_metrics`` adds up)."""
-        return dist.reduce_metrics(values, self.ctx)
+        """Sums across ranks: every key is a count or a sum (an epoch's ``independent_losses/0``, too, which
+        ``reduce_metrics`` would otherwise average)."""
+        return dist.reduce_metrics(values, self.ctx, sum_keys=values)
 
     # ------------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, Any]:
