@@ -38,7 +38,7 @@ from .phases import (
     mark,
 )
 from .recompute import run_blocks
-from .split import check_blocks, check_shared_state, compute_split, profile_blocks
+from .split import check_blocks, check_shared_parameters, check_shared_state, compute_split, profile_blocks
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
@@ -132,6 +132,7 @@ class LocalModel(nn.Module):
         self.local_modules = nn.ModuleList(views)
 
         check_shared_state(self.profile, self.split, set(), spec.name, backbone.blocks)  # before any copy
+        check_shared_parameters(self.split, spec.name, backbone.blocks)
         self.independent_heads = nn.ModuleList()
         self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
         for j in range(num_local_modules - 1):

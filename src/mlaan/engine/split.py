@@ -202,6 +202,28 @@ def check_shared_state(profile: BlockProfile, split: list[range], copied: set[in
             "end to end (method bp)")
 
 
+def check_shared_parameters(split: list[range], method: str, blocks: nn.ModuleList) -> None:
+    """Refuse (ValueError, one line) a parameter held by blocks in two local modules (a module or a weight called
+    at two depths of the forward: tied weights): the later module's local backward would write into the earlier
+    module's gradient (no gradient crosses a local module), and per-module clipping and module parallelism would
+    treat it twice. ``split``: each local module's blocks; the head (the last block) rides with the last module."""
+    module_of = {unit: m for m, units in enumerate(split) for unit in units}
+    module_of[len(blocks) - 1] = len(split) - 1
+    first: dict[int, tuple[int, str]] = {}
+    for i, block in enumerate(blocks):
+        for name, p in block.named_parameters():
+            if not p.requires_grad:  # frozen: no gradient to leak
+                continue
+            seen = first.setdefault(id(p), (i, name))
+            if module_of.get(seen[0]) != module_of.get(i):
+                a = seen[0]
+                raise ValueError(
+                    f"{_describe(i, blocks[i], len(blocks))} and {_describe(a, blocks[a], len(blocks))} share the "
+                    f"parameter {seen[1]!r} (a weight used at two depths, tied): under {method} with K={len(split)} "
+                    f"they fall in local modules {module_of.get(a)} and {module_of.get(i)}, and no gradient crosses "
+                    f"a local module; untie it, pass blocks {a} to {i} as one block, or train end to end (method bp)")
+
+
 def split_sizes(costs: list[float], num_modules: int, min_size: int = 1) -> list[int]:
     """Partition ``costs`` into ``num_modules`` contiguous runs of at least ``min_size`` items minimising the
     largest run's sum (exact dynamic programme, O(n²·num_modules)).

@@ -209,9 +209,30 @@ def _depends_on_input(graph: fx.Graph) -> dict[fx.Node, bool]:
     return dep
 
 
-def cut_points(graph: fx.Graph) -> list[int]:
+def _parameter_spans(root: nn.Module, nodes: list[fx.Node]) -> list[tuple[int, int]]:
+    """(first, last) positions of the nodes reading each parameter used more than once (a module called at two
+    depths, a weight read twice: tied weights): a cut inside would put it in two blocks."""
+    pos = {n: i for i, n in enumerate(nodes)}
+    uses: dict[int, set[int]] = {}
+    for i, n in enumerate(nodes):
+        if n.op == "call_module" and (m := _module(root, n.target)) is not None:
+            held, at = list(m.parameters()), [i]
+        elif n.op == "get_attr":
+            obj = _attr(root, n.target)
+            held = [obj] if isinstance(obj, nn.Parameter) else list(obj.parameters()) if isinstance(
+                obj, nn.Module) else []
+            at = [pos[u] for u in n.users] or [i]  # read where it is used (each block re-reads it)
+        else:
+            continue
+        for p in held:
+            uses.setdefault(id(p), set()).update(at)
+    return [(min(at), max(at)) for at in uses.values() if len(at) > 1]
+
+
+def cut_points(graph: fx.Graph, root: nn.Module | None = None) -> list[int]:
     """Positions i (in node order) after which exactly one value computed from the input, a tensor other than
-    the input itself, is used later: the single-tensor cut points (one per value: the last such position)."""
+    the input itself, is used later: the single-tensor cut points (one per value: the last such position). With
+    ``root`` (the traced model), no point lies between two uses of one parameter (tied weights)."""
     nodes = list(graph.nodes)
     pos = {n: i for i, n in enumerate(nodes)}
     dep = _depends_on_input(graph)
@@ -234,7 +255,8 @@ def cut_points(graph: fx.Graph) -> list[int]:
             if value.op != "placeholder" and value is not result and \
                     isinstance(value.meta.get("tensor_meta"), TensorMetadata):
                 points[value] = i
-    return sorted(points.values())
+    spans = _parameter_spans(root, nodes) if root is not None else []
+    return sorted(p for p in points.values() if not any(a <= p < b for a, b in spans))
 
 
 # ------------------------------------------------------------------------------------------------- choosing
@@ -300,8 +322,8 @@ def _kind(root: nn.Module, piece: list[fx.Node]) -> str:
                 norm |= isinstance(m, NORMS)
                 weights |= not isinstance(m, NORMS)
             pool |= isinstance(m, _POOLS)
-        elif n.op == "get_attr":
-            weights |= isinstance(_attr(root, n.target), nn.Parameter)
+        elif n.op == "get_attr":  # a weight read by a later piece is copied there (see _split): not this one's
+            weights |= isinstance(_attr(root, n.target), nn.Parameter) and any(u in piece for u in n.users)
         elif n.op == "call_function":
             pool |= n.target in _POOL_FUNCTIONS
         elif n.op == "call_method":
@@ -440,7 +462,7 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
                             f"image ({_first_line(error)}); pass image_size= and in_channels=") from None
     nodes = list(graph.nodes)
     dep = _depends_on_input(graph)
-    points = cut_points(graph)
+    points = cut_points(graph, model)
     if not points:
         raise GraphCutError("no point of its forward is crossed by a single tensor (a skip "
                             "connection spans every one)")

@@ -1,0 +1,62 @@
+"""Own models a researcher hands in, found wrong by trying (breaker findings)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mlaan
+
+
+class _Tied(nn.Module):
+    """b1 called twice (at two depths) or a layer-scale weight read twice: one parameter at two places."""
+
+    def __init__(self, tie: bool = False, gamma: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.b3 = nn.Conv2d(8, 8, 3, padding=1)
+        self.tie = tie
+        self.gamma = nn.Parameter(torch.ones(1)) if gamma else None
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.stem(x))
+        x = F.relu(self.b1(x))
+        if self.gamma is not None:
+            x = x * self.gamma
+        x = F.relu(self.b2(x))
+        x = F.relu((self.b1 if self.tie else self.b3)(x))
+        if self.gamma is not None:
+            x = x * self.gamma
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("kind", ["tie", "gamma"])
+def test_graph_cut_keeps_a_tied_weight_in_one_block(kind):
+    """Was: the graph cut put the tied b1 (or gamma) in two blocks, and dgl's later module wrote into the earlier
+    module's gradient (and clip_grad_norm_ clipped it twice)."""
+    torch.manual_seed(0)
+    net = _Tied(**{kind: True})
+    model = mlaan.create_local_model(net, method="dgl", num_local_modules=2, image_size=8)
+    holders: dict[int, int] = {}
+    for j, module in enumerate(model.local_modules):
+        for p in module.parameters():
+            assert holders.setdefault(id(p), j) == j, "a parameter in two local modules"
+    for block in model.backbone.blocks:  # a weight read by a later piece makes no block of its own
+        assert any(True for _ in block.parameters()), block.code
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(model.eval()(x), net.eval()(x))
+    model.train().train_step(x, torch.tensor([1, 2]))
+
+
+def test_a_parameter_in_two_local_modules_is_refused_in_one_line():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    blocks = [nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), nn.Sequential(conv, nn.ReLU()),
+              nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()), nn.Sequential(conv, nn.ReLU()),
+              nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))]
+    with pytest.raises(ValueError, match="share the parameter") as info:
+        mlaan.create_local_model(blocks, method="dgl", num_local_modules=4, image_size=8)
+    assert "\n" not in str(info.value)
+    mlaan.create_local_model(blocks, method="bp", image_size=8)  # one module: nothing crosses
