@@ -60,3 +60,29 @@ def test_a_parameter_in_two_local_modules_is_refused_in_one_line():
         mlaan.create_local_model(blocks, method="dgl", num_local_modules=4, image_size=8)
     assert "\n" not in str(info.value)
     mlaan.create_local_model(blocks, method="bp", image_size=8)  # one module: nothing crosses
+
+
+def _small_dgl() -> mlaan.LocalModel:
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10))
+    return mlaan.create_local_model(net, method="dgl", num_local_modules=3, image_size=8).train()
+
+
+@pytest.mark.parametrize("max_norm", [-1.0, 0.0, float("nan"), "1", True])
+def test_clip_grad_norm_refuses_a_bad_max_norm(max_norm):
+    """Was: clip_grad_norm_(-1.0) flipped every gradient's sign (torch's clip takes it), nan made them nan."""
+    model = _small_dgl()
+    model.train_step(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    with pytest.raises(ValueError, match="max_norm must be a number > 0"):
+        model.clip_grad_norm_(max_norm)
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, (p for p in model.parameters() if p.grad is not None)))
+    assert model.clip_grad_norm_(float("inf")).shape == (3,)  # inf: norms only, as torch's
+
+
+@pytest.mark.parametrize("weight_decay", [-0.1, "0.05", None, float("nan")])
+def test_param_groups_refuses_a_bad_weight_decay(weight_decay):
+    """Was: accepted, and the optimizer failed (or decayed the wrong way) at its first step."""
+    with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
+        _small_dgl().param_groups(weight_decay)

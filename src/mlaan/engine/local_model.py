@@ -433,6 +433,9 @@ class LocalModel(nn.Module):
         parameters and biases (every parameter of one dimension or less, or named ``*.bias``) and on what
         :meth:`no_weight_decay` names. Backbone and aux nets alike; frozen parameters (EMA twins) are left out.
         ``torch.optim.AdamW(model.param_groups(0.05), lr=1e-3)``."""
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, numbers.Real) or not (
+                math.isfinite(weight_decay) and weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
         return weight_decay_groups(self.named_parameters(), weight_decay, self.no_weight_decay())
 
     @torch.no_grad()
@@ -442,6 +445,10 @@ class LocalModel(nn.Module):
         (one global norm would couple the gradient-isolated modules); bp, one module, gets one global norm.
         Call after ``train_step`` (and a data-parallel all-reduce), before ``optimizer.step()``. Returns each
         module's total norm before clipping, a tensor (K,)."""
+        for name, value in (("max_norm", max_norm), ("norm_type", norm_type)):
+            # torch's own clip_grad_norm_ takes a negative max_norm and flips every gradient's sign
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         norms = []
         device = next(self.backbone.parameters()).device
         for j in range(len(self.local_modules)):
