@@ -86,3 +86,18 @@ def test_param_groups_refuses_a_bad_weight_decay(weight_decay):
     """Was: accepted, and the optimizer failed (or decayed the wrong way) at its first step."""
     with pytest.raises(ValueError, match="weight_decay must be a finite number >= 0"):
         _small_dgl().param_groups(weight_decay)
+
+
+class _DictOut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b1, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.head(F.relu(self.b1(F.relu(self.stem(x)))).mean((2, 3)))}
+
+
+def test_a_forward_returning_a_dict_is_named_a_dict():
+    """Was: 'its forward returns a immutable_dict' (torch.fx's type)."""
+    with pytest.raises(ValueError, match="its forward returns a dict, not one tensor"):
+        mlaan.create_local_model(_DictOut(), method="dgl", image_size=8)

@@ -149,8 +149,8 @@ def _container_returned(graph: fx.Graph) -> str | None:
     """The name of the container type the graph returns (a tuple, a namedtuple it builds, a dict), None when it
     returns one value."""
     returned = list(graph.nodes)[-1].args[0]
-    if not isinstance(returned, fx.Node):
-        return type(returned).__name__
+    if not isinstance(returned, fx.Node):  # fx's immutable_dict / immutable_list: the user wrote a dict / list
+        return type(returned).__name__.removeprefix("immutable_")
     target = returned.target
     if returned.op == "call_function" and isinstance(target, type) and issubclass(target, (tuple, list, dict)):
         return target.__name__
