@@ -101,3 +101,16 @@ def test_a_forward_returning_a_dict_is_named_a_dict():
     """Was: 'its forward returns a immutable_dict' (torch.fx's type)."""
     with pytest.raises(ValueError, match="its forward returns a dict, not one tensor"):
         mlaan.create_local_model(_DictOut(), method="dgl", image_size=8)
+
+
+@pytest.mark.parametrize("method", ["dgl", "dgl+mlaan", "infopro+mlaan"])
+def test_aux_nets_follow_the_users_model_dtype(method):
+    """Was: a float64 (or CUDA) model's aux nets were built in float32 on the CPU, and the first train_step failed
+    deep in an aux head ('mat1 and mat2 must have the same dtype')."""
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(8, 10)).double()
+    model = mlaan.create_local_model(net, method=method, num_local_modules=3, image_size=8).train()
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    stats = model.train_step(torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(torch.tensor(stats["loss"]))

@@ -139,6 +139,10 @@ class LocalModel(nn.Module):
             self.independent_heads.append(self._build_head(j, leap=spec.leap and not spec.cascade))
             if spec.cascade and j >= 1 and opts.window >= 2:
                 self.cascade_heads[str(j)] = self._build_head(j, leap=spec.leap)
+        like = next((p for p in backbone.parameters() if p.is_floating_point()), None)
+        if like is not None:  # the aux nets where the user's model is: its device and dtype (a CUDA or float64 net)
+            self.independent_heads.to(like.device, like.dtype)
+            self.cascade_heads.to(like.device, like.dtype)
         self.set_grad_checkpointing(opts.grad_checkpointing)
         if opts.compile:  # torch.compile of each local module and aux net, in place (mlaan.engine.compile)
             compile_step_parts(self)
