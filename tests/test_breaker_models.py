@@ -114,3 +114,22 @@ def test_aux_nets_follow_the_users_model_dtype(method):
     assert {p.dtype for p in model.parameters()} == {torch.float64}
     stats = model.train_step(torch.randn(4, 3, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(torch.tensor(stats["loss"]))
+
+
+class _MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(784, 64), nn.Linear(64, 64)
+        self.l3, self.head = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.l1(x.flatten(1)))
+        return self.head(F.relu(self.l3(F.relu(self.l2(x)))))
+
+
+def test_a_graph_cut_model_that_does_not_run_on_the_probe_says_why_in_one_line(capfd):
+    """Was: torch.fx ShapeProp's traceback printed to stderr and its node dump as the reason."""
+    with pytest.raises(ValueError, match=r"mat1 and mat2 shapes cannot be multiplied .*pass image_size="):
+        mlaan.create_local_model(_MLP(), method="dgl", num_local_modules=3)
+    assert "Traceback" not in capfd.readouterr().err
+    mlaan.create_local_model(_MLP(), method="dgl", num_local_modules=3, image_size=28, in_channels=1)

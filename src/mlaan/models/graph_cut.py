@@ -33,7 +33,9 @@ https://pytorch.org/docs/stable/distributed.pipelining.html), with the split poi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import io
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -455,11 +457,18 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
     like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     device, dtype = (like.device, like.dtype) if like is not None else (torch.device("cpu"), torch.float32)
     probe = torch.randn(1, channels, *image_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    def probe_run() -> object:
+        out = model(probe)  # first: its own error, not ShapeProp's node dump
+        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before it raises
+            ShapeProp(whole).propagate(probe)
+        return out
+
     try:
-        expected = _run(model, lambda: (ShapeProp(whole).propagate(probe), model(probe))[1])
+        expected = _run(model, probe_run)
     except Exception as error:
         raise GraphCutError(f"it does not run on a ({channels}, {image_size[0]}, {image_size[1]}) "
-                            f"image ({_first_line(error)}); pass image_size= and in_channels=") from None
+                            f"image ({_first_line(error.__cause__ or error)}); pass image_size= and "
+                            "in_channels=") from None
     nodes = list(graph.nodes)
     dep = _depends_on_input(graph)
     points = cut_points(graph, model)
