@@ -105,12 +105,24 @@ def _key(point: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------- accuracy
-def load_accuracy(path: Path) -> dict | None:
-    """An accuracy report (``mlaan bench accuracy``'s accuracy.json), None when there is none at ``path``."""
+def load_accuracy(path: Path, required: bool = False) -> dict | None:
+    """An accuracy report (``mlaan bench accuracy``'s accuracy.json), None when there is none at ``path``, it is
+    not JSON or not such a report; ValueError instead when ``required`` (a path the user named)."""
     try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
+        report = json.loads(Path(path).read_text())
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    except ValueError:
+        problem = "is not JSON"
+    else:
+        if (isinstance(report, dict) and isinstance(report.get("recipe"), dict)
+                and isinstance(report.get("summary"), list)):
+            return report
+        problem = "is not an accuracy report (no 'recipe' and 'summary')"
+    if required:
+        raise ValueError(f"--accuracy {path} {problem}: give the accuracy.json of `mlaan bench accuracy`, "
+                         "or 'none'")
+    return None
 
 
 def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source: str = "") -> None:
@@ -299,6 +311,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warmup must be non-negative, got {args.warmup}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    report = None
+    if args.accuracy.lower() != "none":  # read before measuring: a path given by hand must be a report
+        report = load_accuracy(Path(args.accuracy), required=args.accuracy != str(DEFAULT_ACCURACY))
     points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, memory.parse_options(args.option))
     runtime.apply_threads(runtime.choose_threads(args.threads))
     out = common.output_dir(args.output_dir, "frontier")
@@ -311,8 +326,8 @@ def run(args: argparse.Namespace) -> int:
     measure_memory(arch, points, args.batch, isolate=not args.no_isolate, log=log)
     common.write_json(out / "frontier.json", result)
     measure_time(arch, points, time_batch, args.format, args.warmup, args.repeats, log=log)
-    if args.accuracy.lower() != "none":
-        annotate_accuracy(points, arch, load_accuracy(Path(args.accuracy)), source=args.accuracy)
+    if report is not None:
+        annotate_accuracy(points, arch, report, source=args.accuracy)
     mark_pareto(points)
     result["loadavg_after"] = list(os.getloadavg())  # other jobs on the machine slow every point alike
     table = render(result)
