@@ -133,3 +133,54 @@ def test_a_graph_cut_model_that_does_not_run_on_the_probe_says_why_in_one_line(c
         mlaan.create_local_model(_MLP(), method="dgl", num_local_modules=3)
     assert "Traceback" not in capfd.readouterr().err
     mlaan.create_local_model(_MLP(), method="dgl", num_local_modules=3, image_size=28, in_channels=1)
+
+
+class _NoGradStem(nn.Module):
+    def __init__(self, leaf: bool = False) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1, self.b2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # a frozen feature extractor, as the user's forward says
+            x = F.relu(self.stem(x))
+        x = F.relu(self.b2(F.relu(self.b1(x))))
+        return self.head(x.mean((2, 3)))
+
+
+class _FrozenInside(nn.Module):
+    """A submodule that does not trace (a leaf: its own code runs) and keeps its conv out of autograd itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.conv = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum() > 1e9:  # data-dependent: made a leaf
+            return x
+        x = self.pre(x)
+        with torch.no_grad():
+            y = self.conv(x)
+        return x + y
+
+
+class _LeafWithNoGrad(_NoGradStem):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _FrozenInside())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b2(F.relu(self.b1(F.relu(self.stem(x))))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_a_forward_that_runs_a_layer_without_gradient_is_refused():
+    """Was: torch.fx drops the torch.no_grad() block, and under dgl the stem the user's forward keeps frozen got
+    its local module's gradient and trained."""
+    with pytest.raises(ValueError, match=r"runs 'stem' without gradient \(torch.no_grad\(\)"):
+        mlaan.create_local_model(_NoGradStem(), method="dgl", image_size=8)
+    model = mlaan.create_local_model(_LeafWithNoGrad(), method="dgl", image_size=8).train()  # inside a leaf: kept
+    model.train_step(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    frozen = model.backbone.source.b1[1]
+    assert frozen.conv.weight.grad is None and frozen.pre.weight.grad is not None

@@ -434,12 +434,12 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0][:200] if text else type(error).__name__
 
 
-def _run(model: nn.Module, run: Callable[[], object]) -> object:
-    """``run()`` with ``model`` in eval mode and no grad, its modules' modes restored after."""
+def _run(model: nn.Module, run: Callable[[], object], grad: bool = False) -> object:
+    """``run()`` with ``model`` in eval mode and no grad (``grad``: with), its modules' modes restored after."""
     modes = {m: m.training for m in model.modules()}
     try:
         model.eval()
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return run()
     finally:
         for m, mode in modes.items():
@@ -457,14 +457,14 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
     like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     device, dtype = (like.device, like.dtype) if like is not None else (torch.device("cpu"), torch.float32)
     probe = torch.randn(1, channels, *image_size, generator=torch.Generator().manual_seed(0)).to(device, dtype)
-    def probe_run() -> object:
-        out = model(probe)  # first: its own error, not ShapeProp's node dump
-        with contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback before it raises
+    def probe_run() -> tuple[object, list[str]]:
+        out, no_grad = _no_grad_modules(model, probe)  # first: its own error, not ShapeProp's node dump
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):  # ShapeProp prints a traceback first
             ShapeProp(whole).propagate(probe)
-        return out
+        return out, no_grad
 
     try:
-        expected = _run(model, probe_run)
+        expected, no_grad = _run(model, probe_run, grad=True)
     except Exception as error:
         raise GraphCutError(f"it does not run on a ({channels}, {image_size[0]}, {image_size[1]}) "
                             f"image ({_first_line(error.__cause__ or error)}); pass image_size= and "
@@ -494,7 +494,34 @@ def _graph_cut(model: nn.Module, image_size: tuple[int, int], in_channels: int |
     if not (isinstance(got, torch.Tensor) and isinstance(expected, torch.Tensor) and got.shape == expected.shape
             and (device.type == "meta" or torch.allclose(got, expected, rtol=tolerance, atol=tolerance / 10))):
         raise GraphCutError("its traced blocks do not reproduce its output")
+    called = {n.target for n in nodes if n.op == "call_module"}  # leaves: their own code runs, grad mode and all
+    no_grad = [name for name in no_grad if not any(name.startswith(f"{leaf}.") for leaf in called)]
+    if no_grad:  # torch.fx records no grad mode: the blocks would train what the forward keeps out of autograd
+        raise GraphCutError(f"its forward runs {no_grad[0]!r} without gradient (torch.no_grad() or "
+                            "set_grad_enabled(False), which torch.fx does not trace); freeze it with "
+                            "requires_grad_(False) instead")
     return Cut(list(blocks), image_size=image_size)
+
+
+def _no_grad_modules(model: nn.Module, images: torch.Tensor) -> tuple[object, list[str]]:
+    """``model(images)`` (detached) and the submodules with trainable parameters of their own that its forward
+    calls with gradient disabled."""
+    found: list[str] = []
+
+    def spy(name: str) -> Callable:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if not torch.is_grad_enabled() and name not in found:
+                found.append(name)
+        return hook
+
+    handles = [m.register_forward_pre_hook(spy(name)) for name, m in model.named_modules()
+               if any(p.requires_grad for p in m.parameters(recurse=False))]
+    try:
+        out = model(images)
+    finally:
+        for h in handles:
+            h.remove()
+    return (out.detach() if isinstance(out, torch.Tensor) else out), found
 
 
 def _keep_unused(model: nn.Module, blocks: list[nn.Module]) -> None:
