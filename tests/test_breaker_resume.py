@@ -48,3 +48,61 @@ def test_bench_frontier_refuses_an_accuracy_path_that_is_no_report(tmp_path, cap
     assert code == 2
     assert err.startswith("mlaan: error: --accuracy ") and err.count("\n") == 1, err
     assert not (out / "frontier.json").exists()
+
+
+def test_data_parallel_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path):
+    """A 2-rank run stopped mid-epoch and resumed on 2 ranks: its weights were bit-identical, but the epoch's
+    train loss/accuracy were not (the checkpoint held rank 0's sums only, restored on every rank and counted
+    twice). The checkpoint now holds every rank's sums, restored once; so do a 2 -> 1 and a 1 -> 2 rescale."""
+    run = [*TINY, "--parallel", "data", "--epochs", "1", "--batch-size", "8"]
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    _torchrun([*run, "--output-dir", str(ref)])
+    _torchrun([*run, "--output-dir", str(stopped), "--max-steps", "2"])
+    _torchrun(["--resume", str(stopped)])
+    (a,), (b,) = _lines(ref), _lines(stopped)
+    for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
+        x, y = ([v for v in line[key] if v is not None] if isinstance(line[key], list) else line[key]
+                for line in (a, b))
+        assert x == pytest.approx(y, rel=1e-9), key
+
+
+def test_rescaled_resume_counts_each_image_of_the_epoch_once(tmp_path):
+    """1 process stopped after 3 of 4 steps, resumed on 2 ranks with --rescale-schedule: the epoch continues
+    after the 48 images read (1 step of 32, rounded down) and the log's images are 48 + 32 (the earlier steps were
+    counted on every rank: 2 x 48 + 32 reported)."""
+    import torch
+
+    from mlaan.cli import main
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *TINY, "--epochs", "1", "--max-steps", "3", "--output-dir", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    (stopped,) = _lines(out)
+    _torchrun(["--resume", str(out), "--parallel", "data", "--rescale-schedule"])
+    (line,) = _lines(out)
+    assert line["complete"] and line["step"] == 4
+    per_second, seconds = line["images_per_second"], line["epoch_seconds"]
+    assert per_second * seconds == pytest.approx(48 + 32, rel=1e-6)
+    assert line["train_independent_losses"][-1] == pytest.approx(line["train_loss"], rel=1e-9)
+    assert stopped["train_loss"] != line["train_loss"]
+
+
+def test_pipelined_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path):
+    """--parallel modules stopped mid-epoch and resumed on 2 ranks: the checkpoint held the first rank's sums
+    only (its modules' losses, no loss or accuracy: the last rank has those), so the resumed epoch's figures
+    lost the steps before the stop."""
+    run = [*TINY, "--parallel", "modules", "--epochs", "1", "--batch-size", "8"]
+    ref, stopped = tmp_path / "ref", tmp_path / "stopped"
+    _torchrun([*run, "--output-dir", str(ref)])
+    _torchrun([*run, "--output-dir", str(stopped), "--max-steps", "3"])
+    _torchrun(["--resume", str(stopped)])
+    (a,), (b,) = _lines(ref), _lines(stopped)
+    for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
+        x, y = ([v for v in line[key] if v is not None] if isinstance(line[key], list) else line[key]
+                for line in (a, b))
+        assert x == pytest.approx(y, rel=1e-9), key
+    assert a["images_per_second"] * a["epoch_seconds"] == pytest.approx(64, rel=1e-6)
+    assert b["images_per_second"] * b["epoch_seconds"] == pytest.approx(64, rel=1e-6)

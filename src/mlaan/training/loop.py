@@ -241,6 +241,32 @@ class EpochMeter:
         return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count, "seconds": self.seconds,
                 "module_loss_sums": {name: list(values) for name, values in self.module_loss_sums.items()}}
 
+    def reduced_state(self, reduce: Callable[[dict[str, float]], dict[str, float]]) -> dict[str, Any]:
+        """:meth:`state_dict` with every sum added up over the ranks (``reduce``, collective; the count as
+        ``reduce`` leaves it): what a checkpoint of a multi-process run saves, so that the epoch's figures of a
+        resumed run count every rank's steps once."""
+        state = self.state_dict()
+        totals = reduce(self._flat_sums())
+        for key in ("loss_sum", "correct", "count"):
+            state[key] = totals[key]
+        state["module_loss_sums"] = {
+            name: [None if v is None else totals[f"{name}/{j}"] for j, v in enumerate(values)]
+            for name, values in self.module_loss_sums.items()}
+        return state
+
+    def held_by_another_rank(self, keep_count: bool = False) -> EpochMeter:
+        """This meter as a rank other than the first restores a checkpoint's (all ranks') sums: the first rank
+        holds them, so this one starts from zero; its seconds are kept, and its count when ``keep_count`` (module
+        parallelism: every rank counts the same images)."""
+        return EpochMeter(count=self.count if keep_count else 0.0, seconds=self.seconds, module_loss_sums={
+            name: [None if v is None else 0.0 for v in values] for name, values in self.module_loss_sums.items()})
+
+    def _flat_sums(self) -> dict[str, float]:
+        return {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count, **{
+            f"{name}/{j}": 0.0 if v is None else v
+            for name, values in self.module_loss_sums.items() for j, v in enumerate(values)
+        }}
+
     def start(self) -> None:
         """Start timing this pass (the seconds of earlier passes over the same epoch are kept)."""
         self._clock = (self.seconds, time.perf_counter())
@@ -277,10 +303,7 @@ class EpochMeter:
         ``loss``, ``accuracy``, ``module_losses`` ({kind: [mean or None per module]}), ``images``, ``seconds``
         (this rank's) and ``images_per_second``."""
         self._tick()
-        sums = {"loss_sum": self.loss_sum, "correct": self.correct, "count": self.count, **{
-            f"{name}/{j}": 0.0 if v is None else v
-            for name, values in self.module_loss_sums.items() for j, v in enumerate(values)
-        }}
+        sums = self._flat_sums()
         totals = reduce(sums) if reduce is not None else sums
         n = max(totals["count"], 1)
         return {
@@ -288,9 +311,12 @@ class EpochMeter:
                               for name, values in self.module_loss_sums.items()},
             "loss": totals["loss_sum"] / n,
             "accuracy": totals["correct"] / n,
-            "images": self.count * world_size,
+            # every rank's images (summed, or each pipeline rank's count of all): a resumed epoch's earlier
+            # steps are held by the first rank alone
+            "images": totals["count"] if reduce is not None else self.count * world_size,
             "seconds": self.seconds,
-            "images_per_second": self.count * world_size / max(self.seconds, 1e-9),
+            "images_per_second": (totals["count"] if reduce is not None else self.count * world_size)
+            / max(self.seconds, 1e-9),
         }
 
 

@@ -344,6 +344,8 @@ class Trainer:
             position = self.progress.epoch * self.steps_per_epoch + self.progress.epoch_step
             self.scheduler = loop.make_scheduler(self.optimizer, self.warmup_steps, self.total_steps, start=position)
         self.meter = loop.EpochMeter.from_state(ckpt.get("epoch_partial"))
+        if self.ctx.rank != 0:  # the checkpoint's sums are every rank's (_save_last): the first rank holds them
+            self.meter = self.meter.held_by_another_rank(keep_count=self._pipelined)
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
         ranks = ckpt.get("rng_ranks")
         if self._own_random_streams and saved is None and isinstance(ranks, list) and len(ranks) == shape[
@@ -642,12 +644,13 @@ class Trainer:
 
     # ------------------------------------------------------------------------ saves, signals, failures
     def checkpoint_state(self, wall_time: float, merged: dict[str, Any] | None = None,
-                         rng_ranks: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+                         rng_ranks: list[dict[str, Any]] | None = None,
+                         partial: dict[str, Any] | None = None) -> dict[str, Any]:
         """The run's checkpoint now (:func:`~mlaan.training.checkpoint.training_state`); ``wall_time``: seconds
         trained in this invocation; ``merged``: a module-parallel run's merged shards; ``rng_ranks``: every rank's
-        RNG states (data parallelism)."""
+        RNG states (data parallelism); ``partial``: the epoch's sums over every rank (None: this process's)."""
         return ckpt_io.training_state(self.cfg, self.info, self.local_model, self.optimizer, self.scheduler,
-                                      self.progress, self.meter.state_dict(), wall_time,
+                                      self.progress, partial or self.meter.state_dict(), wall_time,
                                       runtime.peak_memory(self.device), merged, schedule=self.shape,
                                       rng_ranks=rng_ranks)
 
@@ -658,6 +661,11 @@ class Trainer:
         self._clear_replaced_run()
         # data parallelism: each rank's random streams are its own (its crops and flips), and so is their state
         rng_ranks = dist.all_gather_objects(ckpt_io.rng_state(), self.ctx) if self._own_random_streams else None
+        # the epoch in progress as every rank counted it (a resume on any number of ranks logs each step once)
+        partial = None
+        if self.ctx.world_size > 1:
+            partial = self.meter.reduced_state(self.pipeline.reduce_sums if self.pipeline is not None
+                                               else self._reduce)
         if self.pipeline is not None:
             self.pipeline.drain()
             shard = self.pipeline.shard_state(self.optimizer)
@@ -666,8 +674,9 @@ class Trainer:
             if self.ctx.is_main:
                 merged = {**ckpt_io.merge_shards(self.out, self.local_model, self.ctx.world_size),
                           "pipeline": self.pipeline.description()}
-        self.checkpoints.save(lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged, rng_ranks),
-                              self.progress.step, best=best)
+        self.checkpoints.save(
+            lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged, rng_ranks, partial),
+            self.progress.step, best=best)
         if self.pipeline is not None:
             if self.ctx.is_main:
                 self.checkpoints.guard(
