@@ -184,3 +184,28 @@ def test_a_forward_that_runs_a_layer_without_gradient_is_refused():
     model.train_step(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
     frozen = model.backbone.source.b1[1]
     assert frozen.conv.weight.grad is None and frozen.pre.weight.grad is not None
+
+
+class _DetachedMiddle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.b1 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.b2, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.b1(F.relu(self.stem(x)))).detach()  # a stop-gradient in the user's forward
+        x = F.relu(self.b3(F.relu(self.b2(x))))
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("method", ["dgl", "dgl+mlaan"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_module_whose_output_the_forward_detaches_trains_the_rest(method, checkpointing):
+    """Was: RuntimeError 'element 0 of tensors does not require grad' from the detached module's local backward
+    (and from the cascade carried back through it)."""
+    net = _DetachedMiddle()
+    model = mlaan.create_local_model(net, method=method, image_size=8, grad_checkpointing=checkpointing).train()
+    model.train_step(torch.randn(2, 3, 8, 8), torch.tensor([0, 1]))
+    assert net.b1.weight.grad is None  # as in the user's forward: nothing reaches it
+    assert net.b2.weight.grad is not None and net.head.weight.grad is not None

@@ -513,7 +513,7 @@ class LocalModel(nn.Module):
         """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
         with mark(MODULE_BACKWARD):
             params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
-            if params:
+            if params and entry.output.requires_grad:  # not: the user's forward detaches it (a frozen part)
                 torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
             self._notify(params)
 
@@ -667,8 +667,12 @@ class LocalStep:
                 if k > i:  # already carried through on the rank that owns module k
                     continue
                 entry = by_index[k]
-                with retained_backward(self.model):  # compiled modules: no donated buffers (mlaan.engine.compile)
-                    (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True)
+                if entry.output.requires_grad:
+                    with retained_backward(self.model):  # compiled: no donated buffers (mlaan.engine.compile)
+                        (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True,
+                                                      allow_unused=True, materialize_grads=True)
+                else:  # the user's forward detaches module k's output: nothing passes (zeros keep the messages)
+                    grad = torch.zeros_like(entry.inputs)
                 if k == self.modules.start:
                     self.outbox.append((j, grad))
                     return
