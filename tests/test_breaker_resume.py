@@ -106,3 +106,15 @@ def test_pipelined_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path):
         assert x == pytest.approx(y, rel=1e-9), key
     assert a["images_per_second"] * a["epoch_seconds"] == pytest.approx(64, rel=1e-6)
     assert b["images_per_second"] * b["epoch_seconds"] == pytest.approx(64, rel=1e-6)
+
+
+def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
+    """`mlaan report RUN/metrics.json` said "run folder '.../metrics.json' does not exist" of a file that does."""
+    from mlaan.cli import main
+
+    path = tmp_path / "metrics.json"
+    path.write_text("{}")
+    assert main(["report", str(path), "--output-dir", str(tmp_path / "rep")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlaan: error: ") and err.count("\n") == 1 and "is a file" in err, err
+    assert "does not exist" not in err

@@ -80,6 +80,9 @@ def load_run(path: str | Path) -> dict:
     `mlaan train`. Epochs, steps and wall time count every resumed segment. ``name`` is the folder's name;
     :func:`write_report` replaces it by one that tells same-named folders apart (:func:`run_names`)."""
     run = Path(path)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"run folder {str(run)!r} is a file: give the output folder of `mlaan train` "
+                         f"({str(run.parent)!r} for its metrics files)")
     if not run.is_dir():
         raise ValueError(f"run folder {str(run)!r} does not exist")
     lines_path, final_path = run / "metrics.jsonl", run / "metrics.json"
