@@ -118,3 +118,25 @@ def test_report_of_a_file_says_it_is_a_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("mlaan: error: ") and err.count("\n") == 1 and "is a file" in err, err
     assert "does not exist" not in err
+
+
+def test_rescaled_resume_at_the_end_of_an_epoch_trains_no_leftover_batch(tmp_path):
+    """1 process stopped after 3 steps (48 images), resumed on 3 ranks (global batch 48, 1 step an epoch: 22
+    images a rank, the last 6 left out) with --rescale-schedule: epoch 1 is done, yet the resumed loader, whose
+    left-out rule looked at the 6 images left rather than the epoch, trained an extra step of 6 images a rank
+    (epoch 1 logged at step 4, the lr schedule one step ahead: lr 0 before epoch 2)."""
+    import torch
+
+    from mlaan.cli import main
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", *TINY, "--epochs", "2", "--max-steps", "3", "--output-dir", str(out)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    _torchrun(["--resume", str(out), "--parallel", "data", "--rescale-schedule"], ranks=3)
+    first, second = _lines(out)
+    assert (first["step"], second["step"]) == (3, 4)
+    assert first["images_per_second"] * first["epoch_seconds"] == pytest.approx(48, rel=1e-6)
+    assert first["lr"] > 0 and second["lr"] == 0

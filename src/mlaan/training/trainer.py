@@ -419,9 +419,11 @@ class Trainer:
 
     def _train_loader(self, skip_samples: int, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
         sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
+        # whether the epoch's last, smaller batch is left out is the whole epoch's (not what a resume has left)
+        drop_last = len(self.sampler) >= self.cfg.batch_size
         if self.cfg.data_on_device:  # crops and flips by (seed, epoch, rank, batch): no state to checkpoint
             return DeviceBatches(self._device_data("train"), sampler, self.cfg.batch_size,
-                                 drop_last=len(sampler) >= self.cfg.batch_size,
+                                 drop_last=drop_last,
                                  first_batch=skip_samples // self.cfg.batch_size, seed=self._stream_seed(epoch))
         return DataLoader(
             self.train_set,
@@ -430,7 +432,7 @@ class Trainer:
             generator=self._loader_generator(epoch),
             num_workers=self.workers,
             pin_memory=self.device.type == "cuda",
-            drop_last=len(sampler) >= self.cfg.batch_size,  # no batch of one (BatchNorm) unless all is tiny
+            drop_last=drop_last,  # no batch of one (BatchNorm) unless all is tiny
             persistent_workers=False,
             worker_init_fn=safety.ignore_stop_signals if self.workers > 0 else None,
         )
