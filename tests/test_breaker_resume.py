@@ -50,6 +50,14 @@ def test_bench_frontier_refuses_an_accuracy_path_that_is_no_report(tmp_path, cap
     assert not (out / "frontier.json").exists()
 
 
+def _assert_same_epoch_figures(a: dict, b: dict) -> None:
+    """The epoch's train loss, accuracy and per-module losses of two metrics.jsonl lines agree to 1e-9."""
+    for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
+        x, y = ([v for v in line[key] if v is not None] if isinstance(line[key], list) else line[key]
+                for line in (a, b))
+        assert x == pytest.approx(y, rel=1e-9), key
+
+
 def test_data_parallel_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path):
     """A 2-rank run stopped mid-epoch and resumed on 2 ranks: its weights were bit-identical, but the epoch's
     train loss/accuracy were not (the checkpoint held rank 0's sums only, restored on every rank and counted
@@ -60,10 +68,7 @@ def test_data_parallel_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path)
     _torchrun([*run, "--output-dir", str(stopped), "--max-steps", "2"])
     _torchrun(["--resume", str(stopped)])
     (a,), (b,) = _lines(ref), _lines(stopped)
-    for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
-        x, y = ([v for v in line[key] if v is not None] if isinstance(line[key], list) else line[key]
-                for line in (a, b))
-        assert x == pytest.approx(y, rel=1e-9), key
+    _assert_same_epoch_figures(a, b)
 
 
 def test_rescaled_resume_counts_each_image_of_the_epoch_once(tmp_path):
@@ -100,10 +105,7 @@ def test_pipelined_resume_mid_epoch_logs_the_uninterrupted_figures(tmp_path):
     _torchrun([*run, "--output-dir", str(stopped), "--max-steps", "3"])
     _torchrun(["--resume", str(stopped)])
     (a,), (b,) = _lines(ref), _lines(stopped)
-    for key in ("train_loss", "train_accuracy", "train_independent_losses", "train_cascaded_losses"):
-        x, y = ([v for v in line[key] if v is not None] if isinstance(line[key], list) else line[key]
-                for line in (a, b))
-        assert x == pytest.approx(y, rel=1e-9), key
+    _assert_same_epoch_figures(a, b)
     assert a["images_per_second"] * a["epoch_seconds"] == pytest.approx(64, rel=1e-6)
     assert b["images_per_second"] * b["epoch_seconds"] == pytest.approx(64, rel=1e-6)
 

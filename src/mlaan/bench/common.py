@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -272,6 +272,22 @@ def plots_or_note() -> bool:
         return True
     print(NO_MATPLOTLIB, file=sys.stderr, flush=True)
     return False
+
+
+def write_outputs(out: Path, name: str, table: str, data: object,
+                  plot: Callable[[Path], object] | None = None) -> list[Path]:
+    """A benchmark's outputs: the markdown ``table`` printed and written to ``OUT/NAME.md``, ``data`` to
+    ``OUT/NAME.json`` and, where matplotlib is installed, ``plot(OUT/NAME.png)``; the files written are said in one
+    line and returned."""
+    print("\n" + table, flush=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    write_json(out / f"{name}.json", data)
+    files = [out / f"{name}.json", out / f"{name}.md"]
+    if plot is not None and plots_or_note():
+        plot(out / f"{name}.png")
+        files.append(out / f"{name}.png")
+    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
+    return files
 
 
 def pyplot() -> ModuleType:

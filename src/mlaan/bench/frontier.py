@@ -330,13 +330,5 @@ def run(args: argparse.Namespace) -> int:
         annotate_accuracy(points, arch, report, source=args.accuracy)
     mark_pareto(points)
     result["loadavg_after"] = list(os.getloadavg())  # other jobs on the machine slow every point alike
-    table = render(result)
-    print("\n" + table, flush=True)
-    (out / "frontier.md").write_text(table + "\n")
-    common.write_json(out / "frontier.json", result)
-    files = [out / "frontier.json", out / "frontier.md"]
-    if common.plots_or_note():
-        plot(result, out / "frontier.png")
-        files.append(out / "frontier.png")
-    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
+    common.write_outputs(out, "frontier", render(result), result, lambda path: plot(result, path))
     return 0

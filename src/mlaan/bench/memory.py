@@ -632,13 +632,6 @@ def run(args: argparse.Namespace) -> int:
                     isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options,
                     recompute=args.grad_checkpointing, image_size=getattr(args, "image_size", None))
     add_percentages(results)
-    table = render(results)
-    print("\n" + table, flush=True)
-    (out / "memory.md").write_text(table + "\n")
-    common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": results})
-    files = [out / "memory.json", out / "memory.md"]
-    if common.plots_or_note():
-        plot(results, out / "memory.png")
-        files.append(out / "memory.png")
-    print(f"\nwrote {', '.join(map(str, files))}", flush=True)
+    common.write_outputs(out, "memory", render(results), {"machine": machine, "mode": mode, "results": results},
+                         lambda path: plot(results, path))
     return 0

@@ -840,9 +840,9 @@ def create_local_model(
         )
     if num_local_modules is None:
         num_local_modules = default_num_local_modules(backbone, method)
-    channels, per_channel = _infer_in_channels(backbone), dict(options)
+    channels, per_channel, defaults = _infer_in_channels(backbone), dict(options), LocalOptions().to_dict()
     for stat in ("image_mean", "image_std"):  # a one-value default is every channel's: say so per channel
-        value = options.get(stat, LocalOptions().to_dict()[stat])
+        value = options.get(stat, defaults[stat])
         if isinstance(value, (tuple, list)) and len(value) == 1 and channels > 1:
             per_channel[stat] = tuple(value) * channels
     model = LocalModel(backbone, method, num_local_modules, num_classes, make_options(**per_channel))
