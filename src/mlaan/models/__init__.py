@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..lazy import lazy_exports
 from ..names import registered_spelling, unknown
+from .vit import VIT_SPECS
 
 if TYPE_CHECKING:
     from .adapters import adapt, adapters
@@ -96,8 +97,8 @@ for _name, _blocks in _IMAGENET_BLOCKS.items():
              image_size=224,
              mean=IMAGENET_MEAN, std=IMAGENET_STD)
 # Small ViTs for 32-pixel images (timm's VisionTransformer, needs timm; their facts: mlaan.models.vit.VIT_SPECS)
-for _name, _k in (("vit_tiny_patch4_32", 4), ("vit_tiny6_patch4_32", 3)):
-    register(_name, _lazy("vit", "small_vit", _name), _k, image_size=32)
+for _name, _spec in VIT_SPECS.items():
+    register(_name, _lazy("vit", "small_vit", _name), _spec.local_modules, image_size=_spec.image_size)
 
 
 def _split_library(name: str) -> tuple[str, str] | None:

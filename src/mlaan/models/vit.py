@@ -34,6 +34,10 @@ VIT_SPECS: dict[str, ViTSpec] = {
     "vit_tiny_patch4_32": ViTSpec(192, 12, 3, 4, 32, 4, "ViT-Ti, 4-px patches, 32 px"),
     # Half as deep for CPU budgets: 6 blocks, 2.7 M parameters; K=3: 2 blocks a module.
     "vit_tiny6_patch4_32": ViTSpec(192, 6, 3, 4, 32, 3, "ViT-Ti's width, 6 blocks, 4-px patches, 32 px"),
+    # Sized for a CPU's accuracy study (BENCHMARKS "Transformers"): ViT-Ti's depth and split (12 blocks, K=4,
+    # 3 blocks a module), half its width (96, 3 heads of 32), 8-pixel patches: 16 patch tokens + class token;
+    # 1.35 M parameters, about 0.3 s an AdamW step of 128 images on one CPU thread (ViT-Ti/4: 4.5 s).
+    "vit_micro_patch8_32": ViTSpec(96, 12, 3, 8, 32, 4, "ViT-Ti's depth, 96 wide, 8-px patches, 32 px"),
 }
 
 
