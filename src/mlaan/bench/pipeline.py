@@ -14,6 +14,13 @@ Then an analytical model: the per-module times T_j (measured on rank 0 with core
 max over ranks of Σ_{j∈r} T_j + sends, plus, with exact cascades, the wait for the next rank's first window−1
 modules; that is printed beside the measurement, and used to predict P = 4 and 8 from the same T_j
 (``--module-times FILE`` takes T_j measured elsewhere, e.g. per-module CUDA times).
+
+Last, the multi-device prediction (``mlaan.bench.pipeline_model``, formulas and sources there): for each R × P layout
+(R pipeline replicas of P stages; default P = 2, 4, 8 and 2×2, 2×4, 4×2) the local pipeline's step against BP under
+1F1B with M = P and 2P micro-batches, from per-module and per-block times measured in one process at B, B/R and
+B/(R·M), the ping-pong's link, and a ring all-reduce per stage across replicas. ``--predict-from pipeline.json``
+prints and writes that table for a saved run's setting without starting processes (``--bandwidth``/``--latency``
+plug in another interconnect than gloo loopback).
 """
 
 from __future__ import annotations
@@ -47,6 +54,14 @@ from ..distributed.pipeline import (
 from ..engine import parse_method
 from ..training.loop import make_optimizer, optimizer_step
 from . import common
+from .pipeline_model import (
+    DEFAULT_LAYOUTS,
+    bp_stages,
+    format_prediction,
+    parse_layouts,
+    predict_from_saved,
+    predicted_tick,
+)
 
 DEADLINE_S = 3600
 
@@ -68,9 +83,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--module-times", default=None, metavar="FILE",
                    help="JSON list of per-module seconds (e.g. CUDA) for the predictions instead of the measured")
     p.add_argument("--output-dir", default=None)
+    g = p.add_argument_group("multi-device prediction (mlaan.bench.pipeline_model)")
+    g.add_argument("--predict-from", default=None, metavar="PIPELINE_JSON",
+                   help="start no processes: predict the layouts for the setting of a saved pipeline.json")
+    g.add_argument("--layouts", default=",".join(f"{r}x{p}" for r, p in DEFAULT_LAYOUTS),
+                   help="R×P layouts to predict: R pipeline replicas of P stages (default %(default)s)")
+    g.add_argument("--bandwidth", type=float, default=None, metavar="BYTES_PER_S",
+                   help="link bandwidth for the prediction instead of the measured gloo loopback (e.g. NVLink's)")
+    g.add_argument("--latency", type=float, default=None, metavar="S",
+                   help="per-message latency for the prediction instead of the measured")
+    g.add_argument("--predict-repeats", type=int, default=3,
+                   help="interleaved rounds of the per-module and per-block timing behind the prediction")
 
 
 def run(args: argparse.Namespace) -> int:
+    layouts = parse_layouts(args.layouts)
+    if args.predict_from:
+        return _run_prediction(args, layouts)
     spec = parse_method(args.method)
     if spec.base.end_to_end:
         raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
@@ -104,10 +133,36 @@ def run(args: argparse.Namespace) -> int:
     cfg["loadavg_after"] = os.getloadavg()[0]
     result = {"config": cfg, "machine": machine, "code": common.code_version(), **measured}
     result["model"] = _model_report(measured, module_times or measured["module_times"], cfg, predict)
-    common.write_json(out / "pipeline.json", result)
     print(_table(result))
+    result["multi_device"] = _predict(result, layouts, args)
+    common.write_json(out / "pipeline.json", result)
     print(f"wrote {out / 'pipeline.json'}")
     return 0
+
+
+def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]]) -> int:
+    """``--predict-from``: the multi-device table for a saved run's setting, written as multi_device.json."""
+    saved = json.loads(Path(args.predict_from).read_text())
+    out = common.output_dir(args.output_dir, "pipeline")
+    print(f"mlaan bench pipeline --predict-from {args.predict_from} on {common.machine_description()}; "
+          f"code {common.code_version()}; load average {os.getloadavg()[0]:.1f}")
+    result = {"source": str(args.predict_from), "config": saved["config"], "code": common.code_version(),
+              "machine": common.machine_description(), "saved_code": saved.get("code"),
+              **_predict(saved, layouts, args)}
+    common.write_json(out / "multi_device.json", result)
+    print(f"wrote {out / 'multi_device.json'}")
+    return 0
+
+
+def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, Any]:
+    prediction = predict_from_saved(saved, layouts, args.bandwidth, args.latency, args.predict_repeats)
+    print(f"\nmulti-device prediction ({saved['config']['method']}, batch {saved['config']['batch_size']}, "
+          f"{prediction['threads']} thread(s) a device; × 1 dev: speed-up over one device running the same method):")
+    print(format_prediction(prediction, saved["config"]["method"]))
+    if prediction["saved_local_s"]:
+        print(f"Σ T_j now {prediction['one_device']['local_s']:.3f} s vs {prediction['saved_local_s']:.3f} s in the "
+              "saved run (a different load on the cores; every figure of this table is from now)")
+    return prediction
 
 
 # ------------------------------------------------------------------------------------------ the ranks
@@ -213,10 +268,7 @@ def _bp_stage(cfg: dict, rank: int, world: int, images: torch.Tensor) -> tuple[A
 
     torch.manual_seed(0)
     backbone = models.create(cfg["arch"])
-    units = len(backbone.blocks) - 1
-    cuts = partition_modules([1.0] * units, world)
-    blocks = [backbone.blocks[i] for i in cuts[rank]] + ([backbone.blocks[-1]] if rank == world - 1 else [])
-    stage_module = nn.Sequential(*blocks)
+    stage_module = nn.Sequential(*(backbone.blocks[i] for i in bp_stages(len(backbone.blocks) - 1, world)[rank]))
     micro = max(world, 2)
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=lambda out, y: F.cross_entropy(out, y))
@@ -276,21 +328,6 @@ def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: lis
 
 
 # --------------------------------------------------------------------------------------------- model
-def predicted_tick(times: list[float], ranges: list[range], message_s: float, cascade_wait: int) -> float:
-    """Seconds per step of a lock-step module pipeline: the slowest rank's modules plus its messages, plus (exact
-    cascades across a boundary) the time its next rank needs for its first ``cascade_wait`` modules before the
-    boundary gradient comes back."""
-    ticks = []
-    for r, run in enumerate(ranges):
-        busy = sum(times[j] for j in run)
-        if r < len(ranges) - 1:
-            busy += message_s
-            if cascade_wait:
-                busy += sum(times[j] for j in list(ranges[r + 1])[:cascade_wait]) + message_s
-        ticks.append(busy)
-    return max(ticks)
-
-
 def _model_report(measured: dict, times: list[float], cfg: dict, predict: list[int]) -> dict[str, Any]:
     message = measured["message"]
     message_s = message["latency_s"] + message["boundary_bytes"] / message["bytes_per_s"]
