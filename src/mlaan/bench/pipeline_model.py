@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,14 +163,19 @@ def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int]
     """Per-module times of ``method`` (K = ``k``) at each of ``local_batches`` and BP's per-block times at each of
     ``bp_batches``, in interleaved rounds (one pass of every case a round, medians over ``repeats`` rounds after one
     warm-up) so that other load on the cores touches both alike. ``{"local": ..., "bp": ...}``, each with
-    ``seconds`` per batch, ``output_bytes_per_image`` and trainable ``parameter_bytes`` per module (per block)."""
+    ``seconds`` per batch, ``output_bytes_per_image`` and trainable ``parameter_bytes`` per module (per block).
+
+    With one thread the clock is the thread's CPU time (``time.thread_time``: the work runs in this thread, and
+    what other processes on the cores take from it is not counted — their cache pollution still is); with several,
+    wall time (``time.perf_counter``)."""
+    clock = time.thread_time if threads == 1 else time.perf_counter
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         cases = []
         if local_batches:
-            cases += [("local", b, _LocalPass(arch, method, k, b)) for b in sorted(set(local_batches))]
-        cases += [("bp", b, _BlockPass(arch, b)) for b in sorted(set(bp_batches))]
+            cases += [("local", b, _LocalPass(arch, method, k, b, clock)) for b in sorted(set(local_batches))]
+        cases += [("bp", b, _BlockPass(arch, b, clock)) for b in sorted(set(bp_batches))]
         for _, _, case in cases:
             case.run()  # warm-up, and the shapes
         rounds: dict[tuple[str, int], list[list[float]]] = {(kind, b): [] for kind, b, _ in cases}
@@ -179,7 +184,7 @@ def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int]
                 rounds[kind, b].append(case.run())
     finally:
         torch.set_num_threads(saved_threads)
-    profile: dict[str, Any] = {"threads": threads, "repeats": repeats}
+    profile: dict[str, Any] = {"threads": threads, "repeats": repeats, "clock": clock.__name__}
     for kind, b, case in cases:
         entry = profile.setdefault(kind, {"seconds": {}, "output_bytes_per_image": case.output_bytes_per_image,
                                           "parameter_bytes": case.parameter_bytes})
@@ -190,7 +195,8 @@ def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int]
 class _BlockPass:
     """One BP training pass of a backbone, block by block, timing each block's forward + backward."""
 
-    def __init__(self, arch: str, batch: int) -> None:
+    def __init__(self, arch: str, batch: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         model, _ = common.build(arch, "bp", 1)
         self.blocks = list(model.backbone.blocks)
         self.images, self.targets = common.synthetic_batch(model, batch)
@@ -206,13 +212,13 @@ class _BlockPass:
                 y = block(x_in)
                 self.grads.append(torch.randn_like(y))
                 self.output_bytes_per_image.append(y.numel() * y.element_size() / len(self.images))
-            start = time.perf_counter()
+            start = self.clock()
             y = block(x_in)
             if i == last:
                 F.cross_entropy(y, self.targets).backward()
             else:
                 y.backward(self.grads[i])
-            seconds.append(time.perf_counter() - start)
+            seconds.append(self.clock() - start)
             x = y.detach()
         for block in self.blocks:
             block.zero_grad(set_to_none=True)
@@ -223,7 +229,9 @@ class _LocalPass:
     """One training step of a local model, timing each local module's part (forward, aux losses, cascades it
     starts, backward) as ``module_costs(model, "time")`` does."""
 
-    def __init__(self, arch: str, method: str, k: int, batch: int) -> None:
+    def __init__(self, arch: str, method: str, k: int, batch: int,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         lag = {"ema_lag": 1} if parse_method(method).leap else {}
         self.model, _ = common.build(arch, method, k, **lag)
         self.images, self.targets = common.synthetic_batch(self.model, batch)
@@ -235,9 +243,9 @@ class _LocalPass:
         step = self.model.begin_step(self.images, self.targets)
         x, seconds = step.images, []
         for j in step.modules:
-            start = time.perf_counter()
+            start = self.clock()
             x = step.run_module(j, x)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(self.clock() - start)
             if len(self.output_bytes_per_image) < len(seconds):
                 self.output_bytes_per_image.append(x.numel() * x.element_size() / len(self.images))
         step.finish()
