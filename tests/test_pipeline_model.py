@@ -10,6 +10,7 @@ from mlaan.bench.pipeline_model import (
     Link,
     bp_1f1b_step,
     bp_stages,
+    bp_time_stages,
     bubble_fraction,
     local_pipeline_step,
     multi_device_prediction,
@@ -39,12 +40,21 @@ def test_one_stage_one_micro_batch_is_the_sum_of_the_blocks():
     assert stage_ticks(times, [range(0, 4)], 0.5, 0) == [pytest.approx(sum(times))]
 
 
-def test_1f1b_is_m_plus_p_minus_1_slowest_stage_ticks_with_its_sends():
+def test_1f1b_is_m_plus_p_minus_1_ticks_on_balanced_stages():
+    times = [0.2, 0.1, 0.1, 0.2, 0.2, 0.1]  # 0.3 a stage
+    sent = [1e6] * 6  # block i's output bytes for one micro-batch
+    step = bp_1f1b_step(times, [range(0, 2), range(2, 4), range(4, 6)], 4, sent, Link(0.0, 1e12))
+    assert step == pytest.approx((4 + 3 - 1) * 0.3, rel=1e-4)
+
+
+def test_1f1b_on_unbalanced_stages_crosses_every_stage_once_and_queues_at_the_slowest():
     times = [0.1, 0.1, 0.3, 0.1]  # stage 1 (blocks 2-3) is the slowest
     sent = [1e6, 2e6, 3e6, 4e6]  # block i's output bytes for one micro-batch
     step = bp_1f1b_step(times, [range(0, 2), range(2, 4)], 3, sent, LINK)
-    # stage 1 receives block 1's output and sends its gradient back: one message of 2 MB
-    assert step == pytest.approx((3 + 2 - 1) * (0.4 + LINK.seconds(2e6)))
+    # across the cut after block 1: its output forward (stage 0), its gradient back (stage 1), 2 MB each
+    slow, fast = 0.4 + LINK.seconds(2e6), 0.2 + LINK.seconds(2e6)
+    assert step == pytest.approx(fast + slow + (3 - 1) * slow)
+    assert step < (3 + 2 - 1) * slow
     with pytest.raises(ValueError, match="needs a link"):
         bp_1f1b_step(times, [range(0, 2), range(2, 4)], 3, sent)
 
@@ -81,9 +91,12 @@ def test_stage_ticks_per_boundary_messages_and_cascade_wait():
     assert stage_ticks(times, ranges, 0.1, 0) == pytest.approx([1.1, 5.1, 4.0])
 
 
-def test_bp_stages_are_equal_block_counts_with_the_head_last():
-    assert bp_stages(16, 4) == [range(0, 4), range(4, 8), range(8, 12), range(12, 17)]
-    assert bp_stages(16, 1) == [range(0, 17)]
+def test_bp_stages_are_contiguous_blocks_with_the_head_last():
+    assert bp_stages([1.0] * 16, 4) == [range(0, 4), range(4, 8), range(8, 12), range(12, 17)]
+    assert bp_stages([1.0] * 16, 1) == [range(0, 17)]
+    # by time: the head's cost counts with the block before it
+    assert bp_time_stages([3.0, 1.0, 1.0, 0.5, 0.5], 2) == [range(0, 1), range(1, 5)]
+    assert bp_time_stages([1.0, 1.0, 1.0, 1.0, 2.0], 2) == [range(0, 3), range(3, 5)]
 
 
 def test_layouts_and_the_batches_they_need():
@@ -118,8 +131,8 @@ def test_multi_device_prediction_on_a_hand_made_profile():
     assert one_by_two["local_s"] == pytest.approx(0.032) and one_by_two["local_speedup"] == pytest.approx(2.0)
     m2, m4 = one_by_two["bp"]
     assert (m2["micro_batches"], m2["micro_batch"], m4["micro_batch"]) == (2, 8, 4)
-    # blocks 0-1 and 2-4 (the head with the last stage): 3 blocks of 8 images × 3 ticks
-    assert m2["s"] == pytest.approx(3 * 3 * 8e-3, rel=1e-6)
+    # blocks 0-1 | 2-4 (the head with the last stage) cost 2 and 3 blocks of 8 images: 2 + 3 + (2 - 1) × 3
+    assert m2["s"] == pytest.approx((2 + 3 + 3) * 8e-3, rel=1e-6)
     assert m2["bubble"] == pytest.approx(1 / 3)
     assert m2["local_over_bp"] == pytest.approx(0.032 / m2["s"])
     assert result["rows"][1]["images_per_replica"] == 8

@@ -268,7 +268,8 @@ def _bp_stage(cfg: dict, rank: int, world: int, images: torch.Tensor) -> tuple[A
 
     torch.manual_seed(0)
     backbone = models.create(cfg["arch"])
-    stage_module = nn.Sequential(*(backbone.blocks[i] for i in bp_stages(len(backbone.blocks) - 1, world)[rank]))
+    equal = bp_stages([1.0] * (len(backbone.blocks) - 1), world)  # equal block counts, the head on the last
+    stage_module = nn.Sequential(*(backbone.blocks[i] for i in equal[rank]))
     micro = max(world, 2)
     stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
     schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=lambda out, y: F.cross_entropy(out, y))

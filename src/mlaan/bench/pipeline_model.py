@@ -7,16 +7,21 @@ the slowest stage's busy time (:func:`stage_ticks`): its modules' times T_j + th
 comes once per run, so the steady state is the tick.
 
 **BP under 1F1B** (``torch.distributed.pipelining.Schedule1F1B``, M micro-batches, a flush every optimizer step):
-GPipe (Huang et al. 2019) and PipeDream-Flush/1F1B (Narayanan et al. 2019, "PipeDream: generalized pipeline
-parallelism for DNN training"; Narayanan et al. 2021, Megatron-LM on GPU clusters, §2.2) take
+with τ_s = t_s(B/M) + sends_s(B/M) the time of stage s on one micro-batch,
 
-    step ≈ (M + P − 1) × max_s (t_s(B/M) + sends_s(B/M))
+    step ≈ Σ_s τ_s + (M − 1) × max_s τ_s        (= (M + P − 1) × τ for balanced stages)
 
-t_s(b): stage s's forward + backward of a micro-batch of b images (the sum of its blocks' times *measured at b* —
-a small micro-batch runs slower per image, so B/M is measured, not assumed linear); sends: the activation forward
-and its gradient backward at each of the stage's boundaries. The bubble is (P − 1)/(M + P − 1) of the step
-(:func:`bubble_fraction`). The stages are contiguous blocks, as ``mlaan bench pipeline`` cuts BP
-(:func:`bp_stages`: equal block counts, the classifier head on the last stage).
+— the first micro-batch's forward and the last one's backward cross every stage, the M − 1 others queue at the
+slowest. For balanced stages this is GPipe's (Huang et al. 2019) and 1F1B's (PipeDream-Flush: Narayanan et al.
+2019, "PipeDream: generalized pipeline parallelism for DNN training"; Narayanan et al. 2021, "Efficient
+large-scale language model training on GPU clusters using Megatron-LM", §2.2) step, whose bubble is
+(P − 1)/(M + P − 1) of it (:func:`bubble_fraction`); for unbalanced stages it is the tighter form (the balanced one
+with the slowest stage would overstate BP's step). t_s(b): stage s's forward + backward of a micro-batch of b images,
+the sum of its blocks' times *measured at b* (a small micro-batch runs at another speed per image, so B/M is
+measured, not assumed linear); sends: the activation forward and its gradient backward at each of the stage's
+boundaries. The stages are contiguous blocks (:func:`bp_stages`, the classifier head on the last stage), balanced by
+the blocks' measured times at B/M as a user splitting BP for ``torch.distributed.pipelining`` would (and as the
+local pipeline's ``--partition time`` is); ``mlaan bench pipeline``'s measured 1F1B run cuts equal block counts.
 
 **R × P**: each replica sees B/R images; after its backward every stage all-reduces its trainable parameters'
 gradients over the R replicas of that stage, a ring all-reduce (Patarasuk & Yuan 2009; Thakur et al. 2005):
@@ -109,8 +114,8 @@ def local_pipeline_step(times: Sequence[float], ranges: Sequence[range], message
 def bp_1f1b_step(micro_times: Sequence[float], stages: Sequence[range], micro_batches: int,
                  boundary_bytes: Sequence[float] = (), link: Link | None = None, stage_bytes: Sequence[float] = (),
                  replicas: int = 1) -> float:
-    """Seconds per step of BP under 1F1B: (M + P − 1) × the slowest stage's micro-batch time (its blocks'
-    ``micro_times``, forward + backward of one micro-batch, + its sends) + the slowest stage's all-reduce.
+    """Seconds per step of BP under 1F1B: Σ_s τ_s + (M − 1) × max_s τ_s (τ_s: stage s's blocks' ``micro_times``,
+    forward + backward of one micro-batch, + its sends) + the slowest stage's all-reduce.
 
     ``boundary_bytes[i]``: bytes of block i's output for one micro-batch (what crosses a cut after block i, and
     its gradient back); needed with ``link`` when P > 1. ``stage_bytes``: each stage's parameter bytes."""
@@ -123,14 +128,22 @@ def bp_1f1b_step(micro_times: Sequence[float], stages: Sequence[range], micro_ba
             busy += _send(boundary_bytes, run.start - 1, link)  # its gradient back
         per_micro.append(busy)
     all_reduce = max(_all_reduce(stage_bytes, s, replicas, link) for s in range(len(stages)))
-    return (micro_batches + len(stages) - 1) * max(per_micro) + all_reduce
+    return sum(per_micro) + (micro_batches - 1) * max(per_micro) + all_reduce
 
 
-def bp_stages(units: int, stages: int) -> list[range]:
-    """BP's 1F1B stages over a backbone of ``units`` blocks before the classifier head: contiguous, equal block
-    counts (as ``mlaan bench pipeline`` cuts it), the head (block ``units``) on the last stage."""
-    cuts = partition_modules([1.0] * units, stages)
-    return cuts[:-1] + [range(cuts[-1].start, units + 1)]
+def bp_stages(unit_costs: Sequence[float], stages: int) -> list[range]:
+    """BP's 1F1B stages: contiguous runs of the backbone's blocks before the classifier head, minimising the
+    costliest run (``unit_costs``, one per block before the head: ``[1.0] * n`` for equal block counts, as
+    ``mlaan bench pipeline`` cuts it), the head (block ``len(unit_costs)``) on the last stage."""
+    cuts = partition_modules(unit_costs, stages)
+    return cuts[:-1] + [range(cuts[-1].start, len(unit_costs) + 1)]
+
+
+def bp_time_stages(block_seconds: Sequence[float], stages: int) -> list[range]:
+    """:func:`bp_stages` balanced by measured time (``block_seconds``: every block's, the head's last, which
+    counts with the block before it)."""
+    *body, last, head = block_seconds
+    return bp_stages([*body, last + head], stages)
 
 
 def _send(boundary_bytes: Sequence[float], block: int, link: Link | None) -> float:
@@ -331,7 +344,7 @@ def _bp_entry(bp: dict, link: Link, replicas: int, stages: int, micro: int, batc
               local_s: float) -> dict[str, Any]:
     images = batch // (replicas * micro)
     times = bp["seconds"][str(images)]
-    cut = bp_stages(len(times) - 1, stages)
+    cut = bp_time_stages(times, stages)
     stage_bytes = [sum(bp["parameter_bytes"][i] for i in run) for run in cut]
     sent = [b * images for b in bp["output_bytes_per_image"]]
     seconds = bp_1f1b_step(times, cut, micro, sent, link, stage_bytes, replicas)
