@@ -84,3 +84,59 @@ def _env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+
+
+# Every document a reader follows links in; BENCHMARKS.md is linked from all of them and links back.
+LINKED = [*DOCUMENTS, ROOT / "BENCHMARKS.md"]
+
+
+def _prose(text: str) -> str:
+    """A Markdown text without its fenced blocks and inline code, where a ``[x](y)`` or a ``#`` is no link."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(text: str) -> set[str]:
+    """GitHub's anchors of a Markdown text's headings: lower case, punctuation dropped, each space a hyphen, a
+    repeated heading numbered ``-1``, ``-2``, …  Code in a heading counts (its backticks are dropped); an HTML
+    ``<a id="…">`` is an anchor too."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    found: set[str] = set()
+    for heading in re.findall(r"^#{1,6} +(.+?) *$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        repeat = 0
+        while (slug if repeat == 0 else f"{slug}-{repeat}") in found:
+            repeat += 1
+        found.add(slug if repeat == 0 else f"{slug}-{repeat}")
+    return found | set(re.findall(r'<a (?:id|name)="([^"]+)"', text))  # an anchor set by hand
+
+
+def broken_links(document: Path) -> list[str]:
+    """Relative links of a document (``[text](path#anchor)``, images too) whose file or heading does not exist."""
+    broken = []
+    for target in re.findall(r"\]\(([^()\s]+)\)", _prose(document.read_text())):
+        if re.match(r"[a-z]+:", target):  # https:, mailto: — the web is not checked
+            continue
+        path, _, anchor = target.partition("#")
+        linked = (document.parent / path).resolve() if path else document
+        if not linked.exists():
+            broken.append(f"{target}: no file {linked}")
+        elif anchor and linked.suffix == ".md" and anchor not in anchors(linked.read_text()):
+            broken.append(f"{target}: no heading with the anchor #{anchor} in {linked.name}")
+    return broken
+
+
+def test_anchors_are_githubs():
+    text = "# The `mlaan` command\n## Frontier: memory (BP)\n```\n# not a heading\n```\n## Frontier: memory (BP)\n"
+    assert anchors(text) == {"the-mlaan-command", "frontier-memory-bp", "frontier-memory-bp-1"}
+
+
+def test_a_broken_link_is_found(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n[ok](#a) [ok](b.md#b) [no](b.md#c) [no](c.md) `[code](x.md)`\n")
+    (tmp_path / "b.md").write_text("# B\n")
+    assert [b.split(":")[0] for b in broken_links(tmp_path / "a.md")] == ["b.md#c", "c.md"]
+
+
+@pytest.mark.parametrize("document", LINKED, ids=lambda d: d.name)
+def test_every_link_resolves(document):
+    assert broken_links(document) == []

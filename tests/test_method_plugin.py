@@ -18,7 +18,7 @@ import pytest
 
 import mlaan
 
-# The README's "Adding a method" example, verbatim.
+# The "Adding a method" example of docs/API.md, verbatim (tests/test_docs.py runs the page's copy).
 TOY_METHOD = '''\
 """Smoothed DGL: an auxiliary classifier trained with label-smoothed cross-entropy."""
 
@@ -82,6 +82,11 @@ def _run(args: list[str], src: Path, cwd: Path, extra_path: Path | None = None) 
     paths = [str(src)] + ([str(extra_path)] if extra_path else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_example_is_the_one_the_docs_show():
+    api_doc = Path(__file__).resolve().parents[1] / "docs" / "API.md"
+    assert TOY_METHOD in api_doc.read_text(), "docs/API.md's 'Adding a method' example and this copy differ"
 
 
 @pytest.fixture(scope="module")

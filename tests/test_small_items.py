@@ -16,6 +16,7 @@ from mlaan import data
 from mlaan.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+CLI_DOC = Path(__file__).resolve().parents[1] / "docs" / "CLI.md"  # where loading an export is shown
 
 
 def test_mlm_reports_independent_and_cascaded_losses_apart():
@@ -133,6 +134,7 @@ def test_readme_infers_in_eval_mode():
     for call in ("logits = model(test_images)",):
         before = text[: text.index(call)]
         assert any(line.strip().startswith("model.eval()") for line in before.rstrip().splitlines()[-2:])
+    text = CLI_DOC.read_text()
     load = text.index("net.load_state_dict(torch.load(")
     assert "net.eval()" in text[load: load + 200]
 
