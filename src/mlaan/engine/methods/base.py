@@ -3,7 +3,7 @@
 The engine asks the method for the auxiliary head of each local module (and, under LAM, for the head that
 follows the copied later blocks). Everything else — the split, cascades, EMA twins, the backward schedule —
 is the engine's, so a new method is one file that subclasses :class:`LocalMethod`, registers itself with
-``@register`` and declares its options as a dataclass assigned to ``Options`` (see README, "Adding a method").
+``@register`` and declares its options as a dataclass assigned to ``Options`` (see docs/API.md, "Adding a method").
 """
 
 from __future__ import annotations
