@@ -317,8 +317,8 @@ def test_count_keys_are_summed():
 @pytest.mark.slow
 @pytest.mark.parametrize("data", [[], ["--data-on-device"]], ids=["loader", "data-on-device"])
 def test_two_nodes_rendezvous_with_the_cli(tmp_path, data):
-    """README's several-machines command, two "nodes" of one process each on this machine (c10d rendezvous),
-    with a DataLoader and with batches made on the device (each rank its shard and its own crops)."""
+    """docs/PARALLELISM.md's several-machines command, two "nodes" of one process each on this machine (c10d
+    rendezvous), with a DataLoader and with batches made on the device (each rank its shard and its own crops)."""
     pytest.importorskip("mlaan.cli")
     port, out = _free_port(), tmp_path / "run"
     train = ["-m", "mlaan", "train", "--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "64"]
