@@ -220,8 +220,8 @@ def test_option_choices_are_taken_in_any_case_and_recorded_as_spelled(capsys):
 
 def test_a_choice_in_another_case_is_the_same_value_for_the_api_and_for_resume():
     from mlaan.engine.options import LocalOptions
-    from mlaan.training.checkpoint import check_resume_config
     from mlaan.training.config import coerce
+    from mlaan.training.resume import check_resume_config
 
     assert LocalOptions(infopro_task="Contrastive", aux_head="MLP").infopro_task == "contrastive"
     assert coerce("aux_head", "MLP") == "mlp" and coerce("aux_head", "big") == "big"  # the option's check names it

@@ -137,7 +137,7 @@ def test_the_cli_refuses_a_data_set_read_one_image_at_a_time(tmp_path, capsys):
 def test_a_run_from_before_the_flag_counts_as_without_it():
     """A checkpoint written before `data_on_device` existed ran with the DataLoader: turning the flag on at
     resume would switch its random stream mid-run, so it is refused like any other change."""
-    from mlaan.training.checkpoint import check_resume_config
+    from mlaan.training.resume import check_resume_config
 
     older = {"dataset": "synthetic", "batch_size": 32}  # no data_on_device key
     with pytest.raises(ValueError, match=r"data_on_device: false in the run, true given"):

@@ -16,8 +16,9 @@ import mlaan
 from mlaan.cli import main
 from mlaan.engine.options import options_unused_by
 from mlaan.training import checkpoint as ckpt_io
-from mlaan.training import safety
-from mlaan.training.trainer import RUN_FILES
+from mlaan.training import export, safety
+from mlaan.training.resume import check_resume_config
+from mlaan.training.run_folder import RUN_FILES
 
 RUN = [*TINY, "--threads", "1", "--epochs", "1"]  # 2 steps per epoch
 
@@ -110,13 +111,13 @@ def test_a_run_loads_back_as_its_whole_local_model(runs):
         mlaan.load_local_model(runs["finished"] / "metrics.json")
     from_folder = mlaan.load_local_model(runs["finished"])  # a run folder is its last.pt, as on the command line
     assert all(torch.equal(value, ckpt["model"][key]) for key, value in from_folder.state_dict().items())
-    state, about = ckpt_io.load_backbone(runs["finished"])
-    assert about["step"] == ckpt["step"] and state.keys() == ckpt_io.backbone_state(ckpt).keys()
+    state, about = export.load_backbone(runs["finished"])
+    assert about["step"] == ckpt["step"] and state.keys() == export.backbone_state(ckpt).keys()
 
 
 def test_an_empty_path_is_never_the_current_folders_run(runs, monkeypatch):
     monkeypatch.chdir(runs["finished"])  # it holds last.pt: "" would be "." and "." that file
-    for load in (mlaan.load_local_model, ckpt_io.load_backbone, ckpt_io.load_training_checkpoint):
+    for load in (mlaan.load_local_model, export.load_backbone, ckpt_io.load_training_checkpoint):
         with pytest.raises(FileNotFoundError, match="the checkpoint path is empty"):
             load("")
 
@@ -168,11 +169,11 @@ def test_options_unused_by_a_method_are_other_methods_and_engine_parts_it_lacks(
 ])
 def test_resume_compares_only_the_options_the_run_reads(method, option, value, given, reads_it_with):
     unread_by = "auglocal" if option == "aux_width" else "dgl"
-    ckpt_io.check_resume_config({"method": unread_by, option: value}, {option: given}, "runs/x/last.pt")
+    check_resume_config({"method": unread_by, option: value}, {option: given}, "runs/x/last.pt")
     if reads_it_with:  # read only with another option's value: not compared without it
-        ckpt_io.check_resume_config({"method": method, option: value}, {option: given}, "runs/x/last.pt")
+        check_resume_config({"method": method, option: value}, {option: given}, "runs/x/last.pt")
     with pytest.raises(ValueError, match=rf"{option}: {value} in the run, {given} given"):
-        ckpt_io.check_resume_config({"method": method, option: value, **reads_it_with}, {option: given},
+        check_resume_config({"method": method, option: value, **reads_it_with}, {option: given},
                                     "runs/x/last.pt")
 
 

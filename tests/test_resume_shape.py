@@ -21,7 +21,7 @@ import torch
 from test_pipeline import _torchrun
 
 from mlaan.cli import main
-from mlaan.training import checkpoint as ckpt_io
+from mlaan.training import resume as resume_io
 
 # 128 images: 8 steps an epoch on 2 ranks x 8 images (global batch 16), 16 in one process, 4 on 4 ranks
 RUN = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", "128", "--synthetic-test-size", "16",
@@ -101,7 +101,7 @@ def test_two_ranks_resumed_in_one_process_is_refused_then_rescaled(data_runs, tm
     assert _epoch_end_lrs(run)[-1] == 0.0
     # the flag is per invocation: a later resume does not inherit it (and needs none on 1 process)
     assert ckpt["config"]["rescale_schedule"] is True
-    assert ckpt_io.resume_layer(ckpt, run / "last.pt").get("rescale_schedule") is None
+    assert resume_io.resume_layer(ckpt, run / "last.pt").get("rescale_schedule") is None
 
 
 @pytest.mark.slow  # 4 processes on this project's 2-core CPU: ~25 s
@@ -135,28 +135,28 @@ def test_the_shape_check_names_what_changed():
     """check_schedule without processes: the same global batch passes (a module-parallel run on another P, or in
     one process), another is refused or, with the flag, handed back for rescaling; checkpoints from before the
     record are checked by their steps per epoch when an epoch is complete."""
-    shape = ckpt_io.schedule_shape(2, "modules", 8, 16, 8, 32)
-    one = ckpt_io.schedule_shape(1, "none", 8, 16, 8, 32)
-    assert ckpt_io.check_schedule({"schedule": shape}, one, False, "x.pt") is None
-    two = ckpt_io.schedule_shape(2, "data", 16, 8, 4, 16)
+    shape = resume_io.schedule_shape(2, "modules", 8, 16, 8, 32)
+    one = resume_io.schedule_shape(1, "none", 8, 16, 8, 32)
+    assert resume_io.check_schedule({"schedule": shape}, one, False, "x.pt") is None
+    two = resume_io.schedule_shape(2, "data", 16, 8, 4, 16)
     with pytest.raises(ValueError, match=r"^checkpoint x.pt was trained with 2 processes \(--parallel modules\), a "
                                          r"global batch of 8 \(16 steps per epoch\), this run has 2 processes "
                                          r"\(--parallel data\), a global batch of 16 \(8 steps per epoch\): .*; "
                                          r"resume in one process or with --parallel modules \(any number of "
                                          r"processes\), or pass --rescale-schedule"):
-        ckpt_io.check_schedule({"schedule": shape}, two, False, "x.pt")
-    data = ckpt_io.schedule_shape(4, "data", 32, 4, 2, 8)
+        resume_io.check_schedule({"schedule": shape}, two, False, "x.pt")
+    data = resume_io.schedule_shape(4, "data", 32, 4, 2, 8)
     with pytest.raises(ValueError, match=r"a global batch of 8 \(16 steps per epoch\), this run has 4 processes "
                                          r"\(--parallel data\), a global batch of 32 .*--rescale-schedule"):
-        ckpt_io.check_schedule({"schedule": shape}, data, False, "x.pt")
-    assert ckpt_io.check_schedule({"schedule": shape}, data, True, "x.pt") == shape
-    assert ckpt_io.rescaled_epoch_step(5, shape, data) == 1  # 40 images read: 1 step of 32, none skipped
+        resume_io.check_schedule({"schedule": shape}, data, False, "x.pt")
+    assert resume_io.check_schedule({"schedule": shape}, data, True, "x.pt") == shape
+    assert resume_io.rescaled_epoch_step(5, shape, data) == 1  # 40 images read: 1 step of 32, none skipped
     legacy = {"epoch": 1, "step": 21, "epoch_step": 5}  # 16 steps an epoch
-    assert ckpt_io.check_schedule(legacy, one, False, "x.pt") is None
+    assert resume_io.check_schedule(legacy, one, False, "x.pt") is None
     with pytest.raises(ValueError, match="trained with 16 steps per epoch, this run has 4 processes"):
-        ckpt_io.check_schedule(legacy, data, False, "x.pt")
-    assert ckpt_io.rescaled_epoch_step(8, {"steps_per_epoch": 16}, data) == 2  # half the epoch
-    assert ckpt_io.check_schedule({"epoch": 0, "step": 3, "epoch_step": 3}, data, False, "x.pt") is None
+        resume_io.check_schedule(legacy, data, False, "x.pt")
+    assert resume_io.rescaled_epoch_step(8, {"steps_per_epoch": 16}, data) == 2  # half the epoch
+    assert resume_io.check_schedule({"epoch": 0, "step": 3, "epoch_step": 3}, data, False, "x.pt") is None
 
 
 # ---------------------------------------------------------------------------- exact data-parallel resume, 4. 7.

@@ -142,7 +142,7 @@ def test_readme_infers_in_eval_mode():
 def test_an_export_knows_its_weights_are_the_best_also_inside_an_epoch(tmp_path, capsys):
     """An evaluation at a --max-steps stop inside an epoch can set best.pt: its export says is_best, and the
     end-of-epoch last.pt of the same epoch number says so only if its own evaluation was the best (best_step)."""
-    from mlaan.training.checkpoint import holds_best
+    from mlaan.training.export import holds_best
 
     run = tmp_path / "run"
     synth = ["--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "32",
@@ -162,7 +162,7 @@ def test_an_export_knows_its_weights_are_the_best_also_inside_an_epoch(tmp_path,
 
 
 def test_checkpoints_without_best_step_fall_back_to_the_epoch_rule():
-    from mlaan.training.checkpoint import holds_best
+    from mlaan.training.export import holds_best
 
     assert holds_best({"epoch": 2, "epoch_step": 0, "best_epoch": 2, "step": 8})
     assert not holds_best({"epoch": 2, "epoch_step": 3, "best_epoch": 2, "step": 11})

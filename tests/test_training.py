@@ -18,7 +18,8 @@ from mlaan.training import checkpoint as ckpt_io
 from mlaan.training import make_trainer
 from mlaan.training.config import TrainConfig, coerce, load_yaml, merge
 from mlaan.training.loop import warmup_cosine
-from mlaan.training.trainer import EpochSampler, _Skip
+from mlaan.training.sampling import EpochSampler
+from mlaan.training.sampling import SkipFirst as _Skip
 
 TINY = {
     "dataset": "synthetic",

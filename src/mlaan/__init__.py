@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from . import models
     from .engine import LocalModel, LocalOptions, available_methods, create_local_model
-    from .training.checkpoint import load_local_model
+    from .training.export import load_local_model
 
 __all__ = ["LocalModel", "LocalOptions", "available_methods", "create_local_model", "load_local_model", "models"]
 __version__ = "0.1.0"
@@ -27,7 +27,7 @@ def __getattr__(name: str) -> Any:
     if name in _FROM_ENGINE:
         return getattr(importlib.import_module(".engine", __name__), name)
     if name == "load_local_model":
-        return importlib.import_module(".training.checkpoint", __name__).load_local_model
+        return importlib.import_module(".training.export", __name__).load_local_model
     if name in _SUBPACKAGES:
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

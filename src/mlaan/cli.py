@@ -317,8 +317,8 @@ _NOT_CONFIG = ("config", "resume", "print_config", "func", "command")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
+    from .training.run_folder import AUTO_RESUME
     from .training.safety import OutputWriteError, RunFolderInUse, RunStopped
-    from .training.trainer import AUTO_RESUME
 
     overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
     if args.resume not in (None, AUTO_RESUME):
@@ -356,8 +356,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _checkpoint_file(given: str) -> str:
     """The checkpoint a ``--resume``/``--checkpoint`` path names: a run folder holding ``last.pt`` means that file,
     said on stderr (stdout may be YAML or JSON); anything else as given, for the command to check."""
-    from .training.checkpoint import checkpoint_file
+    from .training.checkpoint import checkpoint_file, is_empty_path
 
+    if is_empty_path(given):  # the command refuses it in its own words
+        return given
     path = checkpoint_file(given)
     if path == Path(given):
         return given
@@ -374,7 +376,7 @@ def _print_config(config_file: str | None, overrides: dict, resume: str | None) 
     from .engine.options import options_ignored
     from .training import resolve_run
     from .training.config import DERIVED_WHEN_UNSET, load_yaml
-    from .training.trainer import RUN_FILES
+    from .training.run_folder import RUN_FILES
 
     try:
         config, _, path = resolve_run(config_file, overrides, resume, check_data=False)
@@ -448,7 +450,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import distributed, runtime
     from .data import build_datasets, check_dataset_name, dataset_spec
     from .training import evaluate_backbone, evaluate_modules
-    from .training.checkpoint import default_data_root, load_backbone
+    from .training.export import default_data_root, load_backbone
 
     try:
         ctx = distributed.init_from_env(args.device)
@@ -577,12 +579,13 @@ def _precise_bn(backbone, meta: Mapping[str, Any], batches: int, device, train_s
 def _local_model_for_eval(path: str):
     """The whole local model of a training checkpoint (``--modules``); ValueError for an export."""
     from .training import checkpoint as ckpt_io
+    from .training.export import local_model_from_checkpoint
 
     obj = ckpt_io.load(path)
     if not ckpt_io.is_training_checkpoint(obj):
         raise ValueError(f"--modules needs a training checkpoint (last.pt / best.pt) with its aux nets; {path} "
                          "is an export of the backbone alone")
-    return ckpt_io.local_model_from_checkpoint(obj, path)
+    return local_model_from_checkpoint(obj, path)
 
 
 # --------------------------------------------------------------------------------------------------- export
@@ -614,14 +617,15 @@ def _add_export(subparsers) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .training import checkpoint as ckpt_io
+    from .training.export import export_backbone
 
     try:
-        if not args.out.strip():  # Path("") is the current folder
+        if ckpt_io.is_empty_path(args.out):  # Path("") is the current folder
             raise ValueError("--out is empty: give a file name, e.g. --out model.pt")
         args.checkpoint = _checkpoint_file(args.checkpoint)
         ckpt = ckpt_io.load_training_checkpoint(args.checkpoint)
         _replace_with_precise_bn(ckpt, args)
-        out, meta = ckpt_io.export_backbone(ckpt, args.out)
+        out, meta = export_backbone(ckpt, args.out)
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     print(f"wrote {out} ({ckpt['arch']} backbone state_dict) and {meta}")
@@ -634,17 +638,17 @@ def _replace_with_precise_bn(ckpt: dict, args: argparse.Namespace) -> None:
 
     from . import models, runtime
     from .data import build_datasets
-    from .training import checkpoint as ckpt_io
+    from .training import export
 
-    meta = ckpt_io.describe_training_checkpoint(ckpt)
+    meta = export.describe_training_checkpoint(ckpt)
     batches = _precise_bn_batches(meta, args.precise_bn)
     if not batches:
         return
     runtime.apply_threads(runtime.choose_threads(None))
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
-    backbone.load_state_dict(ckpt_io.backbone_state(ckpt))
+    backbone.load_state_dict(export.backbone_state(ckpt))
     _expect_resize(backbone)  # the run's own training set
-    root = args.data_root or ckpt_io.default_data_root(meta, meta["dataset"])
+    root = args.data_root or export.default_data_root(meta, meta["dataset"])
     train_set, _, _ = build_datasets(meta["dataset"], root, **meta["data_options"])
     _precise_bn(backbone, meta, batches, torch.device("cpu"), train_set)
     ckpt["model"].update({f"backbone.{k}": v for k, v in backbone.state_dict().items()})

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from ..lazy import lazy_exports
 
 if TYPE_CHECKING:
-    from .checkpoint import load_local_model
     from .config import TrainConfig, load_yaml, merge
+    from .export import load_local_model
     from .loop import (
         EpochMeter,
         evaluate,
@@ -31,7 +31,7 @@ _WHERE = {
     "TrainConfig": "config",
     "load_yaml": "config",
     "merge": "config",
-    "load_local_model": "checkpoint",
+    "load_local_model": "export",
     "EpochMeter": "loop",
     "evaluate": "loop",
     "train_one_epoch": "loop",

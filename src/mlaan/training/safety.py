@@ -16,7 +16,7 @@ What ``mlaan train`` promises (issue 5):
 * **Bad input** found before anything is written: an output folder that cannot be written
   (:func:`check_output_dir`), a data root given explicitly that does not exist (:func:`check_data_root`).
   ``--resume`` with options that differ from the run's is refused by
-  :func:`mlaan.training.checkpoint.check_resume_config`.
+  :func:`mlaan.training.resume.check_resume_config`.
 """
 
 from __future__ import annotations

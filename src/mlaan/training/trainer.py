@@ -20,10 +20,9 @@ import json
 import os
 import random
 import shlex
-import shutil
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +32,16 @@ from torch.utils.data import DataLoader, Sampler
 
 from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
-from ..atomic import atomic_write_text, stale_temp_files
+from ..atomic import atomic_write_text
 from ..data import build_datasets, data_option_keys
 from ..data.device import DeviceBatches, DeviceImages
 from ..engine.options import options_ignored, why_ignored
 from . import checkpoint as ckpt_io
-from . import loop, metrics_log, safety
+from . import loop, metrics_log, run_folder, safety
+from . import resume as resume_io
 from .config import TrainConfig, coerce, load_yaml, merge
-
-RUN_FILES = ("metrics.jsonl", "metrics.json", "last.pt", "best.pt")
-AUTO_RESUME = "auto"
-
-
-class EpochSampler(Sampler[int]):
-    """A permutation of ``range(n)`` fixed by ``(seed, epoch)``, so a resumed run sees the same order; with
-    ``skip`` the first indices are left out (resuming in the middle of an epoch)."""
-
-    def __init__(self, n: int, seed: int) -> None:
-        self.n, self.seed, self.epoch = n, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        yield from torch.randperm(self.n, generator=g).tolist()
-
-    def __len__(self) -> int:
-        return self.n
-
-
-class _Skip(Sampler[int]):
-    """Any sampler without its first ``skip`` indices."""
-
-    def __init__(self, base: Sampler, skip: int) -> None:
-        self.base, self.skip = base, skip
-
-    def __iter__(self) -> Iterator[int]:
-        for i, index in enumerate(self.base):
-            if i >= self.skip:
-                yield index
-
-    def __len__(self) -> int:
-        return max(0, len(self.base) - self.skip)
+from .run_folder import RUN_FILES, RunFolder
+from .sampling import EpochSampler, SkipFirst
 
 
 class Trainer:
@@ -98,9 +64,9 @@ class Trainer:
         self.out = Path(config.output_dir)
         self._log = log or print
         self.resume_path = resume_path
-        self._lock = safety.RunFolderLock(self.out)  # held while fit() runs
         self.ctx = dist.init_from_env(config.device, config.dist_timeout)  # torchrun's environment, or a single process
         self.device = self.ctx.device
+        self.folder = RunFolder(self.out, resume_path, config.overwrite, self.ctx.is_main)  # locked by fit()
         try:
             self._build(resume_checkpoint)
         except BaseException:
@@ -109,7 +75,7 @@ class Trainer:
 
     def close(self) -> None:
         """Give up the output folder and leave the process group (torchrun)."""
-        self._lock.release()
+        self.folder.release()
         dist.cleanup(self.ctx)
 
     # -------------------------------------------------------------------------------------- building
@@ -124,13 +90,12 @@ class Trainer:
         self._rng_to_restore = None
         self._rank_rng = None  # data parallelism: this rank's own RNG states in the checkpoint (same world size)
         self._rescaled: dict[str, Any] | None = None  # the saved run's shape, when --rescale-schedule changed it
-        self._replaced: list[str] = []  # --overwrite: the old run's files, removed when the new run first writes
         self._stop = safety.StopSignals()  # entered by fit(): SIGINT/SIGTERM stop at a step boundary
         self._writer = None  # TensorBoard, opened by fit()
         self._fit_start = time.perf_counter()
         self._barriers: tuple[int, ...] | None = None  # a resumed run's cut cascades (the algorithm), or None
         if ckpt is not None:
-            ckpt_io.check_compatible(ckpt, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
+            resume_io.check_compatible(ckpt, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             ckpt_io.load_model_state(self.model, ckpt["model"], self.resume_path)
             self._carry_barriers(ckpt)
         self._use_fast_path()
@@ -146,7 +111,7 @@ class Trainer:
         if ckpt is not None:
             self._restore(ckpt)
         # checked last, so that a bad name, K, data root or checkpoint is reported as such even in a used folder
-        self._check_output_folder()
+        self.folder.check()
 
     def _check_tensorboard(self) -> None:
         if self.cfg.tensorboard:
@@ -210,7 +175,7 @@ class Trainer:
         model = self.local_model
         if not model.spec.cascade:
             return
-        barriers = ckpt_io.saved_barriers(ckpt)
+        barriers = resume_io.saved_barriers(ckpt)
         k = len(model.local_modules)
         if list(barriers) != sorted(set(barriers)) or any(not 0 <= b <= k - 2 for b in barriers):
             raise ValueError(f"checkpoint {self.resume_path}: its cascade_barriers {list(barriers)} are not "
@@ -259,14 +224,6 @@ class Trainer:
             model.options.cascade_barriers = pp.boundaries(ranges)
         return pp.ModulePipeline(model, ranges, self.ctx.rank, cfg.boundary)
 
-    def _check_output_folder(self) -> None:
-        """Nothing in the output folder is touched unless resuming or told to overwrite (checked again by fit(),
-        under the folder's lock, in case another run got there in between)."""
-        if self.out.exists() and not self.out.is_dir():
-            raise ValueError(f"output dir {self.out} exists and is not a folder")
-        self._check_no_other_run()
-        safety.check_output_dir(self.out)
-
     def _use_fast_path(self) -> None:
         """bf16 autocast, channels-last and the thread count (``mlaan.runtime``), before the optimizer exists."""
         cfg = self.cfg
@@ -309,7 +266,7 @@ class Trainer:
         world = self.ctx.world_size
         parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
         batch = self.cfg.batch_size * (world if parallel == "data" else 1)  # every pipeline rank reads the batch
-        return ckpt_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
+        return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
                                       self.total_steps)
 
     def _warn_of_warmup(self, warmup_steps: int) -> None:
@@ -332,10 +289,10 @@ class Trainer:
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
         shape = self.shape
-        saved = ckpt_io.check_schedule(ckpt, shape, self.cfg.rescale_schedule, self.resume_path)
+        saved = resume_io.check_schedule(ckpt, shape, self.cfg.rescale_schedule, self.resume_path)
         if saved is not None:  # --rescale-schedule: the same place in the epoch, in this run's steps
-            ckpt = {**ckpt, "epoch_step": ckpt_io.rescaled_epoch_step(ckpt["epoch_step"], saved, shape)}
-        self.progress = ckpt_io.restore_training(ckpt, self.optimizer, self.scheduler, self.steps_per_epoch,
+            ckpt = {**ckpt, "epoch_step": resume_io.rescaled_epoch_step(ckpt["epoch_step"], saved, shape)}
+        self.progress = resume_io.restore_training(ckpt, self.optimizer, self.scheduler, self.steps_per_epoch,
                                                  self.resume_path)
         if saved is not None:
             # the schedule of this run's shape, from the same place in it: the same epochs and warm-up (in this
@@ -351,33 +308,8 @@ class Trainer:
         if self._own_random_streams and saved is None and isinstance(ranks, list) and len(ranks) == shape[
                 "world_size"]:
             self._rank_rng = ranks[self.ctx.rank]  # each rank goes on with its own streams, exactly
-            ckpt_io.check_rng_state(self._rank_rng, self.resume_path)
+            resume_io.check_rng_state(self._rank_rng, self.resume_path)
         self.checkpoints.saved_step = self.progress.step
-
-    @property
-    def _resuming_in_place(self) -> bool:
-        """Resuming in the checkpoint's own folder (its files are this run's), rather than into another."""
-        return self.resume_path is not None and Path(self.resume_path).parent.resolve() == self.out.resolve()
-
-    def _check_no_other_run(self) -> None:
-        """Refuse a folder holding a run this invocation does not continue, unless ``--overwrite``: any run for a
-        fresh start; for a resume, any but the checkpoint's own (their files would be replaced by, or left mixed
-        with, the resumed run's)."""
-        existing = [name for name in RUN_FILES if (self.out / name).exists()]
-        if not existing or self.cfg.overwrite or self._resuming_in_place:
-            return
-        if self.resume_path is None:
-            raise safety.RunFolderInUse(
-                f"output dir {self.out} already holds a run ({', '.join(existing)}); "
-                "pass --resume to continue it, --overwrite to replace it, or another --output-dir"
-            )
-        # The folder may hold another run or an earlier copy of this one (a chain A -> B resumed back into A):
-        # either way its files would be replaced, so the message does not guess which.
-        raise safety.RunFolderInUse(
-            f"output dir {self.out} already holds run files ({', '.join(existing)}) and is not the folder of the "
-            f"checkpoint resumed from, {self.resume_path}; resume into that folder ({Path(self.resume_path).parent}) "
-            "or an empty --output-dir, or pass --overwrite to replace what is there"
-        )
 
     def _check_batch_of_one(self) -> None:
         """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
@@ -418,7 +350,7 @@ class Trainer:
         return self._on_device[split]
 
     def _train_loader(self, skip_samples: int, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = _Skip(self.sampler, skip_samples) if skip_samples else self.sampler
+        sampler = SkipFirst(self.sampler, skip_samples) if skip_samples else self.sampler
         # whether the epoch's last, smaller batch is left out is the whole epoch's (not what a resume has left)
         drop_last = len(self.sampler) >= self.cfg.batch_size
         if self.cfg.data_on_device:  # crops and flips by (seed, epoch, rank, batch): no state to checkpoint
@@ -477,17 +409,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ train
     def fit(self) -> dict[str, Any]:
         """Train to ``epochs`` (or ``max_steps``); returns what is written to ``metrics.json`` (rank 0: the run's
-        own, left as it was, when a resume finds nothing to train, :meth:`_finished_run`). RunStopped on a
+        own, left as it was, when a resume finds nothing to train, :meth:`RunFolder.finished_run`). RunStopped on a
         stop signal (after saving), OutputWriteError when an output cannot be written, RunFolderInUse when another
         run holds the folder, FloatingPointError for a non-finite loss (the last checkpoint is kept)."""
         cfg, progress = self.cfg, self.progress
         start = self._fit_start = time.perf_counter()
-        finished = self._finished_run()
+        finished = self.folder.finished_run(self._steps_left, self._why_nothing_to_train, self._reduce, self.log)
         if finished is not None:
             return finished
-        self._own_output_dir()
+        self.folder.claim(self._reduce)
         if self.ctx.is_main:
-            self.checkpoints.guard(self._prepare_output_dir, self.out)
+            self.checkpoints.guard(lambda: self.folder.prepare(self.progress), self.out)
             if cfg.tensorboard:
                 from torch.utils.tensorboard import SummaryWriter
 
@@ -503,8 +435,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(self._banner())
         if self._rescaled is not None:
-            self.log(f"mlaan train: --rescale-schedule: the run trained with {ckpt_io.describe_shape(self._rescaled)}"
-                     f" goes on with {ckpt_io.describe_shape(self.shape)} from {self._position()}, lr "
+            self.log(f"mlaan train: --rescale-schedule: the run trained with {resume_io.describe_shape(self._rescaled)}"
+                     f" goes on with {resume_io.describe_shape(self.shape)} from {self._position()}, lr "
                      f"{self.optimizer.param_groups[0]['lr']:.4g} ({self.warmup_steps} warm-up steps, lr 0 after "
                      f"step {self.total_steps} of the schedule)")
 
@@ -515,12 +447,12 @@ class Trainer:
                 if self._stop_requested():  # a signal during the last evaluation or save
                     self._stop_now()
                 last_eval = self._run_epoch(progress.epoch)
-            if last_eval is None:  # nothing left to train, but no metrics.json yet (_finished_run): evaluate
+            if last_eval is None:  # nothing left to train, but no metrics.json yet (RunFolder.finished_run): evaluate
                 last_eval = self.evaluate()
                 if progress.best_accuracy < 0:
                     progress.new_best(last_eval["accuracy"], progress.epoch)
             summary = self._summary(last_eval, start)
-            self._clear_replaced_run()
+            self.folder.clear_replaced_run(self.checkpoints)
             if self.ctx.is_main:
                 text = json.dumps(summary, indent=2) + "\n"
                 self.checkpoints.guard(lambda: atomic_write_text(text, self.out / "metrics.json"),
@@ -530,7 +462,7 @@ class Trainer:
             self._stop.__exit__()
             if self._writer is not None:
                 self._writer.close()
-            self._lock.release()  # after the last write
+            self.folder.release()  # after the last write
         self.ctx.barrier()
         return summary
 
@@ -539,22 +471,6 @@ class Trainer:
         """Whether a training step is left to this invocation: epochs to go and ``max_steps`` not reached."""
         finished = metrics_log.schedule_finished(self.progress.epoch, self.cfg.epochs)  # bench/report's "finished"
         return not finished and not self._max_steps_reached()
-
-    def _finished_run(self) -> dict[str, Any] | None:
-        """A resume in the run's own folder with no step left to train and the run's metrics.json there: say so in
-        one line and return that metrics.json, leaving every file as it was (evaluating again would replace the
-        run's figures with those of an evaluation-only process; ``mlaan eval`` evaluates a checkpoint). None
-        otherwise: a run that stopped after its last save but before writing metrics.json, or one resumed into
-        another folder, is evaluated and gets its metrics.json. Rank 0 decides for every rank."""
-        if self._steps_left or not self._resuming_in_place:
-            return None
-        summary = metrics_log.read_summary(self.out / "metrics.json") if self.ctx.is_main else None
-        if self._reduce({"finished_count": float(summary is not None)})["finished_count"] == 0:
-            return None
-        self.log(f"mlaan train: {self.resume_path} is {self._why_nothing_to_train()}: nothing to train; "
-                 f"{self.out} is left as it was (evaluate with: mlaan eval --checkpoint "
-                 f"{shlex.quote(str(self.resume_path))})")
-        return summary or {}
 
     def _why_nothing_to_train(self) -> str:
         step, max_steps = self.progress.step, self.cfg.max_steps
@@ -595,7 +511,7 @@ class Trainer:
                 batch_transform=self.mix, clip_grad=cfg.clip_grad,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
-            replaced = "; the run --overwrite was to replace is left as it was" if self._replaced else ""
+            replaced = "; the run --overwrite was to replace is left as it was" if self.folder.replaced else ""
             raise FloatingPointError(f"{err} at step {progress.step + 1} (epoch {epoch + 1}); "
                                      f"{self.checkpoints.kept()}{replaced}") from err
         if self.pipeline is not None:
@@ -660,7 +576,7 @@ class Trainer:
         """Write ``last.pt`` (and ``best.pt``). Collective: under module parallelism every rank writes its shard
         first, rank 0 merges them and writes the manifest last."""
         merged = None
-        self._clear_replaced_run()
+        self.folder.clear_replaced_run(self.checkpoints)
         # data parallelism: each rank's random streams are its own (its crops and flips), and so is their state
         rng_ranks = dist.all_gather_objects(ckpt_io.rng_state(), self.ctx) if self._own_random_streams else None
         # the epoch in progress as every rank counted it (a resume on any number of ranks logs each step once)
@@ -687,7 +603,7 @@ class Trainer:
             self.ctx.barrier()
 
     def _end_of_epoch(self, record: dict) -> None:
-        self._clear_replaced_run()
+        self.folder.clear_replaced_run(self.checkpoints)
         if self.ctx.is_main:
             jsonl = self.out / "metrics.jsonl"
             self.checkpoints.guard(lambda: metrics_log.log_epoch(jsonl, record), jsonl)
@@ -733,65 +649,6 @@ class Trainer:
             return f"step {progress.step} (end of epoch {progress.epoch})"
         return (f"step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/{self.steps_per_epoch} "
                 "steps)")
-
-    def _own_output_dir(self) -> None:
-        """Take the output folder's lock before anything is written (rank 0; every rank learns whether it got
-        it), and check under it that no other run has been written there since the build. On refusal
-        (:class:`~mlaan.training.safety.RunFolderInUse`) the folder is left as it was."""
-        refused: Exception | None = None
-        if self.ctx.is_main:
-            try:
-                self._lock.acquire()
-                self._check_no_other_run()
-            except (ValueError, OSError) as err:
-                self._lock.abandon()
-                refused = err
-        if self._reduce({"refused_count": float(refused is not None)})["refused_count"] > 0:
-            raise refused if refused is not None else safety.RunFolderInUse(
-                f"output dir {self.out} is not free: rank 0 could not take it (see its message)")
-
-    def _prepare_output_dir(self) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        for stale in stale_temp_files(self.out, RUN_FILES):  # left by a run killed while saving
-            stale.unlink(missing_ok=True)
-        if self._resuming_in_place:  # keep the log lines up to the checkpoint, drop any written after it
-            metrics_log.keep_lines_up_to(self.out / "metrics.jsonl", self.progress.step)
-            (self.out / "metrics.json").unlink(missing_ok=True)
-            return
-        # validated: a folder without a run, or --overwrite
-        shutil.rmtree(self.out / ckpt_io.SHARDS, ignore_errors=True)  # a replaced module-parallel run's
-        if self.resume_path is None:
-            # a fresh run: the replaced run's files stay until this one writes its first (_clear_replaced_run),
-            # so that a run failing before that (a non-finite loss at step 3) does not leave an empty folder
-            self._replaced = [name for name in RUN_FILES if (self.out / name).exists()]
-            return
-        for name in RUN_FILES:
-            (self.out / name).unlink(missing_ok=True)
-        self._carry_over()
-
-    def _carry_over(self) -> None:
-        """Resuming into another folder moves the run there, as a user who names a new folder expects: it gets the
-        checkpoint as last.pt, the run's best.pt up to it and its log lines up to it, so that it holds the whole
-        run at once. (Otherwise a finished run, with nothing left to train, would leave a metrics.json alone;
-        and a run would have no last.pt to resume from until its next save, nor a best.pt until it improves.)"""
-        source = Path(self.resume_path)
-        ckpt_io.carry_over(source, self.progress, self.out)
-        log = source.parent / "metrics.jsonl"
-        if log.is_file():
-            lines = metrics_log.read_metrics_lines(log, self.progress.step)
-            atomic_write_text("".join(line + "\n" for line in lines), self.out / "metrics.jsonl")
-
-    def _clear_replaced_run(self) -> None:
-        """Remove what is left of the run that ``--overwrite`` replaces, just before this run's first write."""
-        if not (self._replaced and self.ctx.is_main):
-            return
-        names, self._replaced = self._replaced, []
-
-        def remove() -> None:
-            for name in names:
-                (self.out / name).unlink(missing_ok=True)
-
-        self.checkpoints.guard(remove, self.out)
 
     # ------------------------------------------------------------------------------------ bookkeeping
     def _peak_memory(self) -> tuple[int, str]:
@@ -936,17 +793,17 @@ def resolve_run(
     overrides = dict(overrides or {})
     ckpt, path = None, None
     if resume is not None:
-        path = _resume_path(resume, file_values, overrides)
+        path = run_folder.resume_path(resume, file_values, overrides)
         ckpt = ckpt_io.load_training_checkpoint(path)
-    config = merge(ckpt_io.resume_layer(ckpt, path) if ckpt is not None else {}, file_values, overrides)
+    config = merge(resume_io.resume_layer(ckpt, path) if ckpt is not None else {}, file_values, overrides)
     given = {k: coerce(k, v) for k, v in {**file_values, **overrides}.items()}  # this invocation's, converted
     if ckpt is not None:
         # a resumed run is the same run, in its own folder or another: only where and how it runs may change
         # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
-        ckpt_io.check_resume_config(ckpt.get("config", {}), given, path)
+        resume_io.check_resume_config(ckpt.get("config", {}), given, path)
     config = config.resolve()
     if ckpt is not None:  # also checked where the Trainer is built; here so that --print-config refuses it too
-        ckpt_io.check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
+        resume_io.check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
     if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
     _warn_unused(file_values, overrides, config)
@@ -966,34 +823,3 @@ def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config:
         print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
 
 
-def _run_folder(file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
-    """The output folder this invocation names: ``output_dir`` when given, else the default one its options
-    resolve to. Given, it is taken as is, since the rest of the options (``-K`` restated for the run's own
-    architecture, say) can only be checked against the checkpoint in it."""
-    given = {**file_values, **overrides}.get("output_dir")
-    if given is not None and str(given).strip():
-        return Path(given)
-    return Path(merge(file_values, overrides).resolve().output_dir)
-
-
-def _resume_path(resume: str | os.PathLike, file_values: dict[str, Any], overrides: dict[str, Any]) -> Path:
-    """The checkpoint ``--resume`` names. For ``"auto"``, ``last.pt`` in the folder this invocation's options
-    name: they are resolved on their own for that, since the checkpoint's options are not known before it is
-    read (FileNotFoundError when there is nothing to resume; RunFolderInUse when the checkpoint is not there yet
-    because another process is training in its folder)."""
-    if not str(resume).strip():  # Path("") is the current folder
-        raise ValueError("--resume '' is empty: give a checkpoint file, or --resume alone for <output-dir>/last.pt")
-    auto = str(resume) == AUTO_RESUME
-    path = _run_folder(file_values, overrides) / "last.pt" if auto else ckpt_io.checkpoint_file(resume)
-    if not path.is_file():
-        # a run folder without last.pt yet, or a file's folder
-        folder, missing = (path, path / "last.pt") if path.is_dir() else (path.parent, path)
-        holder = safety.RunFolderLock.holder(folder) if folder.is_dir() else None
-        if holder is not None:
-            raise safety.RunFolderInUse(
-                f"--resume: {missing} does not exist yet: {folder} is in use by another run ({holder}); wait "
-                "for it to save or finish, or stop it, then resume"
-            )
-        if auto:
-            raise FileNotFoundError(f"--resume: nothing to resume, {path} does not exist")
-    return path
