@@ -161,7 +161,7 @@ def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespa
     print(format_prediction(prediction, saved["config"]["method"]))
     if prediction["saved_local_s"]:
         print(f"Σ T_j now {prediction['one_device']['local_s']:.3f} s vs {prediction['saved_local_s']:.3f} s in the "
-              "saved run (a different load on the cores; every figure of this table is from now)")
+              "saved run (its wall time; another machine or load shows here; every figure of this table is from now)")
     return prediction
 
 
