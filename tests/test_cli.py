@@ -21,6 +21,18 @@ SMALL = ["--train-samples", "256", "--batch-size", "64", "--max-steps", "3", "--
 SYNTH = ["--dataset", "synthetic", "--synthetic-test-size", "128", *SMALL]
 
 
+# The command-line reference: the README's, or docs/CLI.md when the README links to it instead.
+CLI_REFERENCE = [Path(__file__).resolve().parents[1] / name for name in ("README.md", "docs/CLI.md")]
+
+
+def cli_reference(marker: str) -> str:
+    """The text of the first file of :data:`CLI_REFERENCE` that holds ``marker`` (a table's heading, say)."""
+    texts = [path.read_text() for path in CLI_REFERENCE if path.exists()]
+    found = [text for text in texts if marker in text]
+    assert found, f"no file of {[str(p) for p in CLI_REFERENCE]} holds {marker!r}"
+    return found[0]
+
+
 def mlaan_cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main([str(a) for a in args])
     out, err = capsys.readouterr()
@@ -143,7 +155,7 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
     meta = json.loads(out.with_suffix(".json").read_text())
     assert meta["data_options"] == {"synthetic_train_size": 2048, "synthetic_test_size": 128,
                                     "synthetic_image_size": 32}
-    table = (Path(__file__).resolve().parents[1] / "README.md").read_text().split("`export` writes")[1]
+    table = cli_reference("`export` writes").split("`export` writes")[1]
     table = table.split("It loads into")[0]
     assert [key for key in meta if f"`{key}`" not in table] == []  # the README's table of the fields says each
     state = torch.load(out, weights_only=True)
@@ -275,7 +287,7 @@ def test_the_readme_options_table_names_every_train_flag():
 
     from mlaan.cli import build_parser
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = cli_reference("| group | options |")
     start = readme.index("| group | options |")
     table = readme[start:readme.index("\n\n", start)]
     train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]

@@ -256,3 +256,50 @@ def test_a_plugin_options_class_that_declares_choices_is_checked_without_calling
     with pytest.raises(ValueError, match="unknown mode 'c'; allowed: a, b"):
         check_choices(Frozen(mode="c"))
     assert LocalOptions(aux_head="Linear").aux_head == "linear"
+
+
+# ------------------------------------------------------------------------------------- one declaration each
+# What --resume let change before the run options declared their resume policy (checkpoint.RESUME_FREE, a
+# hand-written list): the derived set must stay this one.
+RESUME_FREE_BEFORE = frozenset({
+    "max_steps", "overwrite", "device", "workers", "tensorboard", "download", "data_root", "output_dir",
+    "eval_batch_size", "precise_bn", "save_every", "grad_checkpointing", "checkpoint_segment", "checkpoint_modules",
+    "amp", "channels_last", "compile", "threads", "extra", "parallel", "partition", "dist_timeout", "rescale_schedule",
+})
+
+
+def test_every_config_field_has_a_resume_policy_and_the_free_ones_are_as_before():
+    import dataclasses
+
+    from mlaan.training.config import PER_INVOCATION, RESUME_FREE, RESUME_POLICIES, RunConfig, TrainConfig
+
+    policies = {f.name: f.metadata.get("resume") for f in dataclasses.fields(TrainConfig)}
+    assert {name for name, policy in policies.items() if policy not in RESUME_POLICIES} == set()
+    run_fields = [f for f in dataclasses.fields(RunConfig)]
+    assert all("resume" in f.metadata and "group" in f.metadata for f in run_fields)  # declared, not defaulted
+    assert RESUME_FREE == RESUME_FREE_BEFORE
+    assert sorted(PER_INVOCATION) == ["max_steps", "overwrite", "rescale_schedule"]
+
+
+def test_every_run_option_is_a_flag_of_its_group_with_its_help_and_the_config_key_of_the_same_name():
+    """``mlaan train``'s run flags come from RunConfig's declarations: one flag per field (``extra`` is a config
+    key only), in the field's group, with its help; a data set's options are the data-set registry's."""
+    import argparse
+    import dataclasses
+
+    from mlaan import data
+    from mlaan.cli import build_parser
+    from mlaan.training.config import GROUPS, RunConfig
+
+    train = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    group_of = {a.dest: g.title for g in train._action_groups for a in g._group_actions}
+    help_of = {a.dest: a.help for a in train._actions}
+    declared = [f for f in dataclasses.fields(RunConfig) if f.metadata["group"] is not None]
+    assert [f.name for f in dataclasses.fields(RunConfig) if f not in declared] == ["extra"]
+    for f in declared:
+        assert group_of[f.name] == GROUPS[f.metadata["group"]], f.name
+        if "data_set_option" not in f.metadata:
+            assert help_of[f.name] == f.metadata["help"].format(default=f.default), f.name
+    data_set_fields = {f.name: f.default for f in declared if "data_set_option" in f.metadata}
+    registry = {spec.option_key(o): o.default for spec in data.registered_datasets() for o in spec.options}
+    assert data_set_fields == registry

@@ -1,8 +1,10 @@
 """``TrainConfig``: every option of ``mlaan train`` in one flat dataclass (nanoGPT style).
 
-The run's own settings are declared here (``_RunConfig``); the engine's and the methods' options are added as
-fields from their one declaration (:func:`mlaan.engine.options.option_fields`), so a method's option is a
-config key, a flag and an entry of ``metrics.json`` without being written out here.
+The run's own settings are declared here, once each (:class:`RunConfig`, :func:`run_field`): with its help, its
+group of ``--help`` and its resume policy, from which come ``mlaan train``'s flags, the YAML keys and
+:data:`RESUME_FREE`. The engine's and the methods' options are added as fields from their one declaration
+(:func:`mlaan.engine.options.option_fields`), so a method's option is a config key, a flag and an entry of
+``metrics.json`` without being written out here.
 
 Resolution order, later wins: the dataclass defaults < a resumed checkpoint's config < the ``--config`` YAML
 file < flags given explicitly on the command line. ``resolve()`` fills the values that depend on others
@@ -19,10 +21,11 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
+from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 from ..engine import parse_method
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled
 from ..names import unknown
@@ -33,64 +36,209 @@ DERIVED_WHEN_UNSET = {
     "output_dir": "unset: runs/<dataset>-<arch>-<method>-K<K>",
     "filter_bias_and_bn": "unset: on for --opt adamw, off for sgd (the paper decays every parameter)",
 }
+T = TypeVar("T")
 OPTIMIZERS = ("sgd", "adamw")  # --opt (mlaan.training.loop.make_optimizer)
+
+# The groups of ``mlaan train --help`` that the run's own options fall in (a field's ``metadata["group"]``), in the
+# order they are listed; each method's options get a group of their own after "model and method".
+GROUPS = {
+    "data": "data",
+    "model": "model and method",
+    "optimisation": "optimisation",
+    "run": "run",
+    "output": "output and resume",
+    "parallel": "parallelism (under torchrun; docs/PARALLELISM.md)",
+}
+# What ``--resume`` does with an option (a field's ``metadata["resume"]``):
+#   "kept": the run's own value; giving another is refused (it would change what the run computes);
+#   "free": may change between a run and its resumption (where and how fast it runs, not what it computes);
+#   "per_invocation": free, and not inherited from the checkpoint (it asks something of this invocation only).
+RESUME_POLICIES = ("kept", "free", "per_invocation")
+PRECISE_BN_HELP = ("re-estimate the BatchNorm statistics on N training batches before evaluating, on a copy of the "
+                   "network (precise BN): the running averages lag when weights move fast, as local modules' do "
+                   "at a high learning rate; training itself is unchanged")
+
+
+def run_field(default: Any = dataclasses.MISSING, *, group: str | None, resume: str, help: str = "",
+              short: str | None = None, metavar: str | tuple[str, ...] | None = None,
+              choices: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A run option's field, declared once: its default and what ``mlaan train`` makes of it.
+
+    ``group``: its group of ``--help`` (a key of :data:`GROUPS`; None: a config key with no flag). ``resume``: one
+    of :data:`RESUME_POLICIES`. ``help``: the flag's help, where ``{default}`` stands for the default. ``short``:
+    a second spelling of the flag (``-K``); ``metavar`` and ``choices`` as argparse takes them. The flag is
+    ``--field-name``, typed by the field's type (a bool one is ``--x/--no-x``)."""
+    if group is not None and group not in GROUPS:
+        raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
+    if resume not in RESUME_POLICIES:
+        raise ValueError(f"unknown resume policy {resume!r}; known: {', '.join(RESUME_POLICIES)}")
+    metadata = {"group": group, "resume": resume, "help": help, "short": short, "metavar": metavar,
+                "choices": choices}
+    return field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def data_set_field(default: int) -> Any:
+    """A data set's own option (``synthetic_train_size``), declared in the data-set registry
+    (:class:`mlaan.data.DatasetOption`), which gives its flag's help and metavar; here its config field."""
+    return field(default=default, metadata={"group": "data", "resume": "kept", "data_set_option": True})
 
 
 @dataclass
-class _RunConfig:
-    # data
-    dataset: str = "fashion-mnist"
-    data_root: str | None = "data"  # fashion-mnist also looks in /usr/share/datasets/fashion-mnist
-    download: bool = False
-    train_samples: int | None = None  # keep the first N training samples
-    test_samples: int | None = None  # keep the first N test samples
-    synthetic_train_size: int = 2048
-    synthetic_test_size: int = 512
-    synthetic_image_size: int = 32
-    # model and method
-    arch: str = "resnet32"
-    image_size: int | None = None  # the side the model is built for; None: the data set's (batches are resized)
-    method: str = "dgl+mlaan"
-    local_modules: int | None = None  # K; None: the architecture's default (models.default_local_modules), 1 for bp
-    # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
-    epochs: int = 10
-    batch_size: int = 128
-    eval_batch_size: int | None = None  # None: 2 × batch_size
-    precise_bn: int = 0  # re-estimate BatchNorm statistics on N training batches before each evaluation (0: off)
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    opt: str = "sgd"  # sgd (the paper's recipe) or adamw
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW's betas (--opt adamw)
-    filter_bias_and_bn: bool | None = None  # no decay on norms, biases, no_weight_decay(); None: on for adamw only
-    clip_grad: float | None = None  # clip each local module's gradient norm (with its aux nets) to this; bp: global
-    mixup: float = 0.0  # timm Mixup's alpha on training batches (0: off; needs timm)
-    cutmix: float = 0.0  # timm CutMix's alpha on training batches (0: off; needs timm)
-    max_steps: int | None = None  # stop after this many optimizer steps (counted over the whole run)
-    save_every: int | None = None  # also write last.pt every N optimizer steps (besides each epoch's end)
-    # run
-    seed: int = 0
-    device: str = "auto"  # auto, cpu, cuda, cuda:N, mps
-    amp: bool = False  # bf16 autocast (CUDA; CPUs with AVX512-BF16 or AMX-BF16), losses and optimizer in fp32
-    channels_last: bool | None = None  # channels-last memory format; None: on for CPU runs (measured faster)
-    threads: int | None = None  # CPU threads per process; None: the cores idle at the start (mlaan.runtime)
-    sync_bn: bool = False  # SyncBatchNorm when distributed
-    # torchrun's processes split each batch ("data") or the local modules ("modules": docs/PARALLELISM.md)
-    parallel: str = "data"
-    boundary: str = "exact"  # --parallel modules: MLM cascades across ranks waited for ("exact") or "cut"
-    partition: str = "time"  # --parallel modules: split the modules over ranks evening out "time", "blocks", "memory"
-    dist_timeout: float = 600.0  # seconds a rank waits for another before the run fails (torchrun runs)
-    workers: int | None = None  # None: 0 on CPU, min(8, cores) on CUDA
-    data_on_device: bool = False  # images held on the device, batches cropped/flipped there (mlaan.data.device)
-    output_dir: str | None = None  # None: runs/<dataset>-<arch>-<method>-K<K>
-    tensorboard: bool = False
-    overwrite: bool = False
-    rescale_schedule: bool = False  # --resume with another global batch: rescale the lr schedule (else refused)
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes kept with the run
+class RunConfig:
+    """The run's own options (data, optimisation, run, output, parallelism): every field declared with
+    :func:`run_field`, from which come ``mlaan train``'s flags and the keys of its YAML files; ``--resume`` reads
+    each one's ``resume`` policy (:data:`RESUME_FREE`). :class:`TrainConfig` adds the engine's and the methods'."""
 
-    # ------------------------------------------------------------------------------------------------
+    # data
+    dataset: str = run_field("fashion-mnist", group="data", resume="kept",
+                             help="data set name (default: {default}; list below)")
+    data_root: str | None = run_field("data", group="data", resume="free", metavar="DIR",
+                                      help="data folder (default: {default}; fashion-mnist also looks in "
+                                           "/usr/share/datasets/fashion-mnist)")
+    download: bool = run_field(False, group="data", resume="free",
+                               help="download a torchvision data set into --data-root if missing")
+    train_samples: int | None = run_field(None, group="data", resume="kept", metavar="N",
+                                          help="use only the first N training samples")
+    test_samples: int | None = run_field(None, group="data", resume="kept", metavar="N",
+                                         help="evaluate on the first N test samples only")
+    synthetic_train_size: int = data_set_field(2048)
+    synthetic_test_size: int = data_set_field(512)
+    synthetic_image_size: int = data_set_field(32)
+    # model and method
+    arch: str = run_field("resnet32", group="model", resume="kept",
+                          help="architecture (default: {default}; list below), or torchvision:NAME / timm:NAME "
+                               "(e.g. torchvision:vgg11_bn, timm:vit_tiny_patch16_224)")
+    image_size: int | None = run_field(None, group="model", resume="kept", metavar="S",
+                                       help="image side the model is built for; batches of another size are "
+                                            "resized to it (default: the data set's)")
+    method: str = run_field("dgl+mlaan", group="model", resume="kept",
+                            help="local-learning method (default: {default}; list below)")
+    local_modules: int | None = run_field(None, group="model", resume="kept", short="-K", metavar="K",
+                                          help="number of local modules, the stem's included (default: the "
+                                               "architecture's: the paper's K, 16 for resnet32 and 55 for "
+                                               "resnet110, else one module per residual block; 1 for bp)")
+    # optimisation (docs/METHOD.md#training-recipe: SGD, Nesterov, momentum 0.9, linear warm-up then cosine per step)
+    epochs: int = run_field(10, group="optimisation", resume="kept", help="(default: {default})")
+    batch_size: int = run_field(128, group="optimisation", resume="kept", help="(default: {default})")
+    eval_batch_size: int | None = run_field(None, group="optimisation", resume="free",
+                                            help="(default: 2 x batch size)")
+    # evaluation only: it re-estimates BatchNorm statistics on a copy (training is unchanged)
+    precise_bn: int = run_field(0, group="optimisation", resume="free", metavar="N",
+                                help=PRECISE_BN_HELP + " (default: {default}, off)")
+    lr: float = run_field(0.1, group="optimisation", resume="kept", help="peak learning rate (default: {default})")
+    momentum: float = run_field(0.9, group="optimisation", resume="kept", help="(default: {default})")
+    nesterov: bool = run_field(True, group="optimisation", resume="kept", help="(default: on)")
+    weight_decay: float = run_field(1e-4, group="optimisation", resume="kept", help="(default: {default})")
+    warmup_epochs: float = run_field(1.0, group="optimisation", resume="kept",
+                                     help="linear warm-up, then cosine decay per step (default: {default})")
+    opt: str = run_field("sgd", group="optimisation", resume="kept",
+                         help="optimizer: sgd (the paper's, Nesterov) or adamw (use a smaller --lr, e.g. 1e-3) "
+                              "(default: {default})")
+    betas: tuple[float, float] = run_field((0.9, 0.999), group="optimisation", resume="kept", metavar=("B1", "B2"),
+                                           help="--opt adamw: its betas (default: {default[0]} {default[1]})")
+    filter_bias_and_bn: bool | None = run_field(None, group="optimisation", resume="kept",
+                                                help="no weight decay on norms, biases and the model's "
+                                                     "no_weight_decay() names (timm's convention) (default: on for "
+                                                     "adamw, off for sgd)")
+    clip_grad: float | None = run_field(None, group="optimisation", resume="kept", metavar="NORM",
+                                        help="clip each local module's gradient norm (its blocks and aux nets "
+                                             "together, so that no module is scaled by another's gradient) to NORM; "
+                                             "bp: one global norm (default: off)")
+    mixup: float = run_field(0.0, group="optimisation", resume="kept", metavar="ALPHA",
+                             help="timm's Mixup on training batches, Beta(ALPHA, ALPHA) (default: 0, off; needs timm)")
+    cutmix: float = run_field(0.0, group="optimisation", resume="kept", metavar="ALPHA",
+                              help="timm's CutMix on training batches; with --mixup, one of the two per batch "
+                                   "(default: 0, off; needs timm)")
+    max_steps: int | None = run_field(None, group="optimisation", resume="per_invocation", metavar="N",
+                                      help="stop after N optimizer steps in all (the schedule still spans --epochs; "
+                                           "not carried over by --resume)")
+    save_every: int | None = run_field(None, group="optimisation", resume="free", metavar="N",
+                                       help="also save last.pt every N optimizer steps, not only at the end of each "
+                                            "epoch (a killed run then loses at most N steps; resuming gives the "
+                                            "same result)")
+    # run; precision, memory format and threads change how fast a run goes, and float rounding only: free on resume
+    seed: int = run_field(0, group="run", resume="kept", help="(default: {default})")
+    device: str = run_field("auto", group="run", resume="free", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    amp: bool = run_field(False, group="run", resume="free",
+                          help="bf16 autocast, losses and optimizer in fp32: CUDA, or a CPU with AVX512-BF16/AMX-BF16 "
+                               "(elsewhere a warning and fp32). Faster on CUDA and AMX; measured slower with "
+                               "AVX512-BF16 alone (default: off)")
+    channels_last: bool | None = run_field(None, group="run", resume="free",
+                                           help="channels-last memory format for the model and batches (default: on "
+                                                "for CPU runs, measured 0.80-0.86x the step time; off on GPUs)")
+    threads: int | None = run_field(None, group="run", resume="free", metavar="N",
+                                    help="CPU threads per process (default: the cores idle when the run starts, "
+                                         "shared among torchrun's local processes; a busy core would stall a larger "
+                                         "team). A bit-identical resume needs the same count")
+    sync_bn: bool = run_field(False, group="run", resume="kept", help="SyncBatchNorm in distributed runs (torchrun)")
+    # a module-parallel run resumes in one process or with another number of ranks, and back
+    parallel: str = run_field("data", group="parallel", resume="free", choices=PARALLEL_MODES,
+                              help="what torchrun's processes split: 'data' (each its share of every batch) or "
+                                   "'modules' (each a run of local modules, all training at once on consecutive "
+                                   "batches) (default: data)")
+    boundary: str = run_field("exact", group="parallel", resume="kept", choices=BOUNDARY_MODES,
+                              help="--parallel modules: MLM cascades that cross ranks are waited for ('exact', "
+                                   "results as in one process) or stop at rank boundaries ('cut', another "
+                                   "algorithm, faster) (default: exact)")
+    partition: str = run_field("time", group="parallel", resume="free", choices=PARTITION_MODES,
+                               help="--parallel modules: the modules are split over ranks evening out measured "
+                                    "'time', 'blocks' or step 'memory' (default: time)")
+    dist_timeout: float = run_field(600.0, group="parallel", resume="free", metavar="SECONDS",
+                                    help="how long a process waits for another before the run fails instead of "
+                                         "hanging (default: 600)")
+    workers: int | None = run_field(None, group="run", resume="free",
+                                    help="data-loader workers (default: 0 on CPU, up to 8 on CUDA)")
+    data_on_device: bool = run_field(False, group="run", resume="kept",
+                                     help="hold the images on the training device and crop, flip and normalise "
+                                          "whole batches there instead of a DataLoader: for in-memory data sets "
+                                          "(fashion-mnist, synthetic), much faster for small images on a GPU; "
+                                          "another random stream than the loader's (default: off)")
+    output_dir: str | None = run_field(None, group="output", resume="free", metavar="DIR",
+                                       help="where outputs go (default: runs/<dataset>-<arch>-<method>-K<K>)")
+    tensorboard: bool = run_field(False, group="output", resume="free",
+                                  help="also write TensorBoard logs to <output-dir>/tensorboard")
+    overwrite: bool = run_field(False, group="output", resume="per_invocation",
+                                help="replace a finished or stopped run in the output folder")
+    # asks to go on with another global batch (checkpoint.check_schedule), for this invocation
+    rescale_schedule: bool = run_field(False, group="output", resume="per_invocation",
+                                       help="--resume on another number of processes or global batch: go on with the "
+                                            "learning-rate schedule rescaled to the new steps per epoch (refused "
+                                            "without it)")
+    # free-form notes kept with the run (a config key, no flag)
+    extra: dict[str, Any] = run_field(group=None, resume="free", default_factory=dict)
+
+
+OPTION_FIELDS = tuple(option_fields(include_derived=False))  # the engine's and methods' options, as config keys
+OPTION_NAMES = tuple(f.name for f in OPTION_FIELDS)
+# The engine's and methods' options are declared in mlaan.engine (engine_options.py, each method's Options), with
+# no resume policy: they say what a step computes, so a resume keeps them ("kept"), but for these, which change
+# only a step's memory or speed: recomputation and how BP's checkpointing is cut, and torch.compile (the same step
+# to float rounding, the same state_dict keys).
+OPTION_RESUME = {"grad_checkpointing": "free", "checkpoint_segment": "free", "checkpoint_modules": "free",
+                 "compile": "free"}
+
+
+def _with_declared_options(cls: type[T]) -> type[T]:
+    """``cls`` made a dataclass whose fields are its bases' followed by every engine and method option
+    (:data:`OPTION_FIELDS`), each with its default, owner and resume policy in its metadata.
+
+    They are added here rather than written in the class because they are collected when this module is imported
+    from the methods registered then, a plug-in's included (``mlaan.methods`` entry points): no static list holds
+    them. The run's own options are written out in :class:`RunConfig`, where an editor sees them."""
+    annotations = dict(cls.__dict__.get("__annotations__", {}))
+    for option in OPTION_FIELDS:
+        annotations[option.name] = option.type
+        metadata = {"owner": option.owner, "help": option.help, "resume": OPTION_RESUME.get(option.name, "kept")}
+        setattr(cls, option.name, field(default=option.default, metadata=metadata))
+    cls.__annotations__ = annotations
+    return dataclass(cls)
+
+
+@_with_declared_options
+class TrainConfig(RunConfig):
+    """Every option of ``mlaan train``: the run's settings (:class:`RunConfig`) and every declared engine and
+    method option (fields added from their declarations by :func:`_with_declared_options`)."""
+
     def engine_options(self, mean: tuple[float, ...], std: tuple[float, ...]) -> dict[str, Any]:
         """Keyword options for ``mlaan.create_local_model``: every declared option the method reads, the derived
         ones included (the data set's ``mean``/``std``, the batch that ``balance="memory"`` evens out)."""
@@ -181,7 +329,7 @@ def check_output_dir_name(output_dir: str | None) -> None:
                          "variable?), or leave it out for runs/<dataset>-<arch>-<method>-K<K>")
 
 
-def _check_recipe(cfg: _RunConfig) -> None:
+def _check_recipe(cfg: TrainConfig) -> None:
     """The user's-recipe options (optimizer, clipping, mixup) checked, ``filter_bias_and_bn`` filled in (on for
     adamw, off for sgd); ValueError in one line, naming the extra to install when --mixup/--cutmix lack timm."""
     import importlib.util
@@ -208,7 +356,7 @@ def _check_recipe(cfg: _RunConfig) -> None:
                              "--parallel data)")
 
 
-def _check_parallel(cfg: _RunConfig, spec: Any) -> None:
+def _check_parallel(cfg: TrainConfig, spec: Any) -> None:
     """The parallelism settings against each other and the method; a LAM method under ``--parallel modules`` gets
     ``ema_lag=1`` (a twin whose block is on the next rank follows it one step late, docs/PARALLELISM.md)."""
     from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
@@ -228,16 +376,12 @@ def _check_parallel(cfg: _RunConfig, spec: Any) -> None:
         cfg.ema_lag = 1
 
 
-OPTION_FIELDS = tuple(option_fields(include_derived=False))  # the engine's and methods' options, as config keys
-OPTION_NAMES = tuple(f.name for f in OPTION_FIELDS)
-TrainConfig = dataclasses.make_dataclass(
-    "TrainConfig",
-    [(f.name, f.type, field(default=f.default)) for f in OPTION_FIELDS],
-    bases=(_RunConfig,),
-    namespace={"__doc__": "Every option of ``mlaan train``: the run's settings and every declared option.",
-               "__module__": __name__},
-)
 FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
+# Options that may change between a run and its resumption: where and how it runs, not what it computes (arch,
+# method and local_modules are checked against the checkpoint itself, with their own message); and those of one
+# invocation, which a resumed run does not inherit (it goes on to --epochs unless told otherwise).
+RESUME_FREE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["resume"] != "kept")
+PER_INVOCATION = tuple(f.name for f in fields(TrainConfig) if f.metadata["resume"] == "per_invocation")
 _TYPES = typing.get_type_hints(TrainConfig)
 _OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
 
