@@ -14,6 +14,7 @@ from torch import nn
 import mlaan
 from mlaan.engine import parse_method
 from mlaan.engine.lam import LeapTrunk
+from mlaan.engine.reference import reference_gradients
 
 BATCH = 6
 
@@ -45,44 +46,6 @@ def test_bp_matches_plain_backbone_cross_entropy():
 
 
 # --------------------------------------------------------------------------- reference: naive recomputation
-def reference_gradients(model: mlaan.LocalModel, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
-    """The MLAAN objective built the way the research code does it: every window recomputed from a detached
-    input, one scalar, one backward. The engine's retained-graph schedule must give the same gradients."""
-    mods, opts = model.local_modules, model.options
-    cascade = model.spec.cascade
-    w = opts.window if cascade else 1
-    outs, h = [], x
-    with torch.no_grad():
-        for m in mods:
-            h = m(h)
-            outs.append(h)
-    inputs = [x] + outs[:-1]
-    total = 0.0
-    k = len(mods)
-
-    def run(first: int, last: int) -> torch.Tensor:
-        z = inputs[first].detach()
-        for i in range(first, last + 1):
-            z = mods[i](z)
-        return z
-
-    for j in range(k):
-        w_ind = opts.w_ind if cascade else 1.0
-        if j == k - 1:
-            total = total + w_ind * F.cross_entropy(run(j, j), y)
-            if cascade and j >= 1:
-                total = total + opts.w_casc * F.cross_entropy(run(max(0, j - w + 1), j), y)
-            elif cascade:
-                total = total + opts.w_casc * F.cross_entropy(run(j, j), y)
-            continue
-        total = total + w_ind * model.independent_heads[j](run(j, j), x, y)
-        if str(j) in model.cascade_heads:
-            total = total + opts.w_casc * model.cascade_heads[str(j)](run(max(0, j - w + 1), j), x, y)
-    model.zero_grad(set_to_none=True)
-    total.backward()
-    return [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
-
-
 @pytest.mark.parametrize(
     "method,k,window",
     [("dgl", 4, 2), ("dgl+mlaan", 5, 2), ("dgl+mlm", 5, 3), ("infopro+mlaan", 4, 2), ("auglocal+mlaan", 4, 3),

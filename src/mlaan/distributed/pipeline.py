@@ -2,8 +2,9 @@
 
 Local modules are gradient-isolated, so rank r can train batch t while rank r+1 trains batch t−1: activations flow
 forward rank to rank by point-to-point messages, one whole batch per message (no micro-batches, so BatchNorm sees
-what it sees in one process). Each rank drives the one-process engine's own step (:class:`~mlaan.LocalStep`) over
-its modules, so for the base methods (no cascade) the result is bit-identical to one process.
+what it sees in one process). Each rank drives the one-process engine's own step over its modules
+(:class:`PipelineStep`, a :class:`~mlaan.engine.step.LocalStep` whose cascades cross rank edges by message), so
+for the base methods (no cascade) the result is bit-identical to one process.
 
 Where the algorithm reaches across a rank boundary:
 
@@ -24,6 +25,7 @@ merge by parameter index into the one-process format. Design, exactness argument
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +38,7 @@ from ..engine.lam import LeapTrunk
 from ..engine.local_model import LocalModel
 from ..engine.phases import EMA_UPDATE, mark
 from ..engine.split import runs_from_sizes, split_sizes
+from ..engine.step import LocalStep
 from .modes import BOUNDARY_MODES, PARTITION_MODES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -207,6 +210,51 @@ def check_partition(model: LocalModel, ranges: Sequence[range], boundary: str) -
                              "block as it was one step earlier); build the model with ema_lag=1")
 
 
+# ------------------------------------------------------------------------------------------------- step
+class PipelineStep(LocalStep):
+    """The engine's step over one rank's contiguous run of local modules ``modules``, built by
+    ``model.begin_step(..., step_type=functools.partial(PipelineStep, modules=...))``.
+
+    Cascades that cross the run's edges go by message: one that reaches the run's first module leaves as
+    ``(j, gradient at the run's input)`` in :attr:`outbox`, for the previous rank; one from a later rank arrives
+    through :meth:`receive_cascade`. Every floating-point operation is the one process's, in the same order, so
+    the results are bit-identical. Raises ValueError unless ``modules`` is a contiguous range of the model's.
+    """
+
+    def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0,
+                 *, modules: range) -> None:
+        super().__init__(model, images, targets, loss_scale)
+        if modules.step != 1 or not 0 <= modules.start < modules.stop <= self.num_modules:
+            raise ValueError(f"modules must be a contiguous range within 0..{self.num_modules - 1}, got {modules}")
+        self.modules = modules
+        self.outbox: list[tuple[int, torch.Tensor]] = []
+
+    def cascades_to_receive(self) -> list[int]:
+        """The later modules whose cascades reach into this run (in the order they arrive): modules
+        last+1 … last+window−1 that exist and are not behind a cascade barrier."""
+        last = self.modules.stop - 1
+        if self.window < 2 or last in self.barriers:
+            return []
+        return [j for j in range(last + 1, last + self.window) if j < self.num_modules]
+
+    def receive_cascade(self, j: int, grad: torch.Tensor) -> None:
+        """Module j's (a later rank's) cascaded gradient at this run's output: add it to the last module's
+        output gradient, carry it on through the window, and finish what no later cascade reaches."""
+        self._add_output_grad(self.modules.stop - 1, j, grad)
+        self._carry(j, grad)
+        self._finish_complete(j)
+
+    def _reach(self, j: int) -> tuple[int, ...]:
+        # the modules past this run were carried through on their own rank; those before it are the previous's
+        return tuple(k for k in super()._reach(j) if k in self.modules)
+
+    def _add_output_grad(self, i: int, j: int, grad: torch.Tensor) -> None:
+        if i < self.modules.start:  # the cascade leaves the run: the previous rank carries it on
+            self.outbox.append((j, grad))
+        else:
+            super()._add_output_grad(i, j, grad)
+
+
 # ------------------------------------------------------------------------------------------------ stage
 class ModulePipeline:
     """This rank's share of a module-parallel run: the local modules ``ranges[rank]`` of ``model``.
@@ -279,7 +327,8 @@ class ModulePipeline:
         (:meth:`reduce_sums`) gives the one-process figures."""
         start = time.perf_counter()
         self._waited = 0.0
-        step = self.model.begin_step(images, targets, self.modules)
+        step = self.model.begin_step(images, targets,
+                                     step_type=functools.partial(PipelineStep, modules=self.modules))
         if self.prev is not None:
             x = self._format(self._recv_tensor(self.prev))
             # after the receive, so that each pair of ranks sends and receives in the same order (NCCL would

@@ -13,12 +13,13 @@ from .methods import available_methods, parse_method
 from .options import LocalOptions, make_options, option_fields
 
 if TYPE_CHECKING:
-    from .local_model import LocalModel, LocalStep, ModulePlan, create_local_model
+    from .local_model import LocalModel, ModulePlan, create_local_model
     from .phases import STEP_PHASES
+    from .step import LocalStep
 
 __all__ = ["STEP_PHASES", "LocalModel", "LocalOptions", "LocalStep", "ModulePlan", "available_methods",
            "create_local_model", "make_options", "option_fields", "parse_method"]
-_LAZY = {"LocalModel": "local_model", "LocalStep": "local_model", "ModulePlan": "local_model",
+_LAZY = {"LocalModel": "local_model", "LocalStep": "step", "ModulePlan": "local_model",
          "create_local_model": "local_model", "STEP_PHASES": "phases"}
 
 

@@ -1,10 +1,10 @@
-"""The local-learning engine: a backbone cut into K gradient-isolated local modules, each trained by its own
+"""The local-learning model: a backbone cut into K gradient-isolated local modules, each trained by its own
 auxiliary loss, with MLAAN's cascades (MLM) and leap-augmented aux nets (LAM) on top of any base method.
 
-The step schedule (``train_step``) runs every backbone module forward exactly once. A cascaded loss reaches
-back through the retained graphs of its window instead of recomputing them; each module's graph is kept only
-until the last cascade that crosses it is done, so at most ``window`` module graphs are alive at a time.
-With ``grad_checkpointing`` those graphs hold only their blocks' inputs and are recomputed in backward.
+This file builds the model (split, aux nets, LAM trunks), publishes its step plan and holds what an optimizer
+needs (parameter groups, clipping, the EMA update after a step). The step itself, which runs every backbone
+module forward exactly once and reaches back through the retained graphs of the cascade window instead of
+recomputing them, is :mod:`mlaan.engine.step`; the objective it must equal is :mod:`mlaan.engine.reference`.
 """
 
 from __future__ import annotations
@@ -21,27 +21,19 @@ import torch
 from torch import nn
 
 from .. import models, runtime
-from .compile import compile_step_parts, retained_backward
+from .compile import compile_step_parts
 from .features import FeatureKind, classify
-from .heads import StackedLoss, aux_logits, cross_entropy
+from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import HeadOptions, LocalOptions, make_options, options_ignored, why_ignored
-from .phases import (
-    AUX_FORWARD,
-    AUX_LOSS,
-    CASCADE_BACKWARD,
-    EMA_UPDATE,
-    MODULE_BACKWARD,
-    MODULE_FORWARD,
-    OUTPUT_LOSS,
-    mark,
-)
-from .recompute import run_blocks
+from .phases import EMA_UPDATE, mark
 from .split import check_blocks, check_shared_parameters, check_shared_state, compute_split, profile_blocks
+from .step import LocalStep, cascade_reach, weights_final_at
 
 GradsReadyHook = Callable[[list[nn.Parameter]], None]
 MODULE_PATHS = ("independent", "cascaded")  # the two aux paths of a module under MLM
+_EVAL_MODE_WARNING = "training step on a LocalModel in eval mode"
 
 
 @dataclass(frozen=True)
@@ -70,34 +62,12 @@ class ModulePlan:
     has_cascaded_loss: bool = False
 
 
-@dataclass
-class _Pending:
-    """A module whose graph is still alive: its input leaf, output and the output gradient gathered so far."""
-
-    index: int
-    inputs: torch.Tensor
-    output: torch.Tensor
-    grad: torch.Tensor
-
-
-@dataclass
-class _Losses:
-    """One module's loss values (0-d tensors): as weighted into its gradient, its independent aux loss, and its
-    cascaded aux loss (NaN where it has none)."""
-
-    weighted: torch.Tensor
-    independent: torch.Tensor
-    cascaded: torch.Tensor
-
-
 class LocalModel(nn.Module):
     """K local modules over a :class:`~mlaan.models.Backbone`, trained by ``train_step``.
 
     Attributes a user relies on: ``backbone`` (plain model, used for inference), ``local_modules`` (views of the
     backbone's blocks, input to output), ``independent_heads`` and ``cascade_heads`` (aux nets, training only).
     """
-
-    _probing = False  # True while single_value_batchnorms takes its step in eval mode on purpose
 
     def __init__(
         self,
@@ -287,13 +257,13 @@ class LocalModel(nn.Module):
         grads = [p.grad for p in params]
         device = next(self.backbone.parameters()).device
         try:
-            self.eval()
-            self._probing = True  # eval mode on purpose: no BatchNorm statistic may move
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            self.eval()  # on purpose: no BatchNorm statistic may move, so the eval-mode warning is not meant
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                    warnings.catch_warnings():
+                warnings.filterwarnings("ignore", _EVAL_MODE_WARNING, RuntimeWarning)
                 images = torch.zeros(2, *self.image_shape, device=device)
                 self.train_step(images, torch.zeros(2, dtype=torch.long, device=device))
         finally:
-            self._probing = False
             for handle in handles:
                 handle.remove()
             for p, g in zip(params, grads):
@@ -321,16 +291,16 @@ class LocalModel(nn.Module):
         for j in range(num_modules):
             last = j == num_modules - 1
             cascade_head = self.cascade_heads[str(j)] if str(j) in self.cascade_heads else None
-            # the last module's cross-entropy is also its cascaded loss under MLM (see _local_gradients)
+            # the last module's cross-entropy is also its cascaded loss under MLM (see LocalStep._local_gradients)
             cascades = cascade_head is not None or (last and self.spec.cascade and window >= 2 and j >= 1)
             plan.append(ModulePlan(
                 index=j,
                 blocks=tuple(self.split[j]) + ((len(self.backbone.blocks) - 1,) if last else ()),
                 independent_head=None if last else self.independent_heads[j],
                 cascade_head=cascade_head,
-                cascade_through=_cascade_reach(j, window, barriers) if cascades else (),
-                input_requires_grad=window >= 2 and j >= 1 and j - 1 not in barriers,
-                weight_backward_at=min(j + window - 1, num_modules - 1),
+                cascade_through=cascade_reach(j, window, barriers) if cascades else (),
+                input_requires_grad=j in cascade_reach(j, window, barriers),
+                weight_backward_at=weights_final_at(j, window, num_modules),
                 has_cascaded_loss=cascades,
             ))
         return plan
@@ -352,29 +322,26 @@ class LocalModel(nn.Module):
         (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should, and once
         per process under bf16 autocast on a CPU without bf16 instructions (emulated, ~10x slower than fp32).
         """
-        step = self.begin_step(images, targets, loss_scale=loss_scale)
-        x = step.images
-        for j in step.modules:
-            x = step.run_module(j, x)
-        return step.statistics()
+        return self.begin_step(images, targets, loss_scale).run()
 
-    def begin_step(self, images: torch.Tensor, targets: torch.Tensor, modules: range | None = None,
-                   loss_scale: float = 1.0) -> LocalStep:
-        """A training step over the local modules ``modules`` (a contiguous range; default all K), to be driven
-        module by module (:class:`LocalStep`): what ``train_step`` does in one call, and what a module-parallel
-        rank does for the modules it owns. ``images`` (B, C, H, W), ``targets`` (B,) or (B, num_classes), and
-        ``loss_scale`` as for ``train_step`` (both checked here, before any backward)."""
+    def begin_step(self, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0,
+                   step_type: Callable[..., LocalStep] = LocalStep) -> LocalStep:
+        """A training step (:class:`~mlaan.engine.step.LocalStep`), to be run whole (what ``train_step`` does)
+        or module by module. ``images`` (B, C, H, W), ``targets`` (B,) or (B, num_classes), and ``loss_scale`` as
+        for ``train_step`` (both checked here, before any backward). ``step_type(model, images, targets,
+        loss_scale)`` builds the step: a module-parallel rank passes its own
+        (:class:`~mlaan.distributed.pipeline.PipelineStep`, over the modules it owns)."""
         targets = self.check_targets(targets, len(images))
         if isinstance(loss_scale, bool) or not isinstance(loss_scale, numbers.Real) or not (
                 math.isfinite(loss_scale) and loss_scale > 0):
             raise ValueError(f"loss_scale must be a finite number > 0, got {loss_scale!r}")
-        if not self.training and not self._probing:
+        if not self.training:
             # BatchNorm would normalise with its running statistics and leave them as they are: a step that trains
             # every weight but not as the run means to (a model.eval() for a test pass, then no model.train())
-            warnings.warn("training step on a LocalModel in eval mode: BatchNorm uses and keeps its running "
-                          "statistics; call model.train() before training", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"{_EVAL_MODE_WARNING}: BatchNorm uses and keeps its running statistics; call "
+                          "model.train() before training", RuntimeWarning, stacklevel=3)
         runtime.warn_slow_bf16(images.device.type, self.autocast_dtype)  # once per process, on a CPU without bf16
-        return LocalStep(self, self.prepare_inputs(images), targets, modules, float(loss_scale))
+        return step_type(self, self.prepare_inputs(images), targets, float(loss_scale))
 
     def check_targets(self, targets: torch.Tensor, batch: int) -> torch.Tensor:
         """``targets`` for a batch of ``batch`` images as the losses take them: class indices (B,) of any integer
@@ -461,62 +428,6 @@ class LocalModel(nn.Module):
                          else torch.zeros((), device=device))
         return torch.stack(norms)
 
-    def _local_gradients(
-        self, j: int, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0
-    ) -> tuple[torch.Tensor, torch.Tensor | None, _Losses]:
-        """Losses on module j's output; returns (gradient on the output from all of module j's own losses,
-        the cascaded part of it that continues into earlier modules, the module's loss values). Every gradient
-        is multiplied by ``loss_scale``; the values are not."""
-        is_last = j == len(self.local_modules) - 1
-        cascade = self.spec.cascade and self.options.window >= 2
-        none = torch.full((), float("nan"), device=output.device)
-        if is_last:
-            with mark(OUTPUT_LOSS):
-                leaf = output.detach().requires_grad_()
-                loss = cross_entropy(leaf.float(), targets, self.options.label_smoothing)
-                loss.backward()
-            g, value = leaf.grad, loss.detach()
-            if not cascade or j == 0:
-                scale = (self.options.w_ind + self.options.w_casc if cascade else 1.0) * loss_scale
-                return g * scale, None, _Losses(value, value, none)
-            # the real head is both paths of the last module (MLM): its cross-entropy is also its cascaded loss
-            scale = (self.options.w_ind + self.options.w_casc) * loss_scale
-            return g * scale, g * (self.options.w_casc * loss_scale), _Losses(value, value, value)
-
-        w_ind = (self.options.w_ind if cascade else 1.0) * loss_scale
-        head = self.independent_heads[j]
-        if str(j) not in self.cascade_heads:
-            g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
-            return g_ind, None, _Losses(value, value, none)
-        # The cascaded (large, LAM) aux net first: its backward is the step's memory peak, and no independent
-        # head's gradient is held through it.
-        casc_head = self.cascade_heads[str(j)]
-        g_casc, casc_value = self._head_gradient(casc_head, output, images, targets,
-                                                 self.options.w_casc * loss_scale, "cascaded")
-        g_ind, value = self._head_gradient(head, output, images, targets, w_ind, "independent")
-        weighted = (self.options.w_ind if cascade else 1.0) * value + self.options.w_casc * casc_value
-        return g_ind.add_(g_casc), g_casc, _Losses(weighted, value, casc_value)
-
-    def _head_gradient(
-        self, head: nn.Module, output: torch.Tensor, images: torch.Tensor, targets: torch.Tensor, weight: float,
-        path: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        with mark(AUX_LOSS[path]):
-            leaf = output.detach().requires_grad_()
-            with self._autocast(), mark(AUX_FORWARD):
-                loss = head(leaf, images, targets)
-            (loss * weight).backward()
-            self._notify([p for p in head.parameters() if p.requires_grad])
-        return leaf.grad, loss.detach().float()
-
-    def _finish_module(self, entry: _Pending) -> None:
-        """All of this module's gradient has arrived: one backward for its weights, then free its graph."""
-        with mark(MODULE_BACKWARD):
-            params = [p for p in self.local_modules[entry.index].parameters() if p.requires_grad]
-            if params and entry.output.requires_grad:  # not: the user's forward detaches it (a frozen part)
-                torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
-            self._notify(params)
-
     def _notify(self, params: list[nn.Parameter]) -> None:
         for hook in self._grads_ready_hooks:
             hook(params)
@@ -551,139 +462,6 @@ class LocalModel(nn.Module):
                 trunk.follow(self.backbone.blocks[trunk.source_index])
 
 
-class LocalStep:
-    """One training step of a :class:`LocalModel` over a contiguous range of its local modules.
-
-    ``run_module(j, x)`` forwards module j on ``x`` (the previous module's output), backpropagates its local
-    losses, carries its cascaded gradient back through the retained graphs of its cascade window (MLM,
-    docs/METHOD.md#mlm-cascades) and finishes — one weight backward, graph freed — every module no later cascade
-    can reach. A range that is not the whole model (a module-parallel rank's share) meets the cascades crossing
-    its edges by message: a cascade that reaches the range's first module leaves it as ``(j, gradient at the
-    range's input)`` in :attr:`outbox`; one from a later range arrives through :meth:`receive_cascade`. The order
-    of every floating-point operation is the same as in one process, so the results are bit-identical.
-    """
-
-    def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor,
-                 modules: range | None = None, loss_scale: float = 1.0) -> None:
-        num_modules = len(model.local_modules)
-        self.modules = range(num_modules) if modules is None else modules
-        if self.modules.step != 1 or not 0 <= self.modules.start < self.modules.stop <= num_modules:
-            raise ValueError(f"modules must be a contiguous range within 0..{num_modules - 1}, got {modules}")
-        self.model, self.images, self.targets = model, images, targets
-        self.loss_scale = loss_scale  # multiplies every gradient of the step (train_step's loss_scale)
-        self.window = model.options.window if model.spec.cascade else 1
-        self.barriers = frozenset(model.options.cascade_barriers)
-        # a module graph kept for the cascade window saves only its blocks' inputs when recomputed in backward;
-        # so does BP's one module (activation checkpointing, every block or segments of checkpoint_segment blocks)
-        self.recompute = model.options.grad_checkpointing and (self.window >= 2 or model.spec.end_to_end)
-        self.segment = model.options.checkpoint_segment if model.spec.end_to_end else 1
-        self.pending: list[_Pending] = []
-        self.losses: dict[int, _Losses] = {}
-        self.outbox: list[tuple[int, torch.Tensor]] = []
-        self.output: torch.Tensor | None = None
-        self.is_last_range = self.modules.stop == num_modules
-
-    def run_module(self, j: int, x: torch.Tensor) -> torch.Tensor:
-        """Forward module j on ``x`` and run its local backward; returns its output (no gradient flows into
-        ``x``)."""
-        model = self.model
-        inputs = x.detach()
-        if self.window >= 2 and j >= 1 and j - 1 not in self.barriers:
-            inputs.requires_grad_()
-        with model._autocast(), mark(MODULE_FORWARD):
-            module = model.local_modules[j]
-            recompute = self.recompute and model.recomputes_module(j)
-            output = run_blocks(module, inputs, True, self.segment) if recompute else module(inputs)
-        grad_total, grad_cascade, losses = model._local_gradients(j, output, self.images, self.targets,
-                                                                 self.loss_scale)
-        self.losses[j] = losses
-        self.pending.append(_Pending(j, inputs, output, grad_total))
-        self._carry(j, grad_cascade, j)
-        self._finish_through(len(model.local_modules) - 1 if j == len(model.local_modules) - 1
-                             else j - self.window + 1)
-        self.output = output
-        return output
-
-    def cascades_to_receive(self) -> list[int]:
-        """The later modules whose cascades reach into this range (in the order they arrive): modules
-        last+1 … last+window−1 that exist and are not behind a cascade barrier."""
-        last = self.modules.stop - 1
-        if self.window < 2 or last in self.barriers:
-            return []
-        return [j for j in range(last + 1, last + self.window) if j < len(self.model.local_modules)]
-
-    def receive_cascade(self, j: int, grad: torch.Tensor) -> None:
-        """Module j's (a later range's) cascaded gradient at this range's output: add it to the last module's
-        output gradient, carry it on through the window, and finish what no later cascade reaches."""
-        last = self.modules.stop - 1
-        entry = self._pending_entry(last)
-        entry.grad = entry.grad + grad
-        self._carry(j, grad, last)
-        self._finish_through(j - self.window + 1)
-
-    def finish(self) -> None:
-        """Finish every module still waiting (a range whose later cascades were cut, or all of them arrived)."""
-        self._finish_through(self.modules.stop - 1)
-
-    def statistics(self) -> dict:
-        """``train_step``'s statistics for this range's modules (``loss`` and ``accuracy`` are the last module's,
-        NaN unless the range ends the model). One host sync. Raises FloatingPointError on a non-finite loss."""
-        self.finish()
-        n = len(self.modules)
-        losses = [self.losses[j] for j in self.modules]
-        if self.is_last_range:
-            labels = self.targets if self.targets.dim() == 1 else self.targets.argmax(1)  # probabilities: argmax
-            accuracy = (self.output.detach().argmax(1) == labels).float().mean()
-        else:
-            accuracy = torch.full((), float("nan"), device=self.images.device)
-        # One host sync per step (not one per head): losses and accuracy come back together.
-        values = torch.stack([*(x.weighted for x in losses), *(x.independent for x in losses),
-                              *(x.cascaded for x in losses), accuracy]).tolist()
-        weighted = values[:n]
-        bad = [i for i, v in enumerate(weighted) if not math.isfinite(v)]
-        if bad:
-            raise FloatingPointError(
-                f"non-finite local loss ({weighted[bad[0]]}) at local module {self.modules[bad[0]]}")
-        return {
-            "loss": weighted[-1] if self.is_last_range else float("nan"),
-            "accuracy": values[-1],
-            "module_losses": weighted,
-            "independent_losses": values[n:2 * n],
-            "cascaded_losses": [None if math.isnan(v) else v for v in values[2 * n:3 * n]],
-        }
-
-    def _pending_entry(self, index: int) -> _Pending:
-        return next(p for p in self.pending if p.index == index)
-
-    def _carry(self, j: int, grad: torch.Tensor | None, i: int) -> None:
-        """Carry module j's cascaded gradient ``grad`` (at module i's output) back through modules i, i−1, …,
-        j−window+2 into the outputs of the modules before them, using their retained graphs (input gradients
-        only). Stops at a cascade barrier; leaves the range through :attr:`outbox`."""
-        if grad is None:
-            return
-        by_index = {p.index: p for p in self.pending}
-        with mark(CASCADE_BACKWARD):
-            for k in _cascade_reach(j, self.window, self.barriers):
-                if k > i:  # already carried through on the rank that owns module k
-                    continue
-                entry = by_index[k]
-                if entry.output.requires_grad:
-                    with retained_backward(self.model):  # compiled: no donated buffers (mlaan.engine.compile)
-                        (grad,) = torch.autograd.grad(entry.output, entry.inputs, grad, retain_graph=True,
-                                                      allow_unused=True, materialize_grads=True)
-                else:  # the user's forward detaches module k's output: nothing passes (zeros keep the messages)
-                    grad = torch.zeros_like(entry.inputs)
-                if k == self.modules.start:
-                    self.outbox.append((j, grad))
-                    return
-                by_index[k - 1].grad = by_index[k - 1].grad + grad
-
-    def _finish_through(self, index: int) -> None:
-        """Finish the waiting modules up to ``index``: all of their gradient has arrived."""
-        while self.pending and self.pending[0].index <= index:
-            self.model._finish_module(self.pending.pop(0))
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float,
                         skip: set[str] | frozenset[str] = frozenset()) -> list[dict]:
@@ -697,17 +475,6 @@ def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], we
             (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def _cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, ...]:
-    """The modules module j's cascaded gradient is carried back through (j, j−1, …, j−window+2), stopping before
-    module 0 and at a cascade barrier."""
-    reach = []
-    for i in range(j, j - window + 1, -1):
-        if i < 1 or i - 1 in barriers:
-            break
-        reach.append(i)
-    return tuple(reach)
 
 
 def check_split(spec: MethodSpec, opts: LocalOptions, k: object, max_k: int, arch: str,
