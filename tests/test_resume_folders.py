@@ -123,7 +123,7 @@ def test_an_empty_path_is_never_the_current_folders_run(runs, monkeypatch):
 
 
 def test_the_library_resumes_from_a_run_folder(runs, tmp_path):
-    from mlaan.training.trainer import resolve_run
+    from mlaan.training.resume import resolve_run
 
     _, ckpt, path = resolve_run(resume=runs["stopped"])
     assert path == runs["stopped"] / "last.pt" and ckpt["step"] == 1

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
         precise_batchnorm,
         train_one_epoch,
     )
-    from .trainer import Trainer, make_trainer, resolve_run
+    from .resume import resolve_run
+    from .trainer import Trainer, make_trainer
 
 _WHERE = {
     "TrainConfig": "config",
@@ -44,7 +45,7 @@ _WHERE = {
     "optimizer_step": "loop",
     "Trainer": "trainer",
     "make_trainer": "trainer",
-    "resolve_run": "trainer",
+    "resolve_run": "resume",
 }
 
 __all__ = [

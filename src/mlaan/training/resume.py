@@ -3,6 +3,9 @@ refuse a checkpoint another run's options, architecture or shape do not fit, the
 a resumed run, and restoring its optimizer, scheduler, RNG states and place in the epoch. Every check raises
 ValueError with a one-line message naming the checkpoint, before anything is written.
 
+:func:`resolve_run` puts a run's options together, new or resumed: defaults < the checkpoint's < ``--config`` <
+the flags given.
+
 The checkpoint file itself (schema, reading, writing) is :mod:`mlaan.training.checkpoint`.
 """
 
@@ -12,15 +15,28 @@ import dataclasses
 import json
 import math
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..engine.options import options_ignored
-from .checkpoint import LOAD_ERRORS, Progress, is_int, is_number, rng_state, saved_config, set_rng_state, short_error
-from .config import TrainConfig, coerce
+from ..engine.options import options_ignored, why_ignored
+from . import safety
+from .checkpoint import (
+    LOAD_ERRORS,
+    Progress,
+    is_int,
+    is_number,
+    load_training_checkpoint,
+    rng_state,
+    saved_config,
+    set_rng_state,
+    short_error,
+)
+from .config import TrainConfig, coerce, load_yaml, merge
+from .run_folder import resume_path
 
 IDENTITY_KEYS = ("arch", "method", "local_modules")
 
@@ -286,3 +302,52 @@ def saved_barriers(ckpt: Mapping[str, Any]) -> tuple[int, ...]:
     if isinstance(pipeline, dict) and pipeline.get("boundary") == "cut":
         return tuple(stop - 1 for _, stop in pipeline["ranges"][:-1])
     return ()
+
+
+# ------------------------------------------------------------------------------------ the run's options
+def resolve_run(
+    config_file: str | os.PathLike | None = None,
+    overrides: dict[str, Any] | None = None,
+    resume: str | os.PathLike | None = None,
+    check_data: bool = True,
+) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
+    """The resolved config of a run, with the checkpoint it resumes from and that checkpoint's path (both None
+    for a new run). Reads files, writes nothing: ``mlaan train --print-config`` shows what this returns.
+
+    Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` (with its ``base`` files) <
+    ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path (a run folder: its ``last.pt``), or
+    ``"auto"`` for ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each)
+    for bad input; a ``data_root`` given explicitly must exist unless ``check_data`` is False.
+    """
+    file_values = load_yaml(config_file) if config_file is not None else {}
+    overrides = dict(overrides or {})
+    ckpt, path = None, None
+    if resume is not None:
+        path = resume_path(resume, file_values, overrides)
+        ckpt = load_training_checkpoint(path)
+    config = merge(resume_layer(ckpt, path) if ckpt is not None else {}, file_values, overrides)
+    given = {k: coerce(k, v) for k, v in {**file_values, **overrides}.items()}  # this invocation's, converted
+    if ckpt is not None:
+        # a resumed run is the same run, in its own folder or another: only where and how it runs may change
+        # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
+        check_resume_config(ckpt.get("config", {}), given, path)
+    config = config.resolve()
+    if ckpt is not None:  # also checked where the Trainer is built; here so that --print-config refuses it too
+        check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
+    if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
+        safety.check_data_root(config.dataset, config.data_root, config.download)
+    _warn_unused(file_values, overrides, config)
+    return config, ckpt, path
+
+
+def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config: TrainConfig) -> None:
+    """One line (from the first process) for options given (as flags or ``--config`` keys) that this run
+    ignores: another method's, an engine option of a part its method does not have (``--window`` for dgl, say),
+    or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
+    who reads it."""
+    method, values = config.method, config.to_dict()
+    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, values))
+    if unused and os.environ.get("RANK", "0") == "0":
+        named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
+        reasons = "; ".join(f"{named[name]}: {why_ignored(name, method, values)}" for name in unused)
+        print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)

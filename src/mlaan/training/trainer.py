@@ -6,8 +6,12 @@ to resume, the output folder — without writing anything; ``fit()`` trains and 
 per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
 
 The loop itself is in :mod:`mlaan.training.loop` (the recipe, ``optimizer_step``, ``train_one_epoch``,
-``evaluate``) and the checkpoint in :mod:`mlaan.training.checkpoint`; this class adds the run around them: data,
-resume, saves, signals, logs.
+``evaluate``); this class drives it and keeps the run's bookkeeping in rooms of its own: the checkpoint file
+(:mod:`~mlaan.training.checkpoint`), what a resume may change and how it restores a run
+(:mod:`~mlaan.training.resume`, with :func:`~mlaan.training.resume.resolve_run`, the run's options), the output
+folder (:mod:`~mlaan.training.run_folder`), the data loaders (:mod:`~mlaan.training.sampling`), the partition of
+a module-parallel run (:mod:`~mlaan.training.parallel`) and what the run prints and records
+(:mod:`~mlaan.training.console`).
 
 Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepare_model``,
 ``GradientAverager``, ``reduce_metrics``, ``make_train_sampler``); only rank 0 logs and writes.
@@ -16,32 +20,31 @@ Distributed runs go through :mod:`mlaan.distributed` (``init_from_env``, ``prepa
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import random
 import shlex
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler
 
 from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
 from ..atomic import atomic_write_text
 from ..data import build_datasets, data_option_keys
-from ..data.device import DeviceBatches, DeviceImages
-from ..engine.options import options_ignored, why_ignored
 from . import checkpoint as ckpt_io
-from . import loop, metrics_log, run_folder, safety
+from . import console, loop, metrics_log, parallel, safety
 from . import resume as resume_io
-from .config import TrainConfig, coerce, load_yaml, merge
-from .run_folder import RUN_FILES, RunFolder
-from .sampling import EpochSampler, SkipFirst
+from .config import TrainConfig
+from .resume import resolve_run
+from .run_folder import RunFolder
+from .sampling import RunLoaders
 
 
 class Trainer:
@@ -97,12 +100,13 @@ class Trainer:
         if ckpt is not None:
             resume_io.check_compatible(ckpt, cfg.arch, cfg.method, cfg.local_modules, self.resume_path)
             ckpt_io.load_model_state(self.model, ckpt["model"], self.resume_path)
-            self._carry_barriers(ckpt)
+            self._barriers = parallel.carry_barriers(self.local_model, ckpt, self.resume_path)
         self._use_fast_path()
         self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
         if self._pipelined:
             self.model.to(self.device)
-            self.pipeline = self._build_pipeline(ckpt)
+            self.pipeline = parallel.build_pipeline(self.local_model, cfg, self.ctx, ckpt, self._barriers,
+                                                    self.resume_path)
             self.averager = None
         else:
             self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
@@ -145,7 +149,7 @@ class Trainer:
             image_size=cfg.image_size or self.info.image_size,
             **cfg.engine_options(self.info.mean, self.info.std),
         )
-        if self._resizes:  # asked for (--image-size, whose help says so) and said in the banner: no warning
+        if self.resizes:  # asked for (--image-size, whose help says so) and said in the banner: no warning
             self.model.backbone.warn_on_resize = False
         if self._own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
@@ -153,7 +157,7 @@ class Trainer:
             _seed_everything(rank_seed(cfg.seed, self.ctx.rank, step=0))
 
     @property
-    def _resizes(self) -> bool:
+    def resizes(self) -> bool:
         """Whether ``--image-size`` differs from the data set's side: every batch is then resized to it."""
         return self.cfg.image_size is not None and self.cfg.image_size != self.info.image_size
 
@@ -167,62 +171,6 @@ class Trainer:
         """Data parallelism: each rank augments its own shard. Module parallelism: every rank reads the same
         batches in the same order, so all keep the same streams."""
         return self.ctx.world_size > 1 and not self._pipelined
-
-    def _carry_barriers(self, ckpt: dict) -> None:
-        """The resumed run's cut cascades (``--boundary cut``), which are its algorithm: the model gets them
-        whoever trains it now (one process, data parallelism, or the pipeline, which checks its ranks against
-        them in :meth:`_build_pipeline`)."""
-        model = self.local_model
-        if not model.spec.cascade:
-            return
-        barriers = resume_io.saved_barriers(ckpt)
-        k = len(model.local_modules)
-        if list(barriers) != sorted(set(barriers)) or any(not 0 <= b <= k - 2 for b in barriers):
-            raise ValueError(f"checkpoint {self.resume_path}: its cascade_barriers {list(barriers)} are not "
-                             f"increasing local modules in 0 to {k - 2} (K={k})")
-        self._barriers = barriers
-        model.options.cascade_barriers = barriers
-
-    def _cut_ranges(self, world: int) -> list[range]:
-        """The partition a resumed ``--boundary cut`` run must keep: its ranks end where its cascades were cut, so
-        that the algorithm stays the one trained so far (ValueError, one line, on any other number of ranks)."""
-        cuts = self._barriers or ()
-        if len(cuts) != world - 1:
-            had = (f"cuts its MLM cascades after local module{'s' if len(cuts) > 1 else ''} "
-                   f"{', '.join(map(str, cuts))}, the rank boundaries of {len(cuts) + 1} processes"
-                   if cuts else "never cut its MLM cascades (it trained in one process)")
-            keep = f"resume it on {len(cuts) + 1} processes or in one process" if cuts else "resume it in one process"
-            raise ValueError(f"checkpoint {self.resume_path}: this run {had} (--boundary cut); on {world} "
-                             f"processes they would be cut elsewhere, another algorithm: {keep}")
-        edges = [0, *(b + 1 for b in cuts), len(self.local_model.local_modules)]
-        return [range(a, b) for a, b in zip(edges, edges[1:])]
-
-    def _build_pipeline(self, ckpt: dict | None):
-        """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
-        time``), broadcast, or the checkpoint's when resuming with as many ranks; ``--boundary cut`` puts cascade
-        barriers at its boundaries, and a resumed cut run keeps the ones it was trained with."""
-        import torch.distributed as tdist
-
-        from ..distributed import pipeline as pp
-
-        cfg, model, world = self.cfg, self.local_model, self.ctx.world_size
-        saved = (ckpt or {}).get("pipeline")
-        if ckpt is not None and cfg.boundary == "cut" and model.spec.cascade:
-            ranges = self._cut_ranges(world)
-        elif saved is not None and saved.get("ranks") == world:
-            ranges = [range(a, b) for a, b in saved["ranges"]]
-        else:
-            low = pp.min_modules_per_rank(model, cfg.boundary)
-            pp.check_split(len(model.local_modules), world, low)  # on every rank, before the broadcast
-            shared: list[Any] = [None]
-            if self.ctx.is_main:
-                costs = pp.module_costs(model, cfg.partition, cfg.batch_size)
-                shared = [[(r.start, r.stop) for r in pp.partition_modules(costs, world, low)]]
-            tdist.broadcast_object_list(shared, src=0)
-            ranges = [range(a, b) for a, b in shared[0]]
-        if cfg.boundary == "cut":
-            model.options.cascade_barriers = pp.boundaries(ranges)
-        return pp.ModulePipeline(model, ranges, self.ctx.rank, cfg.boundary)
 
     def _use_fast_path(self) -> None:
         """bf16 autocast, channels-last and the thread count (``mlaan.runtime``), before the optimizer exists."""
@@ -242,13 +190,15 @@ class Trainer:
         """Loaders' sampler, steps per epoch, optimizer and its per-step schedule (:mod:`mlaan.training.loop`)."""
         cfg = self.cfg
         self.workers = cfg.resolved_workers(self.device.type)
-        self._on_device: dict[str, DeviceImages] = {}
-        self.sampler = self._train_sampler()
-        self.steps_per_epoch = len(self._train_loader(0))
+        self.loaders = RunLoaders(cfg, self.ctx, self.train_set, self.test_set, self.workers,
+                                  self._own_random_streams)
+        self.sampler = self.loaders.sampler
+        self.steps_per_epoch = len(self.loaders.train(0))
         self._check_batch_of_one()
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup_steps = self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
-        self._warn_of_warmup(warmup_steps)
+        if self.resume_path is None and self.ctx.is_main:  # only when the run starts: a resume cannot change it
+            console.warn_of_warmup(cfg, warmup_steps, self.total_steps)
         if cfg.precise_bn * cfg.batch_size > len(self.train_set) and self.ctx.is_main:
             print(f"mlaan: warning: --precise-bn {cfg.precise_bn} asks for {cfg.precise_bn * cfg.batch_size} "
                   f"training images; the training set has {len(self.train_set)}, and precise BN uses them all",
@@ -268,23 +218,6 @@ class Trainer:
         batch = self.cfg.batch_size * (world if parallel == "data" else 1)  # every pipeline rank reads the batch
         return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
                                       self.total_steps)
-
-    def _warn_of_warmup(self, warmup_steps: int) -> None:
-        """Warn when the warm-up leaves no step to the cosine decay: ``--epochs 1`` with the default
-        ``--warmup-epochs 1``, or a paper config's 10 with ``--epochs 2``. Decided on the schedule's steps, which
-        span ``--epochs`` whatever ``--max-steps`` says; only when the run starts, since a resume cannot change
-        it."""
-        cfg = self.cfg
-        if warmup_steps < self.total_steps or self.resume_path is not None or not self.ctx.is_main:
-            return
-        # said in steps too: the schedule counts whole steps, so 1.9 warm-up epochs of 4 steps are all 8 of 2 epochs
-        steps = f"({warmup_steps} of {self.total_steps} steps)"
-        if warmup_steps > self.total_steps:
-            what = f"is longer than epochs={cfg.epochs} {steps}: the learning rate never reaches --lr {cfg.lr:g}"
-        else:
-            what = (f"is as long as epochs={cfg.epochs} {steps}: the learning rate reaches --lr {cfg.lr:g} at the "
-                    "last step and the cosine decay never runs")
-        print(f"mlaan: warning: warmup_epochs={cfg.warmup_epochs:g} {what} (lower --warmup-epochs)", file=sys.stderr)
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -327,64 +260,6 @@ class Trainer:
                 "--batch-size 2 or more"
             )
 
-    def _train_sampler(self) -> Sampler:
-        if self.cfg.module_parallel:  # every rank reads every batch
-            return EpochSampler(len(self.train_set), self.cfg.seed)
-        sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
-        return sampler if sampler is not None else EpochSampler(len(self.train_set), self.cfg.seed)
-
-    def _stream_seed(self, epoch: int) -> int:
-        """The seed of an epoch's loader randomness, fixed by (seed, epoch, rank)."""
-        rank = self.ctx.rank if self._own_random_streams else 0
-        return (self.cfg.seed * 1000003 + epoch) * 1009 + rank
-
-    def _loader_generator(self, epoch: int) -> torch.Generator:
-        """The DataLoader's own generator (worker seeds): building a loader draws nothing from the global RNG,
-        which the augmentations use and a checkpoint restores."""
-        return torch.Generator().manual_seed(self._stream_seed(epoch))
-
-    def _device_data(self, split: str) -> DeviceImages:
-        """``--data-on-device``: the split's images, copied to the device once and kept."""
-        if split not in self._on_device:
-            self._on_device[split] = DeviceImages(self.train_set if split == "train" else self.test_set, self.device)
-        return self._on_device[split]
-
-    def _train_loader(self, skip_samples: int, epoch: int = 0) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = SkipFirst(self.sampler, skip_samples) if skip_samples else self.sampler
-        # whether the epoch's last, smaller batch is left out is the whole epoch's (not what a resume has left)
-        drop_last = len(self.sampler) >= self.cfg.batch_size
-        if self.cfg.data_on_device:  # crops and flips by (seed, epoch, rank, batch): no state to checkpoint
-            return DeviceBatches(self._device_data("train"), sampler, self.cfg.batch_size,
-                                 drop_last=drop_last,
-                                 first_batch=skip_samples // self.cfg.batch_size, seed=self._stream_seed(epoch))
-        return DataLoader(
-            self.train_set,
-            batch_size=self.cfg.batch_size,
-            sampler=sampler,
-            generator=self._loader_generator(epoch),
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            drop_last=drop_last,  # no batch of one (BatchNorm) unless all is tiny
-            persistent_workers=False,
-            worker_init_fn=safety.ignore_stop_signals if self.workers > 0 else None,
-        )
-
-    def _test_loader(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        sampler = dist.make_eval_sampler(self.test_set, self.ctx)  # a disjoint shard per rank, or None
-        batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
-        if self.cfg.data_on_device:
-            order = sampler if sampler is not None else range(len(self.test_set))
-            return DeviceBatches(self._device_data("test"), order, batch_size)
-        return DataLoader(
-            self.test_set,
-            sampler=sampler,
-            generator=self._loader_generator(-1),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-        )
-
     @property
     def local_model(self) -> LocalModel:
         """The LocalModel (``prepare_model`` may return it wrapped)."""
@@ -414,7 +289,8 @@ class Trainer:
         run holds the folder, FloatingPointError for a non-finite loss (the last checkpoint is kept)."""
         cfg, progress = self.cfg, self.progress
         start = self._fit_start = time.perf_counter()
-        finished = self.folder.finished_run(self._steps_left, self._why_nothing_to_train, self._reduce, self.log)
+        why = functools.partial(console.why_nothing_to_train, progress, cfg.epochs, cfg.max_steps)  # if asked
+        finished = self.folder.finished_run(self._steps_left, why, self._reduce, self.log)
         if finished is not None:
             return finished
         self.folder.claim(self._reduce)
@@ -433,12 +309,10 @@ class Trainer:
                 _seed_everything(rank_seed(cfg.seed, self.ctx.rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self.log(self._banner())
+        self.log(console.banner(self))
         if self._rescaled is not None:
-            self.log(f"mlaan train: --rescale-schedule: the run trained with {resume_io.describe_shape(self._rescaled)}"
-                     f" goes on with {resume_io.describe_shape(self.shape)} from {self._position()}, lr "
-                     f"{self.optimizer.param_groups[0]['lr']:.4g} ({self.warmup_steps} warm-up steps, lr 0 after "
-                     f"step {self.total_steps} of the schedule)")
+            shapes = resume_io.describe_shape(self._rescaled), resume_io.describe_shape(self.shape)
+            self.log(console.rescale_text(self, *shapes))
 
         last_eval: dict[str, float] | None = None
         self._stop.__enter__()
@@ -451,13 +325,13 @@ class Trainer:
                 last_eval = self.evaluate()
                 if progress.best_accuracy < 0:
                     progress.new_best(last_eval["accuracy"], progress.epoch)
-            summary = self._summary(last_eval, start)
+            summary = console.run_summary(self, last_eval, start)
             self.folder.clear_replaced_run(self.checkpoints)
             if self.ctx.is_main:
                 text = json.dumps(summary, indent=2) + "\n"
                 self.checkpoints.guard(lambda: atomic_write_text(text, self.out / "metrics.json"),
                                        self.out / "metrics.json")
-                self._print_summary(summary)
+                console.print_summary(self, summary)
         finally:
             self._stop.__exit__()
             if self._writer is not None:
@@ -472,20 +346,13 @@ class Trainer:
         finished = metrics_log.schedule_finished(self.progress.epoch, self.cfg.epochs)  # bench/report's "finished"
         return not finished and not self._max_steps_reached()
 
-    def _why_nothing_to_train(self) -> str:
-        step, max_steps = self.progress.step, self.cfg.max_steps
-        # finished as bench accuracy and mlaan report say; its step count may be another schedule's (other ranks)
-        if metrics_log.schedule_finished(self.progress.epoch, self.cfg.epochs):
-            return f"already at the end of epoch {self.cfg.epochs}, the run's last (step {step})"
-        return f"already at step {step}, {'past' if step > max_steps else 'at'} --max-steps {max_steps}"
-
     def _run_epoch(self, epoch: int) -> dict[str, float]:
         """Train (the rest of) ``epoch``, evaluate, log and save; returns the evaluation."""
         progress = self.progress
         train = self._train_epoch(epoch)
         test = self.evaluate()
         complete = progress.epoch_step >= self.steps_per_epoch
-        record = self._record(epoch, train, test, complete)
+        record = console.epoch_record(self, epoch, train, test, complete)
         if test["accuracy"] > progress.best_accuracy:
             progress.new_best(test["accuracy"], epoch + 1)
             record["best"] = True
@@ -501,7 +368,7 @@ class Trainer:
         cfg, progress = self.cfg, self.progress
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
-        loader = self._train_loader(progress.epoch_step * cfg.batch_size, epoch)
+        loader = self.loaders.train(progress.epoch_step * cfg.batch_size, epoch)
         try:
             loop.train_one_epoch(
                 self.pipeline or self.local_model, self.optimizer, self.scheduler, loader, self.device, self.meter,
@@ -557,7 +424,7 @@ class Trainer:
             backbone = copy.deepcopy(backbone)
             loop.precise_batchnorm(backbone, self.train_set, self.cfg.precise_bn, self.cfg.batch_size, self.device,
                                    seed=self.cfg.seed, step=self.progress.step, channels_last=model.channels_last)
-        return loop.evaluate_backbone(backbone, self._test_loader(), self.device, model.autocast_dtype,
+        return loop.evaluate_backbone(backbone, self.loaders.test(), self.device, model.autocast_dtype,
                                       reduce=self._reduce, channels_last=model.channels_last)
 
     # ------------------------------------------------------------------------ saves, signals, failures
@@ -613,14 +480,7 @@ class Trainer:
                 group, _, name = key.partition("_")
                 self._writer.add_scalar(f"{group}/{name}", record[key], record["step"])
             self._writer.flush()
-        partial = "" if record["complete"] else f" (stopped at step {record['step']}, --max-steps)"
-        self.log(
-            f"epoch {record['epoch']}/{self.cfg.epochs}{partial}: "
-            f"train loss {record['train_loss']:.4f} acc {100 * record['train_accuracy']:.2f}% | "
-            f"test loss {record['test_loss']:.4f} acc {100 * record['test_accuracy']:.2f}% | "
-            f"best {100 * self.progress.best_accuracy:.2f}% | lr {record['lr']:.4g} | "
-            f"{record['images_per_second']:.0f} img/s | {record['epoch_seconds']:.1f}s"
-        )
+        self.log(console.epoch_text(record, self.cfg.epochs, self.progress.best_accuracy))
         self.ctx.barrier()
 
     def _stop_requested(self) -> bool:
@@ -636,120 +496,11 @@ class Trainer:
         self._save_last()
         name = safety.StopSignals.name(self._stop.received or 15)
         raise safety.RunStopped(
-            f"stopped by {name} at {self._position()}; saved {self.out / 'last.pt'}; resume with: "
+            f"stopped by {name} at {console.position(self.progress, self.steps_per_epoch)}; saved "
+            f"{self.out / 'last.pt'}; resume with: "
             f"mlaan train --output-dir {shlex.quote(str(self.out))} --resume",
             self._stop.received or 15,
         )
-
-    def _position(self) -> str:
-        """Where the run stands, e.g. "step 250 (epoch 1, 250/469 steps)" (the epoch in progress, from 1), or
-        "step 938 (end of epoch 2)" between epochs (a finished run's next epoch does not exist)."""
-        progress = self.progress
-        if progress.epoch_step == 0 and progress.epoch > 0:
-            return f"step {progress.step} (end of epoch {progress.epoch})"
-        return (f"step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/{self.steps_per_epoch} "
-                "steps)")
-
-    # ------------------------------------------------------------------------------------ bookkeeping
-    def _peak_memory(self) -> tuple[int, str]:
-        """(bytes, kind) of the run's peak memory so far: this process's, or an earlier invocation's when larger
-        (:meth:`~mlaan.training.checkpoint.Progress.run_peak_memory`)."""
-        return self.progress.run_peak_memory(runtime.peak_memory(self.device))
-
-    def _record(self, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
-        mem, kind = self._peak_memory()
-        return {
-            "epoch": epoch + 1,
-            "step": self.progress.step,
-            "complete": complete,
-            "train_loss": train["loss"],
-            "train_accuracy": train["accuracy"],
-            # per local module, this epoch's mean training loss of its independent and cascaded aux nets
-            "train_independent_losses": train["module_losses"].get("independent_losses"),
-            "train_cascaded_losses": train["module_losses"].get("cascaded_losses"),
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "test_error": 1.0 - test["accuracy"],
-            "lr": self.optimizer.param_groups[0]["lr"],
-            "images_per_second": train["images_per_second"],
-            "epoch_seconds": train["seconds"],
-            "peak_memory_bytes": mem,
-            "peak_memory_kind": kind,
-        }
-
-    def _summary(self, test: dict[str, float], start: float) -> dict[str, Any]:
-        mem, kind = self._peak_memory()
-        backbone_params = sum(p.numel() for p in self.local_model.backbone.parameters())
-        all_params = sum(p.numel() for p in self.local_model.parameters())
-        wall = time.perf_counter() - start
-        progress = self.progress
-        return {
-            "test_accuracy": test["accuracy"],
-            "test_error": 1.0 - test["accuracy"],
-            "test_loss": test["loss"],
-            "best_accuracy": progress.best_accuracy,
-            "best_epoch": progress.best_epoch,
-            "best_step": progress.best_step,  # a --max-steps stop inside an epoch evaluates too: which one it was
-            "peak_memory_bytes": mem,
-            "peak_memory_kind": kind,
-            "wall_time_seconds": wall,
-            "total_wall_time_seconds": progress.wall_time + wall,
-            "steps": progress.step,
-            "epochs_completed": progress.epoch,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.ctx.world_size,
-            "device": str(self.device),
-            "parameters": {"backbone": backbone_params, "training_total": all_params},
-            "split": [list(r) for r in self.local_model.split],
-            "module_parallel": self.pipeline.description() if self.pipeline is not None else None,
-            "dataset": self.info.to_dict(),
-            "resumed_from": str(self.resume_path) if self.resume_path is not None else None,
-            "torch_version": torch.__version__,
-            "fast_path": self.fast_path.to_dict(),
-            "config": self.cfg.to_dict() | {"workers": self.workers},
-            # what the folder holds (metrics.json is written next): a run resumed past its end into a new folder
-            # has no metrics.jsonl or best.pt unless its own folder had them
-            "outputs": {name: str(self.out / name) for name in RUN_FILES
-                        if name == "metrics.json" or (self.out / name).exists()},
-        }
-
-    def _banner(self) -> str:
-        cfg, info = self.cfg, self.info
-        resumed = f" | resumed from {self.resume_path} at {self._position()}" if self.resume_path is not None else ""
-        return (
-            f"mlaan train: {cfg.arch} {cfg.method} K={cfg.local_modules} on {info.name} "
-            f"({info.train_size} train / {info.test_size} test images, from {info.source}"
-            f"{f', resized to {cfg.image_size}x{cfg.image_size}' if self._resizes else ''}) | "
-            f"{runtime.plural(cfg.epochs, 'epoch')} x {runtime.plural(self.steps_per_epoch, 'step')}, "
-            f"batch {cfg.batch_size}, lr {cfg.lr}"
-            f"{f', precise BN on {cfg.precise_bn} batches' if cfg.precise_bn else ''} | "
-            f"device {self.device}{' x' + str(self.ctx.world_size) if self.ctx.world_size > 1 else ''}"
-            f"{self._parallel_text()} "
-            f"({self.fast_path.describe()}{', data on device' if cfg.data_on_device else ''}) | "
-            f"output {self.out}{resumed}"
-        )
-
-    def _parallel_text(self) -> str:
-        if self.pipeline is None:
-            return ""
-        runs = ", ".join(f"{r.start}-{r.stop - 1}" for r in self.pipeline.ranges)
-        return f", modules per rank {runs} ({self.cfg.boundary} boundaries)"
-
-    def _print_summary(self, s: dict[str, Any]) -> None:
-        cuda = s["peak_memory_kind"] == "cuda_max_memory_allocated"
-        what = "CUDA peak allocated" if cuda else "peak RSS of the process"
-        # a resumed run's total time covers its earlier invocations, and so does its peak if measured the same way
-        in_all = f" ({s['total_wall_time_seconds']:.0f}s in all)" if self.resume_path is not None else ""
-        earlier = self.progress.peak_memory_kind == s["peak_memory_kind"]
-        over = ", the largest of the run's invocations" if earlier else ""
-        self.log(
-            f"done: test accuracy {100 * s['test_accuracy']:.2f}% (error {100 * s['test_error']:.2f}%), "
-            f"best {100 * s['best_accuracy']:.2f}% at epoch {s['best_epoch']}, {runtime.plural(s['steps'], 'step')}, "
-            f"{s['wall_time_seconds']:.0f}s{in_all}"
-        )
-        self.log(f"peak memory: {runtime.format_bytes(s['peak_memory_bytes'])} ({what}{over})")
-        present = [n for n in RUN_FILES if (self.out / n).exists()]
-        self.log(f"outputs: {self.out}/ ({', '.join(present)})")
 
 
 def rank_seed(seed: int, rank: int, step: int) -> int:
@@ -770,56 +521,6 @@ def make_trainer(
     log: Callable[[str], None] | None = None,
 ) -> Trainer:
     """A validated :class:`Trainer` from the command line's pieces, its config merged and resolved here, once
-    (:func:`resolve_run`: the layers and the errors raised)."""
+    (:func:`~mlaan.training.resume.resolve_run`: the layers and the errors raised)."""
     config, ckpt, path = resolve_run(config_file, overrides, resume)
     return Trainer(config, ckpt, path, log)
-
-
-def resolve_run(
-    config_file: str | os.PathLike | None = None,
-    overrides: dict[str, Any] | None = None,
-    resume: str | os.PathLike | None = None,
-    check_data: bool = True,
-) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
-    """The resolved config of a run, with the checkpoint it resumes from and that checkpoint's path (both None
-    for a new run). Reads files, writes nothing: ``mlaan train --print-config`` shows what this returns.
-
-    Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` (with its ``base`` files) <
-    ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path (a run folder: its ``last.pt``), or
-    ``"auto"`` for ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each)
-    for bad input; a ``data_root`` given explicitly must exist unless ``check_data`` is False.
-    """
-    file_values = load_yaml(config_file) if config_file is not None else {}
-    overrides = dict(overrides or {})
-    ckpt, path = None, None
-    if resume is not None:
-        path = run_folder.resume_path(resume, file_values, overrides)
-        ckpt = ckpt_io.load_training_checkpoint(path)
-    config = merge(resume_io.resume_layer(ckpt, path) if ckpt is not None else {}, file_values, overrides)
-    given = {k: coerce(k, v) for k, v in {**file_values, **overrides}.items()}  # this invocation's, converted
-    if ckpt is not None:
-        # a resumed run is the same run, in its own folder or another: only where and how it runs may change
-        # (the optimizer and scheduler continue from the checkpoint whatever --lr or --epochs would say)
-        resume_io.check_resume_config(ckpt.get("config", {}), given, path)
-    config = config.resolve()
-    if ckpt is not None:  # also checked where the Trainer is built; here so that --print-config refuses it too
-        resume_io.check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
-    if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
-        safety.check_data_root(config.dataset, config.data_root, config.download)
-    _warn_unused(file_values, overrides, config)
-    return config, ckpt, path
-
-
-def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config: TrainConfig) -> None:
-    """One line (from the first process) for options given (as flags or ``--config`` keys) that this run
-    ignores: another method's, an engine option of a part its method does not have (``--window`` for dgl, say),
-    or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
-    who reads it."""
-    method, values = config.method, config.to_dict()
-    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, values))
-    if unused and os.environ.get("RANK", "0") == "0":
-        named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
-        reasons = "; ".join(f"{named[name]}: {why_ignored(name, method, values)}" for name in unused)
-        print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
-
-

@@ -1,0 +1,79 @@
+"""How a ``--parallel modules`` run is shared among torchrun's processes: the partition of its local modules
+(rank 0's, measured when ``--partition time``, broadcast; or the checkpoint's when resuming on as many ranks), and
+the cut MLM cascades of ``--boundary cut``, which are part of the algorithm and so carried over by every resume.
+Data parallelism needs none of this (:func:`mlaan.distributed.prepare_model`). ValueError (one line, naming the
+checkpoint) for a resume that would change the algorithm."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+from .resume import saved_barriers
+
+if TYPE_CHECKING:
+    from ..distributed import DistContext
+    from ..distributed.pipeline import ModulePipeline
+    from ..engine import LocalModel
+    from .config import TrainConfig
+
+
+def carry_barriers(model: LocalModel, ckpt: dict, path: str | os.PathLike | None) -> tuple[int, ...] | None:
+    """The resumed run's cut cascades (``--boundary cut``), which are its algorithm: the model gets them
+    whoever trains it now (one process, data parallelism, or the pipeline, which checks its ranks against
+    them in :func:`build_pipeline`). Returns them (None for a method without cascades)."""
+    if not model.spec.cascade:
+        return None
+    barriers = saved_barriers(ckpt)
+    k = len(model.local_modules)
+    if list(barriers) != sorted(set(barriers)) or any(not 0 <= b <= k - 2 for b in barriers):
+        raise ValueError(f"checkpoint {path}: its cascade_barriers {list(barriers)} are not "
+                         f"increasing local modules in 0 to {k - 2} (K={k})")
+    model.options.cascade_barriers = barriers
+    return barriers
+
+
+def cut_ranges(barriers: tuple[int, ...] | None, world: int, k: int, path: str | os.PathLike | None) -> list[range]:
+    """The partition of ``k`` local modules over ``world`` ranks that a resumed ``--boundary cut`` run must keep:
+    its ranks end where its cascades were cut (``barriers``), so that the algorithm stays the one trained so far
+    (ValueError, one line, on any other number of ranks)."""
+    cuts = barriers or ()
+    if len(cuts) != world - 1:
+        had = (f"cuts its MLM cascades after local module{'s' if len(cuts) > 1 else ''} "
+               f"{', '.join(map(str, cuts))}, the rank boundaries of {len(cuts) + 1} processes"
+               if cuts else "never cut its MLM cascades (it trained in one process)")
+        keep = f"resume it on {len(cuts) + 1} processes or in one process" if cuts else "resume it in one process"
+        raise ValueError(f"checkpoint {path}: this run {had} (--boundary cut); on {world} "
+                         f"processes they would be cut elsewhere, another algorithm: {keep}")
+    edges = [0, *(b + 1 for b in cuts), k]
+    return [range(a, b) for a, b in zip(edges, edges[1:])]
+
+
+def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: dict | None,
+                   barriers: tuple[int, ...] | None, path: str | os.PathLike | None) -> ModulePipeline:
+    """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
+    time``), broadcast, or the checkpoint's when resuming with as many ranks; ``--boundary cut`` puts cascade
+    barriers at its boundaries, and a resumed cut run keeps the ones it was trained with (``barriers``, from
+    :func:`carry_barriers`)."""
+    import torch.distributed as tdist
+
+    from ..distributed import pipeline as pp
+
+    world = ctx.world_size
+    saved = (ckpt or {}).get("pipeline")
+    if ckpt is not None and cfg.boundary == "cut" and model.spec.cascade:
+        ranges = cut_ranges(barriers, world, len(model.local_modules), path)
+    elif saved is not None and saved.get("ranks") == world:
+        ranges = [range(a, b) for a, b in saved["ranges"]]
+    else:
+        low = pp.min_modules_per_rank(model, cfg.boundary)
+        pp.check_split(len(model.local_modules), world, low)  # on every rank, before the broadcast
+        shared: list[Any] = [None]
+        if ctx.is_main:
+            costs = pp.module_costs(model, cfg.partition, cfg.batch_size)
+            shared = [[(r.start, r.stop) for r in pp.partition_modules(costs, world, low)]]
+        tdist.broadcast_object_list(shared, src=0)
+        ranges = [range(a, b) for a, b in shared[0]]
+    if cfg.boundary == "cut":
+        model.options.cascade_barriers = pp.boundaries(ranges)
+    return pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
