@@ -21,9 +21,10 @@ def add_train_flags(parser: argparse.ArgumentParser) -> None:
     from .training.config import GROUPS
 
     parser.add_argument("--config", default=None, metavar="FILE.yaml",
-                   help="YAML file of options (flags override it; 'base: FILE' builds on other files)")
+                        help="YAML file of options (flags override it; 'base: FILE' builds on other files)")
     parser.add_argument("--print-config", dest="print_config", action="store_true",
-                   help="print the run's resolved options as YAML (a config file) and exit; trains and writes nothing")
+                        help="print the run's resolved options as YAML (a config file) and exit; trains and writes "
+                             "nothing")
     for key, title in GROUPS.items():
         group = parser.add_argument_group(title)
         _add_run_flags(group, key)
@@ -43,7 +44,7 @@ def _add_run_flags(group, key: str) -> None:
 
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        if f.metadata.get("group") != key or "owner" in f.metadata:
+        if f.metadata.get("group") != key:  # another group's, a config key only (extra), or an engine/method option
             continue
         meta = dict(f.metadata)
         if meta.get("data_set_option"):  # a data set's own option: its help and metavar are the registry's
