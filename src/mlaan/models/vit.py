@@ -9,8 +9,10 @@ sit beside its definition (:data:`VIT_SPECS`), as timm's model configs do.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from .backbone import Backbone
+if TYPE_CHECKING:  # not at import: the model registry (and `mlaan --help`) reads VIT_SPECS without torch
+    from .backbone import Backbone
 
 
 @dataclass(frozen=True)
