@@ -1,5 +1,5 @@
-"""The training checkpoint's file: its schema, writing it (the saver, module-parallel shards), reading and
-checking it, the model's and RNG states. Only tensors and plain data, written atomically (:mod:`mlaan.atomic`),
+"""The training checkpoint's file: its schema, writing it (the saver), reading and checking it, the model's and
+RNG states. Only tensors and plain data, written atomically (:mod:`mlaan.atomic`),
 read with ``weights_only=True``. What a resume may change and how a run is restored from a checkpoint is
 :mod:`mlaan.training.resume`; exporting the backbone and loading a trained model, :mod:`mlaan.training.export`.
 
@@ -22,7 +22,8 @@ A training checkpoint (``last.pt``/``best.pt``) is a dict::
 
 A module-parallel run (``--parallel modules``) writes the same file: each rank first writes its shard
 (``shards/rank<r>.pt``: its modules' entries and optimizer state), rank 0 merges them into ``last.pt`` and then
-writes ``shards/manifest.json`` (ranks, partition, step, each shard's SHA-256) as the mark of a complete save.
+writes ``shards/manifest.json`` (ranks, partition, step, each shard's SHA-256) as the mark of a complete save
+(:mod:`mlaan.training.parallel`).
 So such a run resumes in one process, or with another number of ranks, like any other.
 
 Every check raises ValueError (FileNotFoundError for a missing file) with a one-line message naming the file,
@@ -31,7 +32,6 @@ which ``mlaan`` reports with exit code 2 before anything is written.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from ..atomic import atomic_save, atomic_write_text
+from ..atomic import atomic_save
 from .config import FIELD_NAMES, TrainConfig
 from .safety import OutputWriteError
 
@@ -347,48 +347,8 @@ def training_state(
     return state
 
 
-# --------------------------------------------------------------------------------- module-parallel shards
+# the folder of a module-parallel run's shards (written and merged by mlaan.training.parallel)
 SHARDS = "shards"
-
-
-def write_shard(folder: str | os.PathLike, shard: Mapping[str, Any]) -> Path:
-    """Write one rank's share of a checkpoint (``ModulePipeline.shard_state``) to
-    ``folder/shards/rank<r>.pt``, atomically; returns the path."""
-    path = Path(folder) / SHARDS / f"rank{shard['rank']}.pt"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save(dict(shard), path)
-    return path
-
-
-def merge_shards(folder: str | os.PathLike, model: torch.nn.Module, ranks: int) -> dict[str, Any]:
-    """The one-process ``model``/``optimizer`` states and the partition (``pipeline``) from the ``ranks`` shards
-    in ``folder/shards`` (ValueError naming a missing or damaged shard)."""
-    from ..distributed.pipeline import merge_model_states, merge_optimizer_states
-
-    shards = []
-    for r in range(ranks):
-        path = Path(folder) / SHARDS / f"rank{r}.pt"
-        try:
-            shards.append(torch.load(path, map_location="cpu", weights_only=True))
-        except (OSError, RuntimeError, zipfile.BadZipFile) as err:
-            raise ValueError(f"module-parallel shard {path} cannot be read: {short_error(err)}") from err
-    ranges = [range(a, b) for a, b in shards[0]["ranges"]]
-    return {"model": merge_model_states(model, ranges, [s["model"] for s in shards]),
-            "optimizer": merge_optimizer_states([s["optimizer"] for s in shards])}
-
-
-def write_manifest(folder: str | os.PathLike, pipeline: Mapping[str, Any], step: int) -> Path:
-    """``folder/shards/manifest.json``, written after ``last.pt``: the partition, the step and each shard's
-    SHA-256 — the mark that the save of that step is complete."""
-    import hashlib
-
-    shards = Path(folder) / SHARDS
-    files = [shards / f"rank{r}.pt" for r in range(pipeline["ranks"])]
-    manifest = {"format": "mlaan-pipeline-manifest", "step": step, **pipeline,
-                "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
-    path = shards / "manifest.json"
-    atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
-    return path
 
 
 class CheckpointSaver:

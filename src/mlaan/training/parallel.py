@@ -1,14 +1,24 @@
 """How a ``--parallel modules`` run is shared among torchrun's processes: the partition of its local modules
-(rank 0's, measured when ``--partition time``, broadcast; or the checkpoint's when resuming on as many ranks), and
-the cut MLM cascades of ``--boundary cut``, which are part of the algorithm and so carried over by every resume.
-Data parallelism needs none of this (:func:`mlaan.distributed.prepare_model`). ValueError (one line, naming the
-checkpoint) for a resume that would change the algorithm."""
+(rank 0's, measured when ``--partition time``, broadcast; or the checkpoint's when resuming on as many ranks), the
+cut MLM cascades of ``--boundary cut``, which are part of the algorithm and so carried over by every resume, and
+the run's checkpoint shards (each rank writes its own, rank 0 merges them into ``last.pt`` and then writes the
+manifest; :mod:`mlaan.training.checkpoint` describes the format). Data parallelism needs none of this
+(:func:`mlaan.distributed.prepare_model`). ValueError (one line, naming the checkpoint) for a resume that would
+change the algorithm."""
 
 from __future__ import annotations
 
+import json
 import os
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from ..atomic import atomic_save, atomic_write_text
+from .checkpoint import SHARDS, short_error
 from .resume import saved_barriers
 
 if TYPE_CHECKING:
@@ -77,3 +87,44 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
     if cfg.boundary == "cut":
         model.options.cascade_barriers = pp.boundaries(ranges)
     return pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
+
+
+# ------------------------------------------------------------------------------------- the checkpoint's shards
+def write_shard(folder: str | os.PathLike, shard: Mapping[str, Any]) -> Path:
+    """Write one rank's share of a checkpoint (``ModulePipeline.shard_state``) to
+    ``folder/shards/rank<r>.pt``, atomically; returns the path."""
+    path = Path(folder) / SHARDS / f"rank{shard['rank']}.pt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(dict(shard), path)
+    return path
+
+
+def merge_shards(folder: str | os.PathLike, model: torch.nn.Module, ranks: int) -> dict[str, Any]:
+    """The one-process ``model``/``optimizer`` states and the partition (``pipeline``) from the ``ranks`` shards
+    in ``folder/shards`` (ValueError naming a missing or damaged shard)."""
+    from ..distributed.pipeline import merge_model_states, merge_optimizer_states
+
+    shards = []
+    for r in range(ranks):
+        path = Path(folder) / SHARDS / f"rank{r}.pt"
+        try:
+            shards.append(torch.load(path, map_location="cpu", weights_only=True))
+        except (OSError, RuntimeError, zipfile.BadZipFile) as err:
+            raise ValueError(f"module-parallel shard {path} cannot be read: {short_error(err)}") from err
+    ranges = [range(a, b) for a, b in shards[0]["ranges"]]
+    return {"model": merge_model_states(model, ranges, [s["model"] for s in shards]),
+            "optimizer": merge_optimizer_states([s["optimizer"] for s in shards])}
+
+
+def write_manifest(folder: str | os.PathLike, pipeline: Mapping[str, Any], step: int) -> Path:
+    """``folder/shards/manifest.json``, written after ``last.pt``: the partition, the step and each shard's
+    SHA-256 — the mark that the save of that step is complete."""
+    import hashlib
+
+    shards = Path(folder) / SHARDS
+    files = [shards / f"rank{r}.pt" for r in range(pipeline["ranks"])]
+    manifest = {"format": "mlaan-pipeline-manifest", "step": step, **pipeline,
+                "shards": {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}}
+    path = shards / "manifest.json"
+    atomic_write_text(json.dumps(manifest, indent=2) + "\n", path)
+    return path

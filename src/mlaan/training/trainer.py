@@ -211,13 +211,13 @@ class Trainer:
 
     @property
     def shape(self) -> dict[str, Any]:
-        """The run's shape as its checkpoint records it (:func:`~mlaan.training.checkpoint.schedule_shape`): a
+        """The run's shape as its checkpoint records it (:func:`~mlaan.training.resume.schedule_shape`): a
         resume that changes its global batch changes its schedule (refused unless ``--rescale-schedule``)."""
         world = self.ctx.world_size
         parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
         batch = self.cfg.batch_size * (world if parallel == "data" else 1)  # every pipeline rank reads the batch
         return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
-                                      self.total_steps)
+                                        self.total_steps)
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -226,7 +226,7 @@ class Trainer:
         if saved is not None:  # --rescale-schedule: the same place in the epoch, in this run's steps
             ckpt = {**ckpt, "epoch_step": resume_io.rescaled_epoch_step(ckpt["epoch_step"], saved, shape)}
         self.progress = resume_io.restore_training(ckpt, self.optimizer, self.scheduler, self.steps_per_epoch,
-                                                 self.resume_path)
+                                                   self.resume_path)
         if saved is not None:
             # the schedule of this run's shape, from the same place in it: the same epochs and warm-up (in this
             # run's steps), lr 0 at the last step; the step count (--max-steps, the logs) goes on as it was
@@ -454,10 +454,10 @@ class Trainer:
         if self.pipeline is not None:
             self.pipeline.drain()
             shard = self.pipeline.shard_state(self.optimizer)
-            self.checkpoints.guard(lambda: ckpt_io.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
+            self.checkpoints.guard(lambda: parallel.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
             self.ctx.barrier()
             if self.ctx.is_main:
-                merged = {**ckpt_io.merge_shards(self.out, self.local_model, self.ctx.world_size),
+                merged = {**parallel.merge_shards(self.out, self.local_model, self.ctx.world_size),
                           "pipeline": self.pipeline.description()}
         self.checkpoints.save(
             lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged, rng_ranks, partial),
@@ -465,7 +465,7 @@ class Trainer:
         if self.pipeline is not None:
             if self.ctx.is_main:
                 self.checkpoints.guard(
-                    lambda: ckpt_io.write_manifest(self.out, self.pipeline.description(), self.progress.step),
+                    lambda: parallel.write_manifest(self.out, self.pipeline.description(), self.progress.step),
                     self.out / ckpt_io.SHARDS / "manifest.json")
             self.ctx.barrier()
 
