@@ -3,6 +3,8 @@ gloo included); without it, :func:`average_batchnorm_buffers` keeps the running 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -160,13 +162,21 @@ def _sync_copy(bn: nn.modules.batchnorm._BatchNorm, process_group: object | None
 
 
 @torch.no_grad()
-def average_batchnorm_buffers(model: nn.Module, ctx: DistContext) -> None:
-    """Average the running mean/variance of every BatchNorm that is not a SyncBatchNorm across ranks."""
+def average_batchnorm_buffers(model: nn.Module | Iterable[nn.Module], ctx: DistContext,
+                              group: dist.ProcessGroup | None = None) -> None:
+    """Average the running mean/variance of every BatchNorm that is not a SyncBatchNorm across ranks.
+
+    ``model``: a module, or several (a pipeline stage's own parts); ``group``: the ranks to average over (None:
+    all of them; a pipeline stage's replicas under ``--data-parallel``)."""
     if not ctx.synchronising:
+        return
+    size = dist.get_world_size(group)
+    if size < 2:
         return
     buffers: list[torch.Tensor] = []
     seen: set[int] = set()
-    for module in model.modules():
+    roots = [model] if isinstance(model, nn.Module) else list(model)
+    for module in (m for root in roots for m in root.modules()):
         if not isinstance(module, nn.modules.batchnorm._BatchNorm) or isinstance(module, nn.SyncBatchNorm):
             continue
         if not module.track_running_stats:
@@ -177,8 +187,7 @@ def average_batchnorm_buffers(model: nn.Module, ctx: DistContext) -> None:
                 buffers.append(buf)
     for bucket in buckets(buffers, 64 * 2**20):
         flat = _flatten_dense_tensors(bucket)
-        dist.all_reduce(flat)
-        flat.div_(ctx.world_size)
+        dist.all_reduce(flat, group=group)
+        flat.div_(size)
         for t, value in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
             t.copy_(value)
-

@@ -35,13 +35,22 @@ class GradientAverager:
     ``sync_buffers``: BatchNorm running statistics of layers that are not synchronised (``sync_bn`` off) are
     averaged across ranks in :meth:`wait`, so every rank — and every EMA twin, which follows parameters *and*
     buffers — stays identical. Everything is a no-op in a single process.
+
+    ``group``: the ranks to average over (None: all). Pipeline replicas (``--parallel modules --data-parallel
+    R``) give a stage's data-parallel group (:func:`mlaan.distributed.mesh.build_groups`) and, as
+    ``buffer_modules``, the stage's own parts (blocks, aux nets, EMA twins), whose BatchNorm statistics are then
+    the only ones averaged: the rest of the model is other stages' and not trained here. Only the stage's modules
+    get gradients, so the gradients reduced are its own without more ado.
     """
 
     def __init__(
-        self, model: nn.Module, ctx: DistContext, bucket_cap_mb: float = 25.0, sync_buffers: bool = True
+        self, model: nn.Module, ctx: DistContext, bucket_cap_mb: float = 25.0, sync_buffers: bool = True,
+        group: dist.ProcessGroup | None = None, buffer_modules: list[nn.Module] | None = None,
     ) -> None:
-        self.model, self.ctx = model, ctx
-        self.enabled = ctx.synchronising
+        self.model, self.ctx, self.group = model, ctx, group
+        self.buffer_modules = buffer_modules
+        self.size = dist.get_world_size(group) if ctx.synchronising else 1
+        self.enabled = ctx.synchronising and self.size > 1
         self.cap_bytes = max(1, int(bucket_cap_mb * 2**20))
         self.sync_buffers = sync_buffers
         self._flights: list[_Flight] = []
@@ -65,7 +74,7 @@ class GradientAverager:
     def _launch(self, grads: list[torch.Tensor]) -> None:
         for bucket in buckets(grads, self.cap_bytes):
             flat = _flatten_dense_tensors(bucket)
-            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, async_op=True)
+            work = dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
             self._flights.append(_Flight(work, flat, bucket))
 
     @torch.no_grad()
@@ -81,7 +90,7 @@ class GradientAverager:
         self.stragglers = len(left)
         self.overlapped_buckets = len(self._flights)
         self._launch(left)
-        world = float(self.ctx.world_size)
+        world = float(self.size)
         for flight in self._flights:
             flight.work.wait()
             flight.flat.div_(world)
@@ -90,5 +99,5 @@ class GradientAverager:
         self._flights.clear()
         self._reduced.clear()
         if self.sync_buffers:
-            average_batchnorm_buffers(self.model, self.ctx)
+            average_batchnorm_buffers(self.buffer_modules or self.model, self.ctx, self.group)
 

@@ -39,6 +39,8 @@ from ..engine.local_model import LocalModel
 from ..engine.phases import EMA_UPDATE, mark
 from ..engine.split import runs_from_sizes, split_sizes
 from ..engine.step import LocalStep
+from .context import DistContext
+from .gradients import GradientAverager
 from .modes import BOUNDARY_MODES, PARTITION_MODES
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -261,8 +263,13 @@ class ModulePipeline:
 
     ``model`` is the whole :class:`~mlaan.LocalModel`, built identically on every rank (same seed); ``ranges``
     the contiguous module runs of all ranks (:func:`partition_modules`), ``rank`` this process's index in
-    ``group`` (default: the default process group, already initialised). Messages go through
-    ``torch.distributed`` point-to-point calls, staged on the CPU for the gloo backend.
+    ``group`` (default: the default process group, already initialised), i.e. its stage. Messages go through
+    ``torch.distributed`` point-to-point calls, staged on the CPU for the gloo backend, to the group's ranks:
+    with pipeline replicas (``--parallel modules --data-parallel R``, :mod:`.mesh`) ``group`` is this replica's
+    pipeline, stage s its s-th rank, whatever its global rank. Control collectives (epoch sums, stop votes) span
+    every process, so that all replicas stop at the same step and their epoch figures add up. ``stage_group``:
+    the ranks training this stage in every replica (None: no replicas), over which
+    :meth:`gradient_averager` averages.
 
     Raises ValueError when the ranges do not cover the modules in order, a rank owns fewer than
     :func:`min_modules_per_rank`, ``boundary="cut"`` without the matching ``cascade_barriers``, or LAM twins with
@@ -270,11 +277,15 @@ class ModulePipeline:
     """
 
     def __init__(self, model: LocalModel, ranges: Sequence[range], rank: int, boundary: str = "exact",
-                 group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup | None = None, stage_group: dist.ProcessGroup | None = None) -> None:
         self.model, self.ranges, self.rank, self.boundary, self.group = model, list(ranges), rank, boundary, group
+        self.stage_group = stage_group
+        self.replicas = dist.get_world_size(stage_group) if stage_group is not None else 1
         check_partition(model, self.ranges, boundary)
         self._check_group()
         self.modules = self.ranges[rank]
+        # the group's ranks in global numbering: point-to-point calls name their peers by global rank
+        self.peers = dist.get_process_group_ranks(group) if group is not None else list(range(len(self.ranges)))
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank < len(self.ranges) - 1 else None
         self.owner = [r for r, run in enumerate(self.ranges) for _ in run]  # module index -> rank
@@ -295,6 +306,15 @@ class ModulePipeline:
     def owned_parts(self) -> list[nn.Module]:
         """The backbone blocks and aux nets this rank trains."""
         return _rank_parts(self.model, self.ranges)[self.rank]
+
+    def gradient_averager(self, ctx: DistContext) -> GradientAverager | None:
+        """Pipeline replicas: what averages this stage's gradients and BatchNorm statistics with the same stage
+        of the other replicas after each step (``wait_for_gradients`` of ``mlaan.training.loop.optimizer_step``),
+        as ``--parallel data`` does over its ranks; None without replicas. The EMA twins need nothing more: with
+        the same averaged gradients every replica's parameters, hence twins and snapshots, stay the same."""
+        if self.stage_group is None or self.replicas < 2:
+            return None
+        return GradientAverager(self.model, ctx, group=self.stage_group, buffer_modules=self.owned_parts())
 
     def _check_group(self) -> None:
         if dist.get_world_size(self.group) != len(self.ranges):
@@ -370,13 +390,14 @@ class ModulePipeline:
 
     def reduce_sums(self, sums: dict[str, float]) -> dict[str, float]:
         """An epoch's sums over all ranks (collective): each rank reports its modules' sums and 0 for the others,
-        the last rank the loss and accuracy, and every rank counts the same images (the count is not added up)."""
+        the last rank the loss and accuracy, and every stage of a replica counts the same images (the count is
+        added up over the replicas: the processes' sum divided by the stages)."""
         keys = sorted(sums)
         total = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64)
         dist.all_reduce(total, group=self._control)
         out = dict(zip(keys, total.tolist()))
         if "count" in out:
-            out["count"] = float(sums["count"])
+            out["count"] = out["count"] / len(self.ranges)  # counts are whole numbers: exact
         return out
 
     def agree_to_stop(self, requested: bool) -> bool:
@@ -441,7 +462,7 @@ class ModulePipeline:
         for j, owner in enumerate(self.owner):
             for t in self.model.local_modules[j].state_dict().values():
                 buffer = t.detach().to(self.comm_device).contiguous()
-                dist.broadcast(buffer, owner, group=self.group)
+                dist.broadcast(buffer, self.peers[owner], group=self.group)
                 if self.rank != owner:
                     t.copy_(buffer)
 
@@ -459,9 +480,10 @@ class ModulePipeline:
                 "optimizer": state}
 
     def description(self) -> dict[str, Any]:
-        """The partition as plain data: ranks, each rank's modules ``[start, stop)``, the boundary mode."""
+        """The partition as plain data: ranks (stages), each rank's modules ``[start, stop)``, the boundary mode,
+        and the replicas of the pipeline (``--data-parallel``)."""
         return {"ranks": len(self.ranges), "ranges": [[r.start, r.stop] for r in self.ranges],
-                "boundary": self.boundary}
+                "boundary": self.boundary, "replicas": self.replicas}
 
     # ------------------------------------------------------------------------------------- messages
     def _format(self, x: torch.Tensor) -> torch.Tensor:
@@ -472,7 +494,7 @@ class ModulePipeline:
 
     def _send(self, tensor: torch.Tensor, dst: int) -> None:
         payload = tensor.detach().to(self.comm_device).contiguous()
-        self._sends.append((dist.isend(payload, dst, group=self.group), payload))
+        self._sends.append((dist.isend(payload, self.peers[dst], group=self.group), payload))
 
     def _send_tensor(self, tensor: torch.Tensor, dst: int) -> None:
         """A tensor whose shape and dtype the receiver does not know: a header first."""
@@ -499,7 +521,7 @@ class ModulePipeline:
 
     def _recv(self, buffer: torch.Tensor, src: int) -> None:
         start = time.perf_counter()
-        dist.recv(buffer, src, group=self.group)
+        dist.recv(buffer, self.peers[src], group=self.group)
         self._waited += time.perf_counter() - start
 
     def _wait_sends(self, keep_last: bool) -> None:

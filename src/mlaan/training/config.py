@@ -183,6 +183,11 @@ class RunConfig:
     partition: str = run_field("time", group="parallel", resume="free", choices=PARTITION_MODES,
                                help="--parallel modules: the modules are split over ranks evening out measured "
                                     "'time', 'blocks' or step 'memory' (default: time)")
+    # resumable on another layout: the schedule's check (resume.check_schedule) refuses another global batch
+    data_parallel: int = run_field(1, group="parallel", resume="free", metavar="R",
+                                   help="--parallel modules: R replicas of the pipeline, each on world/R processes "
+                                        "and its 1/R of every batch, each stage averaging its gradients with its "
+                                        "replicas (as --parallel data on R processes) (default: 1)")
     dist_timeout: float = run_field(600.0, group="parallel", resume="free", metavar="SECONDS",
                                     help="how long a process waits for another before the run fails instead of "
                                          "hanging (default: 600)")
@@ -365,7 +370,13 @@ def _check_parallel(cfg: TrainConfig, spec: Any) -> None:
                           ("partition", PARTITION_MODES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"unknown {name} {getattr(cfg, name)!r}; allowed: {', '.join(allowed)}")
+    if isinstance(cfg.data_parallel, bool) or not isinstance(cfg.data_parallel, int) or cfg.data_parallel < 1:
+        raise ValueError(f"data_parallel must be a number of replicas >= 1, got {cfg.data_parallel!r}")
     if cfg.parallel != "modules":
+        if cfg.data_parallel > 1:  # the same words as mlaan.distributed.mesh.check_layout's
+            raise ValueError(f"--data-parallel {cfg.data_parallel} replicates a module pipeline: it needs "
+                             "--parallel modules (--parallel data alone already splits every batch over all "
+                             "processes)")
         return
     if spec.end_to_end:
         raise ValueError(f"--parallel modules needs a local-learning method; {spec.name!r} trains end to end "

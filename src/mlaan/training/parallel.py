@@ -23,6 +23,7 @@ from .resume import saved_barriers
 
 if TYPE_CHECKING:
     from ..distributed import DistContext
+    from ..distributed.mesh import ReplicaLayout
     from ..distributed.pipeline import ModulePipeline
     from ..engine import LocalModel
     from .config import TrainConfig
@@ -60,16 +61,21 @@ def cut_ranges(barriers: tuple[int, ...] | None, world: int, k: int, path: str |
 
 
 def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: dict | None,
-                   barriers: tuple[int, ...] | None, path: str | os.PathLike | None) -> ModulePipeline:
+                   barriers: tuple[int, ...] | None, path: str | os.PathLike | None,
+                   layout: ReplicaLayout | None = None) -> ModulePipeline:
     """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
-    time``), broadcast, or the checkpoint's when resuming with as many ranks; ``--boundary cut`` puts cascade
+    time``), broadcast, or the checkpoint's when resuming with as many stages; ``--boundary cut`` puts cascade
     barriers at its boundaries, and a resumed cut run keeps the ones it was trained with (``barriers``, from
-    :func:`carry_barriers`)."""
+    :func:`carry_barriers`). ``layout``: pipeline replicas (``--data-parallel R``, :mod:`mlaan.distributed.mesh`):
+    every replica gets the same partition of the modules over its P = world / R stages, and this rank its
+    replica's pipeline group and its stage's data-parallel group (None: one pipeline over every rank)."""
     import torch.distributed as tdist
 
+    from ..distributed import mesh
     from ..distributed import pipeline as pp
 
-    world = ctx.world_size
+    layout = layout or mesh.ReplicaLayout(1, ctx.world_size)
+    world = layout.stages
     saved = (ckpt or {}).get("pipeline")
     if ckpt is not None and cfg.boundary == "cut" and model.spec.cascade:
         ranges = cut_ranges(barriers, world, len(model.local_modules), path)
@@ -86,7 +92,11 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
         ranges = [range(a, b) for a, b in shared[0]]
     if cfg.boundary == "cut":
         model.options.cascade_barriers = pp.boundaries(ranges)
-    return pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
+    if layout.replicas == 1:
+        return pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
+    pipeline_group, stage_group = mesh.build_groups(layout, ctx.device.type)
+    return pp.ModulePipeline(model, ranges, layout.stage(ctx.rank), cfg.boundary, group=pipeline_group,
+                             stage_group=stage_group)
 
 
 # ------------------------------------------------------------------------------------- the checkpoint's shards

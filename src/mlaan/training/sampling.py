@@ -58,17 +58,21 @@ class RunLoaders:
     sampler's shard of it), through a DataLoader or, with ``--data-on-device``, batches cut on the device
     (:class:`~mlaan.data.device.DeviceBatches`); their randomness fixed by (seed, epoch, rank), so that building a
     loader draws nothing from the global RNG a checkpoint restores. ``own_random_streams``: each rank augments
-    its own shard (data parallelism); ``workers``: DataLoader worker processes."""
+    its own shard (data parallelism); ``workers``: DataLoader worker processes; ``replica``: pipeline replicas
+    (``--data-parallel``), this rank's replica among them, which reads the shard (and draws the random streams)
+    of the data-parallel rank of its index."""
 
     def __init__(self, cfg: TrainConfig, ctx: DistContext, train_set: Dataset, test_set: Dataset, workers: int,
-                 own_random_streams: bool) -> None:
-        self.cfg, self.ctx, self.device = cfg, ctx, ctx.device
+                 own_random_streams: bool, replica: DistContext | None = None) -> None:
+        self.cfg, self.ctx, self.device, self.replica = cfg, ctx, ctx.device, replica
         self.train_set, self.test_set, self.workers = train_set, test_set, workers
         self.own_random_streams = own_random_streams
         self._on_device: dict[str, DeviceImages] = {}
         self.sampler = self._train_sampler()
 
     def _train_sampler(self) -> Sampler:
+        if self.replica is not None:  # every stage of a replica reads the replica's shard
+            return dist.make_train_sampler(self.train_set, self.replica, self.cfg.seed)
         if self.cfg.module_parallel:  # every rank reads every batch
             return EpochSampler(len(self.train_set), self.cfg.seed)
         sampler = dist.make_train_sampler(self.train_set, self.ctx, self.cfg.seed)  # None in one process
@@ -76,7 +80,7 @@ class RunLoaders:
 
     def _stream_seed(self, epoch: int) -> int:
         """The seed of an epoch's loader randomness, fixed by (seed, epoch, rank)."""
-        rank = self.ctx.rank if self.own_random_streams else 0
+        rank = (self.replica or self.ctx).rank if self.own_random_streams else 0
         return (self.cfg.seed * 1000003 + epoch) * 1009 + rank
 
     def _loader_generator(self, epoch: int) -> torch.Generator:

@@ -38,6 +38,7 @@ from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
 from ..atomic import atomic_write_text
 from ..data import build_datasets, data_option_keys
+from ..distributed import mesh
 from . import checkpoint as ckpt_io
 from . import console, loop, metrics_log, parallel, safety
 from . import resume as resume_io
@@ -84,6 +85,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------- building
     def _build(self, ckpt: dict | None) -> None:
         cfg = self.cfg
+        # R pipeline replicas of P stages (--data-parallel R), or one pipeline; refused in one line when they
+        # do not fit the processes started
+        self.layout = mesh.check_layout(self.ctx.world_size, cfg.data_parallel, cfg.parallel)
         self._check_tensorboard()
         self._build_data()
         self._build_model()  # engine ValueErrors: K out of range, bad options
@@ -106,8 +110,8 @@ class Trainer:
         if self._pipelined:
             self.model.to(self.device)
             self.pipeline = parallel.build_pipeline(self.local_model, cfg, self.ctx, ckpt, self._barriers,
-                                                    self.resume_path)
-            self.averager = None
+                                                    self.resume_path, self.layout)
+            self.averager = self.pipeline.gradient_averager(self.ctx)  # replicas: each stage's all-reduce
         else:
             self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
             self.averager = dist.GradientAverager(self.model, self.ctx)
@@ -154,7 +158,7 @@ class Trainer:
         if self._own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
             # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
-            _seed_everything(rank_seed(cfg.seed, self.ctx.rank, step=0))
+            _seed_everything(rank_seed(cfg.seed, self._stream_rank, step=0))
 
     @property
     def resizes(self) -> bool:
@@ -167,10 +171,34 @@ class Trainer:
         return self.cfg.module_parallel and self.ctx.world_size > 1
 
     @property
+    def _replicas(self) -> int:
+        """The pipeline's replicas (``--data-parallel``), each reading its 1/R of every batch; 1 otherwise."""
+        return self.layout.replicas if self._pipelined else 1
+
+    @property
+    def _replica(self) -> int:
+        """This rank's replica of the pipeline (0 … R−1; 0 without replicas)."""
+        return self.layout.replica(self.ctx.rank) if self._pipelined else 0
+
+    @property
     def _own_random_streams(self) -> bool:
         """Data parallelism: each rank augments its own shard. Module parallelism: every rank reads the same
-        batches in the same order, so all keep the same streams."""
-        return self.ctx.world_size > 1 and not self._pipelined
+        batches in the same order, so all keep the same streams — per replica with ``--data-parallel``, where
+        each replica reads its own shard, as the data-parallel rank of the same index does."""
+        return self.ctx.world_size > 1 and (not self._pipelined or self._replicas > 1)
+
+    @property
+    def _stream_rank(self) -> int:
+        """Whose random streams this rank draws from: its own (data parallelism), its replica's (pipeline
+        replicas: the stages of a replica augment the same images alike), or rank 0's."""
+        return self._replica if self._pipelined else self.ctx.rank
+
+    def _replica_context(self) -> dist.DistContext | None:
+        """Pipeline replicas: the data-parallel view of this rank (its replica among R) that picks its shard of
+        every batch, as data parallelism's rank of that index; None otherwise."""
+        if self._replicas == 1:
+            return None
+        return dist.DistContext(self._replica, self._replicas, 0, self.device, True, self.ctx.backend)
 
     def _use_fast_path(self) -> None:
         """bf16 autocast, channels-last and the thread count (``mlaan.runtime``), before the optimizer exists."""
@@ -191,7 +219,7 @@ class Trainer:
         cfg = self.cfg
         self.workers = cfg.resolved_workers(self.device.type)
         self.loaders = RunLoaders(cfg, self.ctx, self.train_set, self.test_set, self.workers,
-                                  self._own_random_streams)
+                                  self._own_random_streams, replica=self._replica_context())
         self.sampler = self.loaders.sampler
         self.steps_per_epoch = len(self.loaders.train(0))
         self._check_batch_of_one()
@@ -215,9 +243,10 @@ class Trainer:
         resume that changes its global batch changes its schedule (refused unless ``--rescale-schedule``)."""
         world = self.ctx.world_size
         parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
-        batch = self.cfg.batch_size * (world if parallel == "data" else 1)  # every pipeline rank reads the batch
-        return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
-                                        self.total_steps)
+        # every stage of a pipeline (replica) reads its batch
+        batch = self.cfg.batch_size * (world if parallel == "data" else self._replicas)
+        return {**resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
+                                           self.total_steps), "replicas": self._replicas}
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -235,7 +264,8 @@ class Trainer:
             self.scheduler = loop.make_scheduler(self.optimizer, self.warmup_steps, self.total_steps, start=position)
         self.meter = loop.EpochMeter.from_state(ckpt.get("epoch_partial"))
         if self.ctx.rank != 0:  # the checkpoint's sums are every rank's (_save_last): the first rank holds them
-            self.meter = self.meter.held_by_another_rank(keep_count=self._pipelined)
+            # every stage of the first replica counts its images (ModulePipeline.reduce_sums divides by the stages)
+            self.meter = self.meter.held_by_another_rank(keep_count=self._pipelined and self._replica == 0)
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
         ranks = ckpt.get("rng_ranks")
         if self._own_random_streams and saved is None and isinstance(ranks, list) and len(ranks) == shape[
@@ -306,7 +336,7 @@ class Trainer:
             if self._rank_rng is not None:  # data parallelism on as many ranks: each rank's own streams
                 ckpt_io.set_rng_state(self._rank_rng)
             elif self._own_random_streams:  # another world size (or an older checkpoint): new streams per rank
-                _seed_everything(rank_seed(cfg.seed, self.ctx.rank, progress.step))
+                _seed_everything(rank_seed(cfg.seed, self._stream_rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(console.banner(self))
@@ -374,7 +404,7 @@ class Trainer:
                 self.pipeline or self.local_model, self.optimizer, self.scheduler, loader, self.device, self.meter,
                 wait_for_gradients=self.averager.wait if self.averager else None, after_step=self._after_step,
                 progress=f"epoch {epoch + 1}/{cfg.epochs}" if self._shows_progress else None,
-                world_size=1 if self.pipeline else self.ctx.world_size,
+                world_size=self._replicas if self.pipeline else self.ctx.world_size,
                 batch_transform=self.mix, clip_grad=cfg.clip_grad,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
@@ -453,11 +483,12 @@ class Trainer:
                                                else self._reduce)
         if self.pipeline is not None:
             self.pipeline.drain()
-            shard = self.pipeline.shard_state(self.optimizer)
-            self.checkpoints.guard(lambda: parallel.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
+            if self._replica == 0:  # the replicas hold the same state: the first one's stages write it
+                shard = self.pipeline.shard_state(self.optimizer)
+                self.checkpoints.guard(lambda: parallel.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
             self.ctx.barrier()
             if self.ctx.is_main:
-                merged = {**parallel.merge_shards(self.out, self.local_model, self.ctx.world_size),
+                merged = {**parallel.merge_shards(self.out, self.local_model, len(self.pipeline.ranges)),
                           "pipeline": self.pipeline.description()}
         self.checkpoints.save(
             lambda: self.checkpoint_state(time.perf_counter() - self._fit_start, merged, rng_ranks, partial),
