@@ -99,8 +99,8 @@ def load_run(path: str | Path) -> dict:
         if not isinstance(final, dict):
             raise ValueError(f"{final_path}: not a JSON object")
     config = final.get("config")
-    if config is None and (run / "last.pt").exists():
-        config = _checkpoint_config(run / "last.pt")
+    if config is None:
+        config = _checkpoint_config(run)
     config = config if isinstance(config, dict) else {}
     last = epochs[-1] if epochs else {}
     accuracy = final.get("test_accuracy", last.get("test_accuracy"))
@@ -158,10 +158,11 @@ def _tail(own: tuple[str, ...], others: list[tuple[str, ...]]) -> str:
     return str(Path(*own))
 
 
-def _checkpoint_config(path: Path) -> dict | None:
-    """An unfinished run's options, from its last checkpoint."""
+def _checkpoint_config(run: Path) -> dict | None:
+    """An unfinished run's options, from its last checkpoint (a run folder stands for its ``last.pt``); None
+    when it has none that can be read."""
     try:
-        return ckpt_io.load_training_checkpoint(path).get("config")
+        return ckpt_io.load_training_checkpoint(run).get("config")
     except (OSError, ValueError):
         return None
 

@@ -1,6 +1,7 @@
-"""Resuming a run: what may change from one invocation to the next (:data:`RESUME_FREE`), the checks that
-refuse a checkpoint another run's options, architecture or shape do not fit, the config layer a checkpoint gives
-a resumed run, and restoring its optimizer, scheduler, RNG states and place in the epoch. Every check raises
+"""Resuming a run: the checks that refuse a checkpoint another run's options, architecture or shape do not fit
+(what may change is declared with each option, its resume policy: :data:`~mlaan.training.config.RESUME_FREE`), the
+config layer a checkpoint gives a resumed run, and restoring its optimizer, scheduler, RNG states and place in the
+epoch. Every check raises
 ValueError with a one-line message naming the checkpoint, before anything is written.
 
 :func:`resolve_run` puts a run's options together, new or resumed: defaults < the checkpoint's < ``--config`` <
@@ -35,42 +36,10 @@ from .checkpoint import (
     set_rng_state,
     short_error,
 )
-from .config import TrainConfig, coerce, load_yaml, merge
+from .config import PER_INVOCATION, RESUME_FREE, TrainConfig, coerce, load_yaml, merge
 from .run_folder import resume_path
 
 IDENTITY_KEYS = ("arch", "method", "local_modules")
-
-# Options that may change between a run and its resumption: where and how it runs, not what it computes.
-# (arch, method and local_modules are checked against the checkpoint itself, with their own message.)
-RESUME_FREE = frozenset(
-    {
-        "max_steps",
-        "overwrite",
-        "device",
-        "workers",
-        "tensorboard",
-        "download",
-        "data_root",
-        "output_dir",
-        "eval_batch_size",
-        "precise_bn",  # evaluation only: it re-estimates BatchNorm statistics on a copy (training is unchanged)
-        "save_every",
-        "grad_checkpointing",
-        "checkpoint_segment",
-        "checkpoint_modules",  # how BP's checkpointing is cut changes memory and time, not what a step computes
-        "amp",  # precision, memory format and threads change how fast a run goes, and float rounding only
-        "channels_last",
-        "compile",  # torch.compile: the same step to float rounding, the same state_dict keys
-        "threads",
-        "extra",
-        "parallel",  # a module-parallel run resumes in one process or with another number of ranks, and back
-        "partition",
-        "dist_timeout",
-        "rescale_schedule",  # asks to go on with another global batch (check_schedule), per invocation
-    }
-)
-# options of one invocation that a resumed run does not inherit (it goes on to --epochs unless told otherwise)
-_PER_INVOCATION = ("overwrite", "max_steps", "rescale_schedule")
 
 
 def check_compatible(ckpt: Mapping[str, Any], arch: str, method: str, local_modules: int,
@@ -90,7 +59,7 @@ def resume_layer(ckpt: Mapping[str, Any], path: str | os.PathLike) -> dict[str, 
     """The checkpoint's options as the lowest layer of a resumed run's config (below ``--config`` and flags):
     without the per-invocation ``overwrite``/``max_steps``, and writing beside the checkpoint."""
     layer = saved_config(ckpt)
-    for per_invocation in _PER_INVOCATION:
+    for per_invocation in PER_INVOCATION:
         layer.pop(per_invocation, None)
     layer["output_dir"] = str(Path(path).parent)
     return layer
@@ -100,10 +69,11 @@ def check_resume_config(saved: Mapping[str, Any], given: Mapping[str, Any], path
     """Refuse to resume with options (from flags or ``--config``) that change what the run computes.
 
     ``saved``: the checkpoint's config; ``given``: the values set explicitly for this invocation (already
-    converted). Options in :data:`RESUME_FREE` may change; arch/method/K are checked by :func:`check_compatible`;
-    another method's options change nothing in this run's, so they are not compared. An option the checkpoint
-    lacks (added after the run started) counts as its default. The same whatever the output folder: a resumed
-    run continues the checkpoint's optimizer and schedule, which ignore a changed ``lr`` or ``epochs``.
+    converted). Options in :data:`~mlaan.training.config.RESUME_FREE` may change; arch/method/K are checked by
+    :func:`check_compatible`; another method's options change nothing in this run's, so they are not compared. An
+    option the checkpoint lacks (added after the run started) counts as its default. The same whatever the output
+    folder: a resumed run continues the checkpoint's optimizer and schedule, which ignore a changed ``lr`` or
+    ``epochs``.
     ValueError listing every conflicting option.
     """
     conflicts = []
