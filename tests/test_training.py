@@ -321,10 +321,10 @@ def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path, monkeypatc
     assert report["precise_bn"] == 0
     assert report["test_loss"] == pytest.approx(precise_summary["test_loss"], rel=1e-4)
     # --modules evaluates the local model with the same re-estimated backbone
-    import mlaan.training
+    import mlaan.training.loop
 
     seen = []
-    monkeypatch.setattr(mlaan.training, "evaluate_modules", lambda model, *a: seen.append(model) or {}, raising=False)
+    monkeypatch.setattr(mlaan.training.loop, "evaluate_modules", lambda model, *a: seen.append(model) or {})
     with contextlib.redirect_stdout(None):
         assert main(["eval", "--checkpoint", str(tmp_path / "precise" / "last.pt"), "--modules"]) == 0
     exported = torch.load(tmp_path / "net.pt", weights_only=True)

@@ -96,11 +96,11 @@ def evaluate_prepared(prepared: PreparedEvaluation, batch_size: int = 256, worke
     report, as ``mlaan eval --json`` prints it."""
     from torch.utils.data import DataLoader
 
-    from .loop import evaluate_backbone, evaluate_modules
+    from . import loop  # looked up at call time, so a test (or a user) can stand in for the loop's functions
 
     p = prepared
     loader = DataLoader(p.test_set, batch_size=batch_size, num_workers=workers)
-    result = evaluate_backbone(p.backbone.to(p.device), loader, p.device,
+    result = loop.evaluate_backbone(p.backbone.to(p.device), loader, p.device,
                                progress=f"evaluating on {len(p.test_set)} {p.info.name} test images")
     report = {
         "checkpoint": str(p.checkpoint),
@@ -114,7 +114,7 @@ def evaluate_prepared(prepared: PreparedEvaluation, batch_size: int = 256, worke
         "precise_bn_images": p.precise_bn_images,  # fewer than precise_bn batches hold when the training set is small
     }
     if p.local_model is not None:
-        report["module_accuracies"] = evaluate_modules(p.local_model.to(p.device), loader, p.device)
+        report["module_accuracies"] = loop.evaluate_modules(p.local_model.to(p.device), loader, p.device)
     return report
 
 
