@@ -6,7 +6,7 @@ is reported as one line, ``mlaan: error: …``, on stderr with exit code 2, befo
 
 This module parses and dispatches: ``mlaan train``'s flags come from the option declarations
 (:mod:`mlaan.cli_flags`), what eval and export do is :mod:`mlaan.training.evaluation`'s and
-:mod:`mlaan.training.checkpoint`'s, and the benchmarks' subcommands are built when used (:mod:`mlaan.cli_lazy`).
+:mod:`mlaan.training.export`'s, and the benchmarks' subcommands are built when used (:mod:`mlaan.cli_lazy`).
 """
 
 from __future__ import annotations
