@@ -82,7 +82,7 @@ class LocalModel(nn.Module):
         opts = options or LocalOptions()
         if num_local_modules is None:
             num_local_modules = default_num_local_modules(backbone, spec)
-        check_split(spec, opts, num_local_modules, len(backbone.blocks) - 1, backbone.name)
+        check_num_local_modules(spec, opts, num_local_modules, len(backbone.blocks) - 1, backbone.name)
         self.spec, self.options, self.backbone = spec, opts, backbone
         self.autocast_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: autocast every forward
         self.channels_last = False  # see set_channels_last
@@ -477,8 +477,8 @@ def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], we
     return [g for g in groups if g["params"]]
 
 
-def check_split(spec: MethodSpec, opts: LocalOptions, k: object, max_k: int, arch: str,
-                key: str = "num_local_modules") -> None:
+def check_num_local_modules(spec: MethodSpec, opts: LocalOptions, k: object, max_k: int, arch: str,
+                            key: str = "num_local_modules") -> None:
     """K (named ``key``: the API's ``num_local_modules``, ``mlaan train``'s ``local_modules``) against the
     architecture ``arch`` of ``max_k`` = its blocks after the stem + 1 and the method, and the cascade window and
     barriers against K: one ValueError naming the allowed values. Each option's own range is checked where it is
