@@ -157,7 +157,7 @@ def test_eval_and_export_round_trip(trained, tmp_path, capsys):
                                     "synthetic_image_size": 32}
     table = cli_reference("`export` writes").split("`export` writes")[1]
     table = table.split("It loads into")[0]
-    assert [key for key in meta if f"`{key}`" not in table] == []  # the README's table of the fields says each
+    assert [key for key in meta if f"`{key}`" not in table] == []  # docs/CLI.md's table of the fields says each
     state = torch.load(out, weights_only=True)
     assert all(k.startswith("blocks.") for k in state)  # the plain backbone: no aux nets, no EMA twins
     net = mlaan.models.create(meta["arch"], num_classes=meta["num_classes"], in_channels=meta["in_channels"],
@@ -281,7 +281,8 @@ def test_python_dash_m_and_console_script():
 
 
 def test_the_readme_options_table_names_every_train_flag():
-    """The README's table of `mlaan train` options is written by hand; a newcomer found seven flags missing."""
+    """The CLI reference's table of `mlaan train` options (docs/CLI.md) is written by hand; a newcomer found seven
+    flags missing."""
     import argparse
     import re
 
@@ -294,7 +295,7 @@ def test_the_readme_options_table_names_every_train_flag():
     flags = {f for a in train._actions for f in a.option_strings
              if f.startswith("--") and not f.startswith("--no-") and f not in ("--help", "--config")}
     missing = sorted(f for f in flags if not re.search(re.escape(f) + r"(?![\w-])", table))
-    assert not missing, f"README options table lacks {missing}"
+    assert not missing, f"the CLI reference's options table lacks {missing}"
 
 
 HELP_WITHOUT_TORCH = """

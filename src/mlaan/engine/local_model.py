@@ -282,8 +282,9 @@ class LocalModel(nn.Module):
         """What ``train_step`` does for each local module, input to output (see :class:`ModulePlan`): its blocks,
         its aux nets, how far its cascaded gradient reaches back, whether its input needs a gradient, and when its
         weight backward runs. Derived from the attributes ``train_step`` reads (``split``, ``independent_heads``,
-        ``cascade_heads``, ``spec``, ``options.window``); the step's phases are marked as
-        :data:`mlaan.engine.phases.STEP_PHASES` says."""
+        ``cascade_heads``, ``spec``, ``options.window``, ``options.cascade_barriers``) by the rule the step applies
+        (:func:`~mlaan.engine.step.cascade_reach`, :func:`~mlaan.engine.step.weights_final_at`); the step's phases
+        are marked as :data:`mlaan.engine.phases.STEP_PHASES` says."""
         num_modules = len(self.local_modules)
         window = self.options.window if self.spec.cascade else 1
         barriers = frozenset(self.options.cascade_barriers)

@@ -304,10 +304,10 @@ def training_state(
     :func:`~mlaan.atomic.atomic_save`. ``model``: the unwrapped LocalModel; ``epoch_partial``: the sums of the
     epoch in progress; ``seconds``: trained in this invocation; ``peak_memory``: this process's peak memory
     (:func:`mlaan.runtime.peak_memory`), saved as the run's with the earlier invocations'; ``merged``: a
-    module-parallel run's (:func:`merge_shards`): its ``model``, ``optimizer`` and ``pipeline`` replace this
-    process's; ``schedule``: the run's shape (:func:`~mlaan.training.resume.schedule_shape`); ``rng_ranks``:
-    every rank's RNG states (data parallelism). Takes the RNG states now, so nothing may draw a random number
-    between this call and the step it describes."""
+    module-parallel run's (:func:`~mlaan.training.parallel.merge_shards`): its ``model``, ``optimizer`` and
+    ``pipeline`` replace this process's; ``schedule``: the run's shape
+    (:func:`~mlaan.training.resume.schedule_shape`); ``rng_ranks``: every rank's RNG states (data parallelism).
+    Takes the RNG states now, so nothing may draw a random number between this call and the step it describes."""
     state = {
         "format": FORMAT,
         "version": VERSION,
