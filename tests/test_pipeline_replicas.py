@@ -202,7 +202,6 @@ def data_parallel_run(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_train_two_replicas_of_two_stages_equals_parallel_data_on_two(data_parallel_run, tmp_path):
     out = tmp_path / "replicas"
     _torchrun([*TRAIN, *REPLICATED, "--output-dir", str(out)], ranks=4)
@@ -218,7 +217,7 @@ def test_train_two_replicas_of_two_stages_equals_parallel_data_on_two(data_paral
     assert sorted(p.name for p in (out / "shards").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two more torchrun launches
 def test_a_stopped_replicated_run_resumes_with_parallel_data(data_parallel_run, tmp_path):
     """Two steps as 2 × 2, the rest as --parallel data on 2 processes (the same global batch, so the same
     algorithm): the weights of the uninterrupted data-parallel run."""
@@ -243,3 +242,30 @@ def test_train_refuses_a_layout_that_does_not_fit_in_one_line(tmp_path, capsys, 
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+def test_the_checkpoint_shape_records_the_replicas_and_a_resume_keeps_the_global_batch():
+    from mlaan.training import resume as resume_io
+
+    replicated = resume_io.schedule_shape(4, "modules", 16, 4, 4, 4, replicas=2)
+    assert replicated["replicas"] == 2 and "replicas" not in resume_io.schedule_shape(2, "data", 16, 4, 4, 4)
+    assert "4 processes (--parallel modules --data-parallel 2)" in resume_io.describe_shape(replicated)
+    # the same global batch on another layout: the same algorithm, allowed
+    for now in (resume_io.schedule_shape(2, "data", 16, 4, 4, 4),
+                resume_io.schedule_shape(8, "modules", 16, 4, 4, 4, replicas=2)):
+        assert resume_io.check_schedule({"schedule": replicated}, now, False, "last.pt") is None
+    with pytest.raises(ValueError, match="resume with --parallel modules --data-parallel 2") as err:
+        resume_io.check_schedule({"schedule": replicated}, resume_io.schedule_shape(4, "modules", 8, 8, 8, 8),
+                                 False, "last.pt")
+    assert "\n" not in str(err.value)
+
+
+def test_each_data_shard_keeps_its_random_streams_across_layouts():
+    from mlaan.training.resume import schedule_shape, shard_streams
+
+    ranks = [{"rank": r} for r in range(4)]
+    two_by_two = {"rng_ranks": ranks, "schedule": schedule_shape(4, "modules", 16, 4, 4, 4, replicas=2)}
+    assert shard_streams(two_by_two) == [ranks[0], ranks[2]]  # each replica's first stage
+    assert shard_streams({"rng_ranks": ranks, "schedule": schedule_shape(4, "data", 32, 4, 4, 4)}) == ranks
+    assert shard_streams({"rng_ranks": ranks}) == ranks  # a checkpoint from before the shape was recorded
+    assert shard_streams({"schedule": two_by_two["schedule"]}) is None

@@ -29,8 +29,8 @@ across ranks so that every rank, and every EMA twin that follows them, stays ide
 One concern a module: :mod:`.context` (rank, world size, device; joining and leaving the process group),
 :mod:`.replicate` (the model on every rank), :mod:`.gradients` (:class:`GradientAverager`), :mod:`.batchnorm`
 (SyncBatchNorm, averaged running statistics), :mod:`.sampling` (which samples each rank reads),
-:mod:`.metrics` (per-rank metrics combined), :mod:`.buckets` (tensors grouped for collectives) and
-:mod:`.pipeline` (module parallelism).
+:mod:`.metrics` (per-rank metrics combined), :mod:`.buckets` (tensors grouped for collectives),
+:mod:`.pipeline` (module parallelism) and :mod:`.mesh` (pipeline replicas: the R × P rank layout and its groups).
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """How a ``--parallel modules`` run is shared among torchrun's processes: the partition of its local modules
 (rank 0's, measured when ``--partition time``, broadcast; or the checkpoint's when resuming on as many ranks), the
 cut MLM cascades of ``--boundary cut``, which are part of the algorithm and so carried over by every resume, and
-the run's checkpoint shards (each rank writes its own, rank 0 merges them into ``last.pt`` and then writes the
-manifest; :mod:`mlaan.training.checkpoint` describes the format). Data parallelism needs none of this
-(:func:`mlaan.distributed.prepare_model`). ValueError (one line, naming the checkpoint) for a resume that would
-change the algorithm."""
+the run's checkpoint shards (each stage's rank writes its own — the first replica's, with ``--data-parallel`` —,
+rank 0 merges them into ``last.pt`` and then writes the manifest; :mod:`mlaan.training.checkpoint` describes the
+format). Data parallelism needs none of this (:func:`mlaan.distributed.prepare_model`). ValueError (one line,
+naming the checkpoint) for a resume that would change the algorithm."""
 
 from __future__ import annotations
 

@@ -193,12 +193,16 @@ def check_position(ckpt: Mapping[str, Any], steps_per_epoch: int, path: str | os
 # ------------------------------------------------------------------------------------------ the run's shape
 
 def schedule_shape(world_size: int, parallel: str, global_batch: int, steps_per_epoch: int, warmup_steps: int,
-                   total_steps: int) -> dict[str, Any]:
+                   total_steps: int, replicas: int = 1) -> dict[str, Any]:
     """What a checkpoint records of the run's shape (``schedule``): its processes, how they split the work
     (``parallel``: "data", "modules", or "none" for one process), the images per optimizer step over all of them
-    and the schedule's steps."""
-    return {"world_size": world_size, "parallel": parallel, "global_batch": global_batch,
-            "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps, "total_steps": total_steps}
+    and the schedule's steps; ``replicas`` (recorded when more than 1): the pipeline replicas of ``--parallel
+    modules --data-parallel R``, each on world_size / R processes."""
+    shape = {"world_size": world_size, "parallel": parallel, "global_batch": global_batch,
+             "steps_per_epoch": steps_per_epoch, "warmup_steps": warmup_steps, "total_steps": total_steps}
+    if replicas > 1:
+        shape["replicas"] = replicas
+    return shape
 
 
 def saved_shape(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -212,13 +216,31 @@ def saved_shape(ckpt: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def shard_streams(ckpt: Mapping[str, Any]) -> list | None:
+    """The checkpoint's RNG states (``rng_ranks``), one per data shard: every rank's under data parallelism, each
+    replica's first stage's under pipeline replicas (rank d·P of replica d; its stages draw alike), so that a
+    resume into a layout reading the same shards (2 × 2 ↔ ``--parallel data`` on 2) goes on with the same
+    streams. None when it has none or they do not divide into its replicas."""
+    ranks, shape = ckpt.get("rng_ranks"), ckpt.get("schedule") or {}
+    if not isinstance(ranks, list) or not ranks:
+        return None
+    if shape.get("parallel") != "modules":  # data parallelism: a stream per rank
+        return ranks
+    replicas = shape.get("replicas", 1)
+    if not isinstance(replicas, int) or replicas < 1 or len(ranks) % replicas:
+        return None
+    return ranks[:: len(ranks) // replicas]
+
+
 def describe_shape(shape: Mapping[str, Any]) -> str:
-    """E.g. "2 processes (--parallel data), a global batch of 32 (4 steps per epoch)"."""
+    """E.g. "2 processes (--parallel data), a global batch of 32 (4 steps per epoch)"; "4 processes (--parallel
+    modules --data-parallel 2), …" for pipeline replicas."""
     steps = f"{shape['steps_per_epoch']} steps per epoch"
     if "world_size" not in shape:
         return steps
     ranks = shape["world_size"]
-    parallel = "" if shape["parallel"] == "none" else f" (--parallel {shape['parallel']})"
+    replicas = f" --data-parallel {shape['replicas']}" if shape.get("replicas", 1) > 1 else ""
+    parallel = "" if shape["parallel"] == "none" else f" (--parallel {shape['parallel']}{replicas})"
     return (f"{ranks} process{'es' if ranks != 1 else ''}{parallel}, a global batch of {shape['global_batch']} "
             f"({steps})")
 
@@ -237,7 +259,11 @@ def check_schedule(ckpt: Mapping[str, Any], now: Mapping[str, Any], rescale: boo
         return None
     if rescale:
         return saved
-    if saved.get("parallel") == "data" and saved["world_size"] > 1:
+    if saved.get("replicas", 1) > 1:  # pipeline replicas: R shards of every batch, whatever the stages
+        r = saved["replicas"]
+        keep = (f"resume with --parallel modules --data-parallel {r} (any multiple of {r} processes, 2 or more "
+                f"per replica) or on {r} processes with --parallel data --data-parallel 1")
+    elif saved.get("parallel") == "data" and saved["world_size"] > 1:
         keep = f"resume on {saved['world_size']} processes with --parallel data"
     elif "world_size" in saved:
         keep = "resume in one process or with --parallel modules (any number of processes)"

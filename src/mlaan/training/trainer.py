@@ -245,8 +245,8 @@ class Trainer:
         parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
         # every stage of a pipeline (replica) reads its batch
         batch = self.cfg.batch_size * (world if parallel == "data" else self._replicas)
-        return {**resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
-                                           self.total_steps), "replicas": self._replicas}
+        return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
+                                        self.total_steps, replicas=self._replicas)
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -267,12 +267,16 @@ class Trainer:
             # every stage of the first replica counts its images (ModulePipeline.reduce_sums divides by the stages)
             self.meter = self.meter.held_by_another_rank(keep_count=self._pipelined and self._replica == 0)
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
-        ranks = ckpt.get("rng_ranks")
-        if self._own_random_streams and saved is None and isinstance(ranks, list) and len(ranks) == shape[
-                "world_size"]:
-            self._rank_rng = ranks[self.ctx.rank]  # each rank goes on with its own streams, exactly
+        streams = resume_io.shard_streams(ckpt)
+        if self._own_random_streams and saved is None and streams is not None and len(streams) == self._streams:
+            self._rank_rng = streams[self._stream_rank]  # each shard's reader goes on with its streams, exactly
             resume_io.check_rng_state(self._rank_rng, self.resume_path)
         self.checkpoints.saved_step = self.progress.step
+
+    @property
+    def _streams(self) -> int:
+        """How many random streams the run draws from: one per data shard (a rank's, or a replica's)."""
+        return self._replicas if self._pipelined else self.ctx.world_size
 
     def _check_batch_of_one(self) -> None:
         """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
