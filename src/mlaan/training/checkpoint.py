@@ -225,7 +225,7 @@ _OPTIONAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     # absent from checkpoints before them: a run resumed from one reports the peak of its later invocations only
     "peak_memory_bytes": ("an integer >= 0", lambda v: is_int(v) and v >= 0),
     "peak_memory_kind": ("a name", lambda v: isinstance(v, str)),
-    # absent from checkpoints before them (see check_schedule, saved_barriers, the trainer's RNG restore)
+    # absent from checkpoints before them (see resume.py: check_schedule, saved_barriers, shard_streams)
     "schedule": ("a mapping of the run's shape (integers and the parallel mode)", lambda v: _schedule(v)),
     "cascade_barriers": ("a list of module indices", lambda v: isinstance(v, list) and all(is_int(b) and b >= 0
                                                                                           for b in v)),
