@@ -9,7 +9,7 @@ is one module). :mod:`mlaan.engine.reference` computes it naively, every window 
 For j = 0 … K−1 (:meth:`LocalStep.run_module`):
 
 1. forward module j once on module j−1's detached output, keeping its graph (the input requires a gradient when
-   a later cascade reaches it: :func:`cascade_reach`);
+   cascades go on from module j into module j−1: j ≥ 1, window ≥ 2, no barrier there — j ∈ :func:`cascade_reach`);
 2. its local losses, each on a detached leaf of the output, the cascaded aux net first (the memory peak);
 3. carry the cascaded gradient back through the window's retained graphs (input gradients only) into the output
    gradient of each earlier module it reaches;
@@ -65,18 +65,20 @@ class _Pending:
 
 @dataclass
 class _Losses:
-    """One module's loss values (0-d): as weighted into its gradient, independent, cascaded (None: it has none)."""
+    """One module's loss values (0-d): ``weighted``, as ``module_losses`` reports it (w_ind·L_ind + w_casc·L_casc
+    for a module with both aux nets, else its one loss unweighted), independent, cascaded (None: it has none)."""
     weighted: torch.Tensor
     independent: torch.Tensor
     cascaded: torch.Tensor | None = None
 
 
 class LocalStep:
-    """One training step of a :class:`~mlaan.LocalModel` (built by its ``begin_step``, which checks ``images``
-    (B, C, H, W) and ``targets`` (B,) or (B, num_classes)): :meth:`run`, or :meth:`run_module` for each module then
-    :meth:`statistics`. ``loss_scale`` multiplies every gradient, not the losses reported. A module-parallel rank
-    runs a subclass over its own modules (:class:`mlaan.distributed.pipeline.PipelineStep`, hooks ``_reach`` and
-    ``_add_output_grad``)."""
+    """One training step of a :class:`~mlaan.LocalModel` on ``images`` (B, C, H, W) and ``targets`` (B,) or
+    (B, num_classes) (built by its ``begin_step``, which checks the targets against the batch and ``loss_scale``):
+    :meth:`run`, or :meth:`run_module` for each module then :meth:`statistics` (which runs the weight backwards
+    still waiting, then reads the losses). ``loss_scale`` multiplies every gradient, not the losses reported. A
+    module-parallel rank runs a subclass over its own modules (:class:`mlaan.distributed.pipeline.PipelineStep`,
+    hooks ``_reach`` and ``_add_output_grad``)."""
 
     def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0):
         self.model, self.images, self.targets, self.loss_scale = model, images, targets, loss_scale
@@ -120,6 +122,8 @@ class LocalStep:
         that continues into earlier modules or None, their values)."""
         opts, scale, cascade = self.model.options, self.loss_scale, self.window >= 2
         if j == self.num_modules - 1:  # the backbone's head: its cross-entropy is both losses under MLM
+            # unweighted backward, weighted gradient: the weight w_ind + w_casc splits into the independent part
+            # and the cascaded part that continues into earlier modules; the loss in float32 under autocast
             with mark(OUTPUT_LOSS):
                 leaf = output.detach().requires_grad_()
                 loss = cross_entropy(leaf.float(), self.targets, opts.label_smoothing)
@@ -132,7 +136,9 @@ class LocalStep:
 
         w_ind = opts.w_ind if cascade else 1.0
         head = self.model.independent_heads[j]
-        if str(j) not in self.model.cascade_heads:
+        if str(j) not in self.model.cascade_heads:  # no cascade (DGL, InfoPro, AugLocal), or module 0 under MLM:
+            # module 0 has no cascaded aux net of its own (METHOD.md "Weights"): its own loss weighs w_ind, and the
+            # cascades of modules 1 … window−1 reach it
             g_ind, value = self._head_gradient(head, output, w_ind * scale, "independent")
             return g_ind, None, _Losses(value, value)
         # the cascaded (large, LAM) aux net first: no independent head's gradient is held through its backward
@@ -190,6 +196,7 @@ class LocalStep:
         with mark(MODULE_BACKWARD):
             params = [p for p in self.model.local_modules[i].parameters() if p.requires_grad]
             if params and entry.output.requires_grad:  # not: the user's forward detaches it (a frozen part)
+                # the gradient was gathered in float32 from the losses; under bf16 autocast the output is bf16
                 torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
             self.model._notify(params)
 
