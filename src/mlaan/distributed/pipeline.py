@@ -38,7 +38,7 @@ from ..engine.lam import LeapTrunk
 from ..engine.local_model import LocalModel
 from ..engine.phases import EMA_UPDATE, mark
 from ..engine.split import runs_from_sizes, split_sizes
-from ..engine.step import LocalStep
+from ..engine.step import LocalStep, cascade_reach
 from .context import DistContext
 from .gradients import GradientAverager
 from .modes import BOUNDARY_MODES, PARTITION_MODES
@@ -232,12 +232,12 @@ class PipelineStep(LocalStep):
         self.outbox: list[tuple[int, torch.Tensor]] = []
 
     def cascades_to_receive(self) -> list[int]:
-        """The later modules whose cascades reach into this run (in the order they arrive): modules
-        last+1 … last+window−1 that exist and are not behind a cascade barrier."""
-        last = self.modules.stop - 1
-        if self.window < 2 or last in self.barriers:
-            return []
-        return [j for j in range(last + 1, last + self.window) if j < self.num_modules]
+        """The later modules whose cascades reach into this run (in the order they arrive): those whose reach
+        (:func:`~mlaan.engine.step.cascade_reach`, the step's own rule) holds the next run's first module, so
+        that the gradient goes on into this run's last; a barrier anywhere in between stops it."""
+        first_after = self.modules.stop
+        later = range(first_after, min(first_after + self.window - 1, self.num_modules))
+        return [j for j in later if first_after in cascade_reach(j, self.window, self.barriers)]
 
     def receive_cascade(self, j: int, grad: torch.Tensor) -> None:
         """Module j's (a later rank's) cascaded gradient at this run's output: add it to the last module's
