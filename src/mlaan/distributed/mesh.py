@@ -59,7 +59,8 @@ def check_layout(world_size: int, data_parallel: int, parallel: str) -> ReplicaL
         return ReplicaLayout(1, world_size)
     if parallel != "modules":
         raise ValueError(f"--data-parallel {r} replicates a module pipeline: it needs --parallel modules "
-                         "(--parallel data alone already splits every batch over all processes)")
+                         "(--parallel data alone already splits every batch over all processes; a resumed run "
+                         "keeps its --data-parallel: add --data-parallel 1 to resume it under --parallel data)")
     if world_size % r:
         raise ValueError(f"--data-parallel {r} does not divide the {world_size} processes into equal replicas: "
                          f"start a multiple of {r} processes")

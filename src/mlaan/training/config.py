@@ -204,7 +204,7 @@ class RunConfig:
                                   help="also write TensorBoard logs to <output-dir>/tensorboard")
     overwrite: bool = run_field(False, group="output", resume="per_invocation",
                                 help="replace a finished or stopped run in the output folder")
-    # asks to go on with another global batch (checkpoint.check_schedule), for this invocation
+    # asks to go on with another global batch (resume.check_schedule), for this invocation
     rescale_schedule: bool = run_field(False, group="output", resume="per_invocation",
                                        help="--resume on another number of processes or global batch: go on with the "
                                             "learning-rate schedule rescaled to the new steps per epoch (refused "
@@ -395,7 +395,6 @@ FIELD_NAMES = tuple(f.name for f in fields(TrainConfig))
 RESUME_FREE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["resume"] != "kept")
 PER_INVOCATION = tuple(f.name for f in fields(TrainConfig) if f.metadata["resume"] == "per_invocation")
 _TYPES = typing.get_type_hints(TrainConfig)
-_OPTION_OWNERS = {f.name: f.owner for f in OPTION_FIELDS}  # "engine", or the method that declares the option
 
 
 def coerce(name: str, value: Any) -> Any:

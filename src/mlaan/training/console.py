@@ -53,6 +53,9 @@ def _parallel_text(run: Trainer) -> str:
     if run.pipeline is None:
         return ""
     runs = ", ".join(f"{r.start}-{r.stop - 1}" for r in run.pipeline.ranges)
+    if run.layout.replicas > 1:  # --data-parallel R: R copies of the pipeline, each stage's gradients averaged
+        return (f", {run.layout.replicas} pipeline replicas x {len(run.pipeline.ranges)} stages, modules per "
+                f"stage {runs} ({run.cfg.boundary} boundaries)")
     return f", modules per rank {runs} ({run.cfg.boundary} boundaries)"
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import zipfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,68 @@ if TYPE_CHECKING:
     from ..distributed.pipeline import ModulePipeline
     from ..engine import LocalModel
     from .config import TrainConfig
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """How this process shares the run (:meth:`of`): one process; data parallelism (each of ``world_size`` ranks
+    reads its shard of every batch); one module pipeline (``pipelined``: each rank trains a run of local modules of
+    every batch); or R pipeline replicas (``--data-parallel R``: replica r reads shard r and its P stages share it).
+    ``replicas``/``mesh`` describe the replicas (:class:`mlaan.distributed.mesh.ReplicaLayout`)."""
+
+    rank: int
+    world_size: int
+    pipelined: bool
+    mesh: ReplicaLayout
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, ctx: DistContext) -> RunLayout:
+        """The layout of ``cfg.parallel``/``cfg.data_parallel`` on ``ctx``'s processes (ValueError, one line, when
+        the replicas do not fit the processes started: :func:`mlaan.distributed.mesh.check_layout`)."""
+        from ..distributed import mesh
+
+        replicas = mesh.check_layout(ctx.world_size, cfg.data_parallel, cfg.parallel)
+        return cls(ctx.rank, ctx.world_size, cfg.module_parallel and ctx.world_size > 1, replicas)
+
+    @property
+    def replicas(self) -> int:
+        """The pipeline's replicas, each reading its 1/R of every batch; 1 otherwise."""
+        return self.mesh.replicas if self.pipelined else 1
+
+    @property
+    def replica(self) -> int:
+        """This rank's replica of the pipeline (0 … R−1; 0 without replicas)."""
+        return self.mesh.replica(self.rank) if self.pipelined else 0
+
+    @property
+    def parallel(self) -> str:
+        """"modules", "data" or "none", as the checkpoint's run shape names it."""
+        return "modules" if self.pipelined else "data" if self.world_size > 1 else "none"
+
+    @property
+    def shards(self) -> int:
+        """Data shards of every batch, each read (and augmented) by its own random streams: a rank's, a replica's."""
+        return self.replicas if self.pipelined else self.world_size
+
+    @property
+    def own_random_streams(self) -> bool:
+        """Whether this rank draws random numbers of its own: data parallelism (each rank augments its shard) and
+        pipeline replicas (per replica); one pipeline's ranks read the same batches and keep the same streams."""
+        return self.shards > 1
+
+    @property
+    def stream_rank(self) -> int:
+        """Whose random streams this rank draws from: its own, its replica's, or rank 0's."""
+        return self.replica if self.pipelined else self.rank
+
+    def replica_context(self, ctx: DistContext) -> DistContext | None:
+        """Pipeline replicas: the data-parallel view of this rank (its replica among R) that picks its shard of
+        every batch, as data parallelism's rank of that index; None otherwise."""
+        from ..distributed import DistContext
+
+        if self.replicas == 1:
+            return None
+        return DistContext(self.replica, self.replicas, 0, ctx.device, True, ctx.backend)
 
 
 def carry_barriers(model: LocalModel, ckpt: dict, path: str | os.PathLike | None) -> tuple[int, ...] | None:

@@ -1,9 +1,9 @@
 """The training run of ``mlaan train``.
 
 ``make_trainer(config_file, overrides, resume)`` merges the options' layers and resolves them once;
-``Trainer(config, checkpoint)`` then does everything that can fail on bad input — data, model, K, the checkpoint
-to resume, the output folder — without writing anything; ``fit()`` trains and writes ``metrics.jsonl`` (a line
-per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
+``Trainer(config, resume_checkpoint, resume_path)`` then does everything that can fail on bad input — data, model,
+K, the checkpoint to resume, the output folder — without writing anything; ``fit()`` trains and writes
+``metrics.jsonl`` (a line per epoch), ``last.pt``/``best.pt`` (each epoch) and ``metrics.json`` (at the end).
 
 The loop itself is in :mod:`mlaan.training.loop` (the recipe, ``optimizer_step``, ``train_one_epoch``,
 ``evaluate``); this class drives it and keeps the run's bookkeeping in rooms of its own: the checkpoint file
@@ -38,7 +38,6 @@ from .. import LocalModel, create_local_model, runtime
 from .. import distributed as dist
 from ..atomic import atomic_write_text
 from ..data import build_datasets, data_option_keys
-from ..distributed import mesh
 from . import checkpoint as ckpt_io
 from . import console, loop, metrics_log, parallel, safety
 from . import resume as resume_io
@@ -85,9 +84,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------- building
     def _build(self, ckpt: dict | None) -> None:
         cfg = self.cfg
-        # R pipeline replicas of P stages (--data-parallel R), or one pipeline; refused in one line when they
-        # do not fit the processes started
-        self.layout = mesh.check_layout(self.ctx.world_size, cfg.data_parallel, cfg.parallel)
+        # one process, data parallelism, a module pipeline or R replicas of one (refused in one line when they
+        # do not fit the processes started)
+        self.layout = parallel.RunLayout.of(cfg, self.ctx)
         self._check_tensorboard()
         self._build_data()
         self._build_model()  # engine ValueErrors: K out of range, bad options
@@ -107,10 +106,10 @@ class Trainer:
             self._barriers = parallel.carry_barriers(self.local_model, ckpt, self.resume_path)
         self._use_fast_path()
         self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
-        if self._pipelined:
+        if self.layout.pipelined:
             self.model.to(self.device)
             self.pipeline = parallel.build_pipeline(self.local_model, cfg, self.ctx, ckpt, self._barriers,
-                                                    self.resume_path, self.layout)
+                                                    self.resume_path, self.layout.mesh)
             self.averager = self.pipeline.gradient_averager(self.ctx)  # replicas: each stage's all-reduce
         else:
             self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
@@ -155,50 +154,15 @@ class Trainer:
         )
         if self.resizes:  # asked for (--image-size, whose help says so) and said in the banner: no warning
             self.model.backbone.warn_on_resize = False
-        if self._own_random_streams:
+        if self.layout.own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
             # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
-            _seed_everything(rank_seed(cfg.seed, self._stream_rank, step=0))
+            _seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, step=0))
 
     @property
     def resizes(self) -> bool:
         """Whether ``--image-size`` differs from the data set's side: every batch is then resized to it."""
         return self.cfg.image_size is not None and self.cfg.image_size != self.info.image_size
-
-    @property
-    def _pipelined(self) -> bool:
-        """Several processes, each training a run of local modules (``--parallel modules`` under torchrun)."""
-        return self.cfg.module_parallel and self.ctx.world_size > 1
-
-    @property
-    def _replicas(self) -> int:
-        """The pipeline's replicas (``--data-parallel``), each reading its 1/R of every batch; 1 otherwise."""
-        return self.layout.replicas if self._pipelined else 1
-
-    @property
-    def _replica(self) -> int:
-        """This rank's replica of the pipeline (0 … R−1; 0 without replicas)."""
-        return self.layout.replica(self.ctx.rank) if self._pipelined else 0
-
-    @property
-    def _own_random_streams(self) -> bool:
-        """Data parallelism: each rank augments its own shard. Module parallelism: every rank reads the same
-        batches in the same order, so all keep the same streams — per replica with ``--data-parallel``, where
-        each replica reads its own shard, as the data-parallel rank of the same index does."""
-        return self.ctx.world_size > 1 and (not self._pipelined or self._replicas > 1)
-
-    @property
-    def _stream_rank(self) -> int:
-        """Whose random streams this rank draws from: its own (data parallelism), its replica's (pipeline
-        replicas: the stages of a replica augment the same images alike), or rank 0's."""
-        return self._replica if self._pipelined else self.ctx.rank
-
-    def _replica_context(self) -> dist.DistContext | None:
-        """Pipeline replicas: the data-parallel view of this rank (its replica among R) that picks its shard of
-        every batch, as data parallelism's rank of that index; None otherwise."""
-        if self._replicas == 1:
-            return None
-        return dist.DistContext(self._replica, self._replicas, 0, self.device, True, self.ctx.backend)
 
     def _use_fast_path(self) -> None:
         """bf16 autocast, channels-last and the thread count (``mlaan.runtime``), before the optimizer exists."""
@@ -219,7 +183,8 @@ class Trainer:
         cfg = self.cfg
         self.workers = cfg.resolved_workers(self.device.type)
         self.loaders = RunLoaders(cfg, self.ctx, self.train_set, self.test_set, self.workers,
-                                  self._own_random_streams, replica=self._replica_context())
+                                  self.layout.own_random_streams,
+                                  replica=self.layout.replica_context(self.ctx))
         self.sampler = self.loaders.sampler
         self.steps_per_epoch = len(self.loaders.train(0))
         self._check_batch_of_one()
@@ -241,12 +206,10 @@ class Trainer:
     def shape(self) -> dict[str, Any]:
         """The run's shape as its checkpoint records it (:func:`~mlaan.training.resume.schedule_shape`): a
         resume that changes its global batch changes its schedule (refused unless ``--rescale-schedule``)."""
-        world = self.ctx.world_size
-        parallel = "modules" if self._pipelined else "data" if world > 1 else "none"
-        # every stage of a pipeline (replica) reads its batch
-        batch = self.cfg.batch_size * (world if parallel == "data" else self._replicas)
-        return resume_io.schedule_shape(world, parallel, batch, self.steps_per_epoch, self.warmup_steps,
-                                        self.total_steps, replicas=self._replicas)
+        layout = self.layout
+        batch = self.cfg.batch_size * layout.shards  # every stage of a pipeline (replica) reads its batch
+        return resume_io.schedule_shape(layout.world_size, layout.parallel, batch, self.steps_per_epoch,
+                                        self.warmup_steps, self.total_steps, replicas=layout.replicas)
 
     def _restore(self, ckpt: dict) -> None:
         # checked here, so that a checkpoint that does not fit is an error before anything is written
@@ -265,18 +228,14 @@ class Trainer:
         self.meter = loop.EpochMeter.from_state(ckpt.get("epoch_partial"))
         if self.ctx.rank != 0:  # the checkpoint's sums are every rank's (_save_last): the first rank holds them
             # every stage of the first replica counts its images (ModulePipeline.reduce_sums divides by the stages)
-            self.meter = self.meter.held_by_another_rank(keep_count=self._pipelined and self._replica == 0)
+            self.meter = self.meter.held_by_another_rank(keep_count=self.layout.pipelined and self.layout.replica == 0)
         self._rng_to_restore = ckpt.get("rng")  # set when training starts: building draws random numbers
         streams = resume_io.shard_streams(ckpt)
-        if self._own_random_streams and saved is None and streams is not None and len(streams) == self._streams:
-            self._rank_rng = streams[self._stream_rank]  # each shard's reader goes on with its streams, exactly
+        layout = self.layout
+        if layout.own_random_streams and saved is None and streams is not None and len(streams) == layout.shards:
+            self._rank_rng = streams[layout.stream_rank]  # each shard's reader goes on with its streams, exactly
             resume_io.check_rng_state(self._rank_rng, self.resume_path)
         self.checkpoints.saved_step = self.progress.step
-
-    @property
-    def _streams(self) -> int:
-        """How many random streams the run draws from: one per data shard (a rank's, or a replica's)."""
-        return self._replicas if self._pipelined else self.ctx.world_size
 
     def _check_batch_of_one(self) -> None:
         """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
@@ -339,8 +298,8 @@ class Trainer:
             ckpt_io.set_rng_state(self._rng_to_restore)
             if self._rank_rng is not None:  # data parallelism on as many ranks: each rank's own streams
                 ckpt_io.set_rng_state(self._rank_rng)
-            elif self._own_random_streams:  # another world size (or an older checkpoint): new streams per rank
-                _seed_everything(rank_seed(cfg.seed, self._stream_rank, progress.step))
+            elif self.layout.own_random_streams:  # another world size (or an older checkpoint): new streams
+                _seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(console.banner(self))
@@ -408,7 +367,7 @@ class Trainer:
                 self.pipeline or self.local_model, self.optimizer, self.scheduler, loader, self.device, self.meter,
                 wait_for_gradients=self.averager.wait if self.averager else None, after_step=self._after_step,
                 progress=f"epoch {epoch + 1}/{cfg.epochs}" if self._shows_progress else None,
-                world_size=self._replicas if self.pipeline else self.ctx.world_size,
+                world_size=self.layout.shards,
                 batch_transform=self.mix, clip_grad=cfg.clip_grad,
             )
         except FloatingPointError as err:  # raised before that step changed anything: nothing is saved
@@ -479,7 +438,8 @@ class Trainer:
         merged = None
         self.folder.clear_replaced_run(self.checkpoints)
         # data parallelism: each rank's random streams are its own (its crops and flips), and so is their state
-        rng_ranks = dist.all_gather_objects(ckpt_io.rng_state(), self.ctx) if self._own_random_streams else None
+        own = self.layout.own_random_streams
+        rng_ranks = dist.all_gather_objects(ckpt_io.rng_state(), self.ctx) if own else None
         # the epoch in progress as every rank counted it (a resume on any number of ranks logs each step once)
         partial = None
         if self.ctx.world_size > 1:
@@ -487,7 +447,7 @@ class Trainer:
                                                else self._reduce)
         if self.pipeline is not None:
             self.pipeline.drain()
-            if self._replica == 0:  # the replicas hold the same state: the first one's stages write it
+            if self.layout.replica == 0:  # the replicas hold the same state: the first one's stages write it
                 shard = self.pipeline.shard_state(self.optimizer)
                 self.checkpoints.guard(lambda: parallel.write_shard(self.out, shard), self.out / ckpt_io.SHARDS)
             self.ctx.barrier()
