@@ -374,7 +374,7 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["big"]:
 
 
 def test_each_rank_and_step_gets_its_own_seed():
-    from mlaan.training.trainer import rank_seed
+    from mlaan.training.sampling import rank_seed
 
     seeds = {rank_seed(seed, rank, step) for seed in (0, 1) for rank in range(8) for step in (0, 1, 500)}
     assert len(seeds) == 2 * 8 * 3

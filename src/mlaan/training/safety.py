@@ -267,3 +267,29 @@ def check_data_root(dataset: str, data_root: str | None, download: bool) -> None
         raise FileNotFoundError(f"data root {data_root} does not exist (--data-root; {fix})")
     if not root.is_dir():
         raise NotADirectoryError(f"data root {data_root} is not a folder (--data-root)")
+
+
+def check_tensorboard(wanted: bool) -> None:
+    """ValueError (one line) when ``--tensorboard`` is asked for without the tensorboard package."""
+    if not wanted:
+        return
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError as err:
+        raise ValueError(f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard") from err
+
+
+def check_batch_of_one(cfg: Any, train_images: int, local_model: Any, image_size: int, distributed: bool) -> None:
+    """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it would
+    crash in that layer at its first step (a whole data set smaller than the batch is one batch). ``train_images``:
+    the images this process's sampler reads an epoch; ValueError, one line, naming the layer and the fix."""
+    smallest = min(cfg.batch_size, train_images)
+    if smallest > 1 or (cfg.sync_bn and distributed):  # SyncBatchNorm sees every rank's image
+        return
+    layers = local_model.single_value_batchnorms()
+    if layers:
+        why = "--batch-size 1" if cfg.batch_size == 1 else f"a training set of {train_images} image"
+        raise ValueError(
+            f"{why} cannot train {cfg.arch} on {image_size}x{image_size} images: BatchNorm layer {layers[0]} sees "
+            "a 1x1 map, i.e. one value per channel in a batch of one; use --batch-size 2 or more"
+        )

@@ -5,9 +5,11 @@ training and test loaders (:class:`RunLoaders`)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -18,6 +20,18 @@ from . import safety
 if TYPE_CHECKING:
     from ..distributed import DistContext
     from .config import TrainConfig
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """A seed of its own for each (run seed, rank, step): distinct ranks never share a random stream."""
+    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**63
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global random streams (what crops, flips and model init draw from)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 class EpochSampler(Sampler[int]):

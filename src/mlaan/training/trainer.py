@@ -23,7 +23,6 @@ import copy
 import functools
 import json
 import os
-import random
 import shlex
 import sys
 import time
@@ -31,7 +30,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .. import LocalModel, create_local_model, runtime
@@ -44,7 +42,7 @@ from . import resume as resume_io
 from .config import TrainConfig
 from .resume import resolve_run
 from .run_folder import RunFolder
-from .sampling import RunLoaders
+from .sampling import RunLoaders, rank_seed, seed_everything
 
 
 class Trainer:
@@ -87,7 +85,7 @@ class Trainer:
         # one process, data parallelism, a module pipeline or R replicas of one (refused in one line when they
         # do not fit the processes started)
         self.layout = parallel.RunLayout.of(cfg, self.ctx)
-        self._check_tensorboard()
+        safety.check_tensorboard(cfg.tensorboard)
         self._build_data()
         self._build_model()  # engine ValueErrors: K out of range, bad options
         self.progress = ckpt_io.Progress()  # counters a checkpoint saves (restored below when resuming)
@@ -120,15 +118,6 @@ class Trainer:
         # checked last, so that a bad name, K, data root or checkpoint is reported as such even in a used folder
         self.folder.check()
 
-    def _check_tensorboard(self) -> None:
-        if self.cfg.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # noqa: F401
-            except ImportError as err:
-                raise ValueError(
-                    f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard"
-                ) from err
-
     def _build_data(self) -> None:
         cfg = self.cfg
         self.train_set, self.test_set, self.info = build_datasets(
@@ -142,7 +131,7 @@ class Trainer:
 
     def _build_model(self) -> None:
         cfg = self.cfg
-        _seed_everything(cfg.seed)
+        seed_everything(cfg.seed)
         self.model = create_local_model(
             cfg.arch,
             method=cfg.method,
@@ -157,7 +146,7 @@ class Trainer:
         if self.layout.own_random_streams:
             # Every rank built the same model from cfg.seed; from here each draws its own random numbers, so
             # that ranks do not apply the same crop/flip sequence to their shards (timm's seed + rank).
-            _seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, step=0))
+            seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, step=0))
 
     @property
     def resizes(self) -> bool:
@@ -187,7 +176,8 @@ class Trainer:
                                   replica=self.layout.replica_context(self.ctx))
         self.sampler = self.loaders.sampler
         self.steps_per_epoch = len(self.loaders.train(0))
-        self._check_batch_of_one()
+        safety.check_batch_of_one(self.cfg, len(self.sampler), self.local_model, self.info.image_size,
+                                  distributed=self.ctx.world_size > 1)
         self.total_steps = self.steps_per_epoch * cfg.epochs
         warmup_steps = self.warmup_steps = round(cfg.warmup_epochs * self.steps_per_epoch)
         if self.resume_path is None and self.ctx.is_main:  # only when the run starts: a resume cannot change it
@@ -237,22 +227,6 @@ class Trainer:
             resume_io.check_rng_state(self._rank_rng, self.resume_path)
         self.checkpoints.saved_step = self.progress.step
 
-    def _check_batch_of_one(self) -> None:
-        """Refuse up front a run whose batches can hold one image while a BatchNorm layer sees a 1×1 map: it
-        would crash in that layer at its first step (a whole data set smaller than the batch is one batch)."""
-        cfg = self.cfg
-        smallest = min(cfg.batch_size, len(self.sampler))
-        if smallest > 1 or (cfg.sync_bn and self.ctx.world_size > 1):  # SyncBatchNorm sees every rank's image
-            return
-        layers = self.local_model.single_value_batchnorms()
-        if layers:
-            why = "--batch-size 1" if cfg.batch_size == 1 else f"a training set of {len(self.sampler)} image"
-            raise ValueError(
-                f"{why} cannot train {cfg.arch} on {self.info.image_size}x{self.info.image_size} images: BatchNorm "
-                f"layer {layers[0]} sees a 1x1 map, i.e. one value per channel in a batch of one; use "
-                "--batch-size 2 or more"
-            )
-
     @property
     def local_model(self) -> LocalModel:
         """The LocalModel (``prepare_model`` may return it wrapped)."""
@@ -299,7 +273,7 @@ class Trainer:
             if self._rank_rng is not None:  # data parallelism on as many ranks: each rank's own streams
                 ckpt_io.set_rng_state(self._rank_rng)
             elif self.layout.own_random_streams:  # another world size (or an older checkpoint): new streams
-                _seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, progress.step))
+                seed_everything(rank_seed(cfg.seed, self.layout.stream_rank, progress.step))
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log(console.banner(self))
@@ -496,17 +470,6 @@ class Trainer:
             f"mlaan train --output-dir {shlex.quote(str(self.out))} --resume",
             self._stop.received or 15,
         )
-
-
-def rank_seed(seed: int, rank: int, step: int) -> int:
-    """A seed of its own for each (run seed, rank, step): distinct ranks never share a random stream."""
-    return ((seed * 1_000_003 + step) * 1009 + rank) % 2**63
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def make_trainer(
