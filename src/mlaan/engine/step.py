@@ -21,9 +21,10 @@ Each module runs one forward and one weight backward; at most ``window`` module 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +35,25 @@ from .phases import AUX_FORWARD, AUX_LOSS, CASCADE_BACKWARD, MODULE_BACKWARD, MO
 from .recompute import run_blocks
 
 if TYPE_CHECKING:
-    from .local_model import LocalModel
+    from .methods import MethodSpec
+    from .options import LocalOptions
+
+
+class StepModel(Protocol):
+    """What a step reads of its model (:class:`~mlaan.LocalModel` is one; it builds the step, so the step does
+    not import it): the local modules and their aux nets, the options, and two hooks of the model's."""
+
+    local_modules: nn.ModuleList
+    independent_heads: nn.ModuleList
+    cascade_heads: nn.ModuleDict  # keyed by str(module index)
+    options: LocalOptions
+    spec: MethodSpec
+
+    def recomputes_module(self, j: int) -> bool: ...
+
+    def _autocast(self) -> contextlib.AbstractContextManager: ...  # the model's autocast dtype, or none
+
+    def _notify(self, params: list[nn.Parameter]) -> None: ...  # grads-ready hooks (a DDP all-reduce starts there)
 
 
 def cascade_reach(j: int, window: int, barriers: frozenset[int]) -> tuple[int, ...]:
@@ -80,7 +99,7 @@ class LocalStep:
     module-parallel rank runs a subclass over its own modules (:class:`mlaan.distributed.pipeline.PipelineStep`,
     hooks ``_reach`` and ``_add_output_grad``)."""
 
-    def __init__(self, model: LocalModel, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0):
+    def __init__(self, model: StepModel, images: torch.Tensor, targets: torch.Tensor, loss_scale: float = 1.0):
         self.model, self.images, self.targets, self.loss_scale = model, images, targets, loss_scale
         self.num_modules = len(model.local_modules)
         self.modules = range(self.num_modules)  # the modules this step runs, input to output

@@ -1,13 +1,16 @@
 """What a training run says and records as it goes: the banner at its start, the line and the ``metrics.jsonl``
 record of each epoch, the ``metrics.json`` summary and the lines that end the run, and its warnings. Each function
-reads a :class:`~mlaan.training.trainer.Trainer` and changes nothing; the trainer decides when to show them (rank 0
-only, through its ``log``)."""
+reads a run (:class:`TrainingRun`: what a :class:`~mlaan.training.trainer.Trainer` shows) and changes nothing;
+the trainer decides when to show them (rank 0 only, through its ``log``)."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -17,8 +20,36 @@ from .checkpoint import Progress
 from .run_folder import RUN_FILES
 
 if TYPE_CHECKING:
+    from ..data import DatasetInfo
+    from ..distributed import DistContext
+    from ..distributed.pipeline import ModulePipeline
+    from ..engine import LocalModel
     from .config import TrainConfig
-    from .trainer import Trainer
+    from .parallel import RunLayout
+
+
+class TrainingRun(Protocol):
+    """What the console reads of a run (the :class:`~mlaan.training.trainer.Trainer`, which calls it, so this file
+    does not import it)."""
+
+    cfg: TrainConfig
+    info: DatasetInfo
+    ctx: DistContext
+    device: torch.device
+    layout: RunLayout
+    fast_path: runtime.FastPath
+    local_model: LocalModel
+    pipeline: ModulePipeline | None
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    out: Path
+    resume_path: str | os.PathLike | None
+    resizes: bool
+    steps_per_epoch: int
+    warmup_steps: int
+    total_steps: int
+    workers: int
+    log: Callable[[str], None]
 
 
 def position(progress: Progress, steps_per_epoch: int) -> str:
@@ -29,7 +60,7 @@ def position(progress: Progress, steps_per_epoch: int) -> str:
     return f"step {progress.step} (epoch {progress.epoch + 1}, {progress.epoch_step}/{steps_per_epoch} steps)"
 
 
-def banner(run: Trainer) -> str:
+def banner(run: TrainingRun) -> str:
     """The line that starts a run: what trains on what, the schedule, the device and its fast path, the output
     folder and, for a resumed run, where it goes on from."""
     cfg, info = run.cfg, run.info
@@ -49,7 +80,7 @@ def banner(run: Trainer) -> str:
     )
 
 
-def _parallel_text(run: Trainer) -> str:
+def _parallel_text(run: TrainingRun) -> str:
     if run.pipeline is None:
         return ""
     runs = ", ".join(f"{r.start}-{r.stop - 1}" for r in run.pipeline.ranges)
@@ -59,7 +90,7 @@ def _parallel_text(run: Trainer) -> str:
     return f", modules per rank {runs} ({run.cfg.boundary} boundaries)"
 
 
-def rescale_text(run: Trainer, saved_shape: str, shape: str) -> str:
+def rescale_text(run: TrainingRun, saved_shape: str, shape: str) -> str:
     """The line a ``--rescale-schedule`` resume starts with: the run's shape before (``saved_shape``) and now
     (``shape``, both :func:`~mlaan.training.resume.describe_shape`), and its schedule from here."""
     return (f"mlaan train: --rescale-schedule: the run trained with {saved_shape} goes on with {shape} from "
@@ -92,13 +123,13 @@ def why_nothing_to_train(progress: Progress, epochs: int, max_steps: int | None)
     return f"already at step {step}, {'past' if step > max_steps else 'at'} --max-steps {max_steps}"
 
 
-def _peak_memory(run: Trainer) -> tuple[int, str]:
+def _peak_memory(run: TrainingRun) -> tuple[int, str]:
     """(bytes, kind) of the run's peak memory so far: this process's, or an earlier invocation's when larger
     (:meth:`~mlaan.training.checkpoint.Progress.run_peak_memory`)."""
     return run.progress.run_peak_memory(runtime.peak_memory(run.device))
 
 
-def epoch_record(run: Trainer, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
+def epoch_record(run: TrainingRun, epoch: int, train: dict, test: dict, complete: bool) -> dict[str, Any]:
     """The ``metrics.jsonl`` line of ``epoch`` (from 0): its training (``train``, the epoch meter's summary) and
     evaluation (``test``); ``complete``: False when ``--max-steps`` stopped it."""
     mem, kind = _peak_memory(run)
@@ -134,7 +165,7 @@ def epoch_text(record: dict[str, Any], epochs: int, best_accuracy: float) -> str
     )
 
 
-def run_summary(run: Trainer, test: dict[str, float], start: float) -> dict[str, Any]:
+def run_summary(run: TrainingRun, test: dict[str, float], start: float) -> dict[str, Any]:
     """What ``metrics.json`` holds at the end of a run: its last evaluation (``test``), best, peak memory, times
     (this invocation's since ``start``, a ``time.perf_counter()``, and the run's in all), shape, model, data,
     config and the files written."""
@@ -174,7 +205,7 @@ def run_summary(run: Trainer, test: dict[str, float], start: float) -> dict[str,
     }
 
 
-def print_summary(run: Trainer, s: dict[str, Any]) -> None:
+def print_summary(run: TrainingRun, s: dict[str, Any]) -> None:
     """The lines that end a run (through ``run.log``): accuracy, steps and time; peak memory; the files written."""
     cuda = s["peak_memory_kind"] == "cuda_max_memory_allocated"
     what = "CUDA peak allocated" if cuda else "peak RSS of the process"
