@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from test_pipeline import _torchrun  # `mlaan train` under torchrun, which must succeed
 
 from mlaan import create_local_model
 from mlaan.distributed import DistContext, GradientAverager
@@ -166,23 +167,6 @@ TRAIN = ["--device", "cpu", "--dataset", "synthetic", "--synthetic-train-size", 
          "--threads", "1", "--seed", "2", "--ema-lag", "1", "--partition", "blocks"]
 REPLICATED = ["--parallel", "modules", "--data-parallel", "2"]
 DATA = ["--parallel", "data", "--data-parallel", "1"]
-
-
-def _torchrun(args: list[str], ranks: int) -> None:
-    """`mlaan train ARGS` under torchrun on ``ranks`` processes, which must succeed."""
-    import os
-    import socket
-    import subprocess
-    import sys
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "-m", "mlaan", "train", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, f"torchrun exit {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 def _last(folder: Path) -> dict:
