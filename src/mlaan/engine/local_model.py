@@ -422,7 +422,7 @@ class LocalModel(nn.Module):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
                 raise ValueError(f"{name} must be a number > 0, got {value!r}")
         norms = []
-        device = next(self.backbone.parameters()).device
+        device = self._device()
         for j in range(len(self.local_modules)):
             params = [p for part in self.module_parts(j) for p in part.parameters() if p.grad is not None]
             norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm, norm_type) if params
@@ -436,8 +436,11 @@ class LocalModel(nn.Module):
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        device_type = next(self.backbone.parameters()).device.type
-        return torch.autocast(device_type, dtype=self.autocast_dtype)
+        return torch.autocast(self._device().type, dtype=self.autocast_dtype)
+
+    def _device(self) -> torch.device:
+        # the first tensor held: a module-parallel rank releases the modules it does not train to the meta device
+        return next((p for p in self.parameters() if not p.is_meta), torch.empty(0)).device
 
     def following_trunks(self) -> list[LeapTrunk]:
         """The LAM trunks whose EMA twin follows its block after each step: all, or only the last one with
