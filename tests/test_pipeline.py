@@ -26,6 +26,7 @@ from mlaan.distributed.pipeline import (
     merge_optimizer_states,
     module_costs,
     partition_modules,
+    state_owners,
 )
 from mlaan.training.loop import make_optimizer, optimizer_step
 
@@ -82,9 +83,17 @@ def _worker(rank: int, world: int, store: str, out: str, cases: dict) -> None:
             pipe.drain()
             own = set(pipe.owned_state_keys())
             state = {k: v.clone() for k, v in model.state_dict().items() if k in own}
-            pipe.share_backbone()  # every rank's backbone becomes the trained network
+            meta = sorted(k for k, v in model.state_dict().items() if v.is_meta)
+            evaluation = pipe.evaluate(_batches())
+            precise = pipe.evaluate(_batches(), pipe.precise_batchnorm(images for images, _ in _batches()[:2]))
+            try:  # a released block, run
+                model(_batches()[0][0])
+                released_error = None
+            except RuntimeError as err:
+                released_error = str(err)
             torch.save({"ranges": ranges, "state": state, "optimizer": optimizer.state_dict(), "stats": stats,
-                        "backbone": model.backbone.state_dict()}, Path(out) / f"{name}.rank{rank}.pt")
+                        "meta": meta, "evaluation": evaluation, "precise": precise, "released_error": released_error,
+                        "params": pipe.parameter_count()}, Path(out) / f"{name}.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -129,10 +138,41 @@ def _check(tmp_path: Path, world: int, name: str, case: tuple, cut_matches_barri
     assert opt["state"].keys() == ref["state"].keys()
     for i, state in ref["state"].items():
         assert torch.equal(opt["state"][i]["momentum_buffer"], state["momentum_buffer"]), (name, i)
-    gathered = shards[0]["backbone"]
-    assert all(torch.equal(gathered[key], value) for key, value in model.backbone.state_dict().items()), name
+    owners = state_owners(model, ranges)
+    for r, shard in enumerate(shards):  # a rank holds its own state only: every other entry is on the meta device
+        assert shard["meta"] == sorted(key for key, owner in owners.items() if owner != r), (name, r)
+    assert sum(s["params"] for s in shards) == sum(p.numel() for p in model.parameters())
+    if world > 1:
+        assert "released its parameters to the meta device" in shards[-1]["released_error"]
+    # pipelined evaluation (and precise BatchNorm) gives the one process's figures, on every rank
+    assert all(s["evaluation"] == _evaluate(model.backbone) for s in shards), name
+    assert all(s["precise"] == _evaluate(_precise(model.backbone)) for s in shards), name
     last = shards[-1]["stats"]
     assert last["modules"][-1] == k - 1 and last["loss"] == last["loss"]  # the last rank reports the real loss
+
+
+def _evaluate(backbone) -> dict:
+    from mlaan.training.loop import evaluate_backbone
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_backbone(backbone, _batches(), torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _precise(backbone):
+    from torch.optim.swa_utils import update_bn
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        backbone = __import__("copy").deepcopy(backbone)
+        update_bn((images for images, _ in _batches()[:2]), backbone)
+        return backbone
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +397,25 @@ def test_bad_parallel_choice_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["train", "--parallel", "tensor"])
     assert stop.value.code == 2 and "invalid choice: 'tensor'" in capsys.readouterr().err
+
+
+def test_a_rank_releases_what_other_ranks_train_and_says_so_when_asked_for_it():
+    """release_unowned (what ModulePipeline does on every rank): rank 1 of 2 keeps its modules' blocks, aux nets
+    and EMA twins real and every other tensor on the meta device; running a released block says whose it is."""
+    from mlaan.distributed.pipeline import owned_parameter_count, release_unowned
+
+    model = _model("dgl+lam", 4, {"ema_lag": 1})
+    ranges = [range(0, 2), range(2, 4)]
+    owners = state_owners(model, ranges)
+    total = sum(p.numel() for p in model.parameters())
+    released = release_unowned(model, ranges, 1)
+    held = {k for k, v in model.state_dict().items() if not v.is_meta}
+    assert held == {k for k, r in owners.items() if r == 1} and released > 0
+    assert release_unowned(model, ranges, 1) == 0  # idempotent
+    assert owned_parameter_count(model, ranges, 1) == sum(p.numel() for p in model.parameters() if not p.is_meta)
+    assert 0 < owned_parameter_count(model, ranges, 1) < total
+    with pytest.raises(RuntimeError, match="local module 0 is trained by rank 0; rank 1 released its parameters"):
+        model(torch.randn(2, 3, 16, 16))
+    with torch.no_grad():  # its own modules still run
+        x = torch.randn(2, *model.profile.out_shapes[model.split[1][-1]])
+        assert model.local_modules[3](model.local_modules[2](x)).shape == (2, 10)

@@ -18,20 +18,27 @@ Where the algorithm reaches across a rank boundary:
   ``ema_lag=1`` reproduces that lag in one process (for every twin, wherever its block lives), so it stays
   testable and a run can resume with another number of ranks.
 
-Every rank holds the whole model (built from the same seed) and one optimizer over all parameters; only its own
-modules get gradients, and PyTorch's optimizers skip parameters without one, so the per-rank optimizer states
-merge by parameter index into the one-process format. Design, exactness argument and costs: docs/PARALLELISM.md.
+Every rank builds the whole model from the same seed (so that its share starts from the one process's weights),
+then :class:`ModulePipeline` releases every parameter and buffer of the other ranks' modules to the meta device
+(:func:`release_unowned`): a rank keeps materialised only its own blocks, aux nets, EMA twins and snapshots, and only
+those ever move to the accelerator (:meth:`ModulePipeline.to`). The optimizer spans all parameters, the released
+ones too (meta tensors, no storage); only the rank's own get gradients, and PyTorch's optimizers skip parameters
+without one, so the per-rank optimizer states merge by parameter index into the one-process format. Evaluation
+runs pipelined too (:meth:`ModulePipeline.evaluate`). Design, exactness argument and costs: docs/PARALLELISM.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 from ..engine.lam import LeapTrunk
@@ -153,6 +160,40 @@ def state_owners(model: LocalModel, ranges: Sequence[range]) -> dict[str, int]:
     return {k: owner[id(v)] for k, v in model.state_dict(keep_vars=True).items()}
 
 
+def release_unowned(model: LocalModel, ranges: Sequence[range], rank: int) -> int:
+    """Release, in place, every parameter and buffer of the local modules other ranks train (their blocks, aux nets,
+    EMA twins and LAM snapshots: :meth:`LocalModel.module_parts`) to the meta device (``Module.to_empty``): shapes
+    and dtypes stay, storage goes, so that this rank's host and device memory hold only its own share. A released
+    block or aux net raises RuntimeError, naming its rank, when something runs it. Idempotent. Returns the number
+    of elements released (parameters and buffers)."""
+    released = 0
+    for owner, run in enumerate(ranges):
+        if owner == rank:
+            continue
+        for j in run:
+            for part in model.module_parts(j):
+                tensors = [t for t in [*part.parameters(), *part.buffers()] if not t.is_meta]
+                if not tensors:
+                    continue  # released already
+                released += sum(t.numel() for t in tensors)
+                part.to_empty(device="meta")
+                # a block of the view local_modules[j] is run by the backbone itself, not through the view
+                for module in (part if part is model.local_modules[j] else [part]):
+                    module.register_forward_pre_hook(functools.partial(_released, j=j, owner=owner, rank=rank))
+    return released
+
+
+def _released(module: nn.Module, args: tuple, *, j: int, owner: int, rank: int) -> None:
+    raise RuntimeError(f"local module {j} is trained by rank {owner}; rank {rank} released its parameters to the "
+                       "meta device (module parallelism: a rank holds only its own modules) and cannot run it")
+
+
+def owned_parameter_count(model: LocalModel, ranges: Sequence[range], rank: int) -> int:
+    """Elements of the parameters rank ``rank`` trains (its blocks and aux nets), each shared tensor once."""
+    params = {id(p): p for part in _rank_parts(model, ranges)[rank] for p in part.parameters()}
+    return sum(p.numel() for p in params.values())
+
+
 def optimizer_indices(model: LocalModel, ranges: Sequence[range], rank: int,
                       optimizer: torch.optim.Optimizer) -> list[int]:
     """The indices, in ``optimizer.state_dict()``'s numbering (its parameters group after group), of the
@@ -261,7 +302,10 @@ class PipelineStep(LocalStep):
 class ModulePipeline:
     """This rank's share of a module-parallel run: the local modules ``ranges[rank]`` of ``model``.
 
-    ``model`` is the whole :class:`~mlaan.LocalModel`, built identically on every rank (same seed); ``ranges``
+    ``model`` is the whole :class:`~mlaan.LocalModel`, built identically on every rank (same seed, on the host);
+    the pipeline releases, in place, every part of it that another rank trains (:func:`release_unowned`), so build
+    the optimizer after it and move the rank's share with :meth:`to`, not ``model.to`` (a meta tensor cannot be
+    copied). ``ranges``
     the contiguous module runs of all ranks (:func:`partition_modules`), ``rank`` this process's index in
     ``group`` (default: the default process group, already initialised), i.e. its stage. Messages go through
     ``torch.distributed`` point-to-point calls, staged on the CPU for the gloo backend, to the group's ranks:
@@ -289,10 +333,9 @@ class ModulePipeline:
         self.prev = rank - 1 if rank > 0 else None
         self.next = rank + 1 if rank < len(self.ranges) - 1 else None
         self.owner = [r for r, run in enumerate(self.ranges) for _ in run]  # module index -> rank
-        self.device = next(model.parameters()).device
-        backend = dist.get_backend(group)
-        self.comm_device = torch.device("cpu") if backend == "gloo" else self.device
+        self._backend = dist.get_backend(group)
         self._trunk_module, self._block_module = _trunk_modules(model), _block_modules(model)
+        self.released = release_unowned(model, self.ranges, rank)  # elements no longer held by this rank
         # isends in flight with their tensors kept alive (modifying or freeing one before completion is undefined):
         # this step's, and the previous step's, completed at the end of the next step
         self._sends: list[tuple[Any, torch.Tensor]] = []
@@ -306,6 +349,27 @@ class ModulePipeline:
     def owned_parts(self) -> list[nn.Module]:
         """The backbone blocks and aux nets this rank trains."""
         return _rank_parts(self.model, self.ranges)[self.rank]
+
+    @property
+    def device(self) -> torch.device:
+        """Where this rank's share is: its first own parameter's device."""
+        return next(p for part in self.owned_parts() for p in part.parameters()).device
+
+    @property
+    def comm_device(self) -> torch.device:
+        """Where messages are staged: the CPU for gloo, the rank's device otherwise (NCCL)."""
+        return torch.device("cpu") if self._backend == "gloo" else self.device
+
+    def to(self, device: torch.device | str) -> ModulePipeline:
+        """Move this rank's share of the model (every tensor it holds; the released ones stay on the meta device)
+        to ``device``. Returns ``self``."""
+        # Module.to would try to copy the meta tensors too (NotImplementedError); _apply is what it runs
+        self.model._apply(lambda t: t if t.is_meta else t.to(device))
+        return self
+
+    def parameter_count(self) -> int:
+        """Elements of the parameters this rank trains (:func:`owned_parameter_count`)."""
+        return owned_parameter_count(self.model, self.ranges, self.rank)
 
     def gradient_averager(self, ctx: DistContext) -> GradientAverager | None:
         """Pipeline replicas: what averages this stage's gradients and BatchNorm statistics with the same stage
@@ -454,17 +518,89 @@ class ModulePipeline:
             trunk.set_snapshot(tensors)
 
     # ---------------------------------------------------------------------------------- evaluation
+    def _stage_blocks(self, backbone: nn.Module) -> list[nn.Module]:
+        """This rank's blocks of ``backbone`` (the model's, or a copy of it), in order; the head on the last."""
+        units = [i for j in self.modules for i in self.model.split[j]]
+        if self.next is None:
+            units.append(len(backbone.blocks) - 1)
+        return [backbone.blocks[i] for i in units]
+
+    def _forward_stage(self, backbone: nn.Module, blocks: list[nn.Module], images: torch.Tensor,
+                       autocast: bool = True) -> torch.Tensor | None:
+        """One batch of the plain network through this rank's ``blocks``: the first rank starts from ``images``
+        as ``backbone``'s forward does (resized), the others from the previous rank's output; the output goes to
+        the next rank. ``autocast``: in the model's autocast dtype, if any (evaluation; precise BN runs in fp32).
+        Returns the logits on the last rank, else None."""
+        if self.prev is None:
+            x = backbone.resize(self._format(images))
+        else:
+            x = self._format(self._recv_tensor(self.prev))
+        dtype = self.model.autocast_dtype if autocast else None
+        with torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            for block in blocks:
+                x = block(x)
+        if self.next is None:
+            return x
+        self._send_tensor(x, self.next)
+        return None
+
     @torch.no_grad()
-    def share_backbone(self) -> None:
-        """Give every rank the current blocks of every module (each broadcast by its owner), so that each can
-        evaluate the whole backbone on its share of the test set. Collective."""
+    def evaluate(self, loader: Iterable[tuple[torch.Tensor, torch.Tensor]], backbone: nn.Module | None = None
+                 ) -> dict[str, float]:
+        """Test loss and top-1 accuracy of the plain backbone, pipelined: every rank of the pipeline reads the same
+        ``(images (B, C, H, W), targets (B,))`` batches of ``loader`` and runs them through its own blocks, the
+        last rank scores them; the sums are added up over every process (collective: replicas each pass their
+        shard). ``backbone``: a copy to evaluate instead (:meth:`precise_batchnorm`'s). Returns ``loss``,
+        ``accuracy`` and ``count`` (images scored, all replicas), as ``mlaan.training.loop.evaluate_backbone``."""
+        backbone = backbone if backbone is not None else self.model.backbone
+        blocks = self._stage_blocks(backbone)
+        modes = [b.training for b in blocks]
+        for block in blocks:
+            block.eval()
         self.drain()
-        for j, owner in enumerate(self.owner):
-            for t in self.model.local_modules[j].state_dict().values():
-                buffer = t.detach().to(self.comm_device).contiguous()
-                dist.broadcast(buffer, self.peers[owner], group=self.group)
-                if self.rank != owner:
-                    t.copy_(buffer)
+        totals = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+        for images, targets in loader:
+            logits = self._forward_stage(backbone, blocks, images)
+            if logits is not None:
+                targets = targets.to(self.device)
+                totals += torch.tensor([F.cross_entropy(logits.float(), targets, reduction="sum").item(),
+                                        (logits.argmax(1) == targets).sum().item(), len(targets)],
+                                       dtype=torch.float64)
+            self._wait_sends(keep_last=True)
+        self.drain()
+        for block, mode in zip(blocks, modes):
+            block.train(mode)
+        dist.all_reduce(totals, group=self._control)
+        loss_sum, correct, count = totals.tolist()
+        n = max(count, 1.0)
+        return {"loss": loss_sum / n, "accuracy": correct / n, "count": int(count)}
+
+    @torch.no_grad()
+    def precise_batchnorm(self, batches: Iterable[torch.Tensor]) -> nn.Module:
+        """A copy of the backbone whose BatchNorm running statistics are re-estimated on ``batches`` (image
+        batches (B, C, H, W), the same on every rank of the pipeline), pipelined: each rank resets and averages
+        those of its own blocks as ``torch.optim.swa_utils.update_bn`` does in one process (cumulative average,
+        train mode). Collective within the pipeline; the model itself is unchanged. For :meth:`evaluate`."""
+        backbone = copy.deepcopy(self.model.backbone)  # the released blocks stay on meta: no memory
+        blocks = self._stage_blocks(backbone)
+        norms = [m for block in blocks for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        momenta = [m.momentum for m in norms]
+        for norm in norms:
+            norm.reset_running_stats()
+            norm.momentum = None
+        modes = [b.training for b in blocks]
+        for block in blocks:
+            block.train()
+        self.drain()
+        for images in batches:
+            self._forward_stage(backbone, blocks, images, autocast=False)
+            self._wait_sends(keep_last=True)
+        self.drain()
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        for block, mode in zip(blocks, modes):
+            block.train(mode)
+        return backbone
 
     def shard_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """What this rank contributes to a checkpoint: its model entries and its parameters' optimizer state (in

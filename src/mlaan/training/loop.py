@@ -399,17 +399,25 @@ def precise_batchnorm(
         raise ValueError(f"precise BatchNorm needs batches >= 1 and batch_size >= 1, got {batches}, {batch_size}")
     if not has_batchnorm(backbone):
         return 0
-    count = min(len(dataset), batches * batch_size)
-    draw_seed = seed * 1000003 + step
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(draw_seed))[:count].tolist()
-    loader = DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size)
+    loader, draw_seed = precise_bn_batches(dataset, batches, batch_size, seed, step)
     # The dataset's transform (random crops, flips) draws from the global CPU generator, which training owns:
     # seed it for these batches alone, and give training its state back.
     with torch.random.fork_rng(devices=[]):
         torch.random.default_generator.manual_seed(draw_seed)
         images = (_to_device(x, device, channels_last) for x, _ in loader)
         update_bn(images, backbone)
-    return count
+    return len(loader.dataset)
+
+
+def precise_bn_batches(dataset: Dataset, batches: int, batch_size: int, seed: int, step: int
+                       ) -> tuple[DataLoader, int]:
+    """The training batches :func:`precise_batchnorm` re-estimates on at (``seed``, ``step``), and the seed of the
+    global CPU generator to iterate them under (their augmentation draws from it): the same batches wherever they
+    are drawn (one process, every stage of a module pipeline)."""
+    count = min(len(dataset), batches * batch_size)
+    draw_seed = seed * 1000003 + step
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(draw_seed))[:count].tolist()
+    return DataLoader(torch.utils.data.Subset(dataset, order), batch_size=batch_size), draw_seed
 
 
 def _to_device(images: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

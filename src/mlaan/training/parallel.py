@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -129,7 +129,9 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
     """This rank's share of the local modules: the partition is rank 0's (measured when ``--partition
     time``), broadcast, or the checkpoint's when resuming with as many stages; ``--boundary cut`` puts cascade
     barriers at its boundaries, and a resumed cut run keeps the ones it was trained with (``barriers``, from
-    :func:`carry_barriers`). ``layout``: pipeline replicas (``--data-parallel R``, :mod:`mlaan.distributed.mesh`):
+    :func:`carry_barriers`). The pipeline releases the modules other ranks train (meta device): move it to the
+    device with ``ModulePipeline.to``. ``layout``: pipeline replicas (``--data-parallel R``,
+    :mod:`mlaan.distributed.mesh`):
     every replica gets the same partition of the modules over its P = world / R stages, and this rank its
     replica's pipeline group and its stage's data-parallel group (None: one pipeline over every rank)."""
     import torch.distributed as tdist
@@ -149,6 +151,8 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
         pp.check_split(len(model.local_modules), world, low)  # on every rank, before the broadcast
         shared: list[Any] = [None]
         if ctx.is_main:
+            if cfg.partition == "time":  # timed where it trains: the one moment rank 0 holds every module there
+                model.to(ctx.device)
             costs = pp.module_costs(model, cfg.partition, cfg.batch_size)
             shared = [[(r.start, r.stop) for r in pp.partition_modules(costs, world, low)]]
         tdist.broadcast_object_list(shared, src=0)
@@ -160,6 +164,23 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
     pipeline_group, stage_group = mesh.build_groups(layout, ctx.device.type)
     return pp.ModulePipeline(model, ranges, layout.stage(ctx.rank), cfg.boundary, group=pipeline_group,
                              stage_group=stage_group)
+
+
+def evaluate_pipeline(pipeline: ModulePipeline, cfg: TrainConfig, train_set: Any,
+                      test_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], step: int) -> dict[str, float]:
+    """The run's evaluation under module parallelism, pipelined (``ModulePipeline.evaluate``; collective): of the
+    backbone, or with ``--precise-bn`` of a copy whose BatchNorm statistics each rank re-estimates in its own
+    blocks on the very batches one process would use at ``step``
+    (:func:`mlaan.training.loop.precise_bn_batches`)."""
+    from .loop import has_batchnorm, precise_bn_batches
+
+    backbone = None
+    if cfg.precise_bn and has_batchnorm(pipeline.model.backbone):
+        loader, draw_seed = precise_bn_batches(train_set, cfg.precise_bn, cfg.batch_size, cfg.seed, step)
+        with torch.random.fork_rng(devices=[]):  # the augmentation's draws, as in one process
+            torch.random.default_generator.manual_seed(draw_seed)
+            backbone = pipeline.precise_batchnorm(images for images, _ in loader)
+    return pipeline.evaluate(test_batches, backbone)
 
 
 # ------------------------------------------------------------------------------------- the checkpoint's shards

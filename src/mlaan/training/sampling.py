@@ -131,8 +131,12 @@ class RunLoaders:
         )
 
     def test(self) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
-        """The test set's batches: this rank's disjoint shard under torchrun, in order."""
-        sampler = dist.make_eval_sampler(self.test_set, self.ctx)  # a disjoint shard per rank, or None
+        """The test set's batches: this rank's disjoint shard under torchrun, in order; a module pipeline's
+        stages all read their replica's (each runs its own blocks of every batch)."""
+        if self.cfg.module_parallel and self.ctx.enabled:
+            sampler = dist.make_eval_sampler(self.test_set, self.replica) if self.replica is not None else None
+        else:
+            sampler = dist.make_eval_sampler(self.test_set, self.ctx)  # a disjoint shard per rank, or None
         batch_size = self.cfg.eval_batch_size or 2 * self.cfg.batch_size
         if self.cfg.data_on_device:
             order = sampler if sampler is not None else range(len(self.test_set))

@@ -104,10 +104,9 @@ class Trainer:
             self._barriers = parallel.carry_barriers(self.local_model, ckpt, self.resume_path)
         self._use_fast_path()
         self.pipeline = None  # --parallel modules under torchrun: this rank's share (mlaan.distributed.pipeline)
-        if self.layout.pipelined:
-            self.model.to(self.device)
+        if self.layout.pipelined:  # built on the host; only this rank's modules move to the device
             self.pipeline = parallel.build_pipeline(self.local_model, cfg, self.ctx, ckpt, self._barriers,
-                                                    self.resume_path, self.layout.mesh)
+                                                    self.resume_path, self.layout.mesh).to(self.device)
             self.averager = self.pipeline.gradient_averager(self.ctx)  # replicas: each stage's all-reduce
         else:
             self.model = dist.prepare_model(self.model, self.ctx, cfg.sync_bn)
@@ -383,8 +382,9 @@ class Trainer:
         """Test loss and top-1 accuracy of the plain backbone (over every rank's shard); with ``precise_bn``, of a
         copy whose BatchNorm statistics are re-estimated on that many training batches (the same ones on every
         rank, drawn by (seed, step)), so that training is unchanged."""
-        if self.pipeline is not None:
-            self.pipeline.share_backbone()  # each rank evaluates the whole network on its shard
+        if self.pipeline is not None:  # each rank runs its own blocks
+            return parallel.evaluate_pipeline(self.pipeline, self.cfg, self.train_set, self.loaders.test(),
+                                              self.progress.step)
         model = self.local_model
         backbone = model.backbone
         if self.cfg.precise_bn and loop.has_batchnorm(backbone):
