@@ -268,7 +268,8 @@ OTHER_VALUE = {"window": 3, "w_ind": 0.5, "w_casc": 0.5, "ema_momentum": 0.5, "e
                "balance": "memory", "balance_batch_size": 2, "grad_checkpointing": True, "checkpoint_segment": 2,
                "checkpoint_modules": 2, "compile": True,
                "cascade_barriers": (1,),
-               "image_mean": (0.5, 0.4, 0.3), "image_std": (2.0, 2.0, 2.0), "label_smoothing": 0.1}
+               "image_mean": (0.5, 0.4, 0.3), "image_std": (2.0, 2.0, 2.0), "label_smoothing": 0.1,
+               "lam_trunk": "twins"}
 
 
 def two_steps(method: str, **options) -> tuple[list, dict]:
@@ -333,7 +334,7 @@ def test_an_option_read_only_with_some_value_of_another_changes_nothing_without_
 
 
 @pytest.mark.parametrize("method,option", [("dgl+mlm", "window"), ("dgl+lam", "ema_momentum"),
-                                           ("dgl+lam", "lam_depth"), ("dgl", "aux_head")])
+                                           ("dgl+lam", "lam_depth"), ("dgl", "aux_head"), ("dgl+mlaan", "lam_trunk")])
 def test_an_option_a_method_reads_changes_its_steps(method, option):
     """The converse, so that the test above can fail: these change the run."""
     assert option in parse_method(method).engine_options

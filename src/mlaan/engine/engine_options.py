@@ -12,6 +12,7 @@ from ..names import registered_spelling, unknown
 
 # The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
 AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
+LAM_TRUNKS = ("copies", "twins")  # what a LAM aux net runs before its head (mlaan.engine.lam)
 EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
 BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
 
@@ -55,6 +56,10 @@ class EngineOptions:
     ema_lag: int = _option(0, "lam", "LAM EMA twins follow their block as it was after the previous step (1) or "
                                      "after this one (0); --parallel modules needs 1")
     lam_depth: int = _option(4, "lam", "copied later blocks in the earliest LAM aux nets")
+    lam_trunk: str = _option("copies", "lam", "a LAM aux net's trunk: 'copies' (the paper's: trained copies of "
+                             "later blocks, the first with its EMA twin added) or 'twins' (the EMA twins of the "
+                             "later blocks alone, shared across aux nets: no trained trunk, frozen weights of at "
+                             "most one backbone whatever K)", choices=LAM_TRUNKS)
     lam_shrink: float = _option(1.0, "lam", "c of the LAM depth schedule, in [0, 1]: 1 ends at one block")
     depth_shrink: float = _option(0.5, "head", "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)")
     # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)

@@ -1,5 +1,9 @@
 """LAM, Leap Augmented Modules: aux nets built from copies of later backbone blocks, whose first copied
-block is augmented by an EMA twin of the real block, so early modules learn against what later ones compute.
+block is augmented by an EMA twin of the real block, so early modules learn against what later ones compute
+(:class:`LeapTrunk`, the paper's, ``lam_trunk="copies"``). ``lam_trunk="twins"`` keeps the later blocks and drops
+the copies: the trunk is the EMA twins of the later blocks alone (:class:`TwinTrunk`), one twin per block shared
+by every trunk that passes through it (:class:`TwinBank`), so the aux nets hold no trainable trunk and at most
+one frozen backbone's worth of weights, whatever K.
 
 Also home of the block sampler shared with AugLocal: pick ``depth`` later blocks uniformly, always starting
 with the block right after the module and always including every block that changes shape, so that the
@@ -127,3 +131,51 @@ class LeapTrunk(nn.Module):
         else:
             a = self.copies[0](z) + self.twin(z)
         return run_blocks(self.copies[1:], a, self.grad_checkpointing)
+
+
+class TwinBank(nn.Module):
+    """One :class:`EMATwin` per backbone block that a trunk of twins runs (``lam_trunk="twins"``), keyed by the
+    block's index in ``backbone.blocks``, shared by every :class:`TwinTrunk` through that block.
+
+    Sharing changes no number: the twins of one block in two trunks would start as the same copy and follow the
+    same block with the same momentum, so they would stay bit-identical. It bounds the aux nets' frozen weights
+    by one backbone whatever K (the copies of :class:`LeapTrunk` grow with K, with gradients and optimiser state).
+    """
+
+    def __init__(self, momentum: float) -> None:
+        super().__init__()
+        self.momentum = momentum
+        self.twins = nn.ModuleDict()
+
+    def twin_of(self, index: int, block: nn.Module) -> EMATwin:
+        """The twin of ``block`` (``backbone.blocks[index]``), made on first request."""
+        key = str(index)
+        if key not in self.twins:
+            self.twins[key] = EMATwin(block, self.momentum)
+        return self.twins[key]
+
+    @torch.no_grad()
+    def follow(self, blocks: nn.ModuleList) -> None:
+        """The EMA update after an optimizer step: each twin θ ← m·θ + (1−m)·θ(real), its real block taken from
+        ``blocks`` (``backbone.blocks``)."""
+        for key, twin in self.twins.items():
+            twin.follow(blocks[int(key)])
+
+
+class TwinTrunk(nn.Module):
+    """z ↦ E_d(…E_1(z)): the EMA twins of the later blocks A₁…A_d alone, with no trained copy. The gradient flows
+    through the twins into the local module (what the later network, as it averages out, makes of its output);
+    the twins themselves are never trained. They live in the model's :class:`TwinBank`, not in the trunk, so
+    that a shared twin has one state_dict entry."""
+
+    def __init__(self, bank: TwinBank, indices: list[int]) -> None:
+        super().__init__()
+        if not indices:
+            raise ValueError("a LAM trunk needs at least one block")
+        self.indices = tuple(indices)  # of the twins' real blocks in ``backbone.blocks``
+        self._bank = (bank,)  # a tuple hides it from nn.Module's registry: the LocalModel holds the bank
+        self.grad_checkpointing = False  # recompute each twin in backward (see ``mlaan.engine.recompute``)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        twins = self._bank[0].twins
+        return run_blocks([twins[str(i)] for i in self.indices], z, self.grad_checkpointing)

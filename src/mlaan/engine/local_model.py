@@ -24,7 +24,7 @@ from .. import models, runtime
 from .compile import compile_step_parts
 from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
-from .lam import LeapTrunk, reinitialised_copy, sample_later_blocks
+from .lam import LeapTrunk, TwinBank, TwinTrunk, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import HeadOptions, LocalOptions, make_options, options_ignored, why_ignored
 from .phases import EMA_UPDATE, mark
@@ -103,6 +103,8 @@ class LocalModel(nn.Module):
 
         check_shared_state(self.profile, self.split, set(), spec.name, backbone.blocks)  # before any copy
         check_shared_parameters(self.split, spec.name, backbone.blocks)
+        # lam_trunk="twins": the EMA twins every LAM trunk runs, one per later block, shared (mlaan.engine.lam)
+        self.twin_bank = _twin_bank(opts) if spec.leap and opts.lam_trunk == "twins" else None
         self.independent_heads = nn.ModuleList()
         self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
         for j in range(num_local_modules - 1):
@@ -111,8 +113,9 @@ class LocalModel(nn.Module):
                 self.cascade_heads[str(j)] = self._build_head(j, leap=spec.leap)
         like = next((p for p in backbone.parameters() if p.is_floating_point()), None)
         if like is not None:  # the aux nets where the user's model is: its device and dtype (a CUDA or float64 net)
-            self.independent_heads.to(like.device, like.dtype)
-            self.cascade_heads.to(like.device, like.dtype)
+            for aux in (self.independent_heads, self.cascade_heads, self.twin_bank):
+                if aux is not None:
+                    aux.to(like.device, like.dtype)
         self.set_grad_checkpointing(opts.grad_checkpointing)
         if opts.compile:  # torch.compile of each local module and aux net, in place (mlaan.engine.compile)
             compile_step_parts(self)
@@ -128,8 +131,13 @@ class LocalModel(nn.Module):
         depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth, self.options.lam_shrink)
         picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
         check_shared_state(self.profile, self.split, set(picks), self.spec.name, self.backbone.blocks)
-        trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum,
-                          self.options.ema_lag)
+        if self.twin_bank is not None:
+            for i in picks:
+                self.twin_bank.twin_of(i, self.backbone.blocks[i])
+            trunk = TwinTrunk(self.twin_bank, picks)
+        else:
+            trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum,
+                              self.options.ema_lag)
         trunk_shape = self.profile.out_shapes[picks[-1]]
         head = self.spec.base.make_head(self._context(j, trunk_shape, picks[-1]))
         return StackedLoss(trunk, head)
@@ -464,9 +472,20 @@ class LocalModel(nn.Module):
         with mark(EMA_UPDATE):
             for trunk in self.following_trunks():
                 trunk.follow(self.backbone.blocks[trunk.source_index])
+            if self.twin_bank is not None:
+                self.twin_bank.follow(self.backbone.blocks)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+def _twin_bank(opts: LocalOptions) -> TwinBank:
+    """The shared EMA twins of ``lam_trunk="twins"``; ValueError where twins could not be shared: with
+    ``ema_update="last"`` or a lag (``ema_lag=1``, module parallelism) each trunk's twin moves on its own."""
+    if opts.ema_update != "all" or opts.ema_lag:
+        raise ValueError(f"lam_trunk 'twins' needs ema_update 'all' and ema_lag 0 (no --parallel modules), got "
+                         f"ema_update {opts.ema_update!r} and ema_lag {opts.ema_lag}")
+    return TwinBank(opts.ema_momentum)
+
+
 def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float,
                         skip: set[str] | frozenset[str] = frozenset()) -> list[dict]:
     """Two optimizer groups of the trainable parameters (timm's convention): ``{"params": weights,

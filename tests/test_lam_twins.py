@@ -1,0 +1,159 @@
+"""``lam_trunk="twins"``: LAM aux nets whose trunk is the EMA twins of the later blocks alone, shared across aux
+nets (mlaan.engine.lam.TwinBank / TwinTrunk). The objective, isolation, EMA arithmetic, sharing, checkpoints."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import mlaan
+from mlaan.engine.lam import EMATwin, LeapTrunk, TwinTrunk
+from mlaan.engine.reference import reference_gradients
+
+
+def batch(n: int = 8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
+
+
+def twins_model(method: str = "dgl+mlaan", k: int = 6, **options) -> mlaan.LocalModel:
+    torch.manual_seed(0)
+    return mlaan.create_local_model("resnet20", method, k, lam_trunk="twins", **options)
+
+
+def trunks(model: mlaan.LocalModel) -> list[TwinTrunk]:
+    return [m for m in model.modules() if isinstance(m, TwinTrunk)]
+
+
+def step(model: mlaan.LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict:
+    model.zero_grad(set_to_none=True)
+    return model.train_step(x, y)
+
+
+@pytest.mark.parametrize("method,k,window", [("dgl+mlaan", 5, 2), ("dgl+lam", 4, 2), ("dgl+mlaan", 4, 3)])
+def test_the_step_equals_the_objective(method, k, window):
+    model = twins_model(method, k, window=window)
+    x, y = batch()
+    expected = reference_gradients(copy.deepcopy(model), x, y)
+    step(model, x, y)
+    for (name, p), e in zip(model.named_parameters(), expected, strict=True):
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, e, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_one_twin_per_later_block_shared_by_every_trunk_and_nothing_trained_in_a_trunk():
+    model = twins_model(k=6)
+    assert not model.leap_trunks and trunks(model)  # no copies: every LAM trunk is a trunk of twins
+    bank = model.twin_bank.twins
+    used = {i for t in trunks(model) for i in t.indices}
+    assert used == {int(key) for key in bank}
+    assert sum(len(t.indices) for t in trunks(model)) > len(bank)  # some twin is shared by two trunks
+    for t in trunks(model):
+        assert list(t.parameters()) == [] and list(t.buffers()) == []  # the bank holds them, once
+    twin_ids = {id(p) for p in model.twin_bank.parameters()}
+    assert not any(p.requires_grad for p in model.twin_bank.parameters())
+    assert twin_ids.isdisjoint(id(p) for p in model.aux_parameters())
+    assert twin_ids.isdisjoint(id(p) for g in model.param_groups(0.05) for p in g["params"])
+    # at most one frozen backbone, however many aux nets
+    assert sum(p.numel() for p in model.twin_bank.parameters()) <= sum(p.numel() for p in model.backbone.parameters())
+    for key, twin in bank.items():
+        real = model.backbone.blocks[int(key)].state_dict()
+        assert all(torch.equal(v, real[n]) for n, v in twin.module.state_dict().items())
+
+
+def test_the_gradient_flows_through_the_twins_into_the_module_and_never_into_them():
+    model = twins_model(k=6)
+    x, y = batch()
+    step(model, x, y)
+    assert all(p.grad is None for p in model.twin_bank.parameters())
+    for j in range(len(model.local_modules) - 1):  # each module learns: its weights get a non-zero gradient
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.local_modules[j].parameters()), j
+
+
+def test_each_twin_follows_its_block_once_per_step_buffers_included():
+    m = 0.9
+    model = twins_model(k=6, ema_momentum=m)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    x, y = batch()
+    for _ in range(2):
+        before = {key: copy.deepcopy(t.module.state_dict()) for key, t in model.twin_bank.twins.items()}
+        step(model, x, y)
+        opt.step()
+        model.after_optimizer_step()
+        for key, twin in model.twin_bank.twins.items():
+            real = model.backbone.blocks[int(key)].state_dict()
+            for name, value in twin.module.state_dict().items():
+                old = before[key][name]
+                expected = m * old + (1 - m) * real[name]  # once, although several trunks run this twin
+                if value.is_floating_point():
+                    torch.testing.assert_close(value, expected, rtol=1e-6, atol=1e-7, msg=f"{key}.{name}")
+                else:
+                    assert value == expected.to(value.dtype)
+
+
+def test_sharing_changes_no_number_against_a_twin_per_trunk():
+    """A shared twin moves exactly as a trunk's own twin would: the twins of one block, each stepped on its own,
+    stay equal to the shared one after steps."""
+    model = twins_model(k=6)
+    own = {(n, i): EMATwin(model.backbone.blocks[i], model.options.ema_momentum)
+           for n, t in enumerate(trunks(model)) for i in t.indices}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    x, y = batch()
+    for _ in range(2):
+        step(model, x, y)
+        opt.step()
+        model.after_optimizer_step()
+        for (_, i), twin in own.items():
+            twin.follow(model.backbone.blocks[i])
+    for (_, i), twin in own.items():
+        shared = model.twin_bank.twins[str(i)].state_dict()
+        assert all(torch.equal(v, shared[n]) for n, v in twin.state_dict().items())
+
+
+def test_recomputation_changes_nothing():
+    plain = twins_model(k=4)
+    recomputing = copy.deepcopy(plain)
+    recomputing.set_grad_checkpointing(True)
+    assert all(t.grad_checkpointing for t in trunks(recomputing))
+    x, y = batch()
+    assert step(plain, x, y)["module_losses"] == step(recomputing, x, y)["module_losses"]
+    for p, q in zip(plain.parameters(), recomputing.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.equal(p.grad, q.grad))
+
+
+def test_a_state_dict_has_each_twin_once_and_restores_the_twins():
+    model = twins_model(k=6)
+    x, y = batch()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    step(model, x, y)
+    opt.step()
+    model.after_optimizer_step()
+    state = model.state_dict()
+    assert [k for k in state if "twin" in k] == [k for k in state if k.startswith("twin_bank.")]
+    fresh = mlaan.create_local_model("resnet20", "dgl+mlaan", 6, lam_trunk="twins")
+    fresh.load_state_dict(state)
+    for key, twin in fresh.twin_bank.twins.items():
+        assert all(torch.equal(v, state[f"twin_bank.twins.{key}.{n}"]) for n, v in twin.state_dict().items())
+    assert step(fresh, x, y)["module_losses"] == step(model, x, y)["module_losses"]
+
+
+def test_copies_stay_the_default_and_build_no_bank():
+    model = mlaan.create_local_model("resnet20", "dgl+mlaan", 6)
+    assert model.twin_bank is None and model.leap_trunks and all(isinstance(t, LeapTrunk) for t in model.leap_trunks)
+    with pytest.warns(UserWarning, match="does not read lam_trunk"):
+        assert mlaan.create_local_model("resnet20", "dgl", 6, lam_trunk="twins").twin_bank is None  # no LAM
+
+
+@pytest.mark.parametrize("options,needle", [
+    ({"ema_lag": 1}, "ema_lag 1"), ({"ema_update": "last"}, "ema_update 'last'"),
+])
+def test_twins_that_could_not_be_shared_are_refused_in_one_line(options, needle):
+    with pytest.raises(ValueError, match=f"lam_trunk 'twins' needs ema_update 'all' and ema_lag 0.*{needle}"):
+        twins_model(**options)
+
+
+def test_an_unknown_trunk_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"lam_trunk.*'shared'.*copies.*twins"):
+        mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk="shared")
