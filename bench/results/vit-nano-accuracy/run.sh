@@ -2,7 +2,7 @@
 # Converged ViT accuracy study (issue 32): resumable, one thread a run; rerun the same command to continue.
 cd "$(dirname "$0")/../../.."   # the repository root
 OMP_NUM_THREADS=1 exec .venv/bin/mlaan bench accuracy --arch vit_nano_patch8_32 --k 4 \
-    --methods bp,dgl,dgl+mlaan --seeds 0,1 --modules --jobs 2 --threads 1 \
+    --methods bp,dgl,dgl+mlaan --vary lam_trunk=copies,twins --seeds 0,1 --modules --jobs 2 --threads 1 \
     --epochs 10 --train-samples 0 --batch-size 128 --lr 1e-3 --weight-decay 0.05 --warmup-epochs 1 \
     --train-arg="--opt adamw --label-smoothing 0.1 --clip-grad 1.0 --window 2 --lam-depth 2" \
     --output-dir runs/vit-nano/accuracy   # results copied to bench/results/vit-nano-accuracy
