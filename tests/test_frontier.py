@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 
-from mlaan.bench import frontier
+import pytest
+
+from mlaan.bench import common, frontier, speed
 from mlaan.cli import main
 
 
@@ -73,3 +75,76 @@ def test_bench_frontier_end_to_end(tmp_path):
     assert points["bp +ckpt"]["test_error"] == 0.2 and "test_error" not in points["dgl"]
     table = (out / "frontier.md").read_text()
     assert "| bp +ckpt seg=5" in table and "Pareto" in table and "20.00 ± 1.00 (2 seeds)" in table
+
+
+def test_variant_parses_a_label_and_engine_options():
+    assert frontier.parse_variant("twins=lam_trunk=twins") == ("twins", {"lam_trunk": "twins"})
+    assert frontier.parse_variant("shallow=lam_depth=2,lam_trunk=twins") == (
+        "shallow", {"lam_depth": 2, "lam_trunk": "twins"})
+
+
+@pytest.mark.parametrize("item,message", [
+    ("twins", "must be LABEL=KEY=VALUE"),
+    ("=lam_trunk=twins", "must be LABEL=KEY=VALUE"),
+    ("twins=lam_trunk", "must be LABEL=KEY=VALUE"),
+    ("twins=lam_trunk=twins,=2", "must be LABEL=KEY=VALUE"),
+    ("two words=lam_trunk=twins", "must be one word"),
+    ("a+b=lam_trunk=twins", "must be one word"),
+    ("x=no_such_option=1", "no_such_option"),
+])
+def test_a_bad_variant_is_refused_naming_it(item, message):
+    with pytest.raises(ValueError, match=message):
+        frontier.parse_variant(item)
+
+
+def test_a_label_given_twice_is_refused():
+    with pytest.raises(ValueError, match="'twins' is given twice"):
+        frontier.parse_variants(["twins=lam_trunk=twins", "twins=lam_depth=2"])
+
+
+def test_variant_points_follow_the_plain_ones_for_the_methods_that_read_the_option_only():
+    variants = frontier.parse_variants(["twins=lam_trunk=twins"])
+    points = frontier.plan_points("resnet20", [4], ["bp", "dgl", "dgl+mlaan"], segments=[1],
+                                  options={"window": 2}, variants=variants)
+    assert [p["label"] for p in points] == ["bp", "bp +ckpt", "dgl", "dgl+mlaan", "dgl+mlaan +ckpt",
+                                            "dgl+mlaan twins", "dgl+mlaan twins +ckpt"]
+    twins = [p for p in points if p.get("variant") == "twins"]
+    assert all(p["options"]["lam_trunk"] == "twins" and p["options"]["window"] == 2 for p in twins)
+    assert all("lam_trunk" not in p["options"] for p in points if not p.get("variant"))
+    with pytest.raises(ValueError, match="--variant twins: no method of --methods \\(bp, dgl\\) reads lam_trunk"):
+        frontier.plan_points("resnet20", [4], ["bp", "dgl"], variants=variants)
+
+
+def test_a_variant_reaches_the_model_of_its_point_and_not_the_others(monkeypatch):
+    points = frontier.plan_points("resnet20", [4], ["bp", "dgl+mlaan"], recompute="off",
+                                  variants=frontier.parse_variants(["twins=lam_trunk=twins"]))
+    built = {}
+    real_build = common.build
+
+    def spy(arch, method, k, **options):
+        model, optimizer = real_build(arch, method, k, **options)
+        built[(method, options.get("lam_trunk"))] = model
+        return model, optimizer
+
+    monkeypatch.setattr(common, "build", spy)
+    monkeypatch.setattr(speed, "interleaved_times", lambda steps, *_: ({key: [1.0] for key in steps}, None, None))
+    frontier.measure_time("resnet20", points, batch=2, repeats=1)
+    assert set(built) == {("bp", None), ("dgl+mlaan", None), ("dgl+mlaan", "twins")}
+    assert built[("dgl+mlaan", "twins")].twin_bank is not None and not built[("dgl+mlaan", "twins")].leap_trunks
+    assert built[("dgl+mlaan", None)].twin_bank is None and built[("dgl+mlaan", None)].leap_trunks
+
+
+def test_accuracy_is_not_given_to_a_variant_point():
+    points = frontier.plan_points("resnet20", [4], ["bp", "dgl+mlaan"], recompute="off",
+                                  variants=frontier.parse_variants(["twins=lam_trunk=twins"]))
+    report = {"recipe": {"arch": "resnet20", "k": 4}, "summary": [
+        {"method": "dgl+mlaan", "variant": "", "mean": 0.1, "std": 0.0, "seeds": [0, 1]}]}
+    frontier.annotate_accuracy(points, "resnet20", report)
+    assert {p["label"]: p.get("test_error") for p in points} == {"bp": None, "dgl+mlaan": 0.1,
+                                                                  "dgl+mlaan twins": None}
+
+
+def test_cli_refuses_a_bad_variant_with_exit_2(tmp_path, capsys):
+    assert main(["bench", "frontier", "--arch", "resnet20", "--ks", "2", "--methods", "bp,dgl", "--accuracy", "none",
+                 "--variant", "twins=lam_trunk=twins", "--output-dir", str(tmp_path)]) == 2
+    assert "--variant twins: no method" in capsys.readouterr().err

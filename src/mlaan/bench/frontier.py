@@ -10,6 +10,9 @@ accuracy report (``mlaan bench accuracy``'s accuracy.json) has the same architec
 error is written beside the point (and a second Pareto set over memory, time and error is marked among the
 points that have one). A setting that only recomputes (``grad_checkpointing``, ``checkpoint_segment``) computes
 bit-identical steps (tests/test_bp_checkpointing.py, tests/test_engine.py), so it shares its plain method's error.
+A variant (``--variant twins=lam_trunk=twins``) adds, beside the plain points and in the same interleaved run, the
+points of every method that reads all of its options, built with them and named with its label
+(``dgl+mlaan twins``, ``dgl+mlaan twins +ckpt``); it computes other steps, so no accuracy report's error is its.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import runtime
+from ..engine import parse_method
 from ..models import max_local_modules
 from . import common, memory, speed
 from .common import RECOMPUTE_CHOICES, label
@@ -36,26 +40,86 @@ RECOMPUTE_OPTIONS = ("grad_checkpointing", "checkpoint_segment")
 
 
 # ------------------------------------------------------------------------------------------------ plan
+def parse_variant(item: str) -> tuple[str, dict]:
+    """``"twins=lam_trunk=twins,lam_depth=2"`` → ``("twins", {"lam_trunk": "twins", "lam_depth": 2})``: a label and
+    the engine options its points are built with (values read as YAML and checked by the engine,
+    :func:`mlaan.bench.memory.parse_options`). ValueError naming the item when it is not
+    ``LABEL=KEY=VALUE[,KEY=VALUE]`` or names an unknown option."""
+    name, sep, rest = item.partition("=")
+    settings = [s for s in rest.split(",") if s.strip()]
+    well_formed = all(key.strip() and eq for key, eq, _ in (s.partition("=") for s in settings))
+    if not sep or not name.strip() or not settings or not well_formed:
+        raise ValueError(f"--variant {item!r} must be LABEL=KEY=VALUE[,KEY=VALUE], e.g. twins=lam_trunk=twins")
+    if any(c.isspace() for c in name.strip()) or "+" in name:
+        raise ValueError(f"--variant {item!r}: the label {name.strip()!r} must be one word without '+' "
+                         "(it is written after the method's name)")
+    return name.strip(), memory.parse_options(settings)
+
+
+def parse_variants(items: Sequence[str]) -> dict[str, dict]:
+    """Each ``--variant`` item parsed (:func:`parse_variant`), by label; ValueError for a label given twice."""
+    variants: dict[str, dict] = {}
+    for item in items:
+        name, options = parse_variant(item)
+        if name in variants:
+            raise ValueError(f"--variant {item!r}: the label {name!r} is given twice")
+        variants[name] = options
+    return variants
+
+
+def methods_reading(methods: Sequence[str], options: dict) -> list[str]:
+    """Those of ``methods`` that read every one of ``options`` (asked of the method:
+    :attr:`mlaan.engine.methods.MethodSpec.engine_options`, no name matching)."""
+    return [m for m in methods if set(options) <= parse_method(m).engine_options]
+
+
 def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: Sequence[int] = (1,),
-                recompute: str = "both", options: dict | None = None) -> list[dict]:
+                recompute: str = "both", options: dict | None = None,
+                variants: dict[str, dict] | None = None) -> list[dict]:
     """The points: plain BP first (the reference), then BP checkpointed with each of ``segments`` blocks per
     segment, then every local method at every K ≥ 2 (:func:`mlaan.bench.memory.plan_cases`), without and/or with
     ``grad_checkpointing`` (``recompute``, :func:`mlaan.bench.common.plan_variants`), every one with the engine
-    ``options`` (a method that does not read one is built without it). Each point is
-    ``{"label", "method", "k", "options"}``."""
-    points = []
-    cases = memory.plan_cases({arch: list(ks)}, list(methods))
-    for _, method, k, planned in common.plan_variants(cases, dict(options or {}), recompute):
-        if common.end_to_end(method) and planned.get("grad_checkpointing"):
-            variants = [{**planned, "checkpoint_segment": s} for s in segments]
-        else:
-            variants = [planned]
-        for opts in variants:
-            point = {"method": method, "k": common.model_k(method, k), "options": opts}
-            points.append({"label": label(point), **point})
+    ``options`` (a method that does not read one is built without it); then, for each of ``variants`` (label →
+    engine options), the same points of the methods that read all of its options (:func:`methods_reading`), built
+    with ``options`` and the variant's on top, ``"variant"`` set to its label. Each point is
+    ``{"label", "method", "k", "options"}`` (and ``"variant"``). ValueError when bp is not among ``methods`` or a
+    variant has no method that reads it."""
+    points = _plan(arch, ks, methods, segments, recompute, dict(options or {}))
     if not any(common.is_reference(p) for p in points):
         raise ValueError("the frontier needs bp among --methods: every figure is relative to it")
+    for name, extra in (variants or {}).items():
+        readers = methods_reading(methods, extra)
+        if not readers:
+            raise ValueError(f"--variant {name}: no method of --methods ({', '.join(methods)}) reads "
+                             f"{', '.join(sorted(extra))}")
+        points.extend(_plan(arch, ks, readers, segments, recompute, {**(options or {}), **extra}, variant=name))
     return points
+
+
+def _plan(arch: str, ks: Sequence[int], methods: Sequence[str], segments: Sequence[int], recompute: str,
+          options: dict, variant: str | None = None) -> list[dict]:
+    points = []
+    cases = memory.plan_cases({arch: list(ks)}, list(methods))
+    for _, method, k, planned in common.plan_variants(cases, options, recompute):
+        if common.end_to_end(method) and planned.get("grad_checkpointing"):
+            settings = [{**planned, "checkpoint_segment": s} for s in segments]
+        else:
+            settings = [planned]
+        for opts in settings:
+            point = {"method": method, "k": common.model_k(method, k), "options": opts}
+            if variant is not None:
+                point["variant"] = variant
+            points.append({"label": point_label(point), **point})
+    return points
+
+
+def point_label(point: dict) -> str:
+    """The point's name (:func:`mlaan.bench.common.label`) with its variant's label after the method's name:
+    ``dgl+mlaan twins +ckpt``."""
+    plain = label(point)
+    if not point.get("variant"):
+        return plain
+    return f"{point['method']} {point['variant']}{plain[len(point['method']):]}"
 
 
 # ---------------------------------------------------------------------------------------------- measure
@@ -128,7 +192,7 @@ def load_accuracy(path: Path, required: bool = False) -> dict | None:
 def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source: str = "") -> None:
     """``test_error`` (mean over seeds, a fraction), ``test_error_std``, ``seeds`` and ``accuracy_source`` on each
     point whose setting the report has: same architecture, same K (any K for an end-to-end method), same method,
-    and no variant but recomputation (which changes no result)."""
+    and no variant but recomputation (which changes no result): a ``--variant`` point computes other steps."""
     if not report:
         return
     recipe = report.get("recipe") or {}
@@ -145,7 +209,7 @@ def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source
     where = f"{recipe.get('dataset', '?')}, {recipe.get('epochs', '?')} epochs" + (f", {source}" if source else "")
     for p in points:
         s = by_method.get(p["method"])
-        if s is None or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
+        if s is None or p.get("variant") or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
             continue
         p["test_error"] = s["mean"]
         p["test_error_std"] = s.get("std")
@@ -288,6 +352,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch threads, here and in each memory process (default: the idle cores)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="engine option for every method that reads it, e.g. checkpoint_modules=8 (repeatable)")
+    p.add_argument("--variant", action="append", default=[], metavar="LABEL=KEY=VALUE[,KEY=VALUE]",
+                   help="extra points, beside the plain ones in the same timing run, of every method that reads "
+                        "all these options, built with them and named with LABEL (e.g. twins=lam_trunk=twins: "
+                        "'dgl+mlaan twins'; repeatable)")
     p.add_argument("--accuracy", default=str(DEFAULT_ACCURACY), metavar="JSON",
                    help="accuracy report whose test errors annotate the points of the same arch, K and method "
                         "('none': no annotation)")
@@ -314,7 +382,8 @@ def run(args: argparse.Namespace) -> int:
     report = None
     if args.accuracy.lower() != "none":  # read before measuring: a path given by hand must be a report
         report = load_accuracy(Path(args.accuracy), required=args.accuracy != str(DEFAULT_ACCURACY))
-    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, memory.parse_options(args.option))
+    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, memory.parse_options(args.option),
+                         parse_variants(args.variant))
     runtime.apply_threads(runtime.choose_threads(args.threads))
     out = common.output_dir(args.output_dir, "frontier")
     machine = f"{cpu_name()}; " + common.machine_description() + f"; code {common.code_version()}"
