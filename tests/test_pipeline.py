@@ -261,7 +261,12 @@ def test_bench_pipeline_writes_its_table_and_model(tmp_path, capsys):
     assert len(result["per_rank"]) == 2 and all(r["wait_s"] >= 0 for r in result["per_rank"])
     assert [tuple(r) for r in result["ranges"]][0][0] == 0 and result["ranges"][-1][1] == 4
     assert result["model"]["predicted_tick_s"] > 0 and "4" in result["model"]["predictions"]
-    assert "pipeline, 2 ranks" in capsys.readouterr().out
+    # each rank's parameters are its share of the one process's; its accounted peak is below the one process's
+    one = result["one_process"]
+    assert sum(r["params"] for r in result["per_rank"]) == one["params"]
+    assert all(0 < r["peak_bytes"] < one["peak_bytes"] and r["peak_kind"] == "accounted" for r in result["per_rank"])
+    out = capsys.readouterr().out
+    assert "pipeline, 2 ranks" in out and "| one process |" in out and "peak MiB" in out
 
 
 @pytest.mark.parametrize(("sequential_s", "warned"), [(1.5, False), (3.0, True)])

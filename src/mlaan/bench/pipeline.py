@@ -1,6 +1,10 @@
 """`mlaan bench pipeline`: module parallelism's step time against one process and against BP's classic pipeline.
 
-One set of P processes (gloo on the CPU) runs interleaved rounds; in each round
+One set of P processes (gloo on the CPU; ``--device cuda``: NCCL, one GPU a rank) first measures each rank's
+memory: its parameters (each rank holds only its own modules, ``ModulePipeline`` releases the rest) and the peak
+of one pipelined training step after a warm-up one — on the CPU by the exact accounting of ``mlaan bench memory``
+(:class:`~mlaan.bench.memory.MemoryAccountant`), on a GPU ``torch.cuda.max_memory_allocated`` — against one
+process training the whole model the same way (rank 0, at the end). Then it runs interleaved rounds; in each round
   1. the one-process engine on rank 0 with all ``--cores`` threads (the other ranks wait at a barrier), for the
      method and for BP;
   2. the module pipeline (``mlaan.distributed.pipeline.ModulePipeline``) on P ranks with cores/P threads each, recording
@@ -29,6 +33,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -54,6 +59,7 @@ from ..distributed.pipeline import (
 from ..engine import parse_method
 from ..training.loop import make_optimizer, optimizer_step
 from . import common
+from .memory import MemoryAccountant
 from .pipeline_model import (
     DEFAULT_LAYOUTS,
     bp_stages,
@@ -71,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="dgl+mlaan", help="the local-learning method to pipeline")
     p.add_argument("--local-modules", type=int, default=None, help="K (default: the architecture's)")
     p.add_argument("--ranks", type=int, default=2, help="P, processes of the pipeline")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo processes; cuda: NCCL, rank r on GPU r (needs --ranks GPUs)")
     p.add_argument("--cores", type=int, default=os.cpu_count() or 1,
                    help="CPU threads in all: the one-process runs use all, each rank cores/P")
     p.add_argument("--batch-size", type=int, default=64)
@@ -106,6 +114,9 @@ def run(args: argparse.Namespace) -> int:
     args.arch = common.check_arch(args.arch)
     if args.ranks < 2:
         raise ValueError(f"--ranks must be at least 2, got {args.ranks}")
+    if args.device == "cuda" and torch.cuda.device_count() < args.ranks:
+        raise ValueError(f"--device cuda --ranks {args.ranks} needs {args.ranks} GPUs, "
+                         f"found {torch.cuda.device_count()}")
     if args.cores < args.ranks:
         raise ValueError(f"--cores {args.cores} is fewer than --ranks {args.ranks}: one thread per rank at least")
     k = args.local_modules or models.default_local_modules(args.arch)
@@ -114,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     out = common.output_dir(args.output_dir, "pipeline")
     cfg = {"arch": args.arch, "method": args.method, "k": k, "ranks": args.ranks, "cores": args.cores,
            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-           "boundary": args.boundary, "partition": args.partition}
+           "boundary": args.boundary, "partition": args.partition, "device": args.device}
     machine = common.machine_description(f"{args.cores} threads in all, {args.cores // args.ranks} a rank")
     cfg["loadavg_before"] = os.getloadavg()[0]
     print(f"mlaan bench pipeline on {machine}; code {common.code_version()}; load average "
@@ -169,8 +180,11 @@ def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespa
 def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
     each = max(1, cfg["cores"] // world)
     torch.set_num_threads(each)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=600))
+    cuda = cfg.get("device") == "cuda"
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tmp}/store", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=600))
     try:
         result = _measure(rank, world, each, cfg)
         if rank == 0:
@@ -182,23 +196,31 @@ def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
 def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     spec = parse_method(cfg["method"])
     lag = {"ema_lag": 1} if spec.leap else {}
+    device = torch.device(f"cuda:{rank}") if cfg.get("device") == "cuda" else torch.device("cpu")
     probe, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag)
     images, targets = common.synthetic_batch(probe, cfg["batch_size"])
-    # The partition and the per-module times come from rank 0 (measured with a rank's thread count), broadcast.
+    # The partition and the per-module times come from rank 0 (measured with a rank's thread count, on its
+    # device), broadcast.
     shared: list[Any] = [None, None]
     if rank == 0:
-        times = module_costs(probe, "time", cfg["batch_size"])
+        times = module_costs(probe.to(device), "time", cfg["batch_size"])
+        probe.to("cpu")  # before the memory of rank 0's share is measured
         costs = times if cfg["partition"] == "time" else module_costs(probe, cfg["partition"], cfg["batch_size"])
         low = min_modules_per_rank(probe, cfg["boundary"])
         shared = [times, [(r.start, r.stop) for r in partition_modules(costs, world, low)]]
     dist.broadcast_object_list(shared, src=0)
     times, ranges = shared[0], [range(a, b) for a, b in shared[1]]
     barriers = boundaries(ranges) if cfg["boundary"] == "cut" else ()
-    model, optimizer = common.build(cfg["arch"], cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
-    pipe = ModulePipeline(model, ranges, rank, cfg["boundary"])
-    message = _message_cost(rank, probe, images, ranges)
-    sequential = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag) if rank == 0 else None
-    bp_sequential = common.build(cfg["arch"], "bp", 1) if rank == 0 else None
+    model, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
+    pipe = ModulePipeline(model, ranges, rank, cfg["boundary"]).to(device)  # the other ranks' modules released
+    optimizer = make_optimizer(model)  # after the release: it holds no released tensor
+    message = _message_cost(rank, probe, images, ranges, pipe.comm_device)
+    images, targets = images.to(device), targets.to(device)
+    memory = {"params": pipe.parameter_count(),
+              **_step_memory(model, optimizer, lambda: pipe.optimizer_step(optimizer, images, targets), images,
+                             targets, device, pipe.drain)}
+    sequential = common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **lag) if rank == 0 else None
+    bp_sequential = common.build(cfg["arch"], "bp", 1, device=device) if rank == 0 else None
     bp_stage = _bp_stage(cfg, rank, world, images)
 
     rows: dict[str, list[float]] = {"sequential": [], "pipeline": [], "bp_sequential": [], "bp_1f1b": []}
@@ -217,8 +239,11 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
         rank_steps.append(steps)
         rank_waits.append(waits)
         rows["bp_1f1b"].append(_time_1f1b(bp_stage, rank, world, images, targets, cfg))
-    per_rank = _gather(statistics.median(sum(rank_steps, [])), statistics.median(sum(rank_waits, [])))
+    per_rank = _gather({"step_s": statistics.median(sum(rank_steps, [])),
+                        "wait_s": statistics.median(sum(rank_waits, [])), **memory})
+    one_process = _one_process_memory(cfg, lag, images, targets, device) if rank == 0 else None
     return {
+        "one_process": one_process,
         "seconds_per_step": {name: statistics.median(v) for name, v in rows.items() if v},
         "rounds": rows,
         "ranges": [(r.start, r.stop) for r in ranges],
@@ -233,9 +258,11 @@ def _time_one_process(model: nn.Module, optimizer: torch.optim.Optimizer, images
                       targets: torch.Tensor, cfg: dict) -> float:
     for _ in range(cfg["warmup"]):
         optimizer_step(model, optimizer, images, targets)
+    _sync(images.device)
     start = time.perf_counter()
     for _ in range(cfg["steps"]):
         optimizer_step(model, optimizer, images, targets)
+    _sync(images.device)
     return (time.perf_counter() - start) / cfg["steps"]
 
 
@@ -244,6 +271,7 @@ def _time_pipeline(pipe: ModulePipeline, optimizer: torch.optim.Optimizer, image
     for _ in range(cfg["warmup"]):
         pipe.optimizer_step(optimizer, images, targets)
     pipe.drain()
+    _sync(images.device)
     dist.barrier()
     start = time.perf_counter()
     steps, waits = [], []
@@ -252,14 +280,64 @@ def _time_pipeline(pipe: ModulePipeline, optimizer: torch.optim.Optimizer, image
         steps.append(stats["step_s"])
         waits.append(stats["wait_s"])
     pipe.drain()
+    _sync(images.device)
     dist.barrier()  # the window ends when the last rank is done
     return (time.perf_counter() - start) / cfg["steps"], steps, waits
 
 
-def _gather(step: float, wait: float) -> list[dict[str, float]]:
+def _gather(mine: dict[str, Any]) -> list[dict[str, Any]]:
     found: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(found, {"step_s": step, "wait_s": wait})
+    dist.all_gather_object(found, mine)
     return found
+
+
+# --------------------------------------------------------------------------------------------- memory
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: Any, images: torch.Tensor,
+                 targets: torch.Tensor, device: torch.device, drain: Any = None, base: int = 0) -> dict[str, Any]:
+    """Peak bytes of one training step (``step()``), after a warm-up one (so that the optimizer state exists): on
+    a GPU ``torch.cuda.max_memory_allocated`` less ``base`` (what was allocated before this model was built); on
+    the CPU the exact accounting of ``mlaan bench memory`` (:class:`MemoryAccountant`: the live storages of the
+    model's held tensors, gradients, optimizer state, the batch and everything the step allocates, messages
+    included). Also the process's peak RSS so far (the host, which built the whole model once). ``drain``: wait
+    for the step's messages (a pipeline rank)."""
+    step()
+    if drain is not None:
+        drain()
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        if drain is not None:
+            drain()
+        _sync(device)
+        peak, kind = torch.cuda.max_memory_allocated(device) - base, "cuda max_memory_allocated"
+    else:
+        acc = MemoryAccountant()
+        acc.register_static(model, optimizer, (images, targets))
+        with acc:
+            step()
+            if drain is not None:
+                drain()
+        peak, kind = acc.peak, "accounted"
+    return {"peak_bytes": int(peak), "peak_kind": kind,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def _one_process_memory(cfg: dict, lag: dict, images: torch.Tensor, targets: torch.Tensor,
+                        device: torch.device) -> dict[str, Any]:
+    """The same step in one process, training the whole model (a fresh one, on rank 0's device)."""
+    torch.set_num_threads(cfg["cores"])
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    model, optimizer = common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **lag)
+    params = sum(p.numel() for p in model.parameters())
+    memory = _step_memory(model, optimizer, lambda: optimizer_step(model, optimizer, images, targets), images,
+                          targets, device, base=base)
+    return {"params": params, **memory}
 
 
 # ----------------------------------------------------------------------------------- BP's 1F1B pipeline
@@ -269,9 +347,9 @@ def _bp_stage(cfg: dict, rank: int, world: int, images: torch.Tensor) -> tuple[A
     torch.manual_seed(0)
     backbone = models.create(cfg["arch"])
     equal = bp_stages([1.0] * (len(backbone.blocks) - 1), world)  # equal block counts, the head on the last
-    stage_module = nn.Sequential(*(backbone.blocks[i] for i in equal[rank]))
+    stage_module = nn.Sequential(*(backbone.blocks[i] for i in equal[rank])).to(images.device)
     micro = max(world, 2)
-    stage = PipelineStage(stage_module, rank, world, torch.device("cpu"))
+    stage = PipelineStage(stage_module, rank, world, images.device)
     schedule = Schedule1F1B(stage, n_microbatches=micro, loss_fn=lambda out, y: F.cross_entropy(out, y))
     return schedule, make_optimizer(stage_module)
 
@@ -292,18 +370,22 @@ def _time_1f1b(stage: tuple[Any, torch.optim.Optimizer], rank: int, world: int, 
 
     for _ in range(cfg["warmup"]):
         step()
+    _sync(images.device)
     dist.barrier()
     start = time.perf_counter()
     for _ in range(cfg["steps"]):
         step()
+    _sync(images.device)
     dist.barrier()
     return (time.perf_counter() - start) / cfg["steps"]
 
 
 # ------------------------------------------------------------------------------------------ messages
-def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: list[range]) -> dict[str, float]:
-    """Latency and bandwidth between ranks 0 and 1 from ping-pongs of an empty and a boundary-sized message;
-    also the boundary activation's bytes (rank 0's last module output)."""
+def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: list[range],
+                  device: torch.device) -> dict[str, float]:
+    """Latency and bandwidth between ranks 0 and 1 from ping-pongs of an empty and a boundary-sized message
+    (buffers on ``device``, where the pipeline stages its messages); also the boundary activation's bytes (rank
+    0's last module output)."""
     with torch.no_grad():
         x = model.prepare_inputs(images)
         for j in ranges[0]:
@@ -311,8 +393,9 @@ def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: lis
     size = x.numel() * x.element_size()
     result = {"boundary_bytes": float(size)}
     for name, n in (("small", 1), ("large", x.numel())):
-        buffer = torch.zeros(n)
+        buffer = torch.zeros(n, device=device)
         dist.barrier()
+        _sync(device)
         start = time.perf_counter()
         for _ in range(10):
             if rank == 0:
@@ -321,6 +404,7 @@ def _message_cost(rank: int, model: nn.Module, images: torch.Tensor, ranges: lis
             elif rank == 1:
                 dist.recv(buffer, 0)
                 dist.send(buffer, 0)
+        _sync(device)
         result[name] = (time.perf_counter() - start) / 20  # one way
     result["latency_s"] = result["small"]
     result["bytes_per_s"] = size / max(1e-9, result["large"] - result["small"])
@@ -360,6 +444,19 @@ def _model_report(measured: dict, times: list[float], cfg: dict, predict: list[i
     return report
 
 
+def _memory_cells(p: dict) -> list[str]:
+    if "params" not in p:  # a saved result from before the memory columns
+        return ["—", "—", "—"]
+    return [f"{p['params'] / 1e6:.3f} M", f"{p['peak_bytes'] / 2**20:.1f}", f"{p['peak_rss_bytes'] / 2**20:.0f}"]
+
+
+def _memory_rows(result: dict) -> list[list[str]]:
+    one = result.get("one_process")
+    if not one:
+        return []
+    return [["one process", f"0–{result['ranges'][-1][1] - 1}", "—", "—", *_memory_cells(one)]]
+
+
 def _table(result: dict) -> str:
     s = result["seconds_per_step"]
     cfg = result["config"]
@@ -372,9 +469,15 @@ def _table(result: dict) -> str:
     ]
     out = [common.format_table(["run", "s/step", "speed-up"], rows), ""]
     out.append(common.format_table(
-        ["rank", "modules", "step s (median)", "waiting s"],
-        [[r, f"{a}–{b - 1}", f"{p['step_s']:.3f}", f"{p['wait_s']:.3f}"]
-         for r, ((a, b), p) in enumerate(zip(result["ranges"], result["per_rank"]))]))
+        ["rank", "modules", "step s (median)", "waiting s", "parameters", "peak MiB", "peak RSS MiB"],
+        [*_memory_rows(result), *[
+            [r, f"{a}–{b - 1}", f"{p['step_s']:.3f}", f"{p['wait_s']:.3f}", *_memory_cells(p)]
+            for r, ((a, b), p) in enumerate(zip(result["ranges"], result["per_rank"]))]]))
+    kinds = {p.get("peak_kind") for p in result["per_rank"]} - {None}
+    if kinds:
+        out.append(f"parameters: those a rank trains (the rest released); peak: one training step after a warm-up "
+                   f"one, by {' / '.join(sorted(kinds))} (accounted: mlaan bench memory's exact count of live "
+                   "tensor storages); peak RSS: the whole process's, whose host built the whole model once")
     m = result["model"]
     out.append("")
     out.append(f"model: predicted {m['predicted_s_per_step']:.3f} s/step vs measured {m['measured_s_per_step']:.3f} "
