@@ -148,3 +148,14 @@ def test_cli_refuses_a_bad_variant_with_exit_2(tmp_path, capsys):
     assert main(["bench", "frontier", "--arch", "resnet20", "--ks", "2", "--methods", "bp,dgl", "--accuracy", "none",
                  "--variant", "twins=lam_trunk=twins", "--output-dir", str(tmp_path)]) == 2
     assert "--variant twins: no method" in capsys.readouterr().err
+
+
+def test_memory_counts_the_twins_as_frozen_parameters_and_trains_none_of_them():
+    points = frontier.plan_points("resnet20", [4], ["bp", "dgl+mlaan"], recompute="off",
+                                  variants=frontier.parse_variants(["twins=lam_trunk=twins"]))
+    frontier.measure_memory("resnet20", points, batch=2, isolate=False, log=lambda _: None)
+    counts = {p["label"]: (p["trainable_params"], p["frozen_params"]) for p in points}
+    assert counts["bp"][1] == 0
+    copies, twins = counts["dgl+mlaan"], counts["dgl+mlaan twins"]
+    assert twins[0] < copies[0]  # no trained trunk copies
+    assert 0 < twins[1] <= counts["bp"][0]  # frozen twins of at most one backbone

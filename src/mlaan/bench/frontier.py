@@ -125,8 +125,9 @@ def point_label(point: dict) -> str:
 # ---------------------------------------------------------------------------------------------- measure
 def measure_memory(arch: str, points: list[dict], batch: int, isolate: bool = True,
                    log: Callable[[str], None] = print) -> None:
-    """Each point's accounted peak (``peak_bytes``, ``pct_of_bp``), in place: one training step under the exact
-    accountant, each point in a fresh process unless ``isolate`` is False."""
+    """Each point's accounted peak (``peak_bytes``, ``pct_of_bp``) and parameter counts (``trainable_params``;
+    ``frozen_params``: the EMA twins), in place: one training step under the exact accountant, each point in a fresh
+    process unless ``isolate`` is False."""
     for p in points:
         case = {"arch": arch, "method": p["method"], "k": p["k"], "batch": batch, "device": "cpu",
                 "mode": "account", "steps": 1, "warmup": 0, "options": p["options"]}
@@ -135,6 +136,7 @@ def measure_memory(arch: str, points: list[dict], batch: int, isolate: bool = Tr
             raise RuntimeError(f"memory of {p['label']} K={p['k']}: {r['error']}")
         p["peak_bytes"] = r["peak_bytes"]
         p["memory_breakdown"] = r.get("breakdown")
+        p["trainable_params"], p["frozen_params"] = r.get("trainable_params"), r.get("frozen_params")
         log(f"  memory {p['label']} K={p['k']}: {runtime.format_bytes(r['peak_bytes'])}")
     results = [{"arch": arch, "batch": batch, **p} for p in points]
     memory.add_percentages(results)

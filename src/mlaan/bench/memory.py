@@ -265,6 +265,8 @@ def measure_case(
     images, targets = common.synthetic_batch(model, batch, device=dev, seed=seed)
     num_params = sum(p.numel() for p in model.backbone.parameters())
     aux_params = sum(p.numel() for p in model.parameters()) - num_params
+    # frozen: the EMA twins (no gradient, no optimiser state), which weigh less at the peak than trained ones
+    trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     t0 = time.perf_counter()
     for _ in range(warmup):
         optimizer_step(model, optimizer, images, targets)
@@ -282,6 +284,8 @@ def measure_case(
         "options": options or {},
         "backbone_params": num_params,
         "aux_params": aux_params,
+        "trainable_params": trainable_params,
+        "frozen_params": num_params + aux_params - trainable_params,
     }
     if image_size is not None:
         result["image_size"] = image_size
