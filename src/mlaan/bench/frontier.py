@@ -289,11 +289,15 @@ def plot(result: dict, path: Path) -> None:
     plt = common.pyplot()
     fig, ax = plt.subplots(figsize=(9, 6))
     points = result["points"]
+    variants = list(dict.fromkeys(p["variant"] for p in points if p.get("variant")))
     for i, p in enumerate(points):
         method = p["method"]
         recomputed = bool(p["options"].get("grad_checkpointing"))
         marker = ("D" if recomputed else "s") if common.end_to_end(method) else ("^" if recomputed else "o")
-        ax.scatter(p["time_ratio"], p["pct_of_bp"], marker=marker, s=70, color=common.method_color(method, i),
+        # a variant's points in a colour of their own (the fallback palette), apart from their plain method's
+        color = (common.method_color(f"{method} {p['variant']}", variants.index(p["variant"]))
+                 if p.get("variant") else common.method_color(method, i))
+        ax.scatter(p["time_ratio"], p["pct_of_bp"], marker=marker, s=70, color=color,
                    edgecolors="red" if p.get("pareto") else "white", linewidths=1.8, zorder=3)
         text = p["label"] + ("" if common.end_to_end(method) else f" K={p['k']}")
         if p.get("test_error") is not None:
