@@ -197,7 +197,8 @@ def test_train_two_replicas_of_two_stages_equals_parallel_data_on_two(data_paral
     record, reference = _record(out), _record(data_parallel_run)
     for key in ("train_loss", "train_accuracy", "test_accuracy"):
         assert record[key] == reference[key], key  # two replicas' sums, added with zeros: exact
-    assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-6)  # each replica's pipelined test shard, as each data-parallel rank's
+    # replica r scores test shard r, pipelined, as data-parallel rank r does
+    assert record["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-6)
     assert sorted(p.name for p in (out / "shards").glob("rank*.pt")) == ["rank0.pt", "rank1.pt"]
 
 

@@ -337,6 +337,7 @@ def _one_process_memory(cfg: dict, lag: dict, images: torch.Tensor, targets: tor
     params = sum(p.numel() for p in model.parameters())
     memory = _step_memory(model, optimizer, lambda: optimizer_step(model, optimizer, images, targets), images,
                           targets, device, base=base)
+    memory.pop("peak_rss_bytes")  # rank 0's process's, which holds much more than this model by now
     return {"params": params, **memory}
 
 
@@ -447,7 +448,8 @@ def _model_report(measured: dict, times: list[float], cfg: dict, predict: list[i
 def _memory_cells(p: dict) -> list[str]:
     if "params" not in p:  # a saved result from before the memory columns
         return ["—", "—", "—"]
-    return [f"{p['params'] / 1e6:.3f} M", f"{p['peak_bytes'] / 2**20:.1f}", f"{p['peak_rss_bytes'] / 2**20:.0f}"]
+    rss = f"{p['peak_rss_bytes'] / 2**20:.0f}" if "peak_rss_bytes" in p else "—"
+    return [f"{p['params'] / 1e6:.3f} M", f"{p['peak_bytes'] / 2**20:.1f}", rss]
 
 
 def _memory_rows(result: dict) -> list[list[str]]:
@@ -475,9 +477,11 @@ def _table(result: dict) -> str:
             for r, ((a, b), p) in enumerate(zip(result["ranges"], result["per_rank"]))]]))
     kinds = {p.get("peak_kind") for p in result["per_rank"]} - {None}
     if kinds:
+        how = {"accounted": "mlaan bench memory's exact accounting of live tensor storages",
+               "cuda max_memory_allocated": "torch.cuda.max_memory_allocated"}
         out.append(f"parameters: those a rank trains (the rest released); peak: one training step after a warm-up "
-                   f"one, by {' / '.join(sorted(kinds))} (accounted: mlaan bench memory's exact count of live "
-                   "tensor storages); peak RSS: the whole process's, whose host built the whole model once")
+                   f"one, by {' / '.join(how.get(k, k) for k in sorted(kinds))}; peak RSS: the rank's process at "
+                   "that step (its host built the whole model once)")
     m = result["model"]
     out.append("")
     out.append(f"model: predicted {m['predicted_s_per_step']:.3f} s/step vs measured {m['measured_s_per_step']:.3f} "
