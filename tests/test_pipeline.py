@@ -290,6 +290,9 @@ def test_bench_pipeline_refuses_bad_input(capsys):
     assert "trains end to end" in capsys.readouterr().err
     assert main(["bench", "pipeline", "--ranks", "1"]) == 2
     assert "--ranks must be at least 2, got 1" in capsys.readouterr().err
+    if torch.cuda.device_count() < 4:
+        assert main(["bench", "pipeline", "--device", "cuda", "--ranks", "4"]) == 2
+        assert f"--device cuda --ranks 4 needs 4 GPUs, found {torch.cuda.device_count()}" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------ mlaan train --parallel modules

@@ -160,10 +160,14 @@ def build_pipeline(model: LocalModel, cfg: TrainConfig, ctx: DistContext, ckpt: 
     if cfg.boundary == "cut":
         model.options.cascade_barriers = pp.boundaries(ranges)
     if layout.replicas == 1:
-        return pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
-    pipeline_group, stage_group = mesh.build_groups(layout, ctx.device.type)
-    return pp.ModulePipeline(model, ranges, layout.stage(ctx.rank), cfg.boundary, group=pipeline_group,
-                             stage_group=stage_group)
+        pipeline = pp.ModulePipeline(model, ranges, ctx.rank, cfg.boundary)
+    else:
+        pipeline_group, stage_group = mesh.build_groups(layout, ctx.device.type)
+        pipeline = pp.ModulePipeline(model, ranges, layout.stage(ctx.rank), cfg.boundary, group=pipeline_group,
+                                     stage_group=stage_group)
+    if ctx.device.type == "cuda" and cfg.partition == "time" and ctx.is_main:
+        torch.cuda.empty_cache()  # the timed whole model's released blocks: back to the device, not kept cached
+    return pipeline
 
 
 def evaluate_pipeline(pipeline: ModulePipeline, cfg: TrainConfig, train_set: Any,
