@@ -12,18 +12,9 @@
 # Nothing is downloaded or installed. Each part has its own time limit, so one slow part cannot eat the rest.
 set -uo pipefail
 
-OUT=${1:?usage: bench/gpu.sh OUT_DIR}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+source "$(dirname "$0")/gpu_common.sh"   # OUT, the repository root, PYTHON, elapsed, log
 BATCH=${BATCH:-1024}
 EPOCHS=${EPOCHS:-4}
-START=$(date +%s)
-elapsed() { echo $(( $(date +%s) - START )); }
-log() { echo "[gpu.sh $(elapsed)s] $*" | tee -a "$OUT/gpu.log"; }
 
 if ! "$PYTHON" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     log "no CUDA device visible to $PYTHON: nothing to do (the CPU figures come from 'mlaan bench memory')"

@@ -17,16 +17,7 @@
 # script itself, not a measurement). Nothing is downloaded or installed. Each part has its own time limit.
 set -uo pipefail
 
-OUT=${1:?usage: bench/gpu_multi.sh OUT_DIR}
-cd "$(dirname "$0")/.."
-mkdir -p "$OUT"
-if [ -z "${PYTHON:-}" ]; then
-    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
-fi
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
-START=$(date +%s)
-elapsed() { echo $(( $(date +%s) - START )); }
-log() { echo "[gpu_multi.sh $(elapsed)s] $*" | tee -a "$OUT/gpu_multi.log"; }
+source "$(dirname "$0")/gpu_common.sh"   # OUT, the repository root, PYTHON, elapsed, log
 left() { echo $(( 360 - $(elapsed) )); }
 cap() { local n=$1 l; l=$(left); l=$(( l < 1 ? 1 : l )); echo $(( n < l ? n : l )); }  # timeout 0 = none
 
