@@ -157,3 +157,34 @@ def test_twins_that_could_not_be_shared_are_refused_in_one_line(options, needle)
 def test_an_unknown_trunk_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"lam_trunk.*'shared'.*copies.*twins"):
         mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk="shared")
+
+
+# ------------------------------------------------------------------------- refused before anything runs
+@pytest.mark.parametrize("argv", [
+    ["memory", "--archs", "resnet20", "--ks", "4", "--methods", "dgl,dgl+mlaan", "--option", "lam_trunk=twins",
+     "--option", "ema_lag=1"],
+    ["frontier", "--arch", "resnet20", "--ks", "2", "--methods", "bp,dgl+mlaan", "--segments", "1",
+     "--variant", "twins=lam_trunk=twins,ema_update=last"],
+    ["frontier", "--arch", "resnet20", "--ks", "2", "--methods", "bp,dgl+mlaan", "--segments", "1",
+     "--option", "ema_lag=1", "--variant", "twins=lam_trunk=twins"],
+])
+def test_a_bench_of_twins_that_could_not_be_shared_is_refused_in_one_line(tmp_path, capsys, argv):
+    """bench memory measured every case in its own process, each failing with a traceback in the table's error
+    cell, exit 0; bench frontier measured BP, then died with a RuntimeError traceback. Now one line, exit 2,
+    before anything is measured or written."""
+    from mlaan.cli import main
+
+    out = tmp_path / "out"
+    code = main(["bench", *argv, "--batch", "2", "--threads", "1", "--output-dir", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("mlaan: error: ") and err.count("\n") == 1, err
+    assert "with dgl+mlaan: lam_trunk 'twins' needs ema_update 'all' and ema_lag 0" in err
+    assert not out.exists()
+
+
+def test_a_bench_option_no_lam_method_reads_is_not_refused():
+    from mlaan.bench import common
+
+    common.check_options(["bp", "dgl", "dgl+mlm"], {"lam_trunk": "twins", "ema_lag": 1})
+

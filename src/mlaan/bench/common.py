@@ -121,6 +121,21 @@ def check_arch(arch: str) -> str:
 RECOMPUTE_CHOICES = ("off", "on", "both")
 
 
+def check_options(methods: Iterable[str], options: dict, what: str = "--option") -> None:
+    """ValueError, one line, where engine ``options`` that each hold alone (:func:`mlaan.bench.memory.parse_options`)
+    cannot build one of ``methods`` together (``lam_trunk=twins`` with ``ema_lag=1`` for a LAM method): checked
+    before anything is measured, since a case's own process would only report it as a failed case."""
+    from mlaan.engine.local_model import check_lam_trunk
+    from mlaan.engine.options import make_options
+
+    built = make_options(**options)
+    for method in methods:
+        try:
+            check_lam_trunk(method, built)
+        except ValueError as err:
+            raise ValueError(f"{what} with {method}: {err}") from None
+
+
 def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: str) -> list[tuple[str, str, int, dict]]:
     """Each case with its engine options; methods with something to recompute (LAM, MLM, AugLocal, and BP's
     backbone: activation checkpointing) run without ``grad_checkpointing`` ("off"), with it ("on"), or both ways,

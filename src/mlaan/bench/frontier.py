@@ -84,6 +84,7 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
     with ``options`` and the variant's on top, ``"variant"`` set to its label. Each point is
     ``{"label", "method", "k", "options"}`` (and ``"variant"``). ValueError when bp is not among ``methods`` or a
     variant has no method that reads it."""
+    common.check_options(methods, dict(options or {}))
     points = _plan(arch, ks, methods, segments, recompute, dict(options or {}))
     if not any(common.is_reference(p) for p in points):
         raise ValueError("the frontier needs bp among --methods: every figure is relative to it")
@@ -92,6 +93,7 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
         if not readers:
             raise ValueError(f"--variant {name}: no method of --methods ({', '.join(methods)}) reads "
                              f"{', '.join(sorted(extra))}")
+        common.check_options(readers, {**(options or {}), **extra}, what=f"--variant {name}")
         points.extend(_plan(arch, ks, readers, segments, recompute, {**(options or {}), **extra}, variant=name))
     return points
 

@@ -104,7 +104,8 @@ class LocalModel(nn.Module):
         check_shared_state(self.profile, self.split, set(), spec.name, backbone.blocks)  # before any copy
         check_shared_parameters(self.split, spec.name, backbone.blocks)
         # lam_trunk="twins": the EMA twins every LAM trunk runs, one per later block, shared (mlaan.engine.lam)
-        self.twin_bank = _twin_bank(opts) if spec.leap and opts.lam_trunk == "twins" else None
+        check_lam_trunk(spec, opts)
+        self.twin_bank = TwinBank(opts.ema_momentum) if spec.leap and opts.lam_trunk == "twins" else None
         self.independent_heads = nn.ModuleList()
         self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
         for j in range(num_local_modules - 1):
@@ -477,13 +478,15 @@ class LocalModel(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def _twin_bank(opts: LocalOptions) -> TwinBank:
-    """The shared EMA twins of ``lam_trunk="twins"``; ValueError where twins could not be shared: with
-    ``ema_update="last"`` or a lag (``ema_lag=1``, module parallelism) each trunk's twin moves on its own."""
-    if opts.ema_update != "all" or opts.ema_lag:
+def check_lam_trunk(method: str | MethodSpec, opts: LocalOptions) -> None:
+    """One-line ValueError where ``method`` (a LAM method) could not be built with ``opts``: the shared EMA twins
+    of ``lam_trunk="twins"`` need ``ema_update="all"`` and no lag, since with ``ema_update="last"`` or a lag
+    (``ema_lag=1``, module parallelism) each trunk's twin moves on its own. The model checks it when built; a
+    benchmark checks it before it runs a case in a process of its own (``mlaan.bench.common.check_options``)."""
+    spec = parse_method(method) if isinstance(method, str) else method
+    if spec.leap and opts.lam_trunk == "twins" and (opts.ema_update != "all" or opts.ema_lag):
         raise ValueError(f"lam_trunk 'twins' needs ema_update 'all' and ema_lag 0 (no --parallel modules), got "
                          f"ema_update {opts.ema_update!r} and ema_lag {opts.ema_lag}")
-    return TwinBank(opts.ema_momentum)
 
 
 def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float,
