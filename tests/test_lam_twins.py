@@ -188,3 +188,16 @@ def test_a_bench_option_no_lam_method_reads_is_not_refused():
 
     common.check_options(["bp", "dgl", "dgl+mlm"], {"lam_trunk": "twins", "ema_lag": 1})
 
+
+def test_parallel_modules_refuses_twins_naming_the_flags(tmp_path, capsys):
+    """Under --parallel modules the engine's refusal said 'got ema_update 'all' and ema_lag 1': an ema_lag the
+    user never gave (--parallel modules sets it). Now the refusal names --lam-trunk twins and --parallel modules."""
+    from mlaan.cli import main
+
+    code = main(["train", "--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "-K", "4",
+                 "--method", "dgl+mlaan", "--lam-trunk", "twins", "--parallel", "modules", "--threads", "1",
+                 "--output-dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("mlaan: error: --lam-trunk twins is not supported with --parallel modules"), err
+    assert "ema_lag" not in err and not (tmp_path / "run").exists()
