@@ -201,3 +201,17 @@ def test_parallel_modules_refuses_twins_naming_the_flags(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1, err
     assert err.startswith("mlaan: error: --lam-trunk twins is not supported with --parallel modules"), err
     assert "ema_lag" not in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("saved,built", [("twins", "copies"), ("copies", "twins")])
+def test_a_state_of_the_other_trunk_is_refused_naming_both(saved, built):
+    """A twins run's state loaded into a copies model (or back) failed with torch's list of every trunk key
+    missing and unexpected, whose first line (all that a checkpoint loader shows) said nothing."""
+    state = mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk=saved).state_dict()
+    model = mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk=built)
+    with pytest.raises(RuntimeError) as err:
+        model.load_state_dict(state)
+    first = str(err.value).splitlines()[0]
+    assert f"lam_trunk={saved!r}, this model's lam_trunk={built!r}" in first, first
+    model.load_state_dict(state, strict=False)  # asked for: a partial load, as torch's
+    mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk=saved).load_state_dict(state)

@@ -14,8 +14,9 @@ import fnmatch
 import math
 import numbers
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -180,6 +181,19 @@ class LocalModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Inference: the plain backbone; auxiliary nets are not used."""
         return self.backbone(self.prepare_inputs(images))
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; with ``strict``, a state of the other LAM trunk (``lam_trunk``
+        "twins": ``twin_bank.*`` keys, "copies": ``*.trunk.copies.*``) is refused in one line naming both
+        values, rather than by torch's list of every trunk key missing and unexpected."""
+        if strict and self.spec.leap:
+            saved = ("twins" if any(k.startswith("twin_bank.") for k in state_dict)
+                     else "copies" if any(".trunk.copies." in k for k in state_dict) else None)
+            if saved is not None and saved != self.options.lam_trunk:
+                raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: the state_dict's "
+                                   f"LAM trunks are lam_trunk={saved!r}, this model's lam_trunk="
+                                   f"{self.options.lam_trunk!r}: build the model with lam_trunk={saved!r}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     def set_channels_last(self, enable: bool = True) -> LocalModel:
         """Keep every 4-D parameter and buffer, and every image batch, in channels-last memory format (NHWC
