@@ -215,3 +215,18 @@ def test_a_state_of_the_other_trunk_is_refused_naming_both(saved, built):
     assert f"lam_trunk={saved!r}, this model's lam_trunk={built!r}" in first, first
     model.load_state_dict(state, strict=False)  # asked for: a partial load, as torch's
     mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk=saved).load_state_dict(state)
+
+
+def test_a_twins_run_resumed_mid_epoch_continues_bit_identically(tmp_path):
+    """mlaan train --lam-trunk twins stopped after 5 of 8 steps and resumed: the same state, twins included, as
+    the run trained in one go."""
+    from test_training import run
+
+    straight, _ = run(tmp_path, "straight", lam_trunk="twins")
+    run(tmp_path, "resumed", lam_trunk="twins", max_steps=5)
+    resumed, summary = run(tmp_path, "resumed", resume="auto", lam_trunk="twins")
+    assert summary["steps"] == 8 and resumed.local_model.twin_bank is not None
+    a, b = straight.local_model.state_dict(), resumed.local_model.state_dict()
+    assert a.keys() == b.keys() and any(k.startswith("twin_bank.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
