@@ -96,6 +96,41 @@ def test_memory_command_writes_table_json_png(tmp_path):
     assert (tmp_path / "memory.png").stat().st_size > 0 and "% of BP" in (tmp_path / "memory.md").read_text()
 
 
+def test_memory_command_names_its_options_and_records_them_only_for_the_methods_that_read_them(tmp_path, capsys):
+    """The header line and memory.md did not name --option values, so a table of lam_trunk=twins looked like the
+    default's; and every case recorded every option, bp's and dgl's a lam_trunk they do not read."""
+    parser = argparse.ArgumentParser()
+    memory.add_arguments(parser)
+    args = parser.parse_args(["--archs", "resnet20", "--ks", "2", "--methods", "bp,dgl,dgl+mlaan", "--batch", "2",
+                              "--device", "cpu", "--no-isolate", "--grad-checkpointing", "off",
+                              "--option", "lam_trunk=twins", "--output-dir", str(tmp_path)])
+    assert memory.run(args) == 0
+    header = capsys.readouterr().out.splitlines()[0]
+    assert header.startswith("mlaan bench memory") and "options lam_trunk=twins" in header
+    data = json.loads((tmp_path / "memory.json").read_text())
+    assert data["options"] == {"lam_trunk": "twins"}
+    assert {r["method"]: r["options"].get("lam_trunk") for r in data["results"]} == {
+        "bp": None, "dgl": None, "dgl+mlaan": "twins"}
+    md = (tmp_path / "memory.md").read_text()
+    assert md.startswith("Engine options (--option): lam_trunk=twins;")
+    assert [line.split("|")[2].strip() for line in md.splitlines() if line.startswith("| resnet20")] == [
+        "bp", "dgl", "dgl+mlaan lam_trunk=twins"]
+
+
+def test_planned_cases_hold_only_the_options_their_method_reads():
+    planned = common.plan_variants([("resnet20", "bp", 1), ("resnet20", "dgl", 4), ("resnet20", "dgl+mlaan", 4)],
+                                   {"lam_trunk": "twins", "checkpoint_modules": 2}, "both")
+    # asked of the method (MethodSpec.engine_options): bp and dgl read no lam_trunk, dgl+mlaan no
+    # checkpoint_modules without grad_checkpointing
+    assert [(method, options) for _, method, _, options in planned][::2] == [
+        ("bp", {"grad_checkpointing": False}), ("dgl", {}),
+        ("dgl+mlaan", {"lam_trunk": "twins", "checkpoint_modules": 2, "grad_checkpointing": True})]
+    assert planned[3][3] == {"lam_trunk": "twins", "grad_checkpointing": False}
+    labels = [common.label_with_options({"method": m, "options": o}) for _, m, _, o in planned]
+    assert labels[2:] == ["dgl", "dgl+mlaan lam_trunk=twins", "dgl+mlaan lam_trunk=twins +ckpt first=2"]
+    assert labels[0] == "bp" and "lam_trunk" not in labels[1]
+
+
 # ---------------------------------------------------------------------------------------------- flops
 def test_flop_floor_matches_measured_for_bp_and_exact_floor_for_mlaan():
     for method, k in (("bp", 1), ("dgl", 4), ("dgl+mlaan", 4)):

@@ -137,9 +137,11 @@ def check_options(methods: Iterable[str], options: dict, what: str = "--option")
 
 
 def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: str) -> list[tuple[str, str, int, dict]]:
-    """Each case with its engine options; methods with something to recompute (LAM, MLM, AugLocal, and BP's
-    backbone: activation checkpointing) run without ``grad_checkpointing`` ("off"), with it ("on"), or both ways,
-    one after the other ("both"). BP always runs plain too, first: it is what every figure is relative to."""
+    """Each case with those of the engine ``options`` its method reads (:func:`read_options`: a BP case of
+    ``lam_trunk=twins`` is built, recorded and labelled without it); methods with something to recompute (LAM,
+    MLM, AugLocal, and BP's backbone: activation checkpointing) run without ``grad_checkpointing`` ("off"), with it
+    ("on"), or both ways, one after the other ("both"). BP always runs plain too, first: it is what every figure
+    is relative to."""
     if recompute not in RECOMPUTE_CHOICES:
         raise ValueError(f"unknown --grad-checkpointing {recompute!r}; allowed: {', '.join(RECOMPUTE_CHOICES)}")
     flags = {"off": [False], "on": [True], "both": [False, True]}[recompute]
@@ -147,11 +149,36 @@ def plan_variants(cases: list[tuple[str, str, int]], options: dict, recompute: s
     for arch, method, k in cases:
         spec = parse_method(method)
         if not spec.can_recompute:
-            planned.append((arch, method, k, dict(options)))
+            planned.append((arch, method, k, read_options(method, options)))
             continue
         own = [False, *(f for f in flags if f)] if spec.end_to_end else flags
-        planned.extend((arch, method, k, {**options, "grad_checkpointing": flag}) for flag in own)
+        planned.extend((arch, method, k, read_options(method, {**options, "grad_checkpointing": flag}))
+                       for flag in own)
     return planned
+
+
+def read_options(method: str, options: dict) -> dict:
+    """Those of the engine ``options`` that a run of ``method`` with them reads, asked of the method
+    (:func:`mlaan.engine.options.options_ignored`: BP reads no ``lam_trunk``, nothing reads ``checkpoint_modules``
+    without ``grad_checkpointing``): what a case is built with, and all that it records and its label names."""
+    unused = options_ignored(method, options)
+    return {name: value for name, value in options.items() if name not in unused}
+
+
+def option_text(value: object) -> str:
+    """An option's value as a label writes it, spelled as given on a command line: ``twins``, ``0.99``,
+    ``true``, ``1,2`` (a list)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(option_text, value))
+    return str(value)
+
+
+def options_text(options: dict) -> str:
+    """``lam_trunk=twins window=3``: engine options as a label names them after a method's name (``bench
+    accuracy``'s ``--vary`` arms, ``dgl+mlaan lam_trunk=twins``); empty for none."""
+    return " ".join(f"{name}={option_text(value)}" for name, value in options.items())
 
 
 def label(result: dict) -> str:
@@ -165,6 +192,16 @@ def label(result: dict) -> str:
     if end_to_end(result["method"]):
         return result["method"] + " +ckpt" + (f" seg={segment}" if segment != 1 else "")
     return result["method"] + " +ckpt" + (f" first={first}" if first else "")
+
+
+def label_with_options(result: dict) -> str:
+    """:func:`label` with the other engine options the case was built with after the method's name, as `bench
+    frontier` writes a variant's label: ``dgl+mlaan lam_trunk=twins +ckpt`` (the recomputation options that
+    :func:`label` itself shows are not repeated)."""
+    plain = label(result)
+    shown = {"grad_checkpointing", "checkpoint_segment" if end_to_end(result["method"]) else "checkpoint_modules"}
+    rest = options_text({k: v for k, v in (result.get("options") or {}).items() if k not in shown})
+    return f"{result['method']} {rest}{plain[len(result['method']):]}" if rest else plain
 
 
 def is_reference(result: dict) -> bool:
@@ -188,10 +225,9 @@ def build(
     0.9, wd 1e-4)."""
     torch.manual_seed(seed)
     k = model_k(method, k)
-    unused = options_ignored(method, options)  # an option given for every method goes to those that read it
-    model = mlaan.create_local_model(
+    model = mlaan.create_local_model(  # an option given for every method goes to those that read it
         arch, method=method, num_local_modules=k, num_classes=num_classes, in_channels=in_channels,
-        image_size=image_size, **{name: value for name, value in options.items() if name not in unused},
+        image_size=image_size, **read_options(method, options),
     ).to(device)
     model.train()
     return model, make_optimizer(model)

@@ -50,7 +50,7 @@ from ..models import max_local_modules
 from ..runtime import apply_threads, choose_threads, format_bytes, pick_device
 from ..training.loop import optimizer_step
 from . import common
-from .common import RECOMPUTE_CHOICES, label, plan_variants
+from .common import RECOMPUTE_CHOICES, label_with_options, plan_variants
 
 DEFAULT_CASES = {"resnet32": (1, 2, 4, 8, 16), "resnet110": (1, 4, 8, 16, 32, 55)}
 STATIC_CATEGORIES = ("parameters+buffers", "gradients", "optimizer state", "inputs")
@@ -419,17 +419,17 @@ def sweep(
                 break
         if "error" in points[-1]:
             result = points[-1]
-            log(f"  {arch} {label(result)} K={k}: FAILED {result['error']}")
+            log(f"  {arch} {label_with_options(result)} K={k}: FAILED {result['error']}")
         elif scale_from:
             (p1, p2) = points
             slope = (p2["peak_bytes"] - p1["peak_bytes"]) / (p2["batch"] - p1["batch"])
             result = {**p2, "batch": batch, "peak_bytes": int(p2["peak_bytes"] + slope * (batch - p2["batch"])),
                       "extrapolated_from": [{"batch": p["batch"], "peak_bytes": p["peak_bytes"]} for p in points],
                       "peak_rss_bytes": None, "breakdown": _scale_breakdown(p1, p2, batch)}
-            log(f"  {arch} {label(result)} K={k}: {format_bytes(result['peak_bytes'])} (extrapolated)")
+            log(f"  {arch} {label_with_options(result)} K={k}: {format_bytes(result['peak_bytes'])} (extrapolated)")
         else:
             result = points[0]
-            log(f"  {arch} {label(result)} K={k}: {format_bytes(result['peak_bytes'])} "
+            log(f"  {arch} {label_with_options(result)} K={k}: {format_bytes(result['peak_bytes'])} "
                 f"(peak RSS {format_bytes(result['peak_rss_bytes'])}, {result['seconds']:.0f}s)")
         results.append(result)
         if on_result is not None:
@@ -458,18 +458,22 @@ def add_percentages(results: list[dict]) -> None:
 
 
 # -------------------------------------------------------------------------------------------- output
-def render(results: list[dict]) -> str:
+def render(results: list[dict], options: dict | None = None) -> str:
+    """The table of ``results``, each row's method named with the engine options it was built with
+    (:func:`mlaan.bench.common.label_with_options`: ``dgl+mlaan lam_trunk=twins``); under a line naming the
+    ``--option`` values ``options`` when there are some (a method that does not read one is built without it)."""
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["arch"], label(r), r["k"], r["batch"], "error", "—", "—", "—", r["error"][:60]])
+            rows.append([r["arch"], label_with_options(r), r["k"], r["batch"], "error", "—", "—", "—",
+                         r["error"][:60]])
             continue
         bd = r.get("breakdown") or {}
         static = sum(bd.get(c, 0) for c in STATIC_CATEGORIES)
         rows.append(
             [
                 r["arch"],
-                label(r),
+                label_with_options(r),
                 r["k"],
                 r["batch"],
                 f"{r['peak_bytes']:,}",
@@ -479,9 +483,13 @@ def render(results: list[dict]) -> str:
                 _at_peak(bd, static),
             ]
         )
-    return common.format_table(
+    table = common.format_table(
         ["arch", "method", "K", "batch", "peak bytes", "peak", "% of BP", "peak RSS (process)", "at the peak"], rows
     )
+    if not options:
+        return table
+    return (f"Engine options (--option): {common.options_text(options)}; each method is built with those it reads, "
+            f"named after it.\n\n{table}")
 
 
 def _at_peak(bd: dict, static: int) -> str:
@@ -500,28 +508,29 @@ def plot(results: list[dict], path: Path) -> None:
         rs = [r for r in results if r["arch"] == arch and "error" not in r]
         bp = next((r for r in rs if common.is_reference(r)), None)
         checkpointed_bp = [r for r in rs if common.end_to_end(r["method"]) and not common.is_reference(r)]
-        methods = list(dict.fromkeys(label(r) for r in rs if not common.end_to_end(r["method"])))
+        methods = list(dict.fromkeys(label_with_options(r) for r in rs if not common.end_to_end(r["method"])))
         ks = sorted({r["k"] for r in rs if not common.end_to_end(r["method"])})
         width = 0.8 / max(len(methods), 1)
         for i, m in enumerate(methods):
             xs, ys = [], []
             for xi, k in enumerate(ks):
-                r = next((r for r in rs if label(r) == m and r["k"] == k), None)
+                r = next((r for r in rs if label_with_options(r) == m and r["k"] == k), None)
                 if r is not None:
                     xs.append(xi - 0.4 + width * (i + 0.5))
                     ys.append(r["peak_bytes"] / 2**30)
             recomputed = m.endswith(" +ckpt")
-            ax.bar(xs, ys, width=width, color=common.method_color(m.removesuffix(" +ckpt"), i), label=m,
+            method = next(r["method"] for r in rs if label_with_options(r) == m)
+            ax.bar(xs, ys, width=width, color=common.method_color(method, i), label=m,
                    hatch="//" if recomputed else None, edgecolor="white" if recomputed else None)
         if bp is not None:
             gib = bp["peak_bytes"] / 2**30
             ax.axhline(gib, color=common.method_color(bp["method"]), linestyle="--", linewidth=1.2,
-                       label=f"{bp['method']} (K=1): {gib:.2f} GiB")
+                       label=f"{label_with_options(bp)} (K=1): {gib:.2f} GiB")
             ax.secondary_yaxis("right", functions=(lambda y, g=gib: 100 * y / g, lambda p, g=gib: p * g / 100)
                                ).set_ylabel("% of BP's peak")
         for style, r in zip((":", "-.", (0, (5, 1)), (0, (1, 3))) * 4, checkpointed_bp):  # BP's own checkpointing
             ax.axhline(r["peak_bytes"] / 2**30, color=common.method_color(r["method"]), linestyle=style,
-                       linewidth=1.2, label=f"{label(r)}: {r['peak_bytes'] / 2**30:.2f} GiB")
+                       linewidth=1.2, label=f"{label_with_options(r)}: {r['peak_bytes'] / 2**30:.2f} GiB")
         ax.set_xticks(range(len(ks)))
         ax.set_xticklabels([f"K={k}" for k in ks])
         ax.set_xlabel("local modules K")
@@ -625,18 +634,22 @@ def run(args: argparse.Namespace) -> int:
     out = common.output_dir(args.output_dir, "memory")
     machine = common.machine_description() + f"; code {common.code_version()}"
     print(f"mlaan bench memory ({mode}) on {machine}: batch {args.batch}"
-          + (f", extrapolated from batches {scale[0]} and {scale[1]}" if scale else ""), flush=True)
+          + (f", extrapolated from batches {scale[0]} and {scale[1]}" if scale else "")
+          + (f", options {common.options_text(options)} (for the methods that read them)" if options else ""),
+          flush=True)
     done: list[dict] = []
 
     def save(result: dict) -> None:
         done.append(result)
         add_percentages(done)
-        common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "results": done})
+        common.write_json(out / "memory.json", {"machine": machine, "mode": mode, "options": options,
+                                                "results": done})
 
     results = sweep(archs, methods, args.batch, str(device), mode, steps, warmup, scale,
                     isolate=not args.no_isolate, on_result=save, log=lambda s: print(s, flush=True), options=options,
                     recompute=args.grad_checkpointing, image_size=getattr(args, "image_size", None))
     add_percentages(results)
-    common.write_outputs(out, "memory", render(results), {"machine": machine, "mode": mode, "results": results},
+    common.write_outputs(out, "memory", render(results, options),
+                         {"machine": machine, "mode": mode, "options": options, "results": results},
                          lambda path: plot(results, path))
     return 0
