@@ -198,3 +198,32 @@ def test_saved_figures_hold_their_labels_whole(runs, tmp_path, saved_figures):
     for fig in saved_figures:  # closed once saved: drawn again on a canvas of its own
         drawn, page = fig.get_tightbbox(FigureCanvasAgg(fig).get_renderer()), fig.bbox_inches
         assert page.x0 <= drawn.x0 and drawn.x1 <= page.x1 and page.y0 <= drawn.y0 and drawn.y1 <= page.y1
+
+
+def _fake_finished_run(folder, method: str, accuracy: float, **options: object) -> None:
+    """A finished run's metrics.json holding the config `mlaan train` records (every option, defaults included)."""
+    from mlaan.training.config import TrainConfig
+
+    folder.mkdir(parents=True)
+    config = TrainConfig(method=method, arch="resnet20", dataset="synthetic", local_modules=4, epochs=1,
+                         **options).to_dict()
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 4, "test_accuracy": accuracy,
+                                                      "train_loss": 1.0}) + "\n")
+    (folder / "metrics.json").write_text(json.dumps({"test_accuracy": accuracy, "test_error": 1 - accuracy,
+                                                     "steps": 4, "config": config}))
+
+
+def test_runs_of_one_method_with_other_options_are_labelled_with_them(tmp_path, saved_figures):
+    """Two dgl+mlaan runs that differ by lam_trunk were both 'dgl+mlaan' in the method column and the legend;
+    the label names the non-default options the method reads (dgl reads no lam_trunk), as `bench accuracy`
+    labels a --vary arm."""
+    _fake_finished_run(tmp_path / "runs" / "copies", "dgl+mlaan", 0.8)
+    _fake_finished_run(tmp_path / "runs" / "twins", "dgl+mlaan", 0.7, lam_trunk="twins")
+    _fake_finished_run(tmp_path / "runs" / "dgl", "dgl", 0.6, lam_trunk="twins")
+    result = report.write_report([tmp_path / "runs"], tmp_path / "out", memory="none")
+    methods = {name: dict(zip(COLUMNS, row(result["table"], name)))["method"] for name in ("copies", "twins", "dgl")}
+    assert methods == {"copies": "dgl+mlaan", "twins": "dgl+mlaan lam_trunk=twins", "dgl": "dgl"}
+    assert "| dgl+mlaan lam_trunk=twins " in (tmp_path / "out" / "report.md").read_text()
+    curves = saved_figures[0]
+    assert sorted(t.get_text() for t in curves.axes[0].get_legend().get_texts()) == [
+        "dgl", "dgl+mlaan", "dgl+mlaan lam_trunk=twins"]

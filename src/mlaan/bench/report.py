@@ -3,12 +3,13 @@
 Each run folder holds ``metrics.jsonl`` (one JSON object per epoch: at least ``epoch``, ``test_accuracy``,
 ``train_loss``) and, once finished, ``metrics.json`` (``test_accuracy``, ``test_error``, ``best_accuracy``,
 ``peak_memory_bytes``, ``total_wall_time_seconds``, ``steps``, ``config``). An unfinished run is reported from its
-last epoch line. Runs are grouped by what makes their test errors comparable (data set, architecture, data
-subset, batch, epochs and steps trained); Δ columns compare within a group only, against a base run chosen with
-``--bp``/``--base`` when a group has several. Writes ``report.md``, ``curves.png`` (test accuracy and training loss
-per epoch, one colour per method) and ``memory.png`` (peak training memory per run: on CPU the exact accounting of
-a training step, as ``mlaan bench memory``, since the process's RSS is mostly the torch runtime) into
-``--output-dir``.
+last epoch line. A run's method is named with the non-default options it was trained with that the method reads
+(``dgl+mlaan lam_trunk=twins``, from its config). Runs are grouped by what makes their test errors comparable (data
+set, architecture, data subset, batch, epochs and steps trained); Δ columns compare within a group only, against a
+base run chosen with ``--bp``/``--base`` when a group has several. Writes ``report.md``, ``curves.png`` (test
+accuracy and training loss per epoch, one colour per method) and ``memory.png`` (peak training memory per run: on
+CPU the exact accounting of a training step, as ``mlaan bench memory``, since the process's RSS is mostly the torch
+runtime) into ``--output-dir``.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..engine.options import option_fields, options_ignored
 from ..runtime import format_bytes
 
 # Imported now, not when first needed: `bench accuracy` keeps a process running for days, and a module first
@@ -139,7 +141,32 @@ def load_run(path: str | Path) -> dict:
         "peak_memory_kind": final.get("peak_memory_kind", last.get("peak_memory_kind")),
         "wall_time": wall,
         "config": config,
+        "method_options": method_options(str(method), config),
     }
+
+
+def method_options(method: str, config: dict) -> dict:
+    """The engine and method options in a run's ``config`` that differ from their defaults and that ``method``
+    reads with them (asked of the method, :func:`mlaan.engine.options.options_ignored`: a ``lam_trunk`` recorded in
+    a dgl run's config is not its own): what tells two runs of one method apart (:func:`method_label`). A method
+    not installed here cannot be asked: every option that differs is kept."""
+    defaults = {f.name: f.default for f in option_fields(include_derived=False)}
+    given = {name: config[name] for name in defaults if name in config}
+    changed = {name: value for name, value in given.items()
+               if (list(value) if isinstance(value, tuple) else value)
+               != (list(defaults[name]) if isinstance(defaults[name], tuple) else defaults[name])}
+    try:
+        unused = options_ignored(method, given)
+    except ValueError:  # a plug-in method that is not installed here
+        unused = frozenset()
+    return {name: value for name, value in changed.items() if name not in unused}
+
+
+def method_label(run: dict) -> str:
+    """The run's method followed by the non-default options it was trained with (:func:`method_options`), as `mlaan
+    bench accuracy` names an arm of ``--vary``: ``dgl+mlaan lam_trunk=twins``; the method alone for none."""
+    options = common.options_text(run.get("method_options") or {})
+    return f"{run['method']} {options}" if options else run["method"]
 
 
 def run_names(paths: list[str | Path]) -> list[str]:
@@ -297,7 +324,7 @@ def table(runs: list[dict], bp: str | None = None, bases: tuple[str, ...] = (), 
         rows.append(
             [
                 r["name"],
-                r["method"],
+                method_label(r),
                 r["arch"] or "—",
                 r["k"] if r["k"] is not None else "—",
                 _fmt_epochs(r["num_epochs"]),
@@ -358,10 +385,11 @@ def _epoch_x(record: dict, run: dict) -> float | None:
 
 
 def run_label(run: dict, runs: list[dict], sep: str = " ") -> str:
-    """A run's legend entry or bar label: its method, followed (after ``sep``) by its name in brackets
-    (:func:`run_names`) when another of ``runs`` has the same method."""
-    alone = sum(other["method"] == run["method"] for other in runs) == 1
-    return run["method"] if alone else f"{run['method']}{sep}({run['name']})"
+    """A run's legend entry or bar label: its method with its non-default options (:func:`method_label`), followed
+    (after ``sep``) by its name in brackets (:func:`run_names`) when another of ``runs`` has the same label."""
+    own = method_label(run)
+    alone = sum(method_label(other) == own for other in runs) == 1
+    return own if alone else f"{own}{sep}({run['name']})"
 
 
 def plot_curves(runs: list[dict], path: Path, title: str = "") -> None:
