@@ -59,7 +59,9 @@ def fake_train(monkeypatch):
 
 
 def test_every_arm_and_seed_is_trained_once_then_reused(tmp_path, fake_train, capsys):
-    args = _args(tmp_path, "--methods", "bp,dgl+mlaan", "--seeds", "0,1", "--vary", "window=2,3", "--jobs", "2")
+    # K=4: window=3 needs at least 3 local modules (`mlaan train` refuses it at K=2, and so does the harness now)
+    args = _args(tmp_path, "--methods", "bp,dgl+mlaan", "--seeds", "0,1", "--vary", "window=2,3", "--jobs", "2",
+                 "--k", "4")
     assert accuracy.run(args) == 0
     trained = sorted((c[c.index("--method") + 1], c[c.index("--seed") + 1], "--window" in c) for c in fake_train)
     # window=2 is the default: only window=3 adds an arm, and only for the method that reads it
@@ -287,6 +289,29 @@ def test_bad_harness_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--methods", "bp,dgl+mlaan", "--vary", "lam_trunk=copies,twins", "--train-arg=--ema-update last"],
+     r"dgl\+mlaan lam_trunk=twins \(its flags: --lam-trunk twins\): `mlaan train` refuses its command line: "
+     r"lam_trunk 'twins' needs ema_update 'all'"),
+    (["--methods", "dgl", "--train-arg=--windw 3"], r"dgl: `mlaan train` refuses its command line: "
+                                                     r"unrecognized arguments: --windw 3"),
+    (["--methods", "dgl", "--arm", "x=--lr nan"], r"dgl x \(its flags: --lr nan\): .*nan"),
+])
+def test_every_runs_command_line_is_checked_before_any_run_starts(tmp_path, fake_train, capsys, flags, message):
+    """A bad arm (the engine refuses lam_trunk twins with ema_update last) failed only once the runs before it had
+    trained, hours in; now every arm's whole `mlaan train` command line is resolved first (as --print-config does):
+    one line, exit 2, no run started and no folder written."""
+    from mlaan import cli as main_cli
+
+    out = tmp_path / "out"
+    code = main_cli.main(["bench", "accuracy", "--dataset", "synthetic", "--arch", "resnet20", "--k", "2",
+                          "--epochs", "1", "--output-dir", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("mlaan: error: ") and len(err.strip().splitlines()) == 1, err
+    assert re.search(message, err), err
+    assert fake_train == [] and not out.exists()
 
 
 def test_arm_flags_follow_the_recipe_so_they_win():

@@ -203,6 +203,20 @@ def test_parallel_modules_refuses_twins_naming_the_flags(tmp_path, capsys):
     assert "ema_lag" not in err and not (tmp_path / "run").exists()
 
 
+def test_print_config_refuses_twins_with_ema_update_last_as_the_run_would(tmp_path, capsys):
+    """--print-config resolved the options without the engine's twins check, so it printed a config that `mlaan
+    train` then refused when it built the model; `bench accuracy` checks its arms by the same resolution."""
+    from mlaan.cli import main
+
+    code = main(["train", "--dataset", "synthetic", "--arch", "resnet20", "-K", "4", "--method", "dgl+mlaan",
+                 "--lam-trunk", "twins", "--ema-update", "last", "--print-config", "--output-dir", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and captured.err.count("\n") == 1, captured
+    assert "lam_trunk 'twins' needs ema_update 'all' and ema_lag 0" in captured.err
+    assert main(["train", "--dataset", "synthetic", "--arch", "resnet20", "-K", "4", "--method", "dgl",
+                 "--lam-trunk", "twins", "--ema-update", "last", "--print-config"]) == 0  # dgl reads neither
+
+
 @pytest.mark.parametrize("saved,built", [("twins", "copies"), ("copies", "twins")])
 def test_a_state_of_the_other_trunk_is_refused_naming_both(saved, built):
     """A twins run's state loaded into a copies model (or back) failed with torch's list of every trunk key

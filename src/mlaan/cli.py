@@ -20,11 +20,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import yaml
 
 from .cli_lazy import DeferredCommands, add_contributed
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
 
 EXIT_USAGE = 2
 # Errors that mean "the input is wrong": reported in one line, exit 2.
@@ -136,6 +139,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
+
+
+class _RaisingParser(Parser):
+    """``mlaan train``'s parser for a command line checked by another command: a usage error is a ValueError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(_one_line(message))
+
+
+def resolve_train_args(argv: Sequence[str]) -> TrainConfig:
+    """The options ``mlaan train ARGV`` would start a new run with, resolved as ``--print-config`` resolves them
+    (:func:`mlaan.training.resolve_run`: files read, no data opened, nothing written or trained, no warning
+    printed). ValueError (or another of :data:`INPUT_ERRORS`), one line, where `mlaan train` would refuse them
+    before it builds anything: an unknown flag, a bad value, options that cannot go together. For a command that
+    starts `mlaan train` runs (``mlaan bench accuracy``) to check every run's flags before the first starts."""
+    from .cli_flags import add_train_flags
+    from .training import resolve_run
+
+    parser = _RaisingParser(prog="mlaan train")
+    add_train_flags(parser)
+    args = parser.parse_args(list(argv))
+    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
+    config, _, _ = resolve_run(args.config, overrides, None, check_data=False, warn=False)
+    return config
 
 
 def _checkpoint_file(given: str) -> str:

@@ -9,7 +9,9 @@ with ``--merge``: a comparison moved to another machine trains only what it lack
 its schedule's end) are continued with ``--resume`` — so a comparison longer than one sitting is completed by
 running the same command again. "Finished" is :func:`mlaan.training.metrics_log.run_state`'s, the one definition
 `mlaan report` and a resume use too: only finished runs enter the tables; ``--max-steps`` is refused among the
-flags of a run (``--train-arg``, ``--arm``). ``--jobs N`` trains N runs at once (one thread each unless
+flags of a run (``--train-arg``, ``--arm``), and every run's `mlaan train` command line is resolved as
+``--print-config`` resolves it before the first run starts (:func:`check_commands`): one that would be refused is
+refused then, not once the runs before it have trained. ``--jobs N`` trains N runs at once (one thread each unless
 ``--threads``); a run that another process is training is left to it (each harness claims a run's folder before
 starting it, :class:`HarnessClaim`, and a plain `mlaan train` holds the folder's own lock), so several invocations
 of one command on one folder share the work; an invocation that ends with such a run still unfinished exits with 75
@@ -244,6 +246,27 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
         raise ValueError(f"--k {args.k} is too large for {args.arch} (allowed 1 to {limit}: its residual blocks + "
                          "the stem's module)")
     return methods, seed_list
+
+
+def check_commands(args: argparse.Namespace, arms: list[Arm], seed_list: list[int]) -> None:
+    """Every run's whole `mlaan train` command line (:func:`train_command`: the recipe, ``--train-arg``, its arm's
+    flags) resolved as ``mlaan train --print-config`` resolves it (:func:`mlaan.cli.resolve_train_args`), before
+    anything is written or trained: ValueError, one line naming the arm, for one that `mlaan train` would refuse
+    (``--vary lam_trunk=twins`` with ``--train-arg=--ema-update last``), which would otherwise fail only once the
+    runs before it had trained. An arm's seeds differ only by ``--seed`` (and folder): each arm is resolved once,
+    with the largest seed."""
+    from ..cli import INPUT_ERRORS, resolve_train_args
+
+    folder = Path(args.output_dir) if args.output_dir else Path("runs") / "bench-accuracy"
+    seed = max(seed_list)
+    for arm in arms:
+        cmd = train_command(args, arm, seed, run_dir(folder, arm, seed), run_threads(args))
+        try:
+            resolve_train_args(cmd[cmd.index("train") + 1:])
+        except INPUT_ERRORS as err:
+            flags = f" (its flags: {' '.join(arm.flags)})" if arm.flags else ""
+            raise ValueError(f"{arm.label}{flags}: `mlaan train` refuses its command line: "
+                             f"{' '.join(str(err).split())}; nothing was trained") from None
 
 
 def _parse_seeds(text: str) -> list[int]:
@@ -630,6 +653,8 @@ def _merged_sources(runs: list[dict], merged: list[dict]) -> list[dict]:
 
 def run(args: argparse.Namespace) -> int:
     arms, seed_list = _check(args)
+    if not args.report_only:
+        check_commands(args, arms, seed_list)
     recipe = _recipe(args)
     merged = load_merged(args.merge, recipe)
     out = common.output_dir(args.output_dir, "accuracy")

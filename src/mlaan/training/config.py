@@ -261,7 +261,7 @@ class TrainConfig(RunConfig):
         is checked where it is opened (``mlaan.distributed.init_from_env``)."""
         from .. import models
         from ..data import check_dataset_name
-        from ..engine.local_model import check_num_local_modules, default_num_local_modules
+        from ..engine.local_model import check_lam_trunk, check_num_local_modules, default_num_local_modules
 
         dataset = check_dataset_name(self.dataset)  # in any case, recorded as registered
         # registered (in any case, recorded as registered), or torchvision:NAME / timm:NAME from the library's list
@@ -296,6 +296,7 @@ class TrainConfig(RunConfig):
             )
         _check_recipe(cfg)
         _check_parallel(cfg, spec)  # first: "--parallel modules needs a local method" says more than "K must be 1"
+        check_lam_trunk(spec, options)  # the engine's own check, here too for --print-config and `bench accuracy`
         # the engine's own check of K (and window) against the architecture, here so that it names the allowed
         # range before anything is written (and for --print-config)
         check_num_local_modules(spec, options, cfg.local_modules, models.max_local_modules(cfg.arch), cfg.arch,

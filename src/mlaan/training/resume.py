@@ -306,6 +306,7 @@ def resolve_run(
     overrides: dict[str, Any] | None = None,
     resume: str | os.PathLike | None = None,
     check_data: bool = True,
+    warn: bool = True,
 ) -> tuple[TrainConfig, dict[str, Any] | None, Path | None]:
     """The resolved config of a run, with the checkpoint it resumes from and that checkpoint's path (both None
     for a new run). Reads files, writes nothing: ``mlaan train --print-config`` shows what this returns.
@@ -313,7 +314,8 @@ def resolve_run(
     Layers, later wins: defaults < the resumed checkpoint's config < ``config_file`` (with its ``base`` files) <
     ``overrides`` (the flags given explicitly). ``resume``: a checkpoint path (a run folder: its ``last.pt``), or
     ``"auto"`` for ``<output_dir>/last.pt``. ValueError, FileNotFoundError or NotADirectoryError (one line each)
-    for bad input; a ``data_root`` given explicitly must exist unless ``check_data`` is False.
+    for bad input; a ``data_root`` given explicitly must exist unless ``check_data`` is False. Options given that
+    the run ignores are named in a warning on stderr unless ``warn`` is False.
     """
     file_values = load_yaml(config_file) if config_file is not None else {}
     overrides = dict(overrides or {})
@@ -332,7 +334,8 @@ def resolve_run(
         check_compatible(ckpt, config.arch, config.method, config.local_modules, path)
     if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
-    _warn_unused(file_values, overrides, config)
+    if warn:
+        _warn_unused(file_values, overrides, config)
     return config, ckpt, path
 
 
