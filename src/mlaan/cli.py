@@ -20,18 +20,15 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import NoReturn
 
 import yaml
 
+from .cli_flags import INPUT_ERRORS  # errors that mean "the input is wrong": one line, exit 2
+from .cli_flags import NOT_CONFIG as _NOT_CONFIG
 from .cli_lazy import DeferredCommands, add_contributed
 
-if TYPE_CHECKING:
-    from .training.config import TrainConfig
-
 EXIT_USAGE = 2
-# Errors that mean "the input is wrong": reported in one line, exit 2.
-INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError)
 
 
 class CLIError(Exception):
@@ -100,9 +97,6 @@ def _add_train(subparsers) -> None:
     p.set_defaults(func=cmd_train)
 
 
-_NOT_CONFIG = ("config", "resume", "print_config", "func", "command")
-
-
 def cmd_train(args: argparse.Namespace) -> int:
     from .training import make_trainer
     from .training.run_folder import AUTO_RESUME
@@ -139,30 +133,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.close()
     return 0
-
-
-class _RaisingParser(Parser):
-    """``mlaan train``'s parser for a command line checked by another command: a usage error is a ValueError."""
-
-    def error(self, message: str) -> NoReturn:
-        raise ValueError(_one_line(message))
-
-
-def resolve_train_args(argv: Sequence[str]) -> TrainConfig:
-    """The options ``mlaan train ARGV`` would start a new run with, resolved as ``--print-config`` resolves them
-    (:func:`mlaan.training.resolve_run`: files read, no data opened, nothing written or trained, no warning
-    printed). ValueError (or another of :data:`INPUT_ERRORS`), one line, where `mlaan train` would refuse them
-    before it builds anything: an unknown flag, a bad value, options that cannot go together. For a command that
-    starts `mlaan train` runs (``mlaan bench accuracy``) to check every run's flags before the first starts."""
-    from .cli_flags import add_train_flags
-    from .training import resolve_run
-
-    parser = _RaisingParser(prog="mlaan train")
-    add_train_flags(parser)
-    args = parser.parse_args(list(argv))
-    overrides = {k: v for k, v in vars(args).items() if k not in _NOT_CONFIG}
-    config, _, _ = resolve_run(args.config, overrides, None, check_data=False, warn=False)
-    return config
 
 
 def _checkpoint_file(given: str) -> str:

@@ -12,7 +12,18 @@ import argparse
 import dataclasses
 import types
 import typing
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import yaml
+
+if TYPE_CHECKING:
+    from .training.config import TrainConfig
+
+# Errors that mean "the input is wrong": `mlaan` reports them in one line, exit 2.
+INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError, yaml.YAMLError)
+# parsed `mlaan train` arguments that are not options of the run
+NOT_CONFIG = ("config", "resume", "print_config", "func", "command")
 
 
 def add_train_flags(parser: argparse.ArgumentParser) -> None:
@@ -106,3 +117,26 @@ def _add_option_flags(parser: argparse.ArgumentParser, engine_group) -> None:
             kwargs["type"] = f.type
         flag = "--" + f.name.replace("_", "-")
         groups[f.owner].add_argument(flag, **kwargs)
+
+
+class _RaisingParser(argparse.ArgumentParser):
+    """``mlaan train``'s parser for a command line checked by another command: a usage error is a ValueError."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(" ".join(str(message).split()))
+
+
+def resolve_train_args(argv: Sequence[str]) -> TrainConfig:
+    """The options ``mlaan train ARGV`` would start a new run with, resolved as ``--print-config`` resolves them
+    (:func:`mlaan.training.resolve_run`: files read, no data opened, nothing written or trained, no warning
+    printed). ValueError (or another of :data:`INPUT_ERRORS`), one line, where `mlaan train` would refuse them
+    before it builds anything: an unknown flag, a bad value, options that cannot go together. For a command that
+    starts `mlaan train` runs (``mlaan bench accuracy``) to check every run's flags before the first starts."""
+    from .training import resolve_run
+
+    parser = _RaisingParser(prog="mlaan train")
+    add_train_flags(parser)
+    args = parser.parse_args(list(argv))
+    overrides = {k: v for k, v in vars(args).items() if k not in NOT_CONFIG}
+    config, _, _ = resolve_run(args.config, overrides, None, check_data=False, warn=False)
+    return config

@@ -250,12 +250,12 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
 
 def check_commands(args: argparse.Namespace, arms: list[Arm], seed_list: list[int]) -> None:
     """Every run's whole `mlaan train` command line (:func:`train_command`: the recipe, ``--train-arg``, its arm's
-    flags) resolved as ``mlaan train --print-config`` resolves it (:func:`mlaan.cli.resolve_train_args`), before
+    flags) resolved as ``mlaan train --print-config`` resolves it (:func:`mlaan.cli_flags.resolve_train_args`), before
     anything is written or trained: ValueError, one line naming the arm, for one that `mlaan train` would refuse
     (``--vary lam_trunk=twins`` with ``--train-arg=--ema-update last``), which would otherwise fail only once the
     runs before it had trained. An arm's seeds differ only by ``--seed`` (and folder): each arm is resolved once,
     with the largest seed."""
-    from ..cli import INPUT_ERRORS, resolve_train_args
+    from ..cli_flags import INPUT_ERRORS, resolve_train_args
 
     folder = Path(args.output_dir) if args.output_dir else Path("runs") / "bench-accuracy"
     seed = max(seed_list)
