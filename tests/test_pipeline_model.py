@@ -19,6 +19,7 @@ from mlaan.bench.pipeline_model import (
     predicted_tick,
     ring_all_reduce_s,
     stage_ticks,
+    twin_state_seconds,
 )
 
 LINK = Link(latency_s=1e-3, bytes_per_s=1e9)
@@ -165,3 +166,81 @@ def test_predict_from_refuses_a_bad_layout(tmp_path, capsys):
 
     assert main(["bench", "pipeline", "--predict-from", str(tmp_path / "none.json"), "--layouts", "2"]) == 2
     assert "R×P items" in capsys.readouterr().err
+
+
+def test_twin_facts_name_the_blocks_each_module_s_ema_twins_follow():
+    from mlaan import create_local_model
+    from mlaan.bench.pipeline_model import twin_facts
+    from mlaan.engine.lam import TwinTrunk
+
+    copies = create_local_model("resnet20", method="dgl+mlaan", num_local_modules=4)
+    facts = twin_facts(copies)
+    assert facts["module_blocks"] == [list(units) for units in copies.split]
+    # the paper's trunk: one twin each, of the first block after its module (the next module's first block)
+    for trunk in copies.following_trunks():
+        owner = next(j for j in range(4) for part in copies.module_parts(j)[1:] if trunk in list(part.modules()))
+        assert trunk.source_index in facts["followed_blocks"][owner]
+    assert len(facts["block_state_bytes"]) == len(copies.backbone.blocks)
+    first = copies.backbone.blocks[0]
+    assert facts["block_state_bytes"][0] == sum(v.numel() * v.element_size() for v in first.state_dict().values())
+
+    twins = create_local_model("resnet20", method="dgl+mlaan", num_local_modules=4, lam_trunk="twins")
+    facts = twin_facts(twins)
+    for j in range(4):
+        trunks = [t for part in twins.module_parts(j)[1:] for t in part.modules() if isinstance(t, TwinTrunk)]
+        assert facts["followed_blocks"][j] == sorted({i for t in trunks for i in t.indices})
+    assert any(len(blocks) > 1 for blocks in facts["followed_blocks"])  # twins reach several blocks ahead
+    dgl = create_local_model("resnet20", method="dgl", num_local_modules=4)
+    assert twin_facts(dgl)["followed_blocks"] == [[]] * 4
+
+
+def test_twin_state_seconds_count_only_blocks_trained_on_another_stage():
+    local = {"module_blocks": [[0], [1], [2], [3]], "followed_blocks": [[1, 3], [2], [3], []],
+             "block_state_bytes": [10.0, 1e6, 2e6, 3e6]}
+    link = Link(latency_s=1e-3, bytes_per_s=1e9)
+    # stage 0 runs modules 0-1 (blocks 0, 1): needs blocks 2 and 3 from stage 1; stage 1 needs none
+    assert twin_state_seconds(local, [range(0, 2), range(2, 4)], link) == pytest.approx(
+        [2e-3 + 5e-3, 0.0])
+    assert twin_state_seconds(local, [range(0, 4)], link) == [0.0]  # one stage owns every block
+    assert twin_state_seconds({"seconds": {}}, [range(0, 2), range(2, 4)], link) == [0.0, 0.0]  # an old profile
+    times = [1.0, 1.0, 1.0, 1.0]
+    plain = local_pipeline_step(times, [range(0, 2), range(2, 4)], 0.0, 0)
+    with_state = local_pipeline_step(times, [range(0, 2), range(2, 4)], 0.0, 0, twin_state_s=[7e-3, 0.0])
+    assert with_state == pytest.approx(plain + 7e-3)
+
+
+def _saved_run(tmp_path):
+    saved = {"config": {"arch": "resnet20", "method": "dgl+mlaan", "k": 4, "ranks": 2, "cores": 2,
+                        "batch_size": 8, "boundary": "exact"},
+             "window": 2, "code": "abc1234", "module_times": [0.01, 0.02, 0.02, 0.01],
+             "message": {"latency_s": 1e-4, "bytes_per_s": 2e9}}
+    path = tmp_path / "pipeline.json"
+    path.write_text(json.dumps(saved))
+    return path
+
+
+def test_predict_a_twins_trunk_from_a_saved_copies_run(tmp_path, capsys):
+    from mlaan.cli import main
+
+    out = tmp_path / "out"
+    assert main(["bench", "pipeline", "--predict-from", str(_saved_run(tmp_path)), "--layouts", "1x2",
+                 "--predict-repeats", "1", "--option", "lam_trunk=twins", "--output-dir", str(out)]) == 0
+    result = json.loads((out / "multi_device.json").read_text())
+    assert result["options"] == {"lam_trunk": "twins"}
+    assert result["saved_local_s"] is None  # the saved run timed another trunk: no comparison of its Σ T_j
+    (row,) = result["rows"]
+    # the first stage's twins follow blocks of the second: their state is sent every step
+    assert row["twin_state_s"][0] > 0 and row["twin_state_s"][-1] == 0
+    assert any(len(b) > 1 for b in result["profile"]["local"]["followed_blocks"])
+    assert "dgl+mlaan lam_trunk=twins s/step" in capsys.readouterr().out
+
+
+def test_a_measured_pipeline_refuses_the_twins_trunk_in_one_line(tmp_path, capsys):
+    from mlaan.cli import main
+
+    assert main(["bench", "pipeline", "--local-modules", "4", "--arch", "resnet20",
+                 "--option", "lam_trunk=twins"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--predict-from PIPELINE_JSON --option lam_trunk=twins" in err and len(err.splitlines()) == 1
+    assert main(["bench", "pipeline", "--predict-from", str(_saved_run(tmp_path)), "--option", "lam_depth"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err

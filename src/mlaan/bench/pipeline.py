@@ -59,7 +59,7 @@ from ..distributed.pipeline import (
 from ..engine import parse_method
 from ..training.loop import make_optimizer, optimizer_step
 from . import common
-from .memory import MemoryAccountant
+from .memory import MemoryAccountant, parse_options
 from .pipeline_model import (
     DEFAULT_LAYOUTS,
     bp_stages,
@@ -76,6 +76,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default="resnet32")
     p.add_argument("--method", default="dgl+mlaan", help="the local-learning method to pipeline")
     p.add_argument("--local-modules", type=int, default=None, help="K (default: the architecture's)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine option of the method, e.g. window=3 (repeatable); with --predict-from, on top of "
+                        "the saved run's: lam_trunk=twins predicts a trunk the pipeline does not run yet")
     p.add_argument("--ranks", type=int, default=2, help="P, processes of the pipeline")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: gloo processes; cuda: NCCL, rank r on GPU r (needs --ranks GPUs)")
@@ -106,9 +109,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     layouts = parse_layouts(args.layouts)
+    options = parse_options(args.option)
     if args.predict_from:
-        return _run_prediction(args, layouts)
+        return _run_prediction(args, layouts, options)
     spec = parse_method(args.method)
+    if spec.leap and options.get("lam_trunk") == "twins":
+        raise ValueError("--option lam_trunk=twins: the module pipeline does not run a trunk of shared EMA twins "
+                         "(each stage would need later stages' blocks every step); predict it from a saved run: "
+                         "--predict-from PIPELINE_JSON --option lam_trunk=twins")
+    common.check_options([args.method], {"ema_lag": 1, **options} if spec.leap else options)
     if spec.base.end_to_end:
         raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
     args.arch = common.check_arch(args.arch)
@@ -125,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     out = common.output_dir(args.output_dir, "pipeline")
     cfg = {"arch": args.arch, "method": args.method, "k": k, "ranks": args.ranks, "cores": args.cores,
            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
-           "boundary": args.boundary, "partition": args.partition, "device": args.device}
+           "boundary": args.boundary, "partition": args.partition, "device": args.device,
+           "options": common.read_options(args.method, options)}
     machine = common.machine_description(f"{args.cores} threads in all, {args.cores // args.ranks} a rank")
     cfg["loadavg_before"] = os.getloadavg()[0]
     print(f"mlaan bench pipeline on {machine}; code {common.code_version()}; load average "
@@ -151,25 +161,31 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]]) -> int:
-    """``--predict-from``: the multi-device table for a saved run's setting, written as multi_device.json."""
+def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]], options: dict) -> int:
+    """``--predict-from``: the multi-device table for a saved run's setting (``options`` on top of its engine
+    options), written as multi_device.json."""
     saved = json.loads(Path(args.predict_from).read_text())
+    if options:
+        common.check_options([saved["config"]["method"]], options)
+        options = common.read_options(saved["config"]["method"], options)
     out = common.output_dir(args.output_dir, "pipeline")
     print(f"mlaan bench pipeline --predict-from {args.predict_from} on {common.machine_description()}; "
           f"code {common.code_version()}; load average {os.getloadavg()[0]:.1f}")
     result = {"source": str(args.predict_from), "config": saved["config"], "code": common.code_version(),
               "machine": common.machine_description(), "saved_code": saved.get("code"),
-              **_predict(saved, layouts, args)}
+              **_predict(saved, layouts, args, options)}
     common.write_json(out / "multi_device.json", result)
     print(f"wrote {out / 'multi_device.json'}")
     return 0
 
 
-def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespace) -> dict[str, Any]:
-    prediction = predict_from_saved(saved, layouts, args.bandwidth, args.latency, args.predict_repeats)
-    print(f"\nmulti-device prediction ({saved['config']['method']}, batch {saved['config']['batch_size']}, "
+def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespace,
+             options: dict | None = None) -> dict[str, Any]:
+    prediction = predict_from_saved(saved, layouts, args.bandwidth, args.latency, args.predict_repeats, options)
+    method = " ".join(filter(None, (saved["config"]["method"], common.options_text(prediction["options"]))))
+    print(f"\nmulti-device prediction ({method}, batch {saved['config']['batch_size']}, "
           f"{prediction['threads']} thread(s) a device; × 1 dev: speed-up over one device running the same method):")
-    print(format_prediction(prediction, saved["config"]["method"]))
+    print(format_prediction(prediction, method))
     if prediction["saved_local_s"]:
         print(f"Σ T_j now {prediction['one_device']['local_s']:.3f} s vs {prediction['saved_local_s']:.3f} s in the "
               "saved run (its wall time; another machine or load shows here; every figure of this table is from now)")
@@ -195,7 +211,8 @@ def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
 
 def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     spec = parse_method(cfg["method"])
-    lag = {"ema_lag": 1} if spec.leap else {}
+    # the pipeline's EMA twins follow a block on the next rank one step late: ema_lag 1 in one process too
+    lag = {"ema_lag": 1, **cfg["options"]} if spec.leap else dict(cfg["options"])
     device = torch.device(f"cuda:{rank}") if cfg.get("device") == "cuda" else torch.device("cpu")
     probe, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag)
     images, targets = common.synthetic_batch(probe, cfg["batch_size"])

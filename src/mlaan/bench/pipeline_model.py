@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..distributed.pipeline import partition_modules
 from ..engine import parse_method
+from ..engine.lam import LeapTrunk, TwinTrunk
 from . import common
 
 
@@ -79,14 +80,15 @@ def ring_all_reduce_s(nbytes: float, replicas: int, link: Link) -> float:
 
 
 def stage_ticks(times: Sequence[float], ranges: Sequence[range], message_s: float | Sequence[float],
-                cascade_wait: int) -> list[float]:
+                cascade_wait: int, twin_state_s: Sequence[float] = ()) -> list[float]:
     """Busy seconds per step of each stage of a lock-step module pipeline: its modules' ``times``, plus (all but
     the last) the activation message to the next stage and, with exact cascades (``cascade_wait`` > 0), the next
     stage's first ``cascade_wait`` modules and the gradient message coming back. ``message_s``: one figure for
-    every boundary, or one per boundary (stage r → r + 1)."""
+    every boundary, or one per boundary (stage r → r + 1). ``twin_state_s[r]``: seconds stage r spends receiving
+    the state of blocks trained on other stages that its LAM EMA twins follow (:func:`twin_state_seconds`)."""
     ticks = []
     for r, run in enumerate(ranges):
-        busy = sum(times[j] for j in run)
+        busy = sum(times[j] for j in run) + (twin_state_s[r] if twin_state_s else 0.0)
         if r < len(ranges) - 1:
             send = message_s if isinstance(message_s, (int, float)) else message_s[r]
             busy += send
@@ -104,11 +106,29 @@ def predicted_tick(times: Sequence[float], ranges: Sequence[range], message_s: f
 
 def local_pipeline_step(times: Sequence[float], ranges: Sequence[range], message_s: float | Sequence[float],
                         cascade_wait: int, stage_bytes: Sequence[float] = (), replicas: int = 1,
-                        link: Link | None = None) -> float:
-    """Seconds per step (steady state) of R replicas of a module pipeline: the slowest stage's tick plus its
-    gradient all-reduce (``stage_bytes[r]``: stage r's trainable parameter bytes) over ``replicas``."""
-    ticks = stage_ticks(times, ranges, message_s, cascade_wait)
+                        link: Link | None = None, twin_state_s: Sequence[float] = ()) -> float:
+    """Seconds per step (steady state) of R replicas of a module pipeline: the slowest stage's tick (with
+    ``twin_state_s`` as in :func:`stage_ticks`) plus its gradient all-reduce (``stage_bytes[r]``: stage r's
+    trainable parameter bytes) over ``replicas``."""
+    ticks = stage_ticks(times, ranges, message_s, cascade_wait, twin_state_s)
     return max(t + _all_reduce(stage_bytes, r, replicas, link) for r, t in enumerate(ticks))
+
+
+def twin_state_seconds(local: dict, ranges: Sequence[range], link: Link) -> list[float]:
+    """Per stage, the seconds to receive, every step, the state of each block trained on another stage whose LAM
+    EMA twin one of the stage's modules runs (one message per block; what the module pipeline does for the
+    paper's trunk, whose one twin per trunk follows the next module's first block, and what a pipeline of
+    ``lam_trunk="twins"`` trunks, whose twins reach several stages ahead, would have to do). ``local``: a
+    :func:`measure_profile` entry with ``module_blocks``, ``followed_blocks`` and ``block_state_bytes``; a
+    profile saved without them (before they were measured) adds nothing."""
+    if "followed_blocks" not in local:
+        return [0.0] * len(ranges)
+    seconds = []
+    for run in ranges:
+        owned = {i for j in run for i in local["module_blocks"][j]}
+        needed = {i for j in run for i in local["followed_blocks"][j]} - owned
+        seconds.append(sum(link.seconds(local["block_state_bytes"][i]) for i in sorted(needed)))
+    return seconds
 
 
 def bp_1f1b_step(micro_times: Sequence[float], stages: Sequence[range], micro_batches: int,
@@ -172,11 +192,14 @@ def block_times(arch: str, batches: Sequence[int], threads: int = 1, repeats: in
 
 
 def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int], bp_batches: Sequence[int],
-                    threads: int = 1, repeats: int = 3) -> dict[str, Any]:
-    """Per-module times of ``method`` (K = ``k``) at each of ``local_batches`` and BP's per-block times at each of
-    ``bp_batches``, in interleaved rounds (one pass of every case a round, medians over ``repeats`` rounds after one
-    warm-up) so that other load on the cores touches both alike. ``{"local": ..., "bp": ...}``, each with
-    ``seconds`` per batch, ``output_bytes_per_image`` and trainable ``parameter_bytes`` per module (per block).
+                    threads: int = 1, repeats: int = 3, options: dict | None = None) -> dict[str, Any]:
+    """Per-module times of ``method`` (K = ``k``, built with the engine ``options``) at each of ``local_batches``
+    and BP's per-block times at each of ``bp_batches``, in interleaved rounds (one pass of every case a round,
+    medians over ``repeats`` rounds after one warm-up) so that other load on the cores touches both alike.
+    ``{"local": ..., "bp": ...}``, each with ``seconds`` per batch, ``output_bytes_per_image`` and trainable
+    ``parameter_bytes`` per module (per block); ``local`` also with each module's backbone blocks
+    (``module_blocks``), the blocks whose EMA twins its aux nets run (``followed_blocks``) and each block's state
+    bytes (``block_state_bytes``), for :func:`twin_state_seconds`.
 
     With one thread the clock is the thread's CPU time (``time.thread_time``: the work runs in this thread, and
     what other processes on the cores take from it is not counted — their cache pollution still is); with several,
@@ -187,7 +210,8 @@ def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int]
     try:
         cases = []
         if local_batches:
-            cases += [("local", b, _LocalPass(arch, method, k, b, clock)) for b in sorted(set(local_batches))]
+            cases += [("local", b, _LocalPass(arch, method, k, b, clock, options))
+                      for b in sorted(set(local_batches))]
         cases += [("bp", b, _BlockPass(arch, b, clock)) for b in sorted(set(bp_batches))]
         for _, _, case in cases:
             case.run()  # warm-up, and the shapes
@@ -202,6 +226,8 @@ def measure_profile(arch: str, method: str, k: int, local_batches: Sequence[int]
         entry = profile.setdefault(kind, {"seconds": {}, "output_bytes_per_image": case.output_bytes_per_image,
                                           "parameter_bytes": case.parameter_bytes})
         entry["seconds"][str(b)] = [statistics.median(col) for col in zip(*rounds[kind, b])]
+        if kind == "local":
+            entry.update(case.twin_facts)
     return profile
 
 
@@ -243,10 +269,14 @@ class _LocalPass:
     starts, backward) as ``module_costs(model, "time")`` does."""
 
     def __init__(self, arch: str, method: str, k: int, batch: int,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.perf_counter, options: dict | None = None) -> None:
         self.clock = clock
-        lag = {"ema_lag": 1} if parse_method(method).leap else {}
-        self.model, _ = common.build(arch, method, k, **lag)
+        options = dict(options or {})
+        # the pipeline's twins follow their blocks one step late (ema_lag 1); a trunk of shared twins cannot lag,
+        # and the lag changes no cost
+        lag = {"ema_lag": 1} if parse_method(method).leap and options.get("lam_trunk") != "twins" else {}
+        self.model, _ = common.build(arch, method, k, **lag, **options)
+        self.twin_facts = twin_facts(self.model)
         self.images, self.targets = common.synthetic_batch(self.model, batch)
         self.output_bytes_per_image: list[float] = []
         self.parameter_bytes = [float(_bytes(p for part in self.model.module_parts(j) for p in part.parameters()
@@ -264,6 +294,26 @@ class _LocalPass:
         step.finish()
         self.model.zero_grad(set_to_none=True)
         return seconds
+
+
+def twin_facts(model: Any) -> dict[str, list]:
+    """What :func:`twin_state_seconds` needs of a local model: ``module_blocks[j]`` (backbone block indices of
+    local module j), ``followed_blocks[j]`` (blocks whose EMA twin module j's aux nets run and move after each
+    step: the following :class:`~mlaan.engine.lam.LeapTrunk` twins, every :class:`~mlaan.engine.lam.TwinTrunk`
+    twin) and ``block_state_bytes[i]`` (block i's ``state_dict`` bytes: what a stage sends for one twin)."""
+    following = {id(t) for t in model.following_trunks()}
+    followed = []
+    for j in range(len(model.local_modules)):
+        blocks: set[int] = set()
+        for part in model.module_parts(j)[1:]:
+            for trunk in part.modules():
+                if isinstance(trunk, TwinTrunk):
+                    blocks.update(trunk.indices)
+                elif isinstance(trunk, LeapTrunk) and id(trunk) in following:
+                    blocks.add(trunk.source_index)
+        followed.append(sorted(blocks))
+    return {"module_blocks": [list(units) for units in model.split], "followed_blocks": followed,
+            "block_state_bytes": [float(_bytes(b.state_dict().values())) for b in model.backbone.blocks]}
 
 
 def _bytes(params: Any) -> int:
@@ -335,9 +385,11 @@ def _local_row(config: dict, local: dict, link: Link, replicas: int, stages: int
     cut = partition_modules(times, stages, max(1, wait))
     messages = [link.seconds(local["output_bytes_per_image"][run.stop - 1] * images) for run in cut[:-1]]
     stage_bytes = [sum(local["parameter_bytes"][j] for j in run) for run in cut]
-    seconds = local_pipeline_step(times, cut, messages, wait, stage_bytes, replicas, link)
+    state_s = twin_state_seconds(local, cut, link)
+    seconds = local_pipeline_step(times, cut, messages, wait, stage_bytes, replicas, link, state_s)
     return {"replicas": replicas, "stages": stages, "devices": replicas * stages, "images_per_replica": images,
-            "local_s": seconds, "local_ranges": [[run.start, run.stop] for run in cut]}
+            "local_s": seconds, "local_ranges": [[run.start, run.stop] for run in cut],
+            "twin_state_s": state_s}
 
 
 def _bp_entry(bp: dict, link: Link, replicas: int, stages: int, micro: int, batch: int, one_s: float,
@@ -375,25 +427,33 @@ def format_prediction(result: dict, method: str) -> str:
 
 def predict_from_saved(saved: dict, layouts: Sequence[tuple[int, int]] = DEFAULT_LAYOUTS,
                        bandwidth: float | None = None, latency: float | None = None,
-                       repeats: int = 3) -> dict[str, Any]:
+                       repeats: int = 3, options: dict | None = None) -> dict[str, Any]:
     """The multi-device prediction for the setting of a saved ``mlaan bench pipeline`` result (its ``config``,
     ``window`` and ping-pong ``message``), without starting processes: the per-module and per-block times are
     measured here, one process, with the thread count each of its ranks had (``cores // ranks``).
 
     ``bandwidth`` (bytes/s) and ``latency`` (s) replace the measured gloo-loopback link (e.g. with NVLink's).
-    Also reports Σ T_j of the saved run beside today's (``saved_local_s``): their ratio shows how differently
-    loaded the cores are now — the comparisons inside one prediction share the same load."""
-    cfg = {**saved["config"], "window": saved.get("window", 2)}
+    ``options``: engine options of the local method on top of the saved run's (e.g. ``{"lam_trunk": "twins"}``,
+    a trunk the module pipeline does not run: the prediction is of the pipeline it would be, its twins' block
+    states sent every step, :func:`twin_state_seconds`). Also reports Σ T_j of the saved run beside today's
+    (``saved_local_s``, None where ``options`` change the method): their ratio shows how differently loaded the
+    cores are now — the comparisons inside one prediction share the same load."""
+    saved_options = saved["config"].get("options", {})
+    merged = {**saved_options, **(options or {})}
+    cfg = {**saved["config"], "options": merged, "window": merged.get("window", saved.get("window", 2))}
     message = saved["message"]
     link = Link(latency if latency is not None else message["latency_s"],
                 bandwidth if bandwidth is not None else message["bytes_per_s"])
     threads = max(1, cfg["cores"] // cfg["ranks"])
     local_batches, bp_batches = needed_batches(cfg["batch_size"], layouts)
-    profile = measure_profile(cfg["arch"], cfg["method"], cfg["k"], local_batches, bp_batches, threads, repeats)
+    profile = measure_profile(cfg["arch"], cfg["method"], cfg["k"], local_batches, bp_batches, threads, repeats,
+                              merged)
     result = multi_device_prediction(cfg, profile, link, layouts)
+    result["options"] = merged
     result["link_source"] = ("given" if bandwidth is not None or latency is not None
                              else "gloo loopback ping-pong of the saved run")
-    result["saved_local_s"] = sum(saved["module_times"]) if "module_times" in saved else None
+    same_method = merged == saved_options and "module_times" in saved
+    result["saved_local_s"] = sum(saved["module_times"]) if same_method else None
     result["profile"] = profile
     result["threads"] = threads
     return result
