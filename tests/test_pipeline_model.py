@@ -244,3 +244,14 @@ def test_a_measured_pipeline_refuses_the_twins_trunk_in_one_line(tmp_path, capsy
     assert "--predict-from PIPELINE_JSON --option lam_trunk=twins" in err and len(err.splitlines()) == 1
     assert main(["bench", "pipeline", "--predict-from", str(_saved_run(tmp_path)), "--option", "lam_depth"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_an_option_the_method_does_not_read_is_refused(tmp_path, capsys):
+    from mlaan.cli import main
+
+    saved = json.loads(_saved_run(tmp_path).read_text())
+    saved["config"]["method"] = "dgl"
+    path = tmp_path / "dgl.json"
+    path.write_text(json.dumps(saved))
+    assert main(["bench", "pipeline", "--predict-from", str(path), "--option", "lam_trunk=twins"]) == 2
+    assert "--option lam_trunk: dgl does not read it" in capsys.readouterr().err

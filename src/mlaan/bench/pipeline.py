@@ -113,13 +113,14 @@ def run(args: argparse.Namespace) -> int:
     if args.predict_from:
         return _run_prediction(args, layouts, options)
     spec = parse_method(args.method)
+    if spec.base.end_to_end:
+        raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
     if spec.leap and options.get("lam_trunk") == "twins":
         raise ValueError("--option lam_trunk=twins: the module pipeline does not run a trunk of shared EMA twins "
                          "(each stage would need later stages' blocks every step); predict it from a saved run: "
                          "--predict-from PIPELINE_JSON --option lam_trunk=twins")
+    _check_method_options(args.method, options)
     common.check_options([args.method], {"ema_lag": 1, **options} if spec.leap else options)
-    if spec.base.end_to_end:
-        raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
     args.arch = common.check_arch(args.arch)
     if args.ranks < 2:
         raise ValueError(f"--ranks must be at least 2, got {args.ranks}")
@@ -135,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = {"arch": args.arch, "method": args.method, "k": k, "ranks": args.ranks, "cores": args.cores,
            "batch_size": args.batch_size, "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds,
            "boundary": args.boundary, "partition": args.partition, "device": args.device,
-           "options": common.read_options(args.method, options)}
+           "options": options}
     machine = common.machine_description(f"{args.cores} threads in all, {args.cores // args.ranks} a rank")
     cfg["loadavg_before"] = os.getloadavg()[0]
     print(f"mlaan bench pipeline on {machine}; code {common.code_version()}; load average "
@@ -166,8 +167,7 @@ def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]], op
     options), written as multi_device.json."""
     saved = json.loads(Path(args.predict_from).read_text())
     if options:
-        common.check_options([saved["config"]["method"]], options)
-        options = common.read_options(saved["config"]["method"], options)
+        _check_method_options(saved["config"]["method"], options)
     out = common.output_dir(args.output_dir, "pipeline")
     print(f"mlaan bench pipeline --predict-from {args.predict_from} on {common.machine_description()}; "
           f"code {common.code_version()}; load average {os.getloadavg()[0]:.1f}")
@@ -177,6 +177,15 @@ def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]], op
     common.write_json(out / "multi_device.json", result)
     print(f"wrote {out / 'multi_device.json'}")
     return 0
+
+
+def _check_method_options(method: str, options: dict) -> None:
+    """One-line ValueError where ``method`` cannot be built with ``options`` or does not read one of them (a
+    prediction would silently be of the method without it)."""
+    common.check_options([method], options)
+    unread = sorted(set(options) - set(common.read_options(method, options)))
+    if unread:
+        raise ValueError(f"--option {unread[0]}: {method} does not read it (it changes nothing for this method)")
 
 
 def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespace,
