@@ -388,6 +388,28 @@ def test_epoch_band_takes_a_resumed_epochs_later_line():
     assert epochs == [1, 2] and mean == pytest.approx([0.5, 0.3]) and (low[0], high[0]) == (0.4, 0.6)
 
 
+def test_an_unfinished_run_is_compared_epoch_for_epoch_with_the_same_seed():
+    def run(label, seed, errors, finished, partial=None):
+        epochs = [{"epoch": e, "complete": True, "test_error": x} for e, x in enumerate(errors, 1)]
+        if partial is not None:  # an epoch cut off mid-way: not compared
+            epochs.append({"epoch": len(errors) + 1, "complete": False, "test_error": partial})
+        return {"label": label, "method": label.split()[0], "seed": seed, "finished": finished, "epochs": epochs}
+
+    runs = [run("bp", 0, [0.5, 0.3, 0.2, 0.1], True), run("bp", 1, [0.6, 0.4, 0.25, 0.12], True),
+            run("dgl+mlaan", 0, [0.55, 0.35, 0.22, 0.11], True),
+            run("dgl+mlaan twins", 0, [0.52, 0.33], False, partial=0.01),
+            run("dgl+mlaan twins", 1, [0.62], False), run("dgl+mlaan twins", 2, [], False)]
+    standing = seeds.interim(runs)
+    assert [(e["label"], e["seed"], e["epoch"]) for e in standing] == [("dgl+mlaan twins", 0, 2),
+                                                                       ("dgl+mlaan twins", 1, 1)]
+    assert standing[0]["test_error"] == 0.33  # its last complete epoch, not the cut-off one
+    assert standing[0]["versus"] == {"bp": 0.3, "dgl+mlaan": 0.35}  # seed 0's runs at epoch 2
+    assert standing[1]["versus"] == {"bp": 0.6}  # seed 1: no finished dgl+mlaan run
+    text = seeds.interim_table(standing)
+    assert "| dgl+mlaan twins | 0    | 2     | 33.00" in text and "30.00 (+3.00)" in text and "35.00 (-2.00)" in text
+    assert seeds.interim([runs[0]]) == [] and seeds.interim_table([]) == ""
+
+
 def _harness_mid_run(out: Path) -> subprocess.Popen:
     """A real `bench accuracy` of dgl then bp (500 epochs of a tiny synthetic set), returned once dgl has logged
     its first epoch: mid-run."""

@@ -618,6 +618,11 @@ def write_report(out: Path, title: str, machine: str, recipe: dict, merged: list
              "sample std of per-seed differences over the seeds both methods finished (n).", ""]
     if unfinished:
         lines += ["Not finished yet (run the same command again to continue): " + ", ".join(unfinished) + ".", ""]
+    standing = seeds.interim(runs)
+    if standing:
+        lines += ["Where the unfinished runs stand: test error (%) at each one's last complete epoch against the "
+                  "finished runs of the same seed at the same epoch (the same recipe, so the same point of the "
+                  "learning-rate schedule); an interim reading, not a result.", "", seeds.interim_table(standing), ""]
     if modules_md:
         lines += ["Test accuracy (%) of each local module's main aux net (the cascaded one under MLM, else its "
                   "own; the last module is the network itself), mean over the seeds measured (`--modules`). "
@@ -632,6 +637,7 @@ def write_report(out: Path, title: str, machine: str, recipe: dict, merged: list
         "recipe": recipe,
         "summary": summary,
         "unfinished": unfinished,
+        "interim": standing,
         "merged": _merged_sources(runs, merged),
         "runs": [{k: r.get(k) for k in REPORT_RUN_KEYS} | ({"source": r["source"]} if "source" in r else {})
                  for r in runs],

@@ -90,6 +90,48 @@ def table(summary: list[dict]) -> str:
     return common.format_table(headers + (["Δ vs plain method (pp, paired)"] if variants else []), rows)
 
 
+def _complete_epochs(run: dict) -> dict[int, float]:
+    """Epoch → test error of each epoch ``run`` completed (a resumed run may log an epoch twice: the later line)."""
+    return {int(line["epoch"]): float(line["test_error"]) for line in run.get("epochs") or []
+            if line.get("complete", True) and line.get("test_error") is not None}
+
+
+def interim(runs: list[dict]) -> list[dict]:
+    """Where each unfinished run stands: its last complete epoch's test error against the same-seed finished runs
+    of the other arms *at that epoch* — the same recipe, so the same point of the learning-rate schedule, which
+    makes the epoch-for-epoch comparison fair while the run is still going (an interim reading; a run's final
+    error is the result). One entry per unfinished run with a complete epoch: ``label``, ``seed``, ``epoch``,
+    ``test_error`` and ``versus`` ({finished label: its test error at that epoch}, arms that logged it)."""
+    finished = [r for r in runs if r["finished"]]
+    out = []
+    for run in runs:
+        mine = _complete_epochs(run)
+        if run["finished"] or not mine:
+            continue
+        epoch = max(mine)
+        versus = {}
+        for other in finished:
+            theirs = _complete_epochs(other)
+            if int(other["seed"]) == int(run["seed"]) and epoch in theirs:
+                versus[other.get("label", other["method"])] = theirs[epoch]
+        out.append({"label": run.get("label", run["method"]), "seed": int(run["seed"]), "epoch": epoch,
+                    "test_error": mine[epoch], "versus": versus})
+    return out
+
+
+def interim_table(entries: list[dict]) -> str:
+    """Markdown of :func:`interim`: per unfinished run, its epoch and test error, and each finished arm's error at
+    that epoch with the difference (pp; negative: the unfinished run is ahead). Empty for no entry."""
+    if not entries:
+        return ""
+    labels = list(dict.fromkeys(label for e in entries for label in e["versus"]))
+    rows = [[e["label"], e["seed"], e["epoch"], _pp(e["test_error"])]
+            + [f"{_pp(e['versus'][label])} ({_pp(e['test_error'] - e['versus'][label], sign=True)})"
+               if label in e["versus"] else "—" for label in labels] for e in entries]
+    return common.format_table(["unfinished run", "seed", "epoch", "test error %",
+                                *(f"{label} at that epoch (Δ)" for label in labels)], rows)
+
+
 def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list[float], list[float]]:
     """Per epoch over the runs that reached it: (epochs, mean, min, max) of ``key`` in their last line for that
     epoch (a resumed run may log an epoch twice; the later line covers it)."""
