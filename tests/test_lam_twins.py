@@ -139,6 +139,37 @@ def test_a_state_dict_has_each_twin_once_and_restores_the_twins():
     assert step(fresh, x, y)["module_losses"] == step(model, x, y)["module_losses"]
 
 
+def test_in_evaluation_the_twins_normalise_with_batch_statistics_and_keep_their_buffers():
+    model = twins_model(k=6)
+    x, _ = batch(16)
+    trunk = next(t for t in trunks(model) if len(t.indices) > 1)
+    z = torch.randn(16, *trunk_input_shape(model, trunk))
+    for twin in model.twin_bank.twins.values():  # running statistics that fit no input: evaluation must not use them
+        for m in twin.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(50.0)
+                m.running_var.fill_(1e-4)
+    buffers = {k: v.clone() for k, v in model.twin_bank.state_dict().items()}
+    training = trunk(z)
+    model.eval()
+    evaluated = trunk(z)
+    assert torch.equal(evaluated, training)  # the same batch statistics as in training
+    assert all(torch.equal(v, buffers[k]) for k, v in model.twin_bank.state_dict().items())  # nothing tracked
+    assert not any(m.training for m in model.modules())  # the model's mode is left as it was
+    assert model.module_logits(x, "cascaded")[1].abs().max() < 1e3
+
+
+def trunk_input_shape(model: mlaan.LocalModel, trunk: TwinTrunk) -> tuple[int, ...]:
+    """(C, H, W) of the output of the block before the trunk's first twin, where the trunk's input comes from."""
+    x, _ = batch(2)
+    shapes = []
+    h = model.backbone.resize(x) if hasattr(model.backbone, "resize") else x
+    for block in model.backbone.blocks[: trunk.indices[0]]:
+        h = block(h)
+        shapes.append(h.shape[1:])
+    return tuple(shapes[-1])
+
+
 def test_copies_stay_the_default_and_build_no_bank():
     model = mlaan.create_local_model("resnet20", "dgl+mlaan", 6)
     assert model.twin_bank is None and model.leap_trunks and all(isinstance(t, LeapTrunk) for t in model.leap_trunks)
