@@ -173,7 +173,7 @@ class TwinTrunk(nn.Module):
     In evaluation too the twins' BatchNorms normalise with batch statistics, as in training: a twin's running
     statistics are its real block's, measured on that block's own input, while a trunk skips blocks and one twin
     serves trunks at several depths, so they fit none of its inputs (with them, the early modules' aux nets of a
-    ResNet-32 scored near chance in ``mlaan eval --modules``: 10–38% against 68–76% with batch statistics).
+    ResNet-32 scored near chance in ``mlaan eval --modules``: 14–29% against 70–75% with batch statistics).
     """
 
     def __init__(self, bank: TwinBank, indices: list[int]) -> None:
