@@ -139,15 +139,21 @@ def test_multi_device_prediction_on_a_hand_made_profile():
     assert result["rows"][1]["images_per_replica"] == 8
 
 
-def test_predict_from_a_saved_pipeline_json(tmp_path, capsys):
-    from mlaan.cli import main
-
+def _saved_run(tmp_path):
+    """A saved 2-rank `bench pipeline` result of dgl+mlaan on resnet20 K=4 (its pipeline.json path)."""
     saved = {"config": {"arch": "resnet20", "method": "dgl+mlaan", "k": 4, "ranks": 2, "cores": 2,
                         "batch_size": 8, "boundary": "exact"},
              "window": 2, "code": "abc1234", "module_times": [0.01, 0.02, 0.02, 0.01],
              "message": {"latency_s": 1e-4, "bytes_per_s": 2e9}}
     path = tmp_path / "pipeline.json"
     path.write_text(json.dumps(saved))
+    return path
+
+
+def test_predict_from_a_saved_pipeline_json(tmp_path, capsys):
+    from mlaan.cli import main
+
+    path = _saved_run(tmp_path)
     out = tmp_path / "out"
     assert main(["bench", "pipeline", "--predict-from", str(path), "--layouts", "1x2,2x2,1x8",
                  "--predict-repeats", "1", "--bandwidth", "5e10", "--output-dir", str(out)]) == 0
@@ -207,16 +213,6 @@ def test_twin_state_seconds_count_only_blocks_trained_on_another_stage():
     plain = local_pipeline_step(times, [range(0, 2), range(2, 4)], 0.0, 0)
     with_state = local_pipeline_step(times, [range(0, 2), range(2, 4)], 0.0, 0, twin_state_s=[7e-3, 0.0])
     assert with_state == pytest.approx(plain + 7e-3)
-
-
-def _saved_run(tmp_path):
-    saved = {"config": {"arch": "resnet20", "method": "dgl+mlaan", "k": 4, "ranks": 2, "cores": 2,
-                        "batch_size": 8, "boundary": "exact"},
-             "window": 2, "code": "abc1234", "module_times": [0.01, 0.02, 0.02, 0.01],
-             "message": {"latency_s": 1e-4, "bytes_per_s": 2e9}}
-    path = tmp_path / "pipeline.json"
-    path.write_text(json.dumps(saved))
-    return path
 
 
 def test_predict_a_twins_trunk_from_a_saved_copies_run(tmp_path, capsys):
