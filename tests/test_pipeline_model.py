@@ -238,6 +238,8 @@ def test_a_measured_pipeline_refuses_the_twins_trunk_in_one_line(tmp_path, capsy
                  "--option", "lam_trunk=twins"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--predict-from PIPELINE_JSON --option lam_trunk=twins" in err and len(err.splitlines()) == 1
+    assert main(["bench", "pipeline", "--option", "ema_lag=0"]) == 2
+    assert "sets ema_lag 1 itself" in capsys.readouterr().err
     assert main(["bench", "pipeline", "--predict-from", str(_saved_run(tmp_path)), "--option", "lam_depth"]) == 2
     assert "KEY=VALUE" in capsys.readouterr().err
 

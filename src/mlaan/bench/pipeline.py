@@ -119,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--option lam_trunk=twins: the module pipeline does not run a trunk of shared EMA twins "
                          "(each stage would need later stages' blocks every step); predict it from a saved run: "
                          "--predict-from PIPELINE_JSON --option lam_trunk=twins")
+    if spec.leap and "ema_lag" in options:
+        raise ValueError(f"--option ema_lag={options['ema_lag']}: the module pipeline sets ema_lag 1 itself (a twin "
+                         "whose block is on the next rank sees it one step late)")
     _check_method_options(args.method, options)
     common.check_options([args.method], {"ema_lag": 1, **options} if spec.leap else options)
     args.arch = common.check_arch(args.arch)
