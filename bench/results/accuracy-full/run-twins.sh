@@ -1,6 +1,6 @@
 #!/bin/sh
 # dgl+mlaan --lam-trunk twins on the full Fashion-MNIST recipe of this folder (issue 33): seeds 0 and 1, one
-# thread a run, two at a time; about 3.5 core-hours a run here (0.72x dgl+mlaan's step), so it spans sessions:
+# thread a run, two at a time; about 5 hours a run on the Ice Lake Xeon (2.4-2.7 s a step), so it spans sessions:
 # resumable, rerun the same command to continue (a run saves every 100 steps). Compared, paired by seed, with the
 # finished bp/dgl/dgl+mlaan runs of accuracy.json (--merge keeps them; nothing of them is retrained).
 # When both seeds have finished: sh run-twins.sh --report-only --modules, then copy runs/accuracy-full-twins/
