@@ -90,10 +90,12 @@ def table(summary: list[dict]) -> str:
     return common.format_table(headers + (["Δ vs plain method (pp, paired)"] if variants else []), rows)
 
 
-def _complete_epochs(run: dict) -> dict[int, float]:
-    """Epoch → test error of each epoch ``run`` completed (a resumed run may log an epoch twice: the later line)."""
-    return {int(line["epoch"]): float(line["test_error"]) for line in run.get("epochs") or []
-            if line.get("complete", True) and line.get("test_error") is not None}
+def per_epoch(run: dict, key: str, complete_only: bool = False) -> dict[int, float]:
+    """Epoch → ``key`` in ``run``'s last line for that epoch (a resumed run may log an epoch twice; the later line
+    covers it), lines without it left out; ``complete_only``: those of an epoch cut off mid-way left out too."""
+    return {int(line["epoch"]): float(line[key]) for line in run.get("epochs") or []
+            if line.get(key) is not None and line.get("epoch") is not None
+            and (line.get("complete", True) or not complete_only)}
 
 
 def interim(runs: list[dict]) -> list[dict]:
@@ -102,18 +104,15 @@ def interim(runs: list[dict]) -> list[dict]:
     makes the epoch-for-epoch comparison fair while the run is still going (an interim reading; a run's final
     error is the result). One entry per unfinished run with a complete epoch: ``label``, ``seed``, ``epoch``,
     ``test_error`` and ``versus`` ({finished label: its test error at that epoch}, arms that logged it)."""
-    finished = [r for r in runs if r["finished"]]
+    finished = [(r, per_epoch(r, "test_error", complete_only=True)) for r in runs if r["finished"]]
     out = []
     for run in runs:
-        mine = _complete_epochs(run)
+        mine = per_epoch(run, "test_error", complete_only=True)
         if run["finished"] or not mine:
             continue
         epoch = max(mine)
-        versus = {}
-        for other in finished:
-            theirs = _complete_epochs(other)
-            if int(other["seed"]) == int(run["seed"]) and epoch in theirs:
-                versus[other.get("label", other["method"])] = theirs[epoch]
+        versus = {other.get("label", other["method"]): theirs[epoch] for other, theirs in finished
+                  if int(other["seed"]) == int(run["seed"]) and epoch in theirs}
         out.append({"label": run.get("label", run["method"]), "seed": int(run["seed"]), "epoch": epoch,
                     "test_error": mine[epoch], "versus": versus})
     return out
@@ -137,11 +136,7 @@ def epoch_band(runs: list[dict], key: str) -> tuple[list[int], list[float], list
     epoch (a resumed run may log an epoch twice; the later line covers it)."""
     by_epoch: dict[int, list[float]] = {}
     for run in runs:
-        last: dict[int, float] = {}
-        for line in run["epochs"]:
-            if line.get(key) is not None and line.get("epoch") is not None:
-                last[int(line["epoch"])] = float(line[key])
-        for epoch, value in last.items():
+        for epoch, value in per_epoch(run, key).items():
             by_epoch.setdefault(epoch, []).append(value)
     epochs = sorted(by_epoch)
     return (epochs, [statistics.fmean(by_epoch[e]) for e in epochs], [min(by_epoch[e]) for e in epochs],
