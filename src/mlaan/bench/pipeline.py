@@ -224,9 +224,9 @@ def _rank_main(rank: int, world: int, tmp: str, cfg: dict[str, Any]) -> None:
 def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     spec = parse_method(cfg["method"])
     # the pipeline's EMA twins follow a block on the next rank one step late: ema_lag 1 in one process too
-    lag = {"ema_lag": 1, **cfg["options"]} if spec.leap else dict(cfg["options"])
+    build_options = {"ema_lag": 1, **cfg["options"]} if spec.leap else dict(cfg["options"])
     device = torch.device(f"cuda:{rank}") if cfg.get("device") == "cuda" else torch.device("cpu")
-    probe, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], **lag)
+    probe, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], **build_options)
     images, targets = common.synthetic_batch(probe, cfg["batch_size"])
     # The partition and the per-module times come from rank 0 (measured with a rank's thread count, on its
     # device), broadcast.
@@ -240,7 +240,7 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     dist.broadcast_object_list(shared, src=0)
     times, ranges = shared[0], [range(a, b) for a, b in shared[1]]
     barriers = boundaries(ranges) if cfg["boundary"] == "cut" else ()
-    model, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], cascade_barriers=barriers, **lag)
+    model, _ = common.build(cfg["arch"], cfg["method"], cfg["k"], cascade_barriers=barriers, **build_options)
     pipe = ModulePipeline(model, ranges, rank, cfg["boundary"]).to(device)  # the other ranks' modules released
     optimizer = make_optimizer(model)  # after the release: it holds no released tensor
     message = _message_cost(rank, probe, images, ranges, pipe.comm_device)
@@ -248,7 +248,8 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
     memory = {"params": pipe.parameter_count(),
               **_step_memory(model, optimizer, lambda: pipe.optimizer_step(optimizer, images, targets), images,
                              targets, device, pipe.drain)}
-    sequential = common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **lag) if rank == 0 else None
+    sequential = (common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **build_options)
+                  if rank == 0 else None)
     bp_sequential = common.build(cfg["arch"], "bp", 1, device=device) if rank == 0 else None
     bp_stage = _bp_stage(cfg, rank, world, images)
 
@@ -270,7 +271,7 @@ def _measure(rank: int, world: int, each: int, cfg: dict) -> dict[str, Any]:
         rows["bp_1f1b"].append(_time_1f1b(bp_stage, rank, world, images, targets, cfg))
     per_rank = _gather({"step_s": statistics.median(sum(rank_steps, [])),
                         "wait_s": statistics.median(sum(rank_waits, [])), **memory})
-    one_process = _one_process_memory(cfg, lag, images, targets, device) if rank == 0 else None
+    one_process = _one_process_memory(cfg, build_options, images, targets, device) if rank == 0 else None
     return {
         "one_process": one_process,
         "seconds_per_step": {name: statistics.median(v) for name, v in rows.items() if v},
@@ -357,12 +358,12 @@ def _step_memory(model: nn.Module, optimizer: torch.optim.Optimizer, step: Any, 
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def _one_process_memory(cfg: dict, lag: dict, images: torch.Tensor, targets: torch.Tensor,
+def _one_process_memory(cfg: dict, build_options: dict, images: torch.Tensor, targets: torch.Tensor,
                         device: torch.device) -> dict[str, Any]:
     """The same step in one process, training the whole model (a fresh one, on rank 0's device)."""
     torch.set_num_threads(cfg["cores"])
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    model, optimizer = common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **lag)
+    model, optimizer = common.build(cfg["arch"], cfg["method"], cfg["k"], device=device, **build_options)
     params = sum(p.numel() for p in model.parameters())
     memory = _step_memory(model, optimizer, lambda: optimizer_step(model, optimizer, images, targets), images,
                           targets, device, base=base)
