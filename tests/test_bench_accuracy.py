@@ -189,13 +189,15 @@ class _StoppableTrain:
     one's first poll, ``harness_signals`` are sent to the harness in quick succession."""
 
     started: list[_StoppableTrain] = []
-    stop_first = ctrl_c_at_start = dies = False
+    stop_first = ctrl_c_at_start = dies = saved_before = False
     harness_signals: tuple[int, ...] = ()
 
     def __init__(self, cmd, log) -> None:
         self.cmd, self.signals, self.returncode, self.polled = cmd, [], None, False
         self.folder = accuracy.Path(cmd[cmd.index("--output-dir") + 1])
         self.folder.mkdir(parents=True, exist_ok=True)
+        if self.saved_before:  # a periodic save before the signal came
+            (self.folder / "last.pt").write_bytes(b"")
         self.started.append(self)
         if self.stop_first and len(self.started) == 1:
             self.send_signal(signal.SIGTERM)
@@ -225,7 +227,7 @@ def stoppable_train(monkeypatch):
     # signal alone: without this a Ctrl-C test run that way would wait forever for a stop that never comes.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     monkeypatch.setattr(_StoppableTrain, "started", [])
-    for flag in ("stop_first", "ctrl_c_at_start", "dies"):
+    for flag in ("stop_first", "ctrl_c_at_start", "dies", "saved_before"):
         monkeypatch.setattr(_StoppableTrain, flag, False)
     monkeypatch.setattr(_StoppableTrain, "harness_signals", ())
     monkeypatch.setattr(accuracy, "start_process", _StoppableTrain)
@@ -272,6 +274,16 @@ def test_a_run_stopped_while_starting_up_is_not_a_failure(tmp_path, stoppable_tr
     assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 130
     out = capsys.readouterr().out
     assert "dgl seed 0: stopped by SIGINT while starting up" in out and "FAILED" not in out
+
+
+def test_a_run_killed_between_periodic_saves_says_where_it_continues(tmp_path, stoppable_train, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(accuracy.time, "sleep", lambda s: None)
+    stoppable_train.ctrl_c_at_start = stoppable_train.dies = stoppable_train.saved_before = True
+    assert accuracy.run(_args(tmp_path, "--methods", "dgl,bp")) == 130
+    out = capsys.readouterr().out
+    assert ("dgl seed 0: stopped by SIGINT before a step boundary: it continues from its last periodic save"
+            in out) and "FAILED" not in out and "starting up" not in out
 
 
 @pytest.mark.parametrize(("flags", "message"), [

@@ -539,16 +539,59 @@ def test_non_finite_loss_names_module_and_step_and_keeps_the_checkpoint(tmp_path
     assert not (out / "metrics.json").exists()
 
 
-def test_stop_signals_set_a_flag_once_then_step_aside():
+def test_stop_signals_set_a_flag_count_a_quick_repeat_once_then_step_aside():
+    calls = []
     before = {s: signal.getsignal(s) for s in safety.STOP_SIGNALS}
-    with safety.StopSignals() as stop:
-        assert stop.received is None
-        os.kill(os.getpid(), signal.SIGTERM)
-        time.sleep(0.05)  # the handler runs between bytecodes
-        assert stop.received == signal.SIGTERM
-        assert signal.getsignal(signal.SIGTERM) == before[signal.SIGTERM]  # a second SIGTERM acts at once
-        assert signal.getsignal(signal.SIGINT) == stop._handle
+    signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))  # what a second SIGTERM would do
+    try:
+        with safety.StopSignals() as stop:
+            assert stop.received is None
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs between bytecodes
+            assert stop.received == signal.SIGTERM and calls == []
+            os.kill(os.getpid(), signal.SIGTERM)  # the same request again (pkill + a harness passing it on)
+            time.sleep(0.05)
+            assert calls == [] and signal.getsignal(signal.SIGTERM) == stop._handle
+            stop.REPEAT_WINDOW_S = 0.0  # a later one acts at once: the handler that was there before
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            assert calls == [signal.SIGTERM] and signal.getsignal(signal.SIGTERM) is not stop._handle
+            assert signal.getsignal(signal.SIGINT) == stop._handle
+    finally:
+        signal.signal(signal.SIGTERM, before[signal.SIGTERM])
     assert {s: signal.getsignal(s) for s in safety.STOP_SIGNALS} == before
+
+
+# `mlaan train` whose second optimizer step ends with SIGTERM delivered twice, the second after the first one's
+# handler has run: how pkill or a job scheduler (every process of a job) plus a harness passing the signal on
+# reach a run.
+ECHOED = """
+import os, signal, sys, time
+from mlaan.engine.local_model import LocalModel
+_after, _steps = LocalModel.after_optimizer_step, []
+def _echoed(self, *args, **kwargs):
+    out = _after(self, *args, **kwargs)
+    _steps.append(1)
+    if len(_steps) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)  # the first one's handler has run
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    return out
+LocalModel.after_optimizer_step = _echoed
+from mlaan.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_stop_signal_delivered_twice_still_saves(tmp_path):
+    """The echo of a stop signal does not stop the run at once: it finishes the step, saves and exits 143."""
+    out = tmp_path / "run"
+    proc = subprocess.run([PY, "-c", ECHOED, "train", *TINY, "--output-dir", str(out)], capture_output=True,
+                          text=True, env=ENV)
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("mlaan: stopped by SIGTERM at step 2")
+    assert saved_step(out) == 2
 
 
 # ------------------------------------------------------------------------------------------------ security

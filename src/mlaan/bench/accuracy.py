@@ -447,8 +447,10 @@ def _finished(job: _Job, out: Path) -> list[str]:
         print(f"  {job.name}: stopped by {StopSignals.name(code - 128)}, checkpoint saved ({seconds:.0f}s)",
               flush=True)
         return []
-    if code < 0 and -code in job.signalled:  # told to stop before it had set up to save: nothing to lose
-        print(f"  {job.name}: stopped by {StopSignals.name(-code)} while starting up", flush=True)
+    if code < 0 and -code in job.signalled:  # stopped at once: a second signal, or one before it could save
+        saved = (final.parent / "last.pt").exists()
+        when = "before a step boundary: it continues from its last periodic save" if saved else "while starting up"
+        print(f"  {job.name}: stopped by {StopSignals.name(-code)} {when}", flush=True)
         return []
     if code != 0 or not final.exists():
         tail = job.log_path.read_text().strip().splitlines()[-3:]

@@ -4,9 +4,11 @@ What ``mlaan train`` promises (issue 5):
 
 * **Signals.** The first SIGINT or SIGTERM only sets a flag (:class:`StopSignals`); the loop finishes the step in
   progress, saves ``last.pt`` and raises :class:`RunStopped`, whose message says how to resume; the command
-  exits with ``128 + signal number``. A second signal acts at once (the previous handler is back), which is
-  safe because every checkpoint is written atomically (:mod:`mlaan.atomic`). DataLoader workers ignore both
-  signals (:func:`ignore_stop_signals`), so that a Ctrl-C in a terminal does not kill them under the main process.
+  exits with ``128 + signal number``. A second signal acts at once (the previous handler's action), which is
+  safe because every checkpoint is written atomically (:mod:`mlaan.atomic`); a repeat within a second is the
+  same request delivered twice (directly and by a harness passing it on) and only the first counts. DataLoader
+  workers ignore both signals (:func:`ignore_stop_signals`), so that a Ctrl-C in a terminal does not kill them
+  under the main process.
 * **Write failures** (a full disk, a folder made read-only, a quota) while saving become
   :class:`OutputWriteError`, naming the file and the checkpoint that is still intact
   (:class:`mlaan.training.checkpoint.CheckpointSaver`).
@@ -61,12 +63,20 @@ class StopSignals:
     """``with StopSignals() as stop: … if stop.received: …``: SIGINT/SIGTERM set ``received`` to the signal
     number instead of killing the process; a second signal gets the handler that was there before.
 
+    A repeat within :attr:`REPEAT_WINDOW_S` seconds of the first is the same request delivered twice, not a
+    second one: ``pkill``, a job scheduler (SLURM signals every process of a job) or a terminal's process group
+    reach a run directly *and* through the harness that started it (``mlaan bench accuracy``, ``torchrun``),
+    which passes the signal on; acting at once on that echo would stop the run without its checkpoint.
+
     Outside the main thread (where Python cannot install handlers) it does nothing and ``received`` stays None.
     """
+
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(self, signals: Iterable[int] = STOP_SIGNALS) -> None:
         self.signals = tuple(signals)
         self.received: int | None = None
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -78,10 +88,20 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:
-            self.received = signum
+            self.received, self._received_at = signum, time.monotonic()
+        elif time.monotonic() - self._received_at >= self.REPEAT_WINDOW_S:
+            self._act_at_once(signum, frame)
+
+    def _act_at_once(self, signum: int, frame: object) -> None:
+        """What the signal would have done without us: the previous handler, or the default action."""
         previous = self._previous.get(signum)
-        if previous is not None:  # the next one of this signal acts at once
-            signal.signal(signum, previous)
+        if previous is None:  # installed outside Python: the default stands in for it
+            previous = signal.SIG_DFL
+        signal.signal(signum, previous)
+        if callable(previous):
+            previous(signum, frame)
+        elif previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signum)
 
     def __exit__(self, *exc: object) -> None:
         for signum, previous in self._previous.items():
