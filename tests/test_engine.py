@@ -439,8 +439,18 @@ def test_infopro_lambdas_interpolate_with_module_index():
                                      infopro_lambda_recon=(4.0, 0.0), infopro_lambda_task=(1.0, 3.0))
     recon = [h.lambda_recon for h in model.independent_heads]
     task = [h.lambda_task for h in model.independent_heads]
-    assert recon == pytest.approx([4.0, 3.0, 2.0, 1.0])
-    assert task == pytest.approx([1.0, 1.5, 2.0, 2.5])
+    # METHOD.md §2: from the first module's aux net to the last one's (module K−1 counting from 1), t = j/(K−2)
+    assert recon == pytest.approx([4.0, 8 / 3, 4 / 3, 0.0])
+    assert task == pytest.approx([1.0, 5 / 3, 7 / 3, 3.0])
+
+
+def test_infopro_says_when_an_aux_net_gets_a_zero_loss():
+    with pytest.warns(UserWarning, match=r"aux net of local module 3 has λ1 = λ2 = 0 .* its own loss is zero"):
+        model = mlaan.create_local_model("resnet20", method="infopro", num_local_modules=5)
+    assert (model.independent_heads[3].lambda_recon, model.independent_heads[3].lambda_task) == (0.0, 0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        mlaan.create_local_model("resnet20", method="infopro", num_local_modules=5, infopro_lambda_task=(0.5, 0.1))
 
 
 def test_supervised_contrastive_variant_trains():

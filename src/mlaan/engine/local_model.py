@@ -339,9 +339,10 @@ class LocalModel(nn.Module):
         one optimizer step. Returns ``{"loss": last module's cross-entropy,
         "accuracy": batch top-1 (against the argmax of probability targets), "module_losses": [...],
         "independent_losses": [...], "cascaded_losses": [...]}``,
-        one value per local module: ``module_losses`` as weighted into the gradient (under MLM mostly the cascaded
-        loss), ``independent_losses`` each module's own aux loss unweighted (the last module: its cross-entropy),
-        ``cascaded_losses`` the cascaded aux net's loss unweighted (None where a module has none).
+        one value per local module: ``module_losses`` w_ind·L_ind + w_casc·L_casc for a module with both aux nets
+        (under MLM mostly the cascaded loss), else its one loss unweighted, ``independent_losses`` each module's own
+        aux loss unweighted (the last module: its cross-entropy), ``cascaded_losses`` the cascaded aux net's loss
+        unweighted (None where a module has none).
         Raises FloatingPointError (before any optimizer step) when a local loss is not finite; warns
         (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should, and once
         per process under bf16 autocast on a CPU without bf16 instructions (emulated, ~10x slower than fp32).

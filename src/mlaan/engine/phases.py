@@ -1,10 +1,11 @@
 """The phases of a training step, marked for a profiler.
 
-``LocalModel.train_step`` (and ``after_optimizer_step``) wrap each phase in ``torch.profiler.record_function`` with
-one of the names below, so a ``torch.profiler.profile`` of a step shows where its time goes by phase (``mlaan
-bench speed --breakdown`` reads them). Markers nest only as :data:`STEP_PHASES` says: an aux net's forward lies
-inside its aux loss, and its trunk's forward inside that forward; all others lie side by side. Without an active
-profiler a marker is not entered at all (:func:`mark`), so it costs one check (~0.1 µs).
+A training step (:class:`mlaan.engine.step.LocalStep`, and ``after_optimizer_step``) wraps each phase in
+``torch.profiler.record_function`` with one of the names below, so a ``torch.profiler.profile`` of a step shows
+where its time goes by phase (``mlaan bench speed --breakdown`` reads them). Markers nest only as
+:data:`STEP_PHASES` says: an aux net's forward lies inside its aux loss, and its trunk's forward inside that
+forward; all others lie side by side. Without an active profiler a marker is not entered at all (:func:`mark`), so
+it costs one check (~0.1 µs).
 """
 
 from __future__ import annotations

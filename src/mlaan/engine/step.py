@@ -215,7 +215,8 @@ class LocalStep:
         with mark(MODULE_BACKWARD):
             params = [p for p in self.model.local_modules[i].parameters() if p.requires_grad]
             if params and entry.output.requires_grad:  # not: the user's forward detaches it (a frozen part)
-                # the gradient was gathered in float32 from the losses; under bf16 autocast the output is bf16
+                # gathered here the gradient has the output's dtype (a detached copy's .grad); one a module
+                # pipeline receives from another rank may not
                 torch.autograd.backward(entry.output, entry.grad.to(entry.output.dtype), inputs=params)
             self.model._notify(params)
 

@@ -55,10 +55,12 @@ class AuxContext:
         return classify(tuple(shape), tuple(self.image_shape[1:]))
 
     def interpolate(self, pair: tuple[float, float]) -> float:
-        """Linear in the module index: ``pair[0]`` at the first module, ``pair[1]`` at the last (head) one."""
-        if self.num_modules <= 1:
+        """Linear in the module index over the modules with an aux net: ``pair[0]`` at the first (j = 0),
+        ``pair[1]`` at the last (j = K−2; METHOD.md §2 "at module K−1", counting from 1; InfoPro's official
+        ``local_module_i / (local_module_num − 2)``)."""
+        if self.num_modules <= 2:
             return pair[0]
-        t = self.module_index / (self.num_modules - 1)
+        t = self.module_index / (self.num_modules - 2)
         return pair[0] + (pair[1] - pair[0]) * t
 
     def depth(self, depth: int, shrink: float | None = None) -> int:

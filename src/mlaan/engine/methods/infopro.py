@@ -8,6 +8,7 @@ declaration); both names are importable from this module too.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,9 +32,11 @@ class InfoProOptions:
         "help": "InfoPro's task loss: 'ce' (aux classifier) or 'contrastive' (supervised contrastive)",
         "choices": INFOPRO_TASKS})
     infopro_lambda_recon: tuple[float, float] = field(default=(5.0, 0.0), metadata={
-        "help": "InfoPro λ1 (reconstruction weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
+        "help": "InfoPro λ1 (reconstruction weight) at the first module's aux net and at the last one's",
+        "metavar": ("FIRST", "LAST")})
     infopro_lambda_task: tuple[float, float] = field(default=(0.5, 0.0), metadata={
-        "help": "InfoPro λ2 (task-loss weight) at the first module and at the last", "metavar": ("FIRST", "LAST")})
+        "help": "InfoPro λ2 (task-loss weight) at the first module's aux net and at the last one's",
+        "metavar": ("FIRST", "LAST")})
     temperature: float = field(default=0.07, metadata={
         "help": "temperature of InfoPro's supervised contrastive loss, > 0",
         "read_when": {"infopro_task": ("contrastive",)}})
@@ -63,12 +66,19 @@ class InfoPro(LocalMethod):
         from ._infopro_loss import InfoProLoss
 
         opts = ctx.options
+        lambda_recon = ctx.interpolate(opts.infopro_lambda_recon)
+        lambda_task = ctx.interpolate(opts.infopro_lambda_task)
+        if lambda_recon == lambda_task == 0:  # the published end values (0, 0) reach the last aux net
+            warnings.warn(f"infopro: the aux net of local module {ctx.module_index} has λ1 = λ2 = 0 (the LAST values "
+                          "of --infopro-lambda-recon/--infopro-lambda-task, as published): its own loss is zero, as "
+                          "in InfoPro's official code, so the module learns only from a cascade (infopro+mlaan); "
+                          "give a LAST value above 0 to train it by its own loss", UserWarning, stacklevel=2)
         return InfoProLoss(
             channels=ctx.feature_kind.channels,
             image_shape=ctx.image_shape,
             num_classes=ctx.num_classes,
-            lambda_recon=ctx.interpolate(opts.infopro_lambda_recon),
-            lambda_task=ctx.interpolate(opts.infopro_lambda_task),
+            lambda_recon=lambda_recon,
+            lambda_task=lambda_task,
             task=opts.infopro_task,
             head_shape=opts.aux_head,
             width=opts.aux_width,
