@@ -344,6 +344,27 @@ def test_cli_trains_exports_and_evaluates_a_torchvision_arch(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["test_images"] == 32
 
 
+def test_cli_evaluates_the_export_of_a_timm_vit(tmp_path, capsys):
+    """timm's ViTs name their own layers ``blocks.*`` like mlaan's backbones: eval took their exports for
+    backbone weights and refused them (missing ``blocks.0.shell.cls_token``)."""
+    import json
+
+    pytest.importorskip("timm")
+    from mlaan.cli import main
+
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "synthetic", "--synthetic-train-size", "32", "--synthetic-test-size", "16",
+                 "--batch-size", "16", "--max-steps", "1", "--epochs", "1", "--arch", "timm:vit_tiny_patch16_224",
+                 "--image-size", "32", "-K", "3", "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(out), "--json"]) == 0
+    trained = json.loads(capsys.readouterr().out)
+    assert main(["export", "--checkpoint", str(out), "--out", str(tmp_path / "net.pt")]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--checkpoint", str(tmp_path / "net.pt"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["test_accuracy"] == trained["test_accuracy"]
+
+
 @pytest.mark.parametrize("arch,message", [
     ("torchvision:nope", "unknown or unsupported torchvision model 'nope'"),
     ("torchvision:nope", "; supported: alexnet, convnext_base, "),  # the names themselves, not where to look them up

@@ -181,11 +181,11 @@ def backbone_for_eval(meta: Mapping[str, Any], state: Mapping[str, Any], path: s
     from .. import models
 
     backbone = models.create(meta["arch"], meta["num_classes"], meta["in_channels"], meta["image_size"])
+    # an export of a torchvision:/timm: model has its class's keys (timm's ViTs name theirs "blocks." too: the
+    # whole key set tells them apart)
+    exported = backbone.source is not None and set(state) != set(backbone.state_dict())
     try:
-        if backbone.source is not None and not any(k.startswith("blocks.") for k in state):
-            backbone.source.load_state_dict(state)  # an export of a torchvision:/timm: model: its class's keys
-        else:
-            backbone.load_state_dict(state)
+        (backbone.source if exported else backbone).load_state_dict(state)
     except RuntimeError as err:
         raise ValueError(f"{path}: weights do not fit {meta['arch']}: {' '.join(str(err).split())[:300]}") from err
     return backbone

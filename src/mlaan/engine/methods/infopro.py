@@ -72,7 +72,7 @@ class InfoPro(LocalMethod):
             warnings.warn(f"infopro: the aux net of local module {ctx.module_index} has λ1 = λ2 = 0 (the LAST values "
                           "of --infopro-lambda-recon/--infopro-lambda-task, as published): its own loss is zero, as "
                           "in InfoPro's official code, so the module learns only from a cascade (infopro+mlaan); "
-                          "give a LAST value above 0 to train it by its own loss", UserWarning, stacklevel=2)
+                          "give a LAST value above 0 to train it by its own loss", UserWarning, stacklevel=1)
         return InfoProLoss(
             channels=ctx.feature_kind.channels,
             image_shape=ctx.image_shape,
