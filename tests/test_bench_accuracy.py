@@ -293,6 +293,13 @@ def test_a_run_killed_between_periodic_saves_says_where_it_continues(tmp_path, s
     (["--arm", "nolabel"], r"--arm 'nolabel': expected LABEL="),
     (["--jobs", "0"], r"--jobs must be at least 1, got 0"),
     (["--arch", "resnet20", "--k", "30", "--methods", "bp,dgl"], r"--k 30 is too large for resnet20 \(allowed 1 to 10"),
+    # extra flags setting what the harness sets for every run: a row labelled bp trained dgl (breaker finding)
+    (["--methods", "bp,dgl", "--train-arg", "--method dgl"], r"--train-arg '--method dgl': sets method, which "
+                                                              r"`bench accuracy` sets .* use --methods instead"),
+    (["--train-arg", "-K 4"], r"sets local_modules, .* use --k instead"),
+    (["--train-arg", "--epoch 2 --outp x"], r"sets epochs, .* use --epochs instead"),  # abbreviations too
+    (["--arm", "x=--seed 7"], r"--arm/--vary 'x': sets seed, .* use --seeds instead"),
+    (["--train-arg", "--max-steps 3"], r"--max-steps is not allowed in `bench accuracy`"),
 ])
 def test_bad_harness_input_is_one_line_exit_2(tmp_path, capsys, flags, message):
     from mlaan import cli as main_cli

@@ -126,6 +126,14 @@ class _RaisingParser(argparse.ArgumentParser):
         raise ValueError(" ".join(str(message).split()))
 
 
+def train_options_given(argv: Sequence[str]) -> set[str]:
+    """The options (by name: ``local_modules`` for ``-K`` or an abbreviation of ``--local-modules``) that the
+    `mlaan train` flags ``argv`` set. ValueError where `mlaan train` would refuse them as flags."""
+    parser = _RaisingParser(prog="mlaan train")
+    add_train_flags(parser)  # its options default to "not given", so what the namespace holds was given
+    return {name for name, value in vars(parser.parse_args(list(argv))).items() if value not in (None, False)}
+
+
 def resolve_train_args(argv: Sequence[str]) -> TrainConfig:
     """The options ``mlaan train ARGV`` would start a new run with, resolved as ``--print-config`` resolves them
     (:func:`mlaan.training.resolve_run`: files read, no data opened, nothing written or trained, no warning

@@ -34,6 +34,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -238,9 +239,9 @@ def _check(args: argparse.Namespace) -> tuple[list[Arm], list[int]]:
     if args.lr <= 0 or args.weight_decay < 0:
         raise ValueError(f"need --lr > 0 and --weight-decay >= 0, got {args.lr}, {args.weight_decay}")
     for extra in args.train_arg or []:
-        _check_no_max_steps(extra.split(), f"--train-arg {extra!r}")
+        _check_run_flags(extra.split(), f"--train-arg {extra!r}", HARNESS_OWNED)
     for arm in methods:
-        _check_no_max_steps(list(arm.flags), f"--arm/--vary {arm.variant!r}")
+        _check_run_flags(list(arm.flags), f"--arm/--vary {arm.variant!r}", RUN_IDENTITY)
     limit = max_local_modules(args.arch)
     if args.k > limit and any(common.model_k(arm.method, args.k) > 1 for arm in methods):
         raise ValueError(f"--k {args.k} is too large for {args.arch} (allowed 1 to {limit}: its residual blocks + "
@@ -288,13 +289,40 @@ def _state(folder: Path) -> str:
     return metrics_log.run_state(folder)
 
 
-def _check_no_max_steps(flags: list[str], where: str) -> None:
-    """ValueError for ``--max-steps`` among a run's flags: every run trains its whole schedule (a run stopped early
-    is not finished, and would be continued by every invocation without ever finishing)."""
-    if any(flag == "--max-steps" or flag.startswith("--max-steps=") for flag in flags):
+# The `mlaan train` options the harness sets for every run from its own flags (the recipe, the seed, where and
+# how a run goes), by option name: an extra flag setting one too would win (the last one does) and a row labelled
+# bp could be another method's run.
+HARNESS_OWNED = {"method": "--methods", "arch": "--arch", "local_modules": "--k", "dataset": "--dataset",
+                 "epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "weight_decay": "--weight-decay",
+                 "warmup_epochs": "--warmup-epochs", "seed": "--seeds", "output_dir": "--output-dir",
+                 "train_samples": "--train-samples", "test_samples": "--test-samples", "image_size": "--image-size",
+                 "data_root": "--data-root", "device": "--device", "threads": "--threads",
+                 "save_every": "--save-every", "resume": "--force (a finished run) or nothing (the rest resume)",
+                 "overwrite": "--force"}
+# What an arm may not change either: which method and seed its row reports, and where its run goes. (The
+# recipe's own flags it may: an arm "lr0.05=--lr 0.05" is a variant, reported under its label.)
+RUN_IDENTITY = ("method", "seed", "output_dir", "resume", "overwrite")
+
+
+def _check_run_flags(flags: list[str], where: str, owned: Iterable[str]) -> None:
+    """ValueError for extra `mlaan train` flags (``--train-arg``: ``owned`` is :data:`HARNESS_OWNED`; an arm's:
+    :data:`RUN_IDENTITY`) that set one of ``owned`` (under any spelling: ``-K``, an abbreviation), or
+    ``--max-steps``: every run trains its
+    whole schedule (a run stopped early is not finished, and would be continued by every invocation without ever
+    finishing). Flags `mlaan train` would refuse are left to :func:`check_commands`."""
+    from ..cli_flags import INPUT_ERRORS, train_options_given
+
+    try:
+        given = train_options_given(flags)
+    except INPUT_ERRORS:
+        return
+    if "max_steps" in given:
         raise ValueError(f"{where}: --max-steps is not allowed in `bench accuracy`, whose runs each train their "
                          "whole schedule (a run stopped early is not compared); shorten the recipe with --epochs "
                          "or --train-samples")
+    for name in (n for n in owned if n in given):
+        raise ValueError(f"{where}: sets {name}, which `bench accuracy` sets for every run itself (so a run could "
+                         f"differ from what its row says): use {HARNESS_OWNED[name]} instead")
 
 
 def _progress(folder: Path, epochs: int) -> str:
