@@ -159,3 +159,22 @@ def test_memory_counts_the_twins_as_frozen_parameters_and_trains_none_of_them():
     copies, twins = counts["dgl+mlaan"], counts["dgl+mlaan twins"]
     assert twins[0] < copies[0]  # no trained trunk copies
     assert 0 < twins[1] <= counts["bp"][0]  # frozen twins of at most one backbone
+
+
+@pytest.mark.parametrize(("command", "flags", "message"), [
+    # breaker findings: a traceback after the measurement began (frontier), an error row in a table that exited 0
+    # (memory); an option the command's own flag overwrote, recorded as if applied (memory)
+    ("frontier", ["--option", "window=9"], "--option with dgl+mlaan: cascade window=9 is not allowed with K=3"),
+    ("frontier", ["--variant", "w9=window=9"], "--variant w9 with dgl+mlaan: cascade window=9 is not allowed"),
+    ("frontier", ["--option", "checkpoint_segment=2"], "checkpoint_segment is set by this command's --segments"),
+    ("memory", ["--option", "window=9"], "--option with dgl+mlaan: cascade window=9 is not allowed with K=3"),
+    ("memory", ["--option", "grad_checkpointing=true"],
+     "--option: grad_checkpointing is set by this command's --grad-checkpointing, not by --option"),
+])
+def test_options_the_cases_cannot_take_are_refused_before_measuring(tmp_path, capsys, command, flags, message):
+    where = ["--arch", "resnet20", "--accuracy", "none"] if command == "frontier" else ["--archs", "resnet20"]
+    code = main(["bench", command, *where, "--ks", "3", "--methods", "bp,dgl+mlaan", "--batch", "2",
+                 *flags, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ import json
 import os
 import platform
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -121,17 +121,28 @@ def check_arch(arch: str) -> str:
 RECOMPUTE_CHOICES = ("off", "on", "both")
 
 
-def check_options(methods: Iterable[str], options: dict, what: str = "--option") -> None:
+def check_options(methods: Iterable[str], options: dict, what: str = "--option",
+                  cases: Iterable[tuple[str, int]] = (), set_by: Mapping[str, str] | None = None) -> None:
     """ValueError, one line, where engine ``options`` that each hold alone (:func:`mlaan.bench.memory.parse_options`)
-    cannot build one of ``methods`` together (``lam_trunk=twins`` with ``ema_lag=1`` for a LAM method): checked
-    before anything is measured, since a case's own process would only report it as a failed case."""
-    from mlaan.engine.local_model import check_lam_trunk
+    cannot build one of ``methods`` together (``lam_trunk=twins`` with ``ema_lag=1`` for a LAM method) or at one of
+    the ``cases`` (arch, K) (``window=9`` at K=3), or set an option the command sets itself (``set_by``: option →
+    the command's flag; the command's value would silently win): checked before anything is measured, since a
+    case's own process would only report it as a failed case."""
+    from mlaan.engine.local_model import check_lam_trunk, check_num_local_modules
     from mlaan.engine.options import make_options
 
+    for name, flag in (set_by or {}).items():
+        if name in options:
+            raise ValueError(f"{what}: {name} is set by this command's {flag}, not by {what}")
     built = make_options(**options)
+    cases = list(cases)
     for method in methods:
         try:
             check_lam_trunk(method, built)
+            for arch, k in cases:
+                if not end_to_end(method):
+                    check_num_local_modules(parse_method(method), built, k, mlaan.models.max_local_modules(arch),
+                                            arch, key="K")
         except ValueError as err:
             raise ValueError(f"{what} with {method}: {err}") from None
 

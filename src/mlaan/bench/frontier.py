@@ -37,6 +37,8 @@ DEFAULT_METHODS = "bp,dgl,dgl+lam,dgl+mlaan,infopro+mlaan"
 DEFAULT_ACCURACY = Path("bench/results/accuracy-full/accuracy.json")
 # Options that change how a step is computed (memory, time), never what it computes.
 RECOMPUTE_OPTIONS = ("grad_checkpointing", "checkpoint_segment")
+# Options each point gets from the command's own flags (an --option or --variant setting one would be overwritten)
+SET_BY_FLAGS = {"grad_checkpointing": "--grad-checkpointing", "checkpoint_segment": "--segments"}
 
 
 # ------------------------------------------------------------------------------------------------ plan
@@ -84,7 +86,8 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
     with ``options`` and the variant's on top, ``"variant"`` set to its label. Each point is
     ``{"label", "method", "k", "options"}`` (and ``"variant"``). ValueError when bp is not among ``methods`` or a
     variant has no method that reads it."""
-    common.check_options(methods, dict(options or {}))
+    cases = [(arch, k) for k in ks if k >= 2]
+    common.check_options(methods, dict(options or {}), cases=cases, set_by=SET_BY_FLAGS)
     points = _plan(arch, ks, methods, segments, recompute, dict(options or {}))
     if not any(common.is_reference(p) for p in points):
         raise ValueError("the frontier needs bp among --methods: every figure is relative to it")
@@ -93,7 +96,8 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
         if not readers:
             raise ValueError(f"--variant {name}: no method of --methods ({', '.join(methods)}) reads "
                              f"{', '.join(sorted(extra))}")
-        common.check_options(readers, {**(options or {}), **extra}, what=f"--variant {name}")
+        common.check_options(readers, {**(options or {}), **extra}, what=f"--variant {name}", cases=cases,
+                             set_by=SET_BY_FLAGS)
         points.extend(_plan(arch, ks, readers, segments, recompute, {**(options or {}), **extra}, variant=name))
     return points
 

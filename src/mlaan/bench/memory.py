@@ -630,7 +630,8 @@ def run(args: argparse.Namespace) -> int:
         if len(scale) != 2 or not scale[0] < scale[1]:
             raise ValueError(f"--scale-from takes two increasing batch sizes B1,B2, got {args.scale_from!r}")
     options = parse_options(args.option)
-    common.check_options(methods, options)
+    common.check_options(methods, options, cases=[(a, k) for a, ks in archs.items() for k in ks if k >= 2],
+                         set_by={"grad_checkpointing": "--grad-checkpointing"})
     out = common.output_dir(args.output_dir, "memory")
     machine = common.machine_description() + f"; code {common.code_version()}"
     print(f"mlaan bench memory ({mode}) on {machine}: batch {args.batch}"
