@@ -250,6 +250,10 @@ def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_pat
     (["--method", "infopro", "--infopro-task", "contrastive", "--temperature", "0.5"], None),
     (["--method", "infopro", "--temperature", "0.5"], "--temperature"),
     (["--method", "infopro+mlaan", "--infopro-task", "ce", "--temperature", "0.5"], "--temperature"),
+    # run options too (breaker finding: --betas with the default --opt sgd passed without a word)
+    (["--betas", "0.8", "0.9"], "--betas"),
+    (["--opt", "adamw", "--betas", "0.8", "0.9"], None),
+    (["--opt", "adamw", "--momentum", "0.5"], "--momentum"),
 ])
 def test_an_option_read_only_with_some_value_of_another_is_warned_of_without_it(tmp_path, capsys, args, ignored):
     code, out, err = run_cli(capsys, "train", *args, "--print-config")  # resolves and warns, trains nothing
@@ -402,3 +406,13 @@ def test_the_cli_prints_mlaan_s_own_python_warnings_as_its_warning_lines():
             "mlaan: warning: batches are resized\n")
         assert "UserWarning: deprecated" in warnings.formatwarning("deprecated", UserWarning, "/elsewhere/lib.py", 3)
     assert warnings.formatwarning is python_format
+
+
+def test_resume_does_not_compare_a_run_option_the_run_does_not_read(tmp_path, capsys):
+    """An sgd run resumed with other --betas (AdamW's) was refused as if they changed it; --momentum still is."""
+    args = ["train", *SYNTH, "--arch", "resnet20", "-K", "2", "--batch-size", "16", "--output-dir", tmp_path]
+    assert run_cli(capsys, *args, "--max-steps", "1")[0] == 0
+    code, _, err = run_cli(capsys, *args, "--resume", "--betas", "0.5", "0.6", "--max-steps", "2")
+    assert code == 0 and "--betas: read only with opt=adamw, this run has opt=sgd" in err
+    code, _, err = run_cli(capsys, *args, "--resume", "--momentum", "0.5", "--max-steps", "3")
+    assert code == 2 and "momentum: 0.9 in the run, 0.5 given" in err

@@ -157,7 +157,7 @@ def _print_config(config_file: str | None, overrides: dict, resume: str | None) 
     file does not pin them when another ``--arch`` or ``--method`` is given with it."""
     from .engine.options import options_ignored
     from .training import resolve_run
-    from .training.config import DERIVED_WHEN_UNSET, load_yaml
+    from .training.config import DERIVED_WHEN_UNSET, load_yaml, run_options_ignored
     from .training.run_folder import RUN_FILES
 
     try:
@@ -166,7 +166,7 @@ def _print_config(config_file: str | None, overrides: dict, resume: str | None) 
     except INPUT_ERRORS as err:
         raise CLIError(str(err)) from err
     values = config.to_dict()
-    ignored = options_ignored(config.method, values) & set(values)
+    ignored = (options_ignored(config.method, values) | run_options_ignored(values)) & set(values)
     derived = set() if path is not None else set(DERIVED_WHEN_UNSET) - given  # a resumed run's are its own
     source = " + ".join(str(s) for s in (path and f"resumed {path}", config_file, overrides and "flags") if s)
     lines = [f"# mlaan train: resolved options ({source or 'defaults'}); ignored by this run, left out: "

@@ -19,6 +19,7 @@ import json
 import os
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
@@ -61,19 +62,22 @@ PRECISE_BN_HELP = ("re-estimate the BatchNorm statistics on N training batches b
 
 def run_field(default: Any = dataclasses.MISSING, *, group: str | None, resume: str, help: str = "",
               short: str | None = None, metavar: str | tuple[str, ...] | None = None,
-              choices: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+              choices: tuple[str, ...] | None = None, default_factory: Any = dataclasses.MISSING,
+              read_when: dict[str, tuple[Any, ...]] | None = None) -> Any:
     """A run option's field, declared once: its default and what ``mlaan train`` makes of it.
 
     ``group``: its group of ``--help`` (a key of :data:`GROUPS`; None: a config key with no flag). ``resume``: one
     of :data:`RESUME_POLICIES`. ``help``: the flag's help, where ``{default}`` stands for the default. ``short``:
-    a second spelling of the flag (``-K``); ``metavar`` and ``choices`` as argparse takes them. The flag is
-    ``--field-name``, typed by the field's type (a bool one is ``--x/--no-x``)."""
+    a second spelling of the flag (``-K``); ``metavar`` and ``choices`` as argparse takes them. ``read_when``: the
+    values of other run options with which the run reads it (``betas``: ``{"opt": ("adamw",)}``); with others it
+    is ignored (:func:`run_options_ignored`). The flag is ``--field-name``, typed by the field's type (a bool one
+    is ``--x/--no-x``)."""
     if group is not None and group not in GROUPS:
         raise ValueError(f"unknown group {group!r}; known: {', '.join(GROUPS)}")
     if resume not in RESUME_POLICIES:
         raise ValueError(f"unknown resume policy {resume!r}; known: {', '.join(RESUME_POLICIES)}")
     metadata = {"group": group, "resume": resume, "help": help, "short": short, "metavar": metavar,
-                "choices": choices}
+                "choices": choices, "read_when": read_when or {}}
     return field(default=default, default_factory=default_factory, metadata=metadata)
 
 
@@ -81,6 +85,30 @@ def data_set_field(default: int) -> Any:
     """A data set's own option (``synthetic_train_size``), declared in the data-set registry
     (:class:`mlaan.data.DatasetOption`), which gives its flag's help and metavar; here its config field."""
     return field(default=default, metadata={"group": "data", "resume": "kept", "data_set_option": True})
+
+
+def _unmet_run_conditions(values: Mapping[str, Any]) -> dict[str, list[tuple[str, tuple, Any]]]:
+    """Run options (by name) read only with values of another run option that ``values`` (missing: defaults)
+    does not hold: each with (other option, the values it would need, the value it has)."""
+    unmet = {}
+    for f in dataclasses.fields(RunConfig):
+        for other, allowed in f.metadata.get("read_when", {}).items():
+            held = values.get(other, getattr(RunConfig, other, None))
+            if held not in allowed:
+                unmet.setdefault(f.name, []).append((other, allowed, held))
+    return unmet
+
+
+def run_options_ignored(values: Mapping[str, Any]) -> frozenset[str]:
+    """The run options a run with these option ``values`` ignores (``betas`` with ``opt="sgd"``): for the
+    warning of ``mlaan train`` and what ``--resume`` compares."""
+    return frozenset(_unmet_run_conditions(values))
+
+
+def why_run_option_ignored(name: str, values: Mapping[str, Any]) -> str:
+    """Why a run with option ``values`` ignores run option ``name`` (one of :func:`run_options_ignored`)."""
+    return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
+                     for other, allowed, held in _unmet_run_conditions(values)[name])
 
 
 @dataclass
@@ -126,8 +154,10 @@ class RunConfig:
     precise_bn: int = run_field(0, group="optimisation", resume="free", metavar="N",
                                 help=PRECISE_BN_HELP + " (default: {default}, off)")
     lr: float = run_field(0.1, group="optimisation", resume="kept", help="peak learning rate (default: {default})")
-    momentum: float = run_field(0.9, group="optimisation", resume="kept", help="(default: {default})")
-    nesterov: bool = run_field(True, group="optimisation", resume="kept", help="(default: on)")
+    momentum: float = run_field(0.9, group="optimisation", resume="kept", help="--opt sgd: (default: {default})",
+                                read_when={"opt": ("sgd",)})
+    nesterov: bool = run_field(True, group="optimisation", resume="kept", help="--opt sgd: (default: on)",
+                               read_when={"opt": ("sgd",)})
     weight_decay: float = run_field(1e-4, group="optimisation", resume="kept", help="(default: {default})")
     warmup_epochs: float = run_field(1.0, group="optimisation", resume="kept",
                                      help="linear warm-up, then cosine decay per step (default: {default})")
@@ -135,7 +165,8 @@ class RunConfig:
                          help="optimizer: sgd (the paper's, Nesterov) or adamw (use a smaller --lr, e.g. 1e-3) "
                               "(default: {default})")
     betas: tuple[float, float] = run_field((0.9, 0.999), group="optimisation", resume="kept", metavar=("B1", "B2"),
-                                           help="--opt adamw: its betas (default: {default[0]} {default[1]})")
+                                           help="--opt adamw: its betas (default: {default[0]} {default[1]})",
+                                           read_when={"opt": ("adamw",)})
     filter_bias_and_bn: bool | None = run_field(None, group="optimisation", resume="kept",
                                                 help="no weight decay on norms, biases and the model's "
                                                      "no_weight_decay() names (timm's convention) (default: on for "

@@ -36,7 +36,16 @@ from .checkpoint import (
     set_rng_state,
     short_error,
 )
-from .config import PER_INVOCATION, RESUME_FREE, TrainConfig, coerce, load_yaml, merge
+from .config import (
+    PER_INVOCATION,
+    RESUME_FREE,
+    TrainConfig,
+    coerce,
+    load_yaml,
+    merge,
+    run_options_ignored,
+    why_run_option_ignored,
+)
 from .run_folder import resume_path
 
 IDENTITY_KEYS = ("arch", "method", "local_modules")
@@ -101,9 +110,9 @@ def _unused_options(saved: Mapping[str, Any]) -> frozenset[str]:
     options the run does not hold (none known when its method is missing or unknown here: then everything is
     compared)."""
     try:
-        return options_ignored(saved["method"], dict(saved))
+        return options_ignored(saved["method"], dict(saved)) | run_options_ignored(saved)
     except (KeyError, ValueError):
-        return frozenset()
+        return run_options_ignored(saved)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -345,8 +354,10 @@ def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config:
     or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
     who reads it."""
     method, values = config.method, config.to_dict()
-    unused = sorted((set(file_values) | set(overrides)) & options_ignored(method, values))
+    run_unused = run_options_ignored(values)
+    unused = sorted((set(file_values) | set(overrides)) & (options_ignored(method, values) | run_unused))
     if unused and os.environ.get("RANK", "0") == "0":
         named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
-        reasons = "; ".join(f"{named[name]}: {why_ignored(name, method, values)}" for name in unused)
+        reasons = "; ".join(f"{named[name]}: " + (why_run_option_ignored(name, values) if name in run_unused
+                                                  else why_ignored(name, method, values)) for name in unused)
         print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
