@@ -269,7 +269,7 @@ OTHER_VALUE = {"window": 3, "w_ind": 0.5, "w_casc": 0.5, "ema_momentum": 0.5, "e
                "checkpoint_modules": 2, "compile": True,
                "cascade_barriers": (1,),
                "image_mean": (0.5, 0.4, 0.3), "image_std": (2.0, 2.0, 2.0), "label_smoothing": 0.1,
-               "lam_trunk": "twins"}
+               "lam_trunk": "twins", "lam_sampling": "adjacent"}
 
 
 def two_steps(method: str, **options) -> tuple[list, dict]:

@@ -185,6 +185,40 @@ def test_twins_that_could_not_be_shared_are_refused_in_one_line(options, needle)
         twins_model(**options)
 
 
+@pytest.mark.parametrize("lam_trunk", ["twins", "copies"])
+def test_adjacent_sampling_runs_the_blocks_right_after_each_module(lam_trunk):
+    """--lam-sampling adjacent: module j's trunk runs the blocks right after it, in order (cut short at the head),
+    against uniform sampling's spread up to the last block; the step is still the objective's gradient."""
+    torch.manual_seed(0)
+    model = mlaan.create_local_model("resnet20", "dgl+mlaan", 5, lam_trunk=lam_trunk, lam_sampling="adjacent")
+    uniform = mlaan.create_local_model("resnet20", "dgl+mlaan", 5, lam_trunk=lam_trunk)
+    for j, head in model.cascade_heads.items():
+        last = model.split[int(j)][-1]
+        depth = len(uniform.cascade_heads[j].trunk.indices if lam_trunk == "twins"
+                    else uniform.cascade_heads[j].trunk.copies)
+        expected = list(range(last + 1, min(last + 1 + depth, len(model.backbone.blocks) - 1)))
+        if lam_trunk == "twins":
+            assert list(head.trunk.indices) == expected
+        else:  # each copy starts equal to the block it copies
+            assert head.trunk.source_index == expected[0] and len(head.trunk.copies) == len(expected)
+            for copied, i in zip(head.trunk.copies, expected, strict=True):
+                block = model.backbone.blocks[i].state_dict()
+                assert all(torch.equal(v, block[k]) for k, v in copied.state_dict().items())
+    if lam_trunk == "twins":  # resnet20 K=5: module 1's uniform trunk skips blocks, the adjacent one does not
+        assert list(uniform.cascade_heads["1"].trunk.indices) != list(model.cascade_heads["1"].trunk.indices)
+    x, y = batch()
+    expected_grads = reference_gradients(copy.deepcopy(model), x, y)
+    step(model, x, y)
+    for (name, p), e in zip(model.named_parameters(), expected_grads, strict=True):
+        torch.testing.assert_close(p.grad if p.grad is not None else torch.zeros_like(p), e, rtol=1e-5, atol=1e-6,
+                                   msg=name)
+
+
+def test_an_unknown_sampling_names_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"lam_sampling.*'near'.*uniform.*adjacent"):
+        mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_sampling="near")
+
+
 def test_an_unknown_trunk_names_the_allowed_ones():
     with pytest.raises(ValueError, match=r"lam_trunk.*'shared'.*copies.*twins"):
         mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk="shared")

@@ -13,6 +13,7 @@ from ..names import registered_spelling, unknown
 # The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
 AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
 LAM_TRUNKS = ("copies", "twins")  # what a LAM aux net runs before its head (mlaan.engine.lam)
+LAM_SAMPLINGS = ("uniform", "adjacent")  # which later blocks a LAM trunk runs (mlaan.engine.lam.lam_picks)
 EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
 BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
 
@@ -60,6 +61,11 @@ class EngineOptions:
                              "later blocks, the first with its EMA twin added) or 'twins' (the EMA twins of the "
                              "later blocks alone, shared across aux nets: no trained trunk, frozen weights of at "
                              "most one backbone whatever K)", choices=LAM_TRUNKS)
+    # A trunk of frozen twins cannot learn to bridge the blocks uniform sampling skips (BENCHMARKS, LAM trunk of
+    # EMA twins); adjacent blocks see what they see in the backbone.
+    lam_sampling: str = _option("uniform", "lam", "which later blocks a LAM trunk runs: 'uniform' (the paper's, "
+                                "AugLocal's sampling up to the last block) or 'adjacent' (the blocks right after "
+                                "the module)", choices=LAM_SAMPLINGS)
     lam_shrink: float = _option(1.0, "lam", "c of the LAM depth schedule, in [0, 1]: 1 ends at one block")
     depth_shrink: float = _option(0.5, "head", "c of AugLocal's aux-depth schedule, in [0, 1] (its published value)")
     # "linear" is what the official MLAAN code uses, so step times compare with it; "mlp" (DGL's classifier)

@@ -47,6 +47,16 @@ def sample_later_blocks(last_unit: int, depth: int, num_units: int, profile: Blo
     return sorted(mandatory + chosen)
 
 
+def lam_picks(last_unit: int, depth: int, num_units: int, profile: BlockProfile, sampling: str = "uniform"
+              ) -> list[int]:
+    """The later blocks a LAM trunk of ``depth`` runs after the unit ``last_unit``: ``"uniform"``
+    (:func:`sample_later_blocks`, the paper's) or ``"adjacent"``, the ``depth`` blocks right after it (cut short
+    at the head), each fed what it is fed in the backbone."""
+    if sampling == "adjacent":
+        return list(range(last_unit + 1, min(last_unit + 1 + max(depth, 0), num_units)))
+    return sample_later_blocks(last_unit, depth, num_units, profile)
+
+
 def reinitialised_copy(block: nn.Module) -> nn.Module:
     """A block of the same shape with fresh parameters (AugLocal's "new blocks")."""
     fresh = copy.deepcopy(block)

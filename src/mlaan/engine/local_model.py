@@ -25,7 +25,7 @@ from .. import models, runtime
 from .compile import compile_step_parts
 from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
-from .lam import LeapTrunk, TwinBank, TwinTrunk, reinitialised_copy, sample_later_blocks
+from .lam import LeapTrunk, TwinBank, TwinTrunk, lam_picks, reinitialised_copy, sample_later_blocks
 from .methods import AuxContext, MethodSpec, parse_method
 from .options import HeadOptions, LocalOptions, make_options, options_ignored, why_ignored
 from .phases import EMA_UPDATE, mark
@@ -131,7 +131,7 @@ class LocalModel(nn.Module):
         if not leap:
             return self.spec.base.make_head(self._context(j, feature_shape, last_unit))
         depth = self._context(j, feature_shape, last_unit).depth(self.options.lam_depth, self.options.lam_shrink)
-        picks = sample_later_blocks(last_unit, depth, num_units, self.profile)
+        picks = lam_picks(last_unit, depth, num_units, self.profile, self.options.lam_sampling)
         check_shared_state(self.profile, self.split, set(picks), self.spec.name, self.backbone.blocks)
         if self.twin_bank is not None:
             for i in picks:
