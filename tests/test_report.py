@@ -227,3 +227,11 @@ def test_runs_of_one_method_with_other_options_are_labelled_with_them(tmp_path, 
     curves = saved_figures[0]
     assert sorted(t.get_text() for t in curves.axes[0].get_legend().get_texts()) == [
         "dgl", "dgl+mlaan", "dgl+mlaan lam_trunk=twins"]
+
+
+def test_an_empty_output_dir_is_refused_not_the_current_folder(tmp_path, capsys, monkeypatch):
+    from mlaan.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["report", str(tmp_path / "no-run"), "--output-dir", ""]) == 2
+    assert "--output-dir '' is empty" in capsys.readouterr().err and list(tmp_path.iterdir()) == []

@@ -583,6 +583,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not str(args.output_dir).strip():  # Path("") is the current folder: "$UNSET" would write among its files
+        raise ValueError(f"--output-dir {args.output_dir!r} is empty: name a folder (an unset shell variable?)")
     result = write_report(args.run_dirs, args.output_dir, args.title, bp=args.bp, bases=tuple(args.base),
                           memory=args.memory)
     print(result["table"])

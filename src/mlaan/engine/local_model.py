@@ -343,7 +343,8 @@ class LocalModel(nn.Module):
         (under MLM mostly the cascaded loss), else its one loss unweighted, ``independent_losses`` each module's own
         aux loss unweighted (the last module: its cross-entropy), ``cascaded_losses`` the cascaded aux net's loss
         unweighted (None where a module has none).
-        Raises FloatingPointError (before any optimizer step) when a local loss is not finite; warns
+        Raises FloatingPointError (before any optimizer step, though the forward has moved BatchNorm's running
+        statistics: restore a checkpoint rather than train on) when a local loss is not finite; warns
         (RuntimeWarning) when the model is in eval mode, where BatchNorm would not train as it should, and once
         per process under bf16 autocast on a CPU without bf16 instructions (emulated, ~10x slower than fp32).
         """
