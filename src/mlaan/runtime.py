@@ -130,13 +130,19 @@ def free_cores(sample_seconds: float = 0.2) -> int:
     return max(1, min(len(usable), int(idle_capacity + 0.5)))
 
 
+def max_threads() -> int:
+    """The largest intra-op thread count taken: 256, or twice the logical CPUs of a larger machine."""
+    return max(256, 2 * (os.cpu_count() or 1))
+
+
 def choose_threads(requested: int | None, share: int = 1) -> int:
     """``requested`` when given (≥ 1); else torch's count when ``OMP_NUM_THREADS`` is set (the user chose);
     else the :func:`free_cores` divided among ``share`` processes (torchrun's local ranks). ValueError for a
-    count below 1."""
+    count below 1 or above :func:`max_threads` (OpenMP aborts the process when it cannot create the team)."""
     if requested is not None:
-        if requested < 1:
-            raise ValueError(f"threads must be at least 1, got {requested}")
+        if not 1 <= requested <= max_threads():
+            raise ValueError(f"threads must be 1 to {max_threads()} (a team beyond that is a typo: this machine has "
+                             f"{os.cpu_count()} logical CPUs), got {requested}")
         return requested
     if os.environ.get("OMP_NUM_THREADS"):
         return torch.get_num_threads()
