@@ -330,17 +330,3 @@ def test_precise_bn_changes_the_evaluation_not_the_training(tmp_path, monkeypatc
     exported = torch.load(tmp_path / "net.pt", weights_only=True)
     stats = {k: v for k, v in seen[0].backbone.state_dict().items() if k.endswith(("running_mean", "running_var"))}
     assert stats and all(torch.allclose(v, exported[k], rtol=1e-4, atol=1e-6) for k, v in stats.items())
-
-
-def test_an_epoch_records_the_learning_rate_its_last_step_used(tmp_path, capsys):
-    """The epoch line and metrics.jsonl gave the next step's rate (breaker finding): 4 steps of a 20-step warm-up
-    at --lr 0.1 end with step 4's 0.1 · 4/20 = 0.02, which the progress bar showed, not step 5's 0.025."""
-    from mlaan.cli import main
-
-    out = tmp_path / "run"
-    assert main(["train", "--dataset", "synthetic", "--synthetic-train-size", "64", "--synthetic-test-size", "16",
-                 "--arch", "resnet20", "-K", "2", "--batch-size", "16", "--epochs", "1", "--warmup-epochs", "5",
-                 "--lr", "0.1", "--workers", "0", "--output-dir", str(out)]) == 0
-    (line,) = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert line["step"] == 4 and line["lr"] == pytest.approx(0.02)
-    assert "| lr 0.02 |" in capsys.readouterr().out

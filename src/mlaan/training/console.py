@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .. import runtime
-from . import loop, metrics_log
+from . import metrics_log
 from .checkpoint import Progress
 from .run_folder import RUN_FILES
 
@@ -41,7 +41,6 @@ class TrainingRun(Protocol):
     local_model: LocalModel
     pipeline: ModulePipeline | None
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
     progress: Progress
     out: Path
     resume_path: str | os.PathLike | None
@@ -146,7 +145,7 @@ def epoch_record(run: TrainingRun, epoch: int, train: dict, test: dict, complete
         "test_loss": test["loss"],
         "test_accuracy": test["accuracy"],
         "test_error": 1.0 - test["accuracy"],
-        "lr": loop.last_step_lr(run.scheduler),  # the rate of the epoch's last step, as the progress bar shows
+        "lr": run.optimizer.param_groups[0]["lr"],
         "images_per_second": train["images_per_second"],
         "epoch_seconds": train["seconds"],
         "peak_memory_bytes": mem,

@@ -126,15 +126,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor, last_epoch=start - 1)
 
 
-def last_step_lr(scheduler: torch.optim.lr_scheduler.LambdaLR) -> float:
-    """The learning rate the last optimizer step used (the optimizer's group holds the next step's, the schedule
-    having moved on); the next step's before the first."""
-    step = scheduler.last_epoch - 1
-    if step < 0:
-        return scheduler.optimizer.param_groups[0]["lr"]
-    return scheduler.base_lrs[0] * scheduler.lr_lambdas[0](step)
-
-
 # -------------------------------------------------------------------------------------------------- step
 def optimizer_step(
     model: Any,
