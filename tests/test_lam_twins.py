@@ -301,9 +301,11 @@ def test_a_twins_run_resumed_mid_epoch_continues_bit_identically(tmp_path):
     the run trained in one go."""
     from test_training import run
 
-    straight, _ = run(tmp_path, "straight", lam_trunk="twins")
-    run(tmp_path, "resumed", lam_trunk="twins", max_steps=5)
-    resumed, summary = run(tmp_path, "resumed", resume="auto", lam_trunk="twins")
+    # one thread each: by default a run takes the cores idle at its start, and a bit-identical resume needs the
+    # same count (on a busy machine the two runs could get different ones)
+    straight, _ = run(tmp_path, "straight", lam_trunk="twins", threads=1)
+    run(tmp_path, "resumed", lam_trunk="twins", max_steps=5, threads=1)
+    resumed, summary = run(tmp_path, "resumed", resume="auto", lam_trunk="twins", threads=1)
     assert summary["steps"] == 8 and resumed.local_model.twin_bank is not None
     a, b = straight.local_model.state_dict(), resumed.local_model.state_dict()
     assert a.keys() == b.keys() and any(k.startswith("twin_bank.") for k in a)
