@@ -307,9 +307,9 @@ RUN_IDENTITY = ("method", "seed", "output_dir", "resume", "overwrite")
 def _check_run_flags(flags: list[str], where: str, owned: Iterable[str]) -> None:
     """ValueError for extra `mlaan train` flags (``--train-arg``: ``owned`` is :data:`HARNESS_OWNED`; an arm's:
     :data:`RUN_IDENTITY`) that set one of ``owned`` (under any spelling: ``-K``, an abbreviation), or
-    ``--max-steps``: every run trains its
-    whole schedule (a run stopped early is not finished, and would be continued by every invocation without ever
-    finishing). Flags `mlaan train` would refuse are left to :func:`check_commands`."""
+    ``--max-steps``: every run trains its whole schedule (a run stopped early is not finished, and would be
+    continued by every invocation without ever finishing). Flags `mlaan train` would refuse are left to
+    :func:`check_commands`."""
     from ..cli_flags import INPUT_ERRORS, train_options_given
 
     try:

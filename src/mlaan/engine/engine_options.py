@@ -61,8 +61,8 @@ class EngineOptions:
                              "later blocks, the first with its EMA twin added) or 'twins' (the EMA twins of the "
                              "later blocks alone, shared across aux nets: no trained trunk, frozen weights of at "
                              "most one backbone whatever K)", choices=LAM_TRUNKS)
-    # A trunk of frozen twins cannot learn to bridge the blocks uniform sampling skips (BENCHMARKS, LAM trunk of
-    # EMA twins); adjacent blocks see what they see in the backbone.
+    # "adjacent" tested whether frozen twins lose accuracy by skipping blocks; on ResNet-32 it was worse than
+    # "uniform" for the twins trunk (BENCHMARKS, LAM trunk of EMA twins)
     lam_sampling: str = _option("uniform", "lam", "which later blocks a LAM trunk runs: 'uniform' (the paper's, "
                                 "AugLocal's sampling up to the last block) or 'adjacent' (the blocks right after "
                                 "the module)", choices=LAM_SAMPLINGS)

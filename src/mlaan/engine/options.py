@@ -18,6 +18,7 @@ import dataclasses
 import math
 import numbers
 import typing
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -119,8 +120,14 @@ def why_ignored(name: str, method: str, values: dict[str, Any]) -> str:
     fields = option_fields()
     field_ = next(f for f in fields if f.name == name)
     values = spelled(values)
+    return unmet_text(_unmet_conditions(field_, values, fields, unused))
+
+
+def unmet_text(unmet: Iterable[tuple[str, tuple[Any, ...], Any]]) -> str:
+    """``read only with opt=adamw, this run has opt=sgd``: unmet ``read_when`` conditions (other option, values it
+    must hold, value it holds) as a warning says them, for engine and run options alike."""
     return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
-                     for other, allowed, held in _unmet_conditions(field_, values, fields, unused))
+                     for other, allowed, held in unmet)
 
 
 def _unmet_conditions(field_: OptionField, values: dict[str, Any], fields: list[OptionField],

@@ -28,7 +28,7 @@ import yaml
 
 from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 from ..engine import parse_method
-from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled
+from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled, unmet_text
 from ..names import unknown
 
 # Options ``resolve()`` derives from others when they are not set (None), with how.
@@ -107,8 +107,7 @@ def run_options_ignored(values: Mapping[str, Any]) -> frozenset[str]:
 
 def why_run_option_ignored(name: str, values: Mapping[str, Any]) -> str:
     """Why a run with option ``values`` ignores run option ``name`` (one of :func:`run_options_ignored`)."""
-    return "; ".join(f"read only with {other}={' or '.join(map(str, allowed))}, this run has {other}={held}"
-                     for other, allowed, held in _unmet_run_conditions(values)[name])
+    return unmet_text(_unmet_run_conditions(values)[name])
 
 
 @dataclass
