@@ -51,6 +51,24 @@ def test_checkpointed_bp_is_bit_identical_to_bp(segment):
     assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)
 
 
+def test_a_segment_spanning_the_whole_network_is_warned_of():
+    """A breaker found checkpoint_segment above the block count accepted silently: one checkpoint around the
+    whole network holds BP's peak in its backward. resnet20 has 11 blocks (stem, 9 residual blocks, head): a
+    segment of 10 leaves only the head (a pool and a linear layer) outside."""
+    assert len(mlaan.create_local_model("resnet20", "bp").backbone.blocks) == 11
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        mlaan.create_local_model("resnet20", "bp", grad_checkpointing=True, checkpoint_segment=9)
+        mlaan.create_local_model("resnet20", "bp", checkpoint_segment=11)  # not read without grad_checkpointing
+        assert not [w for w in caught if "spans all" in str(w.message)]
+        for segment in (10, 50):
+            mlaan.create_local_model("resnet20", "bp", grad_checkpointing=True, checkpoint_segment=segment)
+    texts = [str(w.message) for w in caught if "spans all" in str(w.message)]
+    assert texts == [f"checkpoint_segment={s} spans all 10 backbone blocks before the head: one segment of the whole "
+                     "network, whose backward holds every activation as plain BP does; the least memory is near 3 "
+                     "blocks a segment" for s in (10, 50)]
+
+
 def test_checkpointed_bp_moves_batchnorm_statistics_once_per_step():
     model = mlaan.create_local_model("resnet20", "bp", grad_checkpointing=True, checkpoint_segment=3)
     norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]

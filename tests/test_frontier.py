@@ -115,6 +115,18 @@ def test_variant_points_follow_the_plain_ones_for_the_methods_that_read_the_opti
         frontier.plan_points("resnet20", [4], ["bp", "dgl"], variants=variants)
 
 
+def test_a_variant_point_that_builds_an_earlier_one_is_left_out():
+    """--variant twinsel=lam_trunk=twins,checkpoint_modules=2 beside --variant twins=lam_trunk=twins: without
+    recomputation checkpoint_modules is not read, so 'twinsel' plain was the 'twins' step timed again (and
+    sel=checkpoint_modules=2 gave bp a point of its own, the same as bp +ckpt)."""
+    variants = frontier.parse_variants(["twins=lam_trunk=twins", "twinsel=lam_trunk=twins,checkpoint_modules=2",
+                                        "sel=checkpoint_modules=2"])
+    points = frontier.plan_points("resnet20", [4], ["bp", "dgl+mlaan"], segments=[1], variants=variants)
+    assert [p["label"] for p in points] == ["bp", "bp +ckpt", "dgl+mlaan", "dgl+mlaan +ckpt", "dgl+mlaan twins",
+                                            "dgl+mlaan twins +ckpt", "dgl+mlaan twinsel +ckpt first=2",
+                                            "dgl+mlaan sel +ckpt first=2"]
+
+
 def test_a_variant_reaches_the_model_of_its_point_and_not_the_others(monkeypatch):
     points = frontier.plan_points("resnet20", [4], ["bp", "dgl+mlaan"], recompute="off",
                                   variants=frontier.parse_variants(["twins=lam_trunk=twins"]))

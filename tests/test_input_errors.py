@@ -244,6 +244,25 @@ def test_an_option_the_method_does_not_read_is_warned_of_with_its_reader(tmp_pat
                           "infopro_task=contrastive); --window: read by MLM's cascade (+mlm, +mlaan)\n") in err
 
 
+@pytest.mark.parametrize("args,env,warned", [
+    (["--rescale-schedule"], {}, "--rescale-schedule: read only with --resume, this is a new run"),
+    (["--sync-bn"], {}, "--sync-bn: read only by a run of several processes (torchrun), this is one process"),
+    (["--sync-bn"], {"WORLD_SIZE": "2", "RANK": "0"}, None),
+    (["--sync-bn"], {"WORLD_SIZE": "2"}, "--sync-bn: read only by a run of several processes"),  # no RANK: one
+    (["--sync-bn"], {"WORLD_SIZE": "", "RANK": "0"}, "--sync-bn: read only by a run of several processes"),
+])
+def test_an_option_this_invocation_does_not_read_is_warned_of(capsys, monkeypatch, args, env, warned):
+    """Breaker findings: --rescale-schedule on a new run and --sync-bn in one process were taken without a word."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, _, err = run_cli(capsys, "train", *args, "--print-config")
+    assert code == 0
+    if warned is None:
+        assert "warning" not in err, err
+    else:
+        assert err.startswith(f"mlaan: warning: not used by this run, ignored: {warned}") and err.count("\n") == 1
+
+
 @pytest.mark.parametrize("args,ignored", [
     (["--method", "dgl", "--aux-head", "mlp", "--aux-width", "8"], None),
     (["--method", "infopro", "--aux-width", "8"], "--aux-width"),  # aux_head defaults to linear

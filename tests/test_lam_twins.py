@@ -18,9 +18,9 @@ def batch(n: int = 8):
     return torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 10, (n,), generator=g)
 
 
-def twins_model(method: str = "dgl+mlaan", k: int = 6, **options) -> mlaan.LocalModel:
+def twins_model(method: str = "dgl+mlaan", k: int = 6, lam_trunk: str = "twins", **options) -> mlaan.LocalModel:
     torch.manual_seed(0)
-    return mlaan.create_local_model("resnet20", method, k, lam_trunk="twins", **options)
+    return mlaan.create_local_model("resnet20", method, k, lam_trunk=lam_trunk, **options)
 
 
 def trunks(model: mlaan.LocalModel) -> list[TwinTrunk]:
@@ -32,9 +32,12 @@ def step(model: mlaan.LocalModel, x: torch.Tensor, y: torch.Tensor) -> dict:
     return model.train_step(x, y)
 
 
-@pytest.mark.parametrize("method,k,window", [("dgl+mlaan", 5, 2), ("dgl+lam", 4, 2), ("dgl+mlaan", 4, 3)])
-def test_the_step_equals_the_objective(method, k, window):
-    model = twins_model(method, k, window=window)
+@pytest.mark.parametrize("method,k,window,lam_trunk", [
+    ("dgl+mlaan", 5, 2, "twins"), ("dgl+lam", 4, 2, "twins"), ("dgl+mlaan", 4, 3, "twins"),
+    ("dgl+mlaan", 5, 2, "copy+twins"), ("dgl+lam", 4, 2, "copy+twins"),
+])
+def test_the_step_equals_the_objective(method, k, window, lam_trunk):
+    model = twins_model(method, k, window=window, lam_trunk=lam_trunk)
     x, y = batch()
     expected = reference_gradients(copy.deepcopy(model), x, y)
     step(model, x, y)
@@ -61,6 +64,58 @@ def test_one_twin_per_later_block_shared_by_every_trunk_and_nothing_trained_in_a
     for key, twin in bank.items():
         real = model.backbone.blocks[int(key)].state_dict()
         assert all(torch.equal(v, real[n]) for n, v in twin.module.state_dict().items())
+
+
+def test_copy_then_twins_trains_one_copy_of_the_first_later_block_per_trunk():
+    """lam_trunk="copy+twins": each trunk is the paper's first trunk block (a trained copy A1 of the first later
+    block plus its EMA twin) followed by twins. The copy starts as its block is, is an aux-net parameter (optimised
+    and weight-decayed as the copies are), gets a gradient; the twins, shared in the bank, get none."""
+    model = twins_model(k=6, lam_trunk="copy+twins")
+    twins_only = twins_model(k=6)
+    assert not model.leap_trunks and trunks(model)
+    assert [t.indices for t in trunks(model)] == [t.indices for t in trunks(twins_only)]  # the same sampled blocks
+    assert model.twin_bank.twins.keys() == twins_only.twin_bank.twins.keys()
+    aux = {id(p) for p in model.aux_parameters()}
+    for t in trunks(model):
+        block = model.backbone.blocks[t.indices[0]].state_dict()
+        assert all(torch.equal(v, block[k]) for k, v in t.lead.state_dict().items())
+        assert t.lead is not model.backbone.blocks[t.indices[0]]
+        assert all(p.requires_grad and id(p) in aux for p in t.lead.parameters())
+    lead_numel = sum(p.numel() for t in trunks(model) for p in t.lead.parameters())
+    assert sum(p.numel() for p in model.aux_parameters()) == sum(p.numel() for p in twins_only.aux_parameters()) \
+        + lead_numel
+    x, y = batch()
+    step(model, x, y)
+    assert all(p.grad is None for p in model.twin_bank.parameters())
+    assert all(any(p.grad is not None and p.grad.abs().sum() > 0 for p in t.lead.parameters()) for t in trunks(model))
+    # A1(z) + E1(z), then E2 ... Ed: the twins-only trunk's chain, its first twin's output plus the copy's
+    t = next(t for t in trunks(model) if len(t.indices) > 1)
+    twins = [model.twin_bank.twins[str(i)] for i in t.indices]
+    z = torch.randn(4, *trunk_input_shape(model, t))
+    with torch.no_grad():
+        expected = t.lead(z) + twins[0](z)
+        for twin in twins[1:]:
+            expected = twin(expected)
+        assert torch.equal(t(z), expected)
+
+
+def test_a_copy_then_twins_trunk_of_depth_one_is_the_papers_trunk_in_training_and_evaluation():
+    """A1(z) + E1(z) is the paper's first trunk block, E1 with its running statistics in evaluation (its input is
+    its block's), so a trunk of one block computes what the copies' trunk computes, in both modes."""
+    ours, papers = twins_model(k=6, lam_trunk="copy+twins"), twins_model(k=6, lam_trunk="copies")
+    for model in (ours, papers):  # running statistics of their own, the same in both models
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.fill_(0.3)
+                m.running_var.fill_(2.0)
+    j = max(int(k) for k in ours.cascade_heads)
+    trunk, leap = ours.cascade_heads[str(j)].trunk, papers.cascade_heads[str(j)].trunk
+    assert len(trunk.indices) == 1 and len(leap.copies) == 1 and leap.source_index == trunk.indices[0]
+    z = torch.randn(4, *trunk_input_shape(ours, trunk))
+    for mode in (True, False):
+        ours.train(mode)
+        papers.train(mode)
+        assert torch.equal(trunk(z), leap(z)), mode
 
 
 def test_the_gradient_flows_through_the_twins_into_the_module_and_never_into_them():
@@ -112,8 +167,9 @@ def test_sharing_changes_no_number_against_a_twin_per_trunk():
         assert all(torch.equal(v, shared[n]) for n, v in twin.state_dict().items())
 
 
-def test_recomputation_changes_nothing():
-    plain = twins_model(k=4)
+@pytest.mark.parametrize("lam_trunk", ["twins", "copy+twins"])
+def test_recomputation_changes_nothing(lam_trunk):
+    plain = twins_model(k=4, lam_trunk=lam_trunk)
     recomputing = copy.deepcopy(plain)
     recomputing.set_grad_checkpointing(True)
     assert all(t.grad_checkpointing for t in trunks(recomputing))
@@ -220,7 +276,7 @@ def test_an_unknown_sampling_names_the_allowed_ones():
 
 
 def test_an_unknown_trunk_names_the_allowed_ones():
-    with pytest.raises(ValueError, match=r"lam_trunk.*'shared'.*copies.*twins"):
+    with pytest.raises(ValueError, match=r"lam_trunk.*'shared'.*copies.*twins.*copy\+twins"):
         mlaan.create_local_model("resnet20", "dgl+mlaan", 4, lam_trunk="shared")
 
 
@@ -254,17 +310,18 @@ def test_a_bench_option_no_lam_method_reads_is_not_refused():
     common.check_options(["bp", "dgl", "dgl+mlm"], {"lam_trunk": "twins", "ema_lag": 1})
 
 
-def test_parallel_modules_refuses_twins_naming_the_flags(tmp_path, capsys):
+@pytest.mark.parametrize("lam_trunk", ["twins", "copy+twins"])
+def test_parallel_modules_refuses_twins_naming_the_flags(tmp_path, capsys, lam_trunk):
     """Under --parallel modules the engine's refusal said 'got ema_update 'all' and ema_lag 1': an ema_lag the
     user never gave (--parallel modules sets it). Now the refusal names --lam-trunk twins and --parallel modules."""
     from mlaan.cli import main
 
     code = main(["train", "--device", "cpu", "--dataset", "synthetic", "--arch", "resnet20", "-K", "4",
-                 "--method", "dgl+mlaan", "--lam-trunk", "twins", "--parallel", "modules", "--threads", "1",
+                 "--method", "dgl+mlaan", "--lam-trunk", lam_trunk, "--parallel", "modules", "--threads", "1",
                  "--output-dir", str(tmp_path / "run")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert err.startswith("mlaan: error: --lam-trunk twins is not supported with --parallel modules"), err
+    assert err.startswith(f"mlaan: error: --lam-trunk {lam_trunk} is not supported with --parallel modules"), err
     assert "ema_lag" not in err and not (tmp_path / "run").exists()
 
 
@@ -282,7 +339,8 @@ def test_print_config_refuses_twins_with_ema_update_last_as_the_run_would(tmp_pa
                  "--lam-trunk", "twins", "--ema-update", "last", "--print-config"]) == 0  # dgl reads neither
 
 
-@pytest.mark.parametrize("saved,built", [("twins", "copies"), ("copies", "twins")])
+@pytest.mark.parametrize("saved,built", [("twins", "copies"), ("copies", "twins"), ("copy+twins", "twins"),
+                                         ("twins", "copy+twins"), ("copy+twins", "copies"), ("copies", "copy+twins")])
 def test_a_state_of_the_other_trunk_is_refused_naming_both(saved, built):
     """A twins run's state loaded into a copies model (or back) failed with torch's list of every trunk key
     missing and unexpected, whose first line (all that a checkpoint loader shows) said nothing."""

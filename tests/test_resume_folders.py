@@ -231,6 +231,25 @@ def test_a_run_stopped_before_writing_its_metrics_json_gets_it_from_a_resume(run
         assert {name: data for name, data in snapshot(run).items() if name != "metrics.json"} == before
 
 
+def test_a_run_stopped_before_its_first_evaluation_gets_a_best_pt_with_its_best_fields(runs, tmp_path, capsys):
+    """A run stopped (by a signal) at its last step before any evaluation, resumed with nothing left: it is
+    evaluated, and the best_* fields of its metrics.json name a best.pt that exists (a breaker found them
+    written without one)."""
+    run = tmp_path / "run"
+    shutil.copytree(runs["finished"], run)
+    ckpt = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    ckpt.update(best_accuracy=-1.0, best_epoch=0, best_step=0)  # as a stop before the first evaluation saves it
+    torch.save(ckpt, run / "last.pt")
+    for name in ("best.pt", "metrics.json"):
+        (run / name).unlink()
+    code, out, err = cli(capsys, "train", "--output-dir", run, "--resume")
+    assert code == 0 and "nothing to train" not in out, err
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["best_step"] == 2 and summary["best_accuracy"] >= 0
+    best = ckpt_io.load_training_checkpoint(run / "best.pt")
+    assert best["step"] == 2 and best["best_accuracy"] == summary["best_accuracy"]
+
+
 def test_a_run_folder_given_to_resume_is_its_last_pt_and_the_banner_says_where_it_resumed(
         runs, tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"

@@ -37,3 +37,15 @@ def test_selective_recomputation_lowers_the_peak_less_than_all_of_it():
     assert peaks[0] > peaks[1] > peaks[2]
     assert common.label({"method": "dgl+mlaan", "options": {"grad_checkpointing": True,
                                                             "checkpoint_modules": 8}}) == "dgl+mlaan +ckpt first=8"
+
+
+def test_bp_does_not_read_the_choice_of_modules():
+    """bp's one module is among the first N for every N >= 1, so checkpoint_modules changes nothing there: a
+    `bench frontier --variant sel=checkpoint_modules=4` measured a 'bp sel +ckpt' point identical to bp +ckpt, and
+    `mlaan train --method bp` took the flag without a word."""
+    from mlaan.engine.options import options_ignored
+
+    on = {"grad_checkpointing": True, "checkpoint_modules": 4}
+    assert "checkpoint_modules" in options_ignored("bp", on)
+    assert "checkpoint_modules" not in options_ignored("dgl+mlaan", on)
+    assert "checkpoint_modules" not in options_ignored("auglocal", on)

@@ -84,8 +84,8 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
     ``options`` (a method that does not read one is built without it); then, for each of ``variants`` (label →
     engine options), the same points of the methods that read all of its options (:func:`methods_reading`), built
     with ``options`` and the variant's on top, ``"variant"`` set to its label. Each point is
-    ``{"label", "method", "k", "options"}`` (and ``"variant"``). ValueError when bp is not among ``methods`` or a
-    variant has no method that reads it."""
+    ``{"label", "method", "k", "options"}`` (and ``"variant"``); a point that builds what an earlier one builds is
+    left out. ValueError when bp is not among ``methods`` or a variant has no method that reads it."""
     cases = [(arch, k) for k in ks if k >= 2]
     common.check_options(methods, dict(options or {}), cases=cases, set_by=SET_BY_FLAGS)
     points = _plan(arch, ks, methods, segments, recompute, dict(options or {}))
@@ -99,7 +99,20 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
         common.check_options(readers, {**(options or {}), **extra}, what=f"--variant {name}", cases=cases,
                              set_by=SET_BY_FLAGS)
         points.extend(_plan(arch, ks, readers, segments, recompute, {**(options or {}), **extra}, variant=name))
-    return points
+    return _distinct(points)
+
+
+def _distinct(points: list[dict]) -> list[dict]:
+    """``points`` without those that build what an earlier one builds (the same method, K and options read): a
+    variant whose options a point does not read (``checkpoint_modules`` without recomputation) would time the
+    same step twice under two names."""
+    seen, kept = set(), []
+    for point in points:
+        key = (point["method"], point["k"], json.dumps(point["options"], sort_keys=True, default=str))
+        if key not in seen:
+            seen.add(key)
+            kept.append(point)
+    return kept
 
 
 def _plan(arch: str, ks: Sequence[int], methods: Sequence[str], segments: Sequence[int], recompute: str,

@@ -57,6 +57,7 @@ from ..distributed.pipeline import (
     partition_modules,
 )
 from ..engine import parse_method
+from ..engine.engine_options import SHARED_TWIN_TRUNKS
 from ..training.loop import make_optimizer, optimizer_step
 from . import common
 from .memory import MemoryAccountant, parse_options
@@ -115,10 +116,11 @@ def run(args: argparse.Namespace) -> int:
     spec = parse_method(args.method)
     if spec.base.end_to_end:
         raise ValueError(f"method {args.method!r} trains end to end; module parallelism needs a local method")
-    if spec.leap and options.get("lam_trunk") == "twins":
-        raise ValueError("--option lam_trunk=twins: the module pipeline does not run a trunk of shared EMA twins "
-                         "(each stage would need later stages' blocks every step); predict it from a saved run: "
-                         "--predict-from PIPELINE_JSON --option lam_trunk=twins")
+    if spec.leap and options.get("lam_trunk") in SHARED_TWIN_TRUNKS:
+        trunk = options["lam_trunk"]
+        raise ValueError(f"--option lam_trunk={trunk}: the module pipeline does not run a trunk of shared EMA "
+                         "twins (each stage would need later stages' blocks every step); predict it from a saved "
+                         f"run: --predict-from PIPELINE_JSON --option lam_trunk={trunk}")
     if spec.leap and "ema_lag" in options:
         raise ValueError(f"--option ema_lag={options['ema_lag']}: the module pipeline sets ema_lag 1 itself (a twin "
                          "whose block is on the next rank sees it one step late)")

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from ..distributed.pipeline import partition_modules
 from ..engine import parse_method
+from ..engine.engine_options import SHARED_TWIN_TRUNKS
 from ..engine.lam import LeapTrunk, TwinTrunk
 from . import common
 
@@ -274,7 +275,7 @@ class _LocalPass:
         options = dict(options or {})
         # the pipeline's twins follow their blocks one step late (ema_lag 1); a trunk of shared twins cannot lag,
         # and the lag changes no cost
-        lag = {"ema_lag": 1} if parse_method(method).leap and options.get("lam_trunk") != "twins" else {}
+        lag = {"ema_lag": 1} if parse_method(method).leap and options.get("lam_trunk") not in SHARED_TWIN_TRUNKS else {}
         self.model, _ = common.build(arch, method, k, **lag, **options)
         self.twin_facts = twin_facts(self.model)
         self.images, self.targets = common.synthetic_batch(self.model, batch)

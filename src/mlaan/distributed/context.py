@@ -49,6 +49,15 @@ class DistContext:
             dist.barrier()
 
 
+def env_world_size() -> int:
+    """The number of processes torchrun started this one among (RANK and WORLD_SIZE set, as
+    :func:`init_from_env` requires them); 1 outside torchrun or for a WORLD_SIZE that is not a number."""
+    world = os.environ.get("WORLD_SIZE", "")
+    if not all(v in os.environ for v in _TORCHRUN_VARS) or not world.isdigit():
+        return 1
+    return max(1, int(world))
+
+
 def init_from_env(device_arg: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Build the context from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group.
 

@@ -12,7 +12,8 @@ from ..names import registered_spelling, unknown
 
 # The values of the engine's choice options, declared here (this module imports no torch) and used where they act:
 AUX_HEAD_SHAPES = ("mlp", "linear")  # the aux classifier's shape (mlaan.engine.heads.make_classifier)
-LAM_TRUNKS = ("copies", "twins")  # what a LAM aux net runs before its head (mlaan.engine.lam)
+LAM_TRUNKS = ("copies", "twins", "copy+twins")  # what a LAM aux net runs before its head (mlaan.engine.lam)
+SHARED_TWIN_TRUNKS = ("twins", "copy+twins")  # trunks that run the model's shared EMA twins (lam.TwinBank)
 LAM_SAMPLINGS = ("uniform", "adjacent")  # which later blocks a LAM trunk runs (mlaan.engine.lam.lam_picks)
 EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
 BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
@@ -29,6 +30,8 @@ READERS = {
     "split": "the split into local modules (every method but bp)",
     "recompute": "methods with something to recompute (+mlm, +lam, +mlaan, auglocal; bp: its backbone's blocks)",
     "e2e_recompute": "the checkpointed backbone of an end-to-end method (bp)",
+    # bp's one module is always among the first N: the choice of modules is a local method's
+    "local_recompute": "the recomputation of a local method's modules (+mlm, +lam, +mlaan, auglocal)",
     "loss": "the cross-entropy losses of every method (the output's, and the aux classifiers' the methods build)",
     "step": "every method's training step (its local modules and aux nets)",
 }
@@ -58,9 +61,10 @@ class EngineOptions:
                                      "after this one (0); --parallel modules needs 1")
     lam_depth: int = _option(4, "lam", "copied later blocks in the earliest LAM aux nets")
     lam_trunk: str = _option("copies", "lam", "a LAM aux net's trunk: 'copies' (the paper's: trained copies of "
-                             "later blocks, the first with its EMA twin added) or 'twins' (the EMA twins of the "
+                             "later blocks, the first with its EMA twin added), 'twins' (the EMA twins of the "
                              "later blocks alone, shared across aux nets: no trained trunk, frozen weights of at "
-                             "most one backbone whatever K)", choices=LAM_TRUNKS)
+                             "most one backbone whatever K) or 'copy+twins' (one trained copy of the first later "
+                             "block with its twin added, then twins)", choices=LAM_TRUNKS)
     # "adjacent" tested whether frozen twins lose accuracy by skipping blocks; on ResNet-32 it was worse than
     # "uniform" for the twins trunk (BENCHMARKS, LAM trunk of EMA twins)
     lam_sampling: str = _option("uniform", "lam", "which later blocks a LAM trunk runs: 'uniform' (the paper's, "
@@ -91,7 +95,7 @@ class EngineOptions:
                                       read_when={"grad_checkpointing": (True,)})
     # Selective recomputation: the peak of a recomputing dgl+mlaan step is made by the high-resolution modules
     # (their LAM trunks and the window's graphs); later modules' recomputation costs time and saves no peak.
-    checkpoint_modules: int = _option(0, "recompute", "with grad_checkpointing, recompute only in the first N "
+    checkpoint_modules: int = _option(0, "local_recompute", "with grad_checkpointing, recompute only in the first N "
                                       "local modules (their aux nets and cascade-window graphs); 0: in all",
                                       read_when={"grad_checkpointing": (True,)})
     cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "

@@ -3,7 +3,8 @@ block is augmented by an EMA twin of the real block, so early modules learn agai
 (:class:`LeapTrunk`, the paper's, ``lam_trunk="copies"``). ``lam_trunk="twins"`` keeps the later blocks and drops
 the copies: the trunk is the EMA twins of the later blocks alone (:class:`TwinTrunk`), one twin per block shared
 by every trunk that passes through it (:class:`TwinBank`), so the aux nets hold no trainable trunk and at most
-one frozen backbone's worth of weights, whatever K.
+one frozen backbone's worth of weights, whatever K. ``lam_trunk="copy+twins"`` keeps one trained copy, of the
+first later block, ahead of the twins.
 
 Also home of the block sampler shared with AugLocal: pick ``depth`` later blocks uniformly, always starting
 with the block right after the module and always including every block that changes shape, so that the
@@ -180,26 +181,40 @@ class TwinTrunk(nn.Module):
     the twins themselves are never trained. They live in the model's :class:`TwinBank`, not in the trunk, so
     that a shared twin has one state_dict entry.
 
+    With ``lead`` (``lam_trunk="copy+twins"``), z ↦ E_d(…E_2(A₁(z) + E₁(z))): the first later block is a trained
+    copy A₁ with its twin added, as the paper's trunk begins (:class:`LeapTrunk`), the rest twins. The frozen
+    trunk leaves only the head to fit the aux loss, which cost ResNet-32 accuracy (BENCHMARKS, LAM trunk of EMA
+    twins); one trained block per aux net is meant to give it capacity at a fraction of the copies' blocks.
+
     In evaluation too the twins' BatchNorms normalise with batch statistics, as in training: a twin's running
     statistics are its real block's, measured on that block's own input, while a trunk skips blocks and one twin
     serves trunks at several depths, so they fit none of its inputs (with them, the early modules' aux nets of a
     ResNet-32 scored near chance in ``mlaan eval --modules``: 14–29% against 70–75% with batch statistics).
     """
 
-    def __init__(self, bank: TwinBank, indices: list[int]) -> None:
+    def __init__(self, bank: TwinBank, indices: list[int], lead: nn.Module | None = None) -> None:
         super().__init__()
         if not indices:
             raise ValueError("a LAM trunk needs at least one block")
         self.indices = tuple(indices)  # of the twins' real blocks in ``backbone.blocks``
         self._bank = (bank,)  # a tuple hides it from nn.Module's registry: the LocalModel holds the bank
-        self.grad_checkpointing = False  # recompute each twin in backward (see ``mlaan.engine.recompute``)
+        # a trained copy of block indices[0], starting as that block is (as LeapTrunk's copies do); None: twins only
+        self.lead = copy.deepcopy(lead) if lead is not None else None
+        self.grad_checkpointing = False  # recompute each block in backward (see ``mlaan.engine.recompute``)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         twins = [self._bank[0].twins[str(i)] for i in self.indices]
-        if self.training:
-            return run_blocks(twins, z, self.grad_checkpointing)
-        with batch_statistics(twins):
-            return run_blocks(twins, z, self.grad_checkpointing)
+        if self.lead is None:
+            with contextlib.nullcontext() if self.training else batch_statistics(twins):
+                return run_blocks(twins, z, self.grad_checkpointing)
+        # A1(z) + E1(z) exactly as LeapTrunk's first block, in evaluation too: z is the input of E1's real block,
+        # so E1's running statistics (its block's, averaged) fit it; the later twins' do not (see above)
+        if self.grad_checkpointing:
+            a = checkpointed(self.lead, z) + checkpointed(twins[0], z)
+        else:
+            a = self.lead(z) + twins[0](z)
+        with contextlib.nullcontext() if self.training else batch_statistics(twins[1:]):
+            return run_blocks(twins[1:], a, self.grad_checkpointing)
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from torch import nn
 
 from .. import models, runtime
 from .compile import compile_step_parts
+from .engine_options import SHARED_TWIN_TRUNKS
 from .features import FeatureKind, classify
 from .heads import StackedLoss, aux_logits
 from .lam import LeapTrunk, TwinBank, TwinTrunk, lam_picks, reinitialised_copy, sample_later_blocks
@@ -104,9 +105,10 @@ class LocalModel(nn.Module):
 
         check_shared_state(self.profile, self.split, set(), spec.name, backbone.blocks)  # before any copy
         check_shared_parameters(self.split, spec.name, backbone.blocks)
-        # lam_trunk="twins": the EMA twins every LAM trunk runs, one per later block, shared (mlaan.engine.lam)
+        # lam_trunk="twins"/"copy+twins": the EMA twins every LAM trunk runs, one per later block, shared
         check_lam_trunk(spec, opts)
-        self.twin_bank = TwinBank(opts.ema_momentum) if spec.leap and opts.lam_trunk == "twins" else None
+        shared = spec.leap and opts.lam_trunk in SHARED_TWIN_TRUNKS
+        self.twin_bank = TwinBank(opts.ema_momentum) if shared else None
         self.independent_heads = nn.ModuleList()
         self.cascade_heads = nn.ModuleDict()  # keyed by str(module index); module 0 has no cascade of its own
         for j in range(num_local_modules - 1):
@@ -119,6 +121,7 @@ class LocalModel(nn.Module):
                 if aux is not None:
                     aux.to(like.device, like.dtype)
         self.set_grad_checkpointing(opts.grad_checkpointing)
+        _warn_whole_network_segment(spec, opts, len(backbone.blocks))
         if opts.compile:  # torch.compile of each local module and aux net, in place (mlaan.engine.compile)
             compile_step_parts(self)
 
@@ -136,7 +139,8 @@ class LocalModel(nn.Module):
         if self.twin_bank is not None:
             for i in picks:
                 self.twin_bank.twin_of(i, self.backbone.blocks[i])
-            trunk = TwinTrunk(self.twin_bank, picks)
+            lead = self.backbone.blocks[picks[0]] if self.options.lam_trunk == "copy+twins" else None
+            trunk = TwinTrunk(self.twin_bank, picks, lead)
         else:
             trunk = LeapTrunk([self.backbone.blocks[i] for i in picks], picks[0], self.options.ema_momentum,
                               self.options.ema_lag)
@@ -183,12 +187,16 @@ class LocalModel(nn.Module):
         return self.backbone(self.prepare_inputs(images))
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """``nn.Module.load_state_dict``; with ``strict``, a state of the other LAM trunk (``lam_trunk``
-        "twins": ``twin_bank.*`` keys, "copies": ``*.trunk.copies.*``) is refused in one line naming both
-        values, rather than by torch's list of every trunk key missing and unexpected."""
+        """``nn.Module.load_state_dict``; with ``strict``, a state of another LAM trunk (``lam_trunk``
+        "twins": ``twin_bank.*`` keys, "copy+twins": those and ``*.trunk.lead.*``, "copies": ``*.trunk.copies.*``)
+        is refused in one line naming both values, rather than by torch's list of every trunk key missing and
+        unexpected."""
         if strict and self.spec.leap:
-            saved = ("twins" if any(k.startswith("twin_bank.") for k in state_dict)
-                     else "copies" if any(".trunk.copies." in k for k in state_dict) else None)
+            saved = None
+            if any(".trunk.copies." in k for k in state_dict):
+                saved = "copies"
+            elif any(k.startswith("twin_bank.") for k in state_dict):
+                saved = "copy+twins" if any(".trunk.lead." in k for k in state_dict) else "twins"
             if saved is not None and saved != self.options.lam_trunk:
                 raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: the state_dict's "
                                    f"LAM trunks are lam_trunk={saved!r}, this model's lam_trunk="
@@ -496,13 +504,14 @@ class LocalModel(nn.Module):
 # ---------------------------------------------------------------------------------------------- helpers
 def check_lam_trunk(method: str | MethodSpec, opts: LocalOptions) -> None:
     """One-line ValueError where ``method`` (a LAM method) could not be built with ``opts``: the shared EMA twins
-    of ``lam_trunk="twins"`` need ``ema_update="all"`` and no lag, since with ``ema_update="last"`` or a lag
-    (``ema_lag=1``, module parallelism) each trunk's twin moves on its own. The model checks it when built; a
-    benchmark checks it before it runs a case in a process of its own (``mlaan.bench.common.check_options``)."""
+    of ``lam_trunk="twins"`` (and ``"copy+twins"``) need ``ema_update="all"`` and no lag, since with
+    ``ema_update="last"`` or a lag (``ema_lag=1``, module parallelism) each trunk's twin moves on its own. The
+    model checks it when built; a benchmark checks it before it runs a case in a process of its own
+    (``mlaan.bench.common.check_options``)."""
     spec = parse_method(method) if isinstance(method, str) else method
-    if spec.leap and opts.lam_trunk == "twins" and (opts.ema_update != "all" or opts.ema_lag):
-        raise ValueError(f"lam_trunk 'twins' needs ema_update 'all' and ema_lag 0 (no --parallel modules), got "
-                         f"ema_update {opts.ema_update!r} and ema_lag {opts.ema_lag}")
+    if spec.leap and opts.lam_trunk in SHARED_TWIN_TRUNKS and (opts.ema_update != "all" or opts.ema_lag):
+        raise ValueError(f"lam_trunk {opts.lam_trunk!r} needs ema_update 'all' and ema_lag 0 (no --parallel "
+                         f"modules), got ema_update {opts.ema_update!r} and ema_lag {opts.ema_lag}")
 
 
 def weight_decay_groups(named_parameters: Iterator[tuple[str, nn.Parameter]], weight_decay: float,
@@ -657,6 +666,18 @@ def create_local_model(
     model = LocalModel(backbone, method, num_local_modules, num_classes, make_options(**per_channel))
     _warn_unread(model.spec.name, options, model.options)
     return model
+
+
+def _warn_whole_network_segment(spec: MethodSpec, opts: LocalOptions, num_blocks: int) -> None:
+    """A warning where BP's first ``checkpoint_segment`` spans every backbone block before the head (of
+    ``num_blocks``, head included): one checkpoint around the network saves only the images, so its backward
+    recomputes every activation at once, BP's peak for one more forward."""
+    before_head = num_blocks - 1
+    if spec.end_to_end and opts.grad_checkpointing and 1 < before_head <= opts.checkpoint_segment:
+        warnings.warn(f"checkpoint_segment={opts.checkpoint_segment} spans all {before_head} backbone blocks before "
+                      "the head: one segment of the whole network, whose backward holds every activation as plain "
+                      f"BP does; the least memory is near {max(1, round(num_blocks ** 0.5))} blocks a segment",
+                      UserWarning, stacklevel=3)
 
 
 def _warn_unread(method: str, given: dict[str, object], options: LocalOptions) -> None:

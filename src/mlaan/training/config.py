@@ -28,6 +28,7 @@ import yaml
 
 from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 from ..engine import parse_method
+from ..engine.engine_options import SHARED_TWIN_TRUNKS
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled, unmet_text
 from ..names import unknown
 
@@ -415,10 +416,10 @@ def _check_parallel(cfg: TrainConfig, spec: Any) -> None:
                          "(use --parallel data)")
     if cfg.sync_bn:
         raise ValueError("--sync-bn is for --parallel data: under --parallel modules each BatchNorm lives on one rank")
-    if spec.leap and str(cfg.lam_trunk).lower() == "twins":  # the engine would only say ema_lag 1, set here
-        raise ValueError("--lam-trunk twins is not supported with --parallel modules: its shared EMA twins follow "
-                         "their blocks in the same step, and a block on another rank is seen one step late (use "
-                         "--lam-trunk copies, or --parallel data)")
+    if spec.leap and str(cfg.lam_trunk).lower() in SHARED_TWIN_TRUNKS:  # the engine would say ema_lag 1, set here
+        raise ValueError(f"--lam-trunk {cfg.lam_trunk} is not supported with --parallel modules: its shared EMA "
+                         "twins follow their blocks in the same step, and a block on another rank is seen one step "
+                         "late (use --lam-trunk copies, or --parallel data)")
     if spec.leap:
         cfg.ema_lag = 1
 

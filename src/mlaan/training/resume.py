@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..distributed.context import env_world_size
 from ..engine.options import options_ignored, why_ignored
 from . import safety
 from .checkpoint import (
@@ -344,20 +345,40 @@ def resolve_run(
     if check_data and "data_root" in given:  # given explicitly: it must exist (no silent fallback to another copy)
         safety.check_data_root(config.dataset, config.data_root, config.download)
     if warn:
-        _warn_unused(file_values, overrides, config)
+        _warn_unused(file_values, overrides, config, resumed=ckpt is not None)
     return config, ckpt, path
 
 
-def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config: TrainConfig) -> None:
+def _unread_by_invocation(config: TrainConfig, resumed: bool) -> dict[str, str]:
+    """Run options that this invocation, rather than the run's other options, leaves unread, each with why:
+    ``rescale_schedule`` on a new run, ``sync_bn`` in one process (there is no other rank to synchronise with)."""
+    unread = {}
+    if config.rescale_schedule and not resumed:
+        unread["rescale_schedule"] = "read only with --resume, this is a new run"
+    if config.sync_bn and env_world_size() == 1:
+        unread["sync_bn"] = "read only by a run of several processes (torchrun), this is one process"
+    return unread
+
+
+def _warn_unused(file_values: dict[str, Any], overrides: dict[str, Any], config: TrainConfig,
+                 resumed: bool = False) -> None:
     """One line (from the first process) for options given (as flags or ``--config`` keys) that this run
     ignores: another method's, an engine option of a part its method does not have (``--window`` for dgl, say),
-    or one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), each with
-    who reads it."""
+    one read only with other values of another option (``--aux-width`` with ``--aux-head linear``), or one this
+    invocation does not read (``--rescale-schedule`` without ``--resume``), each with who reads it."""
     method, values = config.method, config.to_dict()
     run_unused = run_options_ignored(values)
-    unused = sorted((set(file_values) | set(overrides)) & (options_ignored(method, values) | run_unused))
+    by_invocation = _unread_by_invocation(config, resumed)
+    unused = sorted((set(file_values) | set(overrides))
+                    & (options_ignored(method, values) | run_unused | set(by_invocation)))
     if unused and os.environ.get("RANK", "0") == "0":
         named = {name: "--" + name.replace("_", "-") if name in overrides else f"{name} (--config)" for name in unused}
-        reasons = "; ".join(f"{named[name]}: " + (why_run_option_ignored(name, values) if name in run_unused
-                                                  else why_ignored(name, method, values)) for name in unused)
-        print(f"mlaan: warning: not used by --method {method} as configured, ignored: {reasons}", file=sys.stderr)
+
+        def why(name: str) -> str:
+            if name in by_invocation:
+                return by_invocation[name]
+            return why_run_option_ignored(name, values) if name in run_unused else why_ignored(name, method, values)
+
+        reasons = "; ".join(f"{named[name]}: {why(name)}" for name in unused)
+        by = "this run" if set(unused) <= set(by_invocation) else f"--method {method} as configured"
+        print(f"mlaan: warning: not used by {by}, ignored: {reasons}", file=sys.stderr)

@@ -289,8 +289,9 @@ class Trainer:
                 last_eval = self._run_epoch(progress.epoch)
             if last_eval is None:  # nothing left to train, but no metrics.json yet (RunFolder.finished_run): evaluate
                 last_eval = self.evaluate()
-                if progress.best_accuracy < 0:
+                if progress.best_accuracy < 0:  # stopped before its first evaluation: this state is its best
                     progress.new_best(last_eval["accuracy"], progress.epoch)
+                    self._save_last(best=True)  # so that the best_* of metrics.json name a best.pt that exists
             summary = console.run_summary(self, last_eval, start)
             self.folder.clear_replaced_run(self.checkpoints)
             if self.ctx.is_main:

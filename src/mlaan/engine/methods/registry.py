@@ -91,7 +91,8 @@ class MethodSpec:
         checkpointed segments for an end-to-end method) and
         the aux-head options its base method lists in ``head_options``. The others change nothing in its run."""
         has = {"split": not self.end_to_end, "mlm": self.cascade, "lam": self.leap, "recompute": self.can_recompute,
-               "e2e_recompute": self.end_to_end, "head": False, "loss": True,
+               "e2e_recompute": self.end_to_end, "local_recompute": self.can_recompute and not self.end_to_end,
+               "head": False, "loss": True,
                "step": True}
         by_part = {f.name for f in dataclasses.fields(EngineOptions) if has[f.metadata["read_by"]]}
         return frozenset(by_part | set(self.base.head_options))
