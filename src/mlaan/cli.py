@@ -393,8 +393,9 @@ def _print_error(err: BaseException, per_rank: bool) -> None:
 
 def _under_torchrun() -> bool:
     """Whether this process is one of several that torchrun started."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    return world.isdigit() and int(world) > 1
+    from .distributed.modes import env_world_size  # torch-free
+
+    return env_world_size() > 1
 
 
 def _first_on_node() -> bool:

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 from ..runtime import pick_device
-
-_TORCHRUN_VARS = ("RANK", "WORLD_SIZE")
+from .modes import TORCHRUN_VARS
 
 
 @dataclass(frozen=True)
@@ -49,15 +48,6 @@ class DistContext:
             dist.barrier()
 
 
-def env_world_size() -> int:
-    """The number of processes torchrun started this one among (RANK and WORLD_SIZE set, as
-    :func:`init_from_env` requires them); 1 outside torchrun or for a WORLD_SIZE that is not a number."""
-    world = os.environ.get("WORLD_SIZE", "")
-    if not all(v in os.environ for v in _TORCHRUN_VARS) or not world.isdigit():
-        return 1
-    return max(1, int(world))
-
-
 def init_from_env(device_arg: str = "auto", timeout_s: float | None = None) -> DistContext:
     """Build the context from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK) and join the group.
 
@@ -68,7 +58,7 @@ def init_from_env(device_arg: str = "auto", timeout_s: float | None = None) -> D
     wait for another rank before failing (None: PyTorch's default), so a lost rank or a protocol error ends the
     run instead of hanging it.
     """
-    distributed = all(v in os.environ for v in _TORCHRUN_VARS)
+    distributed = all(v in os.environ for v in TORCHRUN_VARS)
     rank = int(os.environ.get("RANK", 0)) if distributed else 0
     world_size = int(os.environ.get("WORLD_SIZE", 1)) if distributed else 1
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..distributed.context import env_world_size
+from ..distributed.modes import env_world_size
 from ..engine.options import options_ignored, why_ignored
 from . import safety
 from .checkpoint import (
