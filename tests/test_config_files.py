@@ -267,8 +267,9 @@ RESUME_FREE_BEFORE = frozenset({
     "amp", "channels_last", "compile", "threads", "extra", "parallel", "partition", "dist_timeout", "rescale_schedule",
 })
 # free options added since, each with its reason: data_parallel (issue 31, pipeline replicas: a resume on another
-# layout is checked by the global batch, resume.check_schedule)
-RESUME_FREE_ADDED = frozenset({"data_parallel"})
+# layout is checked by the global batch, resume.check_schedule); checkpoint_trunk (issue 33: which trunk blocks a
+# recomputing step recomputes, like checkpoint_modules: memory and time only, identical results)
+RESUME_FREE_ADDED = frozenset({"data_parallel", "checkpoint_trunk"})
 
 
 def test_every_config_field_has_a_resume_policy_and_the_free_ones_are_as_before():

@@ -266,7 +266,7 @@ def test_inference_uses_only_the_backbone_and_exports_to_a_plain_model():
 OTHER_VALUE = {"window": 3, "w_ind": 0.5, "w_casc": 0.5, "ema_momentum": 0.5, "ema_update": "last", "ema_lag": 1,
                "lam_depth": 2, "lam_shrink": 0.0, "depth_shrink": 1.0, "aux_head": "mlp", "aux_width": 5,
                "balance": "memory", "balance_batch_size": 2, "grad_checkpointing": True, "checkpoint_segment": 2,
-               "checkpoint_modules": 2, "compile": True,
+               "checkpoint_modules": 2, "checkpoint_trunk": "lead", "compile": True,
                "cascade_barriers": (1,),
                "image_mean": (0.5, 0.4, 0.3), "image_std": (2.0, 2.0, 2.0), "label_smoothing": 0.1,
                "lam_trunk": "twins", "lam_sampling": "adjacent"}

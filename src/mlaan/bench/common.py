@@ -195,14 +195,15 @@ def options_text(options: dict) -> str:
 def label(result: dict) -> str:
     """The method's name, marked when it ran with ``grad_checkpointing`` (``bp +ckpt``: BP with activation
     checkpointing of every block; ``bp +ckpt seg=3``: of segments of 3 blocks; ``dgl+mlaan +ckpt first=8``:
-    recomputing in the first 8 local modules only)."""
+    recomputing in the first 8 local modules only; ``trunk=lead``: only each aux trunk's first block)."""
     options = result.get("options") or {}
     if not options.get("grad_checkpointing"):
         return result["method"]
     segment, first = options.get("checkpoint_segment", 1), options.get("checkpoint_modules", 0)
     if end_to_end(result["method"]):
         return result["method"] + " +ckpt" + (f" seg={segment}" if segment != 1 else "")
-    return result["method"] + " +ckpt" + (f" first={first}" if first else "")
+    lead = " trunk=lead" if options.get("checkpoint_trunk", "all") == "lead" else ""
+    return result["method"] + " +ckpt" + (f" first={first}" if first else "") + lead
 
 
 def label_with_options(result: dict) -> str:
@@ -210,7 +211,8 @@ def label_with_options(result: dict) -> str:
     frontier` writes a variant's label: ``dgl+mlaan lam_trunk=twins +ckpt`` (the recomputation options that
     :func:`label` itself shows are not repeated)."""
     plain = label(result)
-    shown = {"grad_checkpointing", "checkpoint_segment" if end_to_end(result["method"]) else "checkpoint_modules"}
+    shown = {"grad_checkpointing", *(("checkpoint_segment",) if end_to_end(result["method"])
+                                      else ("checkpoint_modules", "checkpoint_trunk"))}
     rest = options_text({k: v for k, v in (result.get("options") or {}).items() if k not in shown})
     return f"{result['method']} {rest}{plain[len(result['method']):]}" if rest else plain
 

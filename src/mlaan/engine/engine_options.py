@@ -17,6 +17,7 @@ SHARED_TWIN_TRUNKS = ("twins", "copy+twins")  # trunks that run the model's shar
 LAM_SAMPLINGS = ("uniform", "adjacent")  # which later blocks a LAM trunk runs (mlaan.engine.lam.lam_picks)
 EMA_UPDATE_MODES = ("all", "last")  # which EMA twins follow their block (LocalModel.after_optimizer_step)
 BALANCE_MODES = ("blocks", "memory")  # how the backbone is split (mlaan.engine.split.compute_split)
+CHECKPOINT_TRUNKS = ("all", "lead")  # which aux-trunk blocks a recomputing step recomputes (recompute.run_trunk)
 
 
 # Which part of a method reads an engine option (its field's ``metadata["read_by"]``), and the methods that have
@@ -98,6 +99,13 @@ class EngineOptions:
     checkpoint_modules: int = _option(0, "local_recompute", "with grad_checkpointing, recompute only in the first N "
                                       "local modules (their aux nets and cascade-window graphs); 0: in all",
                                       read_when={"grad_checkpointing": (True,)})
+    # A trunk's lead (LAM: the copy and the EMA twin of the first later block) runs at its module's resolution; on a
+    # network that downsamples, each later trunk block holds half or less of that, so recomputing the leads alone
+    # frees most of the trunks' activations for a fraction of their recompute (ResNet-32 K=16: the same peak).
+    checkpoint_trunk: str = _option("all", "local_recompute", "with grad_checkpointing, the aux-net trunk blocks "
+                                    "recomputed: 'all', or 'lead': each trunk's first block only (LAM: its copy and "
+                                    "EMA twin), which runs at the module's resolution, the rest kept",
+                                    read_when={"grad_checkpointing": (True,)}, choices=CHECKPOINT_TRUNKS)
     cascade_barriers: tuple[int, ...] = _option((), "mlm", "local modules after which MLM cascades stop (no "
                                                 "cascaded gradient flows into them from later modules)",
                                                 derived="mlaan train sets it to the rank boundaries of --parallel "

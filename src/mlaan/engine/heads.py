@@ -14,7 +14,7 @@ from torch import nn
 from .features import FeatureKind, TokenPool, ToMap
 from .options import AUX_HEAD_SHAPES
 from .phases import AUX_TRUNK_FORWARD, mark
-from .recompute import run_blocks
+from .recompute import run_trunk
 
 
 def _linear_classifier(channels: int, num_classes: int, width: int) -> nn.Module:
@@ -134,16 +134,18 @@ class StackedLoss(nn.Module):
         super().__init__()
         self.trunk, self.head = trunk, head
         self.grad_checkpointing = False  # recompute each trunk block in backward (``mlaan.engine.recompute``)
+        self.lead_only = False  # with it, only the trunk's first block (checkpoint_trunk="lead")
 
-    def set_grad_checkpointing(self, enable: bool) -> None:
-        self.grad_checkpointing = enable
+    def set_grad_checkpointing(self, enable: bool, lead_only: bool = False) -> None:
+        """Recompute the trunk's blocks in backward (``enable``): every one, or with ``lead_only`` the first."""
+        self.grad_checkpointing, self.lead_only = enable, lead_only
         if hasattr(self.trunk, "grad_checkpointing"):  # a LAM trunk checkpoints its own blocks and twin
-            self.trunk.grad_checkpointing = enable
+            self.trunk.grad_checkpointing, self.trunk.lead_only = enable, lead_only
 
     def forward(self, features: torch.Tensor, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         with mark(AUX_TRUNK_FORWARD):
             if self.grad_checkpointing and isinstance(self.trunk, nn.Sequential):
-                features = run_blocks(self.trunk, features, grad_checkpointing=True)
+                features = run_trunk(self.trunk, features, True, self.lead_only)
             else:
                 features = self.trunk(features)
         return self.head(features, images, targets)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from .recompute import checkpointed, run_blocks
+from .recompute import checkpointed, run_blocks, run_trunk
 from .split import BlockProfile
 
 
@@ -115,6 +115,7 @@ class LeapTrunk(nn.Module):
         self.lag = lag
         self.source_snapshot = copy.deepcopy(blocks[0]).requires_grad_(False) if lag else None
         self.grad_checkpointing = False  # recompute each block in backward (see ``mlaan.engine.recompute``)
+        self.lead_only = False  # with it, only the lead (copy + twin): checkpoint_trunk="lead"
 
     @torch.no_grad()
     def follow(self, source: nn.Module | None) -> None:
@@ -143,7 +144,7 @@ class LeapTrunk(nn.Module):
             a = checkpointed(self.copies[0], z) + checkpointed(self.twin, z)
         else:
             a = self.copies[0](z) + self.twin(z)
-        return run_blocks(self.copies[1:], a, self.grad_checkpointing)
+        return run_blocks(self.copies[1:], a, self.grad_checkpointing and not self.lead_only)
 
 
 class TwinBank(nn.Module):
@@ -201,12 +202,13 @@ class TwinTrunk(nn.Module):
         # a trained copy of block indices[0], starting as that block is (as LeapTrunk's copies do); None: twins only
         self.lead = copy.deepcopy(lead) if lead is not None else None
         self.grad_checkpointing = False  # recompute each block in backward (see ``mlaan.engine.recompute``)
+        self.lead_only = False  # with it, only the lead (copy + twin, or the first twin): checkpoint_trunk="lead"
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         twins = [self._bank[0].twins[str(i)] for i in self.indices]
         if self.lead is None:
             with contextlib.nullcontext() if self.training else batch_statistics(twins):
-                return run_blocks(twins, z, self.grad_checkpointing)
+                return run_trunk(twins, z, self.grad_checkpointing, self.lead_only)
         # A1(z) + E1(z) exactly as LeapTrunk's first block, in evaluation too: z is the input of E1's real block,
         # so E1's running statistics (its block's, averaged) fit it; the later twins' do not (see above)
         if self.grad_checkpointing:
@@ -214,7 +216,7 @@ class TwinTrunk(nn.Module):
         else:
             a = self.lead(z) + twins[0](z)
         with contextlib.nullcontext() if self.training else batch_statistics(twins[1:]):
-            return run_blocks(twins[1:], a, self.grad_checkpointing)
+            return run_blocks(twins[1:], a, self.grad_checkpointing and not self.lead_only)
 
 
 @contextlib.contextmanager

@@ -254,13 +254,15 @@ class LocalModel(nn.Module):
 
         Gradients, losses and BatchNorm statistics stay exactly what they are without it; the cost is one more
         forward of every aux block and up to two of each module per step (its input gradient, then its weights).
-        ``options.checkpoint_modules`` = N > 0 recomputes only in the first N local modules (selective)."""
+        ``options.checkpoint_modules`` = N > 0 recomputes only in the first N local modules, and
+        ``options.checkpoint_trunk="lead"`` only each aux trunk's first block (selective recomputation)."""
         self.options.grad_checkpointing = bool(enable)
         heads = [*enumerate(self.independent_heads), *((int(j), h) for j, h in self.cascade_heads.items())]
         for j, head in heads:
             for module in head.modules():
                 if isinstance(module, StackedLoss):
-                    module.set_grad_checkpointing(bool(enable) and self.recomputes_module(j))
+                    module.set_grad_checkpointing(bool(enable) and self.recomputes_module(j),
+                                                  lead_only=self.options.checkpoint_trunk == "lead")
 
     def recomputes_module(self, j: int) -> bool:
         """Whether local module j's aux nets and cascade-window graph are recomputed (``grad_checkpointing``,

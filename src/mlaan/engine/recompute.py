@@ -91,6 +91,16 @@ def checkpointed_segment(blocks: Sequence[nn.Module], x: torch.Tensor) -> torch.
     )
 
 
+def run_trunk(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool,
+              lead_only: bool = False) -> torch.Tensor:
+    """An aux net's trunk blocks in sequence; when ``grad_checkpointing``, each is recomputed in backward, or with
+    ``lead_only`` the first alone (``checkpoint_trunk="lead"``): it runs at the module's resolution, and on a
+    network that downsamples every later block holds half or less of its activations."""
+    blocks = list(blocks)
+    x = run_blocks(blocks[:1], x, grad_checkpointing)
+    return run_blocks(blocks[1:], x, grad_checkpointing and not lead_only)
+
+
 def run_blocks(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: bool,
                segment: int = 1) -> torch.Tensor:
     """Blocks in sequence; when ``grad_checkpointing``, each run of ``segment`` consecutive blocks (the last one

@@ -251,7 +251,7 @@ OPTION_NAMES = tuple(f.name for f in OPTION_FIELDS)
 # only a step's memory or speed: recomputation and how BP's checkpointing is cut, and torch.compile (the same step
 # to float rounding, the same state_dict keys).
 OPTION_RESUME = {"grad_checkpointing": "free", "checkpoint_segment": "free", "checkpoint_modules": "free",
-                 "compile": "free"}
+                 "checkpoint_trunk": "free", "compile": "free"}
 
 
 def _with_declared_options(cls: type[T]) -> type[T]:
