@@ -57,6 +57,22 @@ def test_accuracy_annotates_the_same_setting_only():
     assert all("test_error" not in p for p in other)
 
 
+def test_a_point_that_only_recomputes_shares_the_error_and_one_with_another_option_does_not():
+    """`--option lam_trunk=twins` points took the paper's trunk's test error (they compute other steps: a silent
+    wrong number), and a `--variant lead=checkpoint_trunk=lead` point had none (it computes the same steps)."""
+    report = {"recipe": {"arch": "resnet20", "k": 4}, "summary": [
+        {"method": "dgl+mlaan", "variant": "", "mean": 0.1, "std": 0.01, "seeds": [0, 1]}]}
+    variants = frontier.parse_variants(["lead=checkpoint_modules=2,checkpoint_trunk=lead", "shallow=lam_depth=2"])
+    points = frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], segments=[], variants=variants)
+    frontier.annotate_accuracy(points, "resnet20", report)
+    errors = {p["label"]: p.get("test_error") for p in points if p["method"] != "bp"}
+    assert errors == {"dgl+mlaan": 0.1, "dgl+mlaan +ckpt": 0.1, "dgl+mlaan lead +ckpt first=2 trunk=lead": 0.1,
+                      "dgl+mlaan shallow": None, "dgl+mlaan shallow +ckpt": None}
+    twins = frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], segments=[], options={"lam_trunk": "twins"})
+    frontier.annotate_accuracy(twins, "resnet20", report)
+    assert [p["label"] for p in twins if "test_error" in p] == []
+
+
 def test_bench_frontier_end_to_end(tmp_path):
     accuracy = tmp_path / "accuracy.json"
     accuracy.write_text(json.dumps({"recipe": {"arch": "resnet20", "k": 2, "dataset": "synthetic"}, "summary": [

@@ -8,11 +8,13 @@ as a multiple of plain BP's, from one interleaved timing run of all points toget
 The Pareto set (no other point needs less memory and less time, one of them strictly) is marked; where an
 accuracy report (``mlaan bench accuracy``'s accuracy.json) has the same architecture, K and method, its test
 error is written beside the point (and a second Pareto set over memory, time and error is marked among the
-points that have one). A setting that only recomputes (``grad_checkpointing``, ``checkpoint_segment``) computes
-bit-identical steps (tests/test_bp_checkpointing.py, tests/test_engine.py), so it shares its plain method's error.
-A variant (``--variant twins=lam_trunk=twins``) adds, beside the plain points and in the same interleaved run, the
-points of every method that reads all of its options, built with them and named with its label
-(``dgl+mlaan twins``, ``dgl+mlaan twins +ckpt``); it computes other steps, so no accuracy report's error is its.
+points that have one). A setting that only recomputes (the engine's recomputation options,
+:func:`mlaan.engine.engine_options.recompute_options`) computes bit-identical steps (tests/test_bp_checkpointing.py,
+tests/test_selective_recompute.py), so it shares its plain method's error. A variant (``--variant
+twins=lam_trunk=twins``) adds, beside the plain points and in the same interleaved run, the points of every method
+that reads all of its options, built with them and named with its label (``dgl+mlaan twins``, ``dgl+mlaan twins
++ckpt``); one that sets another option than recomputation's computes other steps, so no accuracy report's error
+is its.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import torch
 
 from .. import runtime
 from ..engine import parse_method
+from ..engine.engine_options import recompute_options
 from ..models import max_local_modules
 from . import common, memory, speed
 from .common import RECOMPUTE_CHOICES, label
@@ -36,7 +39,7 @@ from .common import RECOMPUTE_CHOICES, label
 DEFAULT_METHODS = "bp,dgl,dgl+lam,dgl+mlaan,infopro+mlaan"
 DEFAULT_ACCURACY = Path("bench/results/accuracy-full/accuracy.json")
 # Options that change how a step is computed (memory, time), never what it computes.
-RECOMPUTE_OPTIONS = ("grad_checkpointing", "checkpoint_segment")
+RECOMPUTE_OPTIONS = frozenset(recompute_options())  # what changes a step's memory and time, not its results
 # Options each point gets from the command's own flags (an --option or --variant setting one would be overwritten)
 SET_BY_FLAGS = {"grad_checkpointing": "--grad-checkpointing", "checkpoint_segment": "--segments"}
 
@@ -213,7 +216,8 @@ def load_accuracy(path: Path, required: bool = False) -> dict | None:
 def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source: str = "") -> None:
     """``test_error`` (mean over seeds, a fraction), ``test_error_std``, ``seeds`` and ``accuracy_source`` on each
     point whose setting the report has: same architecture, same K (any K for an end-to-end method), same method,
-    and no variant but recomputation (which changes no result): a ``--variant`` point computes other steps."""
+    and no engine option but recomputation's (which changes no result): a point built with another option
+    (``--option lam_trunk=twins``, a ``--variant`` of it) computes other steps."""
     if not report:
         return
     recipe = report.get("recipe") or {}
@@ -230,7 +234,8 @@ def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source
     where = f"{recipe.get('dataset', '?')}, {recipe.get('epochs', '?')} epochs" + (f", {source}" if source else "")
     for p in points:
         s = by_method.get(p["method"])
-        if s is None or p.get("variant") or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
+        other_steps = not set(p["options"]) <= RECOMPUTE_OPTIONS
+        if s is None or other_steps or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
             continue
         p["test_error"] = s["mean"]
         p["test_error_std"] = s.get("std")
@@ -346,7 +351,8 @@ def plot(result: dict, path: Path) -> None:
 
 
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), with its widest vector extension: what a time was measured on."""
+    """The CPU's model name (``/proc/cpuinfo``), with its widest vector extension and its bf16 instructions (a
+    virtual machine's name may say no more than "Intel(R) Xeon(R) Processor"): what a time was measured on."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -355,7 +361,7 @@ def cpu_name() -> str:
                 platform.machine())
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     vector = next((v for f, v in (("avx512f", "AVX-512"), ("avx2", "AVX2")) if f in flags), None)
-    return f"{name}, {vector}" if vector else name
+    return ", ".join(x for x in (name, vector, runtime.cpu_bf16()) if x)
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -38,6 +38,17 @@ READERS = {
 }
 
 
+# The parts above that only choose what a step recomputes: their options change its memory and time, never a result
+RECOMPUTE_READERS = ("recompute", "e2e_recompute", "local_recompute")
+
+
+def recompute_options() -> tuple[str, ...]:
+    """The engine options that only choose what a training step recomputes (``grad_checkpointing``,
+    ``checkpoint_segment``, ``checkpoint_modules``, ``checkpoint_trunk``): losses, gradients and BatchNorm state
+    are bit-identical whatever their values (tests/test_selective_recompute.py, test_bp_checkpointing.py)."""
+    return tuple(f.name for f in dataclasses.fields(EngineOptions) if f.metadata["read_by"] in RECOMPUTE_READERS)
+
+
 def _option(default: Any, read_by: str, help: str, **metadata: Any) -> Any:
     """An engine option's field: its default, the part that reads it (a key of :data:`READERS`) and its help;
     ``read_when={"other_option": (values...)}`` when that part reads it only for those values of another;

@@ -28,7 +28,7 @@ import yaml
 
 from ..distributed.modes import BOUNDARY_MODES, PARALLEL_MODES, PARTITION_MODES
 from ..engine import parse_method
-from ..engine.engine_options import SHARED_TWIN_TRUNKS
+from ..engine.engine_options import SHARED_TWIN_TRUNKS, recompute_options
 from ..engine.options import LocalOptions, check_finite, option_fields, options_ignored, spelled, unmet_text
 from ..names import unknown
 
@@ -250,8 +250,7 @@ OPTION_NAMES = tuple(f.name for f in OPTION_FIELDS)
 # no resume policy: they say what a step computes, so a resume keeps them ("kept"), but for these, which change
 # only a step's memory or speed: recomputation and how BP's checkpointing is cut, and torch.compile (the same step
 # to float rounding, the same state_dict keys).
-OPTION_RESUME = {"grad_checkpointing": "free", "checkpoint_segment": "free", "checkpoint_modules": "free",
-                 "checkpoint_trunk": "free", "compile": "free"}
+OPTION_RESUME = {**dict.fromkeys(recompute_options(), "free"), "compile": "free"}
 
 
 def _with_declared_options(cls: type[T]) -> type[T]:
