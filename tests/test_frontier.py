@@ -73,6 +73,28 @@ def test_a_point_that_only_recomputes_shares_the_error_and_one_with_another_opti
     assert [p["label"] for p in twins if "test_error" in p] == []
 
 
+def test_options_at_their_default_make_no_point_of_their_own_and_keep_the_error():
+    report = {"recipe": {"arch": "resnet20", "k": 4}, "summary": [
+        {"method": "dgl+mlaan", "variant": "", "mean": 0.1, "std": 0.01, "seeds": [0, 1]}]}
+    copies = frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], segments=[], options={"lam_trunk": "copies"})
+    frontier.annotate_accuracy(copies, "resnet20", report)
+    assert [p["test_error"] for p in copies if p["method"] == "dgl+mlaan"] == [0.1, 0.1]
+    with pytest.raises(ValueError, match="--variant all: every point it would add builds one already planned"):
+        frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], variants={"all": {"checkpoint_trunk": "all"}})
+    with pytest.raises(ValueError, match="--variant lead: every point it would add builds one already planned"):
+        frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], recompute="off",
+                             variants={"lead": {"checkpoint_trunk": "lead"}})
+
+
+def test_a_report_trained_with_extra_flags_annotates_nothing():
+    """A report of runs given `--train-arg '--lam-trunk twins'` put the twins' error on the copies' point."""
+    report = {"recipe": {"arch": "resnet20", "k": 4, "train_arg": ["--lam-trunk twins"]}, "summary": [
+        {"method": "dgl+mlaan", "variant": "", "mean": 0.3, "std": 0.01, "seeds": [0, 1]}]}
+    points = frontier.plan_points("resnet20", [4], ["dgl+mlaan", "bp"], segments=[])
+    frontier.annotate_accuracy(points, "resnet20", report)
+    assert all("test_error" not in p for p in points)
+
+
 def test_bench_frontier_end_to_end(tmp_path):
     accuracy = tmp_path / "accuracy.json"
     accuracy.write_text(json.dumps({"recipe": {"arch": "resnet20", "k": 2, "dataset": "synthetic"}, "summary": [
@@ -91,6 +113,7 @@ def test_bench_frontier_end_to_end(tmp_path):
     assert points["bp +ckpt"]["test_error"] == 0.2 and "test_error" not in points["dgl"]
     table = (out / "frontier.md").read_text()
     assert "| bp +ckpt seg=5" in table and "Pareto" in table and "20.00 ± 1.00 (2 seeds)" in table
+    assert "--option" not in table and result["options"] == {}
 
 
 def test_variant_parses_a_label_and_engine_options():
@@ -206,3 +229,13 @@ def test_options_the_cases_cannot_take_are_refused_before_measuring(tmp_path, ca
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_the_table_names_the_options_every_point_was_built_with():
+    """`--option lam_trunk=twins` points were named 'dgl+mlaan' with nothing in frontier.md saying twins."""
+    point = {"label": "dgl+mlaan", "k": 4, "peak_bytes": 2**20, "pct_of_bp": 50.0, "median_step_s": 0.1,
+             "time_ratio": 2.0}
+    result = {"arch": "resnet20", "batch": 4, "time_batch": 4, "format": "fp32", "repeats": 1, "warmup": 0,
+              "threads": 1, "machine": "test", "points": [point], "options": {"lam_trunk": "twins"}}
+    assert "Engine options of every point (--option): lam_trunk=twins" in frontier.render(result)
+    assert "--option" not in frontier.render({**result, "options": {}})

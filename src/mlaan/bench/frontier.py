@@ -32,6 +32,7 @@ import torch
 from .. import runtime
 from ..engine import parse_method
 from ..engine.engine_options import recompute_options
+from ..engine.options import LocalOptions
 from ..models import max_local_modules
 from . import common, memory, speed
 from .common import RECOMPUTE_CHOICES, label
@@ -88,7 +89,8 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
     engine options), the same points of the methods that read all of its options (:func:`methods_reading`), built
     with ``options`` and the variant's on top, ``"variant"`` set to its label. Each point is
     ``{"label", "method", "k", "options"}`` (and ``"variant"``); a point that builds what an earlier one builds is
-    left out. ValueError when bp is not among ``methods`` or a variant has no method that reads it."""
+    left out. ValueError when bp is not among ``methods``, or a variant has no method that reads it or adds no
+    point of its own."""
     cases = [(arch, k) for k in ks if k >= 2]
     common.check_options(methods, dict(options or {}), cases=cases, set_by=SET_BY_FLAGS)
     points = _plan(arch, ks, methods, segments, recompute, dict(options or {}))
@@ -102,16 +104,34 @@ def plan_points(arch: str, ks: Sequence[int], methods: Sequence[str], segments: 
         common.check_options(readers, {**(options or {}), **extra}, what=f"--variant {name}", cases=cases,
                              set_by=SET_BY_FLAGS)
         points.extend(_plan(arch, ks, readers, segments, recompute, {**(options or {}), **extra}, variant=name))
-    return _distinct(points)
+    points = _distinct(points)
+    for name, extra in (variants or {}).items():
+        if not any(p.get("variant") == name for p in points):
+            settings = ",".join(f"{k}={common.option_text(v)}" for k, v in extra.items())
+            raise ValueError(f"--variant {name}: every point it would add builds one already planned ({settings} "
+                             "is the default, another variant's, or read only with a setting these points lack, "
+                             "such as --grad-checkpointing on)")
+    return points
+
+
+def changed_options(options: dict) -> dict:
+    """``options`` without those set to their default (``lam_trunk=copies``, ``checkpoint_trunk=all``): what makes
+    a step other than the method's plain one."""
+    defaults = LocalOptions()
+    def is_default(name: str, value: object) -> bool:
+        default = getattr(defaults, name, object())
+        return value == default or (isinstance(default, tuple) and list(default) == value)
+    return {name: value for name, value in options.items() if not is_default(name, value)}
 
 
 def _distinct(points: list[dict]) -> list[dict]:
-    """``points`` without those that build what an earlier one builds (the same method, K and options read): a
-    variant whose options a point does not read (``checkpoint_modules`` without recomputation) would time the
-    same step twice under two names."""
+    """``points`` without those that build what an earlier one builds (the same method, K and options read, those
+    at their default aside): a variant whose options a point does not read (``checkpoint_modules`` without
+    recomputation) or sets to the default would time the same step twice under two names."""
     seen, kept = set(), []
     for point in points:
-        key = (point["method"], point["k"], json.dumps(point["options"], sort_keys=True, default=str))
+        options = changed_options(point["options"])
+        key = (point["method"], point["k"], json.dumps(options, sort_keys=True, default=str))
         if key not in seen:
             seen.add(key)
             kept.append(point)
@@ -216,9 +236,10 @@ def load_accuracy(path: Path, required: bool = False) -> dict | None:
 def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source: str = "") -> None:
     """``test_error`` (mean over seeds, a fraction), ``test_error_std``, ``seeds`` and ``accuracy_source`` on each
     point whose setting the report has: same architecture, same K (any K for an end-to-end method), same method,
-    and no engine option but recomputation's (which changes no result): a point built with another option
-    (``--option lam_trunk=twins``, a ``--variant`` of it) computes other steps."""
-    if not report:
+    and no engine option but recomputation's set off its default (recomputation changes no result): a point built
+    with another option (``--option lam_trunk=twins``, a ``--variant`` of it) computes other steps. A report whose
+    runs were given extra ``mlaan train`` flags (``--train-arg``) annotates nothing: they may have changed them."""
+    if not report or (report.get("recipe") or {}).get("train_arg"):
         return
     recipe = report.get("recipe") or {}
     try:
@@ -234,7 +255,7 @@ def annotate_accuracy(points: list[dict], arch: str, report: dict | None, source
     where = f"{recipe.get('dataset', '?')}, {recipe.get('epochs', '?')} epochs" + (f", {source}" if source else "")
     for p in points:
         s = by_method.get(p["method"])
-        other_steps = not set(p["options"]) <= RECOMPUTE_OPTIONS
+        other_steps = not set(changed_options(p["options"])) <= RECOMPUTE_OPTIONS
         if s is None or other_steps or (not common.end_to_end(p["method"]) and recipe.get("k") != p["k"]):
             continue
         p["test_error"] = s["mean"]
@@ -299,6 +320,8 @@ def render(result: dict) -> str:
             f"after {result['warmup']} warm-up, {runtime.plural(result['threads'], 'thread')}"
             + (f", load average {result['loadavg_after'][0]:.1f} after" if result.get("loadavg_after") else "")
             + f"); machine: {result['machine']}")
+    if result.get("options"):  # every point was built with them (those of its method that it reads)
+        head += "\n\nEngine options of every point (--option): " + common.options_text(result["options"])
     table = common.format_table(
         ["setting", "K", "peak", "% of BP", "step ms", "time × BP", "Pareto (memory, time)", "test error %",
          "Pareto (+ error)"], rows)
@@ -420,7 +443,7 @@ def run(args: argparse.Namespace) -> int:
     machine = f"{cpu_name()}; " + common.machine_description() + f"; code {common.code_version()}"
     result = {"machine": machine, "arch": arch, "batch": args.batch, "time_batch": time_batch,
               "format": args.format, "warmup": args.warmup, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "points": points}
+              "threads": torch.get_num_threads(), "options": memory.parse_options(args.option), "points": points}
     print(f"mlaan bench frontier on {machine}: {arch}, {len(points)} points", flush=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     measure_memory(arch, points, args.batch, isolate=not args.no_isolate, log=log)

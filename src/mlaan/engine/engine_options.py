@@ -33,13 +33,14 @@ READERS = {
     "e2e_recompute": "the checkpointed backbone of an end-to-end method (bp)",
     # bp's one module is always among the first N: the choice of modules is a local method's
     "local_recompute": "the recomputation of a local method's modules (+mlm, +lam, +mlaan, auglocal)",
+    "trunk_recompute": "the recomputation of aux nets made of blocks (+lam, +mlaan, auglocal)",
     "loss": "the cross-entropy losses of every method (the output's, and the aux classifiers' the methods build)",
     "step": "every method's training step (its local modules and aux nets)",
 }
 
 
 # The parts above that only choose what a step recomputes: their options change its memory and time, never a result
-RECOMPUTE_READERS = ("recompute", "e2e_recompute", "local_recompute")
+RECOMPUTE_READERS = ("recompute", "e2e_recompute", "local_recompute", "trunk_recompute")
 
 
 def recompute_options() -> tuple[str, ...]:
@@ -111,9 +112,10 @@ class EngineOptions:
                                       "local modules (their aux nets and cascade-window graphs); 0: in all",
                                       read_when={"grad_checkpointing": (True,)})
     # A trunk's lead (LAM: the copy and the EMA twin of the first later block) runs at its module's resolution; on a
-    # network that downsamples, each later trunk block holds half or less of that, so recomputing the leads alone
-    # frees most of the trunks' activations for a fraction of their recompute (ResNet-32 K=16: the same peak).
-    checkpoint_trunk: str = _option("all", "local_recompute", "with grad_checkpointing, the aux-net trunk blocks "
+    # network that downsamples, an early module's later trunk blocks are past a downsampling and hold half or less,
+    # so recomputing the leads alone frees most of the peak for a fraction of the recompute (ResNet-32 K=16: the
+    # same peak to the byte, BENCHMARKS Frontier).
+    checkpoint_trunk: str = _option("all", "trunk_recompute", "with grad_checkpointing, the aux-net trunk blocks "
                                     "recomputed: 'all', or 'lead': each trunk's first block only (LAM: its copy and "
                                     "EMA twin), which runs at the module's resolution, the rest kept",
                                     read_when={"grad_checkpointing": (True,)}, choices=CHECKPOINT_TRUNKS)

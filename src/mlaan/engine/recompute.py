@@ -95,7 +95,7 @@ def run_trunk(blocks: Iterable[nn.Module], x: torch.Tensor, grad_checkpointing: 
               lead_only: bool = False) -> torch.Tensor:
     """An aux net's trunk blocks in sequence; when ``grad_checkpointing``, each is recomputed in backward, or with
     ``lead_only`` the first alone (``checkpoint_trunk="lead"``): it runs at the module's resolution, and on a
-    network that downsamples every later block holds half or less of its activations."""
+    network that downsamples the later blocks of an early module's trunk, past a downsampling, hold half or less."""
     blocks = list(blocks)
     x = run_blocks(blocks[:1], x, grad_checkpointing)
     return run_blocks(blocks[1:], x, grad_checkpointing and not lead_only)

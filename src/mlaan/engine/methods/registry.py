@@ -88,10 +88,12 @@ class MethodSpec:
         """The engine options (:class:`~mlaan.engine.options.EngineOptions`) this method reads: those of each
         engine part it has (a field's ``"read_by"``: the split for every local method, MLM's cascade under
         +mlm/+mlaan, LAM's aux nets under +lam/+mlaan, recomputation where there is something to recompute, BP's
-        checkpointed segments for an end-to-end method) and
+        checkpointed segments for an end-to-end method, the choice of trunk blocks where aux nets are made of
+        blocks) and
         the aux-head options its base method lists in ``head_options``. The others change nothing in its run."""
         has = {"split": not self.end_to_end, "mlm": self.cascade, "lam": self.leap, "recompute": self.can_recompute,
                "e2e_recompute": self.end_to_end, "local_recompute": self.can_recompute and not self.end_to_end,
+               "trunk_recompute": self.leap or self.base.aux_blocks,
                "head": False, "loss": True,
                "step": True}
         by_part = {f.name for f in dataclasses.fields(EngineOptions) if has[f.metadata["read_by"]]}
