@@ -4,6 +4,7 @@ nets (mlaan.engine.lam.TwinBank / TwinTrunk). The objective, isolation, EMA arit
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -304,10 +305,14 @@ def test_a_bench_of_twins_that_could_not_be_shared_is_refused_in_one_line(tmp_pa
     assert not out.exists()
 
 
-def test_a_bench_option_no_lam_method_reads_is_not_refused():
+def test_a_bench_option_no_lam_method_reads_is_not_refused_but_warned_of():
     from mlaan.bench import common
 
-    common.check_options(["bp", "dgl", "dgl+mlm"], {"lam_trunk": "twins", "ema_lag": 1})
+    with pytest.warns(UserWarning, match="--option lam_trunk=twins: no method of bp, dgl, dgl\\+mlm reads it"):
+        common.check_options(["bp", "dgl", "dgl+mlm"], {"lam_trunk": "twins", "ema_lag": 1})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one method that reads it: no warning
+        common.check_options(["bp", "dgl+mlaan"], {"lam_trunk": "twins"})
 
 
 @pytest.mark.parametrize("lam_trunk", ["twins", "copy+twins"])

@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -127,14 +128,20 @@ def check_options(methods: Iterable[str], options: dict, what: str = "--option",
     cannot build one of ``methods`` together (``lam_trunk=twins`` with ``ema_lag=1`` for a LAM method) or at one of
     the ``cases`` (arch, K) (``window=9`` at K=3), or set an option the command sets itself (``set_by``: option →
     the command's flag; the command's value would silently win): checked before anything is measured, since a
-    case's own process would only report it as a failed case."""
+    case's own process would only report it as a failed case. An option that none of ``methods`` ever reads is
+    warned of (every point is built without it), as ``mlaan train`` warns of one its method does not read."""
     from mlaan.engine.local_model import check_lam_trunk, check_num_local_modules
-    from mlaan.engine.options import make_options
+    from mlaan.engine.options import make_options, options_unused_by, who_reads
 
     for name, flag in (set_by or {}).items():
         if name in options:
             raise ValueError(f"{what}: {name} is set by this command's {flag}, not by {what}")
     built = make_options(**options)
+    methods = list(methods)
+    for name in options:
+        if methods and all(name in options_unused_by(m) for m in methods):
+            warnings.warn(f"{what} {name}={option_text(options[name])}: no method of {', '.join(methods)} reads it "
+                          f"(it is {who_reads(name)}); every point is built without it", stacklevel=2)
     cases = list(cases)
     for method in methods:
         try:

@@ -187,10 +187,10 @@ def _run_prediction(args: argparse.Namespace, layouts: list[tuple[int, int]], op
 def _check_method_options(method: str, options: dict) -> None:
     """One-line ValueError where ``method`` cannot be built with ``options`` or does not read one of them (a
     prediction would silently be of the method without it)."""
-    common.check_options([method], options)
     unread = sorted(set(options) - set(common.read_options(method, options)))
     if unread:
         raise ValueError(f"--option {unread[0]}: {method} does not read it (it changes nothing for this method)")
+    common.check_options([method], options)
 
 
 def _predict(saved: dict, layouts: list[tuple[int, int]], args: argparse.Namespace,
