@@ -436,14 +436,14 @@ def run(args: argparse.Namespace) -> int:
     report = None
     if args.accuracy.lower() != "none":  # read before measuring: a path given by hand must be a report
         report = load_accuracy(Path(args.accuracy), required=args.accuracy != str(DEFAULT_ACCURACY))
-    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, memory.parse_options(args.option),
-                         parse_variants(args.variant))
+    options = memory.parse_options(args.option)
+    points = plan_points(arch, ks, methods, segments, args.grad_checkpointing, options, parse_variants(args.variant))
     runtime.apply_threads(runtime.choose_threads(args.threads))
     out = common.output_dir(args.output_dir, "frontier")
     machine = f"{cpu_name()}; " + common.machine_description() + f"; code {common.code_version()}"
     result = {"machine": machine, "arch": arch, "batch": args.batch, "time_batch": time_batch,
               "format": args.format, "warmup": args.warmup, "repeats": args.repeats,
-              "threads": torch.get_num_threads(), "options": memory.parse_options(args.option), "points": points}
+              "threads": torch.get_num_threads(), "options": options, "points": points}
     print(f"mlaan bench frontier on {machine}: {arch}, {len(points)} points", flush=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
     measure_memory(arch, points, args.batch, isolate=not args.no_isolate, log=log)

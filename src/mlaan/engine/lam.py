@@ -140,11 +140,16 @@ class LeapTrunk(nn.Module):
             mine.copy_(theirs)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        if self.grad_checkpointing:
-            a = checkpointed(self.copies[0], z) + checkpointed(self.twin, z)
-        else:
-            a = self.copies[0](z) + self.twin(z)
+        a = leap_block(self.copies[0], self.twin, z, self.grad_checkpointing)
         return run_blocks(self.copies[1:], a, self.grad_checkpointing and not self.lead_only)
+
+
+def leap_block(block_copy: nn.Module, twin: nn.Module, z: torch.Tensor, grad_checkpointing: bool) -> torch.Tensor:
+    """A₁(z) + E₁(z), a LAM trunk's lead (MLAAN, §LAM): the trained copy of the first later block plus its EMA
+    twin, on the module's output z (B, C, H, W); each recomputed in backward when ``grad_checkpointing``."""
+    if grad_checkpointing:
+        return checkpointed(block_copy, z) + checkpointed(twin, z)
+    return block_copy(z) + twin(z)
 
 
 class TwinBank(nn.Module):
@@ -211,10 +216,7 @@ class TwinTrunk(nn.Module):
                 return run_trunk(twins, z, self.grad_checkpointing, self.lead_only)
         # A1(z) + E1(z) exactly as LeapTrunk's first block, in evaluation too: z is the input of E1's real block,
         # so E1's running statistics (its block's, averaged) fit it; the later twins' do not (see above)
-        if self.grad_checkpointing:
-            a = checkpointed(self.lead, z) + checkpointed(twins[0], z)
-        else:
-            a = self.lead(z) + twins[0](z)
+        a = leap_block(self.lead, twins[0], z, self.grad_checkpointing)
         with contextlib.nullcontext() if self.training else batch_statistics(twins[1:]):
             return run_blocks(twins[1:], a, self.grad_checkpointing and not self.lead_only)
 
